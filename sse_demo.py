@@ -1,0 +1,1500 @@
+#!/usr/bin/env python3
+"""sse_demo: stream the progress of long-running jobs to a browser with
+Server-Sent Events.
+
+One file, no dependencies other than the Python Standard Library, tested on
+CPython 3.7 to 3.13. Run it, open the page, press Start:
+
+    python sse_demo.py                 # http://127.0.0.1:5000/
+    python sse_demo.py --help          # every option
+
+The wire contract (endpoints, event format, resume, limits) is CONTRACT.md;
+the README has the same in brief.
+
+Plug in your own job
+--------------------
+A job is any callable whose first parameter receives ``progress``::
+
+    def optimize_build(progress, generations=50, cancel=None):
+        for g in range(generations):
+            progress(g, generations, best_score=score(g))  # -> a `progress` event
+            ...                                            # your real work
+        return {"best": "..."}                             # -> `complete`, as "result"
+
+    python sse_demo.py --job mypackage.builds:optimize_build
+    # or from Python: sse_demo.serve(job=optimize_build, port=5000)
+
+- ``progress(done, total=None, **fields)`` publishes an event holding
+  ``iteration``, ``total``, ``percent``, ``elapsed_s``, ``ts`` and your
+  JSON-serialisable fields. It never blocks, whatever the clients do.
+- After ``POST /cancel`` the next ``progress(...)`` raises ``Cancelled``, which
+  unwinds the job; the run ends with a ``cancelled`` event. A job that wants
+  to stop sooner accepts a ``cancel`` keyword (a ``threading.Event``).
+- ``POST /start`` accepts exactly the keyword parameters that have defaults;
+  their types come from the defaults (int, float, bool, str).
+- An exception becomes an ``error`` event with its message; the traceback goes
+  to the log and the server goes on.
+
+How events reach the sockets
+----------------------------
+``ThreadingHTTPServer`` is the front door: it parses every request, answers
+the JSON endpoints and writes a stream's response head. Then the stream's
+socket is handed to the one writer thread (``StreamHub``), which waits on all
+streams at once with ``selectors``, writes each event (encoded once) to every
+subscriber without blocking, sends keepalives to quiet streams and drops
+readers that stay stuck. So an idle stream costs no thread, and an event costs
+no thread wake-up per subscriber. Each run has its own worker thread.
+
+It binds to loopback; it is a demo and a reference, not an internet-facing
+server.
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import base64
+import collections
+import hashlib
+import heapq
+import http.server
+import importlib
+import inspect
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+
+log = logging.getLogger("sse_demo")
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+DEFAULT_KEEPALIVE_S = 1.0
+DEFAULT_MAX_SESSIONS = 1000        # running sessions; each holds one worker thread
+DEFAULT_MAX_STREAMS = 10000        # open streams; each holds one socket, no thread
+DEFAULT_SESSION_TTL_S = 600.0      # an ended session is forgotten this long after its end
+DEFAULT_REQUEST_TIMEOUT_S = 10.0   # request line, headers and body must arrive within this
+STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
+                                   # keepalive intervals is closed
+WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
+WORKER_STOP_GRACE_S = 0.5          # on shutdown, how long cancelled runs get to end
+RETRY_MS = 2000                    # the client's reconnection delay, sent as `retry:`
+RETRY_AFTER_S = 2                  # Retry-After on 429 and 503
+MAX_BODY_BYTES = 64 * 1024
+HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
+LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
+CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
+
+# The built-in simulation's parameters: (minimum, maximum). A maximum given as
+# a string is the value of that other parameter.
+SIMULATION_LIMITS = {
+    "iterations": (1, 10000000),
+    "tick": (0.0, 60.0),
+    "update_every": (1, "iterations"),
+}
+
+SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+TERMINAL_EVENTS = {"complete": "complete", "cancelled": "cancelled", "error": "error"}
+RESERVED_FIELDS = ("iteration", "total", "percent", "elapsed_s", "ts", "result", "message")
+
+
+###############################################################################
+# Event encoding: pure functions, bytes out
+###############################################################################
+
+def json_line(data):
+    """One line of strict JSON: no NaN or Infinity, and no raw newline, so a
+    single `data:` line always suffices."""
+    return json.dumps(data, allow_nan=False, separators=(",", ":"))
+
+
+def encode_event(event_id, name, data):
+    """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
+    return ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name, json_line(data))).encode()
+
+
+def encode_chunk(payload):
+    """One HTTP/1.1 chunk (RFC 9112, section 7.1): size in hex, CRLF, data, CRLF."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+RETRY = b"retry: %d\n\n" % RETRY_MS
+KEEPALIVE = b": keepalive\n\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Event:
+    """A published event, encoded once for every socket it goes to."""
+
+    __slots__ = ("id", "name", "data", "sse", "chunk")
+
+    def __init__(self, event_id, name, data):
+        self.id = event_id
+        self.name = name
+        self.data = data
+        self.sse = encode_event(event_id, name, data)
+        self.chunk = encode_chunk(self.sse)
+        if name in TERMINAL_EVENTS:
+            self.chunk += LAST_CHUNK      # the terminal event ends the body
+
+    @property
+    def terminal(self):
+        return self.name in TERMINAL_EVENTS
+
+
+###############################################################################
+# Sessions: one run, its history and its state
+###############################################################################
+
+class Session:
+    """One run: its events, its state and its cancel flag.
+
+    Only the run's worker thread publishes, so ids are assigned without
+    contention; readers (the stream writer, /status) take the lock.
+    """
+
+    def __init__(self, session_id, on_publish, on_end):
+        self.id = session_id
+        self.cancel = threading.Event()
+        self.started = time.monotonic()
+        self.ended_at = None          # monotonic time of the terminal event
+        self._on_publish = on_publish
+        self._on_end = on_end
+        self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest
+        self._history = collections.deque(maxlen=HISTORY_LIMIT)
+        self.last_id = 0
+        self.terminal_id = None
+        self.state = "running"
+        self._latest = {}
+        self.worker = None            # the thread running the job
+
+    def publish(self, name, fields):
+        """Stamp, encode and record one event, then tell the writers.
+
+        Raises TypeError or ValueError (naming the field) when the fields are
+        not strict JSON; nothing is recorded then.
+        """
+        data = dict(fields)
+        data["elapsed_s"] = round(time.monotonic() - self.started, 2)
+        data["ts"] = time.time()
+        try:
+            event = Event(self.last_id + 1, name, data)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(name_bad_field(data, exc))
+        with self._lock:
+            self._history.append(event)
+            self.last_id = event.id
+            self._latest = data
+            if event.terminal:
+                self.terminal_id = event.id
+                self.state = TERMINAL_EVENTS[name]
+                self.ended_at = time.monotonic()
+        self._on_publish(self, event)
+        if event.terminal:
+            self._on_end(self)
+        return event
+
+    def latest_fields(self):
+        """The last published event's progress fields, without its stamps."""
+        with self._lock:
+            data = dict(self._latest)
+        for stamp in ("elapsed_s", "ts", "message", "result"):
+            data.pop(stamp, None)
+        return data
+
+    def snapshot(self):
+        """What /status answers: the state and the latest event's fields."""
+        with self._lock:
+            data = {"session_id": self.id, "state": self.state}
+            data.update(self._latest)
+        return data
+
+    def events_after(self, event_id, limit):
+        """Up to `limit` held events with an id above `event_id`, oldest first.
+        Events that fell out of the history are skipped: for a lagging reader,
+        the oldest are dropped first and the terminal one never is."""
+        with self._lock:
+            if not self._history:
+                return []
+            first = self._history[0].id
+            start = max(0, event_id + 1 - first)
+            stop = min(len(self._history), start + limit)
+            return [self._history[i] for i in range(start, stop)]
+
+    def has_ended_for(self, last_event_id):
+        """True when the client already holds this ended session's terminal event."""
+        return self.terminal_id is not None and last_event_id is not None \
+            and last_event_id >= self.terminal_id
+
+
+class TooBusy(Exception):
+    """A limit is reached; carries the status code to answer with."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Registry:
+    """Every known session: creates within the cap, looks up, forgets ended
+    sessions after their time to live, and cancels all on shutdown."""
+
+    def __init__(self, max_sessions, session_ttl_s, on_publish):
+        self.max_sessions = max_sessions
+        self.session_ttl_s = session_ttl_s
+        self._on_publish = on_publish
+        self._lock = threading.Lock()    # guards _sessions, _ended, _running
+        self._sessions = {}
+        self._ended = collections.deque()  # sessions in the order they ended
+        self._running = 0
+
+    def create(self):
+        with self._lock:
+            self._expire()
+            if self._running >= self.max_sessions:
+                raise TooBusy(429, "too many running sessions (limit %d); try again later"
+                              % self.max_sessions)
+            session = Session(secrets.token_urlsafe(16), self._on_publish, self._session_ended)
+            self._sessions[session.id] = session
+            self._running += 1
+            return session
+
+    def discard(self, session):
+        """Forget a session whose worker never started."""
+        with self._lock:
+            if self._sessions.pop(session.id, None) is not None and session.ended_at is None:
+                self._running -= 1
+
+    def get(self, session_id):
+        with self._lock:
+            self._expire()
+            return self._sessions.get(session_id)
+
+    def counts(self):
+        with self._lock:
+            self._expire()
+            return len(self._sessions), self._running
+
+    def running(self):
+        with self._lock:
+            return [s for s in self._sessions.values() if s.ended_at is None]
+
+    def _session_ended(self, session):
+        with self._lock:
+            if session.id in self._sessions:
+                self._running -= 1
+                self._ended.append(session)
+
+    def _expire(self):
+        """Forget ended sessions past their TTL. Called with the lock held, on
+        every look-up, so a server with no thread for it still stays flat."""
+        cutoff = time.monotonic() - self.session_ttl_s
+        while self._ended and self._ended[0].ended_at <= cutoff:
+            self._sessions.pop(self._ended.popleft().id, None)
+
+
+###############################################################################
+# Streams: one writer thread for every subscriber socket
+###############################################################################
+
+class Subscriber:
+    """One open stream: a non-blocking socket and how far it has got.
+
+    `cursor` is the id of the last event queued for it; `pending` the bytes
+    its socket has not accepted yet. Owned by the writer thread.
+    """
+
+    __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
+                 "pending", "last_write", "blocked_since", "idle", "closed",
+                 "reading", "writing")
+
+    def __init__(self, sock, address, session, cursor, chunked, keep_alive):
+        self.sock = sock
+        self.address = address
+        self.session = session
+        self.cursor = cursor
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.pending = b""
+        self.last_write = time.monotonic()
+        self.blocked_since = None   # when its socket last refused bytes, if it still holds some
+        self.idle = False           # the stream has ended; the connection waits for a request
+        self.closed = False
+        self.reading = False        # the selector watches it for end of file
+        self.writing = False        # the selector watches it for room to write
+
+    def frames(self, events):
+        return b"".join(e.chunk if self.chunked else e.sse for e in events)
+
+    def keepalive_frame(self):
+        return encode_chunk(KEEPALIVE) if self.chunked else KEEPALIVE
+
+    def has_all(self):
+        return self.session.terminal_id is not None and self.cursor >= self.session.terminal_id
+
+
+class StreamHub:
+    """The one thread that writes every stream.
+
+    Other threads only call `attach`, `notify`, `reserve`/`release` and
+    `stop`: they put work in the inbox and wake the writer through a socket
+    pair. Everything else here belongs to the writer thread, so it needs no
+    lock: a subscriber's socket has exactly one writer, which also writes its
+    keepalives.
+    """
+
+    def __init__(self, keepalive_s, idle_timeout_s, max_streams, hand_back):
+        self.keepalive_s = keepalive_s
+        self.stuck_s = STUCK_KEEPALIVES * keepalive_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_streams = max_streams
+        self._hand_back = hand_back          # gives a connection back to the HTTP server
+        self._count_lock = threading.Lock()  # guards streams
+        self.streams = 0
+        self._inbox_lock = threading.Lock()  # guards _inbox, _dirty, _woken
+        self._inbox = collections.deque()
+        self._dirty = set()                  # sessions with events not yet written
+        self._woken = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._by_session = {}                # session -> {subscriber: None}
+        self._timers = []                    # heap of (due, seq, subscriber); one entry each
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+
+    # -- called from other threads -------------------------------------------
+
+    def start(self):
+        self._thread.start()
+
+    def reserve(self):
+        """Count a stream about to open; False past the cap."""
+        with self._count_lock:
+            if self.streams >= self.max_streams:
+                return False
+            self.streams += 1
+            return True
+
+    def release(self):
+        with self._count_lock:
+            self.streams -= 1
+
+    def attach(self, subscriber):
+        """Take over a stream whose response head is written (and reserved)."""
+        self._post(("attach", subscriber))
+
+    def notify(self, session):
+        """A session has new events. Coalesced: the inbox holds a session at
+        most once, so a fast job can never grow it past the session count."""
+        with self._inbox_lock:
+            if session in self._dirty:
+                return
+            self._dirty.add(session)
+        self._post(("publish", session))
+
+    def stop(self, timeout):
+        """End every stream (with the terminal chunk) and the writer thread."""
+        self._post(("stop", None))
+        self._thread.join(timeout)
+
+    def _post(self, item):
+        with self._inbox_lock:
+            self._inbox.append(item)
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass    # the buffer is full of wake-ups already
+            except OSError:
+                pass    # the hub is closed: nothing is listening any more
+
+    # -- the writer thread ------------------------------------------------------
+
+    def _run(self):
+        while not self._stopping:
+            for key, mask in self._selector.select(self._next_timer_delay()):
+                if key.data is None:
+                    self._drain_inbox()
+                else:
+                    self._on_ready(key.data, mask)
+            self._run_timers()
+        self._close_everything()
+
+    def _drain_inbox(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._inbox_lock:
+            items, self._inbox = self._inbox, collections.deque()
+            self._dirty.clear()
+            self._woken = False
+        for kind, value in items:
+            if kind == "publish":
+                self._publish(value)
+            elif kind == "attach":
+                self._add(value)
+            else:
+                self._stopping = True
+
+    def _add(self, sub):
+        if self._stopping:
+            self.release()
+            sub.sock.close()
+            return
+        self._by_session.setdefault(sub.session, {})[sub] = None
+        self._update_selector(sub, reading=True, writing=False)
+        self._schedule(sub, sub.last_write + self.keepalive_s)
+        self._flush(sub)
+
+    def _publish(self, session):
+        """Write a session's new events to its subscribers. Subscribers at the
+        same place share one encoded batch; a subscriber still sending an
+        earlier batch catches up when its socket has room."""
+        batches = {}
+        for sub in list(self._by_session.get(session, ())):
+            if sub.pending or sub.closed:
+                continue
+            key = (sub.cursor, sub.chunked)
+            if key not in batches:
+                events = session.events_after(sub.cursor, CATCH_UP_BATCH)
+                batches[key] = (sub.frames(events), events[-1].id if events else sub.cursor)
+            sub.pending, sub.cursor = batches[key]
+            self._flush(sub)
+
+    def _flush(self, sub):
+        """Send what the socket accepts: pending bytes, then held events past
+        the cursor. Ends the stream once the terminal event is out."""
+        while not sub.closed:
+            if not sub.pending:
+                if sub.cursor >= sub.session.last_id:
+                    break   # caught up; a later event comes with a notify
+                events = sub.session.events_after(sub.cursor, CATCH_UP_BATCH)
+                if not events:
+                    break
+                sub.pending, sub.cursor = sub.frames(events), events[-1].id
+            if not self._send(sub):
+                return
+        if not sub.closed and not sub.idle and sub.has_all():
+            self._end_stream(sub)
+
+    def _send(self, sub):
+        """One non-blocking send; True when all of `pending` went out."""
+        try:
+            sent = sub.sock.send(sub.pending)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._close(sub, exc)
+            return False
+        now = time.monotonic()
+        if sent:
+            sub.last_write = now
+            sub.blocked_since = None
+        if sent == len(sub.pending):
+            sub.pending = b""
+            self._update_selector(sub, sub.reading, writing=False)
+            return True
+        sub.pending = memoryview(sub.pending)[sent:]
+        if sub.blocked_since is None:
+            sub.blocked_since = now
+        self._update_selector(sub, sub.reading, writing=True)
+        return False
+
+    def _on_ready(self, sub, mask):
+        if mask & selectors.EVENT_READ:
+            self._on_readable(sub)
+        if mask & selectors.EVENT_WRITE and not sub.closed:
+            self._flush(sub)
+
+    def _on_readable(self, sub):
+        """End of file means the client has gone. Bytes mean its next request:
+        a stream leaves them in the kernel until it ends; an idle connection
+        goes back to the HTTP server to answer it."""
+        try:
+            data = sub.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(sub, exc)
+            return
+        if not data:
+            self._close(sub, "client closed the connection")
+        elif sub.idle:
+            self._give_back(sub)
+        else:
+            self._update_selector(sub, reading=False, writing=sub.writing)
+
+    def _end_stream(self, sub):
+        """The terminal event is out: keep the connection for the client's next
+        request (HTTP/1.1 keep-alive) or close it."""
+        self._forget(sub)
+        if not sub.keep_alive:
+            self._close(sub)
+            return
+        sub.idle = True
+        if sub.reading:
+            self._schedule(sub, sub.last_write + self.idle_timeout_s)
+        else:
+            self._give_back(sub)   # a request is already waiting
+
+    def _give_back(self, sub):
+        self._update_selector(sub, reading=False, writing=False)
+        sub.closed = True
+        try:
+            sub.sock.setblocking(True)
+            self._hand_back(sub.sock, sub.address)
+        except Exception:
+            log.exception("could not hand a connection back to the HTTP server")
+            sub.sock.close()
+
+    def _forget(self, sub):
+        """Stop counting a stream (once) and drop it from its session."""
+        subs = self._by_session.get(sub.session)
+        if subs is not None and sub in subs:
+            del subs[sub]
+            if not subs:
+                del self._by_session[sub.session]
+            self.release()
+
+    def _close(self, sub, reason=None):
+        if sub.closed:
+            return
+        if reason is not None:
+            log.debug("stream to %s closed: %s", sub.address[0], reason)
+        self._forget(sub)
+        self._update_selector(sub, reading=False, writing=False)
+        sub.closed = True
+        try:
+            sub.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sub.sock.close()
+
+    def _update_selector(self, sub, reading, writing):
+        """Watch the socket for end of file and/or room to write."""
+        old = (selectors.EVENT_READ if sub.reading else 0) | \
+              (selectors.EVENT_WRITE if sub.writing else 0)
+        new = (selectors.EVENT_READ if reading else 0) | \
+              (selectors.EVENT_WRITE if writing else 0)
+        sub.reading, sub.writing = reading, writing
+        if old == new:
+            return
+        if not old:
+            self._selector.register(sub.sock, new, sub)
+        elif not new:
+            self._selector.unregister(sub.sock)
+        else:
+            self._selector.modify(sub.sock, new, sub)
+
+    # -- timers: keepalives, stuck readers, idle connections -----------------
+
+    def _schedule(self, sub, due):
+        heapq.heappush(self._timers, (due, next(self._seq), sub))
+
+    def _next_timer_delay(self):
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_timers(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            sub = heapq.heappop(self._timers)[2]
+            if not sub.closed:
+                due = self._check(sub, now)
+                if due is not None:
+                    self._schedule(sub, due)
+
+    def _check(self, sub, now):
+        """A subscriber's timer fired: returns when to look at it again."""
+        if sub.idle:
+            if now - sub.last_write >= self.idle_timeout_s:
+                self._close(sub, "idle")
+                return None
+            return sub.last_write + self.idle_timeout_s
+        if sub.pending:
+            if now - sub.blocked_since >= self.stuck_s:
+                self._close(sub, "its socket accepted nothing for %.1f s" % self.stuck_s)
+                return None
+            return sub.blocked_since + self.stuck_s
+        if now - sub.last_write >= self.keepalive_s:
+            sub.pending = sub.keepalive_frame()
+            self._flush(sub)
+            if sub.closed:
+                return None
+            if sub.pending:
+                return sub.blocked_since + self.stuck_s
+            return now + self.keepalive_s
+        return sub.last_write + self.keepalive_s
+
+    def _close_everything(self):
+        """Shutdown: each stream gets what it can take of the end of its body
+        without blocking, then every connection closes."""
+        for subs in list(self._by_session.values()):
+            for sub in list(subs):
+                if not sub.closed:
+                    self._flush(sub)
+                if not sub.closed and sub.chunked:
+                    try:
+                        sub.sock.send(bytes(sub.pending) + LAST_CHUNK)
+                    except OSError:
+                        pass
+                self._close(sub)
+        for _, _, sub in self._timers:
+            self._close(sub)   # idle keep-alive connections
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+###############################################################################
+# The job: a plain function, and the thread that runs it
+###############################################################################
+
+class Cancelled(BaseException):
+    """Raised by `progress(...)` after POST /cancel, to unwind the job.
+
+    A BaseException, like asyncio.CancelledError, so that a job's own
+    `except Exception:` does not swallow it."""
+
+
+def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, cancel=None):
+    """The prototype's simulated optimisation: `iterations` steps of `tick`
+    seconds, reporting every `update_every` steps (and at step 0). The
+    improvement grows with diminishing returns and DPS follows it."""
+    cancel = cancel or threading.Event()
+    rng = random.Random()
+    base_dps = rng.uniform(9000.0, 11000.0)
+    ceiling = rng.uniform(18.0, 32.0)
+    improvement = 0.0
+    for i in range(iterations):
+        if i % update_every == 0:
+            dps = base_dps * (1 + improvement / 100) * rng.uniform(0.995, 1.005)
+            progress(i, iterations, improvement_pct=round(improvement, 2), dps=round(dps, 1))
+        if cancel.wait(tick):
+            return None
+        found = ceiling * (1 - math.exp(-4.0 * (i + 1) / iterations))
+        improvement = max(improvement, found * rng.uniform(0.97, 1.0))
+    return None
+
+
+class Progress:
+    """The `progress(done, total=None, **fields)` callback handed to a job."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def __call__(self, done, total=None, **fields):
+        if self._session.cancel.is_set():
+            raise Cancelled()
+        check_number("done", done)
+        if total is not None:
+            check_number("total", total)
+        clash = sorted(set(fields) & set(RESERVED_FIELDS))
+        if clash:
+            raise TypeError("progress() field %r is reserved" % clash[0])
+        data = {"iteration": done, "total": total}
+        if total:
+            data["percent"] = round(100.0 * done / total, 2)
+        data.update(fields)
+        self._session.publish("progress", data)
+
+
+def check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
+
+
+def name_bad_field(data, error):
+    """Say which field of `data` is not strict JSON."""
+    for name, value in data.items():
+        try:
+            json_line(value)
+        except (TypeError, ValueError) as exc:
+            return "field %r is not JSON-serialisable: %s" % (name, exc)
+    return str(error)
+
+
+def run_job(session, job, params, pass_cancel):
+    """The worker thread's body: run the job and turn how it ended (returned,
+    cancelled, raised) into exactly one terminal event."""
+    kwargs = dict(params)
+    if pass_cancel:
+        kwargs["cancel"] = session.cancel
+    try:
+        result = job(Progress(session), **kwargs)
+    except Cancelled:
+        finish(session, "cancelled", {})
+    except BaseException as exc:   # a thread has no one to re-raise to
+        log.error("job in session %s failed", session.id, exc_info=True)
+        finish(session, "error", {"message": describe(exc)})
+    else:
+        if session.cancel.is_set():
+            finish(session, "cancelled", {})
+        else:
+            finish(session, "complete", {} if result is None else {"result": result})
+
+
+def finish(session, name, extra):
+    """Publish the terminal event: the latest progress fields plus `extra`."""
+    fields = session.latest_fields()
+    if name == "complete" and fields.get("total"):
+        fields["iteration"] = fields["total"]
+        fields["percent"] = 100.0
+    fields.update(extra)
+    try:
+        session.publish(name, fields)
+    except (TypeError, ValueError) as exc:
+        fields.pop("result", None)
+        fields["message"] = "the job's result is not JSON-serialisable: %s" % exc
+        session.publish("error", fields)
+
+
+def describe(exc):
+    text = str(exc).strip()
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+class JobSpec:
+    """A job callable and the /start parameters its signature declares."""
+
+    def __init__(self, func, limits=None):
+        self.func = func
+        self.name = getattr(func, "__qualname__", repr(func))
+        self.params, self.pass_cancel = job_params(func)
+        self.limits = limits or {}
+
+    def start(self, session, params):
+        thread = threading.Thread(
+            target=run_job, args=(session, self.func, params, self.pass_cancel),
+            name="job-" + session.id[:8], daemon=True)
+        thread.start()
+        return thread
+
+
+def job_params(func):
+    """Read a job's signature: {name: default} for the keyword parameters with
+    a default of type bool, int, float or str, and whether it takes `cancel`.
+    Raises TypeError for a signature the server cannot call."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        raise TypeError("cannot read the signature of %r" % (func,))
+    parameters = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not parameters or parameters[0].kind not in positional + (inspect.Parameter.VAR_POSITIONAL,):
+        raise TypeError("a job's first parameter must receive `progress`")
+    params, pass_cancel = {}, False
+    for p in parameters[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.name == "cancel":
+            pass_cancel = True
+        elif p.default is inspect.Parameter.empty:
+            raise TypeError("job parameter %r needs a default" % p.name)
+        elif type(p.default) in (bool, int, float, str):
+            params[p.name] = p.default
+    return params, pass_cancel
+
+
+BUILTIN_JOB = JobSpec(simulate_optimisation, SIMULATION_LIMITS)
+
+
+###############################################################################
+# Request parsing
+###############################################################################
+
+class HTTPError(Exception):
+    """An error answer: status, a human-readable reason, extra headers."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+DECIMAL_ID = re.compile(r"[0-9]{1,30}")
+
+
+def parse_start_params(spec, sources):
+    """Validate /start parameters against a job's signature and limits.
+    `sources` is a list of ([(name, value), ...], from_json): the query's and
+    the form's values are text, a JSON body's are JSON values."""
+    params, seen = dict(spec.params), set()
+    for pairs, from_json in sources:
+        for name, value in pairs:
+            if name not in spec.params:
+                raise HTTPError(400, "unknown parameter %r; expected %s"
+                                % (name, ", ".join(sorted(spec.params)) or "none"))
+            if name in seen:
+                raise HTTPError(400, "parameter %r given twice" % name)
+            seen.add(name)
+            kind = type(spec.params[name])
+            value = convert_json(kind, value) if from_json else convert_text(kind, value)
+            if value is None:
+                raise HTTPError(400, "%s must be %s" % (name, describe_param(spec, name)))
+            params[name] = value
+    for name, (low, high) in spec.limits.items():
+        high = params[high] if isinstance(high, str) else high
+        if name not in seen:
+            params[name] = max(low, min(params[name], high))   # iterations=5: update_every=5
+        elif not low <= params[name] <= high:
+            raise HTTPError(400, "%s must be %s" % (name, describe_param(spec, name, params)))
+    return params
+
+
+def describe_param(spec, name, params=None):
+    kind = type(spec.params[name])
+    text = TYPE_NAMES[kind]
+    if name in spec.limits:
+        low, high = spec.limits[name]
+        if isinstance(high, str):
+            high = "%s (%s)" % (high, params[high]) if params else high
+        text += " from %s to %s" % (low, high)
+    return text
+
+
+def convert_json(kind, value):
+    """A JSON value as `kind`, or None. True is not an integer and 5.0 is not
+    an integer; floats must be finite (json reads 1e999 as infinity)."""
+    if kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+        return float(value) if ok else None
+    return value if type(value) is kind else None
+
+
+def convert_text(kind, text):
+    """A form or query value as `kind`, or None."""
+    if kind is str:
+        return text
+    if kind is bool:
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+    if kind is int:
+        return int(text) if INTEGER_TEXT.fullmatch(text) else None
+    if NUMBER_TEXT.fullmatch(text):
+        number = float(text)
+        return number if math.isfinite(number) else None
+    return None
+
+
+def parse_last_event_id(header, query):
+    """The client's last event id: the header wins over `?lastEventId=`; a
+    value that is not a plain ASCII decimal number counts as absent."""
+    for value in (header, query.get("lastEventId")):
+        if value is not None and DECIMAL_ID.fullmatch(value.strip()):
+            return int(value.strip())
+    return None
+
+
+def parse_query(query):
+    """`?a=1&b=2` as a dict; a repeated name keeps its first value."""
+    result = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        result.setdefault(name, value)
+    return result
+
+
+def host_name(host_header):
+    """The host part of a Host header, lowercased: `[::1]:80` -> `::1`."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    name, _, port = host.rpartition(":")
+    if name and port.isdigit():
+        host = name
+    return host.rstrip(".")
+
+
+def is_ip_literal(name):
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def csp_for(page):
+    """A Content-Security-Policy that allows the page's own inline script and
+    style by hash, and nothing from anywhere else."""
+    def hashes(tag):
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode()
+                        for b in blocks) or "'none'"
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
+
+
+###############################################################################
+# The HTTP handler
+###############################################################################
+
+class DeadlineReader(io.RawIOBase):
+    """Reads a request from the socket under one deadline for the whole of it,
+    so a client that trickles one byte a second is cut off (slowloris); a
+    per-read timeout alone would never fire."""
+
+    def __init__(self, handler):
+        self._handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        sock = self._handler.connection
+        remaining = self._handler.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("request not received in time")
+        sock.settimeout(remaining)
+        try:
+            return sock.recv_into(buffer)
+        finally:
+            sock.settimeout(WRITE_TIMEOUT_S)
+
+
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers every path in CONTRACT.md; a stream's socket goes to the hub
+    once its response head is written."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "sse_demo/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True     # an event is small and must leave at once
+
+    ROUTES = (
+        (re.compile(r"/"), {"GET": "page", "HEAD": "page"}),
+        (re.compile(r"/start"), {"POST": "start"}),
+        (re.compile(r"/progress/(%s)" % SESSION_ID_PATTERN), {"GET": "stream"}),
+        (re.compile(r"/cancel/(%s)" % SESSION_ID_PATTERN), {"POST": "cancel"}),
+        (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
+        (re.compile(r"/healthz"), {"GET": "healthz", "HEAD": "healthz"}),
+    )
+
+    request_read = False    # the whole request, body included, has been read
+    responded = False       # a response head has gone out
+
+    def setup(self):
+        super().setup()
+        self.deadline = time.monotonic() + self.server.request_timeout_s
+        self.rfile.close()
+        self.rfile = io.BufferedReader(DeadlineReader(self))
+        self.connection.settimeout(WRITE_TIMEOUT_S)
+
+    def handle_one_request(self):
+        self.deadline = time.monotonic() + self.server.request_timeout_s
+        self.request_read = self.responded = False
+        super().handle_one_request()
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    # -- dispatch ----------------------------------------------------------
+
+    def dispatch(self):
+        try:
+            self.check_host()
+            path, _, query = self.path.partition("?")
+            method, args = self.route(path)
+            if self.command == "POST":
+                self.check_origin()
+            self.body = self.read_body()
+            if self.command == "OPTIONS":
+                self.send_body(204, b"", None, {"Allow": self.allow})
+            else:
+                method(query, *args)
+        except HTTPError as exc:
+            self.send_error(exc.status, exc.message, headers=exc.headers)
+        except CLIENT_GONE as exc:
+            log.debug("client %s went away: %r", self.client_address[0], exc)
+            self.close_connection = True
+        except Exception:
+            log.exception("error answering %r", self.requestline)
+            if self.responded:
+                self.close_connection = True
+            else:
+                self.send_error(500, "internal server error; see the server log")
+
+    def route(self, path):
+        for pattern, methods in self.ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                self.allow = ", ".join(sorted(methods) + ["OPTIONS"])
+                if self.command == "OPTIONS":
+                    return None, ()
+                if self.command not in methods:
+                    raise HTTPError(405, "%s is not allowed on %s" % (self.command, path),
+                                    {"Allow": self.allow})
+                return getattr(self, "route_" + methods[self.command]), match.groups()
+        raise HTTPError(404, "not found")
+
+    def check_host(self):
+        """DNS-rebinding protection: a hostile page that points its own name at
+        127.0.0.1 still sends its own name as Host."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise HTTPError(400, "more than one Host header")
+        if not hosts:
+            if self.request_version == "HTTP/1.0":
+                return
+            raise HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
+        if not self.server.host_allowed(host_name(hosts[0])):
+            raise HTTPError(403, "host %r is not allowed; start the server with "
+                                 "--allow-host to serve it" % host_name(hosts[0]))
+
+    def check_origin(self):
+        """Cross-site request protection: a browser names the page that sent a
+        POST; only the server's own page may start or cancel a run."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        host = (self.headers.get("Host") or "").strip().lower()
+        if origin.strip().lower() not in ("http://" + host, "https://" + host):
+            raise HTTPError(403, "cross-origin request from %r refused" % origin)
+
+    def read_body(self):
+        """The request body (at most MAX_BODY_BYTES), read under the request
+        deadline. No Content-Length means no body."""
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPError(411, "send the body with a Content-Length, not chunked")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            self.request_read = True
+            return b""
+        if len(set(lengths)) > 1 or not DECIMAL_ID.fullmatch(lengths[0].strip()):
+            raise HTTPError(400, "Content-Length must be one non-negative integer")
+        length = int(lengths[0])
+        if length > MAX_BODY_BYTES:
+            raise HTTPError(413, "request body over %d bytes" % MAX_BODY_BYTES)
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:
+            raise HTTPError(408, "request body not received in time")
+        if len(body) < length:
+            raise HTTPError(400, "request body shorter than its Content-Length")
+        self.request_read = True
+        return body
+
+    # -- routes ---------------------------------------------------------------
+
+    def route_page(self, query):
+        page = self.server.page
+        if page is None:
+            raise HTTPError(500, "index.html is missing next to sse_demo.py")
+        self.send_body(200, page, "text/html; charset=utf-8", {
+            "Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-cache"})
+
+    def route_start(self, query):
+        sources = [(urllib.parse.parse_qsl(query, keep_blank_values=True), False)]
+        if self.body:
+            sources.append(self.body_params(self.body))
+        session = self.server.start_session(parse_start_params(self.server.job, sources))
+        sid = session.id
+        self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
+                             "cancel": "/cancel/" + sid, "status": "/status/" + sid},
+                       {"Location": "/status/" + sid})
+
+    def body_params(self, body):
+        """(name, value) pairs from a JSON object or a URL-encoded form."""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                data = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise HTTPError(400, "the body is not valid JSON: %s" % exc)
+            if not isinstance(data, dict):
+                raise HTTPError(400, "the JSON body must be an object")
+            return list(data.items()), True
+        if ctype == "application/x-www-form-urlencoded":
+            try:
+                text = body.decode("ascii")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "a URL-encoded body must be ASCII")
+            return urllib.parse.parse_qsl(text, keep_blank_values=True), False
+        raise HTTPError(415, "send application/json or application/x-www-form-urlencoded")
+
+    def route_stream(self, query, session_id):
+        session = self.find_session(session_id)
+        last_id = parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query))
+        if session.has_ended_for(last_id):
+            self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
+            return
+        hub = self.server.hub
+        if not hub.reserve():
+            raise HTTPError(503, "too many open streams (limit %d)" % hub.max_streams,
+                            {"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            sub = self.open_stream(session, last_id)
+        except BaseException:
+            hub.release()
+            raise
+        hub.attach(sub)
+
+    def open_stream(self, session, last_id):
+        """Write the response head and `retry:`, then take the socket from the
+        HTTP server so the hub can write the stream."""
+        chunked = self.request_version != "HTTP/1.0"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(encode_chunk(RETRY) if chunked else RETRY)
+        keep_alive = chunked and not self.close_connection
+        self.close_connection = True   # this thread is done with the connection
+        # A pipelined request already in rfile's buffer would be lost here;
+        # HTTP clients do not pipeline behind a stream.
+        sock = socket.socket(fileno=self.connection.detach())
+        sock.setblocking(False)
+        cursor = min(last_id or 0, session.last_id)
+        return Subscriber(sock, self.client_address, session, cursor, chunked, keep_alive)
+
+    def route_cancel(self, query, session_id):
+        session = self.find_session(session_id)
+        if session.terminal_id is not None:
+            raise HTTPError(409, "session has already ended (%s)" % session.state)
+        session.cancel.set()
+        self.send_json(202, session.snapshot())
+
+    def route_status(self, query, session_id):
+        self.send_json(200, self.find_session(session_id).snapshot())
+
+    def route_healthz(self, query):
+        self.send_json(200, self.server.health())
+
+    def find_session(self, session_id):
+        session = self.server.registry.get(session_id)
+        if session is None:
+            raise HTTPError(404, "unknown session (it may have expired)")
+        return session
+
+    # -- responses --------------------------------------------------------------
+
+    def send_json(self, status, data, headers=None):
+        extra = {"Cache-Control": "no-store"}
+        extra.update(headers or {})
+        self.send_body(status, json_line(data).encode() + b"\n", "application/json", extra)
+
+    def send_body(self, status, body, content_type, headers=None):
+        self.responded = True
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status != 204:
+            self.send_header("Content-Length", str(len(body)))
+        if not self.request_read:
+            self.send_header("Connection", "close")   # an unread body is still on the wire
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None, headers=None):
+        """Every error, the base class's own 400/414/431/501 included, is JSON."""
+        if message is None:
+            message = self.responses.get(code, ("error",))[0]
+        self.send_json(code, {"error": message}, headers)
+
+    def version_string(self):
+        return self.server_version
+
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def log_message(self, format, *args):
+        log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
+                 format % args)
+
+
+###############################################################################
+# The server and the command line
+###############################################################################
+
+class SSEServer(http.server.ThreadingHTTPServer):
+    """The HTTP server, its sessions and its stream writer."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, host, port, job=None, keepalive_s=DEFAULT_KEEPALIVE_S,
+                 max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
+                 session_ttl_s=DEFAULT_SESSION_TTL_S,
+                 request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=()):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.job = job if isinstance(job, JobSpec) else (JobSpec(job) if job else BUILTIN_JOB)
+        super().__init__((host, port), Handler)
+        self.request_timeout_s = request_timeout_s
+        self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
+        self.registry = Registry(max_sessions, session_ttl_s, self.on_publish)
+        self.page = read_page()
+        self.page_csp = csp_for(self.page or b"")
+        self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
+        self.allowed_hosts.update(h.lower() for h in allowed_hosts)
+        self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
+        self.hub.start()
+
+    def server_bind(self):
+        # HTTPServer.server_bind() calls socket.getfqdn(), a DNS look-up that
+        # can take seconds on a machine without DNS: skip it.
+        socketserver_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
+
+    def host_allowed(self, name):
+        """The bound address, localhost or an --allow-host name; on a wildcard
+        address any IP literal (an IP is not a name an attacker can rebind)."""
+        return name in self.allowed_hosts or (self.wildcard and is_ip_literal(name))
+
+    def on_publish(self, session, event):
+        self.hub.notify(session)
+
+    def start_session(self, params):
+        try:
+            session = self.registry.create()
+        except TooBusy as exc:
+            raise HTTPError(exc.status, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            session.worker = self.job.start(session, params)
+        except RuntimeError:    # "can't start new thread"
+            self.registry.discard(session)
+            raise HTTPError(503, "cannot start another run now",
+                            {"Retry-After": str(RETRY_AFTER_S)})
+        return session
+
+    def health(self):
+        sessions, running = self.registry.counts()
+        return {"ok": True, "sessions": sessions, "running": running,
+                "streams": self.hub.streams}
+
+    def server_close(self):
+        """End every stream, stop every run, close the listening socket. Call
+        shutdown() first (from another thread than serve_forever's).
+
+        Streams end first, with the last chunk and no terminal event: the
+        runs are not over, the server is going away, so browsers reconnect
+        (and learn from a restarted server whether the run still exists)."""
+        self.hub.stop(timeout=1.0)
+        running = self.registry.running()
+        for session in running:
+            session.cancel.set()
+        deadline = time.monotonic() + WORKER_STOP_GRACE_S
+        for session in running:
+            if session.worker is not None:
+                session.worker.join(max(0.0, deadline - time.monotonic()))
+        super().server_close()
+
+
+socketserver_bind = http.server.socketserver.TCPServer.server_bind
+
+
+def read_page():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        log.warning("cannot read the page: %s", exc)
+        return None
+
+
+def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
+    """A bound server, not yet serving: run `serve_forever()` in a thread, and
+    `shutdown()` then `server_close()` to stop it. `job` is a callable (see
+    the module docstring); the options are SSEServer's keyword arguments."""
+    return SSEServer(host, port, job=job, **options)
+
+
+def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
+    """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
+    Returns the exit status."""
+    raise_open_file_limit()
+    try:
+        server = make_server(host, port, job=job, **options)
+    except OSError as exc:
+        log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        return 1
+    if not is_loopback(server.server_address[0]):
+        log.warning("warning: listening on %s, reachable from other machines; this demo "
+                    "has no authentication", server.server_address[0])
+    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)
+    stop = threading.Event()
+    restore = install_stop_signals(stop)
+    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    serving.start()
+    try:
+        while not stop.wait(0.5) and serving.is_alive():
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        restore()
+    log.info("stopped")
+    return 0
+
+
+def install_stop_signals(stop):
+    """SIGINT and SIGTERM set `stop`; a second one exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def raise_open_file_limit():
+    """Each stream is a socket: allow as many as the hard limit does."""
+    try:
+        import resource
+    except ImportError:      # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def is_loopback(address):
+    return address == "localhost" or address.startswith("127.") or address == "::1"
+
+
+def load_job(spec):
+    """`module:callable` -> a JobSpec. Raises ValueError with a one-line reason."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError("--job wants module:callable, got %r" % spec)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())     # as with `python -m`
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError("cannot import %r: %s" % (module_name, describe(exc)))
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError("%r has no attribute %r" % (module_name, attr))
+    if not callable(target):
+        raise ValueError("%s is not callable" % spec)
+    try:
+        return JobSpec(target)
+    except TypeError as exc:
+        raise ValueError("%s: %s" % (spec, exc))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="sse_demo.py",
+        description="Stream the progress of long-running jobs to a browser with "
+                    "Server-Sent Events.")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="port to listen on; 0 picks a free one (default %(default)s)")
+    p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S, metavar="SECONDS",
+                   help="send a keepalive comment when a stream has been quiet this long "
+                        "(default %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+                   help="running sessions at once; more get 429 (default %(default)s)")
+    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, metavar="N",
+                   help="open event streams at once; more get 503 (default %(default)s)")
+    p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
+                   metavar="SECONDS",
+                   help="forget a session this long after it ends (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="a request must arrive whole within this; also how long an idle "
+                        "connection is kept (default %(default)s)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this host name (behind a proxy or on "
+                        "a network); repeatable")
+    p.add_argument("--job", metavar="MODULE:CALLABLE",
+                   help="run this function for each start instead of the simulation")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="least severe message to log (default %(default)s)")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    args = p.parse_args(argv)
+    for name in ("keepalive", "session_ttl", "request_timeout"):
+        if not getattr(args, name) > 0:
+            p.error("--%s must be above 0" % name.replace("_", "-"))
+    for name in ("max_sessions", "max_streams"):
+        if getattr(args, name) < 1:
+            p.error("--%s must be at least 1" % name.replace("_", "-"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    job = None
+    if args.job:
+        try:
+            job = load_job(args.job)
+        except ValueError as exc:
+            log.error("error: %s", exc)
+            return 2
+    return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
+                 max_sessions=args.max_sessions, max_streams=args.max_streams,
+                 session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
+                 allowed_hosts=args.allow_host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,687 @@
+"""Tests for sse_demo.py: a real server on a free port, real sockets, the
+stream parsed byte for byte. Run with `python -m pytest -q`."""
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import sse_demo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 10.0          # the most any single wait in these tests may take
+FAST = {"tick": 0, "update_every": 1}
+
+
+###############################################################################
+# Helpers: a server in a thread, HTTP requests, a raw SSE stream reader
+###############################################################################
+
+class Running:
+    """A server serving in a thread; stop() ends both and checks it did."""
+
+    def __init__(self, **options):
+        options.setdefault("keepalive_s", 0.2)
+        options.setdefault("request_timeout_s", 3.0)
+        self.server = sse_demo.make_server("127.0.0.1", 0, **options)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = Running()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def make():
+    """Start servers with particular options; all are stopped afterwards."""
+    started = []
+
+    def start(**options):
+        running = Running(**options)
+        started.append(running)
+        return running
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+def request(srv, method, path, body=None, headers=None, json_body=None):
+    """(status, headers, body bytes) over a fresh http.client connection."""
+    headers = dict(headers or {})
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def start_run(srv, **params):
+    status, _, body = request(srv, "POST", "/start", json_body=params)
+    assert status == 201, body
+    return json.loads(body)["session_id"]
+
+
+def wait_for(condition, timeout=TIMEOUT, what="condition"):
+    """Poll `condition` until it is true, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def raw_exchange(srv, data, timeout=TIMEOUT):
+    """Send raw bytes, read until the server closes: the whole answer."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def parse_head(raw):
+    """(status, {lowercased name: value}, rest) of a raw response."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep, "no complete response head in %r" % raw[:200]
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest
+
+
+class Stream:
+    """An SSE stream over a raw socket, parsed byte for byte: the response
+    head, then (for HTTP/1.1) the chunked framing, then SSE fields."""
+
+    def __init__(self, srv, path, headers=None, version="HTTP/1.1", rcvbuf=None):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(("127.0.0.1", srv.port))
+        lines = ["GET %s %s" % (path, version), "Host: 127.0.0.1:%d" % srv.port]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        self.chunked = version == "HTTP/1.1"
+        self.text = ""            # SSE text not yet parsed into blocks
+        self.ended = False        # the last chunk (or end of file) was read
+        self.raw_body = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(deadline)
+        self.status, self.headers, self.buffer = parse_head(self.buffer)
+
+    def close(self):
+        self.sock.close()
+
+    def _fill(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        self.buffer += data
+
+    def _take(self, n, deadline):
+        while len(self.buffer) < n:
+            self._fill(deadline)
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _line(self, deadline):
+        while b"\r\n" not in self.buffer:
+            self._fill(deadline)
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def read_chunk(self, deadline):
+        """One chunk's data; b"" for the last chunk (RFC 9112, 7.1)."""
+        size_line = self._line(deadline)
+        assert re.fullmatch(rb"[0-9a-f]+", size_line), size_line
+        size = int(size_line, 16)
+        data = self._take(size, deadline)
+        assert self._take(2, deadline) == b"\r\n", "chunk not followed by CRLF"
+        if size == 0:
+            self.ended = True
+        return data
+
+    def read_body_piece(self, deadline):
+        if self.chunked:
+            return self.read_chunk(deadline)
+        try:
+            if not self.buffer:
+                self._fill(deadline)
+        except EOFError:
+            self.ended = True
+            return b""
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def next_block(self, deadline):
+        """The next SSE block (event, comment or retry) as a dict of fields."""
+        while "\n\n" not in self.text:
+            if self.ended:
+                return None
+            piece = self.read_body_piece(deadline)
+            self.raw_body += piece
+            self.text += piece.decode("utf-8")
+        block, _, self.text = self.text.partition("\n\n")
+        fields = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            fields[name or "comment"] = value[1:] if value.startswith(" ") else value
+        return fields
+
+    def events(self, timeout=TIMEOUT, stop_at_terminal=True):
+        """Every event until the terminal one (and the end of the body)."""
+        deadline = time.monotonic() + timeout
+        found = []
+        for _ in range(100000):
+            block = self.next_block(deadline)
+            if block is None:
+                break
+            if "event" in block:
+                block["json"] = json.loads(block["data"])
+                found.append(block)
+                if stop_at_terminal and block["event"] in ("complete", "cancelled", "error"):
+                    if self.chunked:
+                        assert self.read_chunk(deadline) == b"", "no last chunk after terminal"
+                    break
+        return found
+
+
+def ids(events):
+    return [int(e["id"]) for e in events]
+
+
+def names(events):
+    return [e["event"] for e in events]
+
+
+def thread_count():
+    return threading.active_count()
+
+
+###############################################################################
+# Event encoding: data in, exact bytes out
+###############################################################################
+
+@pytest.mark.parametrize("event_id, name, data, expected", [
+    (1, "progress", {"iteration": 0}, b'id: 1\nevent: progress\ndata: {"iteration":0}\n\n'),
+    (7, "complete", {"a": "x\ny"}, b'id: 7\nevent: complete\ndata: {"a":"x\\ny"}\n\n'),
+    (2, "error", {"message": "caf\u00e9"}, b'id: 2\nevent: error\ndata: {"message":"caf\\u00e9"}\n\n'),
+])
+def test_encode_event_exact_bytes(event_id, name, data, expected):
+    assert sse_demo.encode_event(event_id, name, data) == expected
+
+
+def test_encode_chunk_and_constants():
+    assert sse_demo.encode_chunk(b"hello") == b"5\r\nhello\r\n"
+    assert sse_demo.encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert sse_demo.LAST_CHUNK == b"0\r\n\r\n"
+    assert sse_demo.KEEPALIVE == b": keepalive\n\n"
+    assert sse_demo.RETRY == b"retry: 2000\n\n"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_encode_event_refuses_non_finite_numbers(value):
+    with pytest.raises(ValueError):
+        sse_demo.encode_event(1, "progress", {"x": value})
+
+
+def test_terminal_event_chunk_ends_the_body():
+    event = sse_demo.Event(3, "complete", {"ts": 1})
+    assert event.chunk.endswith(b"\r\n0\r\n\r\n")
+    assert sse_demo.Event(2, "progress", {"ts": 1}).chunk.endswith(b"}\n\n\r\n")
+
+
+###############################################################################
+# The page and the JSON endpoints
+###############################################################################
+
+def test_page_is_index_html_with_csp(server):
+    status, headers, body = request(server, "GET", "/")
+    assert status == 200
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    with open(os.path.join(HERE, "index.html"), "rb") as f:
+        assert body == f.read()
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "unsafe-inline" not in csp
+    for tag in ("script", "style"):
+        for block in re.findall(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), body, re.S):
+            digest = base64.b64encode(hashlib.sha256(block).digest()).decode()
+            assert "'sha256-%s'" % digest in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz"])
+def test_head_answers_the_get_headers_without_body(server, path):
+    get_status, get_headers, get_body = request(server, "GET", path)
+    status, headers, body = request(server, "HEAD", path)
+    assert (status, body) == (get_status, b"")
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+    assert headers["Content-Length"] == get_headers["Content-Length"]
+
+
+def test_start_answers_201_with_paths(server):
+    status, headers, body = request(server, "POST", "/start",
+                                    json_body={"iterations": 2, "tick": 0})
+    assert status == 201
+    data = json.loads(body)
+    sid = data["session_id"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", sid)   # 16 random bytes, URL-safe
+    assert data == {"session_id": sid, "stream": "/progress/" + sid,
+                    "cancel": "/cancel/" + sid, "status": "/status/" + sid}
+
+
+def test_start_without_body_takes_the_defaults_and_ids_differ(server):
+    first, second = [request(server, "POST", "/start") for _ in range(2)]
+    assert first[0] == second[0] == 201
+    sids = [json.loads(r[2])["session_id"] for r in (first, second)]
+    assert sids[0] != sids[1]
+    for sid in sids:
+        status, _, body = request(server, "GET", "/status/" + sid)
+        assert status == 200
+        snapshot = json.loads(body)
+        assert snapshot["state"] == "running" and snapshot["total"] == 600
+        assert request(server, "POST", "/cancel/" + sid)[0] == 202
+
+
+def test_start_takes_a_form_or_a_query(server):
+    status, _, body = request(server, "POST", "/start?iterations=3",
+                              body=b"tick=0&update_every=3",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 201
+    stream = Stream(server, json.loads(body)["stream"])
+    events = stream.events()
+    assert names(events) == ["progress", "complete"]
+    assert events[-1]["json"]["total"] == 3
+
+
+def test_status_snapshot_and_healthz(server):
+    sid = start_run(server, iterations=4, **FAST)
+    events = Stream(server, "/progress/" + sid).events()
+    status, _, body = request(server, "GET", "/status/" + sid)
+    snapshot = json.loads(body)
+    assert status == 200 and snapshot["state"] == "complete"
+    assert snapshot["iteration"] == 4 and snapshot["percent"] == 100.0
+    assert snapshot["ts"] == events[-1]["json"]["ts"]
+    status, _, body = request(server, "GET", "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["ok"] is True
+    assert health["sessions"] >= 1 and health["streams"] >= 0
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nothing", 404),
+    ("GET", "/progress/", 404),
+    ("GET", "/progress/unknownsession", 404),
+    ("GET", "/status/unknownsession", 404),
+    ("POST", "/cancel/unknownsession", 404),
+    ("GET", "/start", 405),
+    ("POST", "/healthz", 405),
+    ("DELETE", "/", 405),
+    ("PUT", "/progress/abc", 405),
+])
+def test_unknown_paths_and_wrong_methods(server, method, path, status):
+    got, headers, body = request(server, method, path)
+    assert got == status
+    assert "error" in json.loads(body)
+    assert headers["Content-Type"] == "application/json"
+    if status == 405:
+        assert headers["Allow"]
+        assert method not in headers["Allow"].split(", ")
+
+
+def test_options_lists_allowed_methods(server):
+    status, headers, body = request(server, "OPTIONS", "/start")
+    assert status == 204 and body == b""
+    assert headers["Allow"] == "POST, OPTIONS"
+
+
+###############################################################################
+# The stream: framing, ids, keepalives, resume
+###############################################################################
+
+def test_stream_bytes_exactly(server):
+    sid = start_run(server, iterations=3, **FAST)
+    stream = Stream(server, "/progress/" + sid)
+    assert stream.status == 200
+    assert stream.headers["content-type"] == "text/event-stream"
+    assert stream.headers["transfer-encoding"] == "chunked"
+    assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
+    assert stream.headers["x-content-type-options"] == "nosniff"
+    deadline = time.monotonic() + TIMEOUT
+    assert stream.read_chunk(deadline) == b"retry: 2000\n\n"
+    chunks = []
+    for _ in range(10):
+        chunk = stream.read_chunk(deadline)
+        if chunk == b"":
+            break
+        chunks.append(chunk)
+    assert stream.ended
+    expected_names = ["progress", "progress", "progress", "complete"]
+    assert len(chunks) == len(expected_names)
+    for number, (chunk, name) in enumerate(zip(chunks, expected_names), 1):
+        match = re.fullmatch(rb"id: (\d+)\nevent: (\w+)\ndata: (.*)\n\n", chunk)
+        assert match, chunk
+        assert int(match.group(1)) == number and match.group(2).decode() == name
+        data = json.loads(match.group(3))
+        assert isinstance(data["ts"], float) and abs(data["ts"] - time.time()) < 60
+    last = json.loads(chunks[-1].split(b"data: ")[1])
+    assert (last["iteration"], last["total"], last["percent"]) == (3, 3, 100.0)
+
+
+def test_progress_events_follow_update_every(server):
+    sid = start_run(server, iterations=10, tick=0, update_every=4)
+    events = Stream(server, "/progress/" + sid).events()
+    assert [e["json"]["iteration"] for e in events] == [0, 4, 8, 10]
+    assert [e["json"]["percent"] for e in events] == [0.0, 40.0, 80.0, 100.0]
+    assert ids(events) == [1, 2, 3, 4]
+    for event in events:
+        for field in ("improvement_pct", "dps", "elapsed_s", "ts", "total"):
+            assert field in event["json"]
+
+
+def test_percent_is_rounded_to_two_decimals(server):
+    sid = start_run(server, iterations=3, **FAST)
+    events = Stream(server, "/progress/" + sid).events()
+    assert [e["json"]["percent"] for e in events] == [0.0, 33.33, 66.67, 100.0]
+
+
+def test_connection_is_reusable_after_the_stream_ends(server):
+    sid = start_run(server, iterations=2, **FAST)
+    stream = Stream(server, "/progress/" + sid)
+    assert names(stream.events())[-1] == "complete"
+    stream.sock.sendall(b"GET /status/%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % sid.encode())
+    deadline = time.monotonic() + TIMEOUT
+    while b"\r\n\r\n" not in stream.buffer:
+        stream._fill(deadline)
+    status, headers, rest = parse_head(stream.buffer)
+    assert status == 200
+    while len(rest) < int(headers["content-length"]):
+        stream._fill(deadline)
+        rest = parse_head(stream.buffer)[2]
+    assert json.loads(rest)["state"] == "complete"
+    stream.close()
+
+
+def test_keepalive_comments_while_quiet(server):
+    sid = start_run(server, iterations=2, tick=0.6, update_every=1)
+    stream = Stream(server, "/progress/" + sid)
+    deadline = time.monotonic() + TIMEOUT
+    blocks = []
+    for _ in range(100):
+        block = stream.next_block(deadline)
+        if block is None:
+            break
+        blocks.append(block)
+    kinds = [b.get("event") or ("keepalive" if b.get("comment") == "keepalive" else "retry")
+             for b in blocks]
+    assert kinds[0] == "retry" and kinds[-1] == "complete"
+    first = kinds.index("progress")
+    second = kinds.index("progress", first + 1)
+    assert "keepalive" in kinds[first:second], kinds
+    assert b"\r\n: keepalive\n\n\r\n" in stream.raw_body or b": keepalive\n\n" in stream.raw_body
+
+
+def test_http10_stream_is_unchunked_and_closed(server):
+    sid = start_run(server, iterations=2, **FAST)
+    stream = Stream(server, "/progress/" + sid, version="HTTP/1.0")
+    assert stream.status == 200
+    assert "transfer-encoding" not in stream.headers
+    events = stream.events()
+    assert names(events) == ["progress", "progress", "complete"]
+    assert stream.raw_body.startswith(b"retry: 2000\n\nid: 1\n")
+    with pytest.raises(EOFError):
+        stream._fill(time.monotonic() + TIMEOUT)
+
+
+def test_late_joiner_gets_history_from_id_1(server):
+    sid = start_run(server, iterations=5, **FAST)
+    first = Stream(server, "/progress/" + sid).events()
+    late = Stream(server, "/progress/" + sid).events()
+    assert ids(late) == ids(first) == [1, 2, 3, 4, 5, 6]
+    assert [e["data"] for e in late] == [e["data"] for e in first]
+
+
+def test_resume_with_last_event_id_header_and_query(server):
+    sid = start_run(server, iterations=5, **FAST)
+    Stream(server, "/progress/" + sid).events()
+    assert ids(Stream(server, "/progress/" + sid, {"Last-Event-ID": "3"}).events()) == [4, 5, 6]
+    assert ids(Stream(server, "/progress/%s?lastEventId=4" % sid).events()) == [5, 6]
+    header_wins = Stream(server, "/progress/%s?lastEventId=1" % sid, {"Last-Event-ID": "4"})
+    assert ids(header_wins.events()) == [5, 6]
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "1.5", " ", "\u0663", "0x10", "1e3"])
+def test_malformed_last_event_id_is_treated_as_absent(server, bad):
+    sid = start_run(server, iterations=2, **FAST)
+    value = bad.encode("utf-8").decode("latin-1")
+    events = Stream(server, "/progress/" + sid, {"Last-Event-ID": value}).events()
+    assert ids(events) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("last_id", ["3", "4", "99"])
+def test_resume_at_or_past_the_terminal_event_is_204(server, last_id):
+    sid = start_run(server, iterations=2, **FAST)
+    Stream(server, "/progress/" + sid).events()
+    status, headers, body = request(server, "GET", "/progress/" + sid,
+                                    headers={"Last-Event-ID": last_id})
+    assert (status, body) == (204, b"")
+    status, _, _ = request(server, "GET", "/progress/%s?lastEventId=%s" % (sid, last_id))
+    assert status == 204
+
+
+def test_fan_out_every_subscriber_gets_every_event(server):
+    sid = start_run(server, iterations=40, tick=0.005, update_every=1)
+    streams = [Stream(server, "/progress/" + sid) for _ in range(6)]
+    results = [s.events() for s in streams]
+    for events in results:
+        assert ids(events) == list(range(1, 42))
+        assert names(events).count("complete") == 1
+    assert len({tuple(e["data"] for e in events) for events in results}) == 1
+
+
+###############################################################################
+# Cancel, job errors, slow subscribers
+###############################################################################
+
+def test_cancel_stops_the_run_within_a_tick(server):
+    sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
+    stream = Stream(server, "/progress/" + sid)
+    deadline = time.monotonic() + TIMEOUT
+    assert stream.next_block(deadline)["retry"] == "2000"
+    assert stream.next_block(deadline)["event"] == "progress"
+    status, _, body = request(server, "POST", "/cancel/" + sid)
+    cancelled_at = time.monotonic()
+    assert status == 202 and json.loads(body)["session_id"] == sid
+    events = stream.events()
+    assert time.monotonic() - cancelled_at < 1.0
+    assert events[-1]["event"] == "cancelled"
+    assert events[-1]["json"]["iteration"] < 1000
+    assert json.loads(request(server, "GET", "/status/" + sid)[2])["state"] == "cancelled"
+
+
+def test_cancel_after_end_is_409(server):
+    sid = start_run(server, iterations=1, **FAST)
+    Stream(server, "/progress/" + sid).events()
+    status, _, body = request(server, "POST", "/cancel/" + sid)
+    assert status == 409 and "ended" in json.loads(body)["error"]
+
+
+def test_every_subscriber_gets_cancelled(server):
+    sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
+    streams = [Stream(server, "/progress/" + sid) for _ in range(3)]
+    for stream in streams:
+        stream.next_block(time.monotonic() + TIMEOUT)
+    assert request(server, "POST", "/cancel/" + sid)[0] == 202
+    for stream in streams:
+        assert names(stream.events()).count("cancelled") == 1
+
+
+def failing_job(progress, steps=2, cancel=None):
+    progress(0, steps)
+    raise RuntimeError("disk <b>full</b>")
+
+
+def test_job_exception_becomes_error_event_and_server_goes_on(make):
+    srv = make(job=failing_job)
+    sid = start_run(srv)
+    events = Stream(srv, "/progress/" + sid).events()
+    assert names(events) == ["progress", "error"]
+    assert events[-1]["json"]["message"] == "RuntimeError: disk <b>full</b>"
+    assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "error"
+    assert request(srv, "GET", "/healthz")[0] == 200
+    assert names(Stream(srv, "/progress/" + start_run(srv)).events())[-1] == "error"
+
+
+def padded_job(progress, steps=100, size=65536, tick=0.0, cancel=None):
+    """Big events, so that a reader that stops fills its socket buffers fast."""
+    for i in range(steps):
+        progress(i, steps, pad="x" * size)
+        if cancel.wait(tick):
+            return
+
+
+def test_slow_subscriber_does_not_hold_back_others(make):
+    srv = make(job=padded_job, keepalive_s=0.1)
+    sid = start_run(srv, steps=100, tick=0.01)
+    stuck = Stream(srv, "/progress/" + sid, rcvbuf=4096)    # never reads again
+    fast = Stream(srv, "/progress/" + sid)
+    started = time.monotonic()
+    events = fast.events()
+    assert names(events)[-1] == "complete"
+    assert ids(events) == list(range(1, 102))
+    assert time.monotonic() - started < 5.0        # 100 ticks of 10 ms, not held back
+    # the stuck reader is cut off after a few keepalive intervals...
+    wait_for(lambda: srv.server.hub.streams == 0, what="the stuck stream to be closed")
+    stuck.close()
+    # ...and loses nothing the history holds when it comes back
+    resumed = Stream(srv, "/progress/" + sid, {"Last-Event-ID": "50"}).events()
+    assert ids(resumed) == list(range(51, 102))
+
+
+def test_slow_reader_drops_oldest_progress_but_gets_the_terminal(make):
+    srv = make(job=padded_job, keepalive_s=2.0)
+    sid = start_run(srv, steps=5000, size=4096)
+    slow = Stream(srv, "/progress/" + sid, rcvbuf=4096)
+    wait_for(lambda: json.loads(request(srv, "GET", "/status/" + sid)[2])["state"]
+             == "complete", what="the run to end")
+    events = slow.events()
+    assert events[-1]["event"] == "complete" and int(events[-1]["id"]) == 5001
+    got = ids(events)
+    assert got == sorted(set(got))            # in order, no duplicate
+    assert len(got) < 5001                     # some were dropped: the oldest
+    limit = sse_demo.HISTORY_LIMIT
+    assert got[-limit:] == list(range(5002 - limit, 5002))
+
+
+###############################################################################
+# Lifetimes
+###############################################################################
+
+def test_ended_session_is_forgotten_after_its_ttl(make):
+    srv = make(session_ttl_s=0.3)
+    sid = start_run(srv, iterations=1, **FAST)
+    Stream(srv, "/progress/" + sid).events()
+    assert request(srv, "GET", "/status/" + sid)[0] == 200
+    wait_for(lambda: request(srv, "GET", "/status/" + sid)[0] == 404, what="expiry")
+    assert request(srv, "GET", "/progress/" + sid)[0] == 404
+    assert request(srv, "POST", "/cancel/" + sid)[0] == 404
+
+
+def test_vanished_client_releases_its_stream(make):
+    srv = make(keepalive_s=0.1)
+    before = thread_count()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    streams = [Stream(srv, "/progress/" + sid) for _ in range(5)]
+    wait_for(lambda: srv.server.hub.streams == 5, what="five streams")
+    for stream in streams:
+        stream.close()
+    wait_for(lambda: srv.server.hub.streams == 0, what="streams released")
+    assert json.loads(request(srv, "GET", "/healthz")[2])["streams"] == 0
+    request(srv, "POST", "/cancel/" + sid)
+    wait_for(lambda: thread_count() <= before, what="threads back to baseline")
+
+
+def test_shutdown_ends_open_streams_with_the_last_chunk(make):
+    srv = make()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    stream = Stream(srv, "/progress/" + sid)
+    stream.next_block(time.monotonic() + TIMEOUT)
+    started = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - started < 2.0
+    events = stream.events(timeout=2)
+    assert stream.ended                        # the last chunk: a clean end of body
+    assert all(e["event"] == "progress" for e in events)   # the browser will reconnect
+    assert srv.server.registry.get(sid).cancel.is_set()    # and the worker was told to stop
+
+
+###############################################################################
+# The design property: events do not wake a thread per subscriber
+###############################################################################
+
+def test_two_hundred_subscribers_do_not_need_two_hundred_threads(make):
+    srv = make(keepalive_s=0.5)
+    sid = start_run(srv, iterations=60, tick=0.02, update_every=1)
+    streams = [Stream(srv, "/progress/" + sid) for _ in range(200)]
+    wait_for(lambda: srv.server.hub.streams == 200, what="200 streams")
+    peak = thread_count()
+    results = []
+    for stream in streams:
+        results.append(stream.events())
+        peak = max(peak, thread_count())
+    assert peak < 50, "%d threads for 200 streams" % peak
+    for events in results:
+        assert ids(events) == list(range(1, 62)) and events[-1]["event"] == "complete"
