@@ -400,8 +400,11 @@ class StreamHub:
             self.streams -= 1
 
     def attach(self, subscriber):
-        """Take over a stream whose response head is written (and reserved)."""
-        self._post(("attach", subscriber))
+        """Take over a stream whose response head is written (and reserved).
+        Once the hub has stopped, the stream ends at once."""
+        if not self._post(("attach", subscriber)):
+            self.release()
+            end_body_now(subscriber)
 
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
@@ -418,7 +421,10 @@ class StreamHub:
         self._thread.join(timeout)
 
     def _post(self, item):
+        """Queue work for the writer; False if it has stopped taking any."""
         with self._inbox_lock:
+            if self._stopping:
+                return False
             self._inbox.append(item)
             wake = not self._woken
             self._woken = True
@@ -429,6 +435,7 @@ class StreamHub:
                 pass    # the buffer is full of wake-ups already
             except OSError:
                 pass    # the hub is closed: nothing is listening any more
+        return True
 
     # -- the writer thread ------------------------------------------------------
 
@@ -452,19 +459,14 @@ class StreamHub:
             items, self._inbox = self._inbox, collections.deque()
             self._dirty.clear()
             self._woken = False
+            self._stopping = any(kind == "stop" for kind, _ in items)
         for kind, value in items:
             if kind == "publish":
                 self._publish(value)
             elif kind == "attach":
                 self._add(value)
-            else:
-                self._stopping = True
 
     def _add(self, sub):
-        if self._stopping:
-            self.release()
-            sub.sock.close()
-            return
         self._by_session.setdefault(sub.session, {})[sub] = None
         self._update_selector(sub, reading=True, writing=False)
         self._schedule(sub, sub.last_write + self.keepalive_s)
@@ -658,17 +660,27 @@ class StreamHub:
             for sub in list(subs):
                 if not sub.closed:
                     self._flush(sub)
-                if not sub.closed and sub.chunked:
-                    try:
-                        sub.sock.send(bytes(sub.pending) + LAST_CHUNK)
-                    except OSError:
-                        pass
-                self._close(sub)
+                if not sub.closed:
+                    self._forget(sub)
+                    self._update_selector(sub, reading=False, writing=False)
+                    end_body_now(sub)
         for _, _, sub in self._timers:
             self._close(sub)   # idle keep-alive connections
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def end_body_now(sub):
+    """Best effort, without blocking: the rest of what is pending and the
+    last chunk, then close."""
+    sub.closed = True
+    try:
+        sub.sock.setblocking(False)
+        sub.sock.send(bytes(sub.pending) + (LAST_CHUNK if sub.chunked else b""))
+    except OSError:
+        pass
+    sub.sock.close()
 
 
 ###############################################################################
@@ -991,6 +1003,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     once its response head is written."""
 
     protocol_version = "HTTP/1.1"
+    # Errors about a request line too broken to carry a version still get a
+    # status line and headers (the base class would answer those as HTTP/0.9).
+    default_request_version = "HTTP/1.0"
     server_version = "sse_demo/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True     # an event is small and must leave at once
@@ -1028,6 +1043,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         try:
+            if len(self.requestline.split()) == 2:
+                raise HTTPError(400, "HTTP/0.9 requests are not supported")
             self.check_host()
             path, _, query = self.path.partition("?")
             method, args = self.route(path)

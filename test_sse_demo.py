@@ -685,3 +685,324 @@ def test_two_hundred_subscribers_do_not_need_two_hundred_threads(make):
     assert peak < 50, "%d threads for 200 streams" % peak
     for events in results:
         assert ids(events) == list(range(1, 62)) and events[-1]["event"] == "complete"
+
+
+###############################################################################
+# Hostile input: the right status, a JSON reason, and the server goes on
+###############################################################################
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize("body, content_type, named", [
+    (b"{", JSON, "JSON"),
+    (b"\xff\xfe{}", JSON, "JSON"),
+    (b"[1, 2]", JSON, "object"),
+    (b'"iterations"', JSON, "object"),
+    (b'{"iterations": "ten"}', JSON, "iterations"),
+    (b'{"iterations": true}', JSON, "iterations"),
+    (b'{"iterations": 5.0}', JSON, "iterations"),
+    (b'{"iterations": null}', JSON, "iterations"),
+    (b'{"iterations": 0}', JSON, "iterations"),
+    (b'{"iterations": 10000001}', JSON, "iterations"),
+    (b'{"tick": 1e999}', JSON, "tick"),
+    (b'{"tick": NaN}', JSON, "tick"),
+    (b'{"tick": -0.5}', JSON, "tick"),
+    (b'{"tick": 60.5}', JSON, "tick"),
+    (b'{"tick": "0.1"}', JSON, "tick"),
+    (b'{"update_every": 0}', JSON, "update_every"),
+    (b'{"iterations": 5, "update_every": 6}', JSON, "update_every"),
+    (b'{"colour": "blue"}', JSON, "colour"),
+    (b"iterations=1.5", FORM, "iterations"),
+    (b"iterations=", FORM, "iterations"),
+    (b"tick=nan", FORM, "tick"),
+    (b"tick=inf", FORM, "tick"),
+    (b"tick=1e999", FORM, "tick"),
+    (b"iterations=1&iterations=2", FORM, "twice"),
+    (b"speed=3", FORM, "speed"),
+])
+def test_bad_start_parameters_are_400_naming_the_parameter(server, body, content_type, named):
+    status, headers, answer = request(server, "POST", "/start", body=body,
+                                      headers={"Content-Type": content_type})
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    assert named in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("query, named", [
+    ("iterations=abc", "iterations"), ("nope=1", "nope"), ("tick=-1", "tick")])
+def test_bad_query_parameters_are_400(server, query, named):
+    status, _, answer = request(server, "POST", "/start?" + query)
+    assert status == 400 and named in json.loads(answer)["error"]
+
+
+def test_same_parameter_in_query_and_body_is_400(server):
+    status, _, answer = request(server, "POST", "/start?tick=0", json_body={"tick": 0})
+    assert status == 400 and "tick" in json.loads(answer)["error"]
+
+
+def test_wrong_content_type_is_415(server):
+    status, _, answer = request(server, "POST", "/start", body=b"iterations=3",
+                                headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in json.loads(answer)["error"]
+
+
+def raw_request(srv, head, body=b"", timeout=TIMEOUT):
+    """Send a hand-written request; (status, headers, body, seconds taken)."""
+    started = time.monotonic()
+    answer = raw_exchange(srv, head.replace(b"PORT", str(srv.port).encode()) + body, timeout)
+    status, headers, rest = parse_head(answer)
+    return status, headers, rest, time.monotonic() - started
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 70000\r\n\r\n", 413),
+    (b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ten\r\n\r\n", 400),
+    (b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+     b"Content-Length: 3\r\n\r\n{}", 400),
+    (b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\n{}\r\n0\r\n\r\n", 411),
+    (b"HELLO\r\n\r\n", 400),
+    (b"GET /\r\n\r\n", 400),                                  # HTTP/0.9
+    (b"GET / HTTP/9.1\r\nHost: 127.0.0.1\r\n\r\n", 505),
+    (b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"X-Flood: 1\r\n" * 150 + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"b" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", 400),                  # no Host
+])
+def test_malformed_requests_get_json_errors(server, head, status):
+    got, headers, body, _ = raw_request(server, head)
+    assert got == status
+    if status != 400 or not head.startswith(b"GET /\r\n"):
+        assert headers["content-type"] == "application/json"
+        assert "error" in json.loads(body)
+    assert b"Traceback" not in body
+    assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_body_shorter_than_announced_times_out(make):
+    srv = make(request_timeout_s=1.0)
+    status, _, body, took = raw_request(
+        srv, b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 100\r\n\r\n", b'{"tick"')
+    assert status == 408 and "error" in json.loads(body)
+    assert took < 3.0
+
+
+def test_body_cut_short_by_the_client_is_400(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{}")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        for _ in range(100):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status, _, body = parse_head(answer)
+    assert status == 400 and "shorter" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("path", [
+    "/progress/../healthz", "/progress/..%2fhealthz", "/progress/abc%0d%0aSet-Cookie:%20x=1",
+    "/progress/abc%00", "/status/" + "a" * 5000, "/healthz/", "/progress/abc/", "//evil.example/x",
+    "/progress/caf\u00e9", "/status/%E2%80%A8", "/cancel/x%20y",
+])
+def test_path_tricks_are_404_without_injected_headers(server, path):
+    head = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode("utf-8")
+    if path.startswith("/cancel"):
+        head = head.replace(b"GET", b"POST", 1)
+    status, headers, body, _ = raw_request(server, head + b"")
+    assert status == 404
+    assert "set-cookie" not in headers
+    assert json.loads(body)["error"]
+
+
+def test_query_strings_are_accepted_on_every_route(server):
+    assert request(server, "GET", "/?x=1")[0] == 200
+    assert request(server, "GET", "/healthz?x=1")[0] == 200
+    status, _, body = request(server, "POST", "/start?", json_body={"iterations": 500, "tick": 0.05})
+    sid = json.loads(body)["session_id"]
+    assert status == 201
+    assert request(server, "GET", "/status/%s?x=1" % sid)[0] == 200
+    stream = Stream(server, "/progress/%s?x=1&y" % sid)
+    assert stream.status == 200
+    assert request(server, "POST", "/cancel/%s?x=1" % sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+
+
+def test_slowloris_is_cut_off_without_delaying_others(make):
+    srv = make(request_timeout_s=1.0)
+    slow = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+    started = time.monotonic()
+    closed_after = None
+    for byte in itertools_cycle(b"GET /healthz HTTP/1.1\r\nX-Slow: ", 60):
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+        t0 = time.monotonic()
+        assert request(srv, "GET", "/healthz")[0] == 200
+        assert time.monotonic() - t0 < 0.5          # nobody else waits for it
+        slow.settimeout(0.1)
+        try:
+            if slow.recv(1024) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except socket.timeout:
+            pass
+    slow.close()
+    assert closed_after is not None and closed_after < 2.5
+
+
+def itertools_cycle(data, count):
+    """`count` bytes of `data`, repeated."""
+    return [data[i % len(data)] for i in range(count)]
+
+
+def test_listen_backlog_takes_a_burst_without_syn_retries():
+    srv = sse_demo.make_server("127.0.0.1", 0)      # not serving: nothing accepts
+    socks, selector = [], __import__("selectors").DefaultSelector()
+    try:
+        for _ in range(600):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", srv.server_address[1]))
+            selector.register(sock, 2)   # EVENT_WRITE: the handshake is done
+            socks.append(sock)
+        connected, deadline = set(), time.monotonic() + 2.0
+        while len(connected) < len(socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                connected.add(key.fileobj)
+                selector.unregister(key.fileobj)
+        assert len(connected) == 600
+    finally:
+        for sock in socks:
+            sock.close()
+        selector.close()
+        srv.server_close()
+
+
+###############################################################################
+# Limits
+###############################################################################
+
+def test_session_cap_is_429_with_retry_after_and_running_runs_go_on(make):
+    srv = make(max_sessions=2)
+    sids = [start_run(srv, iterations=1000, tick=0.05, update_every=1) for _ in range(2)]
+    status, headers, body = request(srv, "POST", "/start")
+    assert status == 429 and int(headers["Retry-After"]) > 0
+    assert "sessions" in json.loads(body)["error"]
+    for sid in sids:
+        assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "running"
+        assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+    wait_for(lambda: request(srv, "POST", "/start", json_body={"iterations": 1})[0] == 201,
+             what="a free session slot")
+
+
+def test_stream_cap_is_503_with_retry_after_and_open_streams_go_on(make):
+    srv = make(max_streams=2)
+    sid = start_run(srv, iterations=20, tick=0.02, update_every=1)
+    streams = [Stream(srv, "/progress/" + sid) for _ in range(2)]
+    status, headers, body = request(srv, "GET", "/progress/" + sid)
+    assert status == 503 and int(headers["Retry-After"]) > 0
+    assert "streams" in json.loads(body)["error"]
+    for stream in streams:
+        assert ids(stream.events()) == list(range(1, 22))
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_memory_stays_flat_across_ten_thousand_runs(make):
+    srv = make(session_ttl_s=0.05)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    body = b'{"iterations": 1, "tick": 0}'
+    headers = {"Content-Type": "application/json"}
+    sizes = {}
+    for run in range(1, 10001):
+        conn.request("POST", "/start", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 201
+        if run in (2000, 10000):
+            sizes[run] = rss_kb()
+    conn.close()
+    health = json.loads(request(srv, "GET", "/healthz")[2])
+    assert health["sessions"] < 1000         # ended sessions were forgotten
+    assert sizes[10000] - sizes[2000] < 8 * 1024, sizes
+
+
+###############################################################################
+# Browser and network security
+###############################################################################
+
+@pytest.mark.parametrize("host, status", [
+    ("evil.example", 403), ("evil.example:5000", 403), ("127.0.0.1.evil.example", 403),
+    ("localhost", 200), ("LOCALHOST:1", 200), ("127.0.0.1", 200), ("127.0.0.1:9", 200),
+])
+def test_dns_rebinding_host_check(server, host, status):
+    got, headers, body = request(server, "GET", "/healthz", headers={"Host": host})
+    assert got == status
+    if status == 403:
+        assert "host" in json.loads(body)["error"]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_allowed_host_names_from_the_command_line(make):
+    srv = make(allowed_hosts=["builds.example.lan"])
+    assert request(srv, "GET", "/healthz", headers={"Host": "builds.example.lan:8080"})[0] == 200
+    assert request(srv, "GET", "/healthz", headers={"Host": "other.example.lan"})[0] == 403
+
+
+def test_http10_without_host_is_served(server):
+    status, _, body, _ = raw_request(server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert status == 200 and json.loads(body)["ok"] is True
+
+
+def test_foreign_origin_cannot_start_or_cancel(server):
+    evil = {"Origin": "http://evil.example"}
+    status, _, body = request(server, "POST", "/start", headers=evil)
+    assert status == 403 and "origin" in json.loads(body)["error"]
+    own = {"Origin": "http://127.0.0.1:%d" % server.port}
+    status, _, body = request(server, "POST", "/start", headers=own,
+                              json_body={"iterations": 100, "tick": 0.05})
+    assert status == 201
+    sid = json.loads(body)["session_id"]
+    assert request(server, "POST", "/cancel/" + sid, headers=evil)[0] == 403
+    assert request(server, "POST", "/cancel/" + sid, headers={"Origin": "null"})[0] == 403
+    assert request(server, "POST", "/cancel/" + sid, headers=own)[0] == 202
+
+
+def test_every_kind_of_response_sends_nosniff(server):
+    sid = start_run(server, iterations=1, **FAST)
+    stream = Stream(server, "/progress/" + sid)
+    stream.events()
+    assert stream.headers["x-content-type-options"] == "nosniff"
+    answers = [request(server, "GET", "/"), request(server, "GET", "/nope"),
+               request(server, "GET", "/progress/" + sid, headers={"Last-Event-ID": "9"})]
+    assert [a[0] for a in answers] == [200, 404, 204]
+    for _, headers, _ in answers:
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    _, headers, _, _ = raw_request(server, b"HELLO\r\n\r\n")
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_page_has_no_inline_handlers_no_innerhtml_no_external_resources():
+    with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
+        page = f.read()
+    assert "innerHTML" not in page and "outerHTML" not in page
+    assert "insertAdjacentHTML" not in page and "document.write" not in page
+    assert not re.search(r"<[^>]+\son\w+\s*=", page), "inline event handler"
+    assert not re.search(r"<[^>]+\sstyle\s*=", page), "inline style attribute (CSP)"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "external resource"
+    assert "@import" not in page and "url(" not in page
