@@ -111,17 +111,18 @@ SIMULATION_LIMITS = {
 
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TERMINAL_EVENTS = {"complete": "complete", "cancelled": "cancelled", "error": "error"}
-RESERVED_FIELDS = ("iteration", "total", "percent", "elapsed_s", "ts", "result", "message")
+RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
+                             "message"))
 
 
 ###############################################################################
 # Event encoding: pure functions, bytes out
 ###############################################################################
 
-def json_line(data):
-    """One line of strict JSON: no NaN or Infinity, and no raw newline, so a
-    single `data:` line always suffices."""
-    return json.dumps(data, allow_nan=False, separators=(",", ":"))
+# Strict JSON on one line: no NaN or Infinity, and no raw newline, so a single
+# `data:` line always suffices. One encoder for all: json.dumps() with options
+# builds a new encoder per call.
+json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def encode_event(event_id, name, data):
@@ -142,12 +143,11 @@ LAST_CHUNK = b"0\r\n\r\n"
 class Event:
     """A published event, encoded once for every socket it goes to."""
 
-    __slots__ = ("id", "name", "data", "sse", "chunk")
+    __slots__ = ("id", "name", "sse", "chunk")
 
     def __init__(self, event_id, name, data):
         self.id = event_id
         self.name = name
-        self.data = data
         self.sse = encode_event(event_id, name, data)
         self.chunk = encode_chunk(self.sse)
         if name in TERMINAL_EVENTS:
@@ -413,7 +413,7 @@ class StreamHub:
             if session in self._dirty:
                 return
             self._dirty.add(session)
-        self._post(("publish", session))
+        self._post(("publish", session))   # a second, brief hold of the lock: rare
 
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
@@ -451,8 +451,7 @@ class StreamHub:
 
     def _drain_inbox(self):
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)   # one byte per wake-up: see _woken
         except (BlockingIOError, InterruptedError):
             pass
         with self._inbox_lock:
@@ -726,9 +725,9 @@ class Progress:
         check_number("done", done)
         if total is not None:
             check_number("total", total)
-        clash = sorted(set(fields) & set(RESERVED_FIELDS))
-        if clash:
-            raise TypeError("progress() field %r is reserved" % clash[0])
+        if not RESERVED_FIELDS.isdisjoint(fields):
+            clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
+            raise TypeError("progress() field %r is reserved" % clash)
         data = {"iteration": done, "total": total}
         if total:
             data["percent"] = round(100.0 * done / total, 2)
@@ -1276,6 +1275,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
+    hub = None        # until the socket is bound
 
     def __init__(self, host, port, job=None, keepalive_s=DEFAULT_KEEPALIVE_S,
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
@@ -1339,6 +1339,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         Streams end first, with the last chunk and no terminal event: the
         runs are not over, the server is going away, so browsers reconnect
         (and learn from a restarted server whether the run still exists)."""
+        if self.hub is None:     # binding failed: nothing else was started
+            super().server_close()
+            return
         self.hub.stop(timeout=1.0)
         running = self.registry.running()
         for session in running:

@@ -1006,3 +1006,122 @@ def test_page_has_no_inline_handlers_no_innerhtml_no_external_resources():
     assert not re.search(r"<[^>]+\sstyle\s*=", page), "inline style attribute (CSP)"
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "external resource"
     assert "@import" not in page and "url(" not in page
+
+
+###############################################################################
+# The command line and signals, in a subprocess
+###############################################################################
+
+SSE_DEMO = os.path.join(HERE, "sse_demo.py")
+
+
+class Cli:
+    """`python sse_demo.py --port 0 ...` in a subprocess, killed if it hangs."""
+
+    def __init__(self, *args, cwd=None, preexec_fn=None, code=None):
+        command = [sys.executable, SSE_DEMO] if code is None else [sys.executable, "-c", code]
+        self.proc = subprocess.Popen(
+            command + list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, preexec_fn=preexec_fn)
+        self.killer = threading.Timer(30, self.proc.kill)
+        self.killer.start()
+        self.first_line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", self.first_line)
+        self.port = int(match.group(1)) if match else None
+
+    def stop(self, sig=signal.SIGTERM, timeout=5):
+        """Signal it; (exit status, seconds to exit, stderr)."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.killer.cancel()
+        took = time.monotonic() - started
+        return self.proc.returncode, took, self.proc.stderr.read()
+
+    def finish(self, timeout=10):
+        """For a process that exits by itself: (status, stdout, stderr)."""
+        try:
+            out = self.proc.stdout.read()   # its first line is already in this buffer
+            err = self.proc.stderr.read()
+            self.proc.wait(timeout)
+        finally:
+            self.killer.cancel()
+        return self.proc.returncode, self.first_line + out, err
+
+
+def test_cli_prints_its_url_and_stops_on_sigterm_with_streams_open():
+    cli = Cli("--keepalive", "0.2")
+    assert cli.port, cli.first_line
+    sid = start_run(cli, iterations=1000, tick=0.05, update_every=1)
+    stream = Stream(cli, "/progress/" + sid)
+    stream.next_block(time.monotonic() + TIMEOUT)
+    status, took, stderr = cli.stop(signal.SIGTERM)
+    assert status == 0 and took < 2.0
+    stream.events(timeout=2)
+    assert stream.ended                      # the stream got its last chunk
+    assert "Traceback" not in stderr
+    assert '"GET /progress/%s HTTP/1.1" 200' % sid in stderr   # the access log
+
+
+def test_cli_stops_on_ctrl_c():
+    cli = Cli()
+    assert request(cli, "GET", "/healthz")[0] == 200
+    status, took, stderr = cli.stop(signal.SIGINT)
+    assert status == 0 and took < 2.0 and "Traceback" not in stderr
+
+
+def test_cli_second_ctrl_c_exits_at_once(tmp_path):
+    (tmp_path / "stubborn.py").write_text(
+        "import time\n"
+        "def job(progress):\n"
+        "    progress(0, 1)\n"
+        "    time.sleep(30)   # ignores cancel entirely\n")
+    cli = Cli("--job", "stubborn:job", cwd=str(tmp_path))
+    start_run(cli)
+    cli.proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)      # not a wait for a condition: two distinct key presses
+    status, took, stderr = cli.stop(signal.SIGINT)
+    assert status == 128 + signal.SIGINT and took < 1.0
+
+
+def test_cli_port_in_use_is_one_line_and_status_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        cli = Cli("--port", str(taken.getsockname()[1]))
+        status, out, err = cli.finish()
+    assert status == 1
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "in use" in err
+
+
+def test_cli_help_explains_every_flag():
+    status, out, err = Cli("--help").finish()
+    assert status == 0
+    for flag in ("--host", "--port", "--keepalive", "--max-sessions", "--max-streams",
+                 "--session-ttl", "--request-timeout", "--allow-host", "--job"):
+        assert flag in out
+
+
+def test_cli_warns_when_binding_beyond_loopback():
+    cli = Cli("--host", "0.0.0.0")
+    status, _, stderr = cli.stop()
+    assert status == 0
+    assert "warning" in stderr.lower() and "0.0.0.0" in stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="needs /proc")
+def test_cli_raises_the_open_file_soft_limit_to_the_hard_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("the hard limit is too low to tell")
+
+    def lower_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    cli = Cli(preexec_fn=lower_soft_limit)
+    with open("/proc/%d/limits" % cli.proc.pid) as f:
+        line = [l for l in f if l.startswith("Max open files")][0]
+    assert line.split()[3:5] == [str(hard), str(hard)]
+    assert cli.stop()[0] == 0
