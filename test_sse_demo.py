@@ -1125,3 +1125,218 @@ def test_cli_raises_the_open_file_soft_limit_to_the_hard_limit():
         line = [l for l in f if l.startswith("Max open files")][0]
     assert line.split()[3:5] == [str(hard), str(hard)]
     assert cli.stop()[0] == 0
+
+
+###############################################################################
+# Your own job: --job module:callable, serve(job=...), make_server(job=...)
+###############################################################################
+
+JOBS_MODULE = '''
+import threading
+import time
+
+
+def counting(progress, steps=3, label="x", ratio=0.5, loud=False):
+    for i in range(steps):
+        progress(i + 1, steps, label=label, ratio=ratio, loud=loud)
+    return {"steps": steps, "label": label}
+
+
+def ignores_cancel(progress, steps=100000, pause=0.01):
+    for i in range(steps):
+        progress(i, steps)
+        time.sleep(pause)
+    return "finished"
+
+
+def watches_cancel(progress, cancel=None):
+    progress(0, 1)
+    cancel.wait(30)
+    return "never reached after cancel"
+
+
+def unserialisable(progress):
+    progress(1, 2, when=threading.Event())
+
+
+def not_finite(progress):
+    progress(1, 2, score=float("nan"))
+
+
+def bad_result(progress):
+    progress(1, 1)
+    return object()
+
+
+def raises(progress, steps=2):
+    progress(0, steps)
+    raise KeyError("missing part")
+
+
+def no_total(progress):
+    progress(5, stage="compile")
+
+
+not_callable = 42
+
+
+def needs_argument(progress, target):
+    pass
+'''
+
+
+@pytest.fixture
+def jobs(tmp_path, monkeypatch):
+    """The test's own job module, importable as `jobs_under_test`."""
+    (tmp_path / "jobs_under_test.py").write_text(JOBS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("jobs_under_test", None)
+    import jobs_under_test
+    return jobs_under_test
+
+
+def test_job_params_come_from_the_signature(make, jobs):
+    srv = make(job=jobs.counting)
+    sid = start_run(srv, steps=2, label="fast", ratio=1, loud=True)
+    events = Stream(srv, "/progress/" + sid).events()
+    assert names(events) == ["progress", "progress", "complete"]
+    first = events[0]["json"]
+    assert (first["iteration"], first["total"], first["percent"]) == (1, 2, 50.0)
+    assert (first["label"], first["ratio"], first["loud"]) == ("fast", 1, True)
+    assert "elapsed_s" in first and "ts" in first
+    assert events[-1]["json"]["result"] == {"steps": 2, "label": "fast"}
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"steps": "two"}, "steps"), ({"steps": 2.5}, "steps"), ({"label": 3}, "label"),
+    ({"loud": 1}, "loud"), ({"ratio": "x"}, "ratio"), ({"speed": 3}, "speed"),
+    ({"cancel": True}, "cancel"),
+])
+def test_job_params_validate_by_type(make, jobs, params, named):
+    srv = make(job=jobs.counting)
+    status, _, body = request(srv, "POST", "/start", json_body=params)
+    assert status == 400 and named in json.loads(body)["error"]
+
+
+def test_job_params_from_a_form_are_typed(make, jobs):
+    srv = make(job=jobs.counting)
+    status, _, body = request(srv, "POST", "/start", body=b"steps=1&loud=true&ratio=0.25",
+                              headers={"Content-Type": FORM})
+    assert status == 201
+    events = Stream(srv, json.loads(body)["stream"]).events()
+    assert (events[0]["json"]["loud"], events[0]["json"]["ratio"]) == (True, 0.25)
+
+
+def test_job_without_cancel_parameter_is_cancelled_through_progress(make, jobs):
+    srv = make(job=jobs.ignores_cancel)
+    sid = start_run(srv)
+    stream = Stream(srv, "/progress/" + sid)
+    deadline = time.monotonic() + TIMEOUT
+    stream.next_block(deadline)
+    stream.next_block(deadline)
+    assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "cancelled"
+
+
+def test_job_with_cancel_parameter_gets_the_event(make, jobs):
+    srv = make(job=jobs.watches_cancel)
+    sid = start_run(srv)
+    stream = Stream(srv, "/progress/" + sid)
+    stream.next_block(time.monotonic() + TIMEOUT)
+    started = time.monotonic()
+    assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+    events = stream.events()
+    assert names(events) == ["progress", "cancelled"]
+    assert time.monotonic() - started < 1.0
+    assert "result" not in events[-1]["json"]
+
+
+@pytest.mark.parametrize("job_name, message", [
+    ("unserialisable", "'when' is not JSON-serialisable"),
+    ("not_finite", "'score' is not JSON-serialisable"),
+    ("bad_result", "result is not JSON-serialisable"),
+    ("raises", "KeyError: 'missing part'"),
+])
+def test_job_failures_become_error_events(make, jobs, job_name, message):
+    srv = make(job=getattr(jobs, job_name))
+    events = Stream(srv, "/progress/" + start_run(srv)).events()
+    assert events[-1]["event"] == "error"
+    assert message in events[-1]["json"]["message"]
+    assert request(srv, "GET", "/healthz")[0] == 200
+
+
+def test_progress_without_total_has_no_percent(make, jobs):
+    srv = make(job=jobs.no_total)
+    events = Stream(srv, "/progress/" + start_run(srv)).events()
+    first = events[0]["json"]
+    assert first["iteration"] == 5 and first["total"] is None and "percent" not in first
+    assert first["stage"] == "compile" and events[-1]["event"] == "complete"
+
+
+def test_cli_runs_a_job_module_end_to_end(tmp_path):
+    (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
+    cli = Cli("--job", "mybuild:counting", cwd=str(tmp_path))
+    assert cli.port, cli.first_line
+    sid = start_run(cli, steps=4, label="cli")
+    events = Stream(cli, "/progress/" + sid).events()
+    assert ids(events) == [1, 2, 3, 4, 5]
+    assert events[-1]["json"]["result"] == {"steps": 4, "label": "cli"}
+    assert cli.stop()[0] == 0
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_module_xyz:job", ["cannot import", "no_such_module_xyz"]),
+    ("mybuild:missing", ["no attribute", "missing"]),
+    ("mybuild:not_callable", ["not callable"]),
+    ("mybuild:needs_argument", ["target", "default"]),
+    ("mybuild", ["module:callable"]),
+])
+def test_cli_job_errors_exit_2_with_one_line(tmp_path, spec, words):
+    (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
+    with socket.socket() as taken:      # the error must come before binding
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        cli = Cli("--job", spec, "--port", str(taken.getsockname()[1]), cwd=str(tmp_path))
+        status, out, err = cli.finish()
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_serve_blocks_like_main_and_stops_on_sigterm(tmp_path):
+    (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
+    code = ("import sys; sys.path[:0] = [%r, %r]; import sse_demo, mybuild; "
+            "sys.exit(sse_demo.serve(job=mybuild.counting, port=0))" % (HERE, str(tmp_path)))
+    cli = Cli(code=code)
+    assert cli.port, cli.first_line
+    events = Stream(cli, "/progress/" + start_run(cli, steps=2)).events()
+    assert events[-1]["json"]["result"]["steps"] == 2
+    assert cli.stop()[0] == 0
+
+
+def test_make_server_refuses_a_job_it_cannot_call(jobs):
+    with pytest.raises(TypeError):
+        sse_demo.make_server("127.0.0.1", 0, job=jobs.needs_argument)
+
+
+def test_the_readme_job_example_runs_as_pasted(tmp_path):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Plug in your own job", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    command = re.search(r"python3 sse_demo.py --job (\S+)", section).group(1)
+    module = command.split(":")[0]
+    (tmp_path / (module + ".py")).write_text(code)
+    cli = Cli("--job", command, cwd=str(tmp_path))
+    assert cli.port, cli.first_line
+    sid = start_run(cli, pause=0.0)
+    events = Stream(cli, "/progress/" + sid).events()
+    assert events[-1]["event"] == "complete" and "result" in events[-1]["json"]
+    sid = start_run(cli, pause=0.2)
+    stream = Stream(cli, "/progress/" + sid)
+    stream.next_block(time.monotonic() + TIMEOUT)
+    assert request(cli, "POST", "/cancel/" + sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    assert cli.stop()[0] == 0
