@@ -31,10 +31,10 @@ FAST = {"tick": 0, "update_every": 1}
 class Running:
     """A server serving in a thread; stop() ends both and checks it did."""
 
-    def __init__(self, **options):
+    def __init__(self, port=0, **options):
         options.setdefault("keepalive_s", 0.2)
         options.setdefault("request_timeout_s", 3.0)
-        self.server = sse_demo.make_server("127.0.0.1", 0, **options)
+        self.server = sse_demo.make_server("127.0.0.1", port, **options)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
@@ -1340,3 +1340,321 @@ def test_the_readme_job_example_runs_as_pasted(tmp_path):
     assert request(cli, "POST", "/cancel/" + sid)[0] == 202
     assert stream.events()[-1]["event"] == "cancelled"
     assert cli.stop()[0] == 0
+
+
+###############################################################################
+# The page in a real browser: headless Chromium over the DevTools protocol
+###############################################################################
+
+import base64 as _b64     # noqa: E402  (the browser section stands on its own)
+import itertools          # noqa: E402
+import shutil             # noqa: E402
+import struct             # noqa: E402
+import tempfile           # noqa: E402
+import zlib               # noqa: E402
+
+
+def find_browser():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def need(what, found):
+    """Skip when a real part is missing, except under CI=true, where it fails."""
+    if found:
+        return found
+    if os.environ.get("CI") == "true":
+        pytest.fail("%s is missing, and CI must run these tests" % what)
+    pytest.skip("%s is not installed" % what)
+
+
+class Browser:
+    """Headless Chromium driven over --remote-debugging-pipe: it reads
+    NUL-terminated JSON commands on fd 3 and answers on fd 4."""
+
+    def __init__(self, executable):
+        self.profile = tempfile.mkdtemp(prefix="sse-demo-browser-")
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def place_pipes():   # in the child: the pipes become fds 3 and 4
+            high_r, high_w = os.dup(to_browser_r) + 100, os.dup(from_browser_w) + 100
+            os.dup2(to_browser_r, high_r)
+            os.dup2(from_browser_w, high_w)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+        self.proc = subprocess.Popen(
+            [executable, "--headless", "--remote-debugging-pipe", "--no-sandbox",
+             "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-extensions", "--user-data-dir=" + self.profile, "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=place_pipes, pass_fds=(3, 4))
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()   # guards _answers, events
+        self._answers = {}
+        self.events = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable", session=True)
+
+    def _read(self):
+        buffer = b""
+        while True:
+            try:
+                data = os.read(self._from_browser, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                message = json.loads(raw.decode("utf-8"))
+                with self._cond:
+                    if "id" in message:
+                        self._answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def call(self, method, session=False, timeout=TIMEOUT, **params):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while number not in self._answers:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise AssertionError("no answer to %s" % method)
+                self._cond.wait(remaining)
+            answer = self._answers.pop(number)
+        if "error" in answer:
+            raise AssertionError("%s failed: %s" % (method, answer["error"]))
+        return answer["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", session=True, expression=expression,
+                           returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("page script failed: %s" % result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for %s (state %r)"
+                             % (expression, self.evaluate("document.getElementById('status').dataset.state")))
+
+    def open(self, url):
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_for("document.readyState === 'complete' && !!document.getElementById('start')")
+
+    def problems(self):
+        """Console errors, uncaught exceptions and CSP violations so far."""
+        found = []
+        with self._cond:
+            events = list(self.events)
+        for event in events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text"))
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                found.append(str(params.get("args")))
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"].get("text"))
+        return found
+
+    def screenshot(self, path, width, height):
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width,
+                  height=height, deviceScaleFactor=1, mobile=width < 500)
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(_b64.b64decode(data))
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=3)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for fd in (self._to_browser, self._from_browser):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser():
+    executable = need("a Chromium browser (chromium, chromium-browser or google-chrome)",
+                      find_browser())
+    driver = Browser(executable)
+    try:
+        yield driver
+    finally:
+        driver.close()
+        assert driver.proc.poll() is not None      # closed and reaped
+
+
+def page_url(srv):
+    return "http://127.0.0.1:%d/" % srv.port
+
+
+def start_in_page(browser, iterations, tick, update_every):
+    browser.evaluate("""(() => {
+        document.getElementById('advanced').open = true;
+        document.getElementById('iterations').value = '%s';
+        document.getElementById('tick').value = '%s';
+        document.getElementById('update_every').value = '%s';
+        document.getElementById('start').click(); })()""" % (iterations, tick, update_every))
+
+
+STATE = "document.getElementById('status').dataset.state"
+
+
+def png_is_not_blank(path):
+    """Decode the PNG's pixel rows (stdlib zlib) and look for variety."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat, offset = b"", 8
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            idat += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    pixels = zlib.decompress(idat)
+    return width, height, len(set(pixels[::97]))
+
+
+def test_browser_run_to_completion_logs_every_event(browser, server):
+    browser.open(page_url(server))
+    assert browser.evaluate(STATE) == "idle"
+    start_in_page(browser, 5, 0.05, 1)
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.evaluate("document.getElementById('bar').value") == 100
+    assert browser.evaluate("document.getElementById('iteration').textContent") == "5 / 5"
+    assert browser.evaluate("document.getElementById('progress-text').textContent") == "100.00 %"
+    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
+    events = [line for line in log if re.search(r"#\d+ (progress|complete)", line)]
+    assert len(events) == 6 and "#6 complete" in events[0]      # newest first
+    assert re.fullmatch(r"#session=[A-Za-z0-9_-]+", browser.evaluate("location.hash"))
+    assert browser.evaluate("document.getElementById('start').disabled") is False
+    assert browser.evaluate("document.getElementById('cancel').disabled") is True
+    assert browser.evaluate("document.getElementById('line-improvement').getAttribute('points')")
+    assert browser.problems() == []
+
+
+def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, 2000, 0.05, 1)
+    browser.wait_for(STATE + " === 'live' && !document.getElementById('cancel').disabled")
+    browser.evaluate("document.getElementById('cancel').click()")
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert browser.evaluate("document.getElementById('cancel').disabled") is True
+    assert browser.problems() == []
+
+
+def test_browser_reload_mid_run_reattaches_and_completes(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, 30, 0.05, 1)
+    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 3")
+    browser.call("Page.reload", session=True)
+    browser.wait_for("document.readyState === 'complete'")
+    browser.wait_for(STATE + " === 'complete'")
+    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
+    assert any("#1 progress" in line for line in log)            # replayed from id 1
+    assert sum(bool(re.search(r"#\d+ (progress|complete)", l)) for l in log) == 31
+    points = browser.evaluate("document.getElementById('line-dps').getAttribute('points')")
+    assert len(points.split()) == 31                            # every event drawn
+
+
+def test_browser_server_restart_shows_reconnecting_then_gone(browser):
+    first = Running(keepalive_s=0.2)
+    port = first.port
+    try:
+        browser.open(page_url(first))
+        start_in_page(browser, 2000, 0.05, 1)
+        browser.wait_for(STATE + " === 'live'")
+    finally:
+        first.stop()
+    browser.wait_for(STATE + " === 'reconnecting'")
+    second = Running(port=port)
+    try:
+        browser.wait_for(STATE + " === 'gone'", timeout=15)
+        assert "not found" in browser.evaluate("document.getElementById('status').textContent").lower()
+        assert browser.evaluate("document.getElementById('start').disabled") is False
+    finally:
+        second.stop()
+
+
+def test_browser_job_failure_shows_its_message_as_text(browser, make):
+    def hostile_job(progress):
+        progress(0, 1)
+        raise RuntimeError('<img src=x id=injected onerror="document.title=1">')
+    srv = make(job=hostile_job)
+    browser.open(page_url(srv))
+    browser.evaluate("document.getElementById('start').click()")
+    browser.wait_for(STATE + " === 'failed'")
+    message = browser.evaluate("document.getElementById('message').textContent")
+    assert "<img src=x id=injected" in message
+    assert browser.evaluate("document.querySelectorAll('img, #injected').length") == 0
+    assert browser.problems() == []
+
+
+def test_browser_shows_extra_fields_of_any_job(browser, make, jobs):
+    srv = make(job=jobs.counting)
+    browser.open(page_url(srv))
+    browser.evaluate("document.getElementById('start').click()")
+    browser.wait_for(STATE + " === 'complete'")
+    extra = browser.evaluate("document.getElementById('extra').textContent")
+    assert "label" in extra and "ratio" in extra
+    assert browser.evaluate("document.getElementById('iteration').textContent") == "3 / 3"
+
+
+def test_browser_shows_server_validation_errors(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, "5.5", 0.1, 1)
+    browser.wait_for("document.getElementById('form-error').textContent.includes('iterations')")
+    assert browser.evaluate(STATE) == "idle"
+
+
+def test_browser_screenshots_of_the_finished_page(browser, server, tmp_path):
+    browser.open(page_url(server))
+    start_in_page(browser, 20, 0.01, 2)
+    browser.wait_for(STATE + " === 'complete'")
+    for width, height in ((1280, 800), (375, 700)):
+        path = str(tmp_path / ("finished-%dx%d.png" % (width, height)))
+        browser.screenshot(path, width, height)
+        got_width, got_height, variety = png_is_not_blank(path)
+        assert (got_width, got_height) == (width, height)
+        assert os.path.getsize(path) > 10000 and variety > 8
+    assert browser.evaluate("document.documentElement.scrollWidth") <= 375   # no sideways scroll
+    assert browser.problems() == []
