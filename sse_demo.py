@@ -56,6 +56,8 @@ import base64
 import collections
 import hashlib
 import heapq
+import hmac
+import http.client
 import http.server
 import importlib
 import inspect
@@ -65,6 +67,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import secrets
@@ -100,6 +103,9 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
+GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones are dropped
+GRIP_BATCH = 200                   # items per publish request when behind
+GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 
 # The built-in simulation's parameters: (minimum, maximum). A maximum given as
 # a string is the value of that other parameter.
@@ -683,6 +689,118 @@ def end_body_now(sub):
 
 
 ###############################################################################
+# Behind Pushpin: GRIP (https://pushpin.org/docs/protocols/grip/)
+###############################################################################
+
+class GripPublisher:
+    """Publishes every event to Pushpin as an `http-stream` item on the
+    session's channel, from one thread with a bounded queue, so that a slow or
+    absent Pushpin never blocks a job. What cannot be published is counted
+    and logged once per outage; clients recover it by resuming."""
+
+    @staticmethod
+    def check_url(publish_url):
+        parts = urllib.parse.urlsplit(publish_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("--grip wants http://host:port of Pushpin's publish endpoint")
+        return parts
+
+    def __init__(self, publish_url):
+        parts = self.check_url(publish_url)
+        self._address = (parts.hostname, parts.port or 80)
+        self._path = (parts.path.rstrip("/") or "") + "/publish/"
+        self._queue = queue.Queue(GRIP_QUEUE_LIMIT)
+        self._conn = None
+        self.published = 0
+        self.failed = 0
+        self._failing = False     # logged this outage already
+        self._thread = threading.Thread(target=self._run, name="grip-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, session, event):
+        """Queue the event's item (and, after the terminal one, a close)."""
+        items = [{"channel": session.id, "id": str(event.id),
+                  "prev-id": str(event.id - 1) if event.id > 1 else None,
+                  "formats": {"http-stream": {"content": event.sse.decode()}}}]
+        if event.terminal:    # the close is in the id sequence too, or Pushpin sees a gap
+            items.append({"channel": session.id, "id": "%d-close" % event.id,
+                          "prev-id": str(event.id),
+                          "formats": {"http-stream": {"action": "close"}}})
+        for item in items:
+            if item.get("prev-id") is None:
+                item.pop("prev-id", None)
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._count_failure(1, "queue full")
+
+    def stats(self):
+        return {"queued": self._queue.qsize(), "published": self.published,
+                "failed": self.failed}
+
+    def stop(self):
+        self._queue.put(None)
+        self._thread.join(GRIP_TIMEOUT_S)
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < GRIP_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._send(batch)
+                    return
+                batch.append(item)
+            self._send(batch)
+
+    def _send(self, items):
+        body = json_line({"items": items}).encode()
+        try:
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(*self._address, timeout=GRIP_TIMEOUT_S)
+            self._conn.request("POST", self._path, body, {"Content-Type": "application/json"})
+            response = self._conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise OSError("Pushpin answered %d" % response.status)
+        except (OSError, http.client.HTTPException) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._count_failure(len(items), exc)
+            return
+        self.published += len(items)
+        if self._failing:
+            log.warning("GRIP publishing works again")
+            self._failing = False
+
+    def _count_failure(self, count, reason):
+        self.failed += count
+        if not self._failing:
+            self._failing = True
+            log.warning("GRIP publishing failed (%s); clients will resume from history", reason)
+
+
+def grip_signature_valid(token, key):
+    """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired."""
+    try:
+        header, claims, signature = token.split(".")
+        expected = hmac.new(key.encode(), (header + "." + claims).encode(),
+                            hashlib.sha256).digest()
+        given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+        data = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(expected, given) and float(data.get("exp", 0)) > time.time()
+
+
+###############################################################################
 # The job: a plain function, and the thread that runs it
 ###############################################################################
 
@@ -1170,6 +1288,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if session.has_ended_for(last_id):
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
+        if self.server.grip and self.through_pushpin():
+            self.hold_through_pushpin(session, last_id)
+            return
         hub = self.server.hub
         if not hub.reserve():
             raise HTTPError(503, "too many open streams (limit %d)" % hub.max_streams,
@@ -1205,6 +1326,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
         cursor = min(last_id or 0, session.last_id)
         return Subscriber(sock, self.client_address, session, cursor, chunked, keep_alive)
 
+    def through_pushpin(self):
+        """A request that came through Pushpin carries its Grip-Sig; with a
+        key configured, the signature must be valid."""
+        token = self.headers.get("Grip-Sig")
+        if token is None:
+            return False
+        if self.server.grip_key and not grip_signature_valid(token, self.server.grip_key):
+            raise HTTPError(403, "invalid Grip-Sig")
+        return True
+
+    def hold_through_pushpin(self, session, last_id):
+        """Answer at once with the history the client is missing and tell
+        Pushpin to hold the stream on the session's channel; this thread is
+        then free. Pushpin asks again with Grip-Last to recover a gap; its
+        answer is appended to the stream. An ended run is answered whole,
+        without a hold, so the stream ends."""
+        grip_last = re.search(r"last-id=([0-9]+)", self.headers.get("Grip-Last") or "")
+        if grip_last:
+            last_id = int(grip_last.group(1))
+        ended = session.terminal_id is not None     # read before the history
+        events = session.events_after(last_id or 0, HISTORY_LIMIT)
+        body = (b"" if grip_last else RETRY) + b"".join(e.sse for e in events)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if not ended:
+            # Reliable mode: with the channel's prev-id and a recovery link,
+            # Pushpin notices an event published before it subscribed (or
+            # lost on the way) and asks this same URL again.
+            prev_id = events[-1].id if events else last_id
+            headers["Grip-Hold"] = "stream"
+            headers["Grip-Channel"] = session.id + ("; prev-id=%d" % prev_id if prev_id else "")
+            if prev_id:
+                headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=120" % session.id
+            headers["Grip-Keep-Alive"] = ": keepalive\\n\\n; format=cstring; timeout=%d" % (
+                max(1, round(self.server.hub.keepalive_s)))
+        self.send_body(200, body, "text/event-stream", headers)
+
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
         if session.terminal_id is not None:
@@ -1217,6 +1374,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_healthz(self, query):
         self.send_json(200, self.server.health())
+
 
     def find_session(self, session_id):
         session = self.server.registry.get(session_id)
@@ -1280,7 +1438,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def __init__(self, host, port, job=None, keepalive_s=DEFAULT_KEEPALIVE_S,
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
-                 request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=()):
+                 request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
+                 grip=None, grip_key=None):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (JobSpec(job) if job else BUILTIN_JOB)
@@ -1293,6 +1452,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
         self.allowed_hosts.update(h.lower() for h in allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
+        self.grip = GripPublisher(grip) if grip else None
+        self.grip_key = grip_key
         self.hub.start()
 
     def server_bind(self):
@@ -1313,6 +1474,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def on_publish(self, session, event):
         self.hub.notify(session)
+        if self.grip:
+            self.grip.publish(session, event)
 
     def start_session(self, params):
         try:
@@ -1329,8 +1492,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         sessions, running = self.registry.counts()
-        return {"ok": True, "sessions": sessions, "running": running,
-                "streams": self.hub.streams}
+        health = {"ok": True, "sessions": sessions, "running": running,
+                  "streams": self.hub.streams}
+        if self.grip:
+            health["grip"] = self.grip.stats()
+        return health
 
     def server_close(self):
         """End every stream, stop every run, close the listening socket. Call
@@ -1350,6 +1516,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         for session in running:
             if session.worker is not None:
                 session.worker.join(max(0.0, deadline - time.monotonic()))
+        if self.grip:
+            self.grip.stop()
         super().server_close()
 
 
@@ -1486,6 +1654,12 @@ def parse_args(argv):
                         "a network); repeatable")
     p.add_argument("--job", metavar="MODULE:CALLABLE",
                    help="run this function for each start instead of the simulation")
+    p.add_argument("--grip", metavar="URL",
+                   help="publish events to Pushpin's publish endpoint (e.g. "
+                        "http://127.0.0.1:5561) and let it hold streams that come through it")
+    p.add_argument("--grip-key", metavar="KEY",
+                   help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
+                        "to come through Pushpin")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="least severe message to log (default %(default)s)")
@@ -1504,16 +1678,18 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     job = None
-    if args.job:
-        try:
+    try:
+        if args.job:
             job = load_job(args.job)
-        except ValueError as exc:
-            log.error("error: %s", exc)
-            return 2
+        if args.grip:
+            GripPublisher.check_url(args.grip)
+    except ValueError as exc:
+        log.error("error: %s", exc)
+        return 2
     return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
-                 allowed_hosts=args.allow_host)
+                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,10 @@ class Stream:
         while b"\r\n\r\n" not in self.buffer:
             self._fill(deadline)
         self.status, self.headers, self.buffer = parse_head(self.buffer)
+        # The body's framing is what the response says (a proxy may change it)
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+        length = self.headers.get("content-length")
+        self.remaining = int(length) if length is not None else None
 
     def close(self):
         self.sock.close()
@@ -195,6 +199,11 @@ class Stream:
     def read_body_piece(self, deadline):
         if self.chunked:
             return self.read_chunk(deadline)
+        if self.remaining is not None:
+            data = self._take(min(self.remaining, max(1, len(self.buffer))), deadline)
+            self.remaining -= len(data)
+            self.ended = self.remaining == 0
+            return data
         try:
             if not self.buffer:
                 self._fill(deadline)
@@ -1658,3 +1667,285 @@ def test_browser_screenshots_of_the_finished_page(browser, server, tmp_path):
         assert os.path.getsize(path) > 10000 and variety > 8
     assert browser.evaluate("document.documentElement.scrollWidth") <= 375   # no sideways scroll
     assert browser.problems() == []
+
+
+###############################################################################
+# Behind a real nginx, and behind a real Pushpin (GRIP)
+###############################################################################
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the process exited with %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("port %d did not open" % port)
+
+
+class Proxy:
+    """A port that talks HTTP, for the helpers above."""
+
+    def __init__(self, port):
+        self.port = port
+
+
+def readme_block(language):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return re.search(r"```%s\n(.*?)```" % language, f.read(), re.S).group(1)
+
+
+@pytest.fixture
+def nginx(tmp_path, make):
+    executable = need("nginx", shutil.which("nginx") or
+                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
+    upstream = make(keepalive_s=0.3)
+    port = free_port()
+    block = readme_block("nginx").replace("127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "nginx.conf").write_text("""
+daemon off;
+master_process off;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/client_body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    server {
+        listen 127.0.0.1:%(port)d;
+        %(block)s
+    }
+}
+""" % {"dir": tmp_path, "port": port, "block": block})
+    proc = subprocess.Popen([executable, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        yield Proxy(port), upstream
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_nginx_passes_each_event_as_it_is_published(nginx):
+    proxy, upstream = nginx
+    sid = start_run(proxy, iterations=4, tick=0.4, update_every=1)
+    stream = Stream(proxy, "/progress/" + sid)
+    assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
+    deadline = time.monotonic() + TIMEOUT
+    arrivals, keepalives = [], 0
+    for _ in range(200):
+        block = stream.next_block(deadline)
+        if block is None:
+            break
+        if block.get("comment") == "keepalive":
+            keepalives += 1
+        if "event" in block:
+            arrivals.append((time.time(), json.loads(block["data"])["ts"], block["event"]))
+    assert [a[2] for a in arrivals][-1] == "complete" and len(arrivals) == 5
+    assert max(received - ts for received, ts, _ in arrivals) < 0.3    # not held back
+    assert arrivals[-1][0] - arrivals[0][0] > 0.8                      # not in one burst
+    assert keepalives >= 1
+
+
+def test_nginx_resume_and_cancel(nginx):
+    proxy, upstream = nginx
+    sid = start_run(proxy, iterations=1000, tick=0.02, update_every=1)
+    stream = Stream(proxy, "/progress/" + sid)
+    deadline = time.monotonic() + TIMEOUT
+    for _ in range(4):
+        stream.next_block(deadline)
+    status, _, body = request(proxy, "POST", "/cancel/" + sid,
+                              headers={"Origin": "http://127.0.0.1:%d" % proxy.port})
+    assert status == 202
+    events = stream.events()
+    assert events[-1]["event"] == "cancelled"
+    last = int(events[-1]["id"])
+    resumed = Stream(proxy, "/progress/" + sid, {"Last-Event-ID": str(last - 2)}).events()
+    assert ids(resumed) == [last - 1, last]
+    assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": str(last)})[0] == 204
+
+
+PUSHPIN_CONF = """[global]
+include=/usr/lib/pushpin/internal.conf
+rundir=%(dir)s/run
+ipc_prefix=pushpin-
+port_offset=0
+
+[runner]
+services=condure,zurl,pushpin-proxy,pushpin-handler
+http_port=%(http_port)d
+logdir=%(dir)s/log
+log_level=2
+client_buffer_size=8192
+client_maxconn=50000
+condure_bin=condure
+zurl_bin=zurl
+
+[proxy]
+routesfile=%(dir)s/routes
+sig_iss=pushpin
+sig_key=%(key)s
+zurl_out_specs=ipc://{rundir}/{ipc_prefix}zurl-in
+zurl_out_stream_specs=ipc://{rundir}/{ipc_prefix}zurl-in-stream
+zurl_in_specs=ipc://{rundir}/{ipc_prefix}zurl-out
+updates_check=off
+
+[handler]
+push_in_spec=ipc://{rundir}/{ipc_prefix}push-in
+push_in_sub_specs=ipc://{rundir}/{ipc_prefix}push-in-sub
+push_in_http_addr=127.0.0.1
+push_in_http_port=%(publish_port)d
+stats_spec=ipc://{rundir}/{ipc_prefix}stats
+command_spec=ipc://{rundir}/{ipc_prefix}command
+message_rate=100000
+message_hwm=100000
+"""
+
+
+class Pushpin:
+    """A real Pushpin on free ports, from a config generated in a folder."""
+
+    KEY = "test-sig-key"
+
+    def __init__(self, folder, upstream_port, http_port=None, publish_port=None):
+        self.folder = folder
+        self.port = http_port or free_port()
+        self.publish_port = publish_port or free_port()
+        for name in ("run", "log"):
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            block = re.search(r"```\n(# routes.*?)```", f.read(), re.S).group(1)
+        routes = block.strip().splitlines()[-1].replace(
+            "127.0.0.1:5000", "127.0.0.1:%d" % upstream_port)
+        with open(os.path.join(folder, "routes"), "w") as f:
+            f.write(routes + "\n")
+        with open(os.path.join(folder, "pushpin.conf"), "w") as f:
+            f.write(PUSHPIN_CONF % {"dir": folder, "http_port": self.port, "key": self.KEY,
+                                    "publish_port": self.publish_port})
+        self.proc = subprocess.Popen(
+            ["pushpin", "--config", os.path.join(folder, "pushpin.conf")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(self.port, self.proc, timeout=20)
+        wait_for_port(self.publish_port, self.proc, timeout=20)
+        wait_for(self._routes_requests, timeout=20, what="Pushpin to route requests")
+
+    def _routes_requests(self):
+        """Its port opens before all its parts are up: ready is a request
+        that makes it through to the server."""
+        try:
+            return request(self, "GET", "/healthz")[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def pushpin(tmp_path, make):
+    need("pushpin", shutil.which("pushpin"))
+    publish_port = free_port()
+    # A long idle timeout: Pushpin reuses its upstream connections and does not
+    # retry a GET on one that the server closed as idle in the same instant.
+    upstream = make(keepalive_s=1.0, grip="http://127.0.0.1:%d" % publish_port,
+                    grip_key=Pushpin.KEY, request_timeout_s=60)
+    proxy = Pushpin(str(tmp_path), upstream.port, publish_port=publish_port)
+    try:
+        # Ready means a stream can be held, which takes all of Pushpin's parts
+        probe = start_run(upstream, iterations=2, tick=60)
+
+        def holds_a_stream():
+            try:
+                stream = Stream(proxy, "/progress/" + probe)
+            except (OSError, EOFError):
+                return False
+            stream.close()
+            return stream.status == 200
+        wait_for(holds_a_stream, timeout=20, what="Pushpin to hold a stream")
+        request(upstream, "POST", "/cancel/" + probe)
+        yield proxy, upstream
+    finally:
+        proxy.stop()
+
+
+def test_pushpin_full_run_late_join_and_204(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=10, tick=0.1, update_every=1)
+    stream = Stream(proxy, "/progress/" + sid)
+    assert stream.status == 200
+    events = stream.events(timeout=15)
+    assert ids(events) == list(range(1, 12)) and events[-1]["event"] == "complete"
+    assert stream.ended
+    assert upstream.server.hub.streams == 0          # Pushpin held it, not the server
+    late = Stream(proxy, "/progress/" + sid).events()
+    assert ids(late) == list(range(1, 12))
+    assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": "11"})[0] == 204
+    grip = json.loads(request(upstream, "GET", "/healthz")[2])["grip"]
+    assert grip["published"] >= 12 and grip["failed"] == 0
+
+
+def test_pushpin_keepalive_cancel_and_resume(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=1000, tick=2.5, update_every=1)
+    stream = Stream(proxy, "/progress/" + sid)
+    assert stream.status == 200
+    deadline = time.monotonic() + TIMEOUT
+    blocks = [stream.next_block(deadline) for _ in range(3)]
+    assert blocks[0] == {"retry": "2000"} and blocks[1]["event"] == "progress"
+    assert blocks[2].get("comment") == "keepalive"
+    assert request(proxy, "POST", "/cancel/" + sid)[0] == 202
+    events = stream.events()
+    assert events[-1]["event"] == "cancelled" and stream.ended
+    resumed = Stream(proxy, "/progress/" + sid, {"Last-Event-ID": "1"}).events()
+    assert ids(resumed) == [2, 3] or ids(resumed) == list(range(2, int(events[-1]["id"]) + 1))
+
+
+def test_pushpin_and_direct_viewers_all_get_every_event(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=30, tick=0.05, update_every=1)
+    viewers = [Stream(proxy, "/progress/" + sid), Stream(proxy, "/progress/" + sid),
+               Stream(upstream, "/progress/" + sid)]
+    for viewer in viewers:
+        assert ids(viewer.events(timeout=15)) == list(range(1, 32))
+
+
+def test_pushpin_stopped_mid_run(pushpin, caplog):
+    proxy, upstream = pushpin
+    sid = start_run(upstream, iterations=40, tick=0.05, update_every=1)
+    direct = Stream(upstream, "/progress/" + sid)
+    held = Stream(proxy, "/progress/" + sid)
+    held.next_block(time.monotonic() + TIMEOUT)
+    proxy.stop()
+    with caplog.at_level("WARNING", logger="sse_demo"):
+        events = direct.events(timeout=15)
+    assert ids(events) == list(range(1, 42)) and events[-1]["event"] == "complete"
+    grip = json.loads(request(upstream, "GET", "/healthz")[2])["grip"]
+    assert grip["failed"] > 0
+    failures = [r for r in caplog.records if "GRIP publishing failed" in r.getMessage()]
+    assert len(failures) == 1
