@@ -1553,9 +1553,9 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     if not is_loopback(server.server_address[0]):
         log.warning("warning: listening on %s, reachable from other machines; this demo "
                     "has no authentication", server.server_address[0])
-    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)
     stop = threading.Event()
-    restore = install_stop_signals(stop)
+    restore = install_stop_signals(stop)   # before the URL: a supervisor may signal at once
+    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
