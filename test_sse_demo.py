@@ -1028,7 +1028,9 @@ class Cli:
     """`python sse_demo.py --port 0 ...` in a subprocess, killed if it hangs."""
 
     def __init__(self, *args, cwd=None, preexec_fn=None, code=None):
-        command = [sys.executable, SSE_DEMO] if code is None else [sys.executable, "-c", code]
+        # --port 0 first: a later --port in `args` wins (argparse keeps the last)
+        command = ([sys.executable, SSE_DEMO, "--port", "0"] if code is None
+                   else [sys.executable, "-c", code])
         self.proc = subprocess.Popen(
             command + list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             universal_newlines=True, preexec_fn=preexec_fn)
