@@ -1553,14 +1553,13 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     if not is_loopback(server.server_address[0]):
         log.warning("warning: listening on %s, reachable from other machines; this demo "
                     "has no authentication", server.server_address[0])
-    stop = threading.Event()
-    restore = install_stop_signals(stop)   # before the URL: a supervisor may signal at once
-    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)
+    requested, restore = install_stop_signals()   # before the URL: a supervisor
+    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
-        while not stop.wait(0.5) and serving.is_alive():
-            pass
+        while not requested and serving.is_alive():
+            serving.join(0.2)   # a signal interrupts it; the handler only sets a flag
     finally:
         server.shutdown()
         server.server_close()
@@ -1569,18 +1568,22 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     return 0
 
 
-def install_stop_signals(stop):
-    """SIGINT and SIGTERM set `stop`; a second one exits at once."""
+def install_stop_signals():
+    """SIGINT and SIGTERM append to the returned list; a second one exits at
+    once. The handler takes no lock: it runs in the main thread between two
+    bytecodes, possibly while that thread holds the very lock (an
+    Event.set() here once deadlocked against the Event.wait() it interrupted)."""
+    requested = []
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return requested, lambda: None
 
     def on_signal(signum, frame):
-        if stop.is_set():
+        if requested:
             os._exit(128 + signum)
-        stop.set()
+        requested.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    return requested, lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def raise_open_file_limit():
