@@ -415,22 +415,23 @@ class StreamHub:
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
         most once, so a fast job can never grow it past the session count."""
-        with self._inbox_lock:
-            if session in self._dirty:
-                return
-            self._dirty.add(session)
-        self._post(("publish", session))   # a second, brief hold of the lock: rare
+        self._post(("publish", session), once=session)
 
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
         self._post(("stop", None))
         self._thread.join(timeout)
 
-    def _post(self, item):
-        """Queue work for the writer; False if it has stopped taking any."""
+    def _post(self, item, once=None):
+        """Queue work for the writer; False if it has stopped taking any.
+        An item posted with `once` is not queued again until it is taken."""
         with self._inbox_lock:
             if self._stopping:
                 return False
+            if once is not None:
+                if once in self._dirty:
+                    return True
+                self._dirty.add(once)
             self._inbox.append(item)
             wake = not self._woken
             self._woken = True
@@ -587,13 +588,18 @@ class StreamHub:
                 del self._by_session[sub.session]
             self.release()
 
-    def _close(self, sub, reason=None):
+    def _close(self, sub, reason=None, end_body=False):
+        """Close a connection; with `end_body`, first send (without blocking)
+        what is pending and the last chunk."""
         if sub.closed:
             return
         if reason is not None:
             log.debug("stream to %s closed: %s", sub.address[0], reason)
         self._forget(sub)
         self._update_selector(sub, reading=False, writing=False)
+        if end_body:
+            end_body_now(sub)
+            return
         sub.closed = True
         try:
             sub.sock.shutdown(socket.SHUT_RDWR)
@@ -665,10 +671,7 @@ class StreamHub:
             for sub in list(subs):
                 if not sub.closed:
                     self._flush(sub)
-                if not sub.closed:
-                    self._forget(sub)
-                    self._update_selector(sub, reading=False, writing=False)
-                    end_body_now(sub)
+                self._close(sub, end_body=True)
         for _, _, sub in self._timers:
             self._close(sub)   # idle keep-alive connections
         self._selector.close()
@@ -719,16 +722,16 @@ class GripPublisher:
 
     def publish(self, session, event):
         """Queue the event's item (and, after the terminal one, a close)."""
-        items = [{"channel": session.id, "id": str(event.id),
-                  "prev-id": str(event.id - 1) if event.id > 1 else None,
-                  "formats": {"http-stream": {"content": event.sse.decode()}}}]
+        item = {"channel": session.id, "id": str(event.id),
+                "formats": {"http-stream": {"content": event.sse.decode()}}}
+        if event.id > 1:
+            item["prev-id"] = str(event.id - 1)
+        items = [item]
         if event.terminal:    # the close is in the id sequence too, or Pushpin sees a gap
             items.append({"channel": session.id, "id": "%d-close" % event.id,
                           "prev-id": str(event.id),
                           "formats": {"http-stream": {"action": "close"}}})
         for item in items:
-            if item.get("prev-id") is None:
-                item.pop("prev-id", None)
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
@@ -1374,7 +1377,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_healthz(self, query):
         self.send_json(200, self.server.health())
-
 
     def find_session(self, session_id):
         session = self.server.registry.get(session_id)

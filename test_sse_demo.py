@@ -4,16 +4,22 @@ stream parsed byte for byte. Run with `python -m pytest -q`."""
 import base64
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
 import resource
+import selectors
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -850,7 +856,7 @@ def test_slowloris_is_cut_off_without_delaying_others(make):
     slow = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
     started = time.monotonic()
     closed_after = None
-    for byte in itertools_cycle(b"GET /healthz HTTP/1.1\r\nX-Slow: ", 60):
+    for byte in itertools.islice(itertools.cycle(b"GET /healthz HTTP/1.1\r\nX-Slow: "), 60):
         try:
             slow.sendall(bytes([byte]))
         except OSError:
@@ -870,20 +876,15 @@ def test_slowloris_is_cut_off_without_delaying_others(make):
     assert closed_after is not None and closed_after < 2.5
 
 
-def itertools_cycle(data, count):
-    """`count` bytes of `data`, repeated."""
-    return [data[i % len(data)] for i in range(count)]
-
-
 def test_listen_backlog_takes_a_burst_without_syn_retries():
     srv = sse_demo.make_server("127.0.0.1", 0)      # not serving: nothing accepts
-    socks, selector = [], __import__("selectors").DefaultSelector()
+    socks, selector = [], selectors.DefaultSelector()
     try:
         for _ in range(600):
             sock = socket.socket()
             sock.setblocking(False)
             sock.connect_ex(("127.0.0.1", srv.server_address[1]))
-            selector.register(sock, 2)   # EVENT_WRITE: the handshake is done
+            selector.register(sock, selectors.EVENT_WRITE)   # the handshake is done
             socks.append(sock)
         connected, deadline = set(), time.monotonic() + 2.0
         while len(connected) < len(socks) and time.monotonic() < deadline:
@@ -1357,14 +1358,6 @@ def test_the_readme_job_example_runs_as_pasted(tmp_path):
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
-import base64 as _b64     # noqa: E402  (the browser section stands on its own)
-import itertools          # noqa: E402
-import shutil             # noqa: E402
-import struct             # noqa: E402
-import tempfile           # noqa: E402
-import zlib               # noqa: E402
-
-
 def find_browser():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
@@ -1501,7 +1494,7 @@ class Browser:
                   height=height, deviceScaleFactor=1, mobile=width < 500)
         data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
         with open(path, "wb") as f:
-            f.write(_b64.b64decode(data))
+            f.write(base64.b64decode(data))
 
     def close(self):
         try:
