@@ -43,7 +43,9 @@ socket is handed to the one writer thread (``StreamHub``), which waits on all
 streams at once with ``selectors``, writes each event (encoded once) to every
 subscriber without blocking, sends keepalives to quiet streams and drops
 readers that stay stuck. So an idle stream costs no thread, and an event costs
-no thread wake-up per subscriber. Each run has its own worker thread.
+no thread wake-up per subscriber. A keep-alive connection between requests
+waits there too, so an idle connection costs no thread either. Each run has
+its own worker thread.
 
 It binds to loopback; it is a demo and a reference, not an internet-facing
 server.
@@ -323,7 +325,9 @@ class Subscriber:
     """One open stream: a non-blocking socket and how far it has got.
 
     `cursor` is the id of the last event queued for it; `pending` the bytes
-    its socket has not accepted yet. Owned by the writer thread.
+    its socket has not accepted yet. Owned by the writer thread. An `idle`
+    one is a keep-alive connection waiting for its next request: its stream
+    has ended, or it never had one (`session` is None).
     """
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
@@ -358,8 +362,8 @@ class Subscriber:
 class StreamHub:
     """The one thread that writes every stream.
 
-    Other threads only call `attach`, `notify`, `reserve`/`release` and
-    `stop`: they put work in the inbox and wake the writer through a socket
+    Other threads only call `attach`, `park`, `notify`, `reserve`/`release`
+    and `stop`: they put work in the inbox and wake the writer through a socket
     pair. Everything else here belongs to the writer thread, so it needs no
     lock: a subscriber's socket has exactly one writer, which also writes its
     keepalives.
@@ -411,6 +415,15 @@ class StreamHub:
         if not self._post(("attach", subscriber)):
             self.release()
             end_body_now(subscriber)
+
+    def park(self, sock, address):
+        """Keep an idle keep-alive connection until its next request arrives
+        (it then goes back to the HTTP server) or it has been quiet for the
+        idle timeout (it is closed)."""
+        connection = Subscriber(sock, address, None, 0, True, True)
+        connection.idle = True
+        if not self._post(("park", connection)):
+            sock.close()
 
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
@@ -471,6 +484,8 @@ class StreamHub:
                 self._publish(value)
             elif kind == "attach":
                 self._add(value)
+            elif kind == "park":
+                self._await_request(value)
 
     def _add(self, sub):
         self._by_session.setdefault(sub.session, {})[sub] = None
@@ -565,9 +580,15 @@ class StreamHub:
             return
         sub.idle = True
         if sub.reading:
-            self._schedule(sub, sub.last_write + self.idle_timeout_s)
+            self._await_request(sub)
         else:
             self._give_back(sub)   # a request is already waiting
+
+    def _await_request(self, sub):
+        """An idle connection: watched for its next request, closed when it
+        has been quiet for the idle timeout."""
+        self._update_selector(sub, reading=True, writing=sub.writing)
+        self._schedule(sub, sub.last_write + self.idle_timeout_s)
 
     def _give_back(self, sub):
         self._update_selector(sub, reading=False, writing=False)
@@ -1099,12 +1120,21 @@ class DeadlineReader(io.RawIOBase):
 
     def __init__(self, handler):
         self._handler = handler
+        self.waiting = True     # False: take only what has arrived (see Handler.handle)
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
         sock = self._handler.connection
+        if not self.waiting:
+            sock.settimeout(0.0)
+            try:
+                return sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return None     # nothing yet; BufferedReader.peek then gives b""
+            finally:
+                sock.settimeout(WRITE_TIMEOUT_S)
         remaining = self._handler.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("request not received in time")
@@ -1148,6 +1178,39 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = io.BufferedReader(DeadlineReader(self))
         self.connection.settimeout(WRITE_TIMEOUT_S)
+
+    def handle(self):
+        """Answer requests until the connection closes. Between requests a
+        keep-alive connection waits in the hub, not in this thread: browsers
+        and proxies keep idle connections open, and none of them needs a
+        thread while it is quiet."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            if self.next_request_arrived():
+                self.handle_one_request()
+            else:
+                self.park()
+
+    def next_request_arrived(self):
+        """Are bytes of the next request already here (read ahead into the
+        buffer, or waiting on the socket)? Never blocks."""
+        raw = self.rfile.raw
+        raw.waiting = False
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False    # the hub notices a broken connection too
+        finally:
+            raw.waiting = True
+
+    def park(self):
+        """Give the quiet connection to the hub, which hands it back to the
+        HTTP server (a new thread) when its next request arrives."""
+        self.close_connection = True
+        sock = socket.socket(fileno=self.connection.detach())
+        sock.setblocking(False)
+        self.server.hub.park(sock, self.client_address)
 
     def handle_one_request(self):
         self.deadline = time.monotonic() + self.server.request_timeout_s

@@ -702,6 +702,68 @@ def test_two_hundred_subscribers_do_not_need_two_hundred_threads(make):
         assert ids(events) == list(range(1, 62)) and events[-1]["event"] == "complete"
 
 
+def test_idle_keep_alive_connections_wait_without_a_thread(make):
+    srv = make(request_timeout_s=5.0)
+    before = thread_count()
+    conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+             for _ in range(40)]
+    try:
+        for conn in conns:
+            conn.request("GET", "/healthz")
+        for conn in conns:
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["streams"] == 0
+        wait_for(lambda: thread_count() < before + 5, what="the handler threads to end")
+        local = [conn.sock.getsockname() for conn in conns]
+        for conn in conns:
+            conn.request("GET", "/status/" + "A" * 22)
+        for conn in conns:
+            response = conn.getresponse()
+            assert response.status == 404 and "unknown session" in json.loads(response.read())["error"]
+        # the same connections answered, not new ones
+        assert [conn.sock.getsockname() for conn in conns] == local
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_request_timeout(make):
+    srv = make(request_timeout_s=0.5)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        conn.sock.settimeout(TIMEOUT)
+        assert conn.sock.recv(1) == b""      # the server closed it: end of file
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_all_answered_in_order(server):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw, deadline = b"", time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            raw += data
+        statuses = []
+        for has_body in (True, False, True):     # a HEAD answer has no body
+            status, headers, raw = parse_head(raw)
+            statuses.append(status)
+            if has_body:
+                length = int(headers["content-length"])
+                assert len(raw) >= length
+                raw = raw[length:]
+        assert statuses == [200, 200, 200] and raw == b""
+    finally:
+        sock.close()
+
+
 ###############################################################################
 # Hostile input: the right status, a JSON reason, and the server goes on
 ###############################################################################
