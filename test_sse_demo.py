@@ -1992,6 +1992,21 @@ def test_pushpin_and_direct_viewers_all_get_every_event(pushpin):
         assert ids(viewer.events(timeout=15)) == list(range(1, 32))
 
 
+def test_pushpin_page_works_unchanged_in_a_browser(pushpin, browser):
+    proxy, upstream = pushpin
+    browser.open(page_url(proxy))
+    assert browser.evaluate(STATE) == "idle"
+    start_in_page(browser, 8, 0.1, 1)
+    browser.wait_for(STATE + " === 'live'")
+    assert upstream.server.hub.streams == 0          # Pushpin holds the page's stream
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.evaluate("document.getElementById('iteration').textContent") == "8 / 8"
+    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
+    events = [line for line in log if re.search(r"#\d+ (progress|complete)", line)]
+    assert len(events) == 9 and "#9 complete" in events[0]      # newest first
+    assert browser.problems() == []
+
+
 def test_pushpin_stopped_mid_run(pushpin, caplog):
     proxy, upstream = pushpin
     sid = start_run(upstream, iterations=40, tick=0.05, update_every=1)
