@@ -420,7 +420,8 @@ class StreamHub:
         """Keep an idle keep-alive connection until its next request arrives
         (it then goes back to the HTTP server) or it has been quiet for the
         idle timeout (it is closed)."""
-        connection = Subscriber(sock, address, None, 0, True, True)
+        connection = Subscriber(sock, address, session=None, cursor=0, chunked=True,
+                                keep_alive=True)
         connection.idle = True
         if not self._post(("park", connection)):
             sock.close()
