@@ -739,6 +739,19 @@ def test_idle_keep_alive_connection_is_closed_after_the_request_timeout(make):
         conn.close()
 
 
+def test_shutdown_closes_idle_keep_alive_connections(make):
+    srv = make(request_timeout_s=30.0)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        srv.stop()
+        conn.sock.settimeout(2.0)
+        assert conn.sock.recv(1) == b""      # closed at shutdown, not 30 s later
+    finally:
+        conn.close()
+
+
 def test_pipelined_requests_are_all_answered_in_order(server):
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
     try:
