@@ -727,12 +727,17 @@ def test_idle_keep_alive_connections_wait_without_a_thread(make):
             conn.close()
 
 
-def test_idle_keep_alive_connection_is_closed_after_the_request_timeout(make):
-    srv = make(request_timeout_s=0.5)
+def idle_connection(srv):
+    """A kept-alive connection that has had one request answered."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().read()
+    return conn
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_request_timeout(make):
+    conn = idle_connection(make(request_timeout_s=0.5))
     try:
-        conn.request("GET", "/healthz")
-        assert conn.getresponse().read()
         conn.sock.settimeout(TIMEOUT)
         assert conn.sock.recv(1) == b""      # the server closed it: end of file
     finally:
@@ -741,10 +746,8 @@ def test_idle_keep_alive_connection_is_closed_after_the_request_timeout(make):
 
 def test_shutdown_closes_idle_keep_alive_connections(make):
     srv = make(request_timeout_s=30.0)
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    conn = idle_connection(srv)
     try:
-        conn.request("GET", "/healthz")
-        assert conn.getresponse().read()
         srv.stop()
         conn.sock.settimeout(2.0)
         assert conn.sock.recv(1) == b""      # closed at shutdown, not 30 s later
