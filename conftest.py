@@ -1,0 +1,698 @@
+"""The test harness for test_sse_demo.py: servers in threads and in
+subprocesses, HTTP over real sockets, an SSE stream parsed byte for byte, a
+headless Chromium driven over the DevTools protocol, and real nginx and
+Pushpin processes. The behaviours under test are in test_sse_demo.py."""
+
+import base64
+import http.client
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+import pytest
+
+import sse_demo
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 10.0          # the most any single wait in these tests may take
+FAST = {"tick": 0, "update_every": 1}
+
+
+###############################################################################
+# Helpers: a server in a thread, HTTP requests, a raw SSE stream reader
+###############################################################################
+
+class Running:
+    """A server serving in a thread; stop() ends both and checks it did."""
+
+    def __init__(self, port=0, **options):
+        options.setdefault("keepalive_s", 0.2)
+        options.setdefault("request_timeout_s", 3.0)
+        self.server = sse_demo.make_server("127.0.0.1", port, **options)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = Running()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def make():
+    """Start servers with particular options; all are stopped afterwards."""
+    started = []
+
+    def start(**options):
+        running = Running(**options)
+        started.append(running)
+        return running
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+def request(srv, method, path, body=None, headers=None, json_body=None):
+    """(status, headers, body bytes) over a fresh http.client connection."""
+    headers = dict(headers or {})
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def start_run(srv, **params):
+    status, _, body = request(srv, "POST", "/start", json_body=params)
+    assert status == 201, body
+    return json.loads(body)["session_id"]
+
+
+def wait_for(condition, timeout=TIMEOUT, what="condition"):
+    """Poll `condition` until it is true, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def raw_exchange(srv, data, timeout=TIMEOUT):
+    """Send raw bytes, read until the server closes: the whole answer."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def parse_head(raw):
+    """(status, {lowercased name: value}, rest) of a raw response."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep, "no complete response head in %r" % raw[:200]
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest
+
+
+class Stream:
+    """An SSE stream over a raw socket, parsed byte for byte: the response
+    head, then (for HTTP/1.1) the chunked framing, then SSE fields."""
+
+    def __init__(self, srv, path, headers=None, version="HTTP/1.1", rcvbuf=None):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(("127.0.0.1", srv.port))
+        lines = ["GET %s %s" % (path, version), "Host: 127.0.0.1:%d" % srv.port]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        self.chunked = version == "HTTP/1.1"
+        self.text = ""            # SSE text not yet parsed into blocks
+        self.ended = False        # the last chunk (or end of file) was read
+        self.raw_body = b""
+        deadline = time.monotonic() + TIMEOUT
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(deadline)
+        self.status, self.headers, self.buffer = parse_head(self.buffer)
+        # The body's framing is what the response says (a proxy may change it)
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+        length = self.headers.get("content-length")
+        self.remaining = int(length) if length is not None else None
+
+    def close(self):
+        self.sock.close()
+
+    def _fill(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("deadline")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        self.buffer += data
+
+    def _take(self, n, deadline):
+        while len(self.buffer) < n:
+            self._fill(deadline)
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _line(self, deadline):
+        while b"\r\n" not in self.buffer:
+            self._fill(deadline)
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def read_chunk(self, deadline):
+        """One chunk's data; b"" for the last chunk (RFC 9112, 7.1)."""
+        size_line = self._line(deadline)
+        assert re.fullmatch(rb"[0-9a-f]+", size_line), size_line
+        size = int(size_line, 16)
+        data = self._take(size, deadline)
+        assert self._take(2, deadline) == b"\r\n", "chunk not followed by CRLF"
+        if size == 0:
+            self.ended = True
+        return data
+
+    def read_body_piece(self, deadline):
+        if self.chunked:
+            return self.read_chunk(deadline)
+        if self.remaining is not None:
+            data = self._take(min(self.remaining, max(1, len(self.buffer))), deadline)
+            self.remaining -= len(data)
+            self.ended = self.remaining == 0
+            return data
+        try:
+            if not self.buffer:
+                self._fill(deadline)
+        except EOFError:
+            self.ended = True
+            return b""
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def next_block(self, deadline):
+        """The next SSE block (event, comment or retry) as a dict of fields."""
+        while "\n\n" not in self.text:
+            if self.ended:
+                return None
+            piece = self.read_body_piece(deadline)
+            self.raw_body += piece
+            self.text += piece.decode("utf-8")
+        block, _, self.text = self.text.partition("\n\n")
+        fields = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            fields[name or "comment"] = value[1:] if value.startswith(" ") else value
+        return fields
+
+    def events(self, timeout=TIMEOUT, stop_at_terminal=True):
+        """Every event until the terminal one (and the end of the body)."""
+        deadline = time.monotonic() + timeout
+        found = []
+        for _ in range(100000):
+            block = self.next_block(deadline)
+            if block is None:
+                break
+            if "event" in block:
+                block["json"] = json.loads(block["data"])
+                found.append(block)
+                if stop_at_terminal and block["event"] in ("complete", "cancelled", "error"):
+                    if self.chunked:
+                        assert self.read_chunk(deadline) == b"", "no last chunk after terminal"
+                    break
+        return found
+
+
+def ids(events):
+    return [int(e["id"]) for e in events]
+
+
+def names(events):
+    return [e["event"] for e in events]
+
+
+def thread_count():
+    return threading.active_count()
+
+
+###############################################################################
+# The command line, in a subprocess
+###############################################################################
+
+SSE_DEMO = os.path.join(HERE, "sse_demo.py")
+
+
+class Cli:
+    """`python sse_demo.py --port 0 ...` in a subprocess, killed if it hangs."""
+
+    def __init__(self, *args, cwd=None, preexec_fn=None, code=None):
+        # --port 0 first: a later --port in `args` wins (argparse keeps the last)
+        command = ([sys.executable, SSE_DEMO, "--port", "0"] if code is None
+                   else [sys.executable, "-c", code])
+        self.proc = subprocess.Popen(
+            command + list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, preexec_fn=preexec_fn)
+        self.killer = threading.Timer(30, self.proc.kill)
+        self.killer.start()
+        self.first_line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", self.first_line)
+        self.port = int(match.group(1)) if match else None
+
+    def stop(self, sig=signal.SIGTERM, timeout=5):
+        """Signal it; (exit status, seconds to exit, stderr)."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.killer.cancel()
+        took = time.monotonic() - started
+        return self.proc.returncode, took, self.proc.stderr.read()
+
+    def finish(self, timeout=10):
+        """For a process that exits by itself: (status, stdout, stderr)."""
+        try:
+            out = self.proc.stdout.read()   # its first line is already in this buffer
+            err = self.proc.stderr.read()
+            self.proc.wait(timeout)
+        finally:
+            self.killer.cancel()
+        return self.proc.returncode, self.first_line + out, err
+
+###############################################################################
+# A real browser: headless Chromium over the DevTools protocol
+###############################################################################
+
+def find_browser():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def need(what, found):
+    """Skip when a real part is missing, except under CI=true, where it fails."""
+    if found:
+        return found
+    if os.environ.get("CI") == "true":
+        pytest.fail("%s is missing, and CI must run these tests" % what)
+    pytest.skip("%s is not installed" % what)
+
+
+class Browser:
+    """Headless Chromium driven over --remote-debugging-pipe: it reads
+    NUL-terminated JSON commands on fd 3 and answers on fd 4."""
+
+    def __init__(self, executable):
+        self.profile = tempfile.mkdtemp(prefix="sse-demo-browser-")
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def place_pipes():   # in the child: the pipes become fds 3 and 4
+            high_r, high_w = os.dup(to_browser_r) + 100, os.dup(from_browser_w) + 100
+            os.dup2(to_browser_r, high_r)
+            os.dup2(from_browser_w, high_w)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+        self.proc = subprocess.Popen(
+            [executable, "--headless", "--remote-debugging-pipe", "--no-sandbox",
+             "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-extensions", "--user-data-dir=" + self.profile, "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=place_pipes, pass_fds=(3, 4))
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()   # guards _answers, events
+        self._answers = {}
+        self.events = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable", session=True)
+
+    def _read(self):
+        buffer = b""
+        while True:
+            try:
+                data = os.read(self._from_browser, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                message = json.loads(raw.decode("utf-8"))
+                with self._cond:
+                    if "id" in message:
+                        self._answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def call(self, method, session=False, timeout=TIMEOUT, **params):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while number not in self._answers:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise AssertionError("no answer to %s" % method)
+                self._cond.wait(remaining)
+            answer = self._answers.pop(number)
+        if "error" in answer:
+            raise AssertionError("%s failed: %s" % (method, answer["error"]))
+        return answer["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", session=True, expression=expression,
+                           returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("page script failed: %s" % result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for %s (state %r)"
+                             % (expression, self.evaluate("document.getElementById('status').dataset.state")))
+
+    def open(self, url):
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_for("document.readyState === 'complete' && !!document.getElementById('start')")
+
+    def problems(self):
+        """Console errors, uncaught exceptions and CSP violations so far."""
+        found = []
+        with self._cond:
+            events = list(self.events)
+        for event in events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text"))
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                found.append(str(params.get("args")))
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"].get("text"))
+        return found
+
+    def screenshot(self, path, width, height):
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width,
+                  height=height, deviceScaleFactor=1, mobile=width < 500)
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout=3)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for fd in (self._to_browser, self._from_browser):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser():
+    executable = need("a Chromium browser (chromium, chromium-browser or google-chrome)",
+                      find_browser())
+    driver = Browser(executable)
+    try:
+        yield driver
+    finally:
+        driver.close()
+        assert driver.proc.poll() is not None      # closed and reaped
+
+
+def page_url(srv):
+    return "http://127.0.0.1:%d/" % srv.port
+
+
+def start_in_page(browser, iterations, tick, update_every):
+    browser.evaluate("""(() => {
+        document.getElementById('advanced').open = true;
+        document.getElementById('iterations').value = '%s';
+        document.getElementById('tick').value = '%s';
+        document.getElementById('update_every').value = '%s';
+        document.getElementById('start').click(); })()""" % (iterations, tick, update_every))
+
+
+STATE = "document.getElementById('status').dataset.state"
+
+
+def png_is_not_blank(path):
+    """Decode the PNG's pixel rows (stdlib zlib) and look for variety."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat, offset = b"", 8
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            idat += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    pixels = zlib.decompress(idat)
+    return width, height, len(set(pixels[::97]))
+
+
+###############################################################################
+# Real proxies: nginx and Pushpin
+###############################################################################
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the process exited with %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("port %d did not open" % port)
+
+
+class Proxy:
+    """A port that talks HTTP, for the helpers above."""
+
+    def __init__(self, port):
+        self.port = port
+
+
+def readme_block(language):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return re.search(r"```%s\n(.*?)```" % language, f.read(), re.S).group(1)
+
+
+@pytest.fixture
+def nginx(tmp_path, make):
+    executable = need("nginx", shutil.which("nginx") or
+                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
+    upstream = make(keepalive_s=0.3)
+    port = free_port()
+    block = readme_block("nginx").replace("127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "nginx.conf").write_text("""
+daemon off;
+master_process off;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/client_body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    server {
+        listen 127.0.0.1:%(port)d;
+        %(block)s
+    }
+}
+""" % {"dir": tmp_path, "port": port, "block": block})
+    proc = subprocess.Popen([executable, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        yield Proxy(port), upstream
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+PUSHPIN_CONF = """[global]
+include=/usr/lib/pushpin/internal.conf
+rundir=%(dir)s/run
+ipc_prefix=pushpin-
+port_offset=0
+
+[runner]
+services=condure,zurl,pushpin-proxy,pushpin-handler
+http_port=%(http_port)d
+logdir=%(dir)s/log
+log_level=2
+client_buffer_size=8192
+client_maxconn=50000
+condure_bin=condure
+zurl_bin=zurl
+
+[proxy]
+routesfile=%(dir)s/routes
+sig_iss=pushpin
+sig_key=%(key)s
+zurl_out_specs=ipc://{rundir}/{ipc_prefix}zurl-in
+zurl_out_stream_specs=ipc://{rundir}/{ipc_prefix}zurl-in-stream
+zurl_in_specs=ipc://{rundir}/{ipc_prefix}zurl-out
+updates_check=off
+
+[handler]
+push_in_spec=ipc://{rundir}/{ipc_prefix}push-in
+push_in_sub_specs=ipc://{rundir}/{ipc_prefix}push-in-sub
+push_in_http_addr=127.0.0.1
+push_in_http_port=%(publish_port)d
+stats_spec=ipc://{rundir}/{ipc_prefix}stats
+command_spec=ipc://{rundir}/{ipc_prefix}command
+message_rate=100000
+message_hwm=100000
+"""
+
+
+class Pushpin:
+    """A real Pushpin on free ports, from a config generated in a folder."""
+
+    KEY = "test-sig-key"
+
+    def __init__(self, folder, upstream_port, http_port=None, publish_port=None):
+        self.folder = folder
+        self.port = http_port or free_port()
+        self.publish_port = publish_port or free_port()
+        for name in ("run", "log"):
+            os.makedirs(os.path.join(folder, name), exist_ok=True)
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            block = re.search(r"```\n(# routes.*?)```", f.read(), re.S).group(1)
+        routes = block.strip().splitlines()[-1].replace(
+            "127.0.0.1:5000", "127.0.0.1:%d" % upstream_port)
+        with open(os.path.join(folder, "routes"), "w") as f:
+            f.write(routes + "\n")
+        with open(os.path.join(folder, "pushpin.conf"), "w") as f:
+            f.write(PUSHPIN_CONF % {"dir": folder, "http_port": self.port, "key": self.KEY,
+                                    "publish_port": self.publish_port})
+        self.proc = subprocess.Popen(
+            ["pushpin", "--config", os.path.join(folder, "pushpin.conf")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(self.port, self.proc, timeout=20)
+        wait_for_port(self.publish_port, self.proc, timeout=20)
+        wait_for(self._routes_requests, timeout=20, what="Pushpin to route requests")
+
+    def _routes_requests(self):
+        """Its port opens before all its parts are up: ready is a request
+        that makes it through to the server."""
+        try:
+            return request(self, "GET", "/healthz")[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def pushpin(tmp_path, make):
+    need("pushpin", shutil.which("pushpin"))
+    publish_port = free_port()
+    # A long idle timeout: Pushpin reuses its upstream connections and does not
+    # retry a GET on one that the server closed as idle in the same instant.
+    upstream = make(keepalive_s=1.0, grip="http://127.0.0.1:%d" % publish_port,
+                    grip_key=Pushpin.KEY, request_timeout_s=60)
+    proxy = Pushpin(str(tmp_path), upstream.port, publish_port=publish_port)
+    try:
+        # Ready means a stream can be held, which takes all of Pushpin's parts
+        probe = start_run(upstream, iterations=2, tick=60)
+
+        def holds_a_stream():
+            try:
+                stream = Stream(proxy, "/progress/" + probe)
+            except (OSError, EOFError):
+                return False
+            stream.close()
+            return stream.status == 200
+        wait_for(holds_a_stream, timeout=20, what="Pushpin to hold a stream")
+        request(upstream, "POST", "/cancel/" + probe)
+        yield proxy, upstream
+    finally:
+        proxy.stop()
