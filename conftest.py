@@ -93,10 +93,36 @@ def request(srv, method, path, body=None, headers=None, json_body=None):
         conn.close()
 
 
+CONTROL_KEYS = {}       # session id -> the control key /start answered with
+
+
 def start_run(srv, **params):
+    """Start a run; its session id (its control key is kept for `cancel`)."""
     status, _, body = request(srv, "POST", "/start", json_body=params)
     assert status == 201, body
-    return json.loads(body)["session_id"]
+    answer = json.loads(body)
+    CONTROL_KEYS[answer["session_id"]] = answer["control_key"]
+    return answer["session_id"]
+
+
+def cancel(srv, sid, key=None, headers=None, path=None):
+    """POST /cancel with the run's control key (or `key`): (status, body)."""
+    headers = dict(headers or {})
+    headers.setdefault("Authorization", "Bearer " + (key or CONTROL_KEYS[sid]))
+    status, _, body = request(srv, "POST", path or "/cancel/" + sid, headers=headers)
+    return status, body
+
+
+def watch(srv, sid, headers=None, **options):
+    """A Stream on the session's /progress path."""
+    return Stream(srv, "/progress/" + sid, headers, **options)
+
+
+def status_of(srv, sid):
+    """The run's state from GET /status."""
+    status, _, body = request(srv, "GET", "/status/" + sid)
+    assert status == 200, body
+    return json.loads(body)["state"]
 
 
 def wait_for(condition, timeout=TIMEOUT, what="condition"):
@@ -692,7 +718,7 @@ def pushpin(tmp_path, make):
             stream.close()
             return stream.status == 200
         wait_for(holds_a_stream, timeout=20, what="Pushpin to hold a stream")
-        request(upstream, "POST", "/cancel/" + probe)
+        cancel(upstream, probe)
         yield proxy, upstream
     finally:
         proxy.stop()

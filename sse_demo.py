@@ -109,18 +109,15 @@ GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones
 GRIP_BATCH = 200                   # items per publish request when behind
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 
-# The built-in simulation's parameters: (minimum, maximum). A maximum given as
-# a string is the value of that other parameter.
-SIMULATION_LIMITS = {
-    "iterations": (1, 10000000),
-    "tick": (0.0, 60.0),
-    "update_every": (1, "iterations"),
-}
+TOKEN_BYTES = 16                   # session ids and control keys: 128 random bits
+RUNS_LIMIT = 100                   # runs listed by GET /runs, newest first
+LOG_MESSAGE_LIMIT = 64 * 1024      # characters of one `log` event's message
+LOG_LEVELS = ("info", "warning", "error")
 
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-TERMINAL_EVENTS = {"complete": "complete", "cancelled": "cancelled", "error": "error"}
+TERMINAL_STATES = frozenset(("complete", "cancelled", "error"))   # event name = state
 RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
-                             "message"))
+                             "message", "level", "stream"))
 
 
 ###############################################################################
@@ -151,19 +148,16 @@ LAST_CHUNK = b"0\r\n\r\n"
 class Event:
     """A published event, encoded once for every socket it goes to."""
 
-    __slots__ = ("id", "name", "sse", "chunk")
+    __slots__ = ("id", "name", "sse", "chunk", "terminal")
 
     def __init__(self, event_id, name, data):
         self.id = event_id
         self.name = name
         self.sse = encode_event(event_id, name, data)
         self.chunk = encode_chunk(self.sse)
-        if name in TERMINAL_EVENTS:
+        self.terminal = name in TERMINAL_STATES
+        if self.terminal:
             self.chunk += LAST_CHUNK      # the terminal event ends the body
-
-    @property
-    def terminal(self):
-        return self.name in TERMINAL_EVENTS
 
 
 ###############################################################################
@@ -171,17 +165,25 @@ class Event:
 ###############################################################################
 
 class Session:
-    """One run: its events, its state and its cancel flag.
+    """One run: its events, its state, its cancel flag and its control key.
 
-    Only the run's worker thread publishes, so ids are assigned without
-    contention; readers (the stream writer, /status) take the lock.
+    Any thread may publish (a job's own threads, a command's output readers):
+    the lock makes each event's id the next one and its place in the history
+    the same. The writer thread and /status read under the lock too; a single
+    attribute such as `terminal_id` or `last_id` is read without it, which is
+    safe in CPython (one reference load) and at worst one event stale.
     """
 
-    def __init__(self, session_id, on_publish, on_end):
+    def __init__(self, session_id, title, params, on_publish, on_end):
         self.id = session_id
+        self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
+        self.title = title
+        self.params = params
         self.cancel = threading.Event()
         self.started = time.monotonic()
+        self.started_ts = time.time()
         self.ended_at = None          # monotonic time of the terminal event
+        self.ended_ts = None
         self._on_publish = on_publish
         self._on_end = on_end
         self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest
@@ -189,34 +191,49 @@ class Session:
         self.last_id = 0
         self.terminal_id = None
         self.state = "running"
-        self._latest = {}
+        self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
 
     def publish(self, name, fields):
-        """Stamp, encode and record one event, then tell the writers.
+        """Stamp, encode and record one event, then tell the writers. Returns
+        the event, or None once the run has ended (a straggling thread of the
+        job's cannot add to a finished stream).
 
-        Raises TypeError or ValueError (naming the field) when the fields are
-        not strict JSON; nothing is recorded then.
+        Raises TypeError (naming the field) when the fields are not strict
+        JSON; nothing is recorded then.
         """
         data = dict(fields)
         data["elapsed_s"] = round(time.monotonic() - self.started, 2)
         data["ts"] = time.time()
-        try:
-            event = Event(self.last_id + 1, name, data)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(name_bad_field(data, exc))
         with self._lock:
+            if self.terminal_id is not None:
+                return None
+            try:
+                event = Event(self.last_id + 1, name, data)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(name_bad_field(data, exc))
             self._history.append(event)
             self.last_id = event.id
-            self._latest = data
+            if name != "log":
+                self._latest = data
             if event.terminal:
                 self.terminal_id = event.id
-                self.state = TERMINAL_EVENTS[name]
+                self.state = name
                 self.ended_at = time.monotonic()
-        self._on_publish(self, event)
+                self.ended_ts = data["ts"]
+            # Inside the lock, so that Pushpin gets the events in id order
+            # whichever threads publish them.
+            self._on_publish(self, event)
         if event.terminal:
             self._on_end(self)
         return event
+
+    def may_control(self, authorization):
+        """Does an `Authorization: Bearer <key>` header carry this run's key?
+        Compared in constant time, so timing does not reveal the key."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            key.strip().encode(), self.control_key.encode())
 
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
@@ -232,6 +249,16 @@ class Session:
             data = {"session_id": self.id, "state": self.state}
             data.update(self._latest)
         return data
+
+    def summary(self):
+        """What /runs lists of this run (never its control key)."""
+        with self._lock:
+            latest, state = self._latest, self.state
+        return {"session_id": self.id, "title": self.title, "state": state,
+                "started_ts": self.started_ts, "ended_ts": self.ended_ts,
+                "iteration": latest.get("iteration"), "total": latest.get("total"),
+                "percent": latest.get("percent"),
+                "stream": "/progress/" + self.id, "status": "/status/" + self.id}
 
     def events_after(self, event_id, limit):
         """Up to `limit` held events with an id above `event_id`, oldest first.
@@ -272,13 +299,14 @@ class Registry:
         self._ended = collections.deque()  # sessions in the order they ended
         self._running = 0
 
-    def create(self):
+    def create(self, title, params):
         with self._lock:
             self._expire()
             if self._running >= self.max_sessions:
                 raise TooBusy(429, "too many running sessions (limit %d); try again later"
                               % self.max_sessions)
-            session = Session(secrets.token_urlsafe(16), self._on_publish, self._session_ended)
+            session = Session(secrets.token_urlsafe(TOKEN_BYTES), title, params,
+                              self._on_publish, self._session_ended)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -298,6 +326,13 @@ class Registry:
         with self._lock:
             self._expire()
             return len(self._sessions), self._running
+
+    def newest(self, limit):
+        """The `limit` most recently started sessions, newest first."""
+        with self._lock:
+            self._expire()
+            sessions = list(self._sessions.values())   # in the order they started
+        return sessions[:-limit - 1:-1]
 
     def running(self):
         with self._lock:
@@ -836,20 +871,56 @@ class Cancelled(BaseException):
     `except Exception:` does not swallow it."""
 
 
+def describe_job(title=None, params=None, fields=None):
+    """Declare what a job is, for the page, for GET /job and for /start::
+
+        @describe_job(title="Optimise the build",
+                      params={"generations": {"min": 1, "max": 500, "help": "rounds"}},
+                      fields={"best_score": {"label": "Best score", "unit": "pts"}})
+        def optimize_build(progress, generations=30): ...
+
+    `params` adds bounds (`min`, `max`, and `at_most`: the name of another
+    parameter whose value bounds this one) and `help` to the parameters the
+    signature already has; `fields` gives the progress fields a label and a
+    unit. Everything is optional. It only stores a plain dict as the
+    function's `sse_job` attribute, so a job module that should not import
+    sse_demo can set that attribute itself.
+    """
+    def declare(func):
+        func.sse_job = {"title": title, "params": params or {}, "fields": fields or {}}
+        return func
+    return declare
+
+
+@describe_job(
+    title="Build optimisation (simulated)",
+    params={
+        "iterations": {"min": 1, "max": 10000000, "help": "steps of the simulated search"},
+        "tick": {"min": 0.0, "max": 60.0, "help": "seconds of simulated work per step"},
+        "update_every": {"min": 1, "max": 10000000, "at_most": "iterations",
+                         "help": "send a progress event every this many steps"},
+    },
+    fields={"improvement_pct": {"label": "Improvement", "unit": "%"},
+            "dps": {"label": "DPS"}})
 def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, cancel=None):
-    """The prototype's simulated optimisation: `iterations` steps of `tick`
-    seconds, reporting every `update_every` steps (and at step 0). The
-    improvement grows with diminishing returns and DPS follows it."""
+    """A stand-in for a long optimisation: the improvement it finds grows
+    with diminishing returns, and DPS (damage per second) follows it.
+
+    Each step is due `tick` seconds after the previous one was due, so late
+    wake-ups on a busy machine do not add up: the run ends `iterations x
+    tick` seconds after it started.
+    """
     cancel = cancel or threading.Event()
     rng = random.Random()
     base_dps = rng.uniform(9000.0, 11000.0)
     ceiling = rng.uniform(18.0, 32.0)
     improvement = 0.0
+    started = time.monotonic()
     for i in range(iterations):
         if i % update_every == 0:
             dps = base_dps * (1 + improvement / 100) * rng.uniform(0.995, 1.005)
             progress(i, iterations, improvement_pct=round(improvement, 2), dps=round(dps, 1))
-        if cancel.wait(tick):
+        if cancel.wait(max(0.0, started + (i + 1) * tick - time.monotonic())):
             return None
         found = ceiling * (1 - math.exp(-4.0 * (i + 1) / iterations))
         improvement = max(improvement, found * rng.uniform(0.97, 1.0))
@@ -857,7 +928,8 @@ def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, 
 
 
 class Progress:
-    """The `progress(done, total=None, **fields)` callback handed to a job."""
+    """The `progress(done, total=None, **fields)` callback handed to a job,
+    with `progress.log(message, level="info")` for a line of text."""
 
     def __init__(self, session):
         self._session = session
@@ -876,6 +948,18 @@ class Progress:
             data["percent"] = round(100.0 * done / total, 2)
         data.update(fields)
         self._session.publish("progress", data)
+
+    def log(self, message, level="info", **extra):
+        """Publish a `log` event: a line the page shows as it is. Never
+        blocks; a message over LOG_MESSAGE_LIMIT characters is cut."""
+        if level not in LOG_LEVELS:
+            raise ValueError("log level must be one of %s, not %r" % (", ".join(LOG_LEVELS), level))
+        text = str(message)
+        if len(text) > LOG_MESSAGE_LIMIT:
+            text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
+        data = {"message": text, "level": level}
+        data.update(extra)
+        self._session.publish("log", data)
 
 
 def check_number(name, value):
@@ -906,7 +990,7 @@ def run_job(session, job, params, pass_cancel):
         finish(session, "cancelled", {})
     except BaseException as exc:   # a thread has no one to re-raise to
         log.error("job in session %s failed", session.id, exc_info=True)
-        finish(session, "error", {"message": describe(exc)})
+        finish(session, "error", {"message": describe_exception(exc)})
     else:
         if session.cancel.is_set():
             finish(session, "cancelled", {})
@@ -929,29 +1013,140 @@ def finish(session, name, extra):
         session.publish("error", fields)
 
 
-def describe(exc):
+def describe_exception(exc):
     text = str(exc).strip()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
-class JobSpec:
-    """A job callable and the /start parameters its signature declares."""
+PARAM_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+PARAM_RULES = ("min", "max", "at_most", "help")
 
-    def __init__(self, func, limits=None):
-        self.func = func
-        self.name = getattr(func, "__qualname__", repr(func))
-        self.params, self.pass_cancel = job_params(func)
-        self.limits = limits or {}
+
+class Param:
+    """One /start parameter: its type (that of its default), its bounds and
+    its help text. `at_most` names another parameter whose value bounds it."""
+
+    __slots__ = ("name", "kind", "default", "min", "max", "at_most", "help")
+
+    def __init__(self, name, default, min=None, max=None, at_most=None, help=None):
+        self.name, self.kind, self.default = name, type(default), default
+        self.min, self.max, self.at_most, self.help = min, max, at_most, help
+
+    def describe(self):
+        """The parameter as GET /job lists it."""
+        data = {"name": self.name, "type": PARAM_TYPES[self.kind], "default": self.default}
+        for rule in PARAM_RULES:
+            if getattr(self, rule) is not None:
+                data[rule] = getattr(self, rule)
+        return data
+
+    def highest(self, params):
+        """The upper bound for these parameter values, or None."""
+        bounds = [b for b in (self.max, params.get(self.at_most)) if b is not None]
+        return min(bounds) if bounds else None
+
+    def rule_text(self, params=None):
+        """What a valid value is, for a 400's message: "an integer from 1 to 5"."""
+        text = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[self.kind]
+        if self.min is not None:
+            text += " from %s" % self.min
+        if self.max is not None:
+            text += " to %s" % self.max
+        if self.at_most is not None:
+            text += " and at most %s" % self.at_most
+            if params is not None:
+                text += " (%s)" % params[self.at_most]
+        return text
+
+
+class JobSpec:
+    """What the server runs: a title, a description, the parameters /start
+    accepts, the progress fields it declares, and how to start one run.
+    GET /job, /start's validation and the page all read this one object."""
+
+    def __init__(self, name, title, description, params, fields, run):
+        self.name = name
+        self.title = title
+        self.description = description
+        self.params = params      # {name: Param}, in the order the job gives them
+        self.fields = fields      # [{"name", "label", "unit"?}]
+        self._run = run           # run(session, params), in the run's worker thread
+
+    def describe(self):
+        """What GET /job answers."""
+        return {"name": self.name, "title": self.title, "description": self.description,
+                "params": [p.describe() for p in self.params.values()],
+                "fields": self.fields}
 
     def start(self, session, params):
-        thread = threading.Thread(
-            target=run_job, args=(session, self.func, params, self.pass_cancel),
-            name="job-" + session.id[:8], daemon=True)
+        thread = threading.Thread(target=self._run, args=(session, params),
+                                  name="job-" + session.id[:8], daemon=True)
         thread.start()
         return thread
 
 
-def job_params(func):
+def function_job(func):
+    """A JobSpec for a job function: its parameters from its signature, its
+    title, bounds, help and fields from its `describe_job` declaration.
+    Raises TypeError, naming the problem, for a job the server cannot run."""
+    defaults, pass_cancel = signature_params(func)
+    declared = getattr(func, "sse_job", None) or {}
+    if not isinstance(declared, dict) or not set(declared) <= {"title", "description",
+                                                               "params", "fields"}:
+        raise TypeError("sse_job must be a dict with title, description, params, fields")
+    undeclared = sorted(set(declared.get("params") or {}) - set(defaults))
+    if undeclared:
+        raise TypeError("declared parameter %r is not in the job's signature" % undeclared[0])
+    params = {name: Param(name, default, **declared_rules(name, default, declared))
+              for name, default in defaults.items()}
+    for name, param in params.items():
+        if param.at_most is not None and (param.at_most not in params or
+                                          params[param.at_most].kind not in (int, float)):
+            raise TypeError("parameter %r: at_most must name a numeric parameter" % name)
+    name = getattr(func, "__name__", None) or type(func).__name__
+    doc = inspect.cleandoc(getattr(func, "__doc__", None) or "")
+    return JobSpec(name, declared.get("title") or readable(name),
+                   declared.get("description") or " ".join(doc.split("\n\n")[0].split()),
+                   params, declared_fields(declared.get("fields") or {}),
+                   lambda session, values: run_job(session, func, values, pass_cancel))
+
+
+def declared_rules(name, default, declared):
+    """A parameter's bounds and help from a declaration, checked."""
+    rules = (declared.get("params") or {}).get(name) or {}
+    if not isinstance(rules, dict) or not set(rules) <= set(PARAM_RULES):
+        raise TypeError("parameter %r: declare it as a dict of %s" % (name, ", ".join(PARAM_RULES)))
+    for bound in ("min", "max"):
+        value = rules.get(bound)
+        if value is not None and (type(default) not in (int, float) or
+                                  type(value) not in (int, float)):
+            raise TypeError("parameter %r: %s needs a numeric parameter and a number"
+                            % (name, bound))
+    return rules
+
+
+def declared_fields(fields):
+    """The declared progress fields as GET /job lists them."""
+    listed = []
+    for name, info in fields.items():
+        if name in RESERVED_FIELDS or not isinstance(info, dict) or \
+                not set(info) <= {"label", "unit"}:
+            raise TypeError("field %r: declare it as a dict of label, unit "
+                            "(and not as a reserved name)" % name)
+        entry = {"name": name, "label": info.get("label") or readable(name)}
+        if info.get("unit"):
+            entry["unit"] = info["unit"]
+        listed.append(entry)
+    return listed
+
+
+def readable(name):
+    """`best_score` -> "Best score"."""
+    words = name.replace("_", " ").strip()
+    return words[:1].upper() + words[1:]
+
+
+def signature_params(func):
     """Read a job's signature: {name: default} for the keyword parameters with
     a default of type bool, int, float or str, and whether it takes `cancel`.
     Raises TypeError for a signature the server cannot call."""
@@ -971,12 +1166,12 @@ def job_params(func):
             pass_cancel = True
         elif p.default is inspect.Parameter.empty:
             raise TypeError("job parameter %r needs a default" % p.name)
-        elif type(p.default) in (bool, int, float, str):
+        elif type(p.default) in PARAM_TYPES:
             params[p.name] = p.default
     return params, pass_cancel
 
 
-BUILTIN_JOB = JobSpec(simulate_optimisation, SIMULATION_LIMITS)
+BUILTIN_JOB = function_job(simulate_optimisation)
 
 
 ###############################################################################
@@ -984,57 +1179,65 @@ BUILTIN_JOB = JobSpec(simulate_optimisation, SIMULATION_LIMITS)
 ###############################################################################
 
 class HTTPError(Exception):
-    """An error answer: status, a human-readable reason, extra headers."""
+    """An error answer: status, a human-readable reason, extra headers, and
+    for a bad /start parameter its name (so a form can show the reason next
+    to that field)."""
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, param=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.param = param
+
+    def body(self):
+        data = {"error": self.message}
+        if self.param is not None:
+            data["param"] = self.param
+        return data
 
 
-TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
 INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 DECIMAL_ID = re.compile(r"[0-9]{1,30}")
 
 
 def parse_start_params(spec, sources):
-    """Validate /start parameters against a job's signature and limits.
-    `sources` is a list of ([(name, value), ...], from_json): the query's and
-    the form's values are text, a JSON body's are JSON values."""
-    params, seen = dict(spec.params), set()
+    """Validate /start parameters against the job's description. `sources`
+    is a list of ([(name, value), ...], from_json): the query's and the
+    form's values are text, a JSON body's are JSON values. A parameter the
+    client did not give takes its default, brought within its bounds (so
+    `iterations=5` alone gives `update_every=5`); one it gave must fit them."""
+    params, given = {name: p.default for name, p in spec.params.items()}, set()
     for pairs, from_json in sources:
         for name, value in pairs:
-            if name not in spec.params:
+            param = spec.params.get(name)
+            if param is None:
                 raise HTTPError(400, "unknown parameter %r; expected %s"
-                                % (name, ", ".join(sorted(spec.params)) or "none"))
-            if name in seen:
-                raise HTTPError(400, "parameter %r given twice" % name)
-            seen.add(name)
-            kind = type(spec.params[name])
-            value = convert_json(kind, value) if from_json else convert_text(kind, value)
+                                % (name, ", ".join(spec.params) or "none"), param=name)
+            if name in given:
+                raise HTTPError(400, "parameter %r given twice" % name, param=name)
+            given.add(name)
+            value = convert_json(param.kind, value) if from_json \
+                else convert_text(param.kind, value)
             if value is None:
-                raise HTTPError(400, "%s must be %s" % (name, describe_param(spec, name)))
+                raise HTTPError(400, "%s must be %s" % (name, param.rule_text()), param=name)
             params[name] = value
-    for name, (low, high) in spec.limits.items():
-        high = params[high] if isinstance(high, str) else high
-        if name not in seen:
-            params[name] = max(low, min(params[name], high))   # iterations=5: update_every=5
-        elif not low <= params[name] <= high:
-            raise HTTPError(400, "%s must be %s" % (name, describe_param(spec, name, params)))
+    for name, param in spec.params.items():
+        low, high = param.min, param.highest(params)
+        if name not in given:
+            params[name] = clamp(params[name], low, high)
+        elif (low is not None and params[name] < low) or (high is not None and params[name] > high):
+            raise HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
     return params
 
 
-def describe_param(spec, name, params=None):
-    kind = type(spec.params[name])
-    text = TYPE_NAMES[kind]
-    if name in spec.limits:
-        low, high = spec.limits[name]
-        if isinstance(high, str):
-            high = "%s (%s)" % (high, params[high]) if params else high
-        text += " from %s to %s" % (low, high)
-    return text
+def clamp(value, low, high):
+    if low is not None and value < low:
+        return low
+    if high is not None and value > high:
+        return high
+    return value
 
 
 def convert_json(kind, value):
@@ -1167,6 +1370,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/progress/(%s)" % SESSION_ID_PATTERN), {"GET": "stream"}),
         (re.compile(r"/cancel/(%s)" % SESSION_ID_PATTERN), {"POST": "cancel"}),
         (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
+        (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
+        (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs"}),
         (re.compile(r"/healthz"), {"GET": "healthz", "HEAD": "healthz"}),
     )
 
@@ -1240,7 +1445,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             else:
                 method(query, *args)
         except HTTPError as exc:
-            self.send_error(exc.status, exc.message, headers=exc.headers)
+            self.send_json(exc.status, exc.body(), exc.headers)
         except CLIENT_GONE as exc:
             log.debug("client %s went away: %r", self.client_address[0], exc)
             self.close_connection = True
@@ -1327,7 +1532,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         session = self.server.start_session(parse_start_params(self.server.job, sources))
         sid = session.id
         self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
-                             "cancel": "/cancel/" + sid, "status": "/status/" + sid},
+                             "cancel": "/cancel/" + sid, "status": "/status/" + sid,
+                             "control_key": session.control_key},
                        {"Location": "/status/" + sid})
 
     def body_params(self, body):
@@ -1431,6 +1637,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
+        if not session.may_control(self.headers.get("Authorization")):
+            raise HTTPError(403, "cancelling a run takes its control key "
+                                 "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
             raise HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
@@ -1438,6 +1647,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_status(self, query, session_id):
         self.send_json(200, self.find_session(session_id).snapshot())
+
+    def route_job(self, query):
+        self.send_json(200, self.server.job.describe())
+
+    def route_runs(self, query):
+        runs = self.server.registry.newest(RUNS_LIMIT)
+        self.send_json(200, {"runs": [session.summary() for session in runs]})
 
     def route_healthz(self, query):
         self.send_json(200, self.server.health())
@@ -1508,7 +1724,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  grip=None, grip_key=None):
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.job = job if isinstance(job, JobSpec) else (JobSpec(job) if job else BUILTIN_JOB)
+        self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
         super().__init__((host, port), Handler)
         self.request_timeout_s = request_timeout_s
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
@@ -1545,7 +1761,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def start_session(self, params):
         try:
-            session = self.registry.create()
+            session = self.registry.create(self.job.title, params)
         except TooBusy as exc:
             raise HTTPError(exc.status, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
         try:
@@ -1681,7 +1897,7 @@ def load_job(spec):
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:
-        raise ValueError("cannot import %r: %s" % (module_name, describe(exc)))
+        raise ValueError("cannot import %r: %s" % (module_name, describe_exception(exc)))
     for part in attr.split("."):
         try:
             target = getattr(target, part)
@@ -1690,7 +1906,7 @@ def load_job(spec):
     if not callable(target):
         raise ValueError("%s is not callable" % spec)
     try:
-        return JobSpec(target)
+        return function_job(target)
     except TypeError as exc:
         raise ValueError("%s: %s" % (spec, exc))
 

@@ -17,9 +17,9 @@ import time
 import pytest
 
 import sse_demo
-from conftest import (FAST, HERE, STATE, TIMEOUT, Cli, Running, Stream, ids, names,
+from conftest import (CONTROL_KEYS, FAST, HERE, STATE, TIMEOUT, Cli, Running, Stream, cancel, ids, names,
                       page_url, parse_head, png_is_not_blank, raw_exchange, request,
-                      start_in_page, start_run, thread_count, wait_for)
+                      start_in_page, start_run, status_of, thread_count, wait_for, watch)
 
 try:
     import resource
@@ -94,22 +94,27 @@ def test_start_answers_201_with_paths(server):
     assert status == 201
     data = json.loads(body)
     sid = data["session_id"]
-    assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", sid)   # 16 random bytes, URL-safe
-    assert data == {"session_id": sid, "stream": "/progress/" + sid,
+    key = data["control_key"]
+    for secret in (sid, key):
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", secret)   # 16 random bytes, URL-safe
+    assert key != sid
+    assert data == {"session_id": sid, "stream": "/progress/" + sid, "control_key": key,
                     "cancel": "/cancel/" + sid, "status": "/status/" + sid}
 
 
 def test_start_without_body_takes_the_defaults_and_ids_differ(server):
     first, second = [request(server, "POST", "/start") for _ in range(2)]
     assert first[0] == second[0] == 201
-    sids = [json.loads(r[2])["session_id"] for r in (first, second)]
-    assert sids[0] != sids[1]
-    for sid in sids:
+    answers = [json.loads(r[2]) for r in (first, second)]
+    assert answers[0]["session_id"] != answers[1]["session_id"]
+    assert answers[0]["control_key"] != answers[1]["control_key"]
+    for answer in answers:
+        sid = answer["session_id"]
         status, _, body = request(server, "GET", "/status/" + sid)
         assert status == 200
         snapshot = json.loads(body)
         assert snapshot["state"] == "running" and snapshot["total"] == 600
-        assert request(server, "POST", "/cancel/" + sid)[0] == 202
+        assert cancel(server, sid, key=answer["control_key"])[0] == 202
 
 
 def test_start_takes_a_form_or_a_query(server):
@@ -125,7 +130,7 @@ def test_start_takes_a_form_or_a_query(server):
 
 def test_status_snapshot_and_healthz(server):
     sid = start_run(server, iterations=4, **FAST)
-    events = Stream(server, "/progress/" + sid).events()
+    events = watch(server, sid).events()
     status, _, body = request(server, "GET", "/status/" + sid)
     snapshot = json.loads(body)
     assert status == 200 and snapshot["state"] == "complete"
@@ -170,7 +175,7 @@ def test_options_lists_allowed_methods(server):
 
 def test_stream_bytes_exactly(server):
     sid = start_run(server, iterations=3, **FAST)
-    stream = Stream(server, "/progress/" + sid)
+    stream = watch(server, sid)
     assert stream.status == 200
     assert stream.headers["content-type"] == "text/event-stream"
     assert stream.headers["transfer-encoding"] == "chunked"
@@ -200,7 +205,7 @@ def test_stream_bytes_exactly(server):
 
 def test_progress_events_follow_update_every(server):
     sid = start_run(server, iterations=10, tick=0, update_every=4)
-    events = Stream(server, "/progress/" + sid).events()
+    events = watch(server, sid).events()
     assert [e["json"]["iteration"] for e in events] == [0, 4, 8, 10]
     assert [e["json"]["percent"] for e in events] == [0.0, 40.0, 80.0, 100.0]
     assert ids(events) == [1, 2, 3, 4]
@@ -211,13 +216,13 @@ def test_progress_events_follow_update_every(server):
 
 def test_percent_is_rounded_to_two_decimals(server):
     sid = start_run(server, iterations=3, **FAST)
-    events = Stream(server, "/progress/" + sid).events()
+    events = watch(server, sid).events()
     assert [e["json"]["percent"] for e in events] == [0.0, 33.33, 66.67, 100.0]
 
 
 def test_connection_is_reusable_after_the_stream_ends(server):
     sid = start_run(server, iterations=2, **FAST)
-    stream = Stream(server, "/progress/" + sid)
+    stream = watch(server, sid)
     assert names(stream.events())[-1] == "complete"
     stream.sock.sendall(b"GET /status/%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % sid.encode())
     deadline = time.monotonic() + TIMEOUT
@@ -234,7 +239,7 @@ def test_connection_is_reusable_after_the_stream_ends(server):
 
 def test_keepalive_comments_while_quiet(server):
     sid = start_run(server, iterations=2, tick=0.6, update_every=1)
-    stream = Stream(server, "/progress/" + sid)
+    stream = watch(server, sid)
     deadline = time.monotonic() + TIMEOUT
     blocks = []
     for _ in range(100):
@@ -253,7 +258,7 @@ def test_keepalive_comments_while_quiet(server):
 
 def test_http10_stream_is_unchunked_and_closed(server):
     sid = start_run(server, iterations=2, **FAST)
-    stream = Stream(server, "/progress/" + sid, version="HTTP/1.0")
+    stream = watch(server, sid, version="HTTP/1.0")
     assert stream.status == 200
     assert "transfer-encoding" not in stream.headers
     events = stream.events()
@@ -265,16 +270,16 @@ def test_http10_stream_is_unchunked_and_closed(server):
 
 def test_late_joiner_gets_history_from_id_1(server):
     sid = start_run(server, iterations=5, **FAST)
-    first = Stream(server, "/progress/" + sid).events()
-    late = Stream(server, "/progress/" + sid).events()
+    first = watch(server, sid).events()
+    late = watch(server, sid).events()
     assert ids(late) == ids(first) == [1, 2, 3, 4, 5, 6]
     assert [e["data"] for e in late] == [e["data"] for e in first]
 
 
 def test_resume_with_last_event_id_header_and_query(server):
     sid = start_run(server, iterations=5, **FAST)
-    Stream(server, "/progress/" + sid).events()
-    assert ids(Stream(server, "/progress/" + sid, {"Last-Event-ID": "3"}).events()) == [4, 5, 6]
+    watch(server, sid).events()
+    assert ids(watch(server, sid, {"Last-Event-ID": "3"}).events()) == [4, 5, 6]
     assert ids(Stream(server, "/progress/%s?lastEventId=4" % sid).events()) == [5, 6]
     header_wins = Stream(server, "/progress/%s?lastEventId=1" % sid, {"Last-Event-ID": "4"})
     assert ids(header_wins.events()) == [5, 6]
@@ -284,14 +289,14 @@ def test_resume_with_last_event_id_header_and_query(server):
 def test_malformed_last_event_id_is_treated_as_absent(server, bad):
     sid = start_run(server, iterations=2, **FAST)
     value = bad.encode("utf-8").decode("latin-1")
-    events = Stream(server, "/progress/" + sid, {"Last-Event-ID": value}).events()
+    events = watch(server, sid, {"Last-Event-ID": value}).events()
     assert ids(events) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("last_id", ["3", "4", "99"])
 def test_resume_at_or_past_the_terminal_event_is_204(server, last_id):
     sid = start_run(server, iterations=2, **FAST)
-    Stream(server, "/progress/" + sid).events()
+    watch(server, sid).events()
     status, headers, body = request(server, "GET", "/progress/" + sid,
                                     headers={"Last-Event-ID": last_id})
     assert (status, body) == (204, b"")
@@ -301,7 +306,7 @@ def test_resume_at_or_past_the_terminal_event_is_204(server, last_id):
 
 def test_fan_out_every_subscriber_gets_every_event(server):
     sid = start_run(server, iterations=40, tick=0.005, update_every=1)
-    streams = [Stream(server, "/progress/" + sid) for _ in range(6)]
+    streams = [watch(server, sid) for _ in range(6)]
     results = [s.events() for s in streams]
     for events in results:
         assert ids(events) == list(range(1, 42))
@@ -315,33 +320,33 @@ def test_fan_out_every_subscriber_gets_every_event(server):
 
 def test_cancel_stops_the_run_within_a_tick(server):
     sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
-    stream = Stream(server, "/progress/" + sid)
+    stream = watch(server, sid)
     deadline = time.monotonic() + TIMEOUT
     assert stream.next_block(deadline)["retry"] == "2000"
     assert stream.next_block(deadline)["event"] == "progress"
-    status, _, body = request(server, "POST", "/cancel/" + sid)
+    status, body = cancel(server, sid)
     cancelled_at = time.monotonic()
     assert status == 202 and json.loads(body)["session_id"] == sid
     events = stream.events()
     assert time.monotonic() - cancelled_at < 1.0
     assert events[-1]["event"] == "cancelled"
     assert events[-1]["json"]["iteration"] < 1000
-    assert json.loads(request(server, "GET", "/status/" + sid)[2])["state"] == "cancelled"
+    assert status_of(server, sid) == "cancelled"
 
 
 def test_cancel_after_end_is_409(server):
     sid = start_run(server, iterations=1, **FAST)
-    Stream(server, "/progress/" + sid).events()
-    status, _, body = request(server, "POST", "/cancel/" + sid)
+    watch(server, sid).events()
+    status, body = cancel(server, sid)
     assert status == 409 and "ended" in json.loads(body)["error"]
 
 
 def test_every_subscriber_gets_cancelled(server):
     sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
-    streams = [Stream(server, "/progress/" + sid) for _ in range(3)]
+    streams = [watch(server, sid) for _ in range(3)]
     for stream in streams:
         stream.next_block(time.monotonic() + TIMEOUT)
-    assert request(server, "POST", "/cancel/" + sid)[0] == 202
+    assert cancel(server, sid)[0] == 202
     for stream in streams:
         assert names(stream.events()).count("cancelled") == 1
 
@@ -354,12 +359,12 @@ def failing_job(progress, steps=2, cancel=None):
 def test_job_exception_becomes_error_event_and_server_goes_on(make):
     srv = make(job=failing_job)
     sid = start_run(srv)
-    events = Stream(srv, "/progress/" + sid).events()
+    events = watch(srv, sid).events()
     assert names(events) == ["progress", "error"]
     assert events[-1]["json"]["message"] == "RuntimeError: disk <b>full</b>"
-    assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "error"
+    assert status_of(srv, sid) == "error"
     assert request(srv, "GET", "/healthz")[0] == 200
-    assert names(Stream(srv, "/progress/" + start_run(srv)).events())[-1] == "error"
+    assert names(watch(srv, start_run(srv)).events())[-1] == "error"
 
 
 def padded_job(progress, steps=100, size=65536, tick=0.0, cancel=None):
@@ -373,8 +378,8 @@ def padded_job(progress, steps=100, size=65536, tick=0.0, cancel=None):
 def test_slow_subscriber_does_not_hold_back_others(make):
     srv = make(job=padded_job, keepalive_s=0.1)
     sid = start_run(srv, steps=100, tick=0.01)
-    stuck = Stream(srv, "/progress/" + sid, rcvbuf=4096)    # never reads again
-    fast = Stream(srv, "/progress/" + sid)
+    stuck = watch(srv, sid, rcvbuf=4096)    # never reads again
+    fast = watch(srv, sid)
     started = time.monotonic()
     events = fast.events()
     assert names(events)[-1] == "complete"
@@ -384,15 +389,15 @@ def test_slow_subscriber_does_not_hold_back_others(make):
     wait_for(lambda: srv.server.hub.streams == 0, what="the stuck stream to be closed")
     stuck.close()
     # ...and loses nothing the history holds when it comes back
-    resumed = Stream(srv, "/progress/" + sid, {"Last-Event-ID": "50"}).events()
+    resumed = watch(srv, sid, {"Last-Event-ID": "50"}).events()
     assert ids(resumed) == list(range(51, 102))
 
 
 def test_slow_reader_drops_oldest_progress_but_gets_the_terminal(make):
     srv = make(job=padded_job, keepalive_s=2.0)
     sid = start_run(srv, steps=5000, size=4096)
-    slow = Stream(srv, "/progress/" + sid, rcvbuf=4096)
-    wait_for(lambda: json.loads(request(srv, "GET", "/status/" + sid)[2])["state"]
+    slow = watch(srv, sid, rcvbuf=4096)
+    wait_for(lambda: status_of(srv, sid)
              == "complete", what="the run to end")
     events = slow.events()
     assert events[-1]["event"] == "complete" and int(events[-1]["id"]) == 5001
@@ -410,31 +415,31 @@ def test_slow_reader_drops_oldest_progress_but_gets_the_terminal(make):
 def test_ended_session_is_forgotten_after_its_ttl(make):
     srv = make(session_ttl_s=0.3)
     sid = start_run(srv, iterations=1, **FAST)
-    Stream(srv, "/progress/" + sid).events()
+    watch(srv, sid).events()
     assert request(srv, "GET", "/status/" + sid)[0] == 200
     wait_for(lambda: request(srv, "GET", "/status/" + sid)[0] == 404, what="expiry")
     assert request(srv, "GET", "/progress/" + sid)[0] == 404
-    assert request(srv, "POST", "/cancel/" + sid)[0] == 404
+    assert cancel(srv, sid)[0] == 404
 
 
 def test_vanished_client_releases_its_stream(make):
     srv = make(keepalive_s=0.1)
     before = thread_count()
     sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
-    streams = [Stream(srv, "/progress/" + sid) for _ in range(5)]
+    streams = [watch(srv, sid) for _ in range(5)]
     wait_for(lambda: srv.server.hub.streams == 5, what="five streams")
     for stream in streams:
         stream.close()
     wait_for(lambda: srv.server.hub.streams == 0, what="streams released")
     assert json.loads(request(srv, "GET", "/healthz")[2])["streams"] == 0
-    request(srv, "POST", "/cancel/" + sid)
+    cancel(srv, sid)
     wait_for(lambda: thread_count() <= before, what="threads back to baseline")
 
 
 def test_shutdown_ends_open_streams_with_the_last_chunk(make):
     srv = make()
     sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
-    stream = Stream(srv, "/progress/" + sid)
+    stream = watch(srv, sid)
     stream.next_block(time.monotonic() + TIMEOUT)
     started = time.monotonic()
     srv.stop()
@@ -452,7 +457,7 @@ def test_shutdown_ends_open_streams_with_the_last_chunk(make):
 def test_two_hundred_subscribers_do_not_need_two_hundred_threads(make):
     srv = make(keepalive_s=0.5)
     sid = start_run(srv, iterations=60, tick=0.02, update_every=1)
-    streams = [Stream(srv, "/progress/" + sid) for _ in range(200)]
+    streams = [watch(srv, sid) for _ in range(200)]
     wait_for(lambda: srv.server.hub.streams == 200, what="200 streams")
     peak = thread_count()
     results = []
@@ -682,12 +687,12 @@ def test_query_strings_are_accepted_on_every_route(server):
     assert request(server, "GET", "/?x=1")[0] == 200
     assert request(server, "GET", "/healthz?x=1")[0] == 200
     status, _, body = request(server, "POST", "/start?", json_body={"iterations": 500, "tick": 0.05})
-    sid = json.loads(body)["session_id"]
+    sid, key = json.loads(body)["session_id"], json.loads(body)["control_key"]
     assert status == 201
     assert request(server, "GET", "/status/%s?x=1" % sid)[0] == 200
     stream = Stream(server, "/progress/%s?x=1&y" % sid)
     assert stream.status == 200
-    assert request(server, "POST", "/cancel/%s?x=1" % sid)[0] == 202
+    assert cancel(server, sid, key, path="/cancel/%s?x=1" % sid)[0] == 202
     assert stream.events()[-1]["event"] == "cancelled"
 
 
@@ -750,8 +755,8 @@ def test_session_cap_is_429_with_retry_after_and_running_runs_go_on(make):
     assert status == 429 and int(headers["Retry-After"]) > 0
     assert "sessions" in json.loads(body)["error"]
     for sid in sids:
-        assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "running"
-        assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+        assert status_of(srv, sid) == "running"
+        assert cancel(srv, sid)[0] == 202
     wait_for(lambda: request(srv, "POST", "/start", json_body={"iterations": 1})[0] == 201,
              what="a free session slot")
 
@@ -759,7 +764,7 @@ def test_session_cap_is_429_with_retry_after_and_running_runs_go_on(make):
 def test_stream_cap_is_503_with_retry_after_and_open_streams_go_on(make):
     srv = make(max_streams=2)
     sid = start_run(srv, iterations=20, tick=0.02, update_every=1)
-    streams = [Stream(srv, "/progress/" + sid) for _ in range(2)]
+    streams = [watch(srv, sid) for _ in range(2)]
     status, headers, body = request(srv, "GET", "/progress/" + sid)
     assert status == 503 and int(headers["Retry-After"]) > 0
     assert "streams" in json.loads(body)["error"]
@@ -827,15 +832,15 @@ def test_foreign_origin_cannot_start_or_cancel(server):
     status, _, body = request(server, "POST", "/start", headers=own,
                               json_body={"iterations": 100, "tick": 0.05})
     assert status == 201
-    sid = json.loads(body)["session_id"]
-    assert request(server, "POST", "/cancel/" + sid, headers=evil)[0] == 403
-    assert request(server, "POST", "/cancel/" + sid, headers={"Origin": "null"})[0] == 403
-    assert request(server, "POST", "/cancel/" + sid, headers=own)[0] == 202
+    sid, key = json.loads(body)["session_id"], json.loads(body)["control_key"]
+    assert cancel(server, sid, key, headers=evil)[0] == 403
+    assert cancel(server, sid, key, headers={"Origin": "null"})[0] == 403
+    assert cancel(server, sid, key, headers=own)[0] == 202
 
 
 def test_every_kind_of_response_sends_nosniff(server):
     sid = start_run(server, iterations=1, **FAST)
-    stream = Stream(server, "/progress/" + sid)
+    stream = watch(server, sid)
     stream.events()
     assert stream.headers["x-content-type-options"] == "nosniff"
     answers = [request(server, "GET", "/"), request(server, "GET", "/nope"),
@@ -867,7 +872,7 @@ def test_cli_prints_its_url_and_stops_on_sigterm_with_streams_open():
     cli = Cli("--keepalive", "0.2")
     assert cli.port, cli.first_line
     sid = start_run(cli, iterations=1000, tick=0.05, update_every=1)
-    stream = Stream(cli, "/progress/" + sid)
+    stream = watch(cli, sid)
     stream.next_block(time.monotonic() + TIMEOUT)
     status, took, stderr = cli.stop(signal.SIGTERM)
     assert status == 0 and took < 2.0
@@ -995,6 +1000,33 @@ not_callable = 42
 
 def needs_argument(progress, target):
     pass
+
+
+def tuned(progress, rounds=4, rate=0.5, greedy=False, name="alpha", pause=0.0, cancel=None):
+    """Tune a model on the test's data.
+
+    Not part of the description."""
+    progress.log("loading data")
+    for r in range(rounds):
+        progress(r + 1, rounds, best_score=round(10 + 8.5 * r * rate, 2), loss=1.0 / (r + 1))
+        progress.log("round %d of %s" % (r + 1, name), level="warning" if greedy else "info")
+        if cancel.wait(pause):
+            return None
+    return {"best_score": round(10 + 8.5 * (rounds - 1) * rate, 2), "name": name}
+
+
+tuned.sse_job = {
+    "title": "Tune the model",
+    "params": {"rounds": {"min": 1, "max": 50, "help": "how many rounds"},
+               "rate": {"min": 0.0, "max": 1.0, "help": "learning rate"},
+               "name": {"help": "a label for the run"}},
+    "fields": {"best_score": {"label": "Best score", "unit": "pts"},
+               "loss": {"label": "Loss"}},
+}
+
+
+def optimize_build(progress, generations=3):
+    progress(generations, generations, best_score=1.5)
 '''
 
 
@@ -1011,7 +1043,7 @@ def jobs(tmp_path, monkeypatch):
 def test_job_params_come_from_the_signature(make, jobs):
     srv = make(job=jobs.counting)
     sid = start_run(srv, steps=2, label="fast", ratio=1, loud=True)
-    events = Stream(srv, "/progress/" + sid).events()
+    events = watch(srv, sid).events()
     assert names(events) == ["progress", "progress", "complete"]
     first = events[0]["json"]
     assert (first["iteration"], first["total"], first["percent"]) == (1, 2, 50.0)
@@ -1043,22 +1075,22 @@ def test_job_params_from_a_form_are_typed(make, jobs):
 def test_job_without_cancel_parameter_is_cancelled_through_progress(make, jobs):
     srv = make(job=jobs.ignores_cancel)
     sid = start_run(srv)
-    stream = Stream(srv, "/progress/" + sid)
+    stream = watch(srv, sid)
     deadline = time.monotonic() + TIMEOUT
     stream.next_block(deadline)
     stream.next_block(deadline)
-    assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+    assert cancel(srv, sid)[0] == 202
     assert stream.events()[-1]["event"] == "cancelled"
-    assert json.loads(request(srv, "GET", "/status/" + sid)[2])["state"] == "cancelled"
+    assert status_of(srv, sid) == "cancelled"
 
 
 def test_job_with_cancel_parameter_gets_the_event(make, jobs):
     srv = make(job=jobs.watches_cancel)
     sid = start_run(srv)
-    stream = Stream(srv, "/progress/" + sid)
+    stream = watch(srv, sid)
     stream.next_block(time.monotonic() + TIMEOUT)
     started = time.monotonic()
-    assert request(srv, "POST", "/cancel/" + sid)[0] == 202
+    assert cancel(srv, sid)[0] == 202
     events = stream.events()
     assert names(events) == ["progress", "cancelled"]
     assert time.monotonic() - started < 1.0
@@ -1073,7 +1105,7 @@ def test_job_with_cancel_parameter_gets_the_event(make, jobs):
 ])
 def test_job_failures_become_error_events(make, jobs, job_name, message):
     srv = make(job=getattr(jobs, job_name))
-    events = Stream(srv, "/progress/" + start_run(srv)).events()
+    events = watch(srv, start_run(srv)).events()
     assert events[-1]["event"] == "error"
     assert message in events[-1]["json"]["message"]
     assert request(srv, "GET", "/healthz")[0] == 200
@@ -1081,7 +1113,7 @@ def test_job_failures_become_error_events(make, jobs, job_name, message):
 
 def test_progress_without_total_has_no_percent(make, jobs):
     srv = make(job=jobs.no_total)
-    events = Stream(srv, "/progress/" + start_run(srv)).events()
+    events = watch(srv, start_run(srv)).events()
     first = events[0]["json"]
     assert first["iteration"] == 5 and first["total"] is None and "percent" not in first
     assert first["stage"] == "compile" and events[-1]["event"] == "complete"
@@ -1092,7 +1124,7 @@ def test_cli_runs_a_job_module_end_to_end(tmp_path):
     cli = Cli("--job", "mybuild:counting", cwd=str(tmp_path))
     assert cli.port, cli.first_line
     sid = start_run(cli, steps=4, label="cli")
-    events = Stream(cli, "/progress/" + sid).events()
+    events = watch(cli, sid).events()
     assert ids(events) == [1, 2, 3, 4, 5]
     assert events[-1]["json"]["result"] == {"steps": 4, "label": "cli"}
     assert cli.stop()[0] == 0
@@ -1129,6 +1161,206 @@ def test_serve_blocks_like_main_and_stops_on_sigterm(tmp_path):
     assert cli.stop()[0] == 0
 
 
+def get_json(srv, path):
+    status, _, body = request(srv, "GET", path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_job_describes_the_builtin_simulation(server):
+    job = get_json(server, "/job")
+    assert job["name"] == "simulate_optimisation"
+    assert job["title"] == "Build optimisation (simulated)"
+    assert job["description"].startswith("A stand-in for a long optimisation")
+    assert [(p["name"], p["type"], p["default"], p.get("min"), p.get("max"))
+            for p in job["params"]] == [("iterations", "integer", 600, 1, 10000000),
+                                        ("tick", "number", 0.1, 0.0, 60.0),
+                                        ("update_every", "integer", 100, 1, 10000000)]
+    assert job["params"][2]["at_most"] == "iterations"
+    assert all(p["help"] for p in job["params"])
+    assert job["fields"] == [{"name": "improvement_pct", "label": "Improvement", "unit": "%"},
+                             {"name": "dps", "label": "DPS"}]
+
+
+def test_job_describes_a_declared_job_from_its_module(make, jobs):
+    job = get_json(make(job=jobs.tuned), "/job")
+    assert (job["name"], job["title"]) == ("tuned", "Tune the model")
+    assert job["description"] == "Tune a model on the test's data."
+    assert job["params"] == [
+        {"name": "rounds", "type": "integer", "default": 4, "min": 1, "max": 50,
+         "help": "how many rounds"},
+        {"name": "rate", "type": "number", "default": 0.5, "min": 0.0, "max": 1.0,
+         "help": "learning rate"},
+        {"name": "greedy", "type": "boolean", "default": False},
+        {"name": "name", "type": "string", "default": "alpha", "help": "a label for the run"},
+        {"name": "pause", "type": "number", "default": 0.0}]
+    assert job["fields"] == [{"name": "best_score", "label": "Best score", "unit": "pts"},
+                             {"name": "loss", "label": "Loss"}]
+
+
+def test_job_that_declares_nothing_gets_a_readable_title(make, jobs):
+    job = get_json(make(job=jobs.optimize_build), "/job")
+    assert job["title"] == "Optimize build" and job["description"] == ""
+    assert job["params"] == [{"name": "generations", "type": "integer", "default": 3}]
+    assert job["fields"] == []
+
+
+def test_describe_job_decorator_is_the_same_declaration():
+    @sse_demo.describe_job(title="Count", params={"n": {"min": 1, "help": "how far"}},
+                           fields={"seen": {"unit": "items"}})
+    def count(progress, n=3):
+        pass
+    job = sse_demo.function_job(count).describe()
+    assert job["title"] == "Count"
+    assert job["params"] == [{"name": "n", "type": "integer", "default": 3, "min": 1,
+                              "help": "how far"}]
+    assert job["fields"] == [{"name": "seen", "label": "Seen", "unit": "items"}]
+
+
+@pytest.mark.parametrize("declaration, words", [
+    ({"params": {"missing": {"min": 1}}}, "not in the job's signature"),
+    ({"params": {"n": {"minimum": 1}}}, "declare it as a dict"),
+    ({"params": {"label": {"min": 1}}}, "numeric"),
+    ({"params": {"n": {"at_most": "label"}}}, "at_most"),
+    ({"fields": {"percent": {"label": "P"}}}, "reserved"),
+    ({"colour": "red"}, "sse_job must be a dict"),
+])
+def test_bad_declarations_are_refused_with_the_reason(declaration, words):
+    def job(progress, n=3, label="x"):
+        pass
+    job.sse_job = declaration
+    with pytest.raises(TypeError, match=words):
+        sse_demo.make_server("127.0.0.1", 0, job=job)
+
+
+WRONG_TYPE = {"integer": "3.5", "number": "fast", "boolean": "maybe"}
+
+
+def test_start_validation_agrees_with_job_for_every_parameter(make, jobs):
+    srv = make(job=jobs.tuned)
+    for param in get_json(srv, "/job")["params"]:
+        name = param["name"]
+        bad = [WRONG_TYPE.get(param["type"])]
+        if "min" in param:
+            bad.append(str(param["min"] - 1))
+        if "max" in param:
+            bad.append(str(param["max"] + 1))
+        for value in filter(None, bad):
+            status, _, body = request(srv, "POST", "/start?%s=%s" % (name, value))
+            answer = json.loads(body)
+            assert status == 400 and answer["param"] == name, (name, value, answer)
+            assert answer["error"].startswith(name + " must be " + {
+                "integer": "an integer", "number": "a number", "boolean": "a boolean"}[param["type"]])
+        for value in (param.get("min"), param.get("max"), param["default"]):
+            if value is None:
+                continue
+            sid = start_run(srv, **{name: value})
+            assert watch(srv, sid).events()[-1]["event"] == "complete"
+
+
+def test_unknown_parameter_names_it_and_lists_the_job_parameters(make, jobs):
+    status, _, body = request(make(job=jobs.tuned), "POST", "/start", json_body={"epochs": 3})
+    answer = json.loads(body)
+    assert status == 400 and answer["param"] == "epochs"
+    assert "rounds, rate, greedy, name, pause" in answer["error"]
+
+
+def test_runs_lists_newest_first_with_progress_and_no_keys(make):
+    srv = make()
+    done = start_run(srv, iterations=4, **FAST)
+    watch(srv, done).events()
+    going = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    wait_for(lambda: get_json(srv, "/status/" + going).get("iteration", 0) >= 1,
+             what="the second run to make progress")
+    runs = get_json(srv, "/runs")["runs"]
+    assert [r["session_id"] for r in runs] == [going, done]
+    assert runs[0]["state"] == "running" and runs[0]["ended_ts"] is None
+    assert runs[0]["total"] == 1000 and 0 < runs[0]["percent"] < 100
+    assert runs[1]["state"] == "complete" and runs[1]["percent"] == 100.0
+    assert runs[1]["ended_ts"] >= runs[1]["started_ts"] > time.time() - 60
+    for run in runs:
+        assert set(run) == {"session_id", "title", "state", "started_ts", "ended_ts",
+                            "iteration", "total", "percent", "stream", "status"}
+        assert run["title"] == "Build optimisation (simulated)"
+        assert run["stream"] == "/progress/" + run["session_id"]
+        assert run["status"] == "/status/" + run["session_id"]
+    assert cancel(srv, going)[0] == 202
+
+
+def test_runs_lists_at_most_one_hundred(make):
+    srv = make()
+    sids = [start_run(srv, iterations=1, **FAST) for _ in range(sse_demo.RUNS_LIMIT + 5)]
+    runs = get_json(srv, "/runs")["runs"]
+    assert [r["session_id"] for r in runs] == sids[::-1][:100]
+
+
+def test_cancel_needs_the_runs_own_control_key(server):
+    sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
+    other = start_run(server, iterations=1, **FAST)
+    for headers in ({}, {"Authorization": "Bearer wrong-key"},
+                    {"Authorization": "Bearer " + CONTROL_KEYS[other]},
+                    {"Authorization": "Basic " + CONTROL_KEYS[sid]},
+                    {"Authorization": CONTROL_KEYS[sid]}):
+        status, _, body = request(server, "POST", "/cancel/" + sid, headers=headers)
+        assert status == 403 and "control key" in json.loads(body)["error"]
+    assert status_of(server, sid) == "running"
+    before = get_json(server, "/status/" + sid)["iteration"]
+    wait_for(lambda: get_json(server, "/status/" + sid)["iteration"] > before,
+             what="the run to go on")
+    status, body = cancel(server, sid)
+    assert status == 202 and json.loads(body)["session_id"] == sid
+    assert watch(server, sid).events()[-1]["event"] == "cancelled"
+
+
+def test_control_key_appears_in_no_log_status_runs_or_stream(make, caplog):
+    with caplog.at_level("DEBUG", logger="sse_demo"):
+        srv = make()
+        status, _, body = request(srv, "POST", "/start", json_body={"iterations": 3, **FAST})
+        sid, key = json.loads(body)["session_id"], json.loads(body)["control_key"]
+        stream = watch(srv, sid)
+        stream.events()
+        seen = [stream.raw_body, request(srv, "GET", "/status/" + sid)[2],
+                request(srv, "GET", "/runs")[2], request(srv, "GET", "/healthz")[2]]
+        assert cancel(srv, sid, key)[0] == 409
+    assert any(sid in r.getMessage() for r in caplog.records)   # the log was captured
+    assert not any(key in r.getMessage() for r in caplog.records)
+    assert not any(key.encode() in blob for blob in seen)
+
+
+def logging_job(progress, cancel=None):
+    progress.log("loading data")
+    progress(1, 2)
+    progress.log("checkpoint saved", level="warning")
+    progress(2, 2)
+    progress.log("disk almost full", level="error")
+    return "ok"
+
+
+def test_progress_log_events_are_in_the_id_sequence_and_replayed(make):
+    srv = make(job=logging_job)
+    sid = start_run(srv)
+    for stream in (watch(srv, sid), watch(srv, sid)):       # live, then a late joiner
+        events = stream.events()
+        assert names(events) == ["log", "progress", "log", "progress", "log", "complete"]
+        assert ids(events) == [1, 2, 3, 4, 5, 6]
+        logs = [e["json"] for e in events if e["event"] == "log"]
+        assert [(l["message"], l["level"]) for l in logs] == [
+            ("loading data", "info"), ("checkpoint saved", "warning"),
+            ("disk almost full", "error")]
+        assert all(isinstance(l["ts"], float) for l in logs)
+    assert get_json(srv, "/status/" + sid)["iteration"] == 2    # logs are not progress
+    resumed = watch(srv, sid, {"Last-Event-ID": "2"}).events()
+    assert ids(resumed) == [3, 4, 5, 6]
+
+
+def test_progress_log_refuses_an_unknown_level(make):
+    def job(progress):
+        progress.log("x", level="shouting")
+    srv = make(job=job)
+    events = watch(srv, start_run(srv)).events()
+    assert names(events) == ["error"] and "log level" in events[0]["json"]["message"]
+
+
 def test_make_server_refuses_a_job_it_cannot_call(jobs):
     with pytest.raises(TypeError):
         sse_demo.make_server("127.0.0.1", 0, job=jobs.needs_argument)
@@ -1145,12 +1377,12 @@ def test_the_readme_job_example_runs_as_pasted(tmp_path):
     cli = Cli("--job", command, cwd=str(tmp_path))
     assert cli.port, cli.first_line
     sid = start_run(cli, pause=0.0)
-    events = Stream(cli, "/progress/" + sid).events()
+    events = watch(cli, sid).events()
     assert events[-1]["event"] == "complete" and "result" in events[-1]["json"]
     sid = start_run(cli, pause=0.2)
-    stream = Stream(cli, "/progress/" + sid)
+    stream = watch(cli, sid)
     stream.next_block(time.monotonic() + TIMEOUT)
-    assert request(cli, "POST", "/cancel/" + sid)[0] == 202
+    assert cancel(cli, sid)[0] == 202
     assert stream.events()[-1]["event"] == "cancelled"
     assert cli.stop()[0] == 0
 
@@ -1272,7 +1504,7 @@ def test_browser_screenshots_of_the_finished_page(browser, server, tmp_path):
 def test_nginx_passes_each_event_as_it_is_published(nginx):
     proxy, upstream = nginx
     sid = start_run(proxy, iterations=4, tick=0.4, update_every=1)
-    stream = Stream(proxy, "/progress/" + sid)
+    stream = watch(proxy, sid)
     assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
     deadline = time.monotonic() + TIMEOUT
     arrivals, keepalives = [], 0
@@ -1293,17 +1525,17 @@ def test_nginx_passes_each_event_as_it_is_published(nginx):
 def test_nginx_resume_and_cancel(nginx):
     proxy, upstream = nginx
     sid = start_run(proxy, iterations=1000, tick=0.02, update_every=1)
-    stream = Stream(proxy, "/progress/" + sid)
+    stream = watch(proxy, sid)
     deadline = time.monotonic() + TIMEOUT
     for _ in range(4):
         stream.next_block(deadline)
-    status, _, body = request(proxy, "POST", "/cancel/" + sid,
+    status, body = cancel(proxy, sid,
                               headers={"Origin": "http://127.0.0.1:%d" % proxy.port})
     assert status == 202
     events = stream.events()
     assert events[-1]["event"] == "cancelled"
     last = int(events[-1]["id"])
-    resumed = Stream(proxy, "/progress/" + sid, {"Last-Event-ID": str(last - 2)}).events()
+    resumed = watch(proxy, sid, {"Last-Event-ID": str(last - 2)}).events()
     assert ids(resumed) == [last - 1, last]
     assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": str(last)})[0] == 204
 
@@ -1311,13 +1543,13 @@ def test_nginx_resume_and_cancel(nginx):
 def test_pushpin_full_run_late_join_and_204(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=10, tick=0.1, update_every=1)
-    stream = Stream(proxy, "/progress/" + sid)
+    stream = watch(proxy, sid)
     assert stream.status == 200
     events = stream.events(timeout=15)
     assert ids(events) == list(range(1, 12)) and events[-1]["event"] == "complete"
     assert stream.ended
     assert upstream.server.hub.streams == 0          # Pushpin held it, not the server
-    late = Stream(proxy, "/progress/" + sid).events()
+    late = watch(proxy, sid).events()
     assert ids(late) == list(range(1, 12))
     assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": "11"})[0] == 204
     grip = json.loads(request(upstream, "GET", "/healthz")[2])["grip"]
@@ -1327,24 +1559,24 @@ def test_pushpin_full_run_late_join_and_204(pushpin):
 def test_pushpin_keepalive_cancel_and_resume(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=1000, tick=2.5, update_every=1)
-    stream = Stream(proxy, "/progress/" + sid)
+    stream = watch(proxy, sid)
     assert stream.status == 200
     deadline = time.monotonic() + TIMEOUT
     blocks = [stream.next_block(deadline) for _ in range(3)]
     assert blocks[0] == {"retry": "2000"} and blocks[1]["event"] == "progress"
     assert blocks[2].get("comment") == "keepalive"
-    assert request(proxy, "POST", "/cancel/" + sid)[0] == 202
+    assert cancel(proxy, sid)[0] == 202
     events = stream.events()
     assert events[-1]["event"] == "cancelled" and stream.ended
-    resumed = Stream(proxy, "/progress/" + sid, {"Last-Event-ID": "1"}).events()
+    resumed = watch(proxy, sid, {"Last-Event-ID": "1"}).events()
     assert ids(resumed) == [2, 3] or ids(resumed) == list(range(2, int(events[-1]["id"]) + 1))
 
 
 def test_pushpin_and_direct_viewers_all_get_every_event(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=30, tick=0.05, update_every=1)
-    viewers = [Stream(proxy, "/progress/" + sid), Stream(proxy, "/progress/" + sid),
-               Stream(upstream, "/progress/" + sid)]
+    viewers = [watch(proxy, sid), watch(proxy, sid),
+               watch(upstream, sid)]
     for viewer in viewers:
         assert ids(viewer.events(timeout=15)) == list(range(1, 32))
 
@@ -1367,8 +1599,8 @@ def test_pushpin_page_works_unchanged_in_a_browser(pushpin, browser):
 def test_pushpin_stopped_mid_run(pushpin, caplog):
     proxy, upstream = pushpin
     sid = start_run(upstream, iterations=40, tick=0.05, update_every=1)
-    direct = Stream(upstream, "/progress/" + sid)
-    held = Stream(proxy, "/progress/" + sid)
+    direct = watch(upstream, sid)
+    held = watch(proxy, sid)
     held.next_block(time.monotonic() + TIMEOUT)
     proxy.stop()
     with caplog.at_level("WARNING", logger="sse_demo"):
