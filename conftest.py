@@ -385,11 +385,6 @@ class Browser:
         self.events = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
-            self.call(domain + ".enable", session=True)
 
     def _read(self):
         buffer = b""
@@ -413,11 +408,11 @@ class Browser:
         with self._cond:
             self._cond.notify_all()
 
-    def call(self, method, session=False, timeout=TIMEOUT, **params):
+    def call(self, method, session=None, timeout=TIMEOUT, **params):
         number = next(self._ids)
         message = {"id": number, "method": method, "params": params}
         if session:
-            message["sessionId"] = self.session
+            message["sessionId"] = session
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -431,50 +426,18 @@ class Browser:
             raise AssertionError("%s failed: %s" % (method, answer["error"]))
         return answer["result"]
 
-    def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", session=True, expression=expression,
-                           returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise AssertionError("page script failed: %s" % result["exceptionDetails"])
-        return result["result"].get("value")
-
-    def wait_for(self, expression, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise AssertionError("timed out waiting for %s (state %r)"
-                             % (expression, self.evaluate("document.getElementById('status').dataset.state")))
-
-    def open(self, url):
-        self.call("Page.navigate", session=True, url=url)
-        self.wait_for("document.readyState === 'complete' && !!document.getElementById('start')")
-
-    def problems(self):
-        """Console errors, uncaught exceptions and CSP violations so far."""
-        found = []
-        with self._cond:
-            events = list(self.events)
-        for event in events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                found.append(params["exceptionDetails"].get("text"))
-            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
-                found.append(str(params.get("args")))
-            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-                found.append(params["entry"].get("text"))
-        return found
-
-    def screenshot(self, path, width, height):
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width,
-                  height=height, deviceScaleFactor=1, mobile=width < 500)
-        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(data))
+    def new_page(self, isolated=False):
+        """A tab; `isolated` gives it a browser context of its own (its own
+        storage and cookies: another person's browser)."""
+        options = {}
+        if isolated:
+            options["browserContextId"] = self.call("Target.createBrowserContext")[
+                "browserContextId"]
+        target = self.call("Target.createTarget", url="about:blank", **options)["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable", session=session)
+        return Page(self, session)
 
     def close(self):
         try:
@@ -494,13 +457,86 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+class Page:
+    """One tab of a Browser."""
+
+    def __init__(self, browser, session):
+        self.browser = browser
+        self.session = session
+
+    def call(self, method, timeout=TIMEOUT, **params):
+        return self.browser.call(method, session=self.session, timeout=timeout, **params)
+
+    def new_page(self):
+        """Another person's tab: a new browser context, no shared storage."""
+        return self.browser.new_page(isolated=True)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression,
+                           returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("page script failed: %s" % result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise AssertionError("timed out waiting for %s (state %r)"
+                             % (expression, self.element("status", "dataset.state")))
+
+    def element(self, element_id, prop="textContent"):
+        """A property of the element with this id."""
+        return self.evaluate("document.getElementById(%s).%s" % (json.dumps(element_id), prop))
+
+    def click(self, element_id):
+        self.evaluate("document.getElementById(%s).click()" % json.dumps(element_id))
+
+    def log_lines(self):
+        """The page's log, newest first, one string per line."""
+        return self.evaluate("[...document.querySelectorAll('#log li')].map(li => "
+                             "[...li.children].map(s => s.textContent).join(' '))")
+
+    def open(self, url):
+        self.call("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete' && !!document.getElementById('start') "
+                      "&& document.getElementById('start').textContent !== 'Start'")   # /job read
+
+    def problems(self):
+        """Console errors, uncaught exceptions and CSP violations so far."""
+        found = []
+        with self.browser._cond:
+            events = [e for e in self.browser.events if e.get("sessionId") == self.session]
+        for event in events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text"))
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                found.append(str(params.get("args")))
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"].get("text"))
+        return found
+
+    def screenshot(self, path, width, height):
+        self.call("Emulation.setDeviceMetricsOverride", width=width,
+                  height=height, deviceScaleFactor=1, mobile=width < 500)
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+
+
 @pytest.fixture
 def browser():
     executable = need("a Chromium browser (chromium, chromium-browser or google-chrome)",
                       find_browser())
     driver = Browser(executable)
     try:
-        yield driver
+        yield driver.new_page()
     finally:
         driver.close()
         assert driver.proc.poll() is not None      # closed and reaped
@@ -510,13 +546,15 @@ def page_url(srv):
     return "http://127.0.0.1:%d/" % srv.port
 
 
-def start_in_page(browser, iterations, tick, update_every):
+def start_in_page(browser, **params):
+    """Fill the page's generated form and press Start."""
     browser.evaluate("""(() => {
         document.getElementById('advanced').open = true;
-        document.getElementById('iterations').value = '%s';
-        document.getElementById('tick').value = '%s';
-        document.getElementById('update_every').value = '%s';
-        document.getElementById('start').click(); })()""" % (iterations, tick, update_every))
+        for (const [name, value] of Object.entries(%s)) {
+            const input = document.getElementById('param-' + name);
+            if (input.type === 'checkbox') input.checked = value; else input.value = String(value);
+        }
+        document.getElementById('start').click(); })()""" % json.dumps(params))
 
 
 STATE = "document.getElementById('status').dataset.state"

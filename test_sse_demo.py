@@ -1391,46 +1391,72 @@ def test_the_readme_job_example_runs_as_pasted(tmp_path):
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
+EVENT_LINE = re.compile(r"#(\d+) (progress|log|complete|cancelled|error|info|warning) ")
+
+
+def event_lines(browser):
+    """The log lines that show an event (newest first), as (id, kind, line)."""
+    found = []
+    for line in browser.log_lines():
+        match = EVENT_LINE.search(line)
+        if match:
+            found.append((int(match.group(1)), match.group(2), line))
+    return found
+
+
 def test_browser_run_to_completion_logs_every_event(browser, server):
     browser.open(page_url(server))
     assert browser.evaluate(STATE) == "idle"
-    start_in_page(browser, 5, 0.05, 1)
+    assert browser.element("title") == "Build optimisation (simulated)"
+    assert browser.element("start") == "Start Build optimisation (simulated)"
+    start_in_page(browser, iterations=5, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'complete'")
-    assert browser.evaluate("document.getElementById('bar').value") == 100
-    assert browser.evaluate("document.getElementById('iteration').textContent") == "5 / 5"
-    assert browser.evaluate("document.getElementById('progress-text').textContent") == "100.00 %"
-    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
-    events = [line for line in log if re.search(r"#\d+ (progress|complete)", line)]
-    assert len(events) == 6 and "#6 complete" in events[0]      # newest first
+    assert browser.element("bar", "value") == 100
+    assert browser.element("iteration") == "5 / 5"
+    assert browser.element("progress-text") == "100.00 %"
+    events = event_lines(browser)
+    assert [number for number, _, _ in events] == [6, 5, 4, 3, 2, 1]     # newest first
+    assert events[0][1] == "complete" and events[-1][1] == "progress"
+    assert re.search(r"iteration 0/5 · improvement 0 % · dps [0-9,.]+$", events[-1][2])
     assert re.fullmatch(r"#session=[A-Za-z0-9_-]+", browser.evaluate("location.hash"))
-    assert browser.evaluate("document.getElementById('start').disabled") is False
-    assert browser.evaluate("document.getElementById('cancel').disabled") is True
-    assert browser.evaluate("document.getElementById('line-improvement').getAttribute('points')")
+    assert browser.element("start", "disabled") is False
+    assert browser.element("cancel", "disabled") is True
+    assert browser.element("line-improvement_pct", "getAttribute('d')").count("L") == 5
     assert browser.problems() == []
+
+
+def test_browser_log_numbers_are_never_clipped(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=40, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete'")
+    numbers = [number for number, _, _ in event_lines(browser)]
+    assert numbers == list(range(41, 0, -1))
+    widths = browser.evaluate("[...document.querySelectorAll('#log .id')].map("
+                              "s => s.scrollWidth <= s.clientWidth + 1)")
+    assert widths and all(widths)
 
 
 def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
     browser.open(page_url(server))
-    start_in_page(browser, 2000, 0.05, 1)
+    start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'live' && !document.getElementById('cancel').disabled")
-    browser.evaluate("document.getElementById('cancel').click()")
+    browser.click("cancel")
     browser.wait_for(STATE + " === 'cancelled'")
-    assert browser.evaluate("document.getElementById('cancel').disabled") is True
+    assert browser.element("cancel", "disabled") is True
     assert browser.problems() == []
 
 
 def test_browser_reload_mid_run_reattaches_and_completes(browser, server):
     browser.open(page_url(server))
-    start_in_page(browser, 30, 0.05, 1)
+    start_in_page(browser, iterations=30, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 3")
-    browser.call("Page.reload", session=True)
+    browser.call("Page.reload")
     browser.wait_for("document.readyState === 'complete'")
     browser.wait_for(STATE + " === 'complete'")
-    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
-    assert any("#1 progress" in line for line in log)            # replayed from id 1
-    assert sum(bool(re.search(r"#\d+ (progress|complete)", l)) for l in log) == 31
-    points = browser.evaluate("document.getElementById('line-dps').getAttribute('points')")
-    assert len(points.split()) == 31                            # every event drawn
+    numbers = [number for number, _, _ in event_lines(browser)]
+    assert numbers == list(range(31, 0, -1))                    # replayed from id 1
+    points = browser.element("line-dps", "getAttribute('d')")
+    assert points.count("M") + points.count("L") == 31         # every event drawn
 
 
 def test_browser_server_restart_shows_reconnecting_then_gone(browser):
@@ -1438,7 +1464,7 @@ def test_browser_server_restart_shows_reconnecting_then_gone(browser):
     port = first.port
     try:
         browser.open(page_url(first))
-        start_in_page(browser, 2000, 0.05, 1)
+        start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
         browser.wait_for(STATE + " === 'live'")
     finally:
         first.stop()
@@ -1446,8 +1472,8 @@ def test_browser_server_restart_shows_reconnecting_then_gone(browser):
     second = Running(port=port)
     try:
         browser.wait_for(STATE + " === 'gone'", timeout=15)
-        assert "not found" in browser.evaluate("document.getElementById('status').textContent").lower()
-        assert browser.evaluate("document.getElementById('start').disabled") is False
+        assert "not found" in browser.element("status").lower()
+        assert browser.element("start", "disabled") is False
     finally:
         second.stop()
 
@@ -1458,42 +1484,171 @@ def test_browser_job_failure_shows_its_message_as_text(browser, make):
         raise RuntimeError('<img src=x id=injected onerror="document.title=1">')
     srv = make(job=hostile_job)
     browser.open(page_url(srv))
-    browser.evaluate("document.getElementById('start').click()")
+    browser.click("start")
     browser.wait_for(STATE + " === 'failed'")
-    message = browser.evaluate("document.getElementById('message').textContent")
-    assert "<img src=x id=injected" in message
+    assert "<img src=x id=injected" in browser.element("message")
     assert browser.evaluate("document.querySelectorAll('img, #injected').length") == 0
     assert browser.problems() == []
 
 
-def test_browser_shows_extra_fields_of_any_job(browser, make, jobs):
+def test_browser_shows_undeclared_fields_under_their_own_names(browser, make, jobs):
     srv = make(job=jobs.counting)
     browser.open(page_url(srv))
-    browser.evaluate("document.getElementById('start').click()")
+    browser.click("start")
     browser.wait_for(STATE + " === 'complete'")
-    extra = browser.evaluate("document.getElementById('extra').textContent")
-    assert "label" in extra and "ratio" in extra
-    assert browser.evaluate("document.getElementById('iteration').textContent") == "3 / 3"
+    cards = browser.element("fields")
+    assert "Label" in cards and "Ratio" in cards and "Loud" in cards
+    assert browser.element("field-loud") == "no"
+    assert browser.element("iteration") == "3 / 3"
+    assert "Steps" in browser.element("result") and "3" in browser.element("result")
 
 
-def test_browser_shows_server_validation_errors(browser, server):
+def test_browser_shows_server_validation_errors_at_the_field(browser, server):
     browser.open(page_url(server))
-    start_in_page(browser, "5.5", 0.1, 1)
-    browser.wait_for("document.getElementById('form-error').textContent.includes('iterations')")
+    start_in_page(browser, iterations="5.5", tick=0.1, update_every=1)
+    browser.wait_for("document.getElementById('error-iterations').textContent !== ''")
+    assert browser.element("error-iterations").startswith("iterations must be an integer")
+    assert browser.element("param-iterations", "getAttribute('aria-invalid')") == "true"
+    assert browser.element("error-tick") == "" and browser.element("form-error") == ""
     assert browser.evaluate(STATE) == "idle"
 
 
-def test_browser_screenshots_of_the_finished_page(browser, server, tmp_path):
-    browser.open(page_url(server))
-    start_in_page(browser, 20, 0.01, 2)
+def test_browser_form_is_built_from_the_job(browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    assert browser.element("title") == "Tune the model"
+    assert browser.element("description") == "Tune a model on the test's data."
+    assert browser.element("start") == "Start Tune the model"
+    inputs = browser.evaluate("[...document.querySelectorAll('#param-fields input')].map(i => "
+                              "[i.name, i.type, i.placeholder, i.min, i.max, i.step, i.checked])")
+    assert inputs == [["rounds", "number", "4", "1", "50", "1", False],
+                      ["rate", "number", "0.5", "0", "1", "any", False],
+                      ["greedy", "checkbox", "", "", "", "", False],
+                      ["name", "text", "alpha", "", "", "", False],
+                      ["pause", "number", "0", "", "", "any", False]]
+    assert "how many rounds" in browser.element("help-rounds")
+    assert "from 1 to 50" in browser.element("help-rounds")
+    html = open(os.path.join(HERE, "index.html"), encoding="utf-8").read()
+    for builtin in ("iterations", "update_every", "improvement", "dps", "optimi"):
+        assert builtin not in html.lower(), builtin        # the page knows no job
+
+
+def test_browser_bad_value_of_a_new_job_shows_at_its_field(browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rate=1.5)
+    browser.wait_for("document.getElementById('error-rate').textContent !== ''")
+    assert browser.element("error-rate") == "rate must be a number from 0.0 to 1.0"
+    assert browser.element("error-rounds") == ""
+
+
+def test_browser_runs_a_new_job_with_cards_chart_result_and_logs(browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rounds=6, rate=1, greedy=True, name="beta run")
     browser.wait_for(STATE + " === 'complete'")
+    assert browser.element("field-best_score") == "52.5 pts"
+    assert browser.element("field-loss") == "0.167"
+    assert browser.element("iteration") == "6 / 6"
+    result = browser.element("result")
+    assert "Best score" in result and "52.5 pts" in result and "beta run" in result
+    best = browser.element("line-best_score", "getAttribute('d')")
+    ys = [float(y) for y in re.findall(r"[ML][0-9.]+ ([0-9.]+)", best)]
+    assert len(ys) == 7 and ys == sorted(ys, reverse=True)     # rising (SVG y grows down)
+    assert browser.element("axis-left-max") == "52.5 pts" and browser.element("axis-left-min") == "10 pts"
+    assert browser.element("axis-right-max") == "1" and browser.element("axis-right-min") == "0.167"
+    legend = browser.element("legend")
+    assert "Best score" in legend and "Loss" in legend
+    dashes = browser.evaluate("[...document.querySelectorAll('#chart path.series')].map("
+                              "p => p.getAttribute('stroke-dasharray'))")
+    assert len(set(dashes)) == 2                                # told apart without colour
+    lines = browser.log_lines()
+    assert any(re.search(r"#1 info loading data$", line) for line in lines)
+    assert any(re.search(r"#\d+ warning round 6 of beta run$", line) for line in lines)
+    assert any(re.search(r"iteration 6/6 · best score 52.5 pts · loss 0.167$", line) for line in lines)
+    assert browser.evaluate("document.title").startswith("Complete · Tune the model")
+    browser.evaluate("document.querySelector('#legend button[data-field=loss]').click()")
+    assert browser.evaluate("!!document.getElementById('line-loss')") is False
+    assert browser.evaluate("document.querySelector('#legend button[data-field=loss]')"
+                            ".getAttribute('aria-pressed')") == "false"
+    assert browser.problems() == []
+
+
+def test_browser_tab_title_follows_percent_and_state(browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rounds=4, pause=0.6)
+    browser.wait_for("/^(25|50|75) % · Live · Tune the model$/.test(document.title)")
+    browser.wait_for("document.title === 'Complete · Tune the model'")
+
+
+def test_browser_second_page_watches_without_cancel_and_first_cancels_after_reload(
+        browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rounds=50, pause=0.2)
+    browser.wait_for(STATE + " === 'live' && !document.getElementById('cancel').hidden")
+    sid = browser.evaluate("location.hash").split("=")[1]
+    watcher = browser.new_page()
+    watcher.open(page_url(srv))
+    assert watcher.evaluate(STATE) == "idle"
+    watcher.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid,
+                     timeout=5)
+    assert "running" in watcher.element("runs")
+    watcher.evaluate("document.querySelector('#runs button[data-session=\"%s\"]').click()" % sid)
+    watcher.wait_for(STATE + " === 'live'")
+    assert watcher.element("cancel", "hidden") is True
+    assert watcher.element("watching", "hidden") is False
+    watcher.click("copy-link")
+    watcher.wait_for("document.getElementById('link-note').textContent !== ''")
+    assert watcher.element("link-note").endswith("/#session=" + sid)
+    browser.call("Page.reload")
+    browser.wait_for(STATE + " === 'live' && !document.getElementById('cancel').disabled")
+    assert browser.element("watching", "hidden") is True
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    watcher.wait_for(STATE + " === 'cancelled'")
+    assert browser.problems() == [] and watcher.problems() == []
+
+
+def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
+    browser.open(page_url(server))
+    sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
+    try:
+        appeared = time.monotonic()
+        browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid,
+                         timeout=5)
+        assert time.monotonic() - appeared < 3.0          # polled every 2 s
+        assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
+    finally:
+        cancel(server, sid)
+
+
+def screenshot_sizes(browser, tmp_path, name):
     for width, height in ((1280, 800), (375, 700)):
-        path = str(tmp_path / ("finished-%dx%d.png" % (width, height)))
+        path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
         browser.screenshot(path, width, height)
         got_width, got_height, variety = png_is_not_blank(path)
         assert (got_width, got_height) == (width, height)
         assert os.path.getsize(path) > 10000 and variety > 8
-    assert browser.evaluate("document.documentElement.scrollWidth") <= 375   # no sideways scroll
+        assert browser.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scroll
+    return path
+
+
+def test_browser_screenshots_of_the_finished_builtin_page(browser, server, tmp_path):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=20, tick=0.01, update_every=2)
+    browser.wait_for(STATE + " === 'complete'")
+    screenshot_sizes(browser, tmp_path, "builtin")
+    assert browser.problems() == []
+
+
+def test_browser_screenshots_of_a_new_jobs_finished_page(browser, make, jobs, tmp_path):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rounds=12, rate=0.8)
+    browser.wait_for(STATE + " === 'complete'")
+    screenshot_sizes(browser, tmp_path, "tuned")
     assert browser.problems() == []
 
 
@@ -1585,14 +1740,12 @@ def test_pushpin_page_works_unchanged_in_a_browser(pushpin, browser):
     proxy, upstream = pushpin
     browser.open(page_url(proxy))
     assert browser.evaluate(STATE) == "idle"
-    start_in_page(browser, 8, 0.1, 1)
+    start_in_page(browser, iterations=8, tick=0.1, update_every=1)
     browser.wait_for(STATE + " === 'live'")
     assert upstream.server.hub.streams == 0          # Pushpin holds the page's stream
     browser.wait_for(STATE + " === 'complete'")
-    assert browser.evaluate("document.getElementById('iteration').textContent") == "8 / 8"
-    log = browser.evaluate("[...document.querySelectorAll('#log li')].map(li => li.textContent)")
-    events = [line for line in log if re.search(r"#\d+ (progress|complete)", line)]
-    assert len(events) == 9 and "#9 complete" in events[0]      # newest first
+    assert browser.element("iteration") == "8 / 8"
+    assert [number for number, _, _ in event_lines(browser)] == list(range(9, 0, -1))
     assert browser.problems() == []
 
 
