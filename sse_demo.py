@@ -105,6 +105,12 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
+WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
+# select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
+# 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
+# poll have no such limit. Some descriptors are the server's own.
+SELECT_LIMIT = 512 if sys.platform == "win32" else 1024
+SELECT_HEADROOM = 64
 GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones are dropped
 GRIP_BATCH = 200                   # items per publish request when behind
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
@@ -279,7 +285,8 @@ class Session:
 
 
 class TooBusy(Exception):
-    """A limit is reached; carries the status code to answer with."""
+    """A limit is reached: too many running sessions (429), open streams or
+    threads (503). The handler answers with the status and Retry-After."""
 
     def __init__(self, status, message):
         super().__init__(message)
@@ -408,7 +415,6 @@ class StreamHub:
         self.keepalive_s = keepalive_s
         self.stuck_s = STUCK_KEEPALIVES * keepalive_s
         self.idle_timeout_s = idle_timeout_s
-        self.max_streams = max_streams
         self._hand_back = hand_back          # gives a connection back to the HTTP server
         self._count_lock = threading.Lock()  # guards streams
         self.streams = 0
@@ -421,6 +427,12 @@ class StreamHub:
         self._wake_w.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.capacity = selector_capacity(self._selector)   # sockets it can watch, or None
+        self.max_streams = max_streams if self.capacity is None else \
+            min(max_streams, self.capacity - SELECT_HEADROOM)
+        self.broken = None                   # why the writer stopped taking streams, if it did
+        self._serving = None                 # the connection being served, closed if that fails
+        self._work = collections.deque()     # inbox items taken, not yet done
         self._by_session = {}                # session -> {subscriber: None}
         self._timers = []                    # heap of (due, seq, subscriber); one entry each
         self._seq = itertools.count()
@@ -432,13 +444,29 @@ class StreamHub:
     def start(self):
         self._thread.start()
 
-    def reserve(self):
-        """Count a stream about to open; False past the cap."""
+    def reserve(self, sock):
+        """Count a stream about to open on `sock`. Raises TooBusy past the cap,
+        when the writer has stopped, or when select() could not watch it."""
+        failure = self.failure()
+        if failure is not None:
+            raise TooBusy(503, "the stream writer has stopped (%s); see the server log" % failure)
+        if not self.can_watch(sock):
+            raise TooBusy(503, "too many open connections for select() on this platform")
         with self._count_lock:
             if self.streams >= self.max_streams:
-                return False
+                raise TooBusy(503, "too many open streams (limit %d)" % self.max_streams)
             self.streams += 1
-            return True
+
+    def can_watch(self, sock):
+        """select() cannot watch a descriptor numbered at or past its set size."""
+        return self.capacity is None or sys.platform == "win32" or sock.fileno() < self.capacity
+
+    def failure(self):
+        """Why the writer is not writing, or None while it is."""
+        if self.broken is None and self._thread.ident is not None and \
+                not self._thread.is_alive() and not self._stopping:
+            self.broken = "the writer thread ended"
+        return self.broken
 
     def release(self):
         with self._count_lock:
@@ -458,7 +486,7 @@ class StreamHub:
         connection = Subscriber(sock, address, session=None, cursor=0, chunked=True,
                                 keep_alive=True)
         connection.idle = True
-        if not self._post(("park", connection)):
+        if not self.can_watch(sock) or not self._post(("park", connection)):
             sock.close()
 
     def notify(self, session):
@@ -496,14 +524,48 @@ class StreamHub:
     # -- the writer thread ------------------------------------------------------
 
     def _run(self):
+        failures = 0
         while not self._stopping:
-            for key, mask in self._selector.select(self._next_timer_delay()):
-                if key.data is None:
-                    self._drain_inbox()
-                else:
-                    self._on_ready(key.data, mask)
-            self._run_timers()
+            try:
+                self._turn()
+                failures = 0
+            except Exception:
+                failures += 1
+                self._survive(failures)
         self._close_everything()
+
+    def _turn(self):
+        """One wait and what it found: inbox work, ready sockets, due timers."""
+        for key, mask in self._selector.select(0 if self._work else self._next_timer_delay()):
+            if key.data is None:
+                self._drain_inbox()
+            else:
+                self._serving = key.data
+                self._on_ready(key.data, mask)
+        self._do_work()
+        self._run_timers()
+        self._serving = None
+
+    def _survive(self, failures):
+        """The writer met an exception nobody expected (a bug, a selector
+        error, a socket in an odd state). Every other stream must go on: log
+        it once with its traceback, close the connection it was serving, and
+        carry on. After WRITER_MAX_FAILURES in a row it cannot be trusted:
+        it stops taking streams, ends the open ones (browsers reconnect and
+        get 503 instead of hanging) and /healthz says so."""
+        sub, self._serving = self._serving, None
+        log.error("the stream writer failed%s; it goes on without that connection",
+                  " serving %s" % sub.address[0] if sub else "", exc_info=True)
+        if sub is not None:
+            try:
+                self._close(sub, "the writer failed serving it")
+            except Exception:
+                log.debug("closing it failed too", exc_info=True)
+        if failures >= WRITER_MAX_FAILURES:
+            self.broken = "%d unexpected errors in a row" % failures
+            log.error("the stream writer gives up: %s; new streams get 503", self.broken)
+            with self._inbox_lock:
+                self._stopping = True
 
     def _drain_inbox(self):
         try:
@@ -511,11 +573,19 @@ class StreamHub:
         except (BlockingIOError, InterruptedError):
             pass
         with self._inbox_lock:
-            items, self._inbox = self._inbox, collections.deque()
+            self._work.extend(self._inbox)
+            self._inbox.clear()
             self._dirty.clear()
             self._woken = False
-            self._stopping = any(kind == "stop" for kind, _ in items)
-        for kind, value in items:
+            if any(kind == "stop" for kind, _ in self._work):
+                self._stopping = True     # take nothing more; what is queued still runs
+
+    def _do_work(self):
+        """Inbox items, one at a time: if one fails, the rest stay for the
+        next turn."""
+        while self._work:
+            kind, value = self._work.popleft()
+            self._serving = value if isinstance(value, Subscriber) else None
             if kind == "publish":
                 self._publish(value)
             elif kind == "attach":
@@ -547,6 +617,7 @@ class StreamHub:
     def _flush(self, sub):
         """Send what the socket accepts: pending bytes, then held events past
         the cursor. Ends the stream once the terminal event is out."""
+        self._serving = sub
         while not sub.closed:
             if not sub.pending:
                 if sub.cursor >= sub.session.last_id:
@@ -622,7 +693,12 @@ class StreamHub:
 
     def _await_request(self, sub):
         """An idle connection: watched for its next request, closed when it
-        has been quiet for the idle timeout."""
+        has been quiet for the idle timeout. Under select(), only while that
+        leaves room for every stream the cap still allows."""
+        if self.capacity is not None and not sub.reading and len(self._selector.get_map()) + \
+                self.max_streams - self.streams >= self.capacity:
+            self._close(sub, "no room to watch an idle connection")
+            return
         self._update_selector(sub, reading=True, writing=sub.writing)
         self._schedule(sub, sub.last_write + self.idle_timeout_s)
 
@@ -695,6 +771,7 @@ class StreamHub:
         while self._timers and self._timers[0][0] <= now:
             sub = heapq.heappop(self._timers)[2]
             if not sub.closed:
+                self._serving = sub
                 due = self._check(sub, now)
                 if due is not None:
                     self._schedule(sub, due)
@@ -731,9 +808,24 @@ class StreamHub:
                 self._close(sub, end_body=True)
         for _, _, sub in self._timers:
             self._close(sub)   # idle keep-alive connections
+        with self._inbox_lock:
+            self._work.extend(self._inbox)
+            self._inbox.clear()
+        for kind, value in self._work:   # left over when the writer gave up
+            if kind == "attach":
+                self.release()
+                self._close(value, end_body=True)
+            elif kind == "park":
+                self._close(value)
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def selector_capacity(selector):
+    """How many sockets the selector can watch: select()'s fixed set size, or
+    None for epoll, kqueue and poll, which have no such limit."""
+    return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
 def end_body_now(sub):
@@ -1446,6 +1538,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 method(query, *args)
         except HTTPError as exc:
             self.send_json(exc.status, exc.body(), exc.headers)
+        except TooBusy as exc:
+            self.send_json(exc.status, {"error": str(exc)}, {"Retry-After": str(RETRY_AFTER_S)})
         except CLIENT_GONE as exc:
             log.debug("client %s went away: %r", self.client_address[0], exc)
             self.close_connection = True
@@ -1565,9 +1659,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.hold_through_pushpin(session, last_id)
             return
         hub = self.server.hub
-        if not hub.reserve():
-            raise HTTPError(503, "too many open streams (limit %d)" % hub.max_streams,
-                            {"Retry-After": str(RETRY_AFTER_S)})
+        hub.reserve(self.connection)
         try:
             sub = self.open_stream(session, last_id)
         except BaseException:
@@ -1656,7 +1748,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"runs": [session.summary() for session in runs]})
 
     def route_healthz(self, query):
-        self.send_json(200, self.server.health())
+        health = self.server.health()
+        self.send_json(200 if health["ok"] else 503, health)
 
     def find_session(self, session_id):
         session = self.server.registry.get(session_id)
@@ -1736,7 +1829,23 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         self.grip = GripPublisher(grip) if grip else None
         self.grip_key = grip_key
+        if self.hub.max_streams < max_streams:
+            log.warning("this platform's selector is select(), which watches at most %d "
+                        "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
+                        max_streams, self.hub.max_streams)
         self.hub.start()
+
+    def handle_error(self, request, client_address):
+        """socketserver calls this for an exception that escaped the handler
+        (it would print a traceback to stderr). A client that went away at
+        any stage (request line, headers, body, error answer, keep-alive) is
+        normal: one debug line. Anything else is logged once, with its
+        traceback, through logging."""
+        error = sys.exc_info()[1]
+        if isinstance(error, CLIENT_GONE):
+            log.debug("client %s went away: %r", client_address[0], error)
+        else:
+            log.error("error answering %s", client_address[0], exc_info=True)
 
     def server_bind(self):
         # HTTPServer.server_bind() calls socket.getfqdn(), a DNS look-up that
@@ -1760,22 +1869,21 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.grip.publish(session, event)
 
     def start_session(self, params):
-        try:
-            session = self.registry.create(self.job.title, params)
-        except TooBusy as exc:
-            raise HTTPError(exc.status, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+        session = self.registry.create(self.job.title, params)
         try:
             session.worker = self.job.start(session, params)
         except RuntimeError:    # "can't start new thread"
             self.registry.discard(session)
-            raise HTTPError(503, "cannot start another run now",
-                            {"Retry-After": str(RETRY_AFTER_S)})
+            raise TooBusy(503, "cannot start another run now")
         return session
 
     def health(self):
         sessions, running = self.registry.counts()
-        health = {"ok": True, "sessions": sessions, "running": running,
+        failure = self.hub.failure()
+        health = {"ok": failure is None, "sessions": sessions, "running": running,
                   "streams": self.hub.streams}
+        if failure is not None:
+            health["error"] = "the stream writer has stopped: %s" % failure
         if self.grip:
             health["grip"] = self.grip.stats()
         return health

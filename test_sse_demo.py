@@ -11,6 +11,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -212,6 +213,37 @@ def test_progress_events_follow_update_every(server):
     for event in events:
         for field in ("improvement_pct", "dps", "elapsed_s", "ts", "total"):
             assert field in event["json"]
+
+
+class LateWakeUps:
+    """A cancel flag whose waits wake 20 ms late, like a busy machine's."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self, timeout):
+        self.waits += 1
+        time.sleep(timeout + 0.02)
+        return False
+
+
+def test_builtin_job_keeps_its_schedule_despite_late_wake_ups():
+    calls = []
+    started = time.monotonic()
+    sse_demo.simulate_optimisation(lambda done, total, **fields: calls.append(done),
+                                   iterations=20, tick=0.05, update_every=5,
+                                   cancel=LateWakeUps())
+    took = time.monotonic() - started
+    assert calls == [0, 5, 10, 15]
+    # 20 x 50 ms due; drifting would add 20 x 20 ms. Within a tick (and the
+    # last wake-up's own lateness) of the deadline:
+    assert 1.0 <= took < 1.0 + 0.05 + 0.02 + 0.05, took
+
+
+def test_run_lasts_iterations_times_tick(server):
+    sid = start_run(server, iterations=20, tick=0.05, update_every=5)
+    complete = watch(server, sid).events()[-1]["json"]
+    assert 1.0 <= complete["elapsed_s"] < 1.0 + 0.05 + 0.05
 
 
 def test_percent_is_rounded_to_two_decimals(server):
@@ -744,6 +776,68 @@ def test_listen_backlog_takes_a_burst_without_syn_retries():
         srv.server_close()
 
 
+CLIENT_TRICKS = [
+    b"   ,;;; ,\r\n\r\n", b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100,      # a TLS hello
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n",
+    b"GET /hea",                                                    # cut in the request line
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Cut",           # cut in the headers
+    b"POST /start HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100\r\n\r\n{\"iter",                           # cut in the body
+]
+
+
+def reset(sock):
+    """Close with an RST, as a client that crashes or a scanner does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_no_traceback_from_clients_that_vanish_at_any_stage():
+    cli = Cli("--keepalive", "0.2", "--log-level", "debug")
+    try:
+        for i in range(400):                     # malformed requests, reset at once
+            sock = socket.create_connection(("127.0.0.1", cli.port), timeout=TIMEOUT)
+            try:
+                sock.sendall(CLIENT_TRICKS[i % len(CLIENT_TRICKS)])
+            except OSError:
+                pass
+            reset(sock)
+        sid = start_run(cli, iterations=200, tick=0.01, update_every=1)
+        for _ in range(20):                      # gone from a keep-alive connection
+            conn = http.client.HTTPConnection("127.0.0.1", cli.port, timeout=TIMEOUT)
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            conn.sock.sendall(b"GET /status/%s HTTP/1.1\r\nHost: x\r\n\r\n" % sid.encode())
+            reset(conn.sock)
+        for _ in range(20):                      # gone from a stream
+            stream = watch(cli, sid)
+            reset(stream.sock)
+        assert names(watch(cli, sid).events())[-1] == "complete"   # it served us throughout
+        assert request(cli, "GET", "/healthz")[0] == 200
+    finally:
+        status, _, stderr = cli.stop()
+    assert status == 0
+    assert "Traceback" not in stderr and "Exception occurred" not in stderr
+    assert "went away" in stderr          # the debug line is all that is left
+
+
+def test_an_unexpected_handler_error_is_logged_once_through_logging(server, caplog):
+    with caplog.at_level("DEBUG", logger="sse_demo"):
+        try:
+            raise ConnectionResetError("peer reset")
+        except ConnectionResetError:
+            server.server.handle_error(None, ("127.0.0.1", 1))
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            server.server.handle_error(None, ("127.0.0.1", 2))
+    gone, bug = caplog.records[-2:]
+    assert gone.levelname == "DEBUG" and gone.exc_info is None
+    assert bug.levelname == "ERROR" and isinstance(bug.exc_info[1], RuntimeError)
+
+
 ###############################################################################
 # Limits
 ###############################################################################
@@ -770,6 +864,99 @@ def test_stream_cap_is_503_with_retry_after_and_open_streams_go_on(make):
     assert "streams" in json.loads(body)["error"]
     for stream in streams:
         assert ids(stream.events()) == list(range(1, 22))
+
+
+def test_select_only_platform_caps_streams_below_what_select_can_watch(monkeypatch, caplog):
+    monkeypatch.setattr(sse_demo.selectors, "DefaultSelector", selectors.SelectSelector)
+    monkeypatch.setattr(sse_demo, "SELECT_LIMIT", sse_demo.SELECT_HEADROOM + 6)
+    with caplog.at_level("WARNING", logger="sse_demo"):
+        srv = Running(max_streams=10000)
+    try:
+        assert srv.server.hub.max_streams == 6
+        assert any("select()" in r.getMessage() and "lowered from 10000 to 6" in r.getMessage()
+                   for r in caplog.records)
+        sid = start_run(srv, iterations=30, tick=0.03, update_every=1)
+        streams = [watch(srv, sid) for _ in range(6)]
+        for _ in range(3):
+            status, headers, body = request(srv, "GET", "/progress/" + sid)
+            assert status == 503 and int(headers["Retry-After"]) > 0
+            assert "streams" in json.loads(body)["error"]
+        for stream in streams:
+            assert ids(stream.events()) == list(range(1, 32))
+    finally:
+        srv.stop()
+
+
+def test_real_select_limit_is_below_fd_setsize():
+    hub_cap = sse_demo.selector_capacity(selectors.SelectSelector())
+    assert hub_cap - sse_demo.SELECT_HEADROOM < 1024
+    assert sse_demo.selector_capacity(selectors.DefaultSelector()) is (
+        None if selectors.DefaultSelector is not selectors.SelectSelector else hub_cap)
+
+
+def subscribers_of(srv, sid, count):
+    """The hub's Subscriber objects of a session, once there are `count`."""
+    hub, session = srv.server.hub, srv.server.registry.get(sid)
+    return wait_for(lambda: len(hub._by_session.get(session, ())) == count and
+                    list(hub._by_session[session]), what="%d subscribers" % count)
+
+
+class FaultySocket:
+    """A socket whose send raises what nobody expects; the rest is the real one."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def send(self, data):
+        raise RuntimeError("injected fault in send")
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_writer_survives_an_unexpected_error_on_one_connection(make, caplog):
+    srv = make(keepalive_s=0.2)
+    sid = start_run(srv, iterations=300, tick=0.02, update_every=1)
+    victim = watch(srv, sid)
+    victim.next_block(time.monotonic() + TIMEOUT)
+    (sub,) = subscribers_of(srv, sid, 1)
+    healthy = watch(srv, sid)
+    subscribers_of(srv, sid, 2)
+    with caplog.at_level("ERROR", logger="sse_demo"):
+        sub.sock = FaultySocket(sub.sock)
+        events = healthy.events()
+        assert ids(events) == list(range(1, 302)) and events[-1]["event"] == "complete"
+    failures = [r for r in caplog.records if "stream writer failed" in r.getMessage()]
+    assert len(failures) == 1 and "injected fault" in str(failures[0].exc_info[1])
+    with pytest.raises((EOFError, ConnectionResetError)):     # its connection was closed
+        for _ in range(1000):
+            victim.next_block(time.monotonic() + TIMEOUT)
+    status, _, body = request(srv, "GET", "/healthz")
+    assert status == 200 and json.loads(body)["ok"] is True
+    assert names(watch(srv, start_run(srv, iterations=2, **FAST)).events())[-1] == "complete"
+
+
+def test_writer_that_cannot_go_on_says_so_and_refuses_streams(make, caplog):
+    srv = make(keepalive_s=0.2)
+    sid = start_run(srv, iterations=1000, tick=0.02, update_every=1)
+    open_stream = watch(srv, sid)
+    open_stream.next_block(time.monotonic() + TIMEOUT)
+
+    def broken_select(timeout=None):
+        raise OSError("injected: the selector is broken")
+    with caplog.at_level("ERROR", logger="sse_demo"):
+        srv.server.hub._selector.select = broken_select
+        srv.server.hub.notify(srv.server.registry.get(sid))      # wake it
+        wait_for(lambda: request(srv, "GET", "/healthz")[0] == 503, what="healthz to say")
+    health = json.loads(request(srv, "GET", "/healthz")[2])
+    assert health["ok"] is False and "stream writer has stopped" in health["error"]
+    status, headers, body = request(srv, "GET", "/progress/" + sid)
+    assert status == 503 and int(headers["Retry-After"]) > 0
+    assert "writer has stopped" in json.loads(body)["error"]
+    open_stream.events(timeout=5)
+    assert open_stream.ended                  # ended, not frozen: the browser reconnects
+    assert any("gives up" in r.getMessage() for r in caplog.records)
+    assert cancel(srv, sid)[0] == 202         # the rest of the server still answers
 
 
 def rss_kb():
