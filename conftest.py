@@ -502,10 +502,18 @@ class Page:
         return self.evaluate("[...document.querySelectorAll('#log li')].map(li => "
                              "[...li.children].map(s => s.textContent).join(' '))")
 
+    READY = ("document.readyState === 'complete' && !!document.getElementById('start') "
+             "&& document.getElementById('start').textContent !== 'Start'")   # /job read
+
     def open(self, url):
         self.call("Page.navigate", url=url)
-        self.wait_for("document.readyState === 'complete' && !!document.getElementById('start') "
-                      "&& document.getElementById('start').textContent !== 'Start'")   # /job read
+        self.wait_for(self.READY)
+
+    def reload(self):
+        """Reload, and wait for the new document (not the old one's state)."""
+        self.evaluate("window.oldDocument = true")
+        self.call("Page.reload")
+        self.wait_for("!window.oldDocument && " + self.READY)
 
     def problems(self):
         """Console errors, uncaught exceptions and CSP violations so far."""

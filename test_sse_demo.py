@@ -1637,8 +1637,7 @@ def test_browser_reload_mid_run_reattaches_and_completes(browser, server):
     browser.open(page_url(server))
     start_in_page(browser, iterations=30, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 3")
-    browser.call("Page.reload")
-    browser.wait_for("document.readyState === 'complete'")
+    browser.reload()
     browser.wait_for(STATE + " === 'complete'")
     numbers = [number for number, _, _ in event_lines(browser)]
     assert numbers == list(range(31, 0, -1))                    # replayed from id 1
@@ -1789,7 +1788,7 @@ def test_browser_second_page_watches_without_cancel_and_first_cancels_after_relo
     watcher.click("copy-link")
     watcher.wait_for("document.getElementById('link-note').textContent !== ''")
     assert watcher.element("link-note").endswith("/#session=" + sid)
-    browser.call("Page.reload")
+    browser.reload()
     browser.wait_for(STATE + " === 'live' && !document.getElementById('cancel').disabled")
     assert browser.element("watching", "hidden") is True
     browser.click("cancel")
