@@ -74,8 +74,10 @@ import random
 import re
 import secrets
 import selectors
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1156,13 +1158,16 @@ class JobSpec:
     accepts, the progress fields it declares, and how to start one run.
     GET /job, /start's validation and the page all read this one object."""
 
-    def __init__(self, name, title, description, params, fields, run):
+    def __init__(self, name, title, description, params, fields, run, check=None,
+                 stop_all=None):
         self.name = name
         self.title = title
         self.description = description
         self.params = params      # {name: Param}, in the order the job gives them
         self.fields = fields      # [{"name", "label", "unit"?}]
         self._run = run           # run(session, params), in the run's worker thread
+        self.check = check or (lambda params: None)   # raises HTTPError for bad values
+        self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
 
     def describe(self):
         """What GET /job answers."""
@@ -1267,6 +1272,334 @@ BUILTIN_JOB = function_job(simulate_optimisation)
 
 
 ###############################################################################
+# Any program as the job: --cmd
+###############################################################################
+
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# tqdm's default line, with or without each part: "desc: 45%|####5     | 45/100
+# [00:04<00:05, 10.00it/s]". The counts may carry a unit prefix (1.2k).
+TQDM_LINE = re.compile(
+    r"(?:(?P<desc>[^|]*?): ?)?(?:\s*\d{1,3}%\|[^|]*\| ?)?\s*"
+    r"(?P<done>\d+(?:\.\d+)?[kMGT]?)/(?P<total>\d+(?:\.\d+)?[kMGT]?)"
+    r"(?:\s*\[[^\]<,]*(?:<[^\],]*)?(?:,\s*(?P<rate>[^\],]*?))?(?:,[^\]]*)?\])?\s*")
+UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+OUTPUT_LINE_LIMIT = 64 * 1024      # bytes of one output line; the rest is cut, with a note
+OUTPUT_BURST_LINES = 1000          # output lines a run may send as separate events at once,
+OUTPUT_LINES_PER_S = 500           # and the rate that allowance refills at; past it, the
+                                   # lines of one read are joined into one event
+STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
+DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
+COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
+
+
+def parse_command(template):
+    """Split a --cmd template like a shell would (never run by one) and read
+    its `{name=default}` placeholders: (argv template, {name: default}). Each
+    default's type (int, float, bool, str) is that of its text. `{{` and `}}`
+    are literal braces. Raises ValueError with the reason."""
+    try:
+        argv = shlex.split(template)
+    except ValueError as exc:
+        raise ValueError("--cmd cannot be split: %s" % exc)
+    if not argv:
+        raise ValueError("--cmd is empty")
+    defaults = {}
+    for arg in argv:
+        for match in PLACEHOLDER.finditer(arg):
+            text = match.group(0)
+            if text in ("{{", "}}"):
+                continue
+            name, equals, default = (match.group(1) or "").partition("=")
+            if match.group(1) is None or not equals or not default or "=" in default or \
+                    not PLACEHOLDER_NAME.fullmatch(name):
+                raise ValueError("bad placeholder %r in --cmd: write {name=default} "
+                                 "(and {{ or }} for a literal brace)" % text)
+            value = typed_default(default)
+            if defaults.get(name, value) != value or type(defaults.get(name, value)) is not type(value):
+                raise ValueError("placeholder %r has two defaults in --cmd" % name)
+            defaults[name] = value
+    if PLACEHOLDER.fullmatch(argv[0] or "") or "{" in argv[0]:
+        raise ValueError("the program itself cannot be a placeholder in --cmd")
+    return argv, defaults
+
+
+def typed_default(text):
+    """A placeholder default as the value it looks like."""
+    if text in ("true", "false"):
+        return text == "true"
+    if INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    if NUMBER_TEXT.fullmatch(text):
+        return float(text)
+    return text
+
+
+def fill_command(argv, params):
+    """The argv of one run: each placeholder replaced inside its own argument,
+    so a value can never add an argument or reach a shell. A string value
+    cannot start an argument with `-` (it would become an option)."""
+    filled = []
+    for arg in argv:
+        def value(match, arg=arg):
+            text = match.group(0)
+            if text in ("{{", "}}"):
+                return text[0]
+            name = match.group(1).partition("=")[0]
+            value = params[name]
+            if isinstance(value, str) and value.startswith("-") and match.start() == 0:
+                raise HTTPError(400, "%s cannot start with '-' here: the program would read "
+                                     "it as an option" % name, param=name)
+            if "\0" in str(value):
+                raise HTTPError(400, "%s cannot hold a NUL character" % name, param=name)
+            return json.dumps(value) if isinstance(value, bool) else str(value)
+        filled.append(PLACEHOLDER.sub(value, arg))
+    return filled
+
+
+def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S):
+    """A JobSpec that runs a program for each run (see `run_command`)."""
+    argv, defaults = parse_command(template)
+    shown = " ".join(PLACEHOLDER.sub(lambda m: "{%s}" % m.group(1).partition("=")[0]
+                                     if m.group(1) else m.group(0)[0], a) for a in argv)
+    params = {name: Param(name, default) for name, default in defaults.items()}
+    processes = CommandGroups()
+
+    def run(session, values):
+        run_command(session, argv, values, kill_after_s, processes)
+    return JobSpec(os.path.basename(argv[0]), shown, "Runs `%s` for each run; its output is "
+                   "the log, its progress lines the progress." % template, params, [], run,
+                   check=lambda values: fill_command(argv, values), stop_all=processes.kill_all)
+
+
+class CommandGroups:
+    """The process groups of running commands, so that shutdown (even a
+    second Ctrl-C) can kill whatever is left."""
+
+    def __init__(self):
+        self._lock = threading.Lock()    # guards _groups
+        self._groups = set()
+
+    def add(self, pid):
+        with self._lock:
+            self._groups.add(pid)
+
+    def discard(self, pid):
+        with self._lock:
+            self._groups.discard(pid)
+
+    def kill_all(self):
+        """SIGKILL every group. Takes no lock: a signal handler calls it."""
+        for pid in list(self._groups):
+            kill_group(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def kill_group(pid, signum):
+    """Signal a command and everything it started (its process group, POSIX);
+    on Windows only the process itself can be reached."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def run_command(session, argv, values, kill_after_s, groups):
+    """The worker thread's body for --cmd: start the program in its own
+    process group, turn its output into events, stop it on cancel, and end
+    the run with exactly one terminal event from its exit status."""
+    command = fill_command(argv, values)
+    try:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
+    except FileNotFoundError:
+        return finish(session, "error", {"message": "program not found: %s" % command[0]})
+    except OSError as exc:
+        return finish(session, "error", {"message": "cannot run %s: %s" % (command[0],
+                                                                          exc.strerror or exc)})
+    groups.add(process.pid)
+    output = CommandOutput(session)
+    readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
+                                name="output-" + session.id[:8])
+               for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
+    for reader in readers:
+        reader.start()
+    try:
+        cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
+    finally:
+        kill_group(process.pid, getattr(signal, "SIGKILL", signal.SIGTERM))   # what it left
+        groups.discard(process.pid)
+        for reader in readers:
+            reader.join(kill_after_s + 1.0)
+    if cancelled:
+        finish(session, "cancelled", {})
+    elif process.returncode == 0:
+        finish(session, "complete", {"result": {"exit_code": 0}})
+    else:
+        finish(session, "error", {"message": exit_message(command[0], process.returncode,
+                                                          output.stderr_tail)})
+
+
+def wait_or_cancel(process, cancel, kill_after_s):
+    """Wait for the program to exit; on cancel, SIGTERM its group, then
+    SIGKILL after `kill_after_s`. True if it was cancelled."""
+    while True:
+        try:
+            process.wait(COMMAND_POLL_S)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        if cancel.is_set():
+            break
+    kill_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(kill_after_s)
+    except subprocess.TimeoutExpired:
+        kill_group(process.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        process.wait()
+    return True
+
+
+def exit_message(program, status, stderr_tail):
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "signal %d" % -status
+        text = "%s was killed by %s" % (program, name)
+    else:
+        text = "%s exited with status %d" % (program, status)
+    if stderr_tail:
+        text += "; the last lines of its stderr:\n" + "\n".join(stderr_tail)
+    return text
+
+
+class CommandOutput:
+    """Turns a program's output into events: a JSON object with a numeric
+    `done` and a tqdm-style line are progress, every other line a log.
+
+    Lines end at \\n or \\r (tqdm redraws its line with \\r). A run may send
+    OUTPUT_BURST_LINES lines as separate events, refilled at OUTPUT_LINES_PER_S;
+    past that, the lines of one read are joined into one event, so a program
+    that floods its output costs few events and never slows other runs."""
+
+    def __init__(self, session):
+        self._session = session
+        self._progress = Progress(session)
+        self._lock = threading.Lock()     # guards _allowance, _refilled (two reader threads)
+        self._allowance = OUTPUT_BURST_LINES
+        self._refilled = time.monotonic()
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    def read(self, pipe, stream):
+        """A reader thread's body: read until end of file, never blocking the
+        job or the writer (the pipe is this thread's alone). Of a line longer
+        than OUTPUT_LINE_LIMIT bytes, only that much is kept."""
+        line, dropped = b"", 0
+        with pipe:
+            while True:
+                data = pipe.read1(65536) if hasattr(pipe, "read1") else os.read(pipe.fileno(), 65536)
+                if not data:
+                    break
+                ended = []
+                parts = re.split(b"\r\n|\r|\n", data)
+                for number, part in enumerate(parts):
+                    room = max(0, OUTPUT_LINE_LIMIT - len(line))
+                    line += part[:room]
+                    dropped += len(part) - len(part[:room])
+                    if number < len(parts) - 1:      # a line end followed this part
+                        ended.append(decode_line(line, dropped))
+                        line, dropped = b"", 0
+                self._publish(ended, stream)
+        if line:
+            self._publish([decode_line(line, dropped)], stream)
+
+    def _publish(self, lines, stream):
+        lines = [line for line in lines if line.strip()]
+        if stream == "stderr":
+            self.stderr_tail.extend(lines)
+        allowed = self._take_allowance(len(lines))
+        for line in lines[:allowed]:
+            self._publish_line(line, stream)
+        if len(lines) > allowed:
+            joined = [l for l in lines[allowed:] if parse_progress_line(l) is None]
+            progress = [l for l in lines[allowed:] if parse_progress_line(l) is not None]
+            if progress:
+                self._publish_line(progress[-1], stream)     # only the latest counts
+            if joined:
+                self._log("\n".join(joined), stream)
+
+    def _take_allowance(self, wanted):
+        with self._lock:
+            now = time.monotonic()
+            self._allowance = min(OUTPUT_BURST_LINES, self._allowance +
+                                  (now - self._refilled) * OUTPUT_LINES_PER_S)
+            self._refilled = now
+            allowed = min(wanted, int(self._allowance))
+            self._allowance -= allowed
+            return allowed
+
+    def _publish_line(self, line, stream):
+        progress = parse_progress_line(line)
+        try:
+            if progress is not None:
+                done, total, fields = progress
+                self._progress(done, total, **fields)
+                return
+        except (Cancelled, TypeError, ValueError):
+            pass    # cancelled, or fields that are not JSON: show the line as it is
+        self._log(line, stream)
+
+    def _log(self, text, stream):
+        """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
+        lines by the size of one read."""
+        level = "warning" if stream == "stderr" else "info"
+        self._session.publish("log", {"message": text, "level": level, "stream": stream})
+
+
+def decode_line(raw, dropped):
+    """Bytes of one output line as text: invalid UTF-8 replaced, and a note
+    when `dropped` bytes of it were not kept."""
+    text = raw.decode("utf-8", errors="replace").rstrip()
+    if dropped:
+        text += " [line cut: %d bytes in all]" % (len(raw) + dropped)
+    return text
+
+
+def parse_progress_line(line):
+    """(done, total, fields) for a progress line, or None for a log line."""
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        done = data.get("done") if isinstance(data, dict) else None
+        if isinstance(done, bool) or not isinstance(done, (int, float)):
+            return None
+        total = data.get("total")
+        fields = {k: v for k, v in data.items()
+                  if k not in ("done", "total") and k not in RESERVED_FIELDS}
+        return done, total if isinstance(total, (int, float)) and \
+            not isinstance(total, bool) else None, fields
+    match = TQDM_LINE.fullmatch(text)
+    if match is None:
+        return None
+    fields = {"rate": match.group("rate").strip()} if match.group("rate") else {}
+    return unit_number(match.group("done")), unit_number(match.group("total")), fields
+
+
+def unit_number(text):
+    """`45` -> 45, `1.2k` -> 1200.0 (tqdm's unit_scale)."""
+    prefix = text[-1] if text[-1] in UNIT_PREFIXES else ""
+    number = float(text[:-1] if prefix else text) * UNIT_PREFIXES[prefix]
+    return int(number) if number.is_integer() else number
+
+
+###############################################################################
 # Request parsing
 ###############################################################################
 
@@ -1321,6 +1654,7 @@ def parse_start_params(spec, sources):
             params[name] = clamp(params[name], low, high)
         elif (low is not None and params[name] < low) or (high is not None and params[name] > high):
             raise HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
+    spec.check(params)
     return params
 
 
@@ -1906,6 +2240,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         for session in running:
             if session.worker is not None:
                 session.worker.join(max(0.0, deadline - time.monotonic()))
+        self.job.stop_all()      # a command that ignored SIGTERM: no orphan
         if self.grip:
             self.grip.stop()
         super().server_close()
@@ -1943,7 +2278,7 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     if not is_loopback(server.server_address[0]):
         log.warning("warning: listening on %s, reachable from other machines; this demo "
                     "has no authentication", server.server_address[0])
-    requested, restore = install_stop_signals()   # before the URL: a supervisor
+    requested, restore = install_stop_signals(server.job.stop_all)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
@@ -1958,17 +2293,19 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     return 0
 
 
-def install_stop_signals():
-    """SIGINT and SIGTERM append to the returned list; a second one exits at
-    once. The handler takes no lock: it runs in the main thread between two
-    bytecodes, possibly while that thread holds the very lock (an
-    Event.set() here once deadlocked against the Event.wait() it interrupted)."""
+def install_stop_signals(on_exit_now=lambda: None):
+    """SIGINT and SIGTERM append to the returned list; a second one calls
+    `on_exit_now` (it kills running commands) and exits at once. The handler
+    takes no lock: it runs in the main thread between two bytecodes, possibly
+    while that thread holds the very lock (an Event.set() here once
+    deadlocked against the Event.wait() it interrupted)."""
     requested = []
     if threading.current_thread() is not threading.main_thread():
         return requested, lambda: None
 
     def on_signal(signum, frame):
         if requested:
+            on_exit_now()
             os._exit(128 + signum)
         requested.append(signum)
 
@@ -2045,8 +2382,16 @@ def parse_args(argv):
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests for this host name (behind a proxy or on "
                         "a network); repeatable")
-    p.add_argument("--job", metavar="MODULE:CALLABLE",
-                   help="run this function for each start instead of the simulation")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--job", metavar="MODULE:CALLABLE",
+                       help="run this function for each start instead of the simulation")
+    which.add_argument("--cmd", metavar="'PROGRAM ARGS...'",
+                       help="run this program for each start instead of the simulation; "
+                            "{name=default} in it is a parameter of /start; its output "
+                            "lines are the log, JSON {\"done\": N} and tqdm lines the progress")
+    p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="SECONDS",
+                   help="with --cmd, Cancel sends SIGTERM to the program's process group, "
+                        "and SIGKILL this long after (default %(default)s)")
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
@@ -2058,7 +2403,7 @@ def parse_args(argv):
                    help="least severe message to log (default %(default)s)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = p.parse_args(argv)
-    for name in ("keepalive", "session_ttl", "request_timeout"):
+    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
     for name in ("max_sessions", "max_streams"):
@@ -2074,6 +2419,8 @@ def main(argv=None):
     try:
         if args.job:
             job = load_job(args.job)
+        elif args.cmd is not None:
+            job = command_job(args.cmd, args.kill_after)
         if args.grip:
             GripPublisher.check_url(args.grip)
     except ValueError as exc:

@@ -9,10 +9,12 @@ import json
 import os
 import re
 import selectors
+import shlex
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 import pytest
@@ -1575,6 +1577,314 @@ def test_the_readme_job_example_runs_as_pasted(tmp_path):
 
 
 ###############################################################################
+# Any program as the job: --cmd, with real child processes
+###############################################################################
+
+PROGRAMS = {
+    # tqdm 4's own line: "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}]"
+    "tqdm_like.py": """
+import sys, time
+n = int(sys.argv[1])
+blocks = " ▏▎▍▌▋▊▉█"
+for i in range(n + 1):
+    filled = i * 10 / n
+    bar = "█" * int(filled) + (blocks[int((filled % 1) * 8)] if i < n else "")
+    line = "train: %3d%%|%s| %d/%d [00:%02d<00:%02d, %5.2fit/s]" % (
+        100 * i // n, bar.ljust(10), i, n, i, n - i, 10.0)
+    sys.stderr.write("\\r" + line)
+    sys.stderr.flush()
+    time.sleep(0.02)
+sys.stderr.write("\\n")
+print("saved model.bin")
+""",
+    "json_lines.py": """
+import json
+for i in range(1, 4):
+    print(json.dumps({"done": i, "total": 3, "loss": 1.0 / i, "phase": "fit"}))
+print(json.dumps({"done": "not a number"}))
+print(json.dumps({"done": 3, "total": 3, "percent": 99, "ts": 1}))
+""",
+    "chatty.py": """
+import sys
+print("hello from stdout")
+sys.stderr.write("careful: stderr\\n")
+sys.stdout.buffer.write(b"bad utf-8: \\xff\\xfe end\\n")
+sys.stdout.buffer.write(b"x" * 70000 + b"\\n")
+""",
+    "exits_3.py": """
+import sys
+sys.stderr.write("first problem\\nsecond problem\\n")
+sys.exit(3)
+""",
+    "killed.py": """
+import os, signal
+print("about to die")
+os.kill(os.getpid(), signal.SIGKILL)
+""",
+    "stubborn.py": """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(os.getpid(), flush=True)
+time.sleep(60)
+""",
+    "parent.py": """
+import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "60"])
+print("child", child.pid, flush=True)
+if sys.argv[1] == "wait":
+    time.sleep(60)
+""",
+    "argv.py": """
+import json, sys
+print(json.dumps(sys.argv[1:]))
+""",
+    "flood.py": """
+import sys
+out = sys.stdout
+for i in range(int(sys.argv[1])):
+    out.write("line %d of the flood\\n" % i)
+""",
+}
+
+
+@pytest.fixture
+def programs(tmp_path):
+    """Writes the test programs; `run(name, args)` is a --cmd template for one."""
+    for name, source in PROGRAMS.items():
+        (tmp_path / name).write_text(source, encoding="utf-8")
+
+    def command(name, args=""):
+        return "%s %s %s" % (shlex.quote(sys.executable), shlex.quote(str(tmp_path / name)), args)
+    return command
+
+
+def command_server(make, template, **options):
+    return make(job=sse_demo.command_job(template, **options))
+
+
+def process_gone(pid):
+    """True when no process has this pid (the server reaped what it started)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open("/proc/%d/stat" % pid) as f:      # a zombie not yet reaped by its parent
+        return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def test_cmd_placeholders_are_the_job_parameters(make, programs):
+    srv = command_server(make, programs("argv.py", "--epochs {epochs=10} --lr={lr=0.001} "
+                                                  "{fast=false} '--name={name=run one}'"))
+    job = get_json(srv, "/job")
+    assert [(p["name"], p["type"], p["default"]) for p in job["params"]] == [
+        ("epochs", "integer", 10), ("lr", "number", 0.001), ("fast", "boolean", False),
+        ("name", "string", "run one")]
+    events = watch(srv, start_run(srv, epochs=3, fast=True)).events()
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert json.loads(logs[0]) == ["--epochs", "3", "--lr=0.001", "true", "--name=run one"]
+    assert events[-1]["event"] == "complete"
+    assert events[-1]["json"]["result"] == {"exit_code": 0}
+
+
+HOSTILE_VALUES = ["two words", "it's \"quoted\"", "a; rm -rf /", "$(touch pwned)", "`id`",
+                  "line one\nline two", "-rf", "--help", "*", "~", "{x=1}", "\u00e9\u2028"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_cmd_value_is_exactly_one_argument_and_never_reaches_a_shell(make, programs, value, tmp_path):
+    srv = command_server(make, programs("argv.py", "--name={name=x} 'suffix {name=x}'"))
+    events = watch(srv, start_run(srv, name=value)).events()
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert json.loads(logs[0]) == ["--name=" + value, "suffix " + value]
+    assert not os.path.exists("pwned") and not (tmp_path / "pwned").exists()
+
+
+def test_cmd_value_cannot_become_an_option(make, programs):
+    srv = command_server(make, programs("argv.py", "{name=x}"))
+    status, _, body = request(srv, "POST", "/start", json_body={"name": "-rf"})
+    answer = json.loads(body)
+    assert status == 400 and answer["param"] == "name" and "option" in answer["error"]
+
+
+def test_cmd_tqdm_lines_are_progress(make, programs):
+    srv = command_server(make, programs("tqdm_like.py", "{steps=10}"))
+    events = watch(srv, start_run(srv, steps=10)).events()
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    assert [(p["iteration"], p["total"]) for p in progress] == [(i, 10) for i in range(11)]
+    assert progress[5]["percent"] == 50.0 and progress[5]["rate"] == "10.00it/s"
+    assert [e["json"]["message"] for e in events if e["event"] == "log"] == ["saved model.bin"]
+    assert events[-1]["event"] == "complete"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("train:  45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]", (45, 100, {"rate": "10.00it/s"})),
+    (" 45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]", (45, 100, {"rate": "10.00it/s"})),
+    ("  0%|          | 0/100 [00:00<?, ?it/s]", (0, 100, {"rate": "?it/s"})),
+    ("45/100 [00:04<00:05, 10.00it/s, loss=0.3]", (45, 100, {"rate": "10.00it/s"})),
+    ("45/100", (45, 100, {})),
+    ("1.2k/3.0k [00:04<00:05, 300it/s]", (1200, 3000, {"rate": "300it/s"})),
+    ('{"done": 2, "total": 4, "loss": 0.5}', (2, 4, {"loss": 0.5})),
+    ("Epoch 3/10", None),
+    ("45it [00:04, 10.00it/s]", None),
+    ('{"done": true}', None),
+    ("{not json", None),
+])
+def test_cmd_progress_lines(line, expected):
+    assert sse_demo.parse_progress_line(line) == expected
+
+
+def test_cmd_json_lines_are_progress_with_their_fields(make, programs):
+    srv = command_server(make, programs("json_lines.py"))
+    events = watch(srv, start_run(srv)).events()
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    assert [(p["iteration"], p["total"], p["phase"]) for p in progress[:3]] == [
+        (1, 3, "fit"), (2, 3, "fit"), (3, 3, "fit")]
+    assert progress[1]["loss"] == 0.5
+    assert progress[3]["percent"] == 100.0 and progress[3]["ts"] != 1   # reserved names ignored
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert logs == ['{"done": "not a number"}']
+
+
+def test_cmd_output_lines_are_log_events_with_their_stream(make, programs):
+    srv = command_server(make, programs("chatty.py"))
+    events = watch(srv, start_run(srv)).events()
+    logs = [e["json"] for e in events if e["event"] == "log"]
+    by_text = {l["message"][:20]: l for l in logs}
+    assert by_text["hello from stdout"]["stream"] == "stdout"
+    assert by_text["hello from stdout"]["level"] == "info"
+    assert by_text["careful: stderr"]["stream"] == "stderr"
+    assert by_text["careful: stderr"]["level"] == "warning"
+    assert "bad utf-8: \ufffd\ufffd end" in [l["message"] for l in logs]
+    long_line = [l["message"] for l in logs if l["message"].startswith("xxx")][0]
+    assert long_line.endswith(" [line cut: 70000 bytes in all]")
+    assert len(long_line) < 70000
+
+
+def test_cmd_nonzero_exit_is_an_error_with_the_stderr_tail(make, programs):
+    srv = command_server(make, programs("exits_3.py"))
+    events = watch(srv, start_run(srv)).events()
+    message = events[-1]["json"]["message"]
+    assert events[-1]["event"] == "error"
+    assert "exited with status 3" in message and message.endswith("first problem\nsecond problem")
+
+
+def test_cmd_killed_by_a_signal_is_an_error_naming_it(make, programs):
+    srv = command_server(make, programs("killed.py"))
+    events = watch(srv, start_run(srv)).events()
+    assert events[-1]["event"] == "error" and "killed by SIGKILL" in events[-1]["json"]["message"]
+
+
+def test_cmd_program_not_found_ends_the_run_with_an_error(make):
+    srv = command_server(make, "no-such-program-here --flag")
+    events = watch(srv, start_run(srv)).events()
+    assert names(events) == ["error"]
+    assert events[0]["json"]["message"] == "program not found: no-such-program-here"
+
+
+def first_log_line(stream):
+    for _ in range(50):
+        block = stream.next_block(time.monotonic() + TIMEOUT)
+        if block and block.get("event") == "log":
+            return json.loads(block["data"])["message"]
+    raise AssertionError("no log line")
+
+
+def test_cmd_cancel_kills_a_program_that_ignores_sigterm(make, programs):
+    srv = command_server(make, programs("stubborn.py"), kill_after_s=0.5)
+    sid = start_run(srv)
+    stream = watch(srv, sid)
+    pid = int(first_log_line(stream))
+    started = time.monotonic()
+    assert cancel(srv, sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    assert time.monotonic() - started < 0.5 + 1.0
+    wait_for(lambda: process_gone(pid), timeout=2, what="the program to be gone")
+
+
+@pytest.mark.parametrize("how", ["cancel", "exit"])
+def test_cmd_grandchildren_are_gone_after_cancel_or_exit(make, programs, how):
+    srv = command_server(make, programs("parent.py", "{mode=wait}"), kill_after_s=1.0)
+    sid = start_run(srv, mode="wait" if how == "cancel" else "exit")
+    stream = watch(srv, sid)
+    grandchild = int(first_log_line(stream).split()[1])
+    if how == "cancel":
+        assert cancel(srv, sid)[0] == 202
+    assert stream.events()[-1]["event"] == ("cancelled" if how == "cancel" else "complete")
+    wait_for(lambda: process_gone(grandchild), timeout=3, what="the grandchild to be gone")
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_cmd_nothing_is_left_when_the_server_stops(programs, signals):
+    cli = Cli("--cmd", programs("parent.py", "wait"), "--kill-after", "30")
+    try:
+        sid = start_run(cli)
+        stream = watch(cli, sid)
+        grandchild = int(first_log_line(stream).split()[1])
+        if len(signals) == 2:
+            cli.proc.send_signal(signals[0])
+            stream.events(timeout=5)          # the first signal ends the streams...
+            assert stream.ended
+    finally:
+        status, took, stderr = cli.stop(signals[-1])   # ...the second exits at once
+    assert status == (0 if len(signals) == 1 else 128 + signals[-1]), stderr
+    assert took < 3.0 and "Traceback" not in stderr
+    wait_for(lambda: process_gone(grandchild), timeout=3, what="the grandchild to be gone")
+
+
+@pytest.mark.parametrize("template, words", [
+    ("", "empty"), ("   ", "empty"), ("prog {x=}", "bad placeholder"),
+    ("prog {=3}", "bad placeholder"), ("prog {x=1=2}", "bad placeholder"),
+    ("prog {x}", "bad placeholder"), ("prog {x=1} {x=2}", "two defaults"),
+    ("prog 'unclosed", "cannot be split"), ("prog a{b", "bad placeholder"),
+    ("{prog=ls}", "program itself"),
+])
+def test_cmd_bad_templates_exit_2_with_the_reason(template, words):
+    status, out, err = Cli("--cmd", template).finish()
+    assert status == 2 and words in err and "Traceback" not in err
+
+
+def test_cmd_and_job_together_exit_2():
+    status, out, err = Cli("--cmd", "ls", "--job", "x:y").finish()
+    assert status == 2 and "not allowed with" in err
+
+
+def test_cmd_literal_braces_and_repeated_placeholder(make, programs):
+    srv = command_server(make, programs("argv.py", "{{}} {n=2}/{n=2}"))
+    events = watch(srv, start_run(srv, n=5)).events()
+    assert json.loads(events[0]["json"]["message"]) == ["{}", "5/5"]
+
+
+def read_with_arrival_times(stream, into):
+    """Reader thread: (receive time, event) for every event of the stream."""
+    deadline = time.monotonic() + 30
+    for _ in range(100000):
+        block = stream.next_block(deadline)
+        if block is None:
+            return
+        if "event" in block:
+            into.append((time.time(), block["event"], json.loads(block["data"])))
+
+
+def test_cmd_flood_of_output_is_coalesced_and_others_keep_up(make, programs):
+    srv = command_server(make, programs("flood.py", "{lines=100000}"))
+    other = make()
+    other_sid = start_run(other, iterations=150, tick=0.02, update_every=1)
+    arrivals = []
+    reader = threading.Thread(target=read_with_arrival_times,
+                              args=(watch(other, other_sid), arrivals), daemon=True)
+    reader.start()
+    events = watch(srv, start_run(srv)).events(timeout=30)
+    assert events[-1]["event"] == "complete"
+    lines = "\n".join(e["json"]["message"] for e in events if e["event"] == "log").split("\n")
+    assert lines == ["line %d of the flood" % i for i in range(100000)]    # all, in order
+    assert sse_demo.OUTPUT_BURST_LINES < len(events) < 20000                # coalesced
+    reader.join(30)
+    assert [name for _, name, _ in arrivals][-1] == "complete"
+    assert len(arrivals) == 151
+    assert max(received - data["ts"] for received, _, data in arrivals) < 1.0   # kept up
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -1808,6 +2118,20 @@ def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
         assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
     finally:
         cancel(server, sid)
+
+
+def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
+    srv = command_server(make, programs("tqdm_like.py", "{steps=10}"))
+    browser.open(page_url(srv))
+    assert browser.evaluate("document.getElementById('param-steps').placeholder") == "10"
+    start_in_page(browser, steps=60)
+    browser.wait_for("document.getElementById('bar').value > 0 && "
+                     "document.getElementById('bar').value < 100")      # moving
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.element("iteration") == "60 / 60"
+    assert any(line.endswith("info saved model.bin") for line in browser.log_lines())
+    assert "Exit code" in browser.element("result") and "0" in browser.element("result")
+    assert browser.problems() == []
 
 
 def screenshot_sizes(browser, tmp_path, name):
