@@ -201,6 +201,7 @@ class Session:
         self.state = "running"
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
+        self.stop_reason = None       # set when the server, not a user, stops the run
 
     def publish(self, name, fields):
         """Stamp, encode and record one event, then tell the writers. Returns
@@ -243,6 +244,25 @@ class Session:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             key.strip().encode(), self.control_key.encode())
 
+    @classmethod
+    def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end):
+        """A session rebuilt from its journal: (id, name, data) events, oldest
+        first, the last of them terminal."""
+        session = cls(session_id, title, params, on_publish, on_end)
+        session.started_ts = started_ts
+        for event_id, name, data in events:
+            event = Event(event_id, name, data)
+            session._history.append(event)
+            if name != "log":
+                session._latest = data
+        last = session._history[-1]
+        session.last_id = session.terminal_id = last.id
+        session.state = last.name
+        session.ended_ts = events[-1][2].get("ts", time.time())
+        session.ended_at = time.monotonic() - max(0.0, time.time() - session.ended_ts)
+        session.cancel.set()
+        return session
+
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
         with self._lock:
@@ -277,6 +297,10 @@ class Session:
                 return []
             first = self._history[0].id
             start = max(0, event_id + 1 - first)
+            if start < len(self._history) and self._history[start].id != max(event_id + 1, first):
+                # ids with a gap (a journal that lost events): look for the place
+                start = next((i for i, e in enumerate(self._history) if e.id > event_id),
+                             len(self._history))
             stop = min(len(self._history), start + limit)
             return [self._history[i] for i in range(start, stop)]
 
@@ -299,10 +323,11 @@ class Registry:
     """Every known session: creates within the cap, looks up, forgets ended
     sessions after their time to live, and cancels all on shutdown."""
 
-    def __init__(self, max_sessions, session_ttl_s, on_publish):
+    def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None):
         self.max_sessions = max_sessions
         self.session_ttl_s = session_ttl_s
         self._on_publish = on_publish
+        self._on_forget = on_forget      # an expired session's journal goes too
         self._lock = threading.Lock()    # guards _sessions, _ended, _running
         self._sessions = {}
         self._ended = collections.deque()  # sessions in the order they ended
@@ -358,7 +383,18 @@ class Registry:
         every look-up, so a server with no thread for it still stays flat."""
         cutoff = time.monotonic() - self.session_ttl_s
         while self._ended and self._ended[0].ended_at <= cutoff:
-            self._sessions.pop(self._ended.popleft().id, None)
+            session = self._ended.popleft()
+            self._sessions.pop(session.id, None)
+            self._on_forget(session)
+
+    def restore(self, sessions):
+        """Take in ended sessions read back from the journal, oldest first."""
+        with self._lock:
+            for session in sorted(sessions, key=lambda s: s.ended_at):
+                self._sessions[session.id] = session
+                self._ended.append(session)
+            self._sessions = dict(sorted(self._sessions.items(),
+                                         key=lambda item: item[1].started_ts))
 
 
 ###############################################################################
@@ -955,6 +991,302 @@ def grip_signature_valid(token, key):
 
 
 ###############################################################################
+# Runs that outlive the server: the journal (--state-dir)
+###############################################################################
+
+JOURNAL_FORMAT = "sse_demo-journal"
+JOURNAL_VERSION = 1
+JOURNAL_SUFFIX = ".jsonl"
+JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped
+JOURNAL_FLUSH_S = 0.05            # the journal thread writes what has come every this often
+INTERRUPTED = ("the server stopped during the run (interrupted); "
+               "its events up to then are kept")
+
+
+class Journal:
+    """Every event of every run, appended to `DIR/<session id>.jsonl` (one
+    JSON object a line: a header, then {"id", "event", "data"} per event) by
+    one thread of its own, so a job or the stream writer never waits for the
+    disk. A terminal event is flushed and fsynced; a run's file is rewritten
+    to its last HISTORY_LIMIT events when it grows past twice that, and
+    deleted when the run expires. Only this thread touches the files."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self._items = collections.deque()   # (kind, session, event); appended from any thread
+        self._wake = threading.Event()      # a terminal event or stop: write now
+        self._files = {}                    # session id -> [open file, lines in it]
+        self.written = 0
+        self.dropped = 0
+        self.error = None                   # the disk's last complaint, while it lasts
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+
+    @staticmethod
+    def prepare(directory):
+        """Create DIR (private to this user) and prove it writable. Raises
+        OSError with the reason."""
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        probe = os.path.join(directory, ".write-test-%d" % os.getpid())
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+
+    def start(self):
+        self._thread.start()
+
+    def begin(self, session):
+        self._items.append(("begin", session, None))
+
+    def record(self, session, event):
+        """Called for every event, under the session's lock: never blocks.
+        A terminal event is never dropped; progress is, past the queue limit."""
+        if not event.terminal and len(self._items) >= JOURNAL_QUEUE_LIMIT:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10000 == 0:
+                log.warning("the journal falls behind the disk: %d events not journaled",
+                            self.dropped)
+            return
+        self._items.append(("event", session, event))
+        if event.terminal:
+            self._wake.set()
+
+    def forget(self, session):
+        self._items.append(("forget", session, None))
+
+    def stats(self):
+        return {"ok": self.error is None, "queued": len(self._items), "written": self.written,
+                "dropped": self.dropped, "error": self.error}
+
+    def stop(self):
+        """Write what is queued, then stop."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(5.0)
+
+    def _run(self):
+        while True:
+            self._wake.wait(JOURNAL_FLUSH_S)
+            self._wake.clear()
+            stopping = self._stopping
+            self._write_queued()
+            if stopping:
+                for name in list(self._files):
+                    self._close(name)
+                return
+
+    def _write_queued(self):
+        touched, ended = set(), []
+        while self._items:
+            kind, session, event = self._items.popleft()
+            try:
+                if kind == "begin":
+                    self._append(session.id, journal_header(session))
+                elif kind == "event":
+                    self._append(session.id, journal_line(event))
+                    if event.terminal:
+                        ended.append(session.id)
+                else:
+                    self._delete(session.id)
+                touched.add(session.id)
+                self._healthy()
+            except OSError as exc:
+                self._failed(exc)
+        for name in touched:
+            self._flush(name, fsync=name in ended)
+        for name in ended:
+            self._close(name)
+
+    def _append(self, name, line):
+        entry = self._files.get(name)
+        if entry is None:
+            entry = self._files[name] = [open_journal(self.directory, name, "ab"), 0]
+        entry[0].write(line)
+        entry[1] += 1
+        self.written += 1
+        if entry[1] > 2 * HISTORY_LIMIT:
+            self._compact(name)
+
+    def _compact(self, name):
+        """Keep the header and the last HISTORY_LIMIT events, like the memory."""
+        entry = self._files[name]
+        entry[0].flush()
+        path = journal_path(self.directory, name)
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(True)
+        kept = lines[:1] + lines[1:][-HISTORY_LIMIT:]
+        temporary = journal_path(self.directory, name, JOURNAL_SUFFIX + ".tmp")
+        with open_journal(self.directory, name, "wb", suffix=JOURNAL_SUFFIX + ".tmp") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        entry[0].close()
+        self._files[name] = [open_journal(self.directory, name, "ab"), len(kept)]
+
+    def _flush(self, name, fsync):
+        entry = self._files.get(name)
+        if entry is None:
+            return
+        try:
+            entry[0].flush()
+            if fsync:
+                os.fsync(entry[0].fileno())
+        except OSError as exc:
+            self._failed(exc)
+
+    def _close(self, name):
+        entry = self._files.pop(name, None)
+        if entry is not None:
+            try:
+                entry[0].close()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _delete(self, name):
+        self._close(name)
+        try:
+            os.unlink(journal_path(self.directory, name))
+        except FileNotFoundError:
+            pass
+
+    def _failed(self, exc):
+        if self.error is None:
+            log.error("cannot write the journal in %s (%s); serving from memory",
+                      self.directory, exc.strerror or exc)
+        self.error = str(exc.strerror or exc)
+
+    def _healthy(self):
+        if self.error is not None:
+            log.warning("the journal can be written again")
+            self.error = None
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)    # never follow a link out of DIR
+
+
+def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
+    """A run's file: named from its session id, once the id's shape is checked."""
+    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+        raise OSError("not a session id: %r" % session_id)
+    return os.path.join(directory, session_id + suffix)
+
+
+def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
+    """A journal file, created private to this user, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | NOFOLLOW | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    return os.fdopen(os.open(journal_path(directory, name, suffix), flags, 0o600), mode)
+
+
+def journal_header(session):
+    return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
+                       "session_id": session.id, "title": session.title,
+                       "params": session.params, "started_ts": session.started_ts})
+            + "\n").encode()
+
+
+def journal_line(event):
+    """{"id", "event", "data"}: the data is the event's own JSON, not encoded again."""
+    data = event.sse[event.sse.index(b"\ndata: ") + 7:-2]
+    return b'{"id":%d,"event":"%s","data":%s}\n' % (event.id, event.name.encode(), data)
+
+
+def load_journal(directory, session_ttl_s):
+    """Every run the journal holds within its TTL, as (header, events) with
+    (id, name, data) events. A run without its terminal event was
+    interrupted: it gets an `error` event, written to its file so a second
+    restart adds no other. Files past their TTL are deleted. Damage never
+    stops the server: a file is read up to its first bad line, with one
+    warning; the bad tail is moved to `<file>.damaged`; a file that cannot
+    be read at all is left where it is."""
+    runs, now = [], time.time()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        name = entry.name[:-len(JOURNAL_SUFFIX)]
+        if not entry.name.endswith(JOURNAL_SUFFIX) or entry.is_symlink() or \
+                not re.fullmatch(SESSION_ID_PATTERN, name):
+            continue
+        try:
+            header, events, good_bytes, problem = read_journal(entry.path)
+        except (OSError, ValueError) as exc:
+            log.warning("journal %s not loaded, left in place: %s", entry.name, exc)
+            continue
+        if problem is not None:
+            log.warning("journal %s: %s; its events before that are kept, the rest is "
+                        "moved to %s.damaged", entry.name, problem, entry.name)
+            set_aside_damaged_tail(entry.path, good_bytes)
+        if events and events[-1][1] in TERMINAL_STATES:
+            if now - events[-1][2].get("ts", now) > session_ttl_s:
+                os.unlink(entry.path)
+                continue
+        else:
+            events.append(interrupted_event(events, now))
+            with open_journal(directory, name, "ab") as f:
+                f.write(journal_line(Event(*events[-1])))
+                f.flush()
+                os.fsync(f.fileno())
+        runs.append((header, events))
+    return runs
+
+
+def read_journal(path):
+    """(header, events, bytes that were good, the first problem or None).
+    Raises ValueError when the file is not a journal this version can read."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    try:
+        header = json.loads(lines[0].decode("utf-8"))
+    except ValueError:
+        raise ValueError("its first line is not a journal header")
+    if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
+        raise ValueError("its first line is not a journal header")
+    if header.get("version") != JOURNAL_VERSION:
+        raise ValueError("format version %r, this server reads %d"
+                         % (header.get("version"), JOURNAL_VERSION))
+    events, good, problem, last_id = [], len(lines[0]) + 1, None, 0
+    for number, line in enumerate(lines[1:], 2):
+        if not line:
+            if number <= len(lines) - 1:
+                continue
+            break
+        try:
+            record = json.loads(line.decode("utf-8"))
+            event = (record["id"], record["event"], record["data"])
+            if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
+                    or event[1] not in TERMINAL_STATES | {"progress", "log"}:
+                raise ValueError("not an event")
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = "line %d is damaged (%s)" % (number, exc)
+            break
+        events.append(event)
+        last_id = event[0]
+        good += len(line) + 1
+        if event[1] in TERMINAL_STATES:
+            break
+    return header, events, min(good, len(raw)), problem
+
+
+def set_aside_damaged_tail(path, good_bytes):
+    with open(path, "rb") as f:
+        f.seek(good_bytes)
+        tail = f.read()
+    fd = os.open(path + ".damaged", os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(tail)
+    with open(path, "r+b") as f:
+        f.truncate(good_bytes)
+
+
+def interrupted_event(events, now):
+    latest = next((data for _, name, data in reversed(events) if name != "log"), {})
+    data = {k: v for k, v in latest.items() if k not in ("ts", "elapsed_s", "message", "result")}
+    data.update({"message": INTERRUPTED, "ts": now})
+    if "elapsed_s" in latest:
+        data["elapsed_s"] = latest["elapsed_s"]
+    return (events[-1][0] + 1 if events else 1), "error", data
+
+
+###############################################################################
 # The job: a plain function, and the thread that runs it
 ###############################################################################
 
@@ -1093,7 +1425,11 @@ def run_job(session, job, params, pass_cancel):
 
 
 def finish(session, name, extra):
-    """Publish the terminal event: the latest progress fields plus `extra`."""
+    """Publish the terminal event: the latest progress fields plus `extra`.
+    A run the server stopped (it is shutting down) ends `error`, saying so,
+    not `cancelled`: nobody cancelled it."""
+    if name == "cancelled" and session.stop_reason:
+        name, extra = "error", {"message": session.stop_reason}
     fields = session.latest_fields()
     if name == "complete" and fields.get("total"):
         fields["iteration"] = fields["total"]
@@ -2148,14 +2484,20 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
-                 grip=None, grip_key=None):
+                 grip=None, grip_key=None, state_dir=None):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
         super().__init__((host, port), Handler)
         self.request_timeout_s = request_timeout_s
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
-        self.registry = Registry(max_sessions, session_ttl_s, self.on_publish)
+        self.journal = Journal(state_dir) if state_dir else None
+        self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
+                                 self.journal.forget if self.journal else lambda session: None)
+        if self.journal:
+            Journal.prepare(state_dir)
+            self.registry.restore(self.restore_runs(state_dir, session_ttl_s))
+            self.journal.start()
         self.page = read_page()
         self.page_csp = csp_for(self.page or b"")
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
@@ -2201,9 +2543,25 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub.notify(session)
         if self.grip:
             self.grip.publish(session, event)
+        if self.journal:
+            self.journal.record(session, event)
+
+    def restore_runs(self, state_dir, session_ttl_s):
+        """The runs the journal holds, as ended sessions."""
+        restored = []
+        for header, events in load_journal(state_dir, session_ttl_s):
+            restored.append(Session.restored(
+                header.get("session_id"), header.get("title") or self.job.title,
+                header.get("params") or {}, header.get("started_ts") or time.time(),
+                events, self.on_publish, lambda session: None))
+        if restored:
+            log.info("%d runs read back from the journal in %s", len(restored), state_dir)
+        return restored
 
     def start_session(self, params):
         session = self.registry.create(self.job.title, params)
+        if self.journal:
+            self.journal.begin(session)
         try:
             session.worker = self.job.start(session, params)
         except RuntimeError:    # "can't start new thread"
@@ -2220,6 +2578,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             health["error"] = "the stream writer has stopped: %s" % failure
         if self.grip:
             health["grip"] = self.grip.stats()
+        if self.journal:
+            health["journal"] = self.journal.stats()
         return health
 
     def server_close(self):
@@ -2235,12 +2595,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub.stop(timeout=1.0)
         running = self.registry.running()
         for session in running:
+            session.stop_reason = INTERRUPTED
             session.cancel.set()
         deadline = time.monotonic() + WORKER_STOP_GRACE_S
         for session in running:
             if session.worker is not None:
                 session.worker.join(max(0.0, deadline - time.monotonic()))
         self.job.stop_all()      # a command that ignored SIGTERM: no orphan
+        if self.journal:
+            self.journal.stop()    # after the runs' last events
         if self.grip:
             self.grip.stop()
         super().server_close()
@@ -2398,6 +2761,9 @@ def parse_args(argv):
     p.add_argument("--grip-key", metavar="KEY",
                    help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
                         "to come through Pushpin")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="also journal every event under DIR, and read the runs back after a "
+                        "restart (a run the restart cut short ends with an error saying so)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="least severe message to log (default %(default)s)")
@@ -2423,13 +2789,20 @@ def main(argv=None):
             job = command_job(args.cmd, args.kill_after)
         if args.grip:
             GripPublisher.check_url(args.grip)
+        if args.state_dir:
+            Journal.prepare(args.state_dir)
     except ValueError as exc:
         log.error("error: %s", exc)
+        return 2
+    except OSError as exc:
+        log.error("error: --state-dir %s cannot be used: %s", args.state_dir,
+                  exc.strerror or exc)
         return 2
     return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
-                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key)
+                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
+                 state_dir=args.state_dir)
 
 
 if __name__ == "__main__":

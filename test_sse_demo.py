@@ -10,8 +10,10 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -1885,6 +1887,222 @@ def test_cmd_flood_of_output_is_coalesced_and_others_keep_up(make, programs):
 
 
 ###############################################################################
+# Runs that outlive the server: --state-dir
+###############################################################################
+
+def journal_server(state_dir, *args, port=None):
+    extra = ("--port", str(port)) if port else ()
+    return Cli("--keepalive", "0.2", "--state-dir", str(state_dir), *(extra + args))
+
+
+def journal_lines(state_dir, sid):
+    with open(os.path.join(str(state_dir), sid + ".jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_journal_keeps_a_finished_run_across_a_restart(tmp_path):
+    first = journal_server(tmp_path)
+    try:
+        sid = start_run(first, iterations=5, **FAST)
+        before = watch(first, sid).events()
+        runs_before = get_json(first, "/runs")["runs"]
+    finally:
+        assert first.stop()[0] == 0
+    assert stat.S_IMODE(os.stat(str(tmp_path)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(str(tmp_path / (sid + ".jsonl"))).st_mode) == 0o600
+    lines = journal_lines(tmp_path, sid)
+    assert lines[0]["format"] == "sse_demo-journal" and lines[0]["version"] == 1
+    assert lines[0]["title"] == "Build optimisation (simulated)"
+    assert lines[0]["params"] == {"iterations": 5, "tick": 0, "update_every": 1}
+    assert [(l["id"], l["event"]) for l in lines[1:]] == [(int(e["id"]), e["event"])
+                                                          for e in before]
+    second = journal_server(tmp_path)
+    try:
+        after = watch(second, sid).events()
+        assert [(e["id"], e["event"], e["data"]) for e in after] == \
+            [(e["id"], e["event"], e["data"]) for e in before]       # same bytes
+        assert after[-1]["json"] == before[-1]["json"]
+        assert get_json(second, "/status/" + sid)["state"] == "complete"
+        assert get_json(second, "/runs")["runs"] == runs_before
+        status, _, _ = request(second, "GET", "/progress/" + sid, headers={"Last-Event-ID": "6"})
+        assert status == 204
+    finally:
+        assert second.stop()[0] == 0
+
+
+def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
+    first = journal_server(tmp_path)
+    sid = start_run(first, iterations=1000, tick=0.05, update_every=1)
+    stream = watch(first, sid)
+    seen = []
+    for _ in range(100):
+        block = stream.next_block(time.monotonic() + TIMEOUT)
+        if "event" in block:
+            seen.append(int(block["id"]))
+        if len(seen) == 5:
+            break
+    wait_for(lambda: len(journal_lines(tmp_path, sid)) >= 6, what="the journal to have them")
+    first.stop(signal.SIGKILL)
+    journaled = len(journal_lines(tmp_path, sid)) - 1
+    for restart in range(2):
+        srv = journal_server(tmp_path, port=first.port)
+        try:
+            rest = watch(srv, sid, {"Last-Event-ID": str(seen[-1])}).events()
+            assert ids(rest) == list(range(seen[-1] + 1, journaled + 2))
+            assert rest[-1]["event"] == "error"
+            assert "interrupted" in rest[-1]["json"]["message"]
+            assert get_json(srv, "/status/" + sid)["state"] == "error"
+        finally:
+            assert srv.stop()[0] == 0
+        assert len(journal_lines(tmp_path, sid)) - 1 == journaled + 1   # added once only
+
+
+def test_journal_a_graceful_stop_is_interrupted_not_cancelled(tmp_path):
+    first = journal_server(tmp_path)
+    try:
+        sid = start_run(first, iterations=1000, tick=0.05, update_every=1)
+        watch(first, sid).next_block(time.monotonic() + TIMEOUT)
+    finally:
+        assert first.stop()[0] == 0
+    assert journal_lines(tmp_path, sid)[-1]["event"] == "error"
+    assert "interrupted" in journal_lines(tmp_path, sid)[-1]["data"]["message"]
+
+
+def write_journal(folder, sid, lines, tail=b""):
+    with open(os.path.join(str(folder), sid + ".jsonl"), "wb") as f:
+        f.write(b"".join(json.dumps(l).encode() + b"\n" for l in lines) + tail)
+
+
+def journal_of(sid, events, version=1):
+    header = {"format": "sse_demo-journal", "version": version, "session_id": sid,
+              "title": "Old run", "params": {}, "started_ts": time.time() - 5}
+    return [header] + [{"id": i, "event": name, "data": dict(data, ts=time.time() - 4 + i)}
+                       for i, (name, data) in enumerate(events, 1)]
+
+
+GOOD = [("progress", {"iteration": 1, "total": 2}), ("complete", {"iteration": 2, "total": 2})]
+
+
+@pytest.mark.parametrize("damage, warning, kept", [
+    ("cut", "line 3 is damaged", 1), ("garbage", "line 3 is damaged", 1),
+    ("shape", "line 3 is damaged", 1), ("newer", "format version 2", None),
+    ("unreadable", "not loaded, left in place", None), ("header", "not a journal header", None),
+])
+def test_journal_damage_never_stops_the_server(tmp_path, damage, warning, kept):
+    good, bad = "G" * 22, "B" * 22
+    write_journal(tmp_path, good, journal_of(good, GOOD))
+    lines = journal_of(bad, GOOD)
+    if damage == "cut":
+        write_journal(tmp_path, bad, lines[:2], tail=b'{"id": 2, "event": "comp')
+    elif damage == "garbage":
+        write_journal(tmp_path, bad, lines[:2], tail=b"\xff\xfe\x00garbage\n" + b"x" * 50)
+    elif damage == "shape":
+        write_journal(tmp_path, bad, lines[:2] + [{"id": "two", "data": []}])
+    elif damage == "newer":
+        write_journal(tmp_path, bad, journal_of(bad, GOOD, version=2))
+    elif damage == "unreadable":
+        (tmp_path / (bad + ".jsonl")).mkdir()
+    else:
+        write_journal(tmp_path, bad, [{"hello": "world"}] + lines[1:])
+    srv = journal_server(tmp_path)
+    try:
+        assert get_json(srv, "/status/" + good)["state"] == "complete"
+        status, _, body = request(srv, "GET", "/status/" + bad)
+        if kept is None:
+            assert status == 404
+        else:
+            events = watch(srv, bad).events()
+            assert ids(events) == [1, 2] and events[-1]["json"]["message"].startswith(
+                "the server stopped during the run")       # cut short: interrupted
+    finally:
+        status, _, stderr = srv.stop()
+    assert status == 0 and "Traceback" not in stderr
+    assert warning in stderr and stderr.count(bad) >= 1
+    if kept is not None:
+        assert (tmp_path / (bad + ".jsonl.damaged")).exists()    # the bad tail, set aside
+    else:
+        assert (tmp_path / (bad + ".jsonl")).exists()            # left where it was
+
+
+def test_journal_files_expire_with_their_runs(tmp_path):
+    old = "O" * 22
+    lines = journal_of(old, GOOD)
+    lines[-1]["data"]["ts"] = time.time() - 3600
+    write_journal(tmp_path, old, lines)
+    srv = journal_server(tmp_path, "--session-ttl", "0.5")
+    try:
+        assert not (tmp_path / (old + ".jsonl")).exists()        # expired while away
+        sid = start_run(srv, iterations=2, **FAST)
+        watch(srv, sid).events()
+        wait_for(lambda: (tmp_path / (sid + ".jsonl")).exists(), what="the journal file")
+        wait_for(lambda: request(srv, "GET", "/status/" + sid)[0] == 404, what="expiry")
+        wait_for(lambda: not (tmp_path / (sid + ".jsonl")).exists(), what="the file to go")
+    finally:
+        assert srv.stop()[0] == 0
+
+
+def test_journal_of_a_long_run_is_bounded_like_the_history(make, tmp_path):
+    srv = make(state_dir=str(tmp_path))
+    sid = start_run(srv, iterations=5000, **FAST)
+    events = watch(srv, sid).events()
+    assert events[-1]["event"] == "complete"
+    wait_for(lambda: journal_lines(tmp_path, sid)[-1]["event"] == "complete", what="the end")
+    lines = journal_lines(tmp_path, sid)
+    assert len(lines) <= 1 + 2 * sse_demo.HISTORY_LIMIT
+    assert [l["id"] for l in lines[1:]] == list(range(5002 - len(lines) + 1, 5002))
+
+
+@pytest.mark.parametrize("make_bad", ["file", "under_file"])
+def test_journal_directory_that_cannot_be_used_exits_2(tmp_path, make_bad):
+    (tmp_path / "plain").write_text("x")
+    target = tmp_path / "plain" if make_bad == "file" else tmp_path / "plain" / "sub"
+    status, out, err = Cli("--state-dir", str(target)).finish()
+    assert status == 2 and "--state-dir" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_journal_failing_later_is_reported_and_the_server_goes_on(make, tmp_path, caplog):
+    folder = tmp_path / "state"
+    srv = make(state_dir=str(folder))
+    with caplog.at_level("ERROR", logger="sse_demo"):
+        shutil.rmtree(str(folder))
+        (tmp_path / "state").write_text("now a file")          # the directory is gone
+        for _ in range(2):
+            sid = start_run(srv, iterations=3, **FAST)
+            assert watch(srv, sid).events()[-1]["event"] == "complete"
+        wait_for(lambda: get_json(srv, "/healthz")["journal"]["ok"] is False,
+                 what="healthz to report it")
+    health = get_json(srv, "/healthz")
+    assert health["ok"] is True and health["journal"]["error"]
+    assert len([r for r in caplog.records if "cannot write the journal" in r.getMessage()]) == 1
+
+
+def test_journal_ignores_links_and_strange_names(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    write_journal(tmp_path, "outside", journal_of("L" * 22, GOOD))
+    folder = tmp_path / "state"
+    folder.mkdir()
+    os.symlink(str(outside), str(folder / ("L" * 22 + ".jsonl")))
+    write_journal(folder, "not a session id!", journal_of("N" * 22, GOOD))
+    srv = journal_server(folder)
+    try:
+        assert request(srv, "GET", "/status/" + "L" * 22)[0] == 404
+        assert get_json(srv, "/runs")["runs"] == []
+    finally:
+        assert srv.stop()[0] == 0
+
+
+def test_without_state_dir_nothing_is_written(tmp_path):
+    cli = Cli(cwd=str(tmp_path))
+    try:
+        sid = start_run(cli, iterations=2, **FAST)
+        watch(cli, sid).events()
+    finally:
+        assert cli.stop()[0] == 0
+    assert os.listdir(str(tmp_path)) == []
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -1972,6 +2190,25 @@ def test_browser_server_restart_shows_reconnecting_then_gone(browser):
         assert browser.element("start", "disabled") is False
     finally:
         second.stop()
+
+
+def test_browser_shows_a_run_cut_short_by_a_restart_as_interrupted(browser, tmp_path):
+    first = journal_server(tmp_path)
+    try:
+        browser.open(page_url(first))
+        start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
+        browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 3")
+    finally:
+        first.stop(signal.SIGKILL)
+    browser.wait_for(STATE + " === 'reconnecting'")
+    second = journal_server(tmp_path, port=first.port)
+    try:
+        browser.wait_for(STATE + " === 'failed'", timeout=15)
+        assert "interrupted" in browser.element("status")
+        assert "interrupted" in browser.element("message")
+        assert browser.evaluate(STATE) != "gone"
+    finally:
+        assert second.stop()[0] == 0
 
 
 def test_browser_job_failure_shows_its_message_as_text(browser, make):
