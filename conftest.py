@@ -169,7 +169,8 @@ class Stream:
     """An SSE stream over a raw socket, parsed byte for byte: the response
     head, then (for HTTP/1.1) the chunked framing, then SSE fields."""
 
-    def __init__(self, srv, path, headers=None, version="HTTP/1.1", rcvbuf=None):
+    def __init__(self, srv, path, headers=None, version="HTTP/1.1", rcvbuf=None,
+                 read_head=True):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -183,6 +184,11 @@ class Stream:
         self.text = ""            # SSE text not yet parsed into blocks
         self.ended = False        # the last chunk (or end of file) was read
         self.raw_body = b""
+        if read_head:
+            self.read_head()
+
+    def read_head(self):
+        """Wait for the response head (the request went out already)."""
         deadline = time.monotonic() + TIMEOUT
         while b"\r\n\r\n" not in self.buffer:
             self._fill(deadline)
@@ -614,16 +620,32 @@ class Proxy:
         self.port = port
 
 
-def readme_block(language):
+def readme_block(language, starts=""):
+    """The first ```language block of README.md that starts with `starts`."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        return re.search(r"```%s\n(.*?)```" % language, f.read(), re.S).group(1)
+        return re.search(r"```%s\n(%s.*?)```" % (language, re.escape(starts)), f.read(),
+                         re.S).group(1)
 
 
-@pytest.fixture
-def nginx(tmp_path, make):
+def stop_process(proc, timeout=5):
+    """Terminate, then kill if it does not go; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory):
+    """A real nginx with the README's location block, in front of a server;
+    one per test module."""
     executable = need("nginx", shutil.which("nginx") or
                       (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
-    upstream = make(keepalive_s=0.3)
+    tmp_path = tmp_path_factory.mktemp("nginx")
+    upstream = Running(keepalive_s=0.3)
     port = free_port()
     block = readme_block("nginx").replace("127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -653,49 +675,8 @@ http {
         wait_for_port(port, proc)
         yield Proxy(port), upstream
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-PUSHPIN_CONF = """[global]
-include=/usr/lib/pushpin/internal.conf
-rundir=%(dir)s/run
-ipc_prefix=pushpin-
-port_offset=0
-
-[runner]
-services=condure,zurl,pushpin-proxy,pushpin-handler
-http_port=%(http_port)d
-logdir=%(dir)s/log
-log_level=2
-client_buffer_size=8192
-client_maxconn=50000
-condure_bin=condure
-zurl_bin=zurl
-
-[proxy]
-routesfile=%(dir)s/routes
-sig_iss=pushpin
-sig_key=%(key)s
-zurl_out_specs=ipc://{rundir}/{ipc_prefix}zurl-in
-zurl_out_stream_specs=ipc://{rundir}/{ipc_prefix}zurl-in-stream
-zurl_in_specs=ipc://{rundir}/{ipc_prefix}zurl-out
-updates_check=off
-
-[handler]
-push_in_spec=ipc://{rundir}/{ipc_prefix}push-in
-push_in_sub_specs=ipc://{rundir}/{ipc_prefix}push-in-sub
-push_in_http_addr=127.0.0.1
-push_in_http_port=%(publish_port)d
-stats_spec=ipc://{rundir}/{ipc_prefix}stats
-command_spec=ipc://{rundir}/{ipc_prefix}command
-message_rate=100000
-message_hwm=100000
-"""
+        stop_process(proc)
+        upstream.stop()
 
 
 class Pushpin:
@@ -709,15 +690,18 @@ class Pushpin:
         self.publish_port = publish_port or free_port()
         for name in ("run", "log"):
             os.makedirs(os.path.join(folder, name), exist_ok=True)
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            block = re.search(r"```\n(# routes.*?)```", f.read(), re.S).group(1)
-        routes = block.strip().splitlines()[-1].replace(
+        routes = readme_block("", "# routes").strip().splitlines()[-1].replace(
             "127.0.0.1:5000", "127.0.0.1:%d" % upstream_port)
         with open(os.path.join(folder, "routes"), "w") as f:
             f.write(routes + "\n")
+        config = readme_block("ini", "# pushpin.conf")     # the README's own recipe
+        for old, new in (("/tmp/pushpin", folder), ("http_port=7999", "http_port=%d" % self.port),
+                         ("push_in_http_port=5561", "push_in_http_port=%d" % self.publish_port),
+                         ("sig_key=changeme", "sig_key=" + self.KEY)):
+            assert old in config, old
+            config = config.replace(old, new)
         with open(os.path.join(folder, "pushpin.conf"), "w") as f:
-            f.write(PUSHPIN_CONF % {"dir": folder, "http_port": self.port, "key": self.KEY,
-                                    "publish_port": self.publish_port})
+            f.write(config)
         self.proc = subprocess.Popen(
             ["pushpin", "--config", os.path.join(folder, "pushpin.conf")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -743,15 +727,20 @@ class Pushpin:
                 self.proc.wait(5)
 
 
-@pytest.fixture
-def pushpin(tmp_path, make):
+def start_pushpin(folder):
+    """A server in --grip mode and a real Pushpin in front of it, ready to
+    hold streams: (proxy, upstream)."""
     need("pushpin", shutil.which("pushpin"))
     publish_port = free_port()
     # A long idle timeout: Pushpin reuses its upstream connections and does not
     # retry a GET on one that the server closed as idle in the same instant.
-    upstream = make(keepalive_s=1.0, grip="http://127.0.0.1:%d" % publish_port,
-                    grip_key=Pushpin.KEY, request_timeout_s=60)
-    proxy = Pushpin(str(tmp_path), upstream.port, publish_port=publish_port)
+    upstream = Running(keepalive_s=1.0, grip="http://127.0.0.1:%d" % publish_port,
+                       grip_key=Pushpin.KEY, request_timeout_s=60)
+    try:
+        proxy = Pushpin(folder, upstream.port, publish_port=publish_port)
+    except BaseException:
+        upstream.stop()
+        raise
     try:
         # Ready means a stream can be held, which takes all of Pushpin's parts
         probe = start_run(upstream, iterations=2, tick=60)
@@ -765,6 +754,30 @@ def pushpin(tmp_path, make):
             return stream.status == 200
         wait_for(holds_a_stream, timeout=20, what="Pushpin to hold a stream")
         cancel(upstream, probe)
+    except BaseException:
+        proxy.stop()
+        upstream.stop()
+        raise
+    return proxy, upstream
+
+
+@pytest.fixture(scope="module")
+def pushpin(tmp_path_factory):
+    """Pushpin with the README's configuration, one per test module."""
+    proxy, upstream = start_pushpin(str(tmp_path_factory.mktemp("pushpin")))
+    try:
         yield proxy, upstream
     finally:
         proxy.stop()
+        upstream.stop()
+
+
+@pytest.fixture
+def fresh_pushpin(tmp_path):
+    """A Pushpin of this test's own, for a test that stops it."""
+    proxy, upstream = start_pushpin(str(tmp_path))
+    try:
+        yield proxy, upstream
+    finally:
+        proxy.stop()
+        upstream.stop()

@@ -116,6 +116,8 @@ SELECT_HEADROOM = 64
 GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones are dropped
 GRIP_BATCH = 200                   # items per publish request when behind
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
+GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
+                                   # often: a stream whose tail was lost still ends soon
 
 TOKEN_BYTES = 16                   # session ids and control keys: 128 random bits
 RUNS_LIMIT = 100                   # runs listed by GET /runs, newest first
@@ -2392,7 +2394,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             headers["Grip-Hold"] = "stream"
             headers["Grip-Channel"] = session.id + ("; prev-id=%d" % prev_id if prev_id else "")
             if prev_id:
-                headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=120" % session.id
+                headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
+                    session.id, GRIP_LINK_TIMEOUT_S)
             headers["Grip-Keep-Alive"] = ": keepalive\\n\\n; format=cstring; timeout=%d" % (
                 max(1, round(self.server.hub.keepalive_s)))
         self.send_body(200, body, "text/event-stream", headers)

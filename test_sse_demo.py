@@ -2424,54 +2424,110 @@ def test_nginx_passes_each_event_as_it_is_published(nginx):
     assert keepalives >= 1
 
 
-def test_nginx_resume_and_cancel(nginx):
+def test_nginx_cancel_with_the_key_ends_the_stream(nginx):
     proxy, upstream = nginx
     sid = start_run(proxy, iterations=1000, tick=0.02, update_every=1)
     stream = watch(proxy, sid)
-    deadline = time.monotonic() + TIMEOUT
-    for _ in range(4):
-        stream.next_block(deadline)
-    status, body = cancel(proxy, sid,
-                              headers={"Origin": "http://127.0.0.1:%d" % proxy.port})
+    stream.next_block(time.monotonic() + TIMEOUT)
+    status, body = cancel(proxy, sid, headers={"Origin": "http://127.0.0.1:%d" % proxy.port})
     assert status == 202
-    events = stream.events()
-    assert events[-1]["event"] == "cancelled"
-    last = int(events[-1]["id"])
+    assert stream.events()[-1]["event"] == "cancelled"
+
+
+def test_nginx_resume_gets_the_rest_then_204(nginx):
+    proxy, upstream = nginx
+    sid = start_run(proxy, iterations=6, **FAST)
+    last = int(watch(proxy, sid).events()[-1]["id"])
     resumed = watch(proxy, sid, {"Last-Event-ID": str(last - 2)}).events()
     assert ids(resumed) == [last - 1, last]
     assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": str(last)})[0] == 204
 
 
-def test_pushpin_full_run_late_join_and_204(pushpin):
+def test_pushpin_holds_the_stream_not_the_server(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=10, tick=0.1, update_every=1)
     stream = watch(proxy, sid)
     assert stream.status == 200
+    stream.next_block(time.monotonic() + TIMEOUT)
+    assert upstream.server.hub.streams == 0
     events = stream.events(timeout=15)
     assert ids(events) == list(range(1, 12)) and events[-1]["event"] == "complete"
     assert stream.ended
-    assert upstream.server.hub.streams == 0          # Pushpin held it, not the server
-    late = watch(proxy, sid).events()
-    assert ids(late) == list(range(1, 12))
-    assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": "11"})[0] == 204
-    grip = json.loads(request(upstream, "GET", "/healthz")[2])["grip"]
+    grip = get_json(upstream, "/healthz")["grip"]
     assert grip["published"] >= 12 and grip["failed"] == 0
 
 
-def test_pushpin_keepalive_cancel_and_resume(pushpin):
+def test_pushpin_late_joiner_gets_the_history(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=4, **FAST)
+    watch(upstream, sid).events()
+    assert ids(watch(proxy, sid).events()) == [1, 2, 3, 4, 5]
+
+
+def test_pushpin_resume_at_the_terminal_is_204(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=4, **FAST)
+    watch(upstream, sid).events()
+    assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": "5"})[0] == 204
+
+
+def test_pushpin_sends_keepalives_while_quiet(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=1000, tick=2.5, update_every=1)
     stream = watch(proxy, sid)
-    assert stream.status == 200
     deadline = time.monotonic() + TIMEOUT
     blocks = [stream.next_block(deadline) for _ in range(3)]
     assert blocks[0] == {"retry": "2000"} and blocks[1]["event"] == "progress"
     assert blocks[2].get("comment") == "keepalive"
+    cancel(upstream, sid)
+
+
+def test_pushpin_cancel_ends_the_held_stream(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=1000, tick=0.5, update_every=1)
+    stream = watch(proxy, sid)
+    stream.next_block(time.monotonic() + TIMEOUT)
     assert cancel(proxy, sid)[0] == 202
     events = stream.events()
     assert events[-1]["event"] == "cancelled" and stream.ended
+
+
+def test_pushpin_resume_gets_every_later_event(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=5, **FAST)
+    last = int(watch(upstream, sid).events()[-1]["id"])
     resumed = watch(proxy, sid, {"Last-Event-ID": "1"}).events()
-    assert ids(resumed) == [2, 3] or ids(resumed) == list(range(2, int(events[-1]["id"]) + 1))
+    assert ids(resumed) == list(range(2, last + 1))
+
+
+def test_pushpin_burst_of_joins_all_end_with_the_terminal_event(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=40, tick=0.05, update_every=1)
+    streams = [Stream(proxy, "/progress/" + sid, read_head=False) for _ in range(200)]
+    for stream in streams:
+        stream.read_head()
+    assert [s.status for s in streams] == [200] * 200
+    for stream in streams:
+        events = stream.events(timeout=15)
+        assert ids(events) == list(range(1, 42)) and events[-1]["event"] == "complete"
+        stream.close()
+
+
+def test_pushpin_stream_that_joins_during_the_last_event_gets_it(pushpin):
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=30, tick=0.02, update_every=1)
+    joiners = []
+    session = upstream.server.registry.get(sid)
+    for _ in range(300):                     # join again and again until the run ends
+        joiners.append(watch(proxy, sid))
+        if session.terminal_id is not None:
+            break
+    joiners.append(watch(proxy, sid))
+    assert session.terminal_id is not None
+    for stream in joiners:
+        events = stream.events(timeout=15)
+        assert events[-1]["event"] == "complete" and ids(events)[-1] == 31
+        stream.close()
 
 
 def test_pushpin_and_direct_viewers_all_get_every_event(pushpin):
@@ -2496,8 +2552,8 @@ def test_pushpin_page_works_unchanged_in_a_browser(pushpin, browser):
     assert browser.problems() == []
 
 
-def test_pushpin_stopped_mid_run(pushpin, caplog):
-    proxy, upstream = pushpin
+def test_pushpin_stopped_mid_run(fresh_pushpin, caplog):
+    proxy, upstream = fresh_pushpin
     sid = start_run(upstream, iterations=40, tick=0.05, update_every=1)
     direct = watch(upstream, sid)
     held = watch(proxy, sid)
@@ -2506,7 +2562,7 @@ def test_pushpin_stopped_mid_run(pushpin, caplog):
     with caplog.at_level("WARNING", logger="sse_demo"):
         events = direct.events(timeout=15)
     assert ids(events) == list(range(1, 42)) and events[-1]["event"] == "complete"
-    grip = json.loads(request(upstream, "GET", "/healthz")[2])["grip"]
+    grip = get_json(upstream, "/healthz")["grip"]
     assert grip["failed"] > 0
     failures = [r for r in caplog.records if "GRIP publishing failed" in r.getMessage()]
     assert len(failures) == 1
