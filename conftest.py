@@ -118,6 +118,13 @@ def watch(srv, sid, headers=None, **options):
     return Stream(srv, "/progress/" + sid, headers, **options)
 
 
+def get_json(srv, path):
+    """GET a JSON endpoint that must answer 200."""
+    status, _, body = request(srv, "GET", path)
+    assert status == 200, body
+    return json.loads(body)
+
+
 def status_of(srv, sid):
     """The run's state from GET /status."""
     status, _, body = request(srv, "GET", "/status/" + sid)
@@ -183,7 +190,8 @@ class Stream:
         self.chunked = version == "HTTP/1.1"
         self.text = ""            # SSE text not yet parsed into blocks
         self.ended = False        # the last chunk (or end of file) was read
-        self.raw_body = b""
+        self.raw_body = b""       # the body, de-chunked
+        self.wire = b""           # every byte received, as it came
         if read_head:
             self.read_head()
 
@@ -210,6 +218,7 @@ class Stream:
         if not data:
             raise EOFError("server closed the connection")
         self.buffer += data
+        self.wire += data
 
     def _take(self, n, deadline):
         while len(self.buffer) < n:
@@ -266,7 +275,7 @@ class Stream:
             fields[name or "comment"] = value[1:] if value.startswith(" ") else value
         return fields
 
-    def events(self, timeout=TIMEOUT, stop_at_terminal=True):
+    def events(self, timeout=TIMEOUT):
         """Every event until the terminal one (and the end of the body)."""
         deadline = time.monotonic() + timeout
         found = []
@@ -277,7 +286,7 @@ class Stream:
             if "event" in block:
                 block["json"] = json.loads(block["data"])
                 found.append(block)
-                if stop_at_terminal and block["event"] in ("complete", "cancelled", "error"):
+                if block["event"] in ("complete", "cancelled", "error"):
                     if self.chunked:
                         assert self.read_chunk(deadline) == b"", "no last chunk after terminal"
                     break

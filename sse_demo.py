@@ -8,44 +8,55 @@ CPython 3.7 to 3.13. Run it, open the page, press Start:
     python sse_demo.py                 # http://127.0.0.1:5000/
     python sse_demo.py --help          # every option
 
-The wire contract (endpoints, event format, resume, limits) is CONTRACT.md;
-the README has the same in brief.
+The wire protocol (endpoints, event format, resume, limits) is PROTOCOL.md
+beside this file; the README says how to use it.
 
 Plug in your own job
 --------------------
 A job is any callable whose first parameter receives ``progress``::
 
+    @describe_job(title="Optimise the build",                  # optional
+                  params={"generations": {"min": 1, "max": 500}},
+                  fields={"best_score": {"label": "Best score", "unit": "pts"}})
     def optimize_build(progress, generations=50, cancel=None):
         for g in range(generations):
             progress(g, generations, best_score=score(g))  # -> a `progress` event
-            ...                                            # your real work
+            progress.log("generation %d done" % g)         # -> a `log` event
         return {"best": "..."}                             # -> `complete`, as "result"
 
     python sse_demo.py --job mypackage.builds:optimize_build
+    python sse_demo.py --cmd 'python train.py --epochs {epochs=10}'   # any program
     # or from Python: sse_demo.serve(job=optimize_build, port=5000)
 
 - ``progress(done, total=None, **fields)`` publishes an event holding
   ``iteration``, ``total``, ``percent``, ``elapsed_s``, ``ts`` and your
-  JSON-serialisable fields. It never blocks, whatever the clients do.
+  JSON-serialisable fields; ``progress.log(text, level)`` a line of text.
+  Neither ever blocks, whatever the clients do.
 - After ``POST /cancel`` the next ``progress(...)`` raises ``Cancelled``, which
   unwinds the job; the run ends with a ``cancelled`` event. A job that wants
   to stop sooner accepts a ``cancel`` keyword (a ``threading.Event``).
 - ``POST /start`` accepts exactly the keyword parameters that have defaults;
-  their types come from the defaults (int, float, bool, str).
+  their types come from the defaults, their bounds from ``describe_job``.
 - An exception becomes an ``error`` event with its message; the traceback goes
   to the log and the server goes on.
 
-How events reach the sockets
-----------------------------
-``ThreadingHTTPServer`` is the front door: it parses every request, answers
-the JSON endpoints and writes a stream's response head. Then the stream's
-socket is handed to the one writer thread (``StreamHub``), which waits on all
-streams at once with ``selectors``, writes each event (encoded once) to every
-subscriber without blocking, sends keepalives to quiet streams and drops
-readers that stay stuck. So an idle stream costs no thread, and an event costs
-no thread wake-up per subscriber. A keep-alive connection between requests
-waits there too, so an idle connection costs no thread either. Each run has
-its own worker thread.
+Threads, and what each owns
+---------------------------
+- main: starts everything, waits for Ctrl-C or SIGTERM, stops everything.
+- ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
+  answer the JSON endpoints, write a stream's response head, then hand the
+  socket to the writer. None waits on an open stream or an idle connection.
+- ``stream-writer`` (``StreamHub``): owns every stream's socket and every idle
+  keep-alive connection. It waits on all of them at once (``selectors``),
+  writes each event (encoded once) to every subscriber without blocking,
+  sends keepalives, closes stuck readers, and gives a connection back to the
+  HTTP server when its next request arrives. So an idle stream costs no
+  thread, and an event no thread wake-up per viewer.
+- one worker per running run (``job-...``): runs the job and publishes its
+  events into the run's ``Session`` (history, ids, state); with ``--cmd``,
+  two more read the program's stdout and stderr.
+- ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
+  (``--grip``) sends them to Pushpin. Neither is ever waited for.
 
 It binds to loopback; it is a demo and a reference, not an internet-facing
 server.
@@ -204,6 +215,7 @@ class Session:
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
+        self.lost_tail = False        # read back from a journal, cut short (see resume_after)
 
     def publish(self, name, fields):
         """Stamp, encode and record one event, then tell the writers. Returns
@@ -262,6 +274,8 @@ class Session:
         session.state = last.name
         session.ended_ts = events[-1][2].get("ts", time.time())
         session.ended_at = time.monotonic() - max(0.0, time.time() - session.ended_ts)
+        session.lost_tail = events[-1][1] == "error" and \
+            events[-1][2].get("message") == INTERRUPTED
         session.cancel.set()
         return session
 
@@ -306,10 +320,19 @@ class Session:
             stop = min(len(self._history), start + limit)
             return [self._history[i] for i in range(start, stop)]
 
-    def has_ended_for(self, last_event_id):
-        """True when the client already holds this ended session's terminal event."""
-        return self.terminal_id is not None and last_event_id is not None \
-            and last_event_id >= self.terminal_id
+    def resume_after(self, last_event_id):
+        """The id after which a client's stream starts, or None when it holds
+        the terminal event already (204). A run read back from a journal that
+        lost its last events (the server crashed before writing them) may be
+        asked for ids past its terminal one: that client has not seen the
+        terminal event, so it gets it."""
+        if last_event_id is None:
+            return 0
+        if self.terminal_id is not None and last_event_id >= self.terminal_id:
+            if self.lost_tail and last_event_id > self.terminal_id:
+                return self.terminal_id - 1
+            return None
+        return min(last_event_id, self.last_id)
 
 
 class TooBusy(Exception):
@@ -1000,7 +1023,9 @@ JOURNAL_FORMAT = "sse_demo-journal"
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".jsonl"
 JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped
-JOURNAL_FLUSH_S = 0.05            # the journal thread writes what has come every this often
+JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
+                                  # (a terminal event at once): each flush is a system call
+                                  # per run, and each costs the other threads a GIL hand-off
 INTERRUPTED = ("the server stopped during the run (interrupted); "
                "its events up to then are kept")
 
@@ -1038,7 +1063,10 @@ class Journal:
         self._thread.start()
 
     def begin(self, session):
+        """A run starts: its file is written at once, so that even a crash in
+        its first second leaves a trace of it."""
         self._items.append(("begin", session, None))
+        self._wake.set()
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
@@ -2323,8 +2351,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_stream(self, query, session_id):
         session = self.find_session(session_id)
-        last_id = parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query))
-        if session.has_ended_for(last_id):
+        last_id = session.resume_after(
+            parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query)))
+        if last_id is None:
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
         if self.server.grip and self.through_pushpin():
@@ -2360,7 +2389,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # HTTP clients do not pipeline behind a stream.
         sock = socket.socket(fileno=self.connection.detach())
         sock.setblocking(False)
-        cursor = min(last_id or 0, session.last_id)
+        cursor = last_id
         return Subscriber(sock, self.client_address, session, cursor, chunked, keep_alive)
 
     def through_pushpin(self):
@@ -2723,6 +2752,19 @@ def load_job(spec):
 
 
 def parse_args(argv):
+    """The command line, checked; exits 2 with the reason when it is wrong."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
+        if not getattr(args, name) > 0:
+            p.error("--%s must be above 0" % name.replace("_", "-"))
+    for name in ("max_sessions", "max_streams"):
+        if getattr(args, name) < 1:
+            p.error("--%s must be at least 1" % name.replace("_", "-"))
+    return args
+
+
+def build_parser():
     p = argparse.ArgumentParser(
         prog="sse_demo.py",
         description="Stream the progress of long-running jobs to a browser with "
@@ -2771,14 +2813,7 @@ def parse_args(argv):
                    choices=["debug", "info", "warning", "error"],
                    help="least severe message to log (default %(default)s)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    args = p.parse_args(argv)
-    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
-        if not getattr(args, name) > 0:
-            p.error("--%s must be above 0" % name.replace("_", "-"))
-    for name in ("max_sessions", "max_streams"):
-        if getattr(args, name) < 1:
-            p.error("--%s must be at least 1" % name.replace("_", "-"))
-    return args
+    return p
 
 
 def main(argv=None):

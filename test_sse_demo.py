@@ -22,9 +22,10 @@ import time
 import pytest
 
 import sse_demo
-from conftest import (CONTROL_KEYS, FAST, HERE, STATE, TIMEOUT, Cli, Running, Stream, cancel, ids, names,
-                      page_url, parse_head, png_is_not_blank, raw_exchange, request,
-                      start_in_page, start_run, status_of, thread_count, wait_for, watch)
+from conftest import (CONTROL_KEYS, FAST, HERE, STATE, TIMEOUT, Cli, Running, Stream, cancel,
+                      get_json, ids, names, page_url, parse_head, png_is_not_blank,
+                      raw_exchange, request, start_in_page, start_run, status_of,
+                      thread_count, wait_for, watch)
 
 try:
     import resource
@@ -141,10 +142,15 @@ def test_status_snapshot_and_healthz(server):
     assert status == 200 and snapshot["state"] == "complete"
     assert snapshot["iteration"] == 4 and snapshot["percent"] == 100.0
     assert snapshot["ts"] == events[-1]["json"]["ts"]
+    open_stream = watch(server, start_run(server, iterations=1000, tick=0.05, update_every=1))
+    open_stream.next_block(time.monotonic() + TIMEOUT)
     status, _, body = request(server, "GET", "/healthz")
     health = json.loads(body)
     assert status == 200 and health["ok"] is True
-    assert health["sessions"] >= 1 and health["streams"] >= 0
+    assert health["sessions"] >= 2 and health["running"] >= 1 and health["streams"] >= 1
+    open_stream.close()
+    wait_for(lambda: get_json(server, "/healthz")["streams"] == health["streams"] - 1,
+             what="the closed stream to be counted out")
 
 
 @pytest.mark.parametrize("method, path, status", [
@@ -289,7 +295,7 @@ def test_keepalive_comments_while_quiet(server):
     first = kinds.index("progress")
     second = kinds.index("progress", first + 1)
     assert "keepalive" in kinds[first:second], kinds
-    assert b"\r\n: keepalive\n\n\r\n" in stream.raw_body or b": keepalive\n\n" in stream.raw_body
+    assert b"\r\nd\r\n: keepalive\n\n\r\n" in stream.wire       # its own chunk on the wire
 
 
 def test_http10_stream_is_unchunked_and_closed(server):
@@ -1105,12 +1111,58 @@ def test_cli_port_in_use_is_one_line_and_status_1():
     assert len(err.strip().splitlines()) == 1 and "in use" in err
 
 
+def parser_flags():
+    return sorted(flag for action in sse_demo.build_parser()._actions
+                  for flag in action.option_strings if flag.startswith("--") and flag != "--help")
+
+
 def test_cli_help_explains_every_flag():
     status, out, err = Cli("--help").finish()
     assert status == 0
-    for flag in ("--host", "--port", "--keepalive", "--max-sessions", "--max-streams",
-                 "--session-ttl", "--request-timeout", "--allow-host", "--job"):
+    for flag in parser_flags():
         assert flag in out
+
+
+def test_readme_lists_every_option_of_the_parser_and_no_other():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Options", 1)[1].split("\n## ", 1)[0]
+    listed = sorted(set(re.findall(r"^\| `(--[a-z-]+)", section, re.M)))
+    assert listed == parser_flags()
+
+
+def protocol_block(kind):
+    with open(os.path.join(HERE, "PROTOCOL.md"), encoding="utf-8") as f:
+        return re.search(r"```%s\n(.*?)```" % kind, f.read(), re.S).group(1)
+
+
+def test_protocol_md_stream_example_is_the_bytes_the_server_sends(server):
+    pattern = re.escape(protocol_block("sse")).replace(re.escape("…"), r"[-0-9.e]+")
+    sid = start_run(server, iterations=2, tick=0, update_every=1)
+    stream = watch(server, sid)
+    stream.events()
+    assert re.fullmatch(pattern, stream.raw_body.decode()), stream.raw_body
+
+
+def test_protocol_md_keepalive_chunk_is_on_the_wire(server):
+    chunk = protocol_block("chunk").strip().encode().decode("unicode_escape").encode()
+    assert chunk == b"d\r\n: keepalive\n\n\r\n"
+    sid = start_run(server, iterations=2, tick=0.5, update_every=1)
+    stream = watch(server, sid)
+    stream.events()
+    assert chunk in stream.wire
+
+
+def test_readme_describe_job_example_declares_the_job(tmp_path, monkeypatch):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Plug in your own job", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    job = sse_demo.function_job(namespace["optimize_build"]).describe()
+    assert job["title"] == "Optimise the build"
+    assert job["params"][0] == {"name": "generations", "type": "integer", "default": 30,
+                                "min": 1, "max": 500, "help": "rounds of search"}
+    assert job["fields"] == [{"name": "best_score", "label": "Best score", "unit": "pts"}]
 
 
 def test_cli_warns_when_binding_beyond_loopback():
@@ -1350,12 +1402,6 @@ def test_serve_blocks_like_main_and_stops_on_sigterm(tmp_path):
     events = Stream(cli, "/progress/" + start_run(cli, steps=2)).events()
     assert events[-1]["json"]["result"]["steps"] == 2
     assert cli.stop()[0] == 0
-
-
-def get_json(srv, path):
-    status, _, body = request(srv, "GET", path)
-    assert status == 200, body
-    return json.loads(body)
 
 
 def test_job_describes_the_builtin_simulation(server):
@@ -1955,6 +2001,21 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
         finally:
             assert srv.stop()[0] == 0
         assert len(journal_lines(tmp_path, sid)) - 1 == journaled + 1   # added once only
+
+
+def test_journal_client_that_saw_unwritten_events_still_gets_the_terminal(tmp_path):
+    sid = "C" * 22
+    write_journal(tmp_path, sid, journal_of(sid, [("progress", {"iteration": i, "total": 9})
+                                                  for i in range(3)]))
+    srv = journal_server(tmp_path)
+    try:
+        # the page saw ids up to 7 before the crash; the disk only got 3
+        events = watch(srv, sid, {"Last-Event-ID": "7"}).events()
+        assert ids(events) == [4] and events[0]["event"] == "error"
+        assert "interrupted" in events[0]["json"]["message"]
+        assert request(srv, "GET", "/progress/" + sid, headers={"Last-Event-ID": "4"})[0] == 204
+    finally:
+        assert srv.stop()[0] == 0
 
 
 def test_journal_a_graceful_stop_is_interrupted_not_cancelled(tmp_path):
