@@ -275,6 +275,19 @@ class Stream:
             fields[name or "comment"] = value[1:] if value.startswith(" ") else value
         return fields
 
+    def blocks(self, timeout=TIMEOUT, limit=100000):
+        """Every block (event, comment or retry) until the body ends, each
+        with the time it was read as "received"."""
+        deadline = time.monotonic() + timeout
+        found = []
+        for _ in range(limit):
+            block = self.next_block(deadline)
+            if block is None:
+                break
+            block["received"] = time.time()
+            found.append(block)
+        return found
+
     def events(self, timeout=TIMEOUT):
         """Every event until the terminal one (and the end of the body)."""
         deadline = time.monotonic() + timeout

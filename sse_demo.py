@@ -88,6 +88,7 @@ import selectors
 import shlex
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -112,6 +113,7 @@ STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this 
                                    # keepalive intervals is closed
 WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
 WORKER_STOP_GRACE_S = 0.5          # on shutdown, how long cancelled runs get to end
+HUB_STOP_TIMEOUT_S = 1.0           # on shutdown, how long the writer gets to end every stream
 RETRY_MS = 2000                    # the client's reconnection delay, sent as `retry:`
 RETRY_AFTER_S = 2                  # Retry-After on 429 and 503
 MAX_BODY_BYTES = 64 * 1024
@@ -164,6 +166,16 @@ def encode_chunk(payload):
 RETRY = b"retry: %d\n\n" % RETRY_MS
 KEEPALIVE = b": keepalive\n\n"
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def name_bad_field(data, error):
+    """Say which field of `data` is not strict JSON."""
+    for name, value in data.items():
+        try:
+            json_line(value)
+        except (TypeError, ValueError) as exc:
+            return "field %r is not JSON-serialisable: %s" % (name, exc)
+    return str(error)
 
 
 class Event:
@@ -460,8 +472,19 @@ class Subscriber:
     def keepalive_frame(self):
         return encode_chunk(KEEPALIVE) if self.chunked else KEEPALIVE
 
-    def has_all(self):
+    def has_terminal(self):
         return self.session.terminal_id is not None and self.cursor >= self.session.terminal_id
+
+    def end_body(self):
+        """Best effort, without blocking: the rest of what is pending and the
+        last chunk, then close."""
+        self.closed = True
+        try:
+            self.sock.setblocking(False)
+            self.sock.send(bytes(self.pending) + (LAST_CHUNK if self.chunked else b""))
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class StreamHub:
@@ -497,7 +520,8 @@ class StreamHub:
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._by_session = {}                # session -> {subscriber: None}
-        self._timers = []                    # heap of (due, seq, subscriber); one entry each
+        self._timers = []                    # heap of (due, seq, subscriber); a stale entry
+                                             # (closed, or superseded) is skipped when due
         self._seq = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
@@ -540,7 +564,7 @@ class StreamHub:
         Once the hub has stopped, the stream ends at once."""
         if not self._post(("attach", subscriber)):
             self.release()
-            end_body_now(subscriber)
+            subscriber.end_body()
 
     def park(self, sock, address):
         """Keep an idle keep-alive connection until its next request arrives
@@ -555,7 +579,7 @@ class StreamHub:
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
         most once, so a fast job can never grow it past the session count."""
-        self._post(("publish", session), once=session)
+        self._post(("events", session), once=session)
 
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
@@ -649,8 +673,8 @@ class StreamHub:
         while self._work:
             kind, value = self._work.popleft()
             self._serving = value if isinstance(value, Subscriber) else None
-            if kind == "publish":
-                self._publish(value)
+            if kind == "events":
+                self._write_new_events(value)
             elif kind == "attach":
                 self._add(value)
             elif kind == "park":
@@ -662,7 +686,7 @@ class StreamHub:
         self._schedule(sub, sub.last_write + self.keepalive_s)
         self._flush(sub)
 
-    def _publish(self, session):
+    def _write_new_events(self, session):
         """Write a session's new events to its subscribers. Subscribers at the
         same place share one encoded batch; a subscriber still sending an
         earlier batch catches up when its socket has room."""
@@ -691,7 +715,7 @@ class StreamHub:
                 sub.pending, sub.cursor = sub.frames(events), events[-1].id
             if not self._send(sub):
                 return
-        if not sub.closed and not sub.idle and sub.has_all():
+        if not sub.closed and not sub.idle and sub.has_terminal():
             self._end_stream(sub)
 
     def _send(self, sub):
@@ -794,7 +818,7 @@ class StreamHub:
         self._forget(sub)
         self._update_selector(sub, reading=False, writing=False)
         if end_body:
-            end_body_now(sub)
+            sub.end_body()
             return
         sub.closed = True
         try:
@@ -835,11 +859,11 @@ class StreamHub:
             sub = heapq.heappop(self._timers)[2]
             if not sub.closed:
                 self._serving = sub
-                due = self._check(sub, now)
+                due = self._on_timer(sub, now)
                 if due is not None:
                     self._schedule(sub, due)
 
-    def _check(self, sub, now):
+    def _on_timer(self, sub, now):
         """A subscriber's timer fired: returns when to look at it again."""
         if sub.idle:
             if now - sub.last_write >= self.idle_timeout_s:
@@ -891,18 +915,6 @@ def selector_capacity(selector):
     return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
-def end_body_now(sub):
-    """Best effort, without blocking: the rest of what is pending and the
-    last chunk, then close."""
-    sub.closed = True
-    try:
-        sub.sock.setblocking(False)
-        sub.sock.send(bytes(sub.pending) + (LAST_CHUNK if sub.chunked else b""))
-    except OSError:
-        pass
-    sub.sock.close()
-
-
 ###############################################################################
 # Behind Pushpin: GRIP (https://pushpin.org/docs/protocols/grip/)
 ###############################################################################
@@ -923,7 +935,7 @@ class GripPublisher:
     def __init__(self, publish_url):
         parts = self.check_url(publish_url)
         self._address = (parts.hostname, parts.port or 80)
-        self._path = (parts.path.rstrip("/") or "") + "/publish/"
+        self._path = parts.path.rstrip("/") + "/publish/"
         self._queue = queue.Queue(GRIP_QUEUE_LIMIT)
         self._conn = None
         self.published = 0
@@ -932,7 +944,7 @@ class GripPublisher:
         self._thread = threading.Thread(target=self._run, name="grip-publisher", daemon=True)
         self._thread.start()
 
-    def publish(self, session, event):
+    def queue_event(self, session, event):
         """Queue the event's item (and, after the terminal one, a close)."""
         item = {"channel": session.id, "id": str(event.id),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
@@ -1002,9 +1014,40 @@ class GripPublisher:
             log.warning("GRIP publishing failed (%s); clients will resume from history", reason)
 
 
+def grip_hold(session, last_id, grip_last, keepalive_s):
+    """The answer to a stream request that came through Pushpin: (body,
+    headers). The body is the history the client is missing; the headers
+    tell Pushpin to hold the stream on the session's channel, so no thread
+    of ours waits on it. Pushpin asks again with Grip-Last to recover a gap,
+    and the answer is appended to the stream. An ended run is answered whole,
+    without a hold, so the stream ends."""
+    recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
+    if recovering:
+        last_id = int(recovering.group(1))
+    ended = session.terminal_id is not None     # read before the history
+    events = session.events_after(last_id or 0, HISTORY_LIMIT)
+    body = (b"" if recovering else RETRY) + b"".join(e.sse for e in events)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if not ended:
+        # Reliable mode: with the channel's prev-id and a recovery link,
+        # Pushpin notices an event published before it subscribed (or lost
+        # on the way) and asks this same URL again.
+        prev_id = events[-1].id if events else last_id
+        headers["Grip-Hold"] = "stream"
+        headers["Grip-Channel"] = session.id + ("; prev-id=%d" % prev_id if prev_id else "")
+        if prev_id:
+            headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
+                session.id, GRIP_LINK_TIMEOUT_S)
+        headers["Grip-Keep-Alive"] = "%s; format=cstring; timeout=%d" % (
+            KEEPALIVE.decode().replace("\n", "\\n"), max(1, round(keepalive_s)))
+    return body, headers
+
+
 def grip_signature_valid(token, key):
     """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired."""
     try:
+        if not token:
+            return False
         header, claims, signature = token.split(".")
         expected = hmac.new(key.encode(), (header + "." + claims).encode(),
                             hashlib.sha256).digest()
@@ -1424,16 +1467,6 @@ def check_number(name, value):
         raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
 
 
-def name_bad_field(data, error):
-    """Say which field of `data` is not strict JSON."""
-    for name, value in data.items():
-        try:
-            json_line(value)
-        except (TypeError, ValueError) as exc:
-            return "field %r is not JSON-serialisable: %s" % (name, exc)
-    return str(error)
-
-
 def run_job(session, job, params, pass_cancel):
     """The worker thread's body: run the job and turn how it ended (returned,
     cancelled, raised) into exactly one terminal event."""
@@ -1443,18 +1476,18 @@ def run_job(session, job, params, pass_cancel):
     try:
         result = job(Progress(session), **kwargs)
     except Cancelled:
-        finish(session, "cancelled", {})
+        end_run(session, "cancelled", {})
     except BaseException as exc:   # a thread has no one to re-raise to
         log.error("job in session %s failed", session.id, exc_info=True)
-        finish(session, "error", {"message": describe_exception(exc)})
+        end_run(session, "error", {"message": describe_exception(exc)})
     else:
         if session.cancel.is_set():
-            finish(session, "cancelled", {})
+            end_run(session, "cancelled", {})
         else:
-            finish(session, "complete", {} if result is None else {"result": result})
+            end_run(session, "complete", {} if result is None else {"result": result})
 
 
-def finish(session, name, extra):
+def end_run(session, name, extra):
     """Publish the terminal event: the latest progress fields plus `extra`.
     A run the server stopped (it is shutting down) ends `error`, saying so,
     not `cancelled`: nobody cancelled it."""
@@ -1479,6 +1512,8 @@ def describe_exception(exc):
 
 
 PARAM_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 PARAM_RULES = ("min", "max", "at_most", "help")
 
 
@@ -1651,9 +1686,11 @@ TQDM_LINE = re.compile(
     r"(?:\s*\[[^\]<,]*(?:<[^\],]*)?(?:,\s*(?P<rate>[^\],]*?))?(?:,[^\]]*)?\])?\s*")
 UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 OUTPUT_LINE_LIMIT = 64 * 1024      # bytes of one output line; the rest is cut, with a note
-OUTPUT_BURST_LINES = 1000          # output lines a run may send as separate events at once,
-OUTPUT_LINES_PER_S = 500           # and the rate that allowance refills at; past it, the
-                                   # lines of one read are joined into one event
+OUTPUT_BURST_LINES = 200           # output lines a run may send as separate events at once,
+OUTPUT_LINES_PER_S = 200           # and the rate that allowance refills at; past it, the
+                                   # lines of one read are joined into one event, so that a
+                                   # flood stays well inside the history (HISTORY_LIMIT)
+OUTPUT_READ_BYTES = 65536          # one read of a program's output
 STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
 DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
 COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
@@ -1782,9 +1819,9 @@ def run_command(session, argv, values, kill_after_s, groups):
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
     except FileNotFoundError:
-        return finish(session, "error", {"message": "program not found: %s" % command[0]})
+        return end_run(session, "error", {"message": "program not found: %s" % command[0]})
     except OSError as exc:
-        return finish(session, "error", {"message": "cannot run %s: %s" % (command[0],
+        return end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
                                                                           exc.strerror or exc)})
     groups.add(process.pid)
     output = CommandOutput(session)
@@ -1801,11 +1838,11 @@ def run_command(session, argv, values, kill_after_s, groups):
         for reader in readers:
             reader.join(kill_after_s + 1.0)
     if cancelled:
-        finish(session, "cancelled", {})
+        end_run(session, "cancelled", {})
     elif process.returncode == 0:
-        finish(session, "complete", {"result": {"exit_code": 0}})
+        end_run(session, "complete", {"result": {"exit_code": 0}})
     else:
-        finish(session, "error", {"message": exit_message(command[0], process.returncode,
+        end_run(session, "error", {"message": exit_message(command[0], process.returncode,
                                                           output.stderr_tail)})
 
 
@@ -1867,7 +1904,7 @@ class CommandOutput:
         line, dropped = b"", 0
         with pipe:
             while True:
-                data = pipe.read1(65536) if hasattr(pipe, "read1") else os.read(pipe.fileno(), 65536)
+                data = pipe.read1(OUTPUT_READ_BYTES)
                 if not data:
                     break
                 ended = []
@@ -1879,11 +1916,11 @@ class CommandOutput:
                     if number < len(parts) - 1:      # a line end followed this part
                         ended.append(decode_line(line, dropped))
                         line, dropped = b"", 0
-                self._publish(ended, stream)
+                self._publish_lines(ended, stream)
         if line:
-            self._publish([decode_line(line, dropped)], stream)
+            self._publish_lines([decode_line(line, dropped)], stream)
 
-    def _publish(self, lines, stream):
+    def _publish_lines(self, lines, stream):
         lines = [line for line in lines if line.strip()]
         if stream == "stderr":
             self.stderr_tail.extend(lines)
@@ -1988,9 +2025,7 @@ class HTTPError(Exception):
         return data
 
 
-INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
-NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-DECIMAL_ID = re.compile(r"[0-9]{1,30}")
+DECIMAL = re.compile(r"[0-9]{1,30}")
 
 
 def parse_start_params(spec, sources):
@@ -2059,7 +2094,7 @@ def parse_last_event_id(header, query):
     """The client's last event id: the header wins over `?lastEventId=`; a
     value that is not a plain ASCII decimal number counts as absent."""
     for value in (header, query.get("lastEventId")):
-        if value is not None and DECIMAL_ID.fullmatch(value.strip()):
+        if value is not None and DECIMAL.fullmatch(value.strip()):
             return int(value.strip())
     return None
 
@@ -2091,18 +2126,6 @@ def is_ip_literal(name):
         except (OSError, ValueError):
             pass
     return False
-
-
-def csp_for(page):
-    """A Content-Security-Policy that allows the page's own inline script and
-    style by hash, and nothing from anywhere else."""
-    def hashes(tag):
-        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
-        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode()
-                        for b in blocks) or "'none'"
-    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-            "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
 
 
 ###############################################################################
@@ -2153,7 +2176,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # status line and headers (the base class would answer those as HTTP/0.9).
     default_request_version = "HTTP/1.0"
     server_version = "sse_demo/" + __version__
-    sys_version = ""
     disable_nagle_algorithm = True     # an event is small and must leave at once
 
     ROUTES = (
@@ -2296,7 +2318,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not lengths:
             self.request_read = True
             return b""
-        if len(set(lengths)) > 1 or not DECIMAL_ID.fullmatch(lengths[0].strip()):
+        if len(set(lengths)) > 1 or not DECIMAL.fullmatch(lengths[0].strip()):
             raise HTTPError(400, "Content-Length must be one non-negative integer")
         length = int(lengths[0])
         if length > MAX_BODY_BYTES:
@@ -2356,8 +2378,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if last_id is None:
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
-        if self.server.grip and self.through_pushpin():
-            self.hold_through_pushpin(session, last_id)
+        if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
+            self.check_grip_signature()
+            body, headers = grip_hold(session, last_id, self.headers.get("Grip-Last"),
+                                      self.server.hub.keepalive_s)
+            self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
         hub.reserve(self.connection)
@@ -2392,42 +2417,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         cursor = last_id
         return Subscriber(sock, self.client_address, session, cursor, chunked, keep_alive)
 
-    def through_pushpin(self):
-        """A request that came through Pushpin carries its Grip-Sig; with a
-        key configured, the signature must be valid."""
-        token = self.headers.get("Grip-Sig")
-        if token is None:
-            return False
-        if self.server.grip_key and not grip_signature_valid(token, self.server.grip_key):
+    def check_grip_signature(self):
+        """With a key configured, a request that claims to come through
+        Pushpin must carry a valid Grip-Sig."""
+        key = self.server.grip_key
+        if key and not grip_signature_valid(self.headers.get("Grip-Sig"), key):
             raise HTTPError(403, "invalid Grip-Sig")
-        return True
-
-    def hold_through_pushpin(self, session, last_id):
-        """Answer at once with the history the client is missing and tell
-        Pushpin to hold the stream on the session's channel; this thread is
-        then free. Pushpin asks again with Grip-Last to recover a gap; its
-        answer is appended to the stream. An ended run is answered whole,
-        without a hold, so the stream ends."""
-        grip_last = re.search(r"last-id=([0-9]+)", self.headers.get("Grip-Last") or "")
-        if grip_last:
-            last_id = int(grip_last.group(1))
-        ended = session.terminal_id is not None     # read before the history
-        events = session.events_after(last_id or 0, HISTORY_LIMIT)
-        body = (b"" if grip_last else RETRY) + b"".join(e.sse for e in events)
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        if not ended:
-            # Reliable mode: with the channel's prev-id and a recovery link,
-            # Pushpin notices an event published before it subscribed (or
-            # lost on the way) and asks this same URL again.
-            prev_id = events[-1].id if events else last_id
-            headers["Grip-Hold"] = "stream"
-            headers["Grip-Channel"] = session.id + ("; prev-id=%d" % prev_id if prev_id else "")
-            if prev_id:
-                headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
-                    session.id, GRIP_LINK_TIMEOUT_S)
-            headers["Grip-Keep-Alive"] = ": keepalive\\n\\n; format=cstring; timeout=%d" % (
-                max(1, round(self.server.hub.keepalive_s)))
-        self.send_body(200, body, "text/event-stream", headers)
 
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
@@ -2558,7 +2553,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def server_bind(self):
         # HTTPServer.server_bind() calls socket.getfqdn(), a DNS look-up that
         # can take seconds on a machine without DNS: skip it.
-        socketserver_bind(self)
+        socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
     @property
@@ -2574,7 +2569,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def on_publish(self, session, event):
         self.hub.notify(session)
         if self.grip:
-            self.grip.publish(session, event)
+            self.grip.queue_event(session, event)
         if self.journal:
             self.journal.record(session, event)
 
@@ -2624,7 +2619,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.hub is None:     # binding failed: nothing else was started
             super().server_close()
             return
-        self.hub.stop(timeout=1.0)
+        self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
         running = self.registry.running()
         for session in running:
             session.stop_reason = INTERRUPTED
@@ -2641,7 +2636,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
         super().server_close()
 
 
-socketserver_bind = http.server.socketserver.TCPServer.server_bind
+def csp_for(page):
+    """A Content-Security-Policy that allows the page's own inline script and
+    style by hash, and nothing from anywhere else."""
+    def hashes(tag):
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode()
+                        for b in blocks) or "'none'"
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
 
 
 def read_page():
@@ -2708,6 +2712,9 @@ def install_stop_signals(on_exit_now=lambda: None):
     return requested, lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
+UNLIMITED_FILES_TARGET = 65536    # the soft limit asked for when the hard one is unlimited
+
+
 def raise_open_file_limit():
     """Each stream is a socket: allow as many as the hard limit does."""
     try:
@@ -2716,7 +2723,7 @@ def raise_open_file_limit():
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_FILES_TARGET)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):

@@ -282,13 +282,7 @@ def test_connection_is_reusable_after_the_stream_ends(server):
 def test_keepalive_comments_while_quiet(server):
     sid = start_run(server, iterations=2, tick=0.6, update_every=1)
     stream = watch(server, sid)
-    deadline = time.monotonic() + TIMEOUT
-    blocks = []
-    for _ in range(100):
-        block = stream.next_block(deadline)
-        if block is None:
-            break
-        blocks.append(block)
+    blocks = stream.blocks()
     kinds = [b.get("event") or ("keepalive" if b.get("comment") == "keepalive" else "retry")
              for b in blocks]
     assert kinds[0] == "retry" and kinds[-1] == "complete"
@@ -1903,14 +1897,10 @@ def test_cmd_literal_braces_and_repeated_placeholder(make, programs):
 
 
 def read_with_arrival_times(stream, into):
-    """Reader thread: (receive time, event) for every event of the stream."""
-    deadline = time.monotonic() + 30
-    for _ in range(100000):
-        block = stream.next_block(deadline)
-        if block is None:
-            return
+    """Reader thread: (receive time, event name, data) for every event."""
+    for block in stream.blocks(timeout=30):
         if "event" in block:
-            into.append((time.time(), block["event"], json.loads(block["data"])))
+            into.append((block["received"], block["event"], json.loads(block["data"])))
 
 
 def test_cmd_flood_of_output_is_coalesced_and_others_keep_up(make, programs):
@@ -2469,16 +2459,10 @@ def test_nginx_passes_each_event_as_it_is_published(nginx):
     sid = start_run(proxy, iterations=4, tick=0.4, update_every=1)
     stream = watch(proxy, sid)
     assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
-    deadline = time.monotonic() + TIMEOUT
-    arrivals, keepalives = [], 0
-    for _ in range(200):
-        block = stream.next_block(deadline)
-        if block is None:
-            break
-        if block.get("comment") == "keepalive":
-            keepalives += 1
-        if "event" in block:
-            arrivals.append((time.time(), json.loads(block["data"])["ts"], block["event"]))
+    blocks = stream.blocks()
+    keepalives = sum(b.get("comment") == "keepalive" for b in blocks)
+    arrivals = [(b["received"], json.loads(b["data"])["ts"], b["event"])
+                for b in blocks if "event" in b]
     assert [a[2] for a in arrivals][-1] == "complete" and len(arrivals) == 5
     assert max(received - ts for received, ts, _ in arrivals) < 0.3    # not held back
     assert arrivals[-1][0] - arrivals[0][0] > 0.8                      # not in one burst
