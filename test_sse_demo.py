@@ -1137,6 +1137,15 @@ def test_protocol_md_stream_example_is_the_bytes_the_server_sends(server):
     assert re.fullmatch(pattern, stream.raw_body.decode()), stream.raw_body
 
 
+def test_protocol_md_job_example_is_what_get_job_answers(server):
+    example = json.loads(protocol_block("json").replace('"A stand-in for a long optimisation: ..."',
+                                                        '"elided"'))
+    job = get_json(server, "/job")
+    assert example["description"] == "elided" and job["description"].startswith("A stand-in")
+    example.pop("description"), job.pop("description")
+    assert example == job
+
+
 def test_protocol_md_keepalive_chunk_is_on_the_wire(server):
     chunk = protocol_block("chunk").strip().encode().decode("unicode_escape").encode()
     assert chunk == b"d\r\n: keepalive\n\n\r\n"
@@ -1680,6 +1689,11 @@ if sys.argv[1] == "wait":
 import json, sys
 print(json.dumps(sys.argv[1:]))
 """,
+    "surroundings.py": """
+import json, os, sys
+print(json.dumps({"stdin": sys.stdin.read(), "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+                  "cwd": os.getcwd(), "marker": os.environ.get("SSE_DEMO_TEST_MARKER")}))
+""",
     "flood.py": """
 import sys
 out = sys.stdout
@@ -1739,6 +1753,15 @@ def test_cmd_value_is_exactly_one_argument_and_never_reaches_a_shell(make, progr
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
     assert json.loads(logs[0]) == ["--name=" + value, "suffix " + value]
     assert not os.path.exists("pwned") and not (tmp_path / "pwned").exists()
+
+
+def test_cmd_program_gets_no_stdin_unbuffered_output_and_our_cwd_and_env(make, programs,
+                                                                         monkeypatch):
+    monkeypatch.setenv("SSE_DEMO_TEST_MARKER", "inherited")
+    srv = command_server(make, programs("surroundings.py"))
+    events = watch(srv, start_run(srv)).events()
+    seen = json.loads(events[0]["json"]["message"])
+    assert seen == {"stdin": "", "unbuffered": "1", "cwd": os.getcwd(), "marker": "inherited"}
 
 
 def test_cmd_value_cannot_become_an_option(make, programs):
