@@ -1691,6 +1691,7 @@ OUTPUT_LINES_PER_S = 200           # and the rate that allowance refills at; pas
                                    # lines of one read are joined into one event, so that a
                                    # flood stays well inside the history (HISTORY_LIMIT)
 OUTPUT_READ_BYTES = 65536          # one read of a program's output
+OUTPUT_FLOOD_PAUSE_S = 0.01        # past the allowance, a pause after each read
 STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
 DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
 COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
@@ -1901,39 +1902,47 @@ class CommandOutput:
         """A reader thread's body: read until end of file, never blocking the
         job or the writer (the pipe is this thread's alone). Of a line longer
         than OUTPUT_LINE_LIMIT bytes, only that much is kept."""
-        line, dropped = b"", 0
+        line, dropped = b"", 0          # the line not ended yet
         with pipe:
             while True:
                 data = pipe.read1(OUTPUT_READ_BYTES)
                 if not data:
                     break
-                ended = []
-                parts = re.split(b"\r\n|\r|\n", data)
-                for number, part in enumerate(parts):
-                    room = max(0, OUTPUT_LINE_LIMIT - len(line))
-                    line += part[:room]
-                    dropped += len(part) - len(part[:room])
-                    if number < len(parts) - 1:      # a line end followed this part
-                        ended.append(decode_line(line, dropped))
-                        line, dropped = b"", 0
+                parts = LINE_END.split(line + data)
+                line = parts.pop()
+                if dropped or len(line) > OUTPUT_LINE_LIMIT or \
+                        max(map(len, parts), default=0) > OUTPUT_LINE_LIMIT:
+                    ended, line, dropped = cut_long_lines(parts, line, dropped)
+                else:   # the usual case, in bulk: no Python work per line
+                    ended = b"\n".join(parts).decode("utf-8", "replace").split("\n") \
+                        if parts else []
                 self._publish_lines(ended, stream)
-        if line:
-            self._publish_lines([decode_line(line, dropped)], stream)
+        if line or dropped:
+            self._publish_lines([decode_line(line[:OUTPUT_LINE_LIMIT], dropped +
+                                             max(0, len(line) - OUTPUT_LINE_LIMIT))], stream)
 
     def _publish_lines(self, lines, stream):
-        lines = [line for line in lines if line.strip()]
+        lines = [line.rstrip() for line in lines if line and not line.isspace()]
         if stream == "stderr":
             self.stderr_tail.extend(lines)
         allowed = self._take_allowance(len(lines))
         for line in lines[:allowed]:
             self._publish_line(line, stream)
         if len(lines) > allowed:
-            joined = [l for l in lines[allowed:] if parse_progress_line(l) is None]
-            progress = [l for l in lines[allowed:] if parse_progress_line(l) is not None]
-            if progress:
-                self._publish_line(progress[-1], stream)     # only the latest counts
+            joined, latest = [], None
+            for line in lines[allowed:]:
+                if parse_progress_line(line) is None:
+                    joined.append(line)
+                else:
+                    latest = line                          # only the latest counts
+            if latest is not None:
+                self._publish_line(latest, stream)
             if joined:
                 self._log("\n".join(joined), stream)
+            # A flood: let the pipe fill before the next read (the program
+            # waits on it, not the server), so that each read, and so each
+            # event, carries many lines, and the other threads get the GIL.
+            time.sleep(OUTPUT_FLOOD_PAUSE_S)
 
     def _take_allowance(self, wanted):
         with self._lock:
@@ -1963,6 +1972,23 @@ class CommandOutput:
         self._session.publish("log", {"message": text, "level": level, "stream": stream})
 
 
+LINE_END = re.compile(b"\r\n|\r|\n")   # tqdm redraws its line after a \\r
+
+
+def cut_long_lines(parts, line, dropped):
+    """Ended lines as text, each cut to OUTPUT_LINE_LIMIT bytes with a note,
+    and what is kept of the line not ended yet: (lines, line, dropped)."""
+    ended = []
+    for part in parts:
+        ended.append(decode_line(part[:OUTPUT_LINE_LIMIT],
+                                 dropped + max(0, len(part) - OUTPUT_LINE_LIMIT)))
+        dropped = 0
+    if len(line) > OUTPUT_LINE_LIMIT:
+        dropped += len(line) - OUTPUT_LINE_LIMIT
+        line = line[:OUTPUT_LINE_LIMIT]
+    return ended, line, dropped
+
+
 def decode_line(raw, dropped):
     """Bytes of one output line as text: invalid UTF-8 replaced, and a note
     when `dropped` bytes of it were not kept."""
@@ -1975,6 +2001,8 @@ def decode_line(raw, dropped):
 def parse_progress_line(line):
     """(done, total, fields) for a progress line, or None for a log line."""
     text = line.strip()
+    if "/" not in text and not text.startswith("{"):
+        return None     # most lines: no regular expression needed
     if text.startswith("{"):
         try:
             data = json.loads(text)
