@@ -2543,6 +2543,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
+        if state_dir:
+            Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
         super().__init__((host, port), Handler)
         self.request_timeout_s = request_timeout_s
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
@@ -2550,7 +2552,6 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
                                  self.journal.forget if self.journal else lambda session: None)
         if self.journal:
-            Journal.prepare(state_dir)
             self.registry.restore(self.restore_runs(state_dir, session_ttl_s))
             self.journal.start()
         self.page = read_page()
