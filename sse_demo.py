@@ -1026,6 +1026,10 @@ def grip_hold(session, last_id, grip_last, keepalive_s):
         last_id = int(recovering.group(1))
     ended = session.terminal_id is not None     # read before the history
     events = session.events_after(last_id or 0, HISTORY_LIMIT)
+    # The run may have ended in between: a body that ends with the terminal
+    # event must end the stream too (a hold would wait for a close already
+    # published).
+    ended = ended or bool(events and events[-1].terminal)
     body = (b"" if recovering else RETRY) + b"".join(e.sse for e in events)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if not ended:

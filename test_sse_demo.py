@@ -2511,6 +2511,42 @@ def test_nginx_resume_gets_the_rest_then_204(nginx):
     assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": str(last)})[0] == 204
 
 
+def grip_session():
+    session = sse_demo.Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
+    session.publish("progress", {"iteration": 0, "total": 2})
+    return session
+
+
+def test_grip_hold_holds_a_running_run_on_its_channel():
+    body, headers = sse_demo.grip_hold(grip_session(), 0, None, 1.0)
+    assert body.startswith(b"retry: 2000\n\nid: 1\nevent: progress\n")
+    assert headers["Grip-Hold"] == "stream"
+    assert headers["Grip-Channel"] == "S" * 22 + "; prev-id=1"
+    assert headers["Grip-Link"] == "</progress/%s>; rel=next; timeout=%d" % (
+        "S" * 22, sse_demo.GRIP_LINK_TIMEOUT_S)
+    assert headers["Grip-Keep-Alive"] == ": keepalive\\n\\n; format=cstring; timeout=1"
+
+
+def test_grip_hold_ends_the_stream_when_the_run_ends_while_it_reads():
+    session = grip_session()
+    read_history = session.events_after
+
+    def run_ends_first(*args):        # the terminal event lands between the two reads
+        session.publish("complete", {"iteration": 2, "total": 2})
+        return read_history(*args)
+    session.events_after = run_ends_first
+    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    assert "Grip-Hold" not in headers
+    assert b"id: 2\nevent: complete\n" in body
+
+
+def test_grip_recovery_answers_only_what_is_missing():
+    session = grip_session()
+    session.publish("progress", {"iteration": 1, "total": 2})
+    body, headers = sse_demo.grip_hold(session, 0, "S" * 22 + "; last-id=1", 1.0)
+    assert body.startswith(b"id: 2\n") and headers["Grip-Channel"].endswith("prev-id=2")
+
+
 def test_pushpin_holds_the_stream_not_the_server(pushpin):
     proxy, upstream = pushpin
     sid = start_run(proxy, iterations=10, tick=0.1, update_every=1)
