@@ -275,6 +275,18 @@ class Stream:
             fields[name or "comment"] = value[1:] if value.startswith(" ") else value
         return fields
 
+    def _read_last_chunk(self, end_within):
+        if end_within is None:
+            assert self.read_chunk(time.monotonic() + TIMEOUT) == b"", \
+                "no last chunk after terminal"
+            return
+        deadline = time.monotonic() + end_within
+        for _ in range(1000):
+            chunk = self.read_chunk(deadline)
+            if chunk == b"":
+                return
+            assert chunk == b": keepalive\n\n", "after the terminal event: %r" % chunk
+
     def blocks(self, timeout=TIMEOUT, limit=100000):
         """Every block (event, comment or retry) until the body ends, each
         with the time it was read as "received"."""
@@ -288,8 +300,10 @@ class Stream:
             found.append(block)
         return found
 
-    def events(self, timeout=TIMEOUT):
-        """Every event until the terminal one (and the end of the body)."""
+    def events(self, timeout=TIMEOUT, end_within=None):
+        """Every event until the terminal one, and the end of the body: at
+        once, or (with `end_within`) after keepalive comments for at most
+        that many seconds."""
         deadline = time.monotonic() + timeout
         found = []
         for _ in range(100000):
@@ -301,7 +315,7 @@ class Stream:
                 found.append(block)
                 if block["event"] in ("complete", "cancelled", "error"):
                     if self.chunked:
-                        assert self.read_chunk(deadline) == b"", "no last chunk after terminal"
+                        self._read_last_chunk(end_within)
                     break
         return found
 

@@ -2629,7 +2629,10 @@ def test_pushpin_stream_that_joins_during_the_last_event_gets_it(pushpin):
     joiners.append(watch(proxy, sid))
     assert session.terminal_id is not None
     for stream in joiners:
-        events = stream.events(timeout=15)
+        # Rarely (seen 2 in ~40 runs), Pushpin delivers the terminal event to
+        # a stream that joined in that instant but not the close after it;
+        # the stream then ends at its next Grip-Link refresh.
+        events = stream.events(timeout=15, end_within=sse_demo.GRIP_LINK_TIMEOUT_S + 5)
         assert events[-1]["event"] == "complete" and ids(events)[-1] == 31
         stream.close()
 
