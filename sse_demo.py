@@ -197,6 +197,15 @@ class Event:
 # Sessions: one run, its history and its state
 ###############################################################################
 
+STAMP_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
+
+
+def without_stamps(data):
+    """An event's data without what belongs to that event alone: what a
+    terminal event carries over from the latest progress."""
+    return {k: v for k, v in data.items() if k not in STAMP_FIELDS}
+
+
 class Session:
     """One run: its events, its state, its cancel flag and its control key.
 
@@ -294,10 +303,7 @@ class Session:
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
         with self._lock:
-            data = dict(self._latest)
-        for stamp in ("elapsed_s", "ts", "message", "result"):
-            data.pop(stamp, None)
-        return data
+            return without_stamps(self._latest)
 
     def snapshot(self):
         """What /status answers: the state and the latest event's fields."""
@@ -449,7 +455,7 @@ class Subscriber:
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
                  "pending", "last_write", "blocked_since", "idle", "closed",
-                 "reading", "writing")
+                 "reading", "writing", "due")
 
     def __init__(self, sock, address, session, cursor, chunked, keep_alive):
         self.sock = sock
@@ -465,6 +471,7 @@ class Subscriber:
         self.closed = False
         self.reading = False        # the selector watches it for end of file
         self.writing = False        # the selector watches it for room to write
+        self.due = None             # when its timer fires; other heap entries are stale
 
     def frames(self, events):
         return b"".join(e.chunk if self.chunked else e.sse for e in events)
@@ -520,8 +527,8 @@ class StreamHub:
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._by_session = {}                # session -> {subscriber: None}
-        self._timers = []                    # heap of (due, seq, subscriber); a stale entry
-                                             # (closed, or superseded) is skipped when due
+        self._timers = []                    # heap of (due, seq, subscriber); an entry whose
+                                             # due is not its subscriber's is stale, skipped
         self._seq = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
@@ -846,6 +853,8 @@ class StreamHub:
     # -- timers: keepalives, stuck readers, idle connections -----------------
 
     def _schedule(self, sub, due):
+        """(Re)arm the subscriber's one timer; an earlier entry becomes stale."""
+        sub.due = due
         heapq.heappush(self._timers, (due, next(self._seq), sub))
 
     def _next_timer_delay(self):
@@ -856,8 +865,8 @@ class StreamHub:
     def _run_timers(self):
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            sub = heapq.heappop(self._timers)[2]
-            if not sub.closed:
+            due, _, sub = heapq.heappop(self._timers)
+            if not sub.closed and due == sub.due:
                 self._serving = sub
                 due = self._on_timer(sub, now)
                 if due is not None:
@@ -1283,7 +1292,7 @@ def load_journal(directory, session_ttl_s):
                 not re.fullmatch(SESSION_ID_PATTERN, name):
             continue
         try:
-            header, events, good_bytes, problem = read_journal(entry.path)
+            header, events, good_bytes, problem = read_journal(entry.path, name)
         except (OSError, ValueError) as exc:
             log.warning("journal %s not loaded, left in place: %s", entry.name, exc)
             continue
@@ -1305,9 +1314,10 @@ def load_journal(directory, session_ttl_s):
     return runs
 
 
-def read_journal(path):
+def read_journal(path, session_id):
     """(header, events, bytes that were good, the first problem or None).
-    Raises ValueError when the file is not a journal this version can read."""
+    Raises ValueError when the file is not a journal of that run that this
+    version can read."""
     with open(path, "rb") as f:
         raw = f.read()
     lines = raw.split(b"\n")
@@ -1320,6 +1330,11 @@ def read_journal(path):
     if header.get("version") != JOURNAL_VERSION:
         raise ValueError("format version %r, this server reads %d"
                          % (header.get("version"), JOURNAL_VERSION))
+    if not (isinstance(header.get("title"), str) and isinstance(header.get("params"), dict)
+            and type(header.get("started_ts")) in (int, float)):
+        raise ValueError("its first line is not a journal header (title, params, started_ts)")
+    if header.get("session_id") != session_id:
+        raise ValueError("its header names another run (%r)" % header.get("session_id"))
     events, good, problem, last_id = [], len(lines[0]) + 1, None, 0
     for number, line in enumerate(lines[1:], 2):
         if not line:
@@ -1355,8 +1370,9 @@ def set_aside_damaged_tail(path, good_bytes):
 
 
 def interrupted_event(events, now):
+    """The terminal event of a run the journal holds without one."""
     latest = next((data for _, name, data in reversed(events) if name != "log"), {})
-    data = {k: v for k, v in latest.items() if k not in ("ts", "elapsed_s", "message", "result")}
+    data = without_stamps(latest)
     data.update({"message": INTERRUPTED, "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
@@ -1546,7 +1562,8 @@ class Param:
 
     def rule_text(self, params=None):
         """What a valid value is, for a 400's message: "an integer from 1 to 5"."""
-        text = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[self.kind]
+        name = PARAM_TYPES[self.kind]
+        text = ("an " if name[0] in "aeiou" else "a ") + name
         if self.min is not None:
             text += " from %s" % self.min
         if self.max is not None:
@@ -1724,10 +1741,10 @@ def parse_command(template):
                 raise ValueError("bad placeholder %r in --cmd: write {name=default} "
                                  "(and {{ or }} for a literal brace)" % text)
             value = typed_default(default)
-            if defaults.get(name, value) != value or type(defaults.get(name, value)) is not type(value):
+            if name in defaults and repr(defaults[name]) != repr(value):   # 1 is not 1.0
                 raise ValueError("placeholder %r has two defaults in --cmd" % name)
             defaults[name] = value
-    if PLACEHOLDER.fullmatch(argv[0] or "") or "{" in argv[0]:
+    if PLACEHOLDER.search(argv[0]):
         raise ValueError("the program itself cannot be a placeholder in --cmd")
     return argv, defaults
 
@@ -1799,19 +1816,22 @@ class CommandGroups:
     def kill_all(self):
         """SIGKILL every group. Takes no lock: a signal handler calls it."""
         for pid in list(self._groups):
-            kill_group(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            kill_group(pid, HARD_KILL)
+
+
+HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
 
 
 def kill_group(pid, signum):
     """Signal a command and everything it started (its process group, POSIX);
-    on Windows only the process itself can be reached."""
+    on Windows only the process itself can be reached (TerminateProcess)."""
     try:
         if hasattr(os, "killpg"):
             os.killpg(pid, signum)
         else:
             os.kill(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
+    except OSError:
+        pass    # gone already
 
 
 def run_command(session, argv, values, kill_after_s, groups):
@@ -1838,7 +1858,7 @@ def run_command(session, argv, values, kill_after_s, groups):
     try:
         cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
     finally:
-        kill_group(process.pid, getattr(signal, "SIGKILL", signal.SIGTERM))   # what it left
+        kill_group(process.pid, HARD_KILL)   # what it left
         groups.discard(process.pid)
         for reader in readers:
             reader.join(kill_after_s + 1.0)
@@ -1866,7 +1886,7 @@ def wait_or_cancel(process, cancel, kill_after_s):
     try:
         process.wait(kill_after_s)
     except subprocess.TimeoutExpired:
-        kill_group(process.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+        kill_group(process.pid, HARD_KILL)
         process.wait()
     return True
 
@@ -2611,8 +2631,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         restored = []
         for header, events in load_journal(state_dir, session_ttl_s):
             restored.append(Session.restored(
-                header.get("session_id"), header.get("title") or self.job.title,
-                header.get("params") or {}, header.get("started_ts") or time.time(),
+                header["session_id"], header["title"], header["params"], header["started_ts"],
                 events, self.on_publish, lambda session: None))
         if restored:
             log.info("%d runs read back from the journal in %s", len(restored), state_dir)

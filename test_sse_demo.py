@@ -2061,6 +2061,7 @@ GOOD = [("progress", {"iteration": 1, "total": 2}), ("complete", {"iteration": 2
     ("cut", "line 3 is damaged", 1), ("garbage", "line 3 is damaged", 1),
     ("shape", "line 3 is damaged", 1), ("newer", "format version 2", None),
     ("unreadable", "not loaded, left in place", None), ("header", "not a journal header", None),
+    ("header_shape", "not a journal header", None), ("other_id", "names another run", None),
 ])
 def test_journal_damage_never_stops_the_server(tmp_path, damage, warning, kept):
     good, bad = "G" * 22, "B" * 22
@@ -2076,6 +2077,12 @@ def test_journal_damage_never_stops_the_server(tmp_path, damage, warning, kept):
         write_journal(tmp_path, bad, journal_of(bad, GOOD, version=2))
     elif damage == "unreadable":
         (tmp_path / (bad + ".jsonl")).mkdir()
+    elif damage == "header_shape":
+        lines[0].update(title=["not", "text"], params="none", started_ts="yesterday")
+        write_journal(tmp_path, bad, lines)
+    elif damage == "other_id":
+        lines[0]["session_id"] = good
+        write_journal(tmp_path, bad, lines)
     else:
         write_journal(tmp_path, bad, [{"hello": "world"}] + lines[1:])
     srv = journal_server(tmp_path)
