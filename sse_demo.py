@@ -1078,6 +1078,7 @@ def grip_signature_valid(token, key):
 JOURNAL_FORMAT = "sse_demo-journal"
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".jsonl"
+DAMAGED_SUFFIX = ".damaged"       # a file's unreadable tail, set aside beside it
 JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped
 JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
                                   # (a terminal event at once): each flush is a system call
@@ -1231,10 +1232,7 @@ class Journal:
 
     def _delete(self, name):
         self._close(name)
-        try:
-            os.unlink(journal_path(self.directory, name))
-        except FileNotFoundError:
-            pass
+        delete_journal(self.directory, name)
 
     def _failed(self, exc):
         if self.error is None:
@@ -1256,6 +1254,16 @@ def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
     if not re.fullmatch(SESSION_ID_PATTERN, session_id):
         raise OSError("not a session id: %r" % session_id)
     return os.path.join(directory, session_id + suffix)
+
+
+def delete_journal(directory, session_id):
+    """Delete a run's file and the damaged tail set aside from it, if any:
+    both go when the run expires."""
+    for suffix in (JOURNAL_SUFFIX, JOURNAL_SUFFIX + DAMAGED_SUFFIX):
+        try:
+            os.unlink(journal_path(directory, session_id, suffix))
+        except FileNotFoundError:
+            pass
 
 
 def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
@@ -1281,7 +1289,8 @@ def load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
     (id, name, data) events. A run without its terminal event was
     interrupted: it gets an `error` event, written to its file so a second
-    restart adds no other. Files past their TTL are deleted. Damage never
+    restart adds no other. Files past their TTL are deleted (with their
+    `.damaged` tails). Damage never
     stops the server: a file is read up to its first bad line, with one
     warning; the bad tail is moved to `<file>.damaged`; a file that cannot
     be read at all is left where it is."""
@@ -1302,7 +1311,7 @@ def load_journal(directory, session_ttl_s):
             set_aside_damaged_tail(entry.path, good_bytes)
         if events and events[-1][1] in TERMINAL_STATES:
             if now - events[-1][2].get("ts", now) > session_ttl_s:
-                os.unlink(entry.path)
+                delete_journal(directory, name)
                 continue
         else:
             events.append(interrupted_event(events, now))
@@ -1362,7 +1371,7 @@ def set_aside_damaged_tail(path, good_bytes):
     with open(path, "rb") as f:
         f.seek(good_bytes)
         tail = f.read()
-    fd = os.open(path + ".damaged", os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW, 0o600)
+    fd = os.open(path + DAMAGED_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(tail)
     with open(path, "r+b") as f:

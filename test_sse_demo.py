@@ -2122,6 +2122,26 @@ def test_journal_files_expire_with_their_runs(tmp_path):
         assert srv.stop()[0] == 0
 
 
+def test_journal_damaged_tails_expire_with_their_runs(tmp_path):
+    away, damaged = "A" * 22, "D" * 22
+    lines = journal_of(away, GOOD)
+    lines[-1]["data"]["ts"] = time.time() - 3600
+    write_journal(tmp_path, away, lines)
+    (tmp_path / (away + ".jsonl.damaged")).write_bytes(b"a tail set aside last time")
+    write_journal(tmp_path, damaged, journal_of(damaged, GOOD)[:2], tail=b'{"id": 2, "ev')
+    srv = journal_server(tmp_path, "--session-ttl", "1")
+    try:
+        assert not (tmp_path / (away + ".jsonl.damaged")).exists()   # expired while away
+        assert (tmp_path / (damaged + ".jsonl.damaged")).exists()    # set aside now
+        assert get_json(srv, "/status/" + damaged)["state"] == "error"
+        wait_for(lambda: request(srv, "GET", "/status/" + damaged)[0] == 404, what="expiry")
+        wait_for(lambda: not (tmp_path / (damaged + ".jsonl.damaged")).exists(),
+                 what="the damaged tail to go with its run")
+        assert not (tmp_path / (damaged + ".jsonl")).exists()
+    finally:
+        assert srv.stop()[0] == 0
+
+
 def test_journal_of_a_long_run_is_bounded_like_the_history(make, tmp_path):
     srv = make(state_dir=str(tmp_path))
     sid = start_run(srv, iterations=5000, **FAST)
