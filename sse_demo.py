@@ -127,7 +127,9 @@ WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer
 SELECT_LIMIT = 512 if sys.platform == "win32" else 1024
 SELECT_HEADROOM = 64
 GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones are dropped
-GRIP_BATCH = 200                   # items per publish request when behind
+GRIP_BATCH = 200                   # items per publish request
+GRIP_INTERVAL_S = 0.1              # at most one publish this often; a run's events in between
+                                   # go as one item (Pushpin's work is items x viewers)
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
                                    # often: a stream whose tail was lost still ends soon
@@ -237,6 +239,7 @@ class Session:
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
+        self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
     def publish(self, name, fields):
         """Stamp, encode and record one event, then tell the writers. Returns
@@ -272,6 +275,12 @@ class Session:
             self._on_end(self)
         return event
 
+    def offered(self, event_id):
+        """--grip: the events up to this id have gone to Pushpin (or were
+        dropped on the way); a join through Pushpin is answered up to here."""
+        with self._lock:
+            self.grip_id = max(self.grip_id, event_id)
+
     def may_control(self, authorization):
         """Does an `Authorization: Bearer <key>` header carry this run's key?
         Compared in constant time, so timing does not reveal the key."""
@@ -292,6 +301,7 @@ class Session:
                 session._latest = data
         last = session._history[-1]
         session.last_id = session.terminal_id = last.id
+        session.grip_id = last.id     # nothing of it waits for the publisher
         session.state = last.name
         session.ended_ts = events[-1][2].get("ts", time.time())
         session.ended_at = time.monotonic() - max(0.0, time.time() - session.ended_ts)
@@ -931,8 +941,12 @@ def selector_capacity(selector):
 class GripPublisher:
     """Publishes every event to Pushpin as an `http-stream` item on the
     session's channel, from one thread with a bounded queue, so that a slow or
-    absent Pushpin never blocks a job. What cannot be published is counted
-    and logged once per outage; clients recover it by resuming."""
+    absent Pushpin never blocks a job. At most one publish request goes out
+    every GRIP_INTERVAL_S, and a run's events queued in between go as one
+    item: Pushpin's work is items times held streams, so a run that publishes
+    20 events a second to 2,000 viewers costs it 20,000 deliveries a second,
+    not 40,000. What cannot be published is counted and logged once per
+    outage; clients recover it by resuming."""
 
     @staticmethod
     def check_url(publish_url):
@@ -955,10 +969,9 @@ class GripPublisher:
 
     def queue_event(self, session, event):
         """Queue the event's item (and, after the terminal one, a close)."""
-        item = {"channel": session.id, "id": str(event.id),
+        # Event 1's prev-id is 0, the one a join before any event holds with.
+        item = {"channel": session.id, "id": str(event.id), "prev-id": str(event.id - 1),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
-        if event.id > 1:
-            item["prev-id"] = str(event.id - 1)
         items = [item]
         if event.terminal:    # the close is in the id sequence too, or Pushpin sees a gap
             items.append({"channel": session.id, "id": "%d-close" % event.id,
@@ -966,9 +979,12 @@ class GripPublisher:
                           "formats": {"http-stream": {"action": "close"}}})
         for item in items:
             try:
-                self._queue.put_nowait(item)
+                self._queue.put_nowait((session, event.id, item))
             except queue.Full:
                 self._count_failure(1, "queue full")
+                # Never offered, but no longer waited for (Session.publish,
+                # the caller, holds the session's lock, as offered() does).
+                session.grip_id = max(session.grip_id, event.id)
 
     def stats(self):
         return {"queued": self._queue.qsize(), "published": self.published,
@@ -979,21 +995,35 @@ class GripPublisher:
         self._thread.join(GRIP_TIMEOUT_S)
 
     def _run(self):
+        sent_at = 0.0
         while True:
-            item = self._queue.get()
-            if item is None:
+            first = self._queue.get()
+            if first is None:
                 return
-            batch = [item]
-            while len(batch) < GRIP_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._send(batch)
-                    return
-                batch.append(item)
-            self._send(batch)
+            time.sleep(max(0.0, sent_at + GRIP_INTERVAL_S - time.monotonic()))
+            entries, stopping = self._take_queued(first)
+            sent_at = time.monotonic()
+            items = merge_items([item for _, _, item in entries])
+            for start in range(0, len(items), GRIP_BATCH):
+                self._send(items[start:start + GRIP_BATCH])
+            for session, event_id, _ in entries:   # whether Pushpin took them or not
+                session.offered(event_id)
+            if stopping:
+                return
+
+    def _take_queued(self, first):
+        """The first entry and all that are queued behind it (bounded by the
+        queue's size), and whether stop() was called."""
+        entries = [first]
+        for _ in range(GRIP_QUEUE_LIMIT):
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is None:
+                return entries, True
+            entries.append(entry)
+        return entries, False
 
     def _send(self, items):
         body = json_line({"items": items}).encode()
@@ -1023,34 +1053,54 @@ class GripPublisher:
             log.warning("GRIP publishing failed (%s); clients will resume from history", reason)
 
 
+def merge_items(items):
+    """The items with each run's consecutive events joined into one: its
+    content is theirs in order, its prev-id the first one's and its id the
+    last one's, so Pushpin's gap check reads it as one step. A close, or an
+    event that does not follow the one before, stays an item of its own."""
+    runs = {}
+    for item in items:
+        merged = runs.setdefault(item["channel"], [])
+        last = merged[-1]["formats"]["http-stream"] if merged else {}
+        this = item["formats"]["http-stream"]
+        if "content" in last and "content" in this and item.get("prev-id") == merged[-1]["id"]:
+            merged[-1] = dict(merged[-1], id=item["id"],
+                              formats={"http-stream": {"content": last["content"] + this["content"]}})
+        else:
+            merged.append(item)
+    return [item for merged in runs.values() for item in merged]
+
+
 def grip_hold(session, last_id, grip_last, keepalive_s):
     """The answer to a stream request that came through Pushpin: (body,
-    headers). The body is the history the client is missing; the headers
-    tell Pushpin to hold the stream on the session's channel, so no thread
-    of ours waits on it. Pushpin asks again with Grip-Last to recover a gap,
-    and the answer is appended to the stream. An ended run is answered whole,
-    without a hold, so the stream ends."""
+    headers). The body is the history the client is missing, up to the last
+    event offered to Pushpin; the headers tell Pushpin to hold the stream on
+    the session's channel from there, so no thread of ours waits on it.
+    Pushpin asks again with Grip-Last to recover a gap, and the answer is
+    appended to the stream. A run whose terminal event was offered is
+    answered whole, without a hold, so the stream ends."""
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
-    ended = session.terminal_id is not None     # read before the history
-    events = session.events_after(last_id or 0, HISTORY_LIMIT)
-    # The run may have ended in between: a body that ends with the terminal
-    # event must end the stream too (a hold would wait for a close already
-    # published).
-    ended = ended or bool(events and events[-1].terminal)
+    # Read first: every event up to it is in the history. Stopping there
+    # (not at the newest event, which may still wait for the publisher) the
+    # hold's prev-id is one Pushpin has seen or will see next, so a join
+    # does not look like a gap, and the events after it arrive as items.
+    offered_id = session.grip_id
+    ended = session.terminal_id is not None and session.terminal_id <= offered_id
+    events = [e for e in session.events_after(last_id or 0, HISTORY_LIMIT) if e.id <= offered_id]
     body = (b"" if recovering else RETRY) + b"".join(e.sse for e in events)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if not ended:
         # Reliable mode: with the channel's prev-id and a recovery link,
         # Pushpin notices an event published before it subscribed (or lost
         # on the way) and asks this same URL again.
-        prev_id = events[-1].id if events else last_id
+        # Before any event that is 0, event 1's prev-id.
+        prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
-        headers["Grip-Channel"] = session.id + ("; prev-id=%d" % prev_id if prev_id else "")
-        if prev_id:
-            headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
-                session.id, GRIP_LINK_TIMEOUT_S)
+        headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
+        headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
+            session.id, GRIP_LINK_TIMEOUT_S)
         headers["Grip-Keep-Alive"] = "%s; format=cstring; timeout=%d" % (
             KEEPALIVE.decode().replace("\n", "\\n"), max(1, round(keepalive_s)))
     return body, headers

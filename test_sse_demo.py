@@ -2538,8 +2538,17 @@ def test_nginx_resume_gets_the_rest_then_204(nginx):
     assert request(proxy, "GET", "/progress/" + sid, headers={"Last-Event-ID": str(last)})[0] == 204
 
 
-def grip_session():
-    session = sse_demo.Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
+def body_ids(body):
+    return [int(i) for i in re.findall(rb"^id: ([0-9]+)$", body, re.M)]
+
+
+def grip_session(offer=True):
+    """A session whose events are offered to Pushpin as they are published
+    (as GripPublisher does a moment later), unless offer is False."""
+    def offered_at_once(session, event):     # called under the session's lock
+        session.grip_id = event.id
+    session = sse_demo.Session("S" * 22, "title", {}, offered_at_once if offer else
+                               (lambda s, e: None), lambda s: None)
     session.publish("progress", {"iteration": 0, "total": 2})
     return session
 
@@ -2554,7 +2563,24 @@ def test_grip_hold_holds_a_running_run_on_its_channel():
     assert headers["Grip-Keep-Alive"] == ": keepalive\\n\\n; format=cstring; timeout=1"
 
 
-def test_grip_hold_ends_the_stream_when_the_run_ends_while_it_reads():
+def test_grip_hold_answers_up_to_what_pushpin_was_offered():
+    session = grip_session(offer=False)
+    session.publish("progress", {"iteration": 1, "total": 3})
+    session.publish("complete", {"iteration": 3, "total": 3})
+    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    assert body == sse_demo.RETRY and headers["Grip-Channel"].endswith("; prev-id=0")
+    assert "Grip-Link" in headers                 # reliable from before the first event
+    session.offered(2)
+    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    assert body_ids(body) == [1, 2]
+    assert headers["Grip-Channel"].endswith("; prev-id=2")   # event 3 comes as an item
+    session.offered(3)
+    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    assert "Grip-Hold" not in headers and body.endswith(session.events_after(2, 1)[0].sse)
+    assert body_ids(body) == [1, 2, 3]
+
+
+def test_grip_hold_stops_at_the_offered_id_when_the_run_ends_while_it_reads():
     session = grip_session()
     read_history = session.events_after
 
@@ -2563,8 +2589,10 @@ def test_grip_hold_ends_the_stream_when_the_run_ends_while_it_reads():
         return read_history(*args)
     session.events_after = run_ends_first
     body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
-    assert "Grip-Hold" not in headers
-    assert b"id: 2\nevent: complete\n" in body
+    # Held from event 1: the terminal event and the close reach Pushpin as
+    # items whose prev-ids follow on, so the hold is not a gap.
+    assert headers["Grip-Channel"].endswith("; prev-id=1")
+    assert b"event: complete" not in body
 
 
 def test_grip_recovery_answers_only_what_is_missing():
@@ -2572,6 +2600,46 @@ def test_grip_recovery_answers_only_what_is_missing():
     session.publish("progress", {"iteration": 1, "total": 2})
     body, headers = sse_demo.grip_hold(session, 0, "S" * 22 + "; last-id=1", 1.0)
     assert body.startswith(b"id: 2\n") and headers["Grip-Channel"].endswith("prev-id=2")
+
+
+def grip_item(event_id, content=None):
+    item = {"channel": "S" * 22, "id": str(event_id), "prev-id": str(event_id - 1),
+            "formats": {"http-stream": {"content": content or "e%d;" % event_id}}}
+    if content == "close":
+        item.update(id="%d-close" % (event_id - 1), formats={"http-stream": {"action": "close"}})
+    return item
+
+
+def test_grip_items_of_a_run_are_merged_in_order_and_the_close_kept_apart():
+    other = dict(grip_item(7), channel="T" * 22)
+    items = [grip_item(1), other, grip_item(2), grip_item(3), grip_item(4, "close")]
+    merged = sse_demo.merge_items(items)
+    assert merged[0] == {"channel": "S" * 22, "id": "3", "prev-id": "0",
+                         "formats": {"http-stream": {"content": "e1;e2;e3;"}}}
+    assert merged[1] == grip_item(4, "close") and merged[2] == other
+    gap = sse_demo.merge_items([grip_item(1), grip_item(3)])     # 2 is missing: no merge
+    assert [item["id"] for item in gap] == ["1", "3"]
+
+
+def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch):
+    silent = socket.socket()                      # accepts, never answers: the publisher waits
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    monkeypatch.setattr(sse_demo, "GRIP_QUEUE_LIMIT", 1)
+    monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", 0.5)
+    publisher = sse_demo.GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
+    session = sse_demo.Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
+    try:
+        session.publish("progress", {"iteration": 0, "total": 9})   # taken, being sent
+        wait_for(lambda: publisher.stats()["queued"] == 0, what="the publisher to take it")
+        for i in range(1, 4):                                      # one queued, two dropped
+            session.publish("progress", {"iteration": i, "total": 9})
+        assert publisher.stats()["failed"] == 2 and session.grip_id == 4
+        body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+        assert body_ids(body) == [1, 2, 3, 4]
+    finally:
+        publisher.stop()
+        silent.close()
 
 
 def test_pushpin_holds_the_stream_not_the_server(pushpin):
@@ -2671,6 +2739,20 @@ def test_pushpin_and_direct_viewers_all_get_every_event(pushpin):
                watch(upstream, sid)]
     for viewer in viewers:
         assert ids(viewer.events(timeout=15)) == list(range(1, 32))
+
+
+def test_pushpin_gets_a_fast_run_as_fewer_items_and_viewers_every_event(pushpin):
+    proxy, upstream = pushpin
+    before = get_json(upstream, "/healthz")["grip"]["published"]
+    sid = start_run(proxy, iterations=200, tick=0.005, update_every=1)   # 200 events/s
+    viewers = [watch(proxy, sid) for _ in range(3)]
+    for viewer in viewers:
+        events = viewer.events(timeout=15)
+        assert ids(events) == list(range(1, 202)) and events[-1]["event"] == "complete"
+    items = get_json(upstream, "/healthz")["grip"]["published"] - before
+    # One publish per GRIP_INTERVAL_S carries the run's events since the last
+    # as one item: about 10 a second here, against 202 items unmerged.
+    assert 2 <= items <= 60, items
 
 
 def test_pushpin_page_works_unchanged_in_a_browser(pushpin, browser):
