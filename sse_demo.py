@@ -56,7 +56,8 @@ Threads, and what each owns
   events into the run's ``Session`` (history, ids, state); with ``--cmd``,
   two more read the program's stdout and stderr.
 - ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
-  (``--grip``) sends them to Pushpin. Neither is ever waited for.
+  (``--grip``) sends them to Pushpin, at most every 0.1 s. Neither is ever
+  waited for.
 
 It binds to loopback; it is a demo and a reference, not an internet-facing
 server.

@@ -2274,6 +2274,21 @@ def test_browser_reload_mid_run_reattaches_and_completes(browser, server):
     assert points.count("M") + points.count("L") == 31         # every event drawn
 
 
+def test_browser_skips_events_it_already_has_when_it_attaches_again(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=30, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 5")
+    # What the page does after a refused join: a new EventSource, without
+    # Last-Event-ID, so the server replays the run from id 1.
+    browser.evaluate("attach(sessionId, false)")
+    browser.wait_for(STATE + " === 'complete'")
+    numbers = [number for number, _, _ in event_lines(browser)]
+    assert numbers == list(range(31, 0, -1))                    # each event once
+    points = browser.element("line-dps", "getAttribute('d')")
+    assert points.count("M") + points.count("L") == 31
+    assert browser.problems() == []
+
+
 def test_browser_server_restart_shows_reconnecting_then_gone(browser):
     first = Running(keepalive_s=0.2)
     port = first.port
