@@ -969,7 +969,9 @@ class GripPublisher:
         self._thread.start()
 
     def queue_event(self, session, event):
-        """Queue the event's item (and, after the terminal one, a close)."""
+        """Queue the event's item (and, after the terminal one, a close), as
+        (session, event id, item): once it is sent, the session learns it
+        was offered (see grip_hold)."""
         # Event 1's prev-id is 0, the one a join before any event holds with.
         item = {"channel": session.id, "id": str(event.id), "prev-id": str(event.id - 1),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
@@ -1096,7 +1098,7 @@ def grip_hold(session, last_id, grip_last, keepalive_s):
         # Reliable mode: with the channel's prev-id and a recovery link,
         # Pushpin notices an event published before it subscribed (or lost
         # on the way) and asks this same URL again.
-        # Before any event that is 0, event 1's prev-id.
+        # With no event yet, 0: the prev-id event 1's item carries.
         prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
         headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
@@ -1340,11 +1342,10 @@ def load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
     (id, name, data) events. A run without its terminal event was
     interrupted: it gets an `error` event, written to its file so a second
-    restart adds no other. Files past their TTL are deleted (with their
-    `.damaged` tails). Damage never
-    stops the server: a file is read up to its first bad line, with one
-    warning; the bad tail is moved to `<file>.damaged`; a file that cannot
-    be read at all is left where it is."""
+    restart adds no other. Files past their TTL are deleted, with their
+    `.damaged` tails. Damage never stops the server: a file is read up to
+    its first bad line, with one warning; the bad tail is moved to
+    `<file>.damaged`; a file that cannot be read at all is left where it is."""
     runs, now = [], time.time()
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         name = entry.name[:-len(JOURNAL_SUFFIX)]

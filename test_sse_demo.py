@@ -2262,30 +2262,23 @@ def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
     assert browser.problems() == []
 
 
-def test_browser_reload_mid_run_reattaches_and_completes(browser, server):
+@pytest.mark.parametrize("again", [
+    pytest.param(lambda browser: browser.reload(), id="reload"),
+    # What the page does after a refused join: a new EventSource, without
+    # Last-Event-ID, so the server replays the run from id 1.
+    pytest.param(lambda browser: browser.evaluate("attach(sessionId, false)"),
+                 id="attach-after-a-refused-join"),
+])
+def test_browser_that_joins_a_run_again_mid_run_shows_each_event_once(browser, server, again):
     browser.open(page_url(server))
     start_in_page(browser, iterations=30, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 3")
-    browser.reload()
+    again(browser)
     browser.wait_for(STATE + " === 'complete'")
     numbers = [number for number, _, _ in event_lines(browser)]
-    assert numbers == list(range(31, 0, -1))                    # replayed from id 1
+    assert numbers == list(range(31, 0, -1))                    # from id 1, each once
     points = browser.element("line-dps", "getAttribute('d')")
     assert points.count("M") + points.count("L") == 31         # every event drawn
-
-
-def test_browser_skips_events_it_already_has_when_it_attaches_again(browser, server):
-    browser.open(page_url(server))
-    start_in_page(browser, iterations=30, tick=0.05, update_every=1)
-    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li').length > 5")
-    # What the page does after a refused join: a new EventSource, without
-    # Last-Event-ID, so the server replays the run from id 1.
-    browser.evaluate("attach(sessionId, false)")
-    browser.wait_for(STATE + " === 'complete'")
-    numbers = [number for number, _, _ in event_lines(browser)]
-    assert numbers == list(range(31, 0, -1))                    # each event once
-    points = browser.element("line-dps", "getAttribute('d')")
-    assert points.count("M") + points.count("L") == 31
     assert browser.problems() == []
 
 
