@@ -177,11 +177,12 @@ class Stream:
     head, then (for HTTP/1.1) the chunked framing, then SSE fields."""
 
     def __init__(self, srv, path, headers=None, version="HTTP/1.1", rcvbuf=None,
-                 read_head=True):
+                 read_head=True, head_timeout=TIMEOUT):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(TIMEOUT)
+        self.head_timeout = head_timeout
         self.sock.connect(("127.0.0.1", srv.port))
         lines = ["GET %s %s" % (path, version), "Host: 127.0.0.1:%d" % srv.port]
         lines += ["%s: %s" % item for item in (headers or {}).items()]
@@ -197,7 +198,7 @@ class Stream:
 
     def read_head(self):
         """Wait for the response head (the request went out already)."""
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + self.head_timeout
         while b"\r\n\r\n" not in self.buffer:
             self._fill(deadline)
         self.status, self.headers, self.buffer = parse_head(self.buffer)
@@ -782,8 +783,8 @@ def start_pushpin(folder):
         probe = start_run(upstream, iterations=2, tick=60)
 
         def holds_a_stream():
-            try:
-                stream = Stream(proxy, "/progress/" + probe)
+            try:     # a request Pushpin took while starting may never be answered
+                stream = Stream(proxy, "/progress/" + probe, head_timeout=1.0)
             except (OSError, EOFError):
                 return False
             stream.close()
