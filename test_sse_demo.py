@@ -2633,21 +2633,27 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
     silent = socket.socket()                      # accepts, never answers: the publisher waits
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
+    silent.settimeout(TIMEOUT)
     monkeypatch.setattr(sse_demo, "GRIP_QUEUE_LIMIT", 1)
-    monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", TIMEOUT)
     publisher = sse_demo.GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
     session = sse_demo.Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
+    conn = None
     try:
-        session.publish("progress", {"iteration": 0, "total": 9})   # taken, being sent
-        wait_for(lambda: publisher.stats()["queued"] == 0, what="the publisher to take it")
-        for i in range(1, 4):                                      # one queued, two dropped
+        session.publish("progress", {"iteration": 0, "total": 9})
+        conn, _ = silent.accept()
+        conn.settimeout(TIMEOUT)
+        assert conn.recv(65536).startswith(b"POST ")      # event 1 sent; waiting for the answer
+        for i in range(1, 4):                              # event 2 queued, 3 and 4 dropped
             session.publish("progress", {"iteration": i, "total": 9})
         assert publisher.stats()["failed"] == 2 and session.grip_id == 4
         body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
         assert body_ids(body) == [1, 2, 3, 4]
     finally:
-        publisher.stop()
+        if conn is not None:
+            conn.close()                                   # the publisher's requests fail now
         silent.close()
+        publisher.stop()
 
 
 def test_pushpin_holds_the_stream_not_the_server(pushpin):
