@@ -1360,7 +1360,7 @@ def load_journal(directory, session_ttl_s):
         if problem is not None:
             log.warning("journal %s: %s; its events before that are kept, the rest is "
                         "moved to %s.damaged", entry.name, problem, entry.name)
-            set_aside_damaged_tail(entry.path, good_bytes)
+            set_aside_damaged_tail(directory, name, good_bytes)
         if events and events[-1][1] in TERMINAL_STATES:
             if now - events[-1][2].get("ts", now) > session_ttl_s:
                 delete_journal(directory, name)
@@ -1419,12 +1419,13 @@ def read_journal(path, session_id):
     return header, events, min(good, len(raw)), problem
 
 
-def set_aside_damaged_tail(path, good_bytes):
+def set_aside_damaged_tail(directory, name, good_bytes):
+    """Move a run's file's bytes past `good_bytes` to its `.damaged` file."""
+    path = journal_path(directory, name)
     with open(path, "rb") as f:
         f.seek(good_bytes)
         tail = f.read()
-    fd = os.open(path + DAMAGED_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with open_journal(directory, name, "ab", suffix=JOURNAL_SUFFIX + DAMAGED_SUFFIX) as f:
         f.write(tail)
     with open(path, "r+b") as f:
         f.truncate(good_bytes)
