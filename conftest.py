@@ -540,13 +540,18 @@ class Page:
     def click(self, element_id):
         self.evaluate("document.getElementById(%s).click()" % json.dumps(element_id))
 
-    def log_lines(self):
-        """The page's log, newest first, one string per line."""
-        return self.evaluate("[...document.querySelectorAll('#log li')].map(li => "
+    def log_lines(self, progress=False):
+        """The page's log, newest first, one string per line; with
+        `progress`, the progress events too (the page's toggle)."""
+        if progress:
+            self.evaluate("(() => { const box = document.getElementById('log-progress');"
+                          "if (!box.checked) box.click(); })()")
+            self.wait_for("!document.getElementById('log-progress').checked || "
+                          "document.querySelectorAll('#log li.progress').length > 0")
+        return self.evaluate("[...document.querySelectorAll('#log li')].reverse().map(li => "
                              "[...li.children].map(s => s.textContent).join(' '))")
 
-    READY = ("document.readyState === 'complete' && !!document.getElementById('start') "
-             "&& document.getElementById('start').textContent !== 'Start'")   # /job read
+    READY = "document.readyState === 'complete' && document.body.dataset.job === 'loaded'"
 
     def open(self, url):
         self.call("Page.navigate", url=url)

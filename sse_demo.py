@@ -158,7 +158,12 @@ json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 def encode_event(event_id, name, data):
     """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
-    return ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name, json_line(data))).encode()
+    return frame_event(event_id, name, json_line(data).encode())
+
+
+def frame_event(event_id, name, data_json):
+    """An event's fields around its data, already encoded as one JSON line."""
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data_json)
 
 
 def encode_chunk(payload):
@@ -182,18 +187,185 @@ def name_bad_field(data, error):
 
 
 class Event:
-    """A published event, encoded once for every socket it goes to."""
+    """A published event, encoded once for every socket it goes to (and
+    for the record and the journal, which reuse its JSON)."""
 
-    __slots__ = ("id", "name", "sse", "chunk", "terminal")
+    __slots__ = ("id", "name", "json", "sse", "chunk", "terminal")
 
     def __init__(self, event_id, name, data):
         self.id = event_id
         self.name = name
-        self.sse = encode_event(event_id, name, data)
+        self.json = json_line(data).encode()
+        self.sse = frame_event(event_id, name, self.json)
         self.chunk = encode_chunk(self.sse)
         self.terminal = name in TERMINAL_STATES
         if self.terminal:
             self.chunk += LAST_CHUNK      # the terminal event ends the body
+
+
+###############################################################################
+# A run's whole record: its series and its events, bounded
+###############################################################################
+
+SERIES_BUCKETS = 4096              # buckets a run's series keeps; past it, pairs merge
+SERIES_POINTS_DEFAULT = 1000       # GET /series?points=N: default, and its bounds
+SERIES_POINTS_MIN = 10
+SERIES_POINTS_MAX = 5000
+DEFAULT_MAX_RECORD_MB = 16.0       # a run's record in memory (--max-record-mb)
+RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
+
+
+def numeric_fields(data):
+    """The job's own numeric fields of an event: what the chart draws."""
+    return {name: value for name, value in data.items()
+            if name not in RESERVED_FIELDS and not isinstance(value, bool)
+            and isinstance(value, (int, float))}
+
+
+class Series:
+    """Every numeric field over the whole run in bounded memory: buckets of
+    equal iteration width, each with the first iteration it holds and, per
+    field, [min, max, last]. When the run outgrows SERIES_BUCKETS buckets the
+    width doubles and neighbours merge pairwise, so a spike survives as a
+    bucket's max however long the run. Guarded by its session's lock."""
+
+    def __init__(self):
+        self.width = 1
+        self.buckets = {}          # index -> [first iteration, {field: [min, max, last]}]
+        self.last_id = 0
+
+    def add(self, event_id, iteration, fields):
+        self.last_id = event_id
+        if not fields or isinstance(iteration, bool) or not isinstance(iteration, (int, float)):
+            return
+        index = int(max(0, iteration) // self.width)
+        while index >= SERIES_BUCKETS:
+            self.buckets = merge_buckets(self.buckets, 2)
+            self.width *= 2
+            index //= 2
+        bucket = self.buckets.get(index)
+        if bucket is None:
+            bucket = self.buckets[index] = [iteration, {}]
+        for name, value in fields.items():
+            kept = bucket[1].get(name)
+            if kept is None:
+                bucket[1][name] = [value, value, value]
+            else:
+                kept[0], kept[1], kept[2] = min(kept[0], value), max(kept[1], value), value
+
+    def answer(self, points):
+        """What GET /series answers: at most `points` buckets of equal width."""
+        factor = 1
+        while self.buckets and max(self.buckets) // factor >= points:
+            factor *= 2
+        buckets = merge_buckets(self.buckets, factor) if factor > 1 else self.buckets
+        order = sorted(buckets)
+        names = sorted({name for b in buckets.values() for name in b[1]})
+        fields = {name: {"min": [], "max": [], "last": []} for name in names}
+        for index in order:
+            values = buckets[index][1]
+            for name in names:
+                kept = values.get(name) or (None, None, None)
+                for part, value in zip(("min", "max", "last"), kept):
+                    fields[name][part].append(value)
+        return {"iterations": [buckets[i][0] for i in order], "width": self.width * factor,
+                "fields": fields, "last_id": self.last_id}
+
+
+def merge_buckets(buckets, factor):
+    """Buckets of `factor` times the width: neighbours merged, in order."""
+    merged = {}
+    for index in sorted(buckets):
+        first, values = buckets[index]
+        target = merged.get(index // factor)
+        if target is None:
+            merged[index // factor] = [first, {k: list(v) for k, v in values.items()}]
+            continue
+        for name, (low, high, last) in values.items():
+            kept = target[1].get(name)
+            if kept is None:
+                target[1][name] = [low, high, last]
+            else:
+                kept[0], kept[1], kept[2] = min(kept[0], low), max(kept[1], high), last
+    return merged
+
+
+class Record:
+    """Every event of a run as its /export line, for /log and /export, in at
+    most `budget` bytes. Past the budget, progress events are thinned first
+    (every other one, the newest kept); then log lines from the middle of
+    the run go, and a `warning` line in their place says how many. Guarded
+    by its session's lock; `changed` wakes /log?follow readers."""
+
+    def __init__(self, budget_bytes, lock):
+        self.budget = budget_bytes
+        self.items = []            # [id, name, line]: line is the event's /export JSON line
+        self.size = 0
+        self.dropped_logs = 0
+        self.changed = threading.Condition(lock)
+
+    def add(self, event, data):
+        line = export_line(event.id, event.name, event.json)
+        self.items.append([event.id, event.name, line])
+        self.size += len(line) + RECORD_ITEM_OVERHEAD
+        if self.size > self.budget:
+            self._shrink()
+        self.changed.notify_all()
+
+    def _shrink(self):
+        progress = [i for i, item in enumerate(self.items[:-1]) if item[1] == "progress"]
+        if len(progress) >= 2:
+            drop = set(progress[-2::-2])      # every other one, never the newest
+            self.items = [item for i, item in enumerate(self.items) if i not in drop]
+        else:
+            self._drop_middle_logs()
+        self.size = sum(len(item[2]) + RECORD_ITEM_OVERHEAD for item in self.items)
+
+    def _drop_middle_logs(self):
+        """Drop a quarter of the items from the middle; one marker stands for
+        all that were ever dropped there."""
+        count = len(self.items)
+        start, stop = count // 2 - count // 8, count // 2 + count // 8
+        if stop - start < 1:
+            return
+        gone = self.items[start:stop]
+        dropped = sum(1 for item in gone if item[1] == "log" and item[0] is not None)
+        markers = [item for item in gone if item[0] is None]
+        self.dropped_logs += dropped
+        marker = markers[0] if markers else [None, "log", b""]
+        marker[2] = export_line(None, "log", json_line({
+            "message": "%d log lines dropped here: the run's record is over --max-record-mb "
+                       "(the server's memory limit for it)" % self.dropped_logs,
+            "level": "warning",
+            "ts": json.loads(gone[0][2].decode())["data"].get("ts", time.time())}).encode())
+        self.items[start:stop] = [marker]
+
+    def lines_after(self, position):
+        """(the export lines from `position` on, the next position)."""
+        return [item[2] for item in self.items[position:]], len(self.items)
+
+
+def export_line(event_id, name, data_json):
+    """One /export (and journal) line: {"id", "event", "data"}; the data is the
+    event's own JSON, not encoded again."""
+    return b'{"id":%s,"event":"%s","data":%s}\n' % (
+        b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
+
+
+def log_text_line(record):
+    """One /log line from an export record: ISO 8601 UTC time with
+    milliseconds, level, [stream], message; further lines indented by two."""
+    data = record["data"]
+    stamp = data.get("ts")
+    when = "-"
+    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
+        seconds, millis = divmod(int(stamp * 1000), 1000)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+    parts = [when, str(data.get("level", "info"))]
+    if data.get("stream"):
+        parts.append("[%s]" % data["stream"])
+    message = str(data.get("message", "")).replace("\r\n", "\n").replace("\n", "\n  ")
+    return (" ".join(parts) + " " + message + "\n").encode("utf-8", "replace")
 
 
 ###############################################################################
@@ -219,7 +391,8 @@ class Session:
     safe in CPython (one reference load) and at worst one event stale.
     """
 
-    def __init__(self, session_id, title, params, on_publish, on_end):
+    def __init__(self, session_id, title, params, on_publish, on_end,
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.title = title
@@ -231,14 +404,18 @@ class Session:
         self.ended_ts = None
         self._on_publish = on_publish
         self._on_end = on_end
-        self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest
+        self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest,
+                                       # series and record
         self._history = collections.deque(maxlen=HISTORY_LIMIT)
+        self.series = Series()
+        self.record = Record(record_bytes, self._lock)
         self.last_id = 0
         self.terminal_id = None
         self.state = "running"
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
+        self.journal_file = None      # read back after a restart: its record is this file
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
         self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
@@ -260,10 +437,7 @@ class Session:
                 event = Event(self.last_id + 1, name, data)
             except (TypeError, ValueError) as exc:
                 raise TypeError(name_bad_field(data, exc))
-            self._history.append(event)
-            self.last_id = event.id
-            if name != "log":
-                self._latest = data
+            self._keep(event, data)
             if event.terminal:
                 self.terminal_id = event.id
                 self.state = name
@@ -275,6 +449,34 @@ class Session:
         if event.terminal:
             self._on_end(self)
         return event
+
+    def _keep(self, event, data, record=True):
+        """Add a new event to the history, the series and the record."""
+        self._history.append(event)
+        self.last_id = event.id
+        if event.name != "log":
+            self._latest = data
+            self.series.add(event.id, data.get("iteration"), numeric_fields(data))
+        else:
+            self.series.last_id = event.id
+        if record:
+            self.record.add(event, data)
+
+    def series_answer(self, points):
+        with self._lock:
+            return self.series.answer(points)
+
+    def record_lines(self, position=0):
+        """(the /export lines from `position` on, the next position)."""
+        with self._lock:
+            return self.record.lines_after(position)
+
+    def wait_for_record(self, position, timeout):
+        """Wait until the record holds more than `position` items or the run
+        has ended, at most `timeout` seconds."""
+        with self._lock:
+            if len(self.record.items) <= position and self.terminal_id is None:
+                self.record.changed.wait(timeout)
 
     def offered(self, event_id):
         """--grip: the events up to this id have gone to Pushpin (or were
@@ -290,18 +492,18 @@ class Session:
             key.strip().encode(), self.control_key.encode())
 
     @classmethod
-    def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end):
+    def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end,
+                 journal_file):
         """A session rebuilt from its journal: (id, name, data) events, oldest
-        first, the last of them terminal."""
+        first, the last of them terminal. Its record stays on disk: /log and
+        /export read `journal_file`."""
         session = cls(session_id, title, params, on_publish, on_end)
         session.started_ts = started_ts
+        session.journal_file = journal_file
         for event_id, name, data in events:
-            event = Event(event_id, name, data)
-            session._history.append(event)
-            if name != "log":
-                session._latest = data
+            session._keep(Event(event_id, name, data), data, record=False)
         last = session._history[-1]
-        session.last_id = session.terminal_id = last.id
+        session.terminal_id = last.id
         session.grip_id = last.id     # nothing of it waits for the publisher
         session.state = last.name
         session.ended_ts = events[-1][2].get("ts", time.time())
@@ -377,8 +579,10 @@ class Registry:
     """Every known session: creates within the cap, looks up, forgets ended
     sessions after their time to live, and cancels all on shutdown."""
 
-    def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None):
+    def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20):
         self.max_sessions = max_sessions
+        self.record_bytes = record_bytes
         self.session_ttl_s = session_ttl_s
         self._on_publish = on_publish
         self._on_forget = on_forget      # an expired session's journal goes too
@@ -394,7 +598,7 @@ class Registry:
                 raise TooBusy(429, "too many running sessions (limit %d); try again later"
                               % self.max_sessions)
             session = Session(secrets.token_urlsafe(TOKEN_BYTES), title, params,
-                              self._on_publish, self._session_ended)
+                              self._on_publish, self._session_ended, self.record_bytes)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -1145,14 +1349,16 @@ class Journal:
     JSON object a line: a header, then {"id", "event", "data"} per event) by
     one thread of its own, so a job or the stream writer never waits for the
     disk. A terminal event is flushed and fsynced; a run's file is rewritten
-    to its last HISTORY_LIMIT events when it grows past twice that, and
-    deleted when the run expires. Only this thread touches the files."""
+    when its progress events pass twice HISTORY_LIMIT: every log line and the
+    last HISTORY_LIMIT events stay, older progress is thinned to every other
+    one. A file is deleted when its run expires. Only this thread touches
+    the files."""
 
     def __init__(self, directory):
         self.directory = directory
         self._items = collections.deque()   # (kind, session, event); appended from any thread
         self._wake = threading.Event()      # a terminal event or stop: write now
-        self._files = {}                    # session id -> [open file, lines in it]
+        self._files = {}                    # session id -> [open file, progress lines in it]
         self.written = 0
         self.dropped = 0
         self.error = None                   # the disk's last complaint, while it lasts
@@ -1242,19 +1448,23 @@ class Journal:
         if entry is None:
             entry = self._files[name] = [open_journal(self.directory, name, "ab"), 0]
         entry[0].write(line)
-        entry[1] += 1
+        entry[1] += is_progress_line(line)
         self.written += 1
         if entry[1] > 2 * HISTORY_LIMIT:
             self._compact(name)
 
     def _compact(self, name):
-        """Keep the header and the last HISTORY_LIMIT events, like the memory."""
+        """Keep the header, every log line and the last HISTORY_LIMIT events;
+        of the progress before those, every other one."""
         entry = self._files[name]
         entry[0].flush()
         path = journal_path(self.directory, name)
         with open(path, "rb") as f:
             lines = f.read().splitlines(True)
-        kept = lines[:1] + lines[1:][-HISTORY_LIMIT:]
+        old, recent = lines[1:-HISTORY_LIMIT], lines[-HISTORY_LIMIT:]
+        progress = [i for i, line in enumerate(old) if is_progress_line(line)]
+        drop = set(progress[::2])
+        kept = lines[:1] + [line for i, line in enumerate(old) if i not in drop] + recent
         temporary = journal_path(self.directory, name, JOURNAL_SUFFIX + ".tmp")
         with open_journal(self.directory, name, "wb", suffix=JOURNAL_SUFFIX + ".tmp") as f:
             f.writelines(kept)
@@ -1262,7 +1472,8 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(temporary, path)
         entry[0].close()
-        self._files[name] = [open_journal(self.directory, name, "ab"), len(kept)]
+        self._files[name] = [open_journal(self.directory, name, "ab"),
+                             sum(map(is_progress_line, kept))]
 
     def _flush(self, name, fsync):
         entry = self._files.get(name)
@@ -1325,6 +1536,18 @@ def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
     return os.fdopen(os.open(journal_path(directory, name, suffix), flags, 0o600), mode)
 
 
+def journal_export_lines(path):
+    """The /export lines of a run's journal file: every line but the header,
+    up to the first one that is cut short."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")[1:]
+    except OSError as exc:
+        log.warning("cannot read the journal %s: %s", path, exc.strerror or exc)
+        return []
+    return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
+
+
 def journal_header(session):
     return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
                        "session_id": session.id, "title": session.title,
@@ -1333,9 +1556,14 @@ def journal_header(session):
 
 
 def journal_line(event):
-    """{"id", "event", "data"}: the data is the event's own JSON, not encoded again."""
-    data = event.sse[event.sse.index(b"\ndata: ") + 7:-2]
-    return b'{"id":%d,"event":"%s","data":%s}\n' % (event.id, event.name.encode(), data)
+    return export_line(event.id, event.name, event.json)
+
+
+PROGRESS_LINE = b',"event":"progress"'
+
+
+def is_progress_line(line):
+    return PROGRESS_LINE in line[:40]
 
 
 def load_journal(directory, session_ttl_s):
@@ -2300,6 +2528,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
         (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
         (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs"}),
+        (re.compile(r"/series/(%s)" % SESSION_ID_PATTERN), {"GET": "series", "HEAD": "series"}),
+        (re.compile(r"/log/(%s)" % SESSION_ID_PATTERN), {"GET": "log"}),
+        (re.compile(r"/export/(%s)" % SESSION_ID_PATTERN), {"GET": "export"}),
         (re.compile(r"/healthz"), {"GET": "healthz", "HEAD": "healthz"}),
     )
 
@@ -2558,6 +2789,65 @@ class Handler(http.server.BaseHTTPRequestHandler):
         runs = self.server.registry.newest(RUNS_LIMIT)
         self.send_json(200, {"runs": [session.summary() for session in runs]})
 
+    def route_series(self, query, session_id):
+        session = self.find_session(session_id)
+        points = parse_query(query).get("points", str(SERIES_POINTS_DEFAULT))
+        if not DECIMAL.fullmatch(points) or not \
+                SERIES_POINTS_MIN <= int(points) <= SERIES_POINTS_MAX:
+            raise HTTPError(400, "points must be an integer from %d to %d"
+                            % (SERIES_POINTS_MIN, SERIES_POINTS_MAX), param="points")
+        self.send_json(200, session.series_answer(int(points)))
+
+    def route_export(self, query, session_id):
+        session = self.find_session(session_id)
+        self.send_record(session, "application/x-ndjson", session_id + ".jsonl",
+                         lambda line: line)
+
+    def route_log(self, query, session_id):
+        """Every log line; with ?follow=1 the answer stays open (chunked) and
+        grows until the run ends. A follower holds this thread, as a
+        download does: it is for `curl -N`, not for the page."""
+        session = self.find_session(session_id)
+        follow = parse_query(query).get("follow") in ("1", "true")
+        self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
+                         lambda line: log_text_line(json.loads(line))
+                         if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
+                         else b"", follow)
+
+    def send_record(self, session, content_type, filename, convert, follow=False):
+        """The run's whole record, each export line through `convert`, as a
+        chunked attachment: from the journal file for a run read back after a
+        restart, else from memory; with `follow`, until the run ends."""
+        self.responded = True
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Disposition", 'attachment; filename="%s"' % filename)
+        self.send_header("Cache-Control", "no-store")
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        frame = encode_chunk if chunked else (lambda data: data)
+        position = 0
+        while True:
+            if session.journal_file:
+                lines, position = journal_export_lines(session.journal_file), None
+            else:
+                lines, position = session.record_lines(position)
+            body = b"".join(convert(line) for line in lines)
+            if body:
+                self.wfile.write(frame(body))
+            if not follow or position is None or session.terminal_id is not None and \
+                    position >= len(session.record.items) or self.server.stopping:
+                break
+            session.wait_for_record(position, self.server.hub.keepalive_s)
+        if chunked:
+            self.wfile.write(LAST_CHUNK)
+
     def route_healthz(self, query):
         health = self.server.health()
         self.send_json(200 if health["ok"] else 503, health)
@@ -2620,12 +2910,14 @@ class SSEServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
     hub = None        # until the socket is bound
+    stopping = False  # server_close() has begun: /log followers end
 
     def __init__(self, host, port, job=None, keepalive_s=DEFAULT_KEEPALIVE_S,
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
-                 grip=None, grip_key=None, state_dir=None):
+                 grip=None, grip_key=None, state_dir=None,
+                 max_record_mb=DEFAULT_MAX_RECORD_MB):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -2636,7 +2928,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
         self.journal = Journal(state_dir) if state_dir else None
         self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
-                                 self.journal.forget if self.journal else lambda session: None)
+                                 self.journal.forget if self.journal else lambda session: None,
+                                 int(max_record_mb * 2 ** 20))
         if self.journal:
             self.registry.restore(self.restore_runs(state_dir, session_ttl_s))
             self.journal.start()
@@ -2694,7 +2987,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         for header, events in load_journal(state_dir, session_ttl_s):
             restored.append(Session.restored(
                 header["session_id"], header["title"], header["params"], header["started_ts"],
-                events, self.on_publish, lambda session: None))
+                events, self.on_publish, lambda session: None,
+                journal_path(state_dir, header["session_id"])))
         if restored:
             log.info("%d runs read back from the journal in %s", len(restored), state_dir)
         return restored
@@ -2733,6 +3027,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.hub is None:     # binding failed: nothing else was started
             super().server_close()
             return
+        self.stopping = True
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
         running = self.registry.running()
         for session in running:
@@ -2879,6 +3174,8 @@ def parse_args(argv):
     for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
+    if not args.max_record_mb > 0:
+        p.error("--max-record-mb must be above 0")
     for name in ("max_sessions", "max_streams"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
@@ -2930,6 +3227,10 @@ def build_parser():
     p.add_argument("--state-dir", metavar="DIR",
                    help="also journal every event under DIR, and read the runs back after a "
                         "restart (a run the restart cut short ends with an error saying so)")
+    p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB, metavar="MB",
+                   help="memory for each run's whole record (GET /log, /export); past it, "
+                        "progress events are thinned, then log lines from the middle of "
+                        "the run dropped (default %(default)s)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="least severe message to log (default %(default)s)")
@@ -2961,7 +3262,7 @@ def main(argv=None):
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
-                 state_dir=args.state_dir)
+                 state_dir=args.state_dir, max_record_mb=args.max_record_mb)
 
 
 if __name__ == "__main__":
