@@ -253,6 +253,18 @@ class Series:
             else:
                 kept[0], kept[1], kept[2] = min(kept[0], value), max(kept[1], value), value
 
+    def state(self):
+        """What the journal keeps of it, so a restart reads it back whole."""
+        return {"width": self.width, "last_id": self.last_id,
+                "buckets": [[i, b[0], b[1]] for i, b in sorted(self.buckets.items())]}
+
+    @classmethod
+    def from_state(cls, state):
+        series = cls()
+        series.width, series.last_id = state["width"], state["last_id"]
+        series.buckets = {i: [first, values] for i, first, values in state["buckets"]}
+        return series
+
     def answer(self, points):
         """What GET /series answers: at most `points` buckets of equal width."""
         factor = 1
@@ -462,6 +474,10 @@ class Session:
         if record:
             self.record.add(event, data)
 
+    def series_state(self):
+        with self._lock:
+            return self.series.state()
+
     def series_answer(self, points):
         with self._lock:
             return self.series.answer(points)
@@ -493,7 +509,7 @@ class Session:
 
     @classmethod
     def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end,
-                 journal_file):
+                 journal_file, series_state=None):
         """A session rebuilt from its journal: (id, name, data) events, oldest
         first, the last of them terminal. Its record stays on disk: /log and
         /export read `journal_file`."""
@@ -502,6 +518,8 @@ class Session:
         session.journal_file = journal_file
         for event_id, name, data in events:
             session._keep(Event(event_id, name, data), data, record=False)
+        if series_state is not None:
+            session.series = Series.from_state(series_state)
         last = session._history[-1]
         session.terminal_id = last.id
         session.grip_id = last.id     # nothing of it waits for the publisher
@@ -1431,6 +1449,7 @@ class Journal:
                 elif kind == "event":
                     self._append(session.id, journal_line(event))
                     if event.terminal:
+                        self._append(session.id, series_line(session))
                         ended.append(session.id)
                 else:
                     self._delete(session.id)
@@ -1548,6 +1567,12 @@ def journal_export_lines(path):
     return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
 
 
+def series_line(session):
+    """After a run's terminal event: its whole series, which the thinned
+    progress events of a long run could not give back."""
+    return (json_line({"series": session.series_state()}) + "\n").encode()
+
+
 def journal_header(session):
     return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
                        "session_id": session.id, "title": session.title,
@@ -1643,8 +1668,20 @@ def read_journal(path, session_id):
         last_id = event[0]
         good += len(line) + 1
         if event[1] in TERMINAL_STATES:
+            header["series"] = read_series_line(lines[number:number + 1])
             break
     return header, events, min(good, len(raw)), problem
+
+
+def read_series_line(lines):
+    """The series written after a terminal event, or None (a journal of an
+    older version, or one cut short there: the events rebuild it)."""
+    try:
+        state = json.loads(lines[0].decode("utf-8"))["series"]
+        Series.from_state(state)
+        return state
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def set_aside_damaged_tail(directory, name, good_bytes):
@@ -2988,7 +3025,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
             restored.append(Session.restored(
                 header["session_id"], header["title"], header["params"], header["started_ts"],
                 events, self.on_publish, lambda session: None,
-                journal_path(state_dir, header["session_id"])))
+                journal_path(state_dir, header["session_id"]), header.get("series")))
         if restored:
             log.info("%d runs read back from the journal in %s", len(restored), state_dir)
         return restored

@@ -1273,6 +1273,29 @@ tuned.sse_job = {
 
 def optimize_build(progress, generations=3):
     progress(generations, generations, best_score=1.5)
+
+
+def colourful(progress, pause=0.15):
+    """Log lines with ANSI escapes, HTML and levels, a pause between each."""
+    lines = [("\\x1b[31mred\\x1b[0m plain \\x1b[1;92mbold green\\x1b[0m\\x1b[2K\\x1b]0;t\\x07 end",
+              "info"),
+             ("<script>window.injected = 1</script><b>not bold</b>", "info"),
+             ("disk almost full", "warning"),
+             ("a failure here", "error")]
+    for text, level in lines:
+        progress.log(text, level)
+        time.sleep(pause)
+    progress(1, 1)
+
+
+def chatty(progress, steps=3000, every=3, spike_at=-1, pause=0.0, cancel=None):
+    """Progress every step, a log line every `every` steps, one spike."""
+    for i in range(steps):
+        progress(i, steps, loss=1000.0 if i == spike_at else 1.0 / (i + 1))
+        if i % every == 0:
+            progress.log("line %d\\nits second line" % i)
+        if pause and cancel.wait(pause):
+            return None
 '''
 
 
@@ -1954,9 +1977,11 @@ def journal_server(state_dir, *args, port=None):
     return Cli("--keepalive", "0.2", "--state-dir", str(state_dir), *(extra + args))
 
 
-def journal_lines(state_dir, sid):
+def journal_lines(state_dir, sid, series=False):
+    """The journal's header and events; with `series`, the series line that
+    follows a terminal event too."""
     with open(os.path.join(str(state_dir), sid + ".jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f if series or not line.startswith('{"series":')]
 
 
 def test_journal_keeps_a_finished_run_across_a_restart(tmp_path):
@@ -2142,15 +2167,21 @@ def test_journal_damaged_tails_expire_with_their_runs(tmp_path):
         assert srv.stop()[0] == 0
 
 
-def test_journal_of_a_long_run_is_bounded_like_the_history(make, tmp_path):
-    srv = make(state_dir=str(tmp_path))
-    sid = start_run(srv, iterations=5000, **FAST)
+def test_journal_of_a_long_run_keeps_every_log_line_and_thins_progress(make, tmp_path, jobs):
+    srv = make(state_dir=str(tmp_path), job=jobs.chatty)
+    sid = start_run(srv, steps=6000, every=5)
     events = watch(srv, sid).events()
-    assert events[-1]["event"] == "complete"
+    assert events[-1]["event"] == "complete" and events[-1]["id"] == "7201"
     wait_for(lambda: journal_lines(tmp_path, sid)[-1]["event"] == "complete", what="the end")
-    lines = journal_lines(tmp_path, sid)
-    assert len(lines) <= 1 + 2 * sse_demo.HISTORY_LIMIT
-    assert [l["id"] for l in lines[1:]] == list(range(5002 - len(lines) + 1, 5002))
+    assert set(journal_lines(tmp_path, sid, series=True)[-1]) == {"series"}
+    lines = journal_lines(tmp_path, sid)[1:]
+    logs = [l["data"]["message"] for l in lines if l["event"] == "log"]
+    assert logs == ["line %d\nits second line" % i for i in range(0, 6000, 5)]   # every one
+    progress = [l for l in lines if l["event"] == "progress"]
+    assert len(progress) <= 3 * sse_demo.HISTORY_LIMIT                         # thinned
+    ids = [l["id"] for l in lines]
+    assert ids == sorted(set(ids))
+    assert ids[-sse_demo.HISTORY_LIMIT:] == list(range(7202 - sse_demo.HISTORY_LIMIT, 7202))
 
 
 @pytest.mark.parametrize("make_bad", ["file", "under_file"])
@@ -2204,6 +2235,146 @@ def test_without_state_dir_nothing_is_written(tmp_path):
 
 
 ###############################################################################
+# A run's whole record: /series, /log, /export, --max-record-mb
+###############################################################################
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (info|warning|error) "
+                      r"(\[(stdout|stderr)\] )?(.*)")
+
+
+def finished_run(srv, **params):
+    """Start a run and read its stream to the end: (session id, events)."""
+    sid = start_run(srv, **params)
+    events = watch(srv, sid).events()
+    assert events[-1]["event"] in ("complete", "cancelled", "error")
+    return sid, events
+
+
+def log_messages(srv, sid):
+    """GET /log: the messages, each with its indented further lines joined back."""
+    status, headers, body = request(srv, "GET", "/log/" + sid)
+    assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert headers["Content-Disposition"] == 'attachment; filename="%s.log"' % sid
+    messages = []
+    for line in body.decode().split("\n")[:-1]:
+        if line.startswith("  "):
+            messages[-1] += "\n" + line[2:]
+            continue
+        match = LOG_LINE.fullmatch(line)
+        assert match, line
+        messages.append(match.group(4))
+    return messages
+
+
+def test_series_covers_the_whole_run_in_equal_buckets_with_its_spike(make, jobs):
+    srv = make(job=jobs.chatty)
+    sid, events = finished_run(srv, steps=3000, every=1000, spike_at=1234)
+    assert int(events[0]["id"]) > 1    # the stream's history no longer holds the start
+    series = get_json(srv, "/series/%s?points=100" % sid)
+    firsts = series["iterations"]
+    assert 50 <= len(firsts) <= 100 and firsts[0] == 0
+    width = series["width"]
+    assert [f // width for f in firsts] == list(range(len(firsts)))       # equal widths
+    assert firsts[-1] // width == 3000 // width               # to the end (complete: 3000)
+    loss = series["fields"]["loss"]
+    assert max(loss["max"]) == 1000.0 and loss["max"][1234 // width] == 1000.0   # kept
+    assert loss["min"][0] == pytest.approx(1.0 / width) and loss["last"][-1] == 1.0 / 3000
+    assert series["last_id"] == int(events[-1]["id"])
+    default = get_json(srv, "/series/" + sid)
+    assert len(default["iterations"]) <= 1000 and default["width"] <= width
+
+
+@pytest.mark.parametrize("points", ["9", "5001", "x", "-1", ""])
+def test_series_points_out_of_bounds_is_400(server, points):
+    sid = start_run(server, iterations=3, **FAST)
+    status, _, body = request(server, "GET", "/series/%s?points=%s" % (sid, points))
+    assert status == 400 and "points" in json.loads(body)["error"]
+
+
+def test_record_paths_of_an_unknown_run_are_404(server):
+    for path in ("/series/", "/log/", "/export/"):
+        assert request(server, "GET", path + "nope")[0] == 404
+
+
+def test_log_and_export_hold_the_whole_run_past_the_history(make, jobs):
+    srv = make(job=jobs.chatty)
+    sid, events = finished_run(srv, steps=3000, every=1)
+    assert int(events[0]["id"]) > 1       # the stream alone no longer has the start
+    assert log_messages(srv, sid) == ["line %d\nits second line" % i for i in range(3000)]
+    status, headers, body = request(srv, "GET", "/export/" + sid)
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson"
+    assert headers["Content-Disposition"] == 'attachment; filename="%s.jsonl"' % sid
+    exported = [json.loads(line) for line in body.decode().splitlines()]
+    assert [e["id"] for e in exported] == list(range(1, 6002))
+    assert [e["event"] for e in exported[:3]] == ["progress", "log", "progress"]
+    assert exported[-1]["event"] == "complete" and set(exported[-1]) == {"id", "event", "data"}
+    assert exported[-1]["data"] == events[-1]["json"]
+    assert int(events[-1]["id"]) == 6001
+
+
+def test_log_follow_grows_until_the_run_ends(make, jobs):
+    srv = make(job=jobs.chatty)
+    sid = start_run(srv, steps=40, every=1, pause=0.05)
+    stream = Stream(srv, "/log/%s?follow=1" % sid)
+    assert stream.status == 200 and stream.headers["transfer-encoding"] == "chunked"
+    first = stream.read_chunk(time.monotonic() + TIMEOUT)
+    assert first.startswith(b"20") and b"line 0" in first
+    assert status_of(srv, sid) == "running"            # it came while the run went on
+    body = first
+    for _ in range(200):
+        chunk = stream.read_chunk(time.monotonic() + TIMEOUT)
+        if not chunk:
+            break                                      # the last chunk: the run ended
+        body += chunk
+    assert status_of(srv, sid) == "complete"
+    assert [line for line in body.decode().split("\n") if line.startswith("20")] == [
+        line for line in request(srv, "GET", "/log/" + sid)[2].decode().split("\n")
+        if line.startswith("20")]
+    assert body.count(b"line ") == 40
+    stream.close()
+
+
+def test_max_record_mb_thins_progress_then_drops_middle_log_lines_with_a_marker(make, jobs):
+    srv = make(job=jobs.chatty, max_record_mb=0.25)
+    sid, events = finished_run(srv, steps=6000, every=1)
+    messages = log_messages(srv, sid)
+    markers = [m for m in messages if "dropped here" in m]
+    assert len(markers) == 1 and "--max-record-mb" in markers[0]
+    dropped = int(markers[0].split()[0])
+    assert dropped > 0 and len(messages) - 1 + dropped == 6000          # the count is right
+    kept = [int(m.split()[1]) for m in messages if m.startswith("line ")]
+    assert kept[:10] == list(range(10)) and kept[-10:] == list(range(5990, 6000))   # ends kept
+    assert kept == sorted(kept)
+    exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
+    progress = [e for e in exported if e["event"] == "progress"]
+    assert 1 <= len(progress) < 100 and exported[-1]["event"] == "complete"
+    series = get_json(srv, "/series/" + sid)                # the series is never thinned
+    assert series["iterations"][0] == 0 and series["iterations"][-1] // series["width"] == \
+        6000 // series["width"]
+
+
+def test_log_export_and_series_after_a_restart_read_the_journal(tmp_path, jobs):
+    first = Running(job=jobs.chatty, state_dir=str(tmp_path))
+    try:
+        sid, events = finished_run(first, steps=3000, every=1, spike_at=2500)
+        log_before = request(first, "GET", "/log/" + sid)[2]
+        series_before = get_json(first, "/series/%s?points=50" % sid)
+    finally:
+        first.stop()
+    second = Running(job=jobs.chatty, state_dir=str(tmp_path))
+    try:
+        assert request(second, "GET", "/log/" + sid)[2] == log_before      # every line, from disk
+        exported = [json.loads(l) for l in request(second, "GET", "/export/" + sid)[2].splitlines()]
+        assert [e["id"] for e in exported if e["event"] == "log"] == list(range(2, 6001, 2))
+        assert exported[-1]["event"] == "complete"
+        series = get_json(second, "/series/%s?points=50" % sid)
+        assert series["iterations"] == series_before["iterations"]
+        assert max(series["fields"]["loss"]["max"]) == 1000.0
+    finally:
+        second.stop()
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -2226,6 +2397,108 @@ def chart_path(browser, field):
     every CHART_MIN_MS after an event)."""
     line = "document.getElementById('line-%s')" % field
     return browser.wait_for("%s && %s.getAttribute('d')" % (line, line))
+
+
+CHART_STATE = ("JSON.stringify([chart.width, [...chart.fields.entries()].map("
+               "([name, line]) => [name, chartPoints(line)])])")
+
+
+def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_chart(
+        browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=3000, tick=0.001, update_every=1)
+    browser.wait_for(STATE + " === 'complete'")
+    sid = browser.evaluate("sessionId")
+    watched = json.loads(browser.evaluate(CHART_STATE))
+    late = browser.new_page()
+    late.open(page_url(server) + "#session=" + sid)
+    late.wait_for(STATE + " === 'complete' && chart.loaded")
+    opened = json.loads(late.evaluate(CHART_STATE))
+    assert watched == opened
+    width, fields = opened
+    assert width >= 8 and dict(fields).keys() == {"improvement_pct", "dps"}
+    firsts = [point[0] for point in dict(fields)["dps"]]
+    assert firsts[0] == 0 and firsts[-1] // width == 3000 // width     # the whole run
+    assert len(firsts) <= 500
+    assert browser.problems() == [] and late.problems() == []
+
+
+def test_browser_cancel_is_answered_within_a_second_at_5000_events_per_second(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=500000, tick=0.0002, update_every=1)
+    browser.wait_for(STATE + " === 'live' && seenId > 2000")
+    clicked = time.monotonic()
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    took = time.monotonic() - clicked
+    assert took < 1.0, "Cancel took %.2f s to show at 5,000 events/s" % took
+    assert browser.evaluate("document.querySelectorAll('#log li').length") <= 5000
+
+
+def test_browser_log_holds_still_while_scrolled_back_and_jumps_to_the_newest(
+        browser, make, jobs):
+    srv = make(job=jobs.chatty)
+    browser.open(page_url(srv))
+    start_in_page(browser, steps=400, every=1, pause=0.02)
+    browser.wait_for("logLines.length > 120")
+    anchor = browser.evaluate("""(() => {
+        const log = document.getElementById('log');
+        log.scrollTop = 40 * 16;
+        log.dispatchEvent(new Event('scroll'));
+        const item = firstVisible(log);
+        return [item.textContent, item.offsetTop - log.scrollTop]; })()""")
+    browser.wait_for("!document.getElementById('log-jump').hidden")
+    seen = browser.evaluate("logLines.length")
+    browser.wait_for("logLines.length > %d + 60 && unshownLines.length === 0" % seen)
+    now = browser.evaluate("""(() => { const log = document.getElementById('log');
+        const item = firstVisible(log); return [item.textContent, item.offsetTop - log.scrollTop]; })()""")
+    assert now[0] == anchor[0] and abs(now[1] - anchor[1]) <= 1        # the same line, still
+    assert "following paused" in browser.element("log-jump")
+    browser.click("log-jump")
+    browser.wait_for(STATE + " === 'complete'")
+    browser.wait_for("(() => { const log = document.getElementById('log'); return "
+                     "log.scrollHeight - log.scrollTop - log.clientHeight < 30; })()")
+    assert browser.log_lines()[0].endswith("complete iteration 400/400 · loss 0.0025")
+    assert browser.element("log-jump", "hidden") is True
+
+
+def test_browser_log_shows_ansi_colours_and_html_as_text_and_filters(browser, make, jobs):
+    srv = make(job=jobs.colourful)
+    browser.open(page_url(srv))
+    start_in_page(browser, pause=0.15)
+    browser.wait_for(STATE + " === 'complete'")
+    first = "document.querySelector('#log li .text')"
+    assert browser.evaluate(first + ".textContent") == "red plain bold green end"
+    spans = browser.evaluate("[...%s.children].map(s => [s.className, s.textContent])" % first)
+    assert spans == [["c1", "red"], ["c2 b", "bold green"]]     # the rest is plain text
+    assert browser.evaluate("window.injected === undefined && "
+                            "document.querySelectorAll('#log script, #log b').length === 0")
+    assert any(line.endswith("<script>window.injected = 1</script><b>not bold</b>")
+               for line in browser.log_lines())
+    browser.evaluate("document.getElementById('log-level').value = 'warning';"
+                     "document.getElementById('log-level').dispatchEvent(new Event('input'))")
+    browser.wait_for("document.querySelectorAll('#log li').length === 2")
+    assert [line.split()[2] for line in browser.log_lines()] == ["error", "warning"]
+    browser.evaluate("document.getElementById('log-level').value = 'info';"
+                     "document.getElementById('log-filter').value = 'DISK';"
+                     "document.getElementById('log-filter').dispatchEvent(new Event('input'))")
+    browser.wait_for("document.querySelectorAll('#log li').length === 1")
+    assert browser.log_lines()[0].endswith("warning disk almost full")
+    assert browser.element("download-log", "getAttribute('href')") == \
+        "/log/" + browser.evaluate("sessionId")
+    assert browser.problems() == []
+
+
+def test_browser_log_times_come_from_each_events_ts_after_a_reload(browser, make, jobs):
+    srv = make(job=jobs.colourful)
+    browser.open(page_url(srv))
+    start_in_page(browser, pause=0.3)
+    browser.wait_for(STATE + " === 'complete'")
+    before = [line.split()[0] for line in browser.log_lines()]
+    browser.reload()
+    browser.wait_for(STATE + " === 'complete'")
+    after = [line.split()[0] for line in browser.log_lines()]
+    assert after == before and len(set(after)) >= 4      # 0.3 s apart, not one receipt time
 
 
 def test_browser_run_to_completion_logs_every_event(browser, server):
