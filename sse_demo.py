@@ -67,6 +67,7 @@ __version__ = "1.0.0"
 
 import argparse
 import base64
+import codecs
 import collections
 import hashlib
 import heapq
@@ -143,7 +144,7 @@ LOG_LEVELS = ("info", "warning", "error")
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TERMINAL_STATES = frozenset(("complete", "cancelled", "error"))   # event name = state
 RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
-                             "message", "level", "stream"))
+                             "message", "level", "stream", "stage", "bars"))
 
 
 ###############################################################################
@@ -404,7 +405,7 @@ class Session:
     """
 
     def __init__(self, session_id, title, params, on_publish, on_end,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20):
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.title = title
@@ -428,6 +429,8 @@ class Session:
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
         self.journal_file = None      # read back after a restart: its record is this file
+        self.process = None           # --cmd: the program's identity (see process_identity)
+        self._on_process = on_process
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
         self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
@@ -461,6 +464,12 @@ class Session:
         if event.terminal:
             self._on_end(self)
         return event
+
+    def note_process(self, identity):
+        """--cmd: the run's program started (the journal keeps it, so a
+        restart after a crash can end it)."""
+        self.process = identity
+        self._on_process(self)
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
@@ -598,9 +607,10 @@ class Registry:
     sessions after their time to live, and cancels all on shutdown."""
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20):
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None):
         self.max_sessions = max_sessions
         self.record_bytes = record_bytes
+        self._on_process = on_process
         self.session_ttl_s = session_ttl_s
         self._on_publish = on_publish
         self._on_forget = on_forget      # an expired session's journal goes too
@@ -616,7 +626,8 @@ class Registry:
                 raise TooBusy(429, "too many running sessions (limit %d); try again later"
                               % self.max_sessions)
             session = Session(secrets.token_urlsafe(TOKEN_BYTES), title, params,
-                              self._on_publish, self._session_ended, self.record_bytes)
+                              self._on_publish, self._session_ended, self.record_bytes,
+                              self._on_process)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -1418,6 +1429,10 @@ class Journal:
     def forget(self, session):
         self._items.append(("forget", session, None))
 
+    def note_process(self, session):
+        """A run's program started: written with the next flush."""
+        self._items.append(("process", session, None))
+
     def stats(self):
         return {"ok": self.error is None, "queued": len(self._items), "written": self.written,
                 "dropped": self.dropped, "error": self.error}
@@ -1446,6 +1461,9 @@ class Journal:
             try:
                 if kind == "begin":
                     self._append(session.id, journal_header(session))
+                elif kind == "process":
+                    self._append(session.id, (json_line({"process": session.process})
+                                              + "\n").encode())
                 elif kind == "event":
                     self._append(session.id, journal_line(event))
                     if event.terminal:
@@ -1619,6 +1637,9 @@ def load_journal(directory, session_ttl_s):
                 delete_journal(directory, name)
                 continue
         else:
+            if end_leftover_group(header.get("process")):
+                log.warning("run %s: its program still ran after the server stopped; "
+                            "its process group is killed", name)
             events.append(interrupted_event(events, now))
             with open_journal(directory, name, "ab") as f:
                 f.write(journal_line(Event(*events[-1])))
@@ -1657,6 +1678,10 @@ def read_journal(path, session_id):
             break
         try:
             record = json.loads(line.decode("utf-8"))
+            if isinstance(record, dict) and set(record) == {"process"}:
+                header["process"] = record["process"]    # --cmd: its program
+                good += len(line) + 1
+                continue
             event = (record["id"], record["event"], record["data"])
             if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
                     or event[1] not in TERMINAL_STATES | {"progress", "log"}:
@@ -1774,26 +1799,60 @@ def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, 
 
 
 class Progress:
-    """The `progress(done, total=None, **fields)` callback handed to a job,
-    with `progress.log(message, level="info")` for a line of text."""
+    """The `progress(done, total=None, stage=None, **fields)` callback handed
+    to a job, with `progress.log(message, level="info")` for a line of text
+    and `progress.bar(label, total)` for a nested bar (see `Bar`)."""
 
     def __init__(self, session):
         self._session = session
+        self._levels = []          # [label, done, total] per nested level, outermost first
+        self._stage = None
 
-    def __call__(self, done, total=None, **fields):
-        if self._session.cancel.is_set():
-            raise Cancelled()
+    def __call__(self, done, total=None, stage=None, **fields):
+        self._check_cancel()
         check_number("done", done)
         if total is not None:
             check_number("total", total)
+        if stage is not None:
+            self._stage = str(stage)
+        self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
+        self._publish(fields)
+
+    def bar(self, label, total=None):
+        """A bar nested inside the current position (batches inside an
+        epoch): the run's percent then counts its fraction too."""
+        return Bar(self, 1, label, total)
+
+    def _report(self, done, total=None, stage=None, bars=None, **fields):
+        """Publish a progress event, even after Cancel: a command's output
+        stays progress while it stops. `bars`: [label, done, total] levels."""
+        levels = bars or [[stage, done, total]]
+        if len(levels) < 2:
+            data = {"iteration": done, "total": total}
+            if total:
+                data["percent"] = round(100.0 * done / total, 2)
+        else:
+            data = whole_run(levels)
+            data["bars"] = [{"label": label or "", "done": d, "total": t}
+                            for label, d, t in levels]
+        if stage:
+            data["stage"] = stage
         if not RESERVED_FIELDS.isdisjoint(fields):
             clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
             raise TypeError("progress() field %r is reserved" % clash)
-        data = {"iteration": done, "total": total}
-        if total:
-            data["percent"] = round(100.0 * done / total, 2)
         data.update(fields)
         self._session.publish("progress", data)
+
+    def _publish(self, fields):
+        levels = self._levels
+        if len(levels) > 1:
+            self._report(None, stage=self._stage, bars=levels, **fields)
+        else:
+            self._report(levels[0][1], levels[0][2], self._stage, **fields)
+
+    def _check_cancel(self):
+        if self._session.cancel.is_set():
+            raise Cancelled()
 
     def log(self, message, level="info", **extra):
         """Publish a `log` event: a line the page shows as it is. Never
@@ -1806,6 +1865,58 @@ class Progress:
         data = {"message": text, "level": level}
         data.update(extra)
         self._session.publish("log", data)
+
+
+class Bar:
+    """A nested bar, from `progress.bar(label, total)`: calling it,
+    `bar(done, **fields)`, moves it and publishes the run's progress with
+    every level in `bars`; `bar.bar(...)` nests one more level. A new
+    position of an outer level restarts the levels inside it."""
+
+    def __init__(self, progress, depth, label, total):
+        if total is not None:
+            check_number("total", total)
+        self._progress, self._depth = progress, depth
+        levels = progress._levels[:depth] or [[progress._stage, 0, None]]
+        progress._levels = levels + [[str(label), 0, total]]
+
+    def __call__(self, done, **fields):
+        progress = self._progress
+        progress._check_cancel()
+        check_number("done", done)
+        if len(progress._levels) <= self._depth:      # an outer level moved on since
+            raise RuntimeError("this bar has ended: its outer level moved on")
+        progress._levels[self._depth][1] = done
+        del progress._levels[self._depth + 1:]
+        progress._publish(fields)
+
+    def bar(self, label, total=None):
+        return Bar(self._progress, self._depth + 1, label, total)
+
+
+def whole_run(levels):
+    """iteration, total and percent of the whole run from nested levels
+    [label, done, total], outermost first: each level's position plus the
+    fraction of the level inside it (epoch k of N, its inner bar at f:
+    (k - 1 + f) / N), so the percent never goes back when an inner bar
+    restarts. With every total known, iteration counts innermost steps."""
+    fraction = 0.0
+    for _, done, total in reversed(levels):
+        fraction = min(1.0, (done + fraction) / total) if total else 0.0
+    outer_done, outer_total = levels[0][1], levels[0][2]
+    totals = [t for _, _, t in levels]
+    data = {}
+    if all(totals):
+        iteration, size = 0, 1
+        for _, done, total in reversed(levels):
+            iteration += min(done, total) * size
+            size *= total
+        data["iteration"], data["total"] = iteration, size
+    else:
+        data["iteration"], data["total"] = outer_done, outer_total
+    if outer_total:
+        data["percent"] = round(100.0 * fraction, 2)
+    return data
 
 
 def check_number(name, value):
@@ -1908,7 +2019,7 @@ class JobSpec:
     GET /job, /start's validation and the page all read this one object."""
 
     def __init__(self, name, title, description, params, fields, run, check=None,
-                 stop_all=None):
+                 stop_all=None, kill_now=None, extra=None):
         self.name = name
         self.title = title
         self.description = description
@@ -1917,12 +2028,16 @@ class JobSpec:
         self._run = run           # run(session, params), in the run's worker thread
         self.check = check or (lambda params: None)   # raises HTTPError for bad values
         self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
+        self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
+        self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
 
     def describe(self):
         """What GET /job answers."""
-        return {"name": self.name, "title": self.title, "description": self.description,
-                "params": [p.describe() for p in self.params.values()],
-                "fields": self.fields}
+        described = {"name": self.name, "title": self.title, "description": self.description,
+                     "params": [p.describe() for p in self.params.values()],
+                     "fields": self.fields}
+        described.update(self.extra)
+        return described
 
     def start(self, session, params):
         thread = threading.Thread(target=self._run, args=(session, params),
@@ -2026,13 +2141,6 @@ BUILTIN_JOB = function_job(simulate_optimisation)
 
 PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# tqdm's default line, with or without each part: "desc: 45%|####5     | 45/100
-# [00:04<00:05, 10.00it/s]". The counts may carry a unit prefix (1.2k).
-TQDM_LINE = re.compile(
-    r"(?:(?P<desc>[^|]*?): ?)?(?:\s*\d{1,3}%\|[^|]*\| ?)?\s*"
-    r"(?P<done>\d+(?:\.\d+)?[kMGT]?)/(?P<total>\d+(?:\.\d+)?[kMGT]?)"
-    r"(?:\s*\[[^\]<,]*(?:<[^\],]*)?(?:,\s*(?P<rate>[^\],]*?))?(?:,[^\]]*)?\])?\s*")
-UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 OUTPUT_LINE_LIMIT = 64 * 1024      # bytes of one output line; the rest is cut, with a note
 OUTPUT_BURST_LINES = 200           # output lines a run may send as separate events at once,
 OUTPUT_LINES_PER_S = 200           # and the rate that allowance refills at; past it, the
@@ -2109,41 +2217,113 @@ def fill_command(argv, params):
     return filled
 
 
-def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S):
-    """A JobSpec that runs a program for each run (see `run_command`)."""
+def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
+    """A JobSpec that runs a program for each run (see `run_command`),
+    named `title` or after its program (`train.py`, not the template)."""
     argv, defaults = parse_command(template)
-    shown = " ".join(PLACEHOLDER.sub(lambda m: "{%s}" % m.group(1).partition("=")[0]
-                                     if m.group(1) else m.group(0)[0], a) for a in argv)
     params = {name: Param(name, default) for name, default in defaults.items()}
     processes = CommandGroups()
 
     def run(session, values):
         run_command(session, argv, values, kill_after_s, processes)
-    return JobSpec(os.path.basename(argv[0]), shown, "Runs `%s` for each run; its output is "
-                   "the log, its progress lines the progress." % template, params, [], run,
-                   check=lambda values: fill_command(argv, values), stop_all=processes.kill_all)
+    name = program_name(argv)
+    return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
+                   "progress lines the progress." % template, params, [], run,
+                   check=lambda values: fill_command(argv, values), stop_all=processes.close,
+                   kill_now=processes.kill_all,
+                   extra={"kill_after_s": kill_after_s})
+
+
+INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
+                          r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
+
+
+def program_name(argv):
+    """What a command runs, as a person would name it: `python3 train.py`
+    is train.py, `python -m pkg.train` is pkg.train, `make all` is make."""
+    if INTERPRETERS.fullmatch(os.path.basename(argv[0])):
+        args = iter(argv[1:])
+        for arg in args:
+            if arg == "-m":
+                return next(args, argv[0])
+            if not arg.startswith("-") and not PLACEHOLDER.search(arg) and \
+                    arg not in ("run", "exec"):
+                return os.path.basename(arg)
+    return os.path.basename(argv[0])
 
 
 class CommandGroups:
     """The process groups of running commands, so that shutdown (even a
-    second Ctrl-C) can kill whatever is left."""
+    second Ctrl-C) can kill whatever is left, and a guard process that
+    kills them when the server dies without a shutdown (`kill -9`, a crash):
+    it reads "+PGID" and "-PGID" lines on a pipe from the server, and the
+    end of that pipe, which the kernel closes with the server, is its signal.
+    POSIX only; on Windows a program outlives a crashed server."""
 
     def __init__(self):
-        self._lock = threading.Lock()    # guards _groups
+        self._lock = threading.Lock()    # guards _groups, _guard
         self._groups = set()
+        self._guard = None
 
     def add(self, pid):
         with self._lock:
             self._groups.add(pid)
+            self._tell_guard("+%d\n" % pid)
 
     def discard(self, pid):
         with self._lock:
             self._groups.discard(pid)
+            self._tell_guard("-%d\n" % pid)
 
     def kill_all(self):
         """SIGKILL every group. Takes no lock: a signal handler calls it."""
         for pid in list(self._groups):
             kill_group(pid, HARD_KILL)
+
+    def close(self):
+        """Shutdown: kill what is left, then let the guard go."""
+        self.kill_all()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            try:
+                guard.stdin.close()
+                guard.wait(GUARD_EXIT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                guard.kill()
+                guard.wait()
+
+    def _tell_guard(self, line):
+        if not hasattr(os, "killpg") or not sys.executable:
+            return
+        try:
+            if self._guard is None:
+                # A session of its own: a Ctrl-C in the server's terminal
+                # does not reach it, so it outlives the server to do its job.
+                self._guard = subprocess.Popen(
+                    [sys.executable, "-c", GUARD_PROGRAM], stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            self._guard.stdin.write(line.encode())
+            self._guard.stdin.flush()
+        except OSError as exc:
+            log.warning("the process guard is not running (%s): a program may outlive "
+                        "a crash of the server", exc)
+            self._guard = None
+
+
+GUARD_EXIT_S = 2.0
+GUARD_PROGRAM = """# sse_demo's process guard
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
 HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
@@ -2180,8 +2360,19 @@ def run_command(session, argv, values, kill_after_s, groups):
     readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
                                 name="output-" + session.id[:8])
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
-    for reader in readers:
-        reader.start()
+    try:
+        session.note_process(process_identity(process.pid))
+        for reader in readers:
+            reader.start()
+    except Exception as exc:    # a reader thread that cannot start: nothing may be left
+        log.error("run %s could not start", session.id, exc_info=True)
+        kill_group(process.pid, HARD_KILL)
+        process.wait()
+        groups.discard(process.pid)
+        for pipe in (process.stdout, process.stderr):
+            pipe.close()
+        return end_run(session, "error", {"message": "the run could not start: %s"
+                                                     % describe_exception(exc)})
     try:
         cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
     finally:
@@ -2196,6 +2387,38 @@ def run_command(session, argv, values, kill_after_s, groups):
     else:
         end_run(session, "error", {"message": exit_message(command[0], process.returncode,
                                                           output.stderr_tail)})
+
+
+def process_identity(pid):
+    """What tells this process from a later one with the same pid: its start
+    time since boot and the boot's id (Linux); only the pid elsewhere."""
+    identity = {"pid": pid}
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            identity["start"] = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            identity["boot"] = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        pass
+    return identity
+
+
+def end_leftover_group(identity):
+    """After a crash: kill the process group of a run's program if its
+    leader still runs and is the same process (start time and boot match,
+    so not a pid the system gave to another). True if it did."""
+    if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
+        return False
+    pid = identity.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or process_identity(pid) != identity:
+        return False
+    try:
+        if os.getpgid(pid) != pid:
+            return False
+        os.killpg(pid, HARD_KILL)
+    except OSError:
+        return False
+    return True
 
 
 def wait_or_cancel(process, cancel, kill_after_s):
@@ -2234,43 +2457,64 @@ def exit_message(program, status, stderr_tail):
 
 class CommandOutput:
     """Turns a program's output into events: a JSON object with a numeric
-    `done` and a tqdm-style line are progress, every other line a log.
+    `done` is progress, tqdm's bars are progress (see `OutputScreen` and
+    `parse_tqdm`), every other line a log event.
 
-    Lines end at \\n or \\r (tqdm redraws its line with \\r). A run may send
-    OUTPUT_BURST_LINES lines as separate events, refilled at OUTPUT_LINES_PER_S;
-    past that, the lines of one read are joined into one event, so a program
-    that floods its output costs few events and never slows other runs."""
+    A run may send OUTPUT_BURST_LINES lines as separate events, refilled at
+    OUTPUT_LINES_PER_S; past that, the lines of one read are joined into one
+    event, so a program that floods its output costs few events and never
+    slows other runs. Bars cost at most one event per read, and none when a
+    redraw changed nothing but tqdm's clock."""
 
     def __init__(self, session):
         self._session = session
         self._progress = Progress(session)
-        self._lock = threading.Lock()     # guards _allowance, _refilled (two reader threads)
+        self._lock = threading.Lock()     # guards _allowance, _refilled, _shown (two readers)
         self._allowance = OUTPUT_BURST_LINES
         self._refilled = time.monotonic()
+        self._shown = None                # what the last bar event said, without the clock
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
 
     def read(self, pipe, stream):
         """A reader thread's body: read until end of file, never blocking the
-        job or the writer (the pipe is this thread's alone). Of a line longer
-        than OUTPUT_LINE_LIMIT bytes, only that much is kept."""
-        line, dropped = b"", 0          # the line not ended yet
+        job or the writer (the pipe is this thread's alone)."""
+        screen = OutputScreen()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         with pipe:
             while True:
                 data = pipe.read1(OUTPUT_READ_BYTES)
                 if not data:
                     break
-                parts = LINE_END.split(line + data)
-                line = parts.pop()
-                if dropped or len(line) > OUTPUT_LINE_LIMIT or \
-                        max(map(len, parts), default=0) > OUTPUT_LINE_LIMIT:
-                    ended, line, dropped = cut_long_lines(parts, line, dropped)
-                else:   # the usual case, in bulk: no Python work per line
-                    ended = b"\n".join(parts).decode("utf-8", "replace").split("\n") \
-                        if parts else []
-                self._publish_lines(ended, stream)
-        if line or dropped:
-            self._publish_lines([decode_line(line[:OUTPUT_LINE_LIMIT], dropped +
-                                             max(0, len(line) - OUTPUT_LINE_LIMIT))], stream)
+                self._take(screen, screen.feed(decoder.decode(data)), stream)
+        self._take(screen, screen.feed(decoder.decode(b"", final=True)) + screen.close(), stream)
+
+    def _take(self, screen, lines, stream):
+        self._publish_lines(lines, stream)
+        if screen.changed:
+            screen.changed = False
+            self._publish_bars(screen.bars)
+
+    def _publish_bars(self, bars):
+        """One progress event for the bars on screen, outermost first."""
+        drawn = [bars[p] for p in sorted(bars)]
+        levels, fields, rate = bars_levels(drawn)
+        if not levels:
+            return
+        stage = " · ".join(bar["desc"] for bar in drawn[-2:] if bar["desc"]) or None
+        shown = (stage, [tuple(level) for level in levels], sorted(fields.items()))
+        with self._lock:
+            if shown == self._shown:
+                return                    # only tqdm's clock moved
+            self._shown = shown
+        if rate is not None:
+            fields["rate"] = rate
+        try:
+            if len(levels) == 1:
+                self._progress._report(levels[0][1], levels[0][2], stage, **fields)
+            else:
+                self._progress._report(None, stage=stage, bars=levels, **fields)
+        except (TypeError, ValueError):
+            log.debug("progress from a bar not published", exc_info=True)
 
     def _publish_lines(self, lines, stream):
         lines = [line.rstrip() for line in lines if line and not line.isspace()]
@@ -2310,10 +2554,12 @@ class CommandOutput:
         try:
             if progress is not None:
                 done, total, fields = progress
-                self._progress(done, total, **fields)
+                stage = fields.pop("stage", None)
+                self._progress._report(done, total, stage if isinstance(stage, str) else None,
+                                       **fields)
                 return
-        except (Cancelled, TypeError, ValueError):
-            pass    # cancelled, or fields that are not JSON: show the line as it is
+        except (TypeError, ValueError):
+            pass    # fields that are not JSON: show the line as it is
         self._log(line, stream)
 
     def _log(self, text, stream):
@@ -2323,59 +2569,216 @@ class CommandOutput:
         self._session.publish("log", {"message": text, "level": level, "stream": stream})
 
 
-LINE_END = re.compile(b"\r\n|\r|\n")   # tqdm redraws its line after a \\r
+# What moves a terminal's cursor in a program's output: tqdm redraws its
+# line after a \r, and draws a bar at `position` N with N newlines before it
+# and N cursor-ups (ESC [ A) after it.
+CURSOR = re.compile("\r\n|\r|\n|\x1b\\[([0-9]*)A")
+UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[?[0-9;?]*)$")
+OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]")   # other CSI: erase line, cursor on/off...
 
 
-def cut_long_lines(parts, line, dropped):
-    """Ended lines as text, each cut to OUTPUT_LINE_LIMIT bytes with a note,
-    and what is kept of the line not ended yet: (lines, line, dropped)."""
-    ended = []
-    for part in parts:
-        ended.append(decode_line(part[:OUTPUT_LINE_LIMIT],
-                                 dropped + max(0, len(part) - OUTPUT_LINE_LIMIT)))
-        dropped = 0
-    if len(line) > OUTPUT_LINE_LIMIT:
-        dropped += len(line) - OUTPUT_LINE_LIMIT
-        line = line[:OUTPUT_LINE_LIMIT]
-    return ended, line, dropped
+class OutputScreen:
+    """A program's output laid out as a terminal would, as far as tqdm
+    needs: text finished by a newline at the home row is a log line; tqdm's
+    bars are kept by position in `bars` ({position: parse_tqdm(...)}) with
+    `changed` set when one moves.
+
+    A text drawn below the home row is a nested bar if the cursor comes back
+    up after it; if the next move is another \\r or \\n, the home row moved
+    down to it instead (a bar closed with leave=True, then the next one).
+    So that first draw waits for the next one; a draw at the home row that
+    ends a read is taken at once (tqdm writes each draw whole)."""
+
+    def __init__(self):
+        self.row = 0
+        self.text = ""            # drawn on the current row since its last \r or \n
+        self.dropped = 0          # characters of that text past OUTPUT_LINE_LIMIT
+        self.taken = None         # that text, already taken as a bar at the end of a read
+        self.bars = {}
+        self.cleared = set()      # positions blanked out, still counted until an outer bar moves
+        self.carry = ""           # the start of a move that the next read finishes
+        self.changed = False
+
+    def feed(self, text):
+        """Lay out more output; the log lines it finished. A move cut in two
+        by the end of a read (ESC [ then A, \r then \n) waits for its end."""
+        lines = []
+        text, self.carry = self.carry + text, ""
+        cut = UNFINISHED_MOVE.search(text)
+        if cut:
+            text, self.carry = text[:cut.start()], text[cut.start():]
+        if not self.bars and self.row == 0 and "\r" not in text and "\x1b" not in text:
+            # plain output, no bar seen: lines, in bulk
+            parts = text.split("\n")
+            for part in parts[:-1]:
+                self._add(part)
+                self._finish(lines, newline=True)
+            self._add(parts[-1])
+        else:
+            at = 0
+            for move in CURSOR.finditer(text):
+                self._add(text[at:move.start()])
+                at = move.end()
+                if move.group(0).startswith("\x1b"):
+                    self._finish(lines, up=True)
+                    self.row = max(0, self.row - int(move.group(1) or 1))
+                elif move.group(0) == "\r":
+                    self._finish(lines)
+                elif self._finish(lines, newline=True) != "line":
+                    self.row += 1
+            self._add(text[at:])
+        if self.row == 0 and self.text.rstrip().endswith("]") and self.text != self.taken \
+                and not self.dropped and self._draw(0, self.text):
+            self.taken = self.text                # a whole draw, at the home row
+        return lines
+
+    def close(self):
+        """End of output: what is left is finished."""
+        lines = []
+        self._add(self.carry)
+        self._finish(lines, newline=True)
+        return lines
+
+    def _add(self, piece):
+        room = OUTPUT_LINE_LIMIT - len(self.text)
+        if len(piece) > room:
+            self.dropped += len(piece) - max(0, room)
+            piece = piece[:max(0, room)]
+        self.text += piece
+
+    def _finish(self, lines, up=False, newline=False):
+        """The current row's text is done: a bar, a blank, or a log line.
+        Returns which ("bar", "blank", "line"), or None for no text."""
+        text, dropped, taken = self.text, self.dropped, self.taken
+        self.text, self.dropped, self.taken = "", 0, None
+        if not text:
+            return None
+        text = OTHER_ESCAPES.sub("", text)
+        if not text.strip():
+            # A bar closed with leave=False, or tqdm.write() clearing every
+            # bar before it redraws them: the bar still counts until one
+            # outside it moves on, so the percent never dips in between.
+            if self.row in self.bars:
+                self.cleared.add(self.row)
+            return "blank"
+        if self.row > 0 and not up:
+            self.row = 0                        # the home row moved down to here
+        if text == taken and self.row == 0:
+            return "bar"
+        if not dropped and self._draw(self.row, text):
+            return "bar"
+        if dropped:
+            text += " [line cut: %d characters in all]" % (len(text) + dropped)
+        if newline or self.row == 0:
+            lines.append(text)
+        return "line"
+
+    def _draw(self, position, text):
+        bar = parse_tqdm(text)
+        if bar is None:
+            return False
+        self.cleared.discard(position)
+        if self.bars.get(position) != bar:
+            self.bars[position] = bar
+            self.changed = True
+            for inner in [p for p in self.cleared if p > position]:
+                del self.bars[inner]
+                self.cleared.discard(inner)
+        return True
 
 
-def decode_line(raw, dropped):
-    """Bytes of one output line as text: invalid UTF-8 replaced, and a note
-    when `dropped` bytes of it were not kept."""
-    text = raw.decode("utf-8", errors="replace").rstrip()
-    if dropped:
-        text += " [line cut: %d bytes in all]" % (len(raw) + dropped)
-    return text
+TQDM_BAR = re.compile(
+    r"(?:(?P<desc>.*?):)?\s*"
+    r"(?:(?P<percent>\d{1,3})%\|[^|]*\|)?\s*"
+    r"(?P<done>\d+(?:\.\d+)?[kMGTPEZY]?)"
+    r"(?:/(?P<total>\d+(?:\.\d+)?[kMGTPEZY]?)|(?P<unit>[^\s\[\]/]*))"
+    r"\s*(?:\[(?P<meta>[^\]]*)\]?)?\s*")
+TQDM_CLOCK = re.compile(r"(?:\d+:)?\d+:\d\d")                  # 00:04, 1:02:03
+TQDM_RATE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<prefix>[kMGTPEZY]?)(?P<unit>[^/\s]*)"
+                       r"/(?P<per>\S+)")
+DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
+UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                 "Z": 1e21, "Y": 1e24}
+
+
+def parse_tqdm(text):
+    """A tqdm bar, or None: {"desc", "done", "total", "rate", "fields"}.
+
+    tqdm's shape, "desc: 45%|####5     | 45/100 [00:04<00:05, 10.00it/s,
+    loss=0.1]" or without a total "45it [00:04, 10.00it/s]", is required:
+    the percent and bar, or the bracket that starts with tqdm's clock. So
+    "Tests passed: 45/50" stays a log line."""
+    match = TQDM_BAR.fullmatch(text.strip())
+    if match is None:
+        return None
+    meta = [part.strip() for part in (match.group("meta") or "").split(",")]
+    if match.group("percent") is None and not TQDM_CLOCK.match(meta[0]):
+        return None
+    fields = {}
+    for part in meta[2:]:
+        name, equals, value = part.partition("=")
+        if equals and PLACEHOLDER_NAME.fullmatch(name.strip()) and \
+                name.strip() not in RESERVED_FIELDS and NUMBER_TEXT.fullmatch(value.strip()):
+            number = float(value)
+            fields[name.strip()] = int(number) if INTEGER_TEXT.fullmatch(value.strip()) else number
+    total = match.group("total")
+    return {"desc": (match.group("desc") or "").strip() or None,
+            "done": unit_number(match.group("done")),
+            "total": unit_number(total) if total else None,
+            "rate": tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
+
+
+def tqdm_rate(text):
+    """tqdm's rate as a number of units per second: "10.00it/s" -> 10.0,
+    "2.50s/it" -> 0.4, "1.2MB/s" -> 1200000.0; None for "?it/s"."""
+    match = TQDM_RATE.fullmatch(text)
+    if match is None:
+        return None
+    number = float(match.group("number")) * UNIT_PREFIXES[match.group("prefix")]
+    if match.group("unit") == "s" and match.group("per") != "s":
+        return round(1.0 / number, 6) if number else None
+    return number
+
+
+def bars_levels(bars):
+    """[label, done, total] levels, fields and rate from tqdm bars on screen,
+    outermost first. A lone bar whose description holds its own count
+    ("Epoch 3/10") is the inner level of that count: epoch 3 is running,
+    2 are done."""
+    if not bars:
+        return [], {}, None
+    levels = [[bar["desc"], bar["done"], bar["total"]] for bar in bars]
+    fields = {}
+    for bar in bars:
+        fields.update(bar["fields"])
+    counted = DESCRIBED_COUNT.match(bars[0]["desc"] or "")
+    if counted and int(counted.group("n")) > 0 and len(bars) == 1:
+        k, n = int(counted.group("k")), int(counted.group("n"))
+        levels.insert(0, [counted.group("label").strip(" :-") or None, max(0, min(k, n) - 1), n])
+    return levels, fields, bars[-1]["rate"]
 
 
 def parse_progress_line(line):
-    """(done, total, fields) for a progress line, or None for a log line."""
+    """(done, total, fields) for a JSON progress line, or None."""
     text = line.strip()
-    if "/" not in text and not text.startswith("{"):
-        return None     # most lines: no regular expression needed
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return None
-        done = data.get("done") if isinstance(data, dict) else None
-        if isinstance(done, bool) or not isinstance(done, (int, float)):
-            return None
-        total = data.get("total")
-        fields = {k: v for k, v in data.items()
-                  if k not in ("done", "total") and k not in RESERVED_FIELDS}
-        return done, total if isinstance(total, (int, float)) and \
-            not isinstance(total, bool) else None, fields
-    match = TQDM_LINE.fullmatch(text)
-    if match is None:
+    if not text.startswith("{"):
+        return None     # most lines: nothing to parse
+    try:
+        data = json.loads(text)
+    except ValueError:
         return None
-    fields = {"rate": match.group("rate").strip()} if match.group("rate") else {}
-    return unit_number(match.group("done")), unit_number(match.group("total")), fields
+    done = data.get("done") if isinstance(data, dict) else None
+    if isinstance(done, bool) or not isinstance(done, (int, float)):
+        return None
+    total = data.get("total")
+    fields = {k: v for k, v in data.items()
+              if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
+    return done, total if isinstance(total, (int, float)) and \
+        not isinstance(total, bool) else None, fields
 
 
 def unit_number(text):
-    """`45` -> 45, `1.2k` -> 1200.0 (tqdm's unit_scale)."""
+    """`45` -> 45, `1.2k` -> 1200 (tqdm's unit_scale)."""
     prefix = text[-1] if text[-1] in UNIT_PREFIXES else ""
     number = float(text[:-1] if prefix else text) * UNIT_PREFIXES[prefix]
     return int(number) if number.is_integer() else number
@@ -2966,7 +3369,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.journal = Journal(state_dir) if state_dir else None
         self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
                                  self.journal.forget if self.journal else lambda session: None,
-                                 int(max_record_mb * 2 ** 20))
+                                 int(max_record_mb * 2 ** 20),
+                                 self.journal.note_process if self.journal else lambda s: None)
         if self.journal:
             self.registry.restore(self.restore_runs(state_dir, session_ttl_s))
             self.journal.start()
@@ -3123,7 +3527,7 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     if not is_loopback(server.server_address[0]):
         log.warning("warning: listening on %s, reachable from other machines; this demo "
                     "has no authentication", server.server_address[0])
-    requested, restore = install_stop_signals(server.job.stop_all)   # before the URL: a supervisor
+    requested, restore = install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
@@ -3211,6 +3615,8 @@ def parse_args(argv):
     for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
+    if args.title is not None and not args.title.strip():
+        p.error("--title must not be empty")
     if not args.max_record_mb > 0:
         p.error("--max-record-mb must be above 0")
     for name in ("max_sessions", "max_streams"):
@@ -3252,6 +3658,9 @@ def build_parser():
                        help="run this program for each start instead of the simulation; "
                             "{name=default} in it is a parameter of /start; its output "
                             "lines are the log, JSON {\"done\": N} and tqdm lines the progress")
+    p.add_argument("--title", metavar="TEXT",
+                   help="the job's name on the page and in /job (default: the job's own "
+                        "declaration, or the --cmd program's name)")
     p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="SECONDS",
                    help="with --cmd, Cancel sends SIGTERM to the program's process group, "
                         "and SIGKILL this long after (default %(default)s)")
@@ -3282,8 +3691,9 @@ def main(argv=None):
     try:
         if args.job:
             job = load_job(args.job)
+            job.title = args.title or job.title
         elif args.cmd is not None:
-            job = command_job(args.cmd, args.kill_after)
+            job = command_job(args.cmd, args.kill_after, args.title)
         if args.grip:
             GripPublisher.check_url(args.grip)
         if args.state_dir:

@@ -4,6 +4,7 @@ stream parsed byte for byte. Run with `python -m pytest -q`."""
 import base64
 import hashlib
 import http.client
+import io
 import itertools
 import json
 import os
@@ -1799,26 +1800,172 @@ def test_cmd_tqdm_lines_are_progress(make, programs):
     events = watch(srv, start_run(srv, steps=10)).events()
     progress = [e["json"] for e in events if e["event"] == "progress"]
     assert [(p["iteration"], p["total"]) for p in progress] == [(i, 10) for i in range(11)]
-    assert progress[5]["percent"] == 50.0 and progress[5]["rate"] == "10.00it/s"
+    assert progress[5]["percent"] == 50.0 and progress[5]["rate"] == 10.0
+    assert progress[5]["stage"] == "train"
     assert [e["json"]["message"] for e in events if e["event"] == "log"] == ["saved model.bin"]
     assert events[-1]["event"] == "complete"
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("train:  45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]", (45, 100, {"rate": "10.00it/s"})),
-    (" 45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]", (45, 100, {"rate": "10.00it/s"})),
-    ("  0%|          | 0/100 [00:00<?, ?it/s]", (0, 100, {"rate": "?it/s"})),
-    ("45/100 [00:04<00:05, 10.00it/s, loss=0.3]", (45, 100, {"rate": "10.00it/s"})),
-    ("45/100", (45, 100, {})),
-    ("1.2k/3.0k [00:04<00:05, 300it/s]", (1200, 3000, {"rate": "300it/s"})),
-    ('{"done": 2, "total": 4, "loss": 0.5}', (2, 4, {"loss": 0.5})),
+    ("train:  45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]",
+     {"desc": "train", "done": 45, "total": 100, "rate": 10.0, "fields": {}}),
+    ("  0%|          | 0/100 [00:00<?, ?it/s]",
+     {"desc": None, "done": 0, "total": 100, "rate": None, "fields": {}}),
+    ("Epoch 3: 45/100 [00:04<00:05, 2.50s/it, loss=0.3, acc=91, lr=1e-05, mode=fit]",
+     {"desc": "Epoch 3", "done": 45, "total": 100, "rate": 0.4,
+      "fields": {"loss": 0.3, "acc": 91, "lr": 1e-05}}),
+    ("1.2k/3.0k [00:04<00:05, 1.5MB/s]",
+     {"desc": None, "done": 1200, "total": 3000, "rate": 1500000.0, "fields": {}}),
+    ("45it [00:04, 10.00it/s]", {"desc": None, "done": 45, "total": None, "rate": 10.0,
+                                 "fields": {}}),
+    ("45.0kB [01:02:03, 1.00kB/s]", {"desc": None, "done": 45000, "total": None,
+                                     "rate": 1000.0, "fields": {}}),
+    ("Tests passed: 45/50", None),
+    ("45/100", None),
     ("Epoch 3/10", None),
-    ("45it [00:04, 10.00it/s]", None),
+    ("copied 45/100 files [done]", None),
+])
+def test_cmd_tqdm_line_shapes(line, expected):
+    assert sse_demo.parse_tqdm(line) == expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"done": 2, "total": 4, "loss": 0.5}', (2, 4, {"loss": 0.5})),
+    ('{"done": 2, "stage": "fit", "ts": 1}', (2, None, {"stage": "fit"})),
     ('{"done": true}', None),
     ("{not json", None),
+    ("45/100 [00:04<00:05, 10.00it/s]", None),
 ])
-def test_cmd_progress_lines(line, expected):
+def test_cmd_json_progress_lines(line, expected):
     assert sse_demo.parse_progress_line(line) == expected
+
+
+# tqdm 4.67's own output, recorded (rates set to 10.00it/s): each shape the
+# reader must take, and what it must make of it.
+TQDM_RECORDINGS = {
+    "default": '\rtrain:   0%|          | 0/4 [00:00<?, ?it/s]\rtrain:  25%|██▌       | 1/4 [00:00<00:00, 10.00it/s]\rtrain:  50%|█████     | 2/4 [00:00<00:00, 10.00it/s] \rtrain:  75%|███████▌  | 3/4 [00:00<00:00, 10.00it/s]\rtrain: 100%|██████████| 4/4 [00:00<00:00, 10.00it/s]\rtrain: 100%|██████████| 4/4 [00:00<00:00, 10.00it/s]\n',
+    "ncols_ascii": '\r  0%|                       | 0/3 [00:00<?, ?it/s]\r 33%|###6       | 1/3 [00:00<00:00, 10.00it/s]\r 67%|########    | 2/3 [00:00<00:00, 10.00it/s]\r100%|############| 3/3 [00:00<00:00, 10.00it/s]\r100%|############| 3/3 [00:00<00:00, 10.00it/s]\n',
+    "unit_scale": '\r  0%|          | 0.00/2.00M [00:00<?, ?B/s]\r 62%|######1   | 1.23M/2.00M [00:00<00:00, 259GB/s]\r 62%|######1   | 1.23M/2.00M [00:00<00:00, 259GB/s, loss=0.123, lr=1e-5, mode=x]\r100%|##########| 2.00M/2.00M [00:00<00:00, 7.69GB/s, loss=0.123, lr=1e-5, mode=x]\n',
+    "leave_false": '\r  0%|          | 0/10 [00:00<?, ?it/s]\r 50%|#####     | 5/10 [00:00<00:00, 10.00it/s]\r                                                   \rafter\n',
+    "no_total": '\r0it [00:00, ?it/s]\r1it [00:00, 10.00it/s]\r2it [00:00, 10.00it/s] \r3it [00:00, 10.00it/s]\r3it [00:00, 10.00it/s]\n',
+    "nested_write": '\rEpochs:   0%|          | 0/2 [00:00<?, ?it/s]\n\rBatch:   0%|          | 0/2 [00:00<?, ?it/s]\x1b[A\r                                             \r\n\r                                            \r\x1b[Abatch 0 of epoch 0\n\rEpochs:   0%|          | 0/2 [00:00<?, ?it/s]\n\rBatch:   0%|          | 0/2 [00:00<?, ?it/s]\x1b[A\n\rBatch:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\x1b[A\r                                             \r\n\r                                                       \r\x1b[Abatch 1 of epoch 0\n\rEpochs:   0%|          | 0/2 [00:00<?, ?it/s]\n\rBatch:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\x1b[A\n\rBatch: 100%|##########| 2/2 [00:00<00:00, 10.00it/s] \x1b[A\n\r                                                      \x1b[A\rEpochs:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\n\rBatch:   0%|          | 0/2 [00:00<?, ?it/s]\x1b[A\r                                                       \r\n\r                                            \r\x1b[Abatch 0 of epoch 1\n\rEpochs:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\n\rBatch:   0%|          | 0/2 [00:00<?, ?it/s]\x1b[A\n\rBatch:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\x1b[A\r                                                       \r\n\r                                                       \r\x1b[Abatch 1 of epoch 1\n\rEpochs:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\n\rBatch:  50%|#####     | 1/2 [00:00<00:00, 10.00it/s]\x1b[A\n\rBatch: 100%|##########| 2/2 [00:00<00:00, 10.00it/s]\x1b[A\n\r                                                       \x1b[A\rEpochs: 100%|##########| 2/2 [00:00<00:00, 10.00it/s]\rEpochs: 100%|##########| 2/2 [00:00<00:00, 10.00it/s]\n',
+    "epochs_of_their_own": "".join(
+        "\rEpoch %d/3:   0%%|          | 0/2 [00:00<?, ?it/s]"
+        "\rEpoch %d/3:  50%%|#####     | 1/2 [00:00<00:00, 10.00it/s, loss=0.%d]"
+        "\rEpoch %d/3: 100%%|##########| 2/2 [00:00<00:00, 10.00it/s, loss=0.%d]\n"
+        "epoch %d done\n" % (k, k, 9 - k, k, 8 - k, k) for k in (1, 2, 3)),
+    "a_long_redraw_without_newline": "".join(
+        "\r %2d0%%|#         | %d/10 [00:0%d<00:0%d, 1.00it/s]" % (i, i, i, 9 - i)
+        for i in range(10)),
+    "counts_that_are_not_bars": "Tests passed: 45/50\ncopied 3/4 files\n",
+}
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that gives `size` bytes a read, as a slow program's would."""
+
+    def __init__(self, data, size):
+        self.data, self.size = data, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = min(len(buffer), self.size, len(self.data))
+        buffer[:count] = self.data[:count]
+        self.data = self.data[count:]
+        return count
+
+
+def read_output(text, chunk):
+    """What the --cmd reader makes of a program's stderr: (name, data) events."""
+    session = sse_demo.Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    output = sse_demo.CommandOutput(session)
+    output.read(io.BufferedReader(Trickle(text.encode(), chunk)), "stderr")
+    return [(e.name, json.loads(e.json.decode())) for e in session.events_after(0, 100000)]
+
+
+def progress_of(events):
+    return [(d.get("stage"), d["iteration"], d["total"], d.get("percent"))
+            for name, d in events if name == "progress"]
+
+
+def messages_of(events):
+    return [d["message"] for name, d in events if name == "log"]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+@pytest.mark.parametrize("shape, progress, messages", [
+    ("default", [("train", i, 4, 25.0 * i) for i in range(5)], []),
+    ("ncols_ascii", [(None, i, 3, round(100.0 * i / 3, 2)) for i in range(4)], []),
+    ("unit_scale", [(None, 0, 2000000, 0.0), (None, 1230000, 2000000, 61.5),
+                    (None, 1230000, 2000000, 61.5), (None, 2000000, 2000000, 100.0)], []),
+    ("leave_false", [(None, 0, 10, 0.0), (None, 5, 10, 50.0)], ["after"]),
+    ("no_total", [(None, i, None, None) for i in range(4)], []),
+    ("counts_that_are_not_bars", [], ["Tests passed: 45/50", "copied 3/4 files"]),
+])
+def test_cmd_tqdm_recordings_read_in_any_chunks(shape, progress, messages, chunk):
+    events = read_output(TQDM_RECORDINGS[shape], chunk)
+    if chunk < 64:
+        assert progress_of(events) == progress   # a redraw of the same bar is no event
+    else:
+        assert progress_of(events) == progress[-1:]   # one read: its bars' last state
+    assert messages_of(events) == messages
+
+
+def test_cmd_tqdm_unit_scale_postfix_and_rate_are_numeric_fields():
+    events = [d for name, d in read_output(TQDM_RECORDINGS["unit_scale"], 64)
+              if name == "progress"]
+    assert events[1]["rate"] == 259e9 and "loss" not in events[1]
+    assert (events[2]["loss"], events[2]["lr"]) == (0.123, 1e-05) and "mode" not in events[2]
+
+
+@pytest.mark.parametrize("chunk", [1, 13, 200])
+def test_cmd_tqdm_nested_bars_with_write_lines_between_redraws(chunk):
+    events = read_output(TQDM_RECORDINGS["nested_write"], chunk)
+    assert messages_of(events) == ["batch %d of epoch %d" % (b, e)
+                                   for e in (0, 1) for b in (0, 1)]
+    progress = [d for name, d in events if name == "progress"]
+    percents = [d["percent"] for d in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0     # never back
+    nested = [d for d in progress if "bars" in d]
+    assert nested and all([b["label"] for b in d["bars"]] == ["Epochs", "Batch"] for d in nested)
+    halfway = [d for d in nested if d["bars"][0]["done"] == 1 and d["bars"][1]["done"] == 1]
+    assert halfway and halfway[0]["percent"] == 75.0       # (1 + 1/2) / 2
+    assert (halfway[0]["iteration"], halfway[0]["total"]) == (3, 4)
+    assert progress[-1]["iteration"] == 2 and "bars" not in progress[-1]   # inner bar gone
+
+
+def test_cmd_tqdm_epochs_of_their_own_make_a_whole_run_percent():
+    events = read_output(TQDM_RECORDINGS["epochs_of_their_own"], 64)
+    progress = [d for name, d in events if name == "progress"]
+    assert [d["stage"] for d in progress] == ["Epoch %d/3" % k for k in (1, 2, 3) for _ in "abc"]
+    percents = [d["percent"] for d in progress]
+    assert percents == [0.0, 16.67, 33.33, 33.33, 50.0, 66.67, 66.67, 83.33, 100.0]
+    assert progress[4]["bars"] == [{"label": "Epoch", "done": 1, "total": 3},
+                                   {"label": "Epoch 2/3", "done": 1, "total": 2}]
+    assert progress[4]["loss"] == 0.7 and progress[4]["rate"] == 10.0
+    assert messages_of(events) == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+
+
+def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
+    text = TQDM_RECORDINGS["a_long_redraw_without_newline"]
+    session = sse_demo.Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    output = sse_demo.CommandOutput(session)
+    read, write = os.pipe()
+    reader = threading.Thread(target=output.read, args=(os.fdopen(read, "rb"), "stderr"))
+    reader.start()
+    try:
+        for i, draw in enumerate(text.split("\r")[1:]):
+            os.write(write, ("\r" + draw).encode())
+            # each draw counts at once, with no newline and no next draw yet
+            wait_for(lambda: session.last_id == i + 1, what="draw %d" % i)
+    finally:
+        os.close(write)
+        reader.join(5)
+    assert [json.loads(e.json)["iteration"] for e in session.events_after(0, 100)] == list(range(10))
+
+
 
 
 def test_cmd_json_lines_are_progress_with_their_fields(make, programs):
