@@ -1837,13 +1837,11 @@ class Progress:
                             for label, d, t in levels]
         if stage:
             data["stage"] = stage
-        if not RESERVED_FIELDS.isdisjoint(fields):
-            clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
-            raise TypeError("progress() field %r is reserved" % clash)
         data.update(fields)
         self._session.publish("progress", data)
 
     def _publish(self, fields):
+        check_fields(fields)
         levels = self._levels
         if len(levels) > 1:
             self._report(None, stage=self._stage, bars=levels, **fields)
@@ -1917,6 +1915,12 @@ def whole_run(levels):
     if outer_total:
         data["percent"] = round(100.0 * fraction, 2)
     return data
+
+
+def check_fields(fields):
+    if not RESERVED_FIELDS.isdisjoint(fields):
+        clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
+        raise TypeError("progress() field %r is reserved" % clash)
 
 
 def check_number(name, value):
@@ -2607,13 +2611,14 @@ class OutputScreen:
         cut = UNFINISHED_MOVE.search(text)
         if cut:
             text, self.carry = text[:cut.start()], text[cut.start():]
-        if not self.bars and self.row == 0 and "\r" not in text and "\x1b" not in text:
-            # plain output, no bar seen: lines, in bulk
-            parts = text.split("\n")
-            for part in parts[:-1]:
-                self._add(part)
-                self._finish(lines, newline=True)
-            self._add(parts[-1])
+        parts = text.split("\n")
+        if not self.bars and self.row == 0 and not self.dropped and "\r" not in text and \
+                "\x1b" not in text and len(self.text) + len(text) <= OUTPUT_LINE_LIMIT:
+            # Plain output, no bar seen yet: whole lines in bulk, no Python
+            # work per line but for the rare one that could be a bar.
+            parts[0] = self.text + parts[0]
+            self.text, self.taken = parts.pop(), None
+            lines.extend(part for part in parts if "]" not in part or not self._draw(0, part))
         else:
             at = 0
             for move in CURSOR.finditer(text):
@@ -2653,7 +2658,8 @@ class OutputScreen:
         self.text, self.dropped, self.taken = "", 0, None
         if not text:
             return None
-        text = OTHER_ESCAPES.sub("", text)
+        if "\x1b" in text:
+            text = OTHER_ESCAPES.sub("", text)
         if not text.strip():
             # A bar closed with leave=False, or tqdm.write() clearing every
             # bar before it redraws them: the bar still counts until one

@@ -1289,6 +1289,22 @@ def colourful(progress, pause=0.15):
     progress(1, 1)
 
 
+def epochs(progress, epochs=3, batches=4, pause=0.0, cancel=None):
+    """Epochs of batches, through a nested bar."""
+    for epoch in range(epochs):
+        progress(epoch, epochs, stage="Epoch %d/%d" % (epoch + 1, epochs))
+        bar = progress.bar("batch", total=batches)
+        for b in range(batches):
+            bar(b + 1, loss=1.0 / (epoch * batches + b + 1))
+            if pause:
+                cancel.wait(pause)
+    progress(epochs, epochs)
+
+
+def bad_bar(progress):
+    progress.bar("batch", total=2)(1, stage="not a field")
+
+
 def chatty(progress, steps=3000, every=3, spike_at=-1, pause=0.0, cancel=None):
     """Progress every step, a log line every `every` steps, one spike."""
     for i in range(steps):
@@ -1672,6 +1688,35 @@ for i in range(n + 1):
 sys.stderr.write("\\n")
 print("saved model.bin")
 """,
+    # The most common training script: one tqdm bar per epoch, loss in its
+    # postfix, a line of its own after each epoch.
+    "train.py": """
+import sys, time
+from tqdm import tqdm
+epochs, steps = int(sys.argv[1]), int(sys.argv[2])
+for epoch in range(1, epochs + 1):
+    bar = tqdm(range(steps), desc="Epoch %d/%d" % (epoch, epochs), mininterval=0)
+    for step in bar:
+        time.sleep(0.01)
+        bar.set_postfix(loss=round(1.0 / (epoch * steps + step + 1), 4))
+    bar.close()
+    print("epoch %d done" % epoch, flush=True)
+""",
+    "nested_train.py": """
+import time
+from tqdm import tqdm
+for epoch in tqdm(range(3), desc="Epochs", position=0, mininterval=0):
+    for batch in tqdm(range(5), desc="Batches", position=1, leave=False, mininterval=0):
+        time.sleep(0.01)
+    tqdm.write("epoch %d done" % epoch)
+""",
+    "json_ignores_term.py": """
+import json, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for i in range(100000):
+    print(json.dumps({"done": i, "total": 100000}), flush=True)
+    time.sleep(0.01)
+""",
     "json_lines.py": """
 import json
 for i in range(1, 4):
@@ -1858,6 +1903,9 @@ TQDM_RECORDINGS = {
         "\r %2d0%%|#         | %d/10 [00:0%d<00:0%d, 1.00it/s]" % (i, i, i, 9 - i)
         for i in range(10)),
     "counts_that_are_not_bars": "Tests passed: 45/50\ncopied 3/4 files\n",
+    "only_the_clock_moves": "\r 10%|#         | 1/10 [00:01<00:09, 1.00it/s]"
+                            "\r 10%|#         | 1/10 [00:02<00:18, 0.50it/s]"
+                            "\r 10%|#         | 1/10 [00:03<00:27, 0.33it/s]\n",
 }
 
 
@@ -1903,6 +1951,7 @@ def messages_of(events):
     ("leave_false", [(None, 0, 10, 0.0), (None, 5, 10, 50.0)], ["after"]),
     ("no_total", [(None, i, None, None) for i in range(4)], []),
     ("counts_that_are_not_bars", [], ["Tests passed: 45/50", "copied 3/4 files"]),
+    ("only_the_clock_moves", [(None, 1, 10, 10.0)], []),
 ])
 def test_cmd_tqdm_recordings_read_in_any_chunks(shape, progress, messages, chunk):
     events = read_output(TQDM_RECORDINGS[shape], chunk)
@@ -1991,7 +2040,7 @@ def test_cmd_output_lines_are_log_events_with_their_stream(make, programs):
     assert by_text["careful: stderr"]["level"] == "warning"
     assert "bad utf-8: \ufffd\ufffd end" in [l["message"] for l in logs]
     long_line = [l["message"] for l in logs if l["message"].startswith("xxx")][0]
-    assert long_line.endswith(" [line cut: 70000 bytes in all]")
+    assert long_line.endswith(" [line cut: 70000 characters in all]")
     assert len(long_line) < 70000
 
 
@@ -2022,6 +2071,203 @@ def first_log_line(stream):
         if block and block.get("event") == "log":
             return json.loads(block["data"])["message"]
     raise AssertionError("no log line")
+
+
+def test_cmd_real_tqdm_training_script_reads_right(make, programs):
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("train.py", "{epochs=3} {steps=8}"))
+    events = watch(srv, start_run(srv)).events()
+    assert events[-1]["event"] == "complete"
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0 and percents[0] < 10
+    assert {p["stage"] for p in progress} == {"Epoch 1/3", "Epoch 2/3", "Epoch 3/3"}
+    losses = [p["loss"] for p in progress if "loss" in p]
+    assert losses and all(isinstance(x, float) for x in losses)
+    assert all(isinstance(p["rate"], float) for p in progress if "rate" in p)
+    mid = [p for p in progress if p["stage"] == "Epoch 2/3" and p["bars"][1]["done"] == 4]
+    assert mid and mid[0]["percent"] == 50.0          # (1 + 4/8) / 3
+    # An event per draw that moved the bar or changed the loss, none for a
+    # redraw that changed only the clock
+    moves = [(p["stage"], p["bars"], p.get("loss")) for p in progress]
+    assert all(a != b for a, b in zip(moves, moves[1:])) and len(progress) <= 3 * (1 + 2 * 8)
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert logs == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+
+
+def test_cmd_real_tqdm_nested_bars_read_right(make, programs):
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("nested_train.py"))
+    events = watch(srv, start_run(srv)).events()
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    nested = [p for p in progress if len(p.get("bars", ())) == 2]
+    assert nested and nested[0]["bars"][0]["label"] == "Epochs"
+    assert nested[0]["bars"][1]["label"] == "Batches" and nested[0]["stage"] == "Epochs · Batches"
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert logs == ["epoch 0 done", "epoch 1 done", "epoch 2 done"]
+
+
+def test_cmd_output_after_cancel_stays_progress(make, programs):
+    srv = command_server(make, programs("json_ignores_term.py"), kill_after_s=1.0)
+    sid = start_run(srv)
+    stream = watch(srv, sid)
+    wait_for(lambda: (get_json(srv, "/status/" + sid).get("iteration") or 0) > 5, what="progress")
+    cancelled_at = time.time()
+    assert cancel(srv, sid)[0] == 202
+    events = stream.events()
+    assert events[-1]["event"] == "cancelled"
+    after = [e for e in events[:-1] if e["json"]["ts"] > cancelled_at + 0.1]
+    assert len(after) > 10                                   # it went on writing for 1 s
+    assert {e["event"] for e in after} == {"progress"}        # read as before: progress
+    assert events[-1]["json"]["iteration"] == after[-1]["json"]["iteration"]
+
+
+def test_python_job_stage_and_nested_bars(make, jobs):
+    srv = make(job=jobs.epochs)
+    events = watch(srv, start_run(srv, epochs=3, batches=4)).events()
+    assert events[-1]["event"] == "complete"
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    inner = [p for p in progress if "bars" in p]
+    assert inner[0]["bars"] == [{"label": "Epoch 1/3", "done": 0, "total": 3},
+                                {"label": "batch", "done": 1, "total": 4}]
+    assert (inner[0]["iteration"], inner[0]["total"], inner[0]["percent"]) == (1, 12, 8.33)
+    assert inner[0]["stage"] == "Epoch 1/3" and inner[0]["loss"] == 1.0
+    assert [p["stage"] for p in progress if "bars" not in p][:2] == ["Epoch 1/3", "Epoch 2/3"]
+    assert events[-1]["json"]["percent"] == 100.0
+
+
+def test_python_job_nested_bar_raises_cancelled_and_refuses_reserved_fields(make, jobs):
+    srv = make(job=jobs.epochs)
+    sid = start_run(srv, epochs=3, batches=4, pause=0.05)
+    stream = watch(srv, sid)
+    wait_for(lambda: "bars" in get_json(srv, "/status/" + sid), what="a nested bar")
+    assert cancel(srv, sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    srv2 = make(job=jobs.bad_bar)
+    events = watch(srv2, start_run(srv2)).events()
+    assert events[-1]["event"] == "error" and "reserved" in events[-1]["json"]["message"]
+
+
+def test_cmd_job_is_named_after_its_program_or_its_title(make, programs):
+    assert sse_demo.command_job("python3 train.py --epochs {epochs=10}").title == "train.py"
+    assert sse_demo.command_job("python -u -m pkg.train {x=1}").title == "pkg.train"
+    assert sse_demo.command_job("make -j4 all").title == "make"
+    assert sse_demo.command_job("bash build.sh", title="Nightly build").title == "Nightly build"
+    cli = Cli("--cmd", programs("argv.py", "{x=1}"), "--title", "Argument echo")
+    try:
+        job = get_json(cli, "/job")
+        assert job["title"] == "Argument echo" and job["name"] == "argv.py"
+        assert job["kill_after_s"] == 5.0
+    finally:
+        assert cli.stop()[0] == 0
+
+
+def test_job_title_flag_wins_over_the_declaration(tmp_path):
+    (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
+    cli = Cli("--job", "mybuild:tuned", "--title", "Tuned by flag", cwd=str(tmp_path))
+    try:
+        assert get_json(cli, "/job")["title"] == "Tuned by flag"
+    finally:
+        assert cli.stop()[0] == 0
+    status, _, err = Cli("--title", " ").finish()
+    assert status == 2 and "--title" in err
+
+
+def guard_of(server_pid):
+    """The pid of the server's process guard (a child running GUARD_PROGRAM)."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                command = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server_pid and b"process guard" in command:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
+def test_cmd_program_and_its_children_end_within_2_s_of_kill_9(programs):
+    cli = Cli("--cmd", programs("parent.py", "wait"))
+    try:
+        sid = start_run(cli)
+        program = get_json(cli, "/status/" + sid)
+        stream = watch(cli, sid)
+        grandchild = int(first_log_line(stream).split()[1])
+        guard = guard_of(cli.proc.pid)
+        assert guard is not None
+        leader = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                  if pid != guard and parent_of(pid) == cli.proc.pid]
+        assert len(leader) == 1 and program["state"] == "running"
+    finally:
+        cli.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: process_gone(grandchild) and process_gone(leader[0]) and process_gone(guard),
+             timeout=5, what="the program, its child and the guard to be gone")
+    assert time.monotonic() - killed < 2.0
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
+def test_cmd_restart_ends_a_program_that_outlived_the_server_and_its_guard(programs, tmp_path):
+    first = journal_server(tmp_path, "--cmd", programs("parent.py", "wait"))
+    grandchild = None
+    try:
+        sid = start_run(first)
+        grandchild = int(first_log_line(watch(first, sid)).split()[1])
+        guard = guard_of(first.proc.pid)
+        wait_for(lambda: any('"process"' in line for line in
+                             open(str(tmp_path / (sid + ".jsonl")), encoding="utf-8")),
+                 what="the journal to hold the program")
+        os.kill(guard, signal.SIGKILL)               # the guard cannot help this time
+        wait_for(lambda: process_gone(guard), what="the guard to be gone")
+    finally:
+        first.stop(signal.SIGKILL)
+    time.sleep(0.3)
+    assert not process_gone(grandchild)               # an orphan, as before this change
+    second = journal_server(tmp_path, "--cmd", programs("parent.py", "wait"))
+    try:
+        wait_for(lambda: process_gone(grandchild), timeout=2, what="the orphan to be ended")
+        status = get_json(second, "/status/" + sid)
+        assert status["state"] == "error" and "interrupted" in status["message"]
+    finally:
+        assert second.stop()[0] == 0
+        if grandchild and not process_gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_cmd_run_whose_output_reader_cannot_start_ends_error_and_leaves_nothing(
+        make, programs, monkeypatch):
+    srv = command_server(make, programs("stubborn.py"))
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith("output-"):
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    sid = start_run(srv)
+    events = watch(srv, sid).events()
+    monkeypatch.undo()
+    assert events[-1]["event"] == "error" and "could not start" in events[-1]["json"]["message"]
+    assert get_json(srv, "/healthz")["running"] == 0
+    children = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if parent_of(pid) == os.getpid() and not process_gone(pid)]
+    assert all(b"stubborn" not in open("/proc/%d/cmdline" % pid, "rb").read()
+               for pid in children)
 
 
 def test_cmd_cancel_kills_a_program_that_ignores_sigterm(make, programs):
