@@ -2232,7 +2232,8 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
         run_command(session, argv, values, kill_after_s, processes)
     name = program_name(argv)
     return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
-                   "progress lines the progress." % template, params, [], run,
+                   "progress lines the progress." % template, params,
+                   [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
                    check=lambda values: fill_command(argv, values), stop_all=processes.close,
                    kill_now=processes.kill_all,
                    extra={"kill_after_s": kill_after_s})
@@ -2389,7 +2390,8 @@ def run_command(session, argv, values, kill_after_s, groups):
     elif process.returncode == 0:
         end_run(session, "complete", {"result": {"exit_code": 0}})
     else:
-        end_run(session, "error", {"message": exit_message(command[0], process.returncode,
+        end_run(session, "error", {"message": exit_message(program_name(argv),
+                                                          process.returncode,
                                                           output.stderr_tail)})
 
 

@@ -1703,11 +1703,12 @@ for epoch in range(1, epochs + 1):
     print("epoch %d done" % epoch, flush=True)
 """,
     "nested_train.py": """
-import time
+import sys, time
 from tqdm import tqdm
+pause = float(sys.argv[1]) if len(sys.argv) > 1 else 0.01
 for epoch in tqdm(range(3), desc="Epochs", position=0, mininterval=0):
     for batch in tqdm(range(5), desc="Batches", position=1, leave=False, mininterval=0):
-        time.sleep(0.01)
+        time.sleep(pause)
     tqdm.write("epoch %d done" % epoch)
 """,
     "json_ignores_term.py": """
@@ -3158,9 +3159,15 @@ def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
 
 
 def screenshot_sizes(browser, tmp_path, name):
+    """Screenshots at a desktop and a phone size, checked for size and
+    content; SSE_DEMO_SCREENSHOTS=DIR keeps a copy to look at."""
+    keep = os.environ.get("SSE_DEMO_SCREENSHOTS")
     for width, height in ((1280, 800), (375, 700)):
         path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
         browser.screenshot(path, width, height)
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(path, keep)
         got_width, got_height, variety = png_is_not_blank(path)
         assert (got_width, got_height) == (width, height)
         assert os.path.getsize(path) > 10000 and variety > 8
@@ -3174,6 +3181,82 @@ def test_browser_screenshots_of_the_finished_builtin_page(browser, server, tmp_p
     browser.wait_for(STATE + " === 'complete'")
     screenshot_sizes(browser, tmp_path, "builtin")
     assert browser.problems() == []
+
+
+def test_browser_failed_program_says_exit_status_briefly_and_its_stderr_below(
+        browser, make, programs, tmp_path):
+    srv = command_server(make, programs("exits_3.py"))
+    browser.open(page_url(srv))
+    assert browser.element("title") == "exits_3.py" and browser.element("start") == "Start"
+    browser.click("start")
+    browser.wait_for(STATE + " === 'failed'")
+    assert browser.element("status") == "Failed · exit 3"
+    assert browser.evaluate("document.querySelector('#message p').textContent").endswith(
+        "exited with status 3; the last lines of its stderr:")
+    assert browser.evaluate("document.querySelector('#message pre').textContent") == \
+        "first problem\nsecond problem"                     # line breaks kept
+    dot = browser.evaluate("(() => { const s = getComputedStyle(document.getElementById('status'),"
+                           " '::before'); return [parseFloat(s.width), parseFloat(s.height)]; })()")
+    assert dot[0] == dot[1] and dot[0] >= 10                # the dot keeps its size
+    screenshot_sizes(browser, tmp_path, "failed")
+    assert browser.problems() == []
+
+
+def test_browser_cancel_shows_cancelling_and_the_coming_kill(browser, make, programs, tmp_path):
+    srv = command_server(make, programs("stubborn.py"), kill_after_s=3.0)
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'live' && logLines.length > 0")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelling'")
+    assert re.fullmatch(r"Cancelling… · stopping the program; forced in [23] s",
+                        browser.element("status"))
+    assert browser.element("cancel", "disabled") is True
+    screenshot_sizes(browser, tmp_path, "cancelling")
+    browser.wait_for(STATE + " === 'cancelled'", timeout=10)
+    assert browser.element("status") == "Cancelled"
+    assert browser.problems() == []
+
+
+def test_browser_cancel_works_while_the_stream_reconnects(browser, make, programs):
+    srv = command_server(make, programs("stubborn.py"), kill_after_s=0.5)
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'live'")
+    sid = browser.evaluate("sessionId")
+    # The stream drops (as behind a proxy that restarts); Cancel is its own request.
+    browser.evaluate("closeSource(); setState('reconnecting')")
+    assert browser.element("cancel", "disabled") is False
+    browser.click("cancel")
+    wait_for(lambda: status_of(srv, sid) == "cancelled", what="the run to be cancelled")
+
+
+def test_browser_nested_tqdm_shows_stage_and_every_bar(browser, make, programs, tmp_path):
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("nested_train.py", "{pause=0.08}"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for("document.querySelectorAll('#bars progress').length === 2 && "
+                     "latest.bars[0].done >= 1")
+    assert browser.element("stage") == "Epochs · Batches"
+    labels = browser.evaluate("[...document.querySelectorAll('#bars div span:first-child')]"
+                              ".map(s => s.textContent)")
+    assert labels == ["Epochs", "Batches"]
+    screenshot_sizes(browser, tmp_path, "nested")
+    browser.wait_for(STATE + " === 'complete'", timeout=15)
+    assert browser.element("bar", "value") == 100
+    assert browser.problems() == []
+
+
+def test_browser_result_of_a_complete_run_reads_as_text(browser, make, jobs):
+    srv = make(job=jobs.tuned)
+    browser.open(page_url(srv))
+    start_in_page(browser, rounds=2, name="gamma")
+    browser.wait_for(STATE + " === 'complete'")
+    last = browser.log_lines()[0]
+    assert last.endswith("complete iteration 2/2 · best score 14.25 pts · loss 0.5 · "
+                         "result: best score 14.25, name gamma")
+    assert "{" not in last
 
 
 def test_browser_screenshots_of_a_new_jobs_finished_page(browser, make, jobs, tmp_path):
