@@ -41,6 +41,7 @@ class Running:
         options.setdefault("keepalive_s", 0.2)
         options.setdefault("request_timeout_s", 3.0)
         self.server = sse_demo.make_server("127.0.0.1", port, **options)
+        self.server.start()         # the journal read back before the test goes on
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)

@@ -405,7 +405,8 @@ class Session:
     """
 
     def __init__(self, session_id, title, params, on_publish, on_end,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None):
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
+                 reserve_ids=None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.title = title
@@ -431,6 +432,8 @@ class Session:
         self.journal_file = None      # read back after a restart: its record is this file
         self.process = None           # --cmd: the program's identity (see process_identity)
         self._on_process = on_process
+        self._reserve_ids = reserve_ids
+        self.ids_reserved = None if reserve_ids is None else 0   # None: no journal, no mark
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
         self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
@@ -444,10 +447,14 @@ class Session:
         """
         data = dict(fields)
         data["elapsed_s"] = round(time.monotonic() - self.started, 2)
+        while not self._ids_available():
+            self._reserve_ids(self, self.last_id + ID_BLOCK)
         data["ts"] = time.time()
         with self._lock:
             if self.terminal_id is not None:
                 return None
+            if self.ids_reserved is not None and self.last_id >= self.ids_reserved:
+                return self.publish(name, fields)     # another thread took the last id
             try:
                 event = Event(self.last_id + 1, name, data)
             except (TypeError, ValueError) as exc:
@@ -464,6 +471,17 @@ class Session:
         if event.terminal:
             self._on_end(self)
         return event
+
+    def _ids_available(self):
+        """May the next id go out? With a journal, only below the high-water
+        mark it holds: after a crash the run's terminal event takes an id
+        past that mark, so no client ever sees an id go back."""
+        return self.ids_reserved is None or self.last_id < self.ids_reserved
+
+    def ids_reserved_up_to(self, upto):
+        """The journal has written the mark `upto` (called by reserve_ids)."""
+        with self._lock:
+            self.ids_reserved = max(self.ids_reserved or 0, upto)
 
     def note_process(self, identity):
         """--cmd: the run's program started (the journal keeps it, so a
@@ -607,8 +625,10 @@ class Registry:
     sessions after their time to live, and cancels all on shutdown."""
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None):
+                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
+                 reserve_ids=None):
         self.max_sessions = max_sessions
+        self._reserve_ids = reserve_ids
         self.record_bytes = record_bytes
         self._on_process = on_process
         self.session_ttl_s = session_ttl_s
@@ -627,7 +647,7 @@ class Registry:
                               % self.max_sessions)
             session = Session(secrets.token_urlsafe(TOKEN_BYTES), title, params,
                               self._on_publish, self._session_ended, self.record_bytes,
-                              self._on_process)
+                              self._on_process, self._reserve_ids)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -682,6 +702,54 @@ class Registry:
                 self._ended.append(session)
             self._sessions = dict(sorted(self._sessions.items(),
                                          key=lambda item: item[1].started_ts))
+
+
+###############################################################################
+# Background threads: one supervision for all
+###############################################################################
+
+class Supervisor:
+    """Starts the server's long-lived threads (the stream writer, the
+    journal, the GRIP publisher) and watches them. A thread whose body
+    raises has stopped: it is logged once with its traceback, and /healthz
+    answers 503 naming the part. A loop that can go on after an unexpected
+    error calls `survived` instead: logged once per part with its
+    traceback, counted, and the loop goes on."""
+
+    def __init__(self):
+        self._lock = threading.Lock()     # guards stopped, errors
+        self.stopped = {}                 # part -> why its thread ended
+        self.errors = {}                  # part -> unexpected errors it went on after
+
+    def spawn(self, part, target):
+        thread = threading.Thread(target=self._watch, args=(part, target), daemon=True,
+                                  name=part.replace(" ", "-"))
+        thread.start()
+        return thread
+
+    def _watch(self, part, target):
+        try:
+            target()
+        except BaseException as exc:     # a thread has no one to re-raise to
+            log.error("the %s has stopped", part, exc_info=True)
+            with self._lock:
+                self.stopped[part] = describe_exception(exc)
+
+    def survived(self, part):
+        """Call from an `except Exception:` block of a loop that goes on."""
+        with self._lock:
+            self.errors[part] = self.errors.get(part, 0) + 1
+            first = self.errors[part] == 1
+        if first:
+            log.error("the %s met an unexpected error and goes on (logged once)", part,
+                      exc_info=True)
+        else:
+            log.debug("the %s met an unexpected error again", part, exc_info=True)
+
+    def problems(self):
+        """{part: why it stopped} for the parts that no longer run."""
+        with self._lock:
+            return dict(self.stopped)
 
 
 ###############################################################################
@@ -775,12 +843,12 @@ class StreamHub:
                                              # due is not its subscriber's is stale, skipped
         self._seq = itertools.count()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+        self._thread = None
 
     # -- called from other threads -------------------------------------------
 
-    def start(self):
-        self._thread.start()
+    def start(self, supervisor):
+        self._thread = supervisor.spawn("stream writer", self._run)
 
     def reserve(self, sock):
         """Count a stream about to open on `sock`. Raises TooBusy past the cap,
@@ -801,7 +869,7 @@ class StreamHub:
 
     def failure(self):
         """Why the writer is not writing, or None while it is."""
-        if self.broken is None and self._thread.ident is not None and \
+        if self.broken is None and self._thread is not None and \
                 not self._thread.is_alive() and not self._stopping:
             self.broken = "the writer thread ended"
         return self.broken
@@ -835,7 +903,8 @@ class StreamHub:
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
         self._post(("stop", None))
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _post(self, item, once=None):
         """Queue work for the writer; False if it has stopped taking any.
@@ -1198,8 +1267,12 @@ class GripPublisher:
         self.published = 0
         self.failed = 0
         self._failing = False     # logged this outage already
-        self._thread = threading.Thread(target=self._run, name="grip-publisher", daemon=True)
-        self._thread.start()
+        self._thread = None
+        self._supervisor = None
+
+    def start(self, supervisor):
+        self._supervisor = supervisor
+        self._thread = supervisor.spawn("grip publisher", self._run)
 
     def queue_event(self, session, event):
         """Queue the event's item (and, after the terminal one, a close), as
@@ -1227,8 +1300,9 @@ class GripPublisher:
                 "failed": self.failed}
 
     def stop(self):
-        self._queue.put(None)
-        self._thread.join(GRIP_TIMEOUT_S)
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(GRIP_TIMEOUT_S)
 
     def _run(self):
         sent_at = 0.0
@@ -1271,7 +1345,9 @@ class GripPublisher:
             response.read()
             if response.status != 200:
                 raise OSError("Pushpin answered %d" % response.status)
-        except (OSError, http.client.HTTPException) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (OSError, http.client.HTTPException)):
+                self._supervisor.survived("grip publisher")
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -1369,6 +1445,8 @@ JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progre
 JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
                                   # (a terminal event at once): each flush is a system call
                                   # per run, and each costs the other threads a GIL hand-off
+ID_BLOCK = 1000                   # ids a run may publish past the mark the journal holds
+ID_MARK_WAIT_S = 5.0              # how long a run waits for the journal to write a mark
 INTERRUPTED = ("the server stopped during the run (interrupted); "
                "its events up to then are kept")
 
@@ -1392,7 +1470,8 @@ class Journal:
         self.dropped = 0
         self.error = None                   # the disk's last complaint, while it lasts
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread = None
+        self._supervisor = None
 
     @staticmethod
     def prepare(directory):
@@ -1404,8 +1483,9 @@ class Journal:
         os.close(fd)
         os.unlink(probe)
 
-    def start(self):
-        self._thread.start()
+    def start(self, supervisor):
+        self._supervisor = supervisor
+        self._thread = supervisor.spawn("journal", self._run)
 
     def begin(self, session):
         """A run starts: its file is written at once, so that even a crash in
@@ -1433,6 +1513,20 @@ class Journal:
         """A run's program started: written with the next flush."""
         self._items.append(("process", session, None))
 
+    def reserve_ids(self, session, upto):
+        """Write `{"ids": upto}` to the run's file and wait (the run's own
+        thread, never the writer) until it is written to the operating
+        system: a crash after that cannot lose it. Once per ID_BLOCK events.
+        A journal that cannot write does not stop the run: it goes on."""
+        written = threading.Event()
+        self._items.append(("ids", session, (upto, written)))
+        self._wake.set()
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            pass    # nobody to write it (shutting down): the run goes on
+        elif not written.wait(ID_MARK_WAIT_S):
+            log.warning("the journal did not write run %s's id mark in time", session.id)
+        session.ids_reserved_up_to(upto)
+
     def stats(self):
         return {"ok": self.error is None, "queued": len(self._items), "written": self.written,
                 "dropped": self.dropped, "error": self.error}
@@ -1441,7 +1535,8 @@ class Journal:
         """Write what is queued, then stop."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(5.0)
+        if self._thread is not None:
+            self._thread.join(5.0)
 
     def _run(self):
         while True:
@@ -1455,11 +1550,14 @@ class Journal:
                 return
 
     def _write_queued(self):
-        touched, ended = set(), []
+        touched, ended, marks = set(), [], []
         while self._items:
             kind, session, event = self._items.popleft()
             try:
-                if kind == "begin":
+                if kind == "ids":
+                    marks.append(event[1])
+                    self._append(session.id, b'{"ids":%d}\n' % event[0])
+                elif kind == "begin":
                     self._append(session.id, journal_header(session))
                 elif kind == "process":
                     self._append(session.id, (json_line({"process": session.process})
@@ -1475,8 +1573,12 @@ class Journal:
                 self._healthy()
             except OSError as exc:
                 self._failed(exc)
+            except Exception:
+                self._supervisor.survived("journal")   # that item is lost, not the rest
         for name in touched:
             self._flush(name, fsync=name in ended)
+        for written in marks:      # in the operating system now, or failed: go on
+            written.set()
         for name in ended:
             self._close(name)
 
@@ -1618,7 +1720,13 @@ def load_journal(directory, session_ttl_s):
     its first bad line, with one warning; the bad tail is moved to
     `<file>.damaged`; a file that cannot be read at all is left where it is."""
     runs, now = [], time.time()
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("the journal in %s cannot be read (%s); no run is read back",
+                    directory, exc.strerror or exc)
+        return runs
+    for entry in entries:
         name = entry.name[:-len(JOURNAL_SUFFIX)]
         if not entry.name.endswith(JOURNAL_SUFFIX) or entry.is_symlink() or \
                 not re.fullmatch(SESSION_ID_PATTERN, name):
@@ -1628,25 +1736,42 @@ def load_journal(directory, session_ttl_s):
         except (OSError, ValueError) as exc:
             log.warning("journal %s not loaded, left in place: %s", entry.name, exc)
             continue
-        if problem is not None:
-            log.warning("journal %s: %s; its events before that are kept, the rest is "
-                        "moved to %s.damaged", entry.name, problem, entry.name)
-            set_aside_damaged_tail(directory, name, good_bytes)
-        if events and events[-1][1] in TERMINAL_STATES:
-            if now - events[-1][2].get("ts", now) > session_ttl_s:
+        if events and events[-1][1] in TERMINAL_STATES and \
+                now - events[-1][2].get("ts", now) > session_ttl_s:
+            try:
                 delete_journal(directory, name)
-                continue
-        else:
+            except OSError as exc:
+                log.warning("journal %s has expired but cannot be deleted: %s", entry.name, exc)
+            continue
+        interrupted = not events or events[-1][1] not in TERMINAL_STATES
+        if interrupted:
             if end_leftover_group(header.get("process")):
                 log.warning("run %s: its program still ran after the server stopped; "
                             "its process group is killed", name)
-            events.append(interrupted_event(events, now))
-            with open_journal(directory, name, "ab") as f:
-                f.write(journal_line(Event(*events[-1])))
-                f.flush()
-                os.fsync(f.fileno())
+            events.append(interrupted_event(events, now, header.get("ids", 0)))
+        try:
+            mend_journal(directory, name, problem, good_bytes,
+                         events[-1] if interrupted else None)
+        except OSError as exc:   # damage never stops the server: the run is served from memory
+            log.warning("journal %s cannot be mended (%s); its run is served as read",
+                        entry.name, exc.strerror or exc)
         runs.append((header, events))
     return runs
+
+
+def mend_journal(directory, name, problem, good_bytes, interrupted):
+    """Set a damaged tail aside, and write the `interrupted` event that a
+    run read back without a terminal event got, so a second restart adds no
+    other. Raises OSError when the disk refuses."""
+    if problem is not None:
+        log.warning("journal %s%s: %s; its events before that are kept, the rest is "
+                    "moved to %s%s.damaged", name, JOURNAL_SUFFIX, problem, name, JOURNAL_SUFFIX)
+        set_aside_damaged_tail(directory, name, good_bytes)
+    if interrupted is not None:
+        with open_journal(directory, name, "ab") as f:
+            f.write(journal_line(Event(*interrupted)))
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_journal(path, session_id):
@@ -1680,6 +1805,11 @@ def read_journal(path, session_id):
             record = json.loads(line.decode("utf-8"))
             if isinstance(record, dict) and set(record) == {"process"}:
                 header["process"] = record["process"]    # --cmd: its program
+                good += len(line) + 1
+                continue
+            if isinstance(record, dict) and set(record) == {"ids"} and \
+                    type(record["ids"]) is int:
+                header["ids"] = max(header.get("ids", 0), record["ids"])   # the id mark
                 good += len(line) + 1
                 continue
             event = (record["id"], record["event"], record["data"])
@@ -1721,14 +1851,16 @@ def set_aside_damaged_tail(directory, name, good_bytes):
         f.truncate(good_bytes)
 
 
-def interrupted_event(events, now):
-    """The terminal event of a run the journal holds without one."""
+def interrupted_event(events, now, ids_reserved=0):
+    """The terminal event of a run the journal holds without one. Its id is
+    past every id the run may have published (`ids_reserved`, the journal's
+    high-water mark), so no client's Last-Event-ID is ever above it."""
     latest = next((data for _, name, data in reversed(events) if name != "log"), {})
     data = without_stamps(latest)
     data.update({"message": INTERRUPTED, "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
-    return (events[-1][0] + 1 if events else 1), "error", data
+    return max(events[-1][0] if events else 0, ids_reserved) + 1, "error", data
 
 
 ###############################################################################
@@ -2483,15 +2615,30 @@ class CommandOutput:
 
     def read(self, pipe, stream):
         """A reader thread's body: read until end of file, never blocking the
-        job or the writer (the pipe is this thread's alone)."""
+        job or the writer (the pipe is this thread's alone). Should reading
+        fail unexpectedly, the error is logged and the rest of the output is
+        drained, unread, so the program never blocks on a full pipe."""
+        with pipe:
+            try:
+                self._read(pipe, stream)
+            except Exception as exc:
+                log.error("run %s: reading the program's %s failed", self._session.id, stream,
+                          exc_info=True)
+                self._session.publish("log", {
+                    "message": "sse_demo could not read this output (%s); the rest of the %s "
+                               "is discarded" % (describe_exception(exc), stream),
+                    "level": "error", "stream": stream})
+                while pipe.read1(OUTPUT_READ_BYTES):
+                    pass
+
+    def _read(self, pipe, stream):
         screen = OutputScreen()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        with pipe:
-            while True:
-                data = pipe.read1(OUTPUT_READ_BYTES)
-                if not data:
-                    break
-                self._take(screen, screen.feed(decoder.decode(data)), stream)
+        while True:
+            data = pipe.read1(OUTPUT_READ_BYTES)
+            if not data:
+                break
+            self._take(screen, screen.feed(decoder.decode(data)), stream)
         self._take(screen, screen.feed(decoder.decode(b"", final=True)) + screen.close(), stream)
 
     def _take(self, screen, lines, stream):
@@ -3373,15 +3520,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
             Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
         super().__init__((host, port), Handler)
         self.request_timeout_s = request_timeout_s
+        self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
+        self.supervisor = Supervisor()
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
         self.journal = Journal(state_dir) if state_dir else None
         self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
                                  self.journal.forget if self.journal else lambda session: None,
                                  int(max_record_mb * 2 ** 20),
-                                 self.journal.note_process if self.journal else lambda s: None)
-        if self.journal:
-            self.registry.restore(self.restore_runs(state_dir, session_ttl_s))
-            self.journal.start()
+                                 self.journal.note_process if self.journal else lambda s: None,
+                                 self.journal.reserve_ids if self.journal else None)
         self.page = read_page()
         self.page_csp = csp_for(self.page or b"")
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
@@ -3393,7 +3540,25 @@ class SSEServer(http.server.ThreadingHTTPServer):
             log.warning("this platform's selector is select(), which watches at most %d "
                         "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
                         max_streams, self.hub.max_streams)
-        self.hub.start()
+
+    started = False
+
+    def start(self):
+        """Read back the journal's runs and start the background threads;
+        then serve_forever(). (The constructor only binds.)"""
+        if self.started:
+            return
+        self.started = True
+        if self.journal:
+            self.registry.restore(self.restore_runs(self.state_dir, self.session_ttl_s))
+            self.journal.start(self.supervisor)
+        if self.grip:
+            self.grip.start(self.supervisor)
+        self.hub.start(self.supervisor)
+
+    def serve_forever(self, poll_interval=0.5):
+        self.start()
+        super().serve_forever(poll_interval)
 
     def handle_error(self, request, client_address):
         """socketserver calls this for an exception that escaped the handler
@@ -3455,11 +3620,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         sessions, running = self.registry.counts()
+        stopped = self.supervisor.problems()
         failure = self.hub.failure()
-        health = {"ok": failure is None, "sessions": sessions, "running": running,
-                  "streams": self.hub.streams}
         if failure is not None:
-            health["error"] = "the stream writer has stopped: %s" % failure
+            stopped.setdefault("stream writer", failure)
+        health = {"ok": not stopped, "sessions": sessions, "running": running,
+                  "streams": self.hub.streams}
+        if stopped:
+            health["error"] = "; ".join("the %s has stopped: %s" % item
+                                        for item in sorted(stopped.items()))
         if self.grip:
             health["grip"] = self.grip.stats()
         if self.journal:
@@ -3517,9 +3686,10 @@ def read_page():
 
 
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
-    """A bound server, not yet serving: run `serve_forever()` in a thread, and
-    `shutdown()` then `server_close()` to stop it. `job` is a callable (see
-    the module docstring); the options are SSEServer's keyword arguments."""
+    """A bound server, not yet serving: run `serve_forever()` in a thread (it
+    calls `start()`), and `shutdown()` then `server_close()` to stop it.
+    `job` is a callable (see the module docstring); the options are
+    SSEServer's keyword arguments."""
     return SSEServer(host, port, job=job, **options)
 
 
@@ -3532,6 +3702,7 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     except OSError as exc:
         log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1
+    server.start()      # the journal's runs are back before the URL is printed
     if not is_loopback(server.server_address[0]):
         log.warning("warning: listening on %s, reachable from other machines; this demo "
                     "has no authentication", server.server_address[0])

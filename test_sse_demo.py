@@ -2271,6 +2271,18 @@ def test_cmd_run_whose_output_reader_cannot_start_ends_error_and_leaves_nothing(
                for pid in children)
 
 
+def test_cmd_reader_that_fails_says_so_and_drains_the_program(make, programs, monkeypatch):
+    def broken(self, lines, stream):
+        raise ValueError("a bug in the reader")
+    monkeypatch.setattr(sse_demo.CommandOutput, "_publish_lines", broken)
+    srv = command_server(make, programs("flood.py", "{lines=100000}"))
+    events = watch(srv, start_run(srv)).events()
+    assert events[-1]["event"] == "complete"            # the program was never blocked
+    failures = [e["json"] for e in events if e["event"] == "log"]
+    assert any("could not read this output" in f["message"] and f["level"] == "error"
+               for f in failures)
+
+
 def test_cmd_cancel_kills_a_program_that_ignores_sigterm(make, programs):
     srv = command_server(make, programs("stubborn.py"), kill_after_s=0.5)
     sid = start_run(srv)
@@ -2372,10 +2384,12 @@ def journal_server(state_dir, *args, port=None):
 
 
 def journal_lines(state_dir, sid, series=False):
-    """The journal's header and events; with `series`, the series line that
-    follows a terminal event too."""
+    """The journal's header and events (not its id marks, nor a --cmd run's
+    process line); with `series`, the series line after a terminal event too."""
     with open(os.path.join(str(state_dir), sid + ".jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if series or not line.startswith('{"series":')]
+        lines = [json.loads(line) for line in f]
+    return [line for line in lines if not ({"ids"} == set(line) or {"process"} == set(line))
+            and (series or "series" not in line)]
 
 
 def test_journal_keeps_a_finished_run_across_a_restart(tmp_path):
@@ -2426,13 +2440,104 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
         srv = journal_server(tmp_path, port=first.port)
         try:
             rest = watch(srv, sid, {"Last-Event-ID": str(seen[-1])}).events()
-            assert ids(rest) == list(range(seen[-1] + 1, journaled + 2))
+            # the journaled events, then the terminal one past the id mark
+            assert ids(rest) == list(range(seen[-1] + 1, journaled + 1)) + [
+                sse_demo.ID_BLOCK + 1]
             assert rest[-1]["event"] == "error"
             assert "interrupted" in rest[-1]["json"]["message"]
             assert get_json(srv, "/status/" + sid)["state"] == "error"
         finally:
             assert srv.stop()[0] == 0
         assert len(journal_lines(tmp_path, sid)) - 1 == journaled + 1   # added once only
+
+
+def test_journal_ids_never_go_back_after_a_crash(tmp_path):
+    """A client saw events the journal had not written yet (it writes once
+    a second); after kill -9 and a restart its Last-Event-ID is past what
+    the journal holds, and the terminal event's id must be past it too."""
+    for attempt in range(3):
+        first = journal_server(tmp_path)
+        sid = start_run(first, iterations=100000, tick=0.002, update_every=1)
+        stream = watch(first, sid)
+        seen = 0
+        for _ in range(2000):
+            block = stream.next_block(time.monotonic() + TIMEOUT)
+            seen = max(seen, int(block.get("id") or 0))
+            if seen >= 200:
+                break
+        first.stop(signal.SIGKILL)
+        stream.close()
+        journaled = max([l.get("id", 0) for l in journal_lines(tmp_path, sid)])
+        if journaled < seen:
+            break                          # the crash lost events that a client saw
+    assert journaled < seen
+    srv = journal_server(tmp_path, port=first.port)
+    try:
+        rest = watch(srv, sid, {"Last-Event-ID": str(seen)}).events()
+        assert names(rest) == ["error"] and "interrupted" in rest[0]["json"]["message"]
+        assert int(rest[0]["id"]) > seen                              # never back
+        assert request(srv, "GET", "/progress/" + sid,
+                       headers={"Last-Event-ID": rest[0]["id"]})[0] == 204
+    finally:
+        assert srv.stop()[0] == 0
+
+
+def test_journal_thread_survives_an_unexpected_error_and_logs_it_once(make, tmp_path,
+                                                                      monkeypatch, caplog):
+    real = sse_demo.journal_line
+    calls = itertools.count()
+
+    def sometimes_broken(event):
+        if next(calls) in (2, 3):
+            raise ValueError("a bug in the journal")
+        return real(event)
+    monkeypatch.setattr(sse_demo, "journal_line", sometimes_broken)
+    srv = make(state_dir=str(tmp_path))
+    with caplog.at_level("ERROR", logger="sse_demo"):
+        first = start_run(srv, iterations=3, **FAST)
+        watch(srv, first).events()
+        second = start_run(srv, iterations=3, **FAST)
+        watch(srv, second).events()
+        wait_for(lambda: journal_lines(tmp_path, second)[-1].get("event") == "complete",
+                 what="the journal to go on with the next run")
+    assert len([r for r in caplog.records if "journal met an unexpected error" in
+                r.getMessage() and r.exc_info]) == 1        # once, with its traceback
+    assert get_json(srv, "/healthz")["ok"] is True
+
+
+def test_a_background_thread_that_stops_makes_healthz_503_naming_it(make, monkeypatch):
+    def broken(self, first):
+        raise RuntimeError("a bug in the publisher")
+    monkeypatch.setattr(sse_demo.GripPublisher, "_take_queued", broken)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))              # nothing listens: publishing would fail anyway
+    srv = make(grip="http://127.0.0.1:%d" % closed.getsockname()[1])
+    closed.close()
+    sid = start_run(srv, iterations=2, **FAST)
+    watch(srv, sid, {"Grip-Sig": "x"}).close()
+    wait_for(lambda: request(srv, "GET", "/healthz")[0] == 503, what="healthz to say so")
+    health = json.loads(request(srv, "GET", "/healthz")[2])
+    assert health["ok"] is False and "grip publisher has stopped" in health["error"]
+    assert "RuntimeError: a bug in the publisher" in health["error"]
+
+
+def test_journal_damaged_in_a_folder_that_cannot_be_written_still_starts(tmp_path,
+                                                                         monkeypatch):
+    sid = "W" * 22
+    write_journal(tmp_path, sid, journal_of(sid, GOOD)[:2], tail=b'{"id": 2, "ev')
+    real = sse_demo.open_journal
+
+    def read_only(directory, name, mode, suffix=sse_demo.JOURNAL_SUFFIX):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sse_demo, "open_journal", read_only)
+    srv = Running(state_dir=str(tmp_path))          # before the fix: "cannot listen"
+    try:
+        status = get_json(srv, "/status/" + sid)
+        assert status["state"] == "error" and "interrupted" in status["message"]
+        assert get_json(srv, "/healthz")["ok"] is True
+    finally:
+        monkeypatch.setattr(sse_demo, "open_journal", real)
+        srv.stop()
 
 
 def test_journal_client_that_saw_unwritten_events_still_gets_the_terminal(tmp_path):
@@ -3397,6 +3502,7 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
     monkeypatch.setattr(sse_demo, "GRIP_QUEUE_LIMIT", 1)
     monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", TIMEOUT)
     publisher = sse_demo.GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
+    publisher.start(sse_demo.Supervisor())
     session = sse_demo.Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
     conn = None
     try:
