@@ -824,3 +824,24 @@ def fresh_pushpin(tmp_path):
     finally:
         proxy.stop()
         upstream.stop()
+
+
+###############################################################################
+# Markers: tests that need a real browser or a real proxy
+###############################################################################
+
+REAL_PARTS = {"browser": "browser", "nginx": "proxy", "pushpin": "proxy", "fresh_pushpin": "proxy"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: drives a real headless Chromium")
+    config.addinivalue_line("markers", "proxy: runs behind a real nginx or Pushpin")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test by the real parts its fixtures start, so CI selects
+    with -m, whatever the tests are called."""
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            if fixture in REAL_PARTS:
+                item.add_marker(REAL_PARTS[fixture])

@@ -447,8 +447,7 @@ class Session:
         """
         data = dict(fields)
         data["elapsed_s"] = round(time.monotonic() - self.started, 2)
-        while not self._ids_available():
-            self._reserve_ids(self, self.last_id + ID_BLOCK)
+        self._keep_ids_ahead()
         data["ts"] = time.time()
         with self._lock:
             if self.terminal_id is not None:
@@ -472,11 +471,19 @@ class Session:
             self._on_end(self)
         return event
 
-    def _ids_available(self):
-        """May the next id go out? With a journal, only below the high-water
-        mark it holds: after a crash the run's terminal event takes an id
-        past that mark, so no client ever sees an id go back."""
-        return self.ids_reserved is None or self.last_id < self.ids_reserved
+    def _keep_ids_ahead(self):
+        """With a journal, an id goes out only below the high-water mark it
+        holds: after a crash the run's terminal event takes an id past that
+        mark, so no client ever sees an id go back. The next mark is asked
+        for half a block ahead; the run waits only if the disk is that far
+        behind."""
+        reserved = self.ids_reserved
+        if reserved is None:
+            return
+        if reserved - self.last_id == ID_BLOCK // 2:
+            self._reserve_ids(self, reserved + ID_BLOCK, wait=False)
+        while self.last_id >= self.ids_reserved:
+            self._reserve_ids(self, self.last_id + ID_BLOCK, wait=True)
 
     def ids_reserved_up_to(self, upto):
         """The journal has written the mark `upto` (called by reserve_ids)."""
@@ -1488,10 +1495,11 @@ class Journal:
         self._thread = supervisor.spawn("journal", self._run)
 
     def begin(self, session):
-        """A run starts: its file is written at once, so that even a crash in
-        its first second leaves a trace of it."""
+        """A run starts: its file, with its first id mark, is written before
+        POST /start answers (the request's thread waits, not the run), so
+        even a crash in its first second leaves a trace of it."""
         self._items.append(("begin", session, None))
-        self._wake.set()
+        self.reserve_ids(session, ID_BLOCK, wait=True)
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
@@ -1513,14 +1521,17 @@ class Journal:
         """A run's program started: written with the next flush."""
         self._items.append(("process", session, None))
 
-    def reserve_ids(self, session, upto):
-        """Write `{"ids": upto}` to the run's file and wait (the run's own
-        thread, never the writer) until it is written to the operating
-        system: a crash after that cannot lose it. Once per ID_BLOCK events.
-        A journal that cannot write does not stop the run: it goes on."""
+    def reserve_ids(self, session, upto, wait):
+        """Write `{"ids": upto}` to the run's file; once it is written to the
+        operating system (a crash cannot lose it then), the run may publish
+        ids up to `upto`. With `wait`, wait for that (a request thread or
+        the run's own, never the stream writer). A journal that cannot
+        write does not stop the run: it goes on."""
         written = threading.Event()
         self._items.append(("ids", session, (upto, written)))
         self._wake.set()
+        if not wait:
+            return
         if self._stopping or self._thread is None or not self._thread.is_alive():
             pass    # nobody to write it (shutting down): the run goes on
         elif not written.wait(ID_MARK_WAIT_S):
@@ -1555,7 +1566,7 @@ class Journal:
             kind, session, event = self._items.popleft()
             try:
                 if kind == "ids":
-                    marks.append(event[1])
+                    marks.append((session, event))
                     self._append(session.id, b'{"ids":%d}\n' % event[0])
                 elif kind == "begin":
                     self._append(session.id, journal_header(session))
@@ -1577,7 +1588,8 @@ class Journal:
                 self._supervisor.survived("journal")   # that item is lost, not the rest
         for name in touched:
             self._flush(name, fsync=name in ended)
-        for written in marks:      # in the operating system now, or failed: go on
+        for session, (upto, written) in marks:   # in the operating system now, or failed
+            session.ids_reserved_up_to(upto)
             written.set()
         for name in ended:
             self._close(name)
