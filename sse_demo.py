@@ -2769,15 +2769,15 @@ class OutputScreen:
         by the end of a read (ESC [ then A, \r then \n) waits for its end."""
         lines = []
         text, self.carry = self.carry + text, ""
-        cut = UNFINISHED_MOVE.search(text)
+        cut = UNFINISHED_MOVE.search(text, max(0, len(text) - 16))    # only the end matters
         if cut:
             text, self.carry = text[:cut.start()], text[cut.start():]
         parts = text.split("\n")
+        parts[0] = self.text + parts[0]
         if not self.bars and self.row == 0 and not self.dropped and "\r" not in text and \
-                "\x1b" not in text and len(self.text) + len(text) <= OUTPUT_LINE_LIMIT:
+                "\x1b" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
             # Plain output, no bar seen yet: whole lines in bulk, no Python
             # work per line but for the rare one that could be a bar.
-            parts[0] = self.text + parts[0]
             self.text, self.taken = parts.pop(), None
             lines.extend(part for part in parts if "]" not in part or not self._draw(0, part))
         else:
