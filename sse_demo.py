@@ -28,10 +28,12 @@ A job is any callable whose first parameter receives ``progress``::
     python sse_demo.py --cmd 'python train.py --epochs {epochs=10}'   # any program
     # or from Python: sse_demo.serve(job=optimize_build, port=5000)
 
-- ``progress(done, total=None, **fields)`` publishes an event holding
-  ``iteration``, ``total``, ``percent``, ``elapsed_s``, ``ts`` and your
-  JSON-serialisable fields; ``progress.log(text, level)`` a line of text.
-  Neither ever blocks, whatever the clients do.
+- ``progress(done, total=None, stage=None, **fields)`` publishes an event
+  holding ``iteration``, ``total``, ``percent``, ``elapsed_s``, ``ts`` and
+  your JSON-serialisable fields; ``progress.log(text, level)`` a line of
+  text; ``progress.bar(label, total)`` a bar nested inside the current
+  position (batches in an epoch), itself called as ``bar(done, **fields)``.
+  None of them ever blocks, whatever the clients do.
 - After ``POST /cancel`` the next ``progress(...)`` raises ``Cancelled``, which
   unwinds the job; the run ends with a ``cancelled`` event. A job that wants
   to stop sooner accepts a ``cancel`` keyword (a ``threading.Event``).
@@ -53,11 +55,16 @@ Threads, and what each owns
   HTTP server when its next request arrives. So an idle stream costs no
   thread, and an event no thread wake-up per viewer.
 - one worker per running run (``job-...``): runs the job and publishes its
-  events into the run's ``Session`` (history, ids, state); with ``--cmd``,
-  two more read the program's stdout and stderr.
+  events into the run's ``Session`` (history, ids, state, and its whole
+  record: series and events, for /series, /log, /export); with ``--cmd``,
+  two more read the program's stdout and stderr, and a guard process
+  (not a thread) kills the programs if the server dies without stopping.
 - ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
-  (``--grip``) sends them to Pushpin, at most every 0.1 s. Neither is ever
-  waited for.
+  (``--grip``) sends them to Pushpin, at most every 0.1 s. Neither is
+  waited for, but for the journal's id mark once per 1,000 events, asked
+  for ahead of need.
+- The writer, the journal and the publisher run under a ``Supervisor``: a
+  thread that stops is logged once and named by /healthz.
 
 It binds to loopback; it is a demo and a reference, not an internet-facing
 server.
