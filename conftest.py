@@ -344,17 +344,19 @@ SSE_DEMO = os.path.join(HERE, "sse_demo.py")
 class Cli:
     """`python sse_demo.py --port 0 ...` in a subprocess, killed if it hangs."""
 
-    def __init__(self, *args, cwd=None, preexec_fn=None, code=None):
+    def __init__(self, *args, cwd=None, preexec_fn=None, code=None, extra_env=None):
         # --port 0 first: a later --port in `args` wins (argparse keeps the last)
         command = ([sys.executable, SSE_DEMO, "--port", "0"] if code is None
                    else [sys.executable, "-c", code])
+        env = {k: v for k, v in os.environ.items() if k != "SSE_DEMO_TOKEN"}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             command + list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True, preexec_fn=preexec_fn)
+            universal_newlines=True, preexec_fn=preexec_fn, env=env)
         self.killer = threading.Timer(30, self.proc.kill)
         self.killer.start()
         self.first_line = self.proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", self.first_line)
+        match = re.search(r"http://[^/\s]+:(\d+)/", self.first_line)
         self.port = int(match.group(1)) if match else None
 
     def stop(self, sig=signal.SIGTERM, timeout=5):

@@ -3085,6 +3085,83 @@ def is_ip_literal(name):
 
 
 ###############################################################################
+# Access: the operator's token, when others can reach the server
+###############################################################################
+
+TOKEN_COOKIE = "sse_demo_token"
+FAILURES_ALLOWED = 10              # failed credentials from one address within a minute;
+FAILURE_WINDOW_S = 60.0            # past that, it gets 429 for LOCKOUT_S whatever it sends
+LOCKOUT_S = 60.0
+SECRET_IN_URL = re.compile(r"\b(token|view)=[^&\s\"]*")
+
+
+class Access:
+    """The operator's token and a lock-out for addresses that keep failing.
+    The token arrives as `Authorization: Bearer <token>` (scripts) or as the
+    cookie that `GET /?token=` sets (browsers); it is compared in constant
+    time and never logged."""
+
+    def __init__(self, token):
+        self.token = token
+        self._lock = threading.Lock()    # guards _failures, _locked
+        self._failures = {}              # address -> deque of monotonic failure times
+        self._locked = {}                # address -> monotonic time its lock-out ends
+
+    def holds_token(self, value):
+        return value is not None and hmac.compare_digest(value.encode("utf-8", "replace"),
+                                                         self.token.encode())
+
+    def locked_out(self, address):
+        with self._lock:
+            until = self._locked.get(address)
+            if until is not None and until <= time.monotonic():
+                del self._locked[address]
+                until = None
+            return until is not None
+
+    def failed(self, address):
+        """Count a wrong or missing credential; lock the address out past
+        FAILURES_ALLOWED within FAILURE_WINDOW_S."""
+        now = time.monotonic()
+        with self._lock:
+            recent = self._failures.setdefault(address, collections.deque())
+            recent.append(now)
+            while recent and recent[0] <= now - FAILURE_WINDOW_S:
+                recent.popleft()
+            if len(recent) > FAILURES_ALLOWED:
+                self._locked[address] = now + LOCKOUT_S
+                log.warning("%s: %d failed credentials within a minute; locked out for %d s",
+                            address, len(recent), LOCKOUT_S)
+                del self._failures[address]
+            if len(self._failures) > 10000:      # bounded: forget quiet addresses
+                for quiet in [a for a, times in self._failures.items()
+                              if times[-1] <= now - FAILURE_WINDOW_S]:
+                    del self._failures[quiet]
+
+
+def without_secrets(text):
+    """A request line fit for a log: `token=` and `view=` values as ***."""
+    return SECRET_IN_URL.sub(r"\1=***", text)
+
+
+def cookie_value(header, name):
+    """One cookie's value from a Cookie header, or None."""
+    for part in (header or "").split(";"):
+        key, equals, value = part.strip().partition("=")
+        if equals and key == name:
+            return value
+    return None
+
+
+def public_host(address):
+    """A name others can open this server by: the bound address, or this
+    machine's name when bound to every address (0.0.0.0 opens nothing)."""
+    if address in ("0.0.0.0", "::"):
+        return socket.gethostname()
+    return "[%s]" % address if ":" in address else address
+
+
+###############################################################################
 # The HTTP handler
 ###############################################################################
 
@@ -3209,6 +3286,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "HTTP/0.9 requests are not supported")
             self.check_host()
             path, _, query = self.path.partition("?")
+            if self.check_access(path, query):
+                return
             method, args = self.route(path)
             if self.command == "POST":
                 self.check_origin()
@@ -3225,7 +3304,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.debug("client %s went away: %r", self.client_address[0], exc)
             self.close_connection = True
         except Exception:
-            log.exception("error answering %r", self.requestline)
+            log.exception("error answering %r", without_secrets(self.requestline))
             if self.responded:
                 self.close_connection = True
             else:
@@ -3257,6 +3336,66 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.server.host_allowed(host_name(hosts[0])):
             raise HTTPError(403, "host %r is not allowed; start the server with "
                                  "--allow-host to serve it" % host_name(hosts[0]))
+
+    def check_access(self, path, query):
+        """With a token: every path but /healthz needs the operator's
+        credential (a /cancel also takes the run's control key, checked by
+        route_cancel). GET /?token= signs a browser in. True when this
+        answered the request itself."""
+        access = self.server.access
+        if access is None:
+            return False
+        address = self.client_address[0]
+        if access.locked_out(address):
+            raise HTTPError(429, "too many failed credentials from this address; try again "
+                                 "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
+        if path == "/healthz":
+            return False
+        offered = parse_query(query).get("token") if path == "/" else None
+        if offered is not None and self.command in ("GET", "HEAD"):
+            if access.holds_token(offered):
+                self.sign_in()
+                return True
+            access.failed(address)
+            self.send_sign_in_page()
+            return True
+        if self.is_operator():
+            return False
+        if path.startswith("/cancel/") and self.headers.get("Authorization"):
+            return False      # perhaps the run's control key: route_cancel decides
+        access.failed(address)
+        if path == "/" and self.command in ("GET", "HEAD"):
+            self.send_sign_in_page()
+            return True
+        raise HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
+                             "or open /?token=<token> in a browser",
+                        {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
+
+    def is_operator(self):
+        """Does the request carry the operator's token (header or cookie)?
+        Without a token there is no operator: a run's control key alone
+        cancels it."""
+        access = self.server.access
+        if access is None:
+            return False
+        scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() == "bearer" and access.holds_token(value.strip()):
+            return True
+        return access.holds_token(cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
+
+    def sign_in(self):
+        """The token was right: set the cookie and send the browser to /, so
+        the token leaves the address bar and the history."""
+        self.send_body(303, b"", None, {
+            "Location": "/", "Cache-Control": "no-store",
+            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/"
+                          % (TOKEN_COOKIE, self.server.access.token)})
+
+    def send_sign_in_page(self):
+        """401 with the page: it finds /job refused and offers a sign-in form."""
+        self.send_body(401, self.server.page or b"sign in", "text/html; charset=utf-8", {
+            "Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-store",
+            "WWW-Authenticate": 'Bearer realm="sse_demo"'})
 
     def check_origin(self):
         """Cross-site request protection: a browser names the page that sent a
@@ -3385,7 +3524,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
-        if not session.may_control(self.headers.get("Authorization")):
+        if not (session.may_control(self.headers.get("Authorization")) or self.is_operator()):
             raise HTTPError(403, "cancelling a run takes its control key "
                                  "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
@@ -3511,7 +3650,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
-                 format % args)
+                 without_secrets(format % args))
 
 
 ###############################################################################
@@ -3531,7 +3670,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
                  grip=None, grip_key=None, state_dir=None,
-                 max_record_mb=DEFAULT_MAX_RECORD_MB):
+                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -3553,6 +3692,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
         self.allowed_hosts.update(h.lower() for h in allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
+        if self.wildcard:
+            self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
+        self.access = Access(token) if token else None
         self.grip = GripPublisher(grip) if grip else None
         self.grip_key = grip_key
         if self.hub.max_streams < max_streams:
@@ -3600,7 +3742,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
+        return "http://%s:%d/" % (public_host(host), port)
 
     def host_allowed(self, name):
         """The bound address, localhost or an --allow-host name; on a wildcard
@@ -3722,11 +3864,13 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
         log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1
     server.start()      # the journal's runs are back before the URL is printed
-    if not is_loopback(server.server_address[0]):
-        log.warning("warning: listening on %s, reachable from other machines; this demo "
-                    "has no authentication", server.server_address[0])
+    if server.access is None and not is_loopback(server.server_address[0]):
+        log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
+                    server.url)
     requested, restore = install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
+    if server.access is not None:
+        print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
@@ -3806,6 +3950,28 @@ def load_job(spec):
         raise ValueError("%s: %s" % (spec, exc))
 
 
+def access_token(args):
+    """The operator's token: --token-file's first line, SSE_DEMO_TOKEN, or a
+    new one whenever others can reach the server (a non-loopback address,
+    or a proxy in front: --allow-host, --grip), unless --no-auth. Raises
+    ValueError for a token file that cannot be read or is empty."""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError("--token-file %s cannot be read: %s" % (args.token_file, exc))
+        if not token:
+            raise ValueError("--token-file %s holds no token on its first line" % args.token_file)
+        return token
+    if os.environ.get("SSE_DEMO_TOKEN", "").strip():
+        return os.environ["SSE_DEMO_TOKEN"].strip()
+    reachable = not is_loopback(args.host) or args.allow_host or args.grip
+    if reachable and not args.no_auth:
+        return secrets.token_urlsafe(TOKEN_BYTES)
+    return None
+
+
 def parse_args(argv):
     """The command line, checked; exits 2 with the reason when it is wrong."""
     p = build_parser()
@@ -3813,6 +3979,8 @@ def parse_args(argv):
     for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
+    if args.no_auth and (args.token_file or os.environ.get("SSE_DEMO_TOKEN")):
+        p.error("--no-auth and a token (--token-file or SSE_DEMO_TOKEN) exclude each other")
     if args.title is not None and not args.title.strip():
         p.error("--title must not be empty")
     if not args.max_record_mb > 0:
@@ -3871,6 +4039,13 @@ def build_parser():
     p.add_argument("--state-dir", metavar="DIR",
                    help="also journal every event under DIR, and read the runs back after a "
                         "restart (a run the restart cut short ends with an error saying so)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="the sign-in token is this file's first line (also: SSE_DEMO_TOKEN); "
+                        "off loopback, or behind --allow-host or --grip, the server makes "
+                        "one and prints a sign-in URL")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve a non-loopback address with no token, open to anyone who "
+                        "can reach it (a warning says so)")
     p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB, metavar="MB",
                    help="memory for each run's whole record (GET /log, /export); past it, "
                         "progress events are thinned, then log lines from the middle of "
@@ -3896,6 +4071,7 @@ def main(argv=None):
             GripPublisher.check_url(args.grip)
         if args.state_dir:
             Journal.prepare(args.state_dir)
+        token = access_token(args)
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
@@ -3907,7 +4083,7 @@ def main(argv=None):
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
-                 state_dir=args.state_dir, max_record_mb=args.max_record_mb)
+                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token)
 
 
 if __name__ == "__main__":

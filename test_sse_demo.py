@@ -1169,11 +1169,50 @@ def test_readme_describe_job_example_declares_the_job(tmp_path, monkeypatch):
     assert job["fields"] == [{"name": "best_score", "label": "Best score", "unit": "pts"}]
 
 
-def test_cli_warns_when_binding_beyond_loopback():
+def test_cli_beyond_loopback_makes_a_token_and_prints_a_sign_in_url_naming_this_machine():
     cli = Cli("--host", "0.0.0.0")
-    status, _, stderr = cli.stop()
-    assert status == 0
-    assert "warning" in stderr.lower() and "0.0.0.0" in stderr
+    try:
+        name = socket.gethostname()
+        assert cli.first_line.startswith("Serving on http://%s:%d/" % (name, cli.port))
+        sign_in = cli.proc.stdout.readline()
+        match = re.fullmatch(r"Sign in: http://%s:%d/\?token=([A-Za-z0-9_-]{22,})\n"
+                             % (re.escape(name), cli.port), sign_in)
+        assert match and "0.0.0.0" not in cli.first_line + sign_in
+        token = match.group(1)
+        assert request(cli, "POST", "/start")[0] == 401          # not without it
+        assert request(cli, "GET", "/healthz")[0] == 200
+        status, _, body = request(cli, "POST", "/start", headers={"Authorization": "Bearer " + token})
+        assert status == 201
+    finally:
+        status, _, stderr = cli.stop()
+    assert status == 0 and token not in stderr               # never logged
+
+
+def test_cli_no_auth_beyond_loopback_warns_and_serves_open():
+    cli = Cli("--host", "0.0.0.0", "--no-auth")
+    try:
+        assert request(cli, "POST", "/start")[0] == 201
+    finally:
+        status, _, stderr = cli.stop()
+    assert status == 0 and "--no-auth" in stderr and "warning" in stderr.lower()
+
+
+def test_cli_token_from_the_environment_or_a_file(tmp_path):
+    (tmp_path / "token").write_text("file-token\nsecond line\n")
+    for cli, token in ((Cli(extra_env={"SSE_DEMO_TOKEN": "env-token"}), "env-token"),
+                       (Cli("--token-file", str(tmp_path / "token")), "file-token")):
+        try:
+            assert cli.proc.stdout.readline().strip().endswith("/?token=" + token)
+            assert request(cli, "GET", "/job")[0] == 401
+            assert request(cli, "GET", "/job",
+                           headers={"Authorization": "Bearer " + token})[0] == 200
+        finally:
+            assert cli.stop()[0] == 0
+    (tmp_path / "empty").write_text("\n")
+    status, _, err = Cli("--token-file", str(tmp_path / "empty")).finish()
+    assert status == 2 and "no token" in err
+    status, _, err = Cli("--no-auth", "--token-file", str(tmp_path / "token")).finish()
+    assert status == 2 and "exclude" in err
 
 
 @pytest.mark.skipif(resource is None or not os.path.exists("/proc/self/limits"),
@@ -2874,6 +2913,114 @@ def test_log_export_and_series_after_a_restart_read_the_journal(tmp_path, jobs):
 
 
 ###############################################################################
+# Access: the operator's token
+###############################################################################
+
+TOKEN = "the-operators-token-0123456789"
+PROTECTED = [("GET", "/"), ("GET", "/job"), ("GET", "/runs"), ("POST", "/start"),
+             ("GET", "/status/%s"), ("GET", "/progress/%s"), ("GET", "/series/%s"),
+             ("GET", "/log/%s"), ("GET", "/export/%s"), ("POST", "/cancel/%s"),
+             ("GET", "/nothing-here"), ("HEAD", "/job")]
+
+
+@pytest.fixture
+def guarded(make):
+    """A server with a token, and one run it holds."""
+    srv = make(token=TOKEN)
+    status, _, body = request(srv, "POST", "/start", json_body={"iterations": 3, "tick": 0},
+                              headers={"Authorization": "Bearer " + TOKEN})
+    assert status == 201
+    return srv, json.loads(body)["session_id"]
+
+
+@pytest.mark.parametrize("method, path", PROTECTED)
+@pytest.mark.parametrize("credential", [None, "Bearer wrong", "Bearer " + TOKEN[:-1],
+                                        "Basic " + TOKEN, "cookie:wrong"])
+def test_access_without_the_token_is_401(guarded, method, path, credential):
+    srv, sid = guarded
+    headers = {}
+    if credential and credential.startswith("cookie:"):
+        headers["Cookie"] = "%s=%s" % (sse_demo.TOKEN_COOKIE, credential[7:])
+    elif credential:
+        headers["Authorization"] = credential
+    status, answer_headers, body = request(srv, method, path.replace("%s", sid), headers=headers)
+    if path.startswith("/cancel/") and credential and not credential.startswith("cookie:"):
+        assert status == 403                    # a wrong key for this run: route_cancel says so
+        return
+    assert status == 401 and answer_headers["WWW-Authenticate"] == 'Bearer realm="sse_demo"'
+    if path == "/" and method == "GET":
+        assert answer_headers["Content-Type"] == "text/html; charset=utf-8"   # the sign-in page
+        assert b'id="signin"' in body
+    elif method != "HEAD":
+        assert "sign-in" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("method, path", PROTECTED[:-2])
+@pytest.mark.parametrize("kind", ["bearer", "cookie"])
+def test_access_with_the_token_is_served(guarded, method, path, kind):
+    srv, sid = guarded
+    headers = ({"Authorization": "Bearer " + TOKEN} if kind == "bearer"
+               else {"Cookie": "other=1; %s=%s" % (sse_demo.TOKEN_COOKIE, TOKEN)})
+    if path.startswith("/progress/"):
+        stream = watch(srv, sid, headers)
+        assert stream.status == 200 and stream.events()[-1]["event"] == "complete"
+        return
+    status, _, _ = request(srv, method, path.replace("%s", sid), headers=headers)
+    assert status in (200, 201, 409)            # 409: cancel of a run that has ended
+
+
+def test_healthz_stays_open_with_a_token(guarded):
+    srv, _ = guarded
+    assert request(srv, "GET", "/healthz")[0] == 200
+
+
+def test_sign_in_url_sets_the_cookie_and_sends_the_browser_to_the_page(guarded):
+    srv, _ = guarded
+    status, headers, _ = request(srv, "GET", "/?token=" + TOKEN)
+    assert status == 303 and headers["Location"] == "/"
+    assert headers["Set-Cookie"] == "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (
+        sse_demo.TOKEN_COOKIE, TOKEN)
+    status, headers, body = request(srv, "GET", "/?token=wrong")
+    assert status == 401 and b'id="signin"' in body and "Set-Cookie" not in headers
+
+
+def test_cancel_takes_the_runs_control_key_or_the_operators_token(make):
+    srv = make(token=TOKEN)
+    operator = {"Authorization": "Bearer " + TOKEN}
+    answers = []
+    for _ in range(2):
+        status, _, body = request(srv, "POST", "/start", headers=operator,
+                                  json_body={"iterations": 1000, "tick": 0.05})
+        answers.append(json.loads(body))
+    first, second = answers
+    assert cancel(srv, first["session_id"], key=first["control_key"])[0] == 202
+    assert request(srv, "POST", "/cancel/" + second["session_id"], headers=operator)[0] == 202
+
+
+def test_failed_credentials_lock_the_address_out_for_a_minute(make):
+    srv = make(token=TOKEN)
+    for _ in range(sse_demo.FAILURES_ALLOWED):
+        assert request(srv, "GET", "/job", headers={"Authorization": "Bearer no"})[0] == 401
+    status, headers, _ = request(srv, "GET", "/job", headers={"Authorization": "Bearer no"})
+    assert status == 401                      # the 11th failure is counted, then locked
+    status, headers, _ = request(srv, "GET", "/job",
+                                 headers={"Authorization": "Bearer " + TOKEN})
+    assert status == 429 and headers["Retry-After"] == "60"   # even the right token
+    assert request(srv, "GET", "/healthz")[0] == 429
+
+
+def test_tokens_never_reach_the_log(make, caplog):
+    srv = make(token=TOKEN)
+    with caplog.at_level("INFO", logger="sse_demo"):
+        request(srv, "GET", "/?token=" + TOKEN)
+        request(srv, "GET", "/?token=a-wrong-one&view=some-view-key")
+        request(srv, "GET", "/job", headers={"Authorization": "Bearer " + TOKEN})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GET /?token=*** " in text and "view=***" in text
+    assert TOKEN not in text and "a-wrong-one" not in text and "some-view-key" not in text
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -2998,6 +3145,31 @@ def test_browser_log_times_come_from_each_events_ts_after_a_reload(browser, make
     browser.wait_for(STATE + " === 'complete'")
     after = [line.split()[0] for line in browser.log_lines()]
     assert after == before and len(set(after)) >= 4      # 0.3 s apart, not one receipt time
+
+
+def test_browser_signs_in_through_the_url_then_starts_and_cancels(browser, make):
+    srv = make(token=TOKEN)
+    browser.call("Page.navigate", url=page_url(srv) + "?token=" + TOKEN)
+    browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
+    assert browser.evaluate("location.href") == page_url(srv)      # the token has left the bar
+    start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live' && seenId > 1")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert browser.problems() == []
+
+
+def test_browser_without_a_credential_offers_a_sign_in_form(browser, make, tmp_path):
+    srv = make(token=TOKEN)
+    browser.call("Page.navigate", url=page_url(srv))
+    browser.wait_for("!!document.body && document.body.dataset.job === 'sign-in'")
+    assert browser.element("signin", "hidden") is False and browser.element("app", "hidden")
+    screenshot_sizes(browser, tmp_path, "sign-in")
+    browser.evaluate("document.getElementById('token').value = %s;"
+                     "document.querySelector('#signin button').click()" % json.dumps(TOKEN))
+    browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
+    assert browser.evaluate("location.href") == page_url(srv)
+    assert browser.element("signin", "hidden") is True
 
 
 def test_browser_run_to_completion_logs_every_event(browser, server):
