@@ -71,6 +71,8 @@ server.
 """
 
 __version__ = "1.0.0"
+__all__ = ["serve", "make_server", "main", "describe_job", "Cancelled", "BadParam",
+           "function_job", "command_job", "SSEServer", "JobSpec", "Progress", "Bar"]
 
 import argparse
 import base64
@@ -1886,6 +1888,15 @@ def interrupted_event(events, now, ids_reserved=0):
 # The job: a plain function, and the thread that runs it
 ###############################################################################
 
+class BadParam(ValueError):
+    """A /start parameter the job cannot take: the job layer's own error,
+    which the HTTP handler answers as 400 naming `param`."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
 class Cancelled(BaseException):
     """Raised by `progress(...)` after POST /cancel, to unwind the job.
 
@@ -2181,7 +2192,7 @@ class JobSpec:
         self.params = params      # {name: Param}, in the order the job gives them
         self.fields = fields      # [{"name", "label", "unit"?}]
         self._run = run           # run(session, params), in the run's worker thread
-        self.check = check or (lambda params: None)   # raises HTTPError for bad values
+        self.check = check or (lambda params: None)   # raises BadParam for bad values
         self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
         self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
         self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
@@ -2363,10 +2374,10 @@ def fill_command(argv, params):
             name = match.group(1).partition("=")[0]
             value = params[name]
             if isinstance(value, str) and value.startswith("-") and match.start() == 0:
-                raise HTTPError(400, "%s cannot start with '-' here: the program would read "
-                                     "it as an option" % name, param=name)
+                raise BadParam(name, "%s cannot start with '-' here: the program would read "
+                                     "it as an option" % name)
             if "\0" in str(value):
-                raise HTTPError(400, "%s cannot hold a NUL character" % name, param=name)
+                raise BadParam(name, "%s cannot hold a NUL character" % name)
             return json.dumps(value) if isinstance(value, bool) else str(value)
         filled.append(PLACEHOLDER.sub(value, arg))
     return filled
@@ -3298,6 +3309,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 method(query, *args)
         except HTTPError as exc:
             self.send_json(exc.status, exc.body(), exc.headers)
+        except BadParam as exc:
+            self.send_json(400, {"error": str(exc), "param": exc.param})
         except TooBusy as exc:
             self.send_json(exc.status, {"error": str(exc)}, {"Retry-After": str(RETRY_AFTER_S)})
         except CLIENT_GONE as exc:

@@ -1873,6 +1873,15 @@ def test_cmd_program_gets_no_stdin_unbuffered_output_and_our_cwd_and_env(make, p
     assert seen == {"stdin": "", "unbuffered": "1", "cwd": os.getcwd(), "marker": "inherited"}
 
 
+def test_job_layer_raises_its_own_error_not_the_http_layers():
+    argv, _ = sse_demo.parse_command("prog {name=x}")
+    with pytest.raises(sse_demo.BadParam) as raised:
+        sse_demo.fill_command(argv, {"name": "-rf"})
+    assert raised.value.param == "name" and "option" in str(raised.value)
+    assert not isinstance(raised.value, sse_demo.HTTPError)
+    assert all(hasattr(sse_demo, name) for name in sse_demo.__all__)
+
+
 def test_cmd_value_cannot_become_an_option(make, programs):
     srv = command_server(make, programs("argv.py", "{name=x}"))
     status, _, body = request(srv, "POST", "/start", json_body={"name": "-rf"})
