@@ -3181,6 +3181,21 @@ def test_browser_without_a_credential_offers_a_sign_in_form(browser, make, tmp_p
     assert browser.element("signin", "hidden") is True
 
 
+def test_browser_back_returns_to_the_run_watched_before(browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=3, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete'")
+    first = browser.evaluate("sessionId")
+    start_in_page(browser, iterations=3, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete' && sessionId !== %s" % json.dumps(first))
+    second = browser.evaluate("sessionId")
+    browser.evaluate("history.back()")
+    browser.wait_for("sessionId === %s && %s === 'complete'" % (json.dumps(first), STATE))
+    assert browser.evaluate("location.hash") == "#session=" + first
+    browser.evaluate("history.forward()")
+    browser.wait_for("sessionId === %s" % json.dumps(second))
+
+
 def test_browser_run_to_completion_logs_every_event(browser, server):
     browser.open(page_url(server))
     assert browser.evaluate(STATE) == "idle"
