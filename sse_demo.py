@@ -456,28 +456,36 @@ class Session:
         """
         data = dict(fields)
         data["elapsed_s"] = round(time.monotonic() - self.started, 2)
-        self._keep_ids_ahead()
-        data["ts"] = time.time()
-        with self._lock:
-            if self.terminal_id is not None:
-                return None
-            if self.ids_reserved is not None and self.last_id >= self.ids_reserved:
-                return self.publish(name, fields)     # another thread took the last id
-            try:
-                event = Event(self.last_id + 1, name, data)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(name_bad_field(data, exc))
-            self._keep(event, data)
-            if event.terminal:
-                self.terminal_id = event.id
-                self.state = name
-                self.ended_at = time.monotonic()
-                self.ended_ts = data["ts"]
-            # Inside the lock, so that Pushpin gets the events in id order
-            # whichever threads publish them.
-            self._on_publish(self, event)
+        event = None
+        while event is None:
+            self._keep_ids_ahead()
+            data["ts"] = time.time()
+            with self._lock:
+                if self.terminal_id is not None:
+                    return None
+                # Another thread may have taken the last id below the mark
+                # since: then wait for the next mark, outside the lock.
+                if self.ids_reserved is None or self.last_id < self.ids_reserved:
+                    event = self._append(name, data)
         if event.terminal:
             self._on_end(self)
+        return event
+
+    def _append(self, name, data):
+        """The next event, with the lock held."""
+        try:
+            event = Event(self.last_id + 1, name, data)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(name_bad_field(data, exc))
+        self._keep(event, data)
+        if event.terminal:
+            self.terminal_id = event.id
+            self.state = name
+            self.ended_at = time.monotonic()
+            self.ended_ts = data["ts"]
+        # Inside the lock, so that Pushpin gets the events in id order
+        # whichever threads publish them.
+        self._on_publish(self, event)
         return event
 
     def _keep_ids_ahead(self):

@@ -2588,6 +2588,37 @@ def test_journal_damaged_in_a_folder_that_cannot_be_written_still_starts(tmp_pat
         srv.stop()
 
 
+def test_publishers_racing_at_an_id_mark_neither_deadlock_nor_pass_it():
+    """Several threads publish to one run (a --cmd program's stdout and
+    stderr readers); the journal grants marks only when asked to wait, so
+    they meet at every block boundary."""
+    granted = []
+
+    def reserve_ids(session, upto, wait):
+        if wait:
+            granted.append(upto)
+            session.ids_reserved_up_to(upto)
+    session = sse_demo.Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None,
+                               reserve_ids=reserve_ids)
+    past_the_mark = []
+
+    def publisher():
+        for _ in range(2500):
+            event = session.publish("log", {"message": "x", "level": "info"})
+            if event.id > session.ids_reserved:
+                past_the_mark.append(event.id)
+    threads = [threading.Thread(target=publisher, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    assert session.last_id == 10000 and past_the_mark == []
+    ids = [e.id for e in session.events_after(0, 20000)]
+    assert ids == list(range(10000 - sse_demo.HISTORY_LIMIT + 1, 10001))
+    assert len(granted) >= 10
+
+
 def test_journal_client_that_saw_unwritten_events_still_gets_the_terminal(tmp_path):
     sid = "C" * 22
     write_journal(tmp_path, sid, journal_of(sid, [("progress", {"iteration": i, "total": 9})
