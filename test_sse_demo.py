@@ -2821,8 +2821,10 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (info|warning|err
 
 
 def finished_run(srv, **params):
-    """Start a run and read its stream to the end: (session id, events)."""
+    """Start a run, wait for its end, then read its stream (only what the
+    history holds by then): (session id, events)."""
     sid = start_run(srv, **params)
+    wait_for(lambda: status_of(srv, sid) != "running", what="the run to end")
     events = watch(srv, sid).events()
     assert events[-1]["event"] in ("complete", "cancelled", "error")
     return sid, events
