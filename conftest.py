@@ -119,9 +119,9 @@ def watch(srv, sid, headers=None, **options):
     return Stream(srv, "/progress/" + sid, headers, **options)
 
 
-def get_json(srv, path):
+def get_json(srv, path, headers=None):
     """GET a JSON endpoint that must answer 200."""
-    status, _, body = request(srv, "GET", path)
+    status, _, body = request(srv, "GET", path, headers=headers)
     assert status == 200, body
     return json.loads(body)
 

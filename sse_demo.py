@@ -418,6 +418,7 @@ class Session:
                  reserve_ids=None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
+        self.view_key = secrets.token_urlsafe(TOKEN_BYTES)   # lets its holder watch this run
         self.title = title
         self.params = params
         self.cancel = threading.Event()
@@ -558,14 +559,19 @@ class Session:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             key.strip().encode(), self.control_key.encode())
 
+    def may_view(self, key):
+        """Is `key` this run's view key? Compared in constant time."""
+        return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
+
     @classmethod
     def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end,
-                 journal_file, series_state=None):
+                 journal_file, series_state=None, view_key=None):
         """A session rebuilt from its journal: (id, name, data) events, oldest
         first, the last of them terminal. Its record stays on disk: /log and
         /export read `journal_file`."""
         session = cls(session_id, title, params, on_publish, on_end)
         session.started_ts = started_ts
+        session.view_key = view_key or session.view_key   # watch links outlive a restart
         session.journal_file = journal_file
         for event_id, name, data in events:
             session._keep(Event(event_id, name, data), data, record=False)
@@ -702,6 +708,18 @@ class Registry:
     def running(self):
         with self._lock:
             return [s for s in self._sessions.values() if s.ended_at is None]
+
+    def viewed_by(self, key):
+        """The session whose view key this is, or None. Every key is
+        compared, in constant time, so the answer's timing tells nothing."""
+        with self._lock:
+            self._expire()
+            sessions = list(self._sessions.values())
+        found = None
+        for session in sessions:
+            if session.may_view(key):
+                found = session
+        return found
 
     def _session_ended(self, session):
         with self._lock:
@@ -1725,7 +1743,8 @@ def series_line(session):
 def journal_header(session):
     return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
                        "session_id": session.id, "title": session.title,
-                       "params": session.params, "started_ts": session.started_ts})
+                       "params": session.params, "started_ts": session.started_ts,
+                       "view_key": session.view_key})
             + "\n").encode()
 
 
@@ -3104,7 +3123,7 @@ def is_ip_literal(name):
 
 
 ###############################################################################
-# Access: the operator's token, when others can reach the server
+# Access: the operator's token and view keys, when others can reach the server
 ###############################################################################
 
 TOKEN_COOKIE = "sse_demo_token"
@@ -3112,6 +3131,8 @@ FAILURES_ALLOWED = 10              # failed credentials from one address within 
 FAILURE_WINDOW_S = 60.0            # past that, it gets 429 for LOCKOUT_S whatever it sends
 LOCKOUT_S = 60.0
 SECRET_IN_URL = re.compile(r"\b(token|view)=[^&\s\"]*")
+VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
+VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 
 
 class Access:
@@ -3384,6 +3405,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if path.startswith("/cancel/") and self.headers.get("Authorization"):
             return False      # perhaps the run's control key: route_cancel decides
+        view_key = parse_query(query).get("view")
+        if view_key is not None and self.viewer_admitted(path, view_key):
+            return False
         access.failed(address)
         if path == "/" and self.command in ("GET", "HEAD"):
             self.send_sign_in_page()
@@ -3391,6 +3415,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
                              "or open /?token=<token> in a browser",
                         {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
+
+    def viewer_admitted(self, path, key):
+        """A view key lets its holder watch its own run and load the page:
+        True there; 403 for a right key on any other path or run; False
+        (a failure, answered 401) for a key that is no run's."""
+        match = VIEWABLE_PATH.fullmatch(path)
+        if match and self.command in ("GET", "HEAD"):
+            session = self.server.registry.get(match.group(1))
+            if session is not None and session.may_view(key):
+                return True
+        viewed = self.server.registry.viewed_by(key)
+        if viewed is None:
+            return False
+        if path in VIEWER_PAGES and self.command in ("GET", "HEAD"):
+            return True
+        raise HTTPError(403, "a view key lets its holder watch one run; this needs the "
+                             "operator's token")
 
     def is_operator(self):
         """Does the request carry the operator's token (header or cookie)?
@@ -3468,7 +3509,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sid = session.id
         self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
                              "cancel": "/cancel/" + sid, "status": "/status/" + sid,
-                             "control_key": session.control_key},
+                             "control_key": session.control_key, "view_key": session.view_key},
                        {"Location": "/status/" + sid})
 
     def body_params(self, body):
@@ -3554,14 +3595,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(202, session.snapshot())
 
     def route_status(self, query, session_id):
-        self.send_json(200, self.find_session(session_id).snapshot())
+        session = self.find_session(session_id)
+        self.send_json(200, dict(session.snapshot(), **self.watch_key(session)))
 
     def route_job(self, query):
         self.send_json(200, self.server.job.describe())
 
     def route_runs(self, query):
         runs = self.server.registry.newest(RUNS_LIMIT)
-        self.send_json(200, {"runs": [session.summary() for session in runs]})
+        self.send_json(200, {"runs": [dict(session.summary(), **self.watch_key(session))
+                                      for session in runs]})
+
+    def watch_key(self, session):
+        """The operator's page builds watch links from a run's view key; with
+        no access control there is nothing to hold, and no viewer is told."""
+        return {"view_key": session.view_key} if self.is_operator() else {}
 
     def route_series(self, query, session_id):
         session = self.find_session(session_id)
@@ -3784,7 +3832,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             restored.append(Session.restored(
                 header["session_id"], header["title"], header["params"], header["started_ts"],
                 events, self.on_publish, lambda session: None,
-                journal_path(state_dir, header["session_id"]), header.get("series")))
+                journal_path(state_dir, header["session_id"]), header.get("series"),
+                header.get("view_key") if isinstance(header.get("view_key"), str) else None))
         if restored:
             log.info("%d runs read back from the journal in %s", len(restored), state_dir)
         return restored

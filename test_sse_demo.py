@@ -101,12 +101,12 @@ def test_start_answers_201_with_paths(server):
     assert status == 201
     data = json.loads(body)
     sid = data["session_id"]
-    key = data["control_key"]
-    for secret in (sid, key):
+    key, view = data["control_key"], data["view_key"]
+    for secret in (sid, key, view):
         assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", secret)   # 16 random bytes, URL-safe
-    assert key != sid
+    assert len({key, sid, view}) == 3
     assert data == {"session_id": sid, "stream": "/progress/" + sid, "control_key": key,
-                    "cancel": "/cancel/" + sid, "status": "/status/" + sid}
+                    "view_key": view, "cancel": "/cancel/" + sid, "status": "/status/" + sid}
 
 
 def test_start_without_body_takes_the_defaults_and_ids_differ(server):
@@ -3051,6 +3051,75 @@ def test_failed_credentials_lock_the_address_out_for_a_minute(make):
     assert request(srv, "GET", "/healthz")[0] == 429
 
 
+VIEWABLE = [("GET", "/status/%s"), ("HEAD", "/status/%s"), ("GET", "/series/%s"),
+            ("GET", "/log/%s"), ("GET", "/export/%s"), ("GET", "/"), ("GET", "/job")]
+NOT_FOR_VIEWERS = [("GET", "/runs"), ("POST", "/start"), ("POST", "/cancel/%s"),
+                   ("GET", "/nothing-here")]
+
+
+def start_guarded_run(srv, **params):
+    status, _, body = request(srv, "POST", "/start", json_body=params or {"iterations": 3, "tick": 0},
+                              headers={"Authorization": "Bearer " + TOKEN})
+    assert status == 201
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("method, path", VIEWABLE)
+def test_a_view_key_watches_its_run(guarded, method, path):
+    srv, sid = guarded
+    key = get_json(srv, "/status/" + sid, headers={"Authorization": "Bearer " + TOKEN})["view_key"]
+    status, headers, body = request(srv, method, path.replace("%s", sid) + "?view=" + key)
+    assert status == 200, body
+    if path == "/":
+        assert b'id="app"' in body
+
+
+def test_a_view_key_streams_its_run_and_nothing_of_another(make):
+    srv = make(token=TOKEN)
+    mine, other = start_guarded_run(srv), start_guarded_run(srv)
+    stream = Stream(srv, "/progress/%s?view=%s" % (mine["session_id"], mine["view_key"]))
+    assert stream.status == 200 and stream.events()[-1]["event"] == "complete"
+    for path in ("/progress/", "/status/", "/series/", "/log/", "/export/"):
+        status, _, body = request(srv, "GET", path + other["session_id"] + "?view=" + mine["view_key"])
+        assert status == 403 and "view key" in json.loads(body)["error"], path
+
+
+@pytest.mark.parametrize("method, path", NOT_FOR_VIEWERS)
+def test_a_view_key_reaches_nothing_else(guarded, method, path):
+    srv, sid = guarded
+    key = start_guarded_run(srv)["view_key"]
+    status, _, body = request(srv, method, path.replace("%s", sid) + "?view=" + key)
+    assert status == 403 and "operator" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("path", ["/status/%s", "/progress/%s", "/", "/job", "/runs"])
+def test_a_wrong_view_key_is_401(guarded, path):
+    srv, sid = guarded
+    status, headers, _ = request(srv, "GET", path.replace("%s", sid) + "?view=not-a-key")
+    assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="sse_demo"'
+
+
+def test_view_keys_are_given_to_the_operator_only(make):
+    srv = make(token=TOKEN)
+    run = start_guarded_run(srv)
+    assert len(run["view_key"]) >= 22 and run["view_key"] != run["control_key"]
+    operator = {"Authorization": "Bearer " + TOKEN}
+    assert get_json(srv, "/runs", headers=operator)["runs"][0]["view_key"] == \
+        run["view_key"]
+    viewer = get_json(srv, "/status/%s?view=%s" % (run["session_id"], run["view_key"]))
+    assert "view_key" not in viewer and viewer["session_id"] == run["session_id"]
+
+
+def test_view_keys_outlive_a_restart(make, tmp_path):
+    srv = make(token=TOKEN, state_dir=str(tmp_path))
+    run = start_guarded_run(srv)
+    watch(srv, run["session_id"], headers={"Authorization": "Bearer " + TOKEN}).events()
+    srv.stop()
+    again = make(token=TOKEN, state_dir=str(tmp_path))
+    stream = Stream(again, "/progress/%s?view=%s" % (run["session_id"], run["view_key"]))
+    assert stream.status == 200 and stream.events()[-1]["event"] == "complete"
+
+
 def test_tokens_never_reach_the_log(make, caplog):
     srv = make(token=TOKEN)
     with caplog.at_level("INFO", logger="sse_demo"):
@@ -3212,6 +3281,33 @@ def test_browser_without_a_credential_offers_a_sign_in_form(browser, make, tmp_p
     browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
     assert browser.evaluate("location.href") == page_url(srv)
     assert browser.element("signin", "hidden") is True
+
+
+SHOWN = "(id => { const e = document.getElementById(id); return !!e && e.getClientRects().length > 0; })"
+
+
+def test_browser_viewer_link_shows_the_run_only(browser, make, tmp_path):
+    srv = make(token=TOKEN)
+    browser.call("Page.navigate", url=page_url(srv) + "?token=" + TOKEN)
+    browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
+    start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live' && seenId > 1")
+    browser.click("copy-link")
+    note = browser.wait_for("document.getElementById('link-note').textContent.includes('view=') "
+                            "&& document.getElementById('link-note').textContent")
+    link = re.search(r"http://\S+", note).group(0)
+    sid = browser.evaluate("sessionId")
+    assert link.endswith("#session=" + sid) and "token" not in link
+    viewer = browser.new_page()                 # another person: no cookie
+    viewer.open(link)
+    viewer.wait_for(STATE + " === 'live' && seenId > 1")
+    for part in ("start", "advanced", "cancel", "runs-section"):
+        assert viewer.evaluate(SHOWN + "(%s)" % json.dumps(part)) is False, part
+    assert viewer.evaluate(SHOWN + "('watching')") and "shared with you" in viewer.element("watching")
+    screenshot_sizes(viewer, tmp_path, "viewer")
+    browser.click("cancel")
+    viewer.wait_for(STATE + " === 'cancelled'")
+    assert viewer.problems() == []
 
 
 def test_browser_back_returns_to_the_run_watched_before(browser, server):
