@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -41,6 +42,9 @@ class Running:
         options.setdefault("keepalive_s", 0.2)
         options.setdefault("request_timeout_s", 3.0)
         self.server = sse_demo.make_server("127.0.0.1", port, **options)
+        self.client_tls = None      # with certfile: a client context that trusts it
+        if options.get("certfile"):
+            self.client_tls = ssl.create_default_context(cafile=options["certfile"])
         self.server.start()         # the journal read back before the test goes on
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever,
@@ -85,7 +89,11 @@ def request(srv, method, path, body=None, headers=None, json_body=None):
     if json_body is not None:
         body = json.dumps(json_body).encode()
         headers.setdefault("Content-Type", "application/json")
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+    if getattr(srv, "client_tls", None):
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, timeout=TIMEOUT,
+                                           context=srv.client_tls)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
     try:
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -185,6 +193,8 @@ class Stream:
         self.sock.settimeout(TIMEOUT)
         self.head_timeout = head_timeout
         self.sock.connect(("127.0.0.1", srv.port))
+        if getattr(srv, "client_tls", None):
+            self.sock = srv.client_tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         lines = ["GET %s %s" % (path, version), "Host: 127.0.0.1:%d" % srv.port]
         lines += ["%s: %s" % item for item in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -356,7 +366,7 @@ class Cli:
         self.killer = threading.Timer(30, self.proc.kill)
         self.killer.start()
         self.first_line = self.proc.stdout.readline()
-        match = re.search(r"http://[^/\s]+:(\d+)/", self.first_line)
+        match = re.search(r"https?://[^/\s]+:(\d+)/", self.first_line)
         self.port = int(match.group(1)) if match else None
 
     def stop(self, sig=signal.SIGTERM, timeout=5):
@@ -401,6 +411,20 @@ def need(what, found):
     pytest.skip("%s is not installed" % what)
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key, made with
+    openssl as the README tells users to: (certfile, keyfile)."""
+    openssl = need("openssl", shutil.which("openssl"))
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return cert, key
+
+
 class Browser:
     """Headless Chromium driven over --remote-debugging-pipe: it reads
     NUL-terminated JSON commands on fd 3 and answers on fd 4."""
@@ -420,7 +444,8 @@ class Browser:
             [executable, "--headless", "--remote-debugging-pipe", "--no-sandbox",
              "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", "--user-data-dir=" + self.profile, "about:blank"],
+             "--disable-extensions", "--ignore-certificate-errors",
+             "--user-data-dir=" + self.profile, "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=place_pipes, pass_fds=(3, 4))
         os.close(to_browser_r)
@@ -602,7 +627,8 @@ def browser():
 
 
 def page_url(srv):
-    return "http://127.0.0.1:%d/" % srv.port
+    return "%s://127.0.0.1:%d/" % ("https" if getattr(srv, "client_tls", None) else "http",
+                                   srv.port)
 
 
 def start_in_page(browser, **params):

@@ -106,6 +106,11 @@ import threading
 import time
 import urllib.parse
 
+try:
+    import ssl
+except ImportError:       # a Python built without OpenSSL: all but --certfile works
+    ssl = None
+
 log = logging.getLogger("sse_demo")
 
 
@@ -131,12 +136,18 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
+TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see StreamHub._send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
 # poll have no such limit. Some descriptors are the server's own.
 SELECT_LIMIT = 512 if sys.platform == "win32" else 1024
 SELECT_HEADROOM = 64
+# A non-blocking send that would block. Under TLS it raises its own errors:
+# SSLWantWriteError when the socket is full, SSLWantReadError when TLS needs
+# the peer's bytes first (a renegotiation, which the server's context refuses).
+WOULD_BLOCK = (BlockingIOError, InterruptedError) + (
+    (ssl.SSLWantWriteError, ssl.SSLWantReadError) if ssl else ())
 GRIP_QUEUE_LIMIT = 10000           # items waiting for Pushpin; beyond, new ones are dropped
 GRIP_BATCH = 200                   # items per publish request
 GRIP_INTERVAL_S = 0.1              # at most one publish this often; a run's events in between
@@ -798,6 +809,10 @@ class Supervisor:
 # Streams: one writer thread for every subscriber socket
 ###############################################################################
 
+def is_tls(sock):
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
 class Subscriber:
     """One open stream: a non-blocking socket and how far it has got.
 
@@ -809,7 +824,7 @@ class Subscriber:
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
                  "pending", "last_write", "blocked_since", "idle", "closed",
-                 "reading", "writing", "due")
+                 "reading", "writing", "due", "tls", "tls_wants_read")
 
     def __init__(self, sock, address, session, cursor, chunked, keep_alive):
         self.sock = sock
@@ -826,6 +841,8 @@ class Subscriber:
         self.reading = False        # the selector watches it for end of file
         self.writing = False        # the selector watches it for room to write
         self.due = None             # when its timer fires; other heap entries are stale
+        self.tls = is_tls(sock)
+        self.tls_wants_read = False  # a TLS send waits for the peer's bytes, not for room
 
     def frames(self, events):
         return b"".join(e.chunk if self.chunked else e.sse for e in events)
@@ -1081,26 +1098,41 @@ class StreamHub:
             self._end_stream(sub)
 
     def _send(self, sub):
-        """One non-blocking send; True when all of `pending` went out."""
-        try:
-            sent = sub.sock.send(sub.pending)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._close(sub, exc)
-            return False
-        now = time.monotonic()
-        if sent:
-            sub.last_write = now
-            sub.blocked_since = None
-        if sent == len(sub.pending):
-            sub.pending = b""
-            self._update_selector(sub, sub.reading, writing=False)
-            return True
-        sub.pending = memoryview(sub.pending)[sent:]
+        """Non-blocking sends until the socket is full; True when all of
+        `pending` went out.
+
+        Under TLS a send writes whole records or nothing, and one that would
+        block must be repeated with the same bytes: `pending` only ever grows
+        at its end, so sending at most TLS_SEND_MAX bytes from its start
+        repeats them. It also keeps each send to one record, so a socket
+        with some room takes what fits instead of nothing."""
+        while True:
+            piece = sub.pending[:TLS_SEND_MAX] if sub.tls else sub.pending
+            try:
+                sent = sub.sock.send(piece)
+            except WOULD_BLOCK as exc:
+                sent = 0
+                sub.tls_wants_read = ssl is not None and isinstance(exc, ssl.SSLWantReadError)
+            except OSError as exc:
+                self._close(sub, exc)
+                return False
+            now = time.monotonic()
+            if sent:
+                sub.last_write = now
+                sub.blocked_since = None
+            if sent == len(sub.pending):
+                sub.pending = b""
+                self._update_selector(sub, sub.reading, writing=False)
+                return True
+            sub.pending = memoryview(sub.pending)[sent:]
+            if sent < len(piece):
+                break
         if sub.blocked_since is None:
             sub.blocked_since = now
-        self._update_selector(sub, sub.reading, writing=True)
+        if sub.tls_wants_read:
+            self._update_selector(sub, reading=True, writing=False)
+        else:
+            self._update_selector(sub, sub.reading, writing=True)
         return False
 
     def _on_ready(self, sub, mask):
@@ -1112,9 +1144,17 @@ class StreamHub:
     def _on_readable(self, sub):
         """End of file means the client has gone. Bytes mean its next request:
         a stream leaves them in the kernel until it ends; an idle connection
-        goes back to the HTTP server to answer it."""
+        goes back to the HTTP server to answer it. A TLS send that waited for
+        the peer's bytes is tried again. (The peek looks at the TCP bytes
+        under TLS too: TLS has no peek, and reading would take the request.
+        A TLS client that says goodbye with close_notify before it closes is
+        noticed at the next write that fails, a keepalive at the latest.)"""
+        if sub.tls_wants_read:
+            sub.tls_wants_read = False
+            self._flush(sub)
+            return
         try:
-            data = sub.sock.recv(1, socket.MSG_PEEK)
+            data = socket.socket.recv(sub.sock, 1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -3223,7 +3263,7 @@ class DeadlineReader(io.RawIOBase):
             sock.settimeout(0.0)
             try:
                 return sock.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 return None     # nothing yet; BufferedReader.peek then gives b""
             finally:
                 sock.settimeout(WRITE_TIMEOUT_S)
@@ -3281,12 +3321,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
         and proxies keep idle connections open, and none of them needs a
         thread while it is quiet."""
         self.close_connection = True
+        if is_tls(self.connection) and not self.finish_handshake():
+            return
         self.handle_one_request()
         while not self.close_connection:
             if self.next_request_arrived():
                 self.handle_one_request()
             else:
                 self.park()
+
+    def finish_handshake(self):
+        """A new TLS connection's handshake, under the request deadline: a
+        client that stalls or trickles it holds this thread no longer than
+        --request-timeout, and no other client waits for it (each connection
+        has its own thread). A connection back from the hub has done it
+        already: do_handshake() then returns at once."""
+        sock = self.connection
+        sock.setblocking(False)
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_READ)
+                while True:
+                    try:
+                        sock.do_handshake()
+                        return True
+                    except ssl.SSLWantReadError:
+                        selector.modify(sock, selectors.EVENT_READ)
+                    except ssl.SSLWantWriteError:
+                        selector.modify(sock, selectors.EVENT_WRITE)
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0 or not selector.select(remaining):
+                        log.debug("TLS handshake with %s not finished in time",
+                                  self.client_address[0])
+                        return False
+        except (OSError, ValueError) as exc:     # ssl.SSLError is an OSError
+            log.debug("TLS handshake with %s failed: %s", self.client_address[0], exc)
+            return False
+        finally:
+            if sock.fileno() != -1:
+                sock.settimeout(WRITE_TIMEOUT_S)
 
     def next_request_arrived(self):
         """Are bytes of the next request already here (read ahead into the
@@ -3304,9 +3377,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Give the quiet connection to the hub, which hands it back to the
         HTTP server (a new thread) when its next request arrives."""
         self.close_connection = True
-        sock = socket.socket(fileno=self.connection.detach())
-        sock.setblocking(False)
-        self.server.hub.park(sock, self.client_address)
+        self.server.hub.park(self.take_connection(), self.client_address)
 
     def handle_one_request(self):
         self.deadline = time.monotonic() + self.server.request_timeout_s
@@ -3450,8 +3521,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         the token leaves the address bar and the history."""
         self.send_body(303, b"", None, {
             "Location": "/", "Cache-Control": "no-store",
-            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/"
-                          % (TOKEN_COOKIE, self.server.access.token)})
+            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/%s"
+                          % (TOKEN_COOKIE, self.server.access.token,
+                             "; Secure" if self.server.tls else "")})
 
     def send_sign_in_page(self):
         """401 with the page: it finds /job refused and offers a sign-in form."""
@@ -3572,10 +3644,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True   # this thread is done with the connection
         # A pipelined request already in rfile's buffer would be lost here;
         # HTTP clients do not pipeline behind a stream.
-        sock = socket.socket(fileno=self.connection.detach())
+        return Subscriber(self.take_connection(), self.client_address, session, last_id,
+                          chunked, keep_alive)
+
+    def take_connection(self):
+        """The connection, non-blocking, for the hub: the HTTP server lets go
+        of it. A plain socket leaves the server's socket object (which then
+        closes nothing); a TLS socket carries its session, so it stays whole
+        and the server is told not to close it (SSEServer.shutdown_request)."""
+        if is_tls(self.connection):
+            sock = self.connection
+            sock.held_by_hub = True
+        else:
+            sock = socket.socket(fileno=self.connection.detach())
         sock.setblocking(False)
-        cursor = last_id
-        return Subscriber(sock, self.client_address, session, cursor, chunked, keep_alive)
+        return sock
 
     def check_grip_signature(self):
         """With a key configured, a request that claims to come through
@@ -3739,17 +3822,18 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
                  grip=None, grip_key=None, state_dir=None,
-                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None):
+                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
         if state_dir:
             Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
+        self.tls = tls_context(certfile, keyfile) if certfile else None   # before binding too
         super().__init__((host, port), Handler)
         self.request_timeout_s = request_timeout_s
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
         self.supervisor = Supervisor()
-        self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.process_request)
+        self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
         self.journal = Journal(state_dir) if state_dir else None
         self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
                                  self.journal.forget if self.journal else lambda session: None,
@@ -3802,6 +3886,25 @@ class SSEServer(http.server.ThreadingHTTPServer):
         else:
             log.error("error answering %s", client_address[0], exc_info=True)
 
+    def get_request(self):
+        """Accept; under TLS the handshake is left to the connection's own
+        thread (Handler.finish_handshake), so a slow one delays no one."""
+        sock, address = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def shutdown_request(self, request):
+        """After a handler thread: close its connection, unless the hub holds it."""
+        if not getattr(request, "held_by_hub", False):
+            super().shutdown_request(request)
+
+    def hand_back(self, sock, address):
+        """A connection the hub held has a request: answer it in a new thread."""
+        if is_tls(sock):
+            sock.held_by_hub = False
+        self.process_request(sock, address)
+
     def server_bind(self):
         # HTTPServer.server_bind() calls socket.getfqdn(), a DNS look-up that
         # can take seconds on a machine without DNS: skip it.
@@ -3811,7 +3914,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return "http://%s:%d/" % (public_host(host), port)
+        return "%s://%s:%d/" % ("https" if self.tls else "http", public_host(host), port)
 
     def host_allowed(self, name):
         """The bound address, localhost or an --allow-host name; on a wildcard
@@ -3892,6 +3995,19 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.grip:
             self.grip.stop()
         super().server_close()
+
+
+def tls_context(certfile, keyfile=None):
+    """A server context for --certfile/--keyfile: TLS 1.2 or newer, and no
+    renegotiation (the writer's non-blocking sends never wait on a peer's
+    handshake). Raises OSError or ssl.SSLError for a file it cannot use."""
+    if ssl is None:
+        raise OSError("this Python has no ssl module (built without OpenSSL)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 def csp_for(page):
@@ -4055,6 +4171,8 @@ def parse_args(argv):
         p.error("--title must not be empty")
     if not args.max_record_mb > 0:
         p.error("--max-record-mb must be above 0")
+    if args.keyfile and not args.certfile:
+        p.error("--keyfile needs --certfile")
     for name in ("max_sessions", "max_streams"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
@@ -4116,6 +4234,10 @@ def build_parser():
     p.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback address with no token, open to anyone who "
                         "can reach it (a warning says so)")
+    p.add_argument("--certfile", metavar="FILE",
+                   help="serve HTTPS (TLS 1.2 or newer) with this PEM certificate chain")
+    p.add_argument("--keyfile", metavar="FILE",
+                   help="the certificate's private key, when --certfile does not hold it")
     p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB, metavar="MB",
                    help="memory for each run's whole record (GET /log, /export); past it, "
                         "progress events are thinned, then log lines from the middle of "
@@ -4149,11 +4271,19 @@ def main(argv=None):
         log.error("error: --state-dir %s cannot be used: %s", args.state_dir,
                   exc.strerror or exc)
         return 2
+    if args.certfile:
+        try:
+            tls_context(args.certfile, args.keyfile)
+        except OSError as exc:     # ssl.SSLError is one
+            log.error("error: --certfile %s cannot be used: %s", args.certfile,
+                      exc.strerror or exc)
+            return 2
     return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
-                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token)
+                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
+                 certfile=args.certfile, keyfile=args.keyfile)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -3132,6 +3133,108 @@ def test_tokens_never_reach_the_log(make, caplog):
 
 
 ###############################################################################
+# TLS: --certfile/--keyfile
+###############################################################################
+
+def test_tls_serves_a_whole_stream(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile)
+    sid = start_run(srv, iterations=50, **FAST)
+    stream = watch(srv, sid)
+    assert stream.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert stream.headers["content-type"] == "text/event-stream" and stream.chunked
+    events = stream.events()
+    assert ids(events) == list(range(1, 52)) and events[-1]["event"] == "complete"
+
+
+def test_tls_big_events_reach_a_slow_reader_whole(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile, job=padded_job, keepalive_s=2.0)
+    sid = start_run(srv, steps=40, size=100000)   # each event is several TLS records
+    events = watch(srv, sid, rcvbuf=4096).events()
+    assert ids(events) == list(range(1, 42)) and events[-1]["event"] == "complete"
+    assert all(json.loads(e["data"])["pad"] == "x" * 100000 for e in events[:-1])
+
+
+def test_tls_stuck_reader_does_not_hold_back_others(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile, job=padded_job, keepalive_s=0.1)
+    sid = start_run(srv, steps=100, tick=0.01)
+    stuck = watch(srv, sid, rcvbuf=4096)    # never reads again
+    events = watch(srv, sid).events()
+    assert ids(events) == list(range(1, 102)) and events[-1]["event"] == "complete"
+    wait_for(lambda: srv.server.hub.streams == 0, what="the stuck stream to be closed")
+    stuck.close()
+
+
+def test_tls_stalled_handshake_holds_back_no_one_and_is_dropped(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile, request_timeout_s=1.0)
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+               for _ in range(3)]
+    try:
+        stalled[0].sendall(b"\x16\x03\x01\x02\x00\x01")   # the start of a ClientHello
+        stalled[1].sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")   # plain HTTP
+        sid = start_run(srv, iterations=3, **FAST)          # others are served meanwhile
+        assert ids(watch(srv, sid).events()) == [1, 2, 3, 4]
+        for sock in stalled:                # dropped after --request-timeout, or at once
+            try:
+                assert sock.recv(1) in (b"", b"\x15")       # end of file, or a TLS alert
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert request(srv, "GET", "/healthz")[0] == 200
+
+
+def test_tls_keep_alive_connections_are_parked_and_answer_again(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile, request_timeout_s=5.0)
+    sid = start_run(srv, iterations=3, **FAST)
+    conn = http.client.HTTPSConnection("127.0.0.1", srv.port, timeout=TIMEOUT,
+                                       context=srv.client_tls)
+    try:
+        before = thread_count()
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()
+        local = conn.sock.getsockname()
+        wait_for(lambda: thread_count() <= before, what="the handler thread to end")
+        conn.request("GET", "/progress/" + sid)       # parked, handed back, streams
+        response = conn.getresponse()
+        assert response.status == 200 and b"event: complete" in response.read()
+        conn.request("GET", "/status/" + sid)         # after the stream: the hub gives it back
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["state"] == "complete"
+        assert conn.sock.getsockname() == local       # one connection throughout
+    finally:
+        conn.close()
+
+
+def test_tls_cookie_is_secure(make, tls_files):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile, token=TOKEN)
+    status, headers, _ = request(srv, "GET", "/?token=" + TOKEN)
+    assert status == 303 and headers["Set-Cookie"].endswith("; HttpOnly; SameSite=Strict; Path=/; Secure")
+
+
+def test_cli_tls_prints_an_https_url_and_refuses_a_bad_certificate(tls_files, tmp_path):
+    certfile, keyfile = tls_files
+    cli = Cli("--certfile", certfile, "--keyfile", keyfile)
+    try:
+        assert cli.first_line.startswith("Serving on https://127.0.0.1:%d/" % cli.port)
+        cli.client_tls = ssl.create_default_context(cafile=certfile)
+        assert request(cli, "GET", "/healthz")[0] == 200
+    finally:
+        assert cli.stop()[0] == 0
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    status, _, err = Cli("--certfile", str(tmp_path / "junk.pem")).finish()
+    assert status == 2 and "--certfile" in err and "Traceback" not in err
+    status, _, err = Cli("--keyfile", keyfile).finish()
+    assert status == 2 and "--keyfile needs --certfile" in err
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -3308,6 +3411,17 @@ def test_browser_viewer_link_shows_the_run_only(browser, make, tmp_path):
     browser.click("cancel")
     viewer.wait_for(STATE + " === 'cancelled'")
     assert viewer.problems() == []
+
+
+def test_browser_page_over_tls(browser, make, tls_files, tmp_path):
+    certfile, keyfile = tls_files
+    srv = make(certfile=certfile, keyfile=keyfile)
+    browser.open(page_url(srv))
+    assert browser.evaluate("location.protocol") == "https:"
+    start_in_page(browser, iterations=30, tick=0.01, update_every=1)
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.evaluate("seenId") == 31
+    assert browser.problems() == []
 
 
 def test_browser_back_returns_to_the_run_watched_before(browser, server):
