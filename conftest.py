@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -413,16 +414,15 @@ def need(what, found):
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and its key, made with
-    openssl as the README tells users to: (certfile, keyfile)."""
-    openssl = need("openssl", shutil.which("openssl"))
+    """A self-signed certificate for 127.0.0.1 and its key, made by the
+    README's own `openssl req` command: (certfile, keyfile)."""
+    need("openssl", shutil.which("openssl"))
     folder = tmp_path_factory.mktemp("tls")
-    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-    return cert, key
+    command = readme_block("sh", "openssl req").split("\npython3")[0].replace("\\\n", " ")
+    command = command.replace("DNS:buildbox", "IP:127.0.0.1").replace("buildbox", "127.0.0.1")
+    subprocess.run(shlex.split(command), cwd=str(folder), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60)
+    return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
 class Browser:
@@ -798,15 +798,16 @@ class Pushpin:
                 self.proc.wait(5)
 
 
-def start_pushpin(folder):
+def start_pushpin(folder, token=None):
     """A server in --grip mode and a real Pushpin in front of it, ready to
-    hold streams: (proxy, upstream)."""
+    hold streams: (proxy, upstream). With `token`, the server asks for it."""
     need("pushpin", shutil.which("pushpin"))
     publish_port = free_port()
     # A long idle timeout: Pushpin reuses its upstream connections and does not
     # retry a GET on one that the server closed as idle in the same instant.
     upstream = Running(keepalive_s=1.0, grip="http://127.0.0.1:%d" % publish_port,
-                       grip_key=Pushpin.KEY, request_timeout_s=60)
+                       grip_key=Pushpin.KEY, request_timeout_s=60, token=token)
+    auth = {"Authorization": "Bearer " + token} if token else {}
     try:
         proxy = Pushpin(folder, upstream.port, publish_port=publish_port)
     except BaseException:
@@ -814,17 +815,20 @@ def start_pushpin(folder):
         raise
     try:
         # Ready means a stream can be held, which takes all of Pushpin's parts
-        probe = start_run(upstream, iterations=2, tick=60)
+        status, _, body = request(upstream, "POST", "/start", headers=auth,
+                                  json_body={"iterations": 2, "tick": 60})
+        assert status == 201, body
+        probe, probe_key = json.loads(body)["session_id"], json.loads(body)["control_key"]
 
         def holds_a_stream():
             try:     # a request Pushpin took while starting may never be answered
-                stream = Stream(proxy, "/progress/" + probe, head_timeout=1.0)
+                stream = Stream(proxy, "/progress/" + probe, auth, head_timeout=1.0)
             except (OSError, EOFError):
                 return False
             stream.close()
             return stream.status == 200
         wait_for(holds_a_stream, timeout=20, what="Pushpin to hold a stream")
-        cancel(upstream, probe)
+        cancel(upstream, probe, key=probe_key)
     except BaseException:
         proxy.stop()
         upstream.stop()
@@ -844,6 +848,20 @@ def pushpin(tmp_path_factory):
 
 
 @pytest.fixture
+def pushpin_with_token(tmp_path):
+    """Pushpin in front of a server that asks for a token (the tests' TOKEN)."""
+    proxy, upstream = start_pushpin(str(tmp_path), token=PUSHPIN_TOKEN)
+    try:
+        yield proxy, upstream
+    finally:
+        proxy.stop()
+        upstream.stop()
+
+
+PUSHPIN_TOKEN = "the-operators-token-behind-pushpin"
+
+
+@pytest.fixture
 def fresh_pushpin(tmp_path):
     """A Pushpin of this test's own, for a test that stops it."""
     proxy, upstream = start_pushpin(str(tmp_path))
@@ -858,7 +876,8 @@ def fresh_pushpin(tmp_path):
 # Markers: tests that need a real browser or a real proxy
 ###############################################################################
 
-REAL_PARTS = {"browser": "browser", "nginx": "proxy", "pushpin": "proxy", "fresh_pushpin": "proxy"}
+REAL_PARTS = {"browser": "browser", "nginx": "proxy", "pushpin": "proxy", "fresh_pushpin": "proxy",
+              "pushpin_with_token": "proxy"}
 
 
 def pytest_configure(config):

@@ -1465,14 +1465,17 @@ def merge_items(items):
     return [item for merged in runs.values() for item in merged]
 
 
-def grip_hold(session, last_id, grip_last, keepalive_s):
+def grip_hold(session, last_id, grip_last, keepalive_s, link_key=None):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
     the session's channel from there, so no thread of ours waits on it.
     Pushpin asks again with Grip-Last to recover a gap, and the answer is
     appended to the stream. A run whose terminal event was offered is
-    answered whole, without a hold, so the stream ends."""
+    answered whole, without a hold, so the stream ends. Pushpin's own
+    requests carry none of the client's headers: behind a token, the link
+    carries the run's view key (`link_key`), which reaches that run only
+    (Pushpin keeps Grip-* headers to itself)."""
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
@@ -1493,8 +1496,8 @@ def grip_hold(session, last_id, grip_last, keepalive_s):
         prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
         headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
-        headers["Grip-Link"] = "</progress/%s>; rel=next; timeout=%d" % (
-            session.id, GRIP_LINK_TIMEOUT_S)
+        headers["Grip-Link"] = "</progress/%s%s>; rel=next; timeout=%d" % (
+            session.id, "?view=" + link_key if link_key else "", GRIP_LINK_TIMEOUT_S)
         headers["Grip-Keep-Alive"] = "%s; format=cstring; timeout=%d" % (
             KEEPALIVE.decode().replace("\n", "\\n"), max(1, round(keepalive_s)))
     return body, headers
@@ -3613,7 +3616,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.check_grip_signature()
             body, headers = grip_hold(session, last_id, self.headers.get("Grip-Last"),
-                                      self.server.hub.keepalive_s)
+                                      self.server.hub.keepalive_s,
+                                      session.view_key if self.server.access else None)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub

@@ -24,7 +24,7 @@ import time
 import pytest
 
 import sse_demo
-from conftest import (CONTROL_KEYS, FAST, HERE, STATE, TIMEOUT, Cli, Running, Stream, cancel,
+from conftest import (CONTROL_KEYS, FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream, cancel,
                       get_json, ids, names, page_url, parse_head, png_is_not_blank,
                       raw_exchange, request, start_in_page, start_run, status_of,
                       thread_count, wait_for, watch)
@@ -3973,6 +3973,26 @@ def test_pushpin_holds_the_stream_not_the_server(pushpin):
     assert stream.ended
     grip = get_json(upstream, "/healthz")["grip"]     # events were merged into fewer items
     assert grip["published"] >= 1 and grip["failed"] == 0
+
+
+def test_pushpin_passes_the_token_and_the_view_key_to_the_server(pushpin_with_token):
+    proxy, upstream = pushpin_with_token
+    operator = {"Authorization": "Bearer " + PUSHPIN_TOKEN}
+    assert request(proxy, "POST", "/start", json_body={"iterations": 5})[0] == 401
+    status, _, body = request(proxy, "POST", "/start", headers=operator,
+                              json_body={"iterations": 20, "tick": 0.05, "update_every": 1})
+    assert status == 201
+    run = json.loads(body)
+    sid = run["session_id"]
+    assert watch(proxy, sid).status == 401                     # no credential: refused
+    by_header = watch(proxy, sid, operator)
+    by_cookie = watch(proxy, sid, {"Cookie": "%s=%s" % (sse_demo.TOKEN_COOKIE, PUSHPIN_TOKEN)})
+    by_key = Stream(proxy, "/progress/%s?view=%s" % (sid, run["view_key"]))
+    for stream in (by_header, by_cookie, by_key):
+        assert stream.status == 200
+        events = stream.events(timeout=15)
+        assert ids(events) == list(range(1, 22)) and events[-1]["event"] == "complete"
+    assert upstream.server.hub.streams == 0                    # Pushpin held them all
 
 
 def test_pushpin_late_joiner_gets_the_history(pushpin):
