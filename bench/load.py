@@ -1,0 +1,651 @@
+#!/usr/bin/env python3
+"""Load benchmark for sse_demo: how fast and how lean it serves streams.
+
+Standard library only, Linux (it reads /proc), traffic on loopback only.
+Every scenario launches a fresh server, puts one kind of load on it, and
+reports figures; a column per variant of the server (plain HTTP, TLS, a
+token), all measured in the same run, so the machine's noise falls on each.
+
+    python3 bench/load.py                               # every scenario, plain
+    python3 bench/load.py --quick                       # small sizes, about a minute
+    python3 bench/load.py --scenarios fanout --variants plain,tls
+    python3 bench/load.py --scenarios latency --variants plain,token
+    python3 bench/load.py --server 'python3 other.py --port {port}' --label other
+
+Scenarios (full size / --quick):
+  startup   seconds from exec to the first 200 on /healthz (5 / 3 launches),
+            and the idle server's memory and threads
+  latency   one run publishing every 5 ms (2,000 / 400 events), one stream:
+            publish-to-receive p50, p99, max
+  fanout    one run publishing 20 events/s to 1,000 / 200 streams for 10 / 3 s:
+            latency over every (stream, event), every stream got every event,
+            and the server's CPU during the window
+  sessions  500 / 100 runs at 10 events/s each, a stream each, 20 / 4 s
+  hold      idle streams held (5,000 / 1,000), each with its first event and a
+            keepalive; memory per stream
+  churn     5,000 / 500 short connections, half abandoned after the head:
+            threads, descriptors and streams back where they were
+
+Latency is the client's receive time minus the event's `ts` (the server's
+time.time() when it published it), both on this machine. It includes the
+client's own delay in reading a socket: `client CPU %` near 100 means the
+client, not the server, is the limit. The server is pinned to one CPU and
+the client to another where the machine has two (taskset).
+
+Variants: `plain`; `tls` (a self-signed certificate made with openssl,
+--certfile/--keyfile); `token` (SSE_DEMO_TOKEN for the server, every request
+with `Authorization: Bearer`). `--json FILE` keeps the report.
+"""
+
+import argparse
+import collections
+import http.client
+import json
+import os
+import selectors
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SERVER = "%s %s --port {port}" % (shlex.quote(sys.executable),
+                                          shlex.quote(os.path.join(HERE, "..", "sse_demo.py")))
+TOKEN = "bench-token-0123456789abcdef"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+SIZES = {   # full, quick
+    "startup": ({"launches": 5}, {"launches": 3}),
+    "latency": ({"iterations": 2000}, {"iterations": 400}),
+    "fanout": ({"streams": 1000, "window": 10.0}, {"streams": 200, "window": 3.0}),
+    "sessions": ({"sessions": 500, "seconds": 20.0}, {"sessions": 100, "seconds": 4.0}),
+    "hold": ({"streams": 5000}, {"streams": 1000}),
+    "churn": ({"connections": 5000}, {"connections": 500}),
+}
+
+
+class BenchError(Exception):
+    """A scenario the server could not do: reported as FAIL with the reason."""
+
+
+###############################################################################
+# The server under test: launched, watched through /proc, stopped
+###############################################################################
+
+class Server:
+    def __init__(self, template, variant, tls_files, cpu):
+        self.port = free_port()
+        self.variant = variant
+        command = shlex.split(template.format(port=self.port, host="127.0.0.1"))
+        env = dict(os.environ)
+        env.pop("SSE_DEMO_TOKEN", None)
+        if variant == "tls":
+            command += ["--certfile", tls_files[0], "--keyfile", tls_files[1]]
+        if variant == "token":
+            env["SSE_DEMO_TOKEN"] = TOKEN
+        if cpu is not None:
+            command = ["taskset", "-c", str(cpu)] + command
+        self.log = tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=self.log, env=env,
+                                     start_new_session=True)
+        self.client = Client(self.port, variant)
+        self.launch_s = self.wait_ready()
+
+    def wait_ready(self, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError("the server exited with status %d" % self.proc.returncode)
+            try:
+                if self.client.request("GET", "/healthz")[0] == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.005)
+        raise BenchError("the server did not answer /healthz within %d s" % timeout)
+
+    def stats(self):
+        """(CPU seconds, RSS KB, threads, open descriptors) from /proc."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        rss = int(fields[21]) * PAGE_KB
+        threads = int(fields[17])
+        fds = len(os.listdir("/proc/%d/fd" % self.proc.pid))
+        return cpu, rss, threads, fds
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+###############################################################################
+# The client: requests, and many streams read by one selector loop
+###############################################################################
+
+class Client:
+    def __init__(self, port, variant):
+        self.port = port
+        self.tls = ssl._create_unverified_context() if variant == "tls" else None
+        self.headers = {"Authorization": "Bearer " + TOKEN} if variant == "token" else {}
+
+    def request(self, method, path, body=None, timeout=10.0):
+        if self.tls:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=self.tls)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            headers = dict(self.headers, **({"Content-Type": "application/json"} if body else {}))
+            conn.request(method, path, body=json.dumps(body).encode() if body else None,
+                         headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def start(self, **params):
+        status, body = self.request("POST", "/start", params)
+        if status != 201:
+            raise BenchError("POST /start answered %d: %s" % (status, body[:200]))
+        answer = json.loads(body)
+        return answer["session_id"], answer["control_key"]
+
+    def cancel(self, sid, key):
+        conn_headers = dict(self.headers)
+        conn_headers["Authorization"] = "Bearer " + key
+        saved, self.headers = self.headers, conn_headers
+        try:
+            return self.request("POST", "/cancel/" + sid)[0]
+        finally:
+            self.headers = saved
+
+    def open_stream(self, sid, loop):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10.0)
+        if self.tls:
+            sock = self.tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        lines = ["GET /progress/%s HTTP/1.1" % sid, "Host: 127.0.0.1:%d" % self.port]
+        lines += ["%s: %s" % item for item in self.headers.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        sock.setblocking(False)
+        stream = Stream(sock, time.time())
+        loop.register(stream)
+        return stream
+
+
+class Stream:
+    """One SSE stream over HTTP/1.1 chunked, parsed as it arrives."""
+
+    def __init__(self, sock, opened):
+        self.sock = sock
+        self.opened = opened
+        self.status = None
+        self.buffer = b""
+        self.body = b""
+        self.events = []            # (id, name, ts, received)
+        self.keepalives = 0
+        self.ended = False
+        self.error = None
+
+    def feed(self, data, received):
+        self.buffer += data
+        if self.status is None:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            self.status = int(head.split(None, 2)[1])
+            self.buffer = rest
+        while True:     # chunked framing
+            line, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                break
+            self.body += rest[:size]
+            self.buffer = rest[size + 2:]
+            if size == 0:
+                self.ended = True
+                break
+        while b"\n\n" in self.body:
+            block, _, self.body = self.body.partition(b"\n\n")
+            self.on_block(block.decode("utf-8"), received)
+
+    def on_block(self, block, received):
+        fields = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                self.keepalives += 1
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        if "data" in fields:
+            ts = json.loads(fields["data"]).get("ts")
+            self.events.append((int(fields.get("id", 0)), fields.get("event", "message"),
+                                ts, received))
+
+    @property
+    def terminal(self):
+        return bool(self.events) and self.events[-1][1] in ("complete", "cancelled", "error")
+
+
+class Loop:
+    """One selector for every stream: reads whatever arrived."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.streams = []
+
+    def register(self, stream):
+        self.selector.register(stream.sock, selectors.EVENT_READ, stream)
+        self.streams.append(stream)
+
+    def run(self, until, timeout):
+        """Read until `until()` is true or `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self.selector.select(min(left, 0.1)):
+                self.read(key.data)
+        return True
+
+    def poll(self):
+        for key, _ in self.selector.select(0):
+            self.read(key.data)
+
+    def read(self, stream):
+        for _ in range(64):     # TLS may hold several records after one readable
+            try:
+                data = stream.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return
+            except OSError as exc:
+                self.drop(stream, exc)
+                return
+            if not data:
+                self.drop(stream, "end of file")
+                return
+            stream.feed(data, time.time())
+            if stream.ended:
+                self.drop(stream, None)
+                return
+
+    def drop(self, stream, error):
+        stream.error = error
+        try:
+            self.selector.unregister(stream.sock)
+        except (KeyError, ValueError):
+            pass
+        stream.sock.close()
+
+    def close(self):
+        for stream in self.streams:
+            if stream.sock.fileno() != -1:
+                self.drop(stream, None)
+        self.selector.close()
+
+
+def open_streams(client, sids, loop):
+    """A stream on each session id; raises BenchError if one fails."""
+    streams = []
+    for sid in sids:
+        try:
+            streams.append(client.open_stream(sid, loop))
+        except OSError as exc:
+            raise BenchError("stream %d of %d could not connect: %s" % (len(streams) + 1,
+                                                                        len(sids), exc))
+        if len(streams) % 100 == 0:
+            loop.poll()     # read what the first ones got meanwhile
+    return streams
+
+
+###############################################################################
+# Figures
+###############################################################################
+
+def percentile(values, pct):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(pct / 100.0 * (len(values) - 1))))]
+
+
+def latency_figures(latencies_ms):
+    return {"p50 ms": percentile(latencies_ms, 50), "p99 ms": percentile(latencies_ms, 99),
+            "max ms": max(latencies_ms) if latencies_ms else None}
+
+
+class ClientCPU:
+    def __enter__(self):
+        self.started = time.monotonic(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        wall, cpu = time.monotonic() - self.started[0], time.process_time() - self.started[1]
+        self.percent = 100.0 * cpu / wall if wall else 0.0
+
+
+###############################################################################
+# Scenarios
+###############################################################################
+
+def scenario_startup(template, variant, tls_files, cpu, size):
+    launches, figures = [], {}
+    for number in range(size["launches"]):
+        server = Server(template, variant, tls_files, cpu)
+        try:
+            launches.append(server.launch_s)
+            if number == 0:
+                time.sleep(0.5)
+                _, rss, threads, _ = server.stats()
+                figures.update({"idle RSS MB": rss / 1024.0, "idle threads": threads})
+        finally:
+            server.stop()
+    figures.update({"startup s": percentile(launches, 50), "min s": min(launches),
+                    "max s": max(launches)})
+    return figures
+
+
+def scenario_latency(server, size):
+    sid, _ = server.client.start(iterations=size["iterations"], tick=0.005, update_every=1)
+    loop = Loop()
+    try:
+        stream, = open_streams(server.client, [sid], loop)
+        if not loop.run(lambda: stream.terminal, 30 + size["iterations"] * 0.01):
+            raise BenchError("no terminal event")
+    finally:
+        loop.close()
+    live = [(received - ts) * 1000 for _, _, ts, received in stream.events
+            if ts is not None and received > stream.opened and ts > stream.opened]
+    figures = {"events delivered": len({e[0] for e in stream.events}),
+               "expected": stream.events[-1][0]}
+    figures.update(latency_figures(live))
+    return figures
+
+
+def scenario_fanout(server, size):
+    sid, key = server.client.start(iterations=10 ** 6, tick=0.05, update_every=1)
+    loop = Loop()
+    try:
+        started = time.monotonic()
+        streams = open_streams(server.client, [sid] * size["streams"], loop)
+        if not loop.run(lambda: all(s.status is not None for s in streams), 30):
+            raise BenchError("not every stream got its response head")
+        if any(s.status != 200 for s in streams):
+            raise BenchError("a stream was answered %d" % next(s.status for s in streams
+                                                                if s.status != 200))
+        connect_s = time.monotonic() - started
+        joined_at = time.time()
+        cpu_before = server.stats()[0]
+        with ClientCPU() as client:
+            loop.run(lambda: False, size["window"])
+        cpu_window = server.stats()[0] - cpu_before
+        if server.client.cancel(sid, key) != 202:
+            raise BenchError("cancel was not accepted")
+        if not loop.run(lambda: all(s.terminal or s.error for s in streams), 30):
+            raise BenchError("not every stream got the terminal event")
+    finally:
+        loop.close()
+    due = sorted({e[0] for s in streams for e in s.events if e[2] is not None and e[2] > joined_at})
+    latencies, complete = [], 0
+    for s in streams:
+        got = {e[0] for e in s.events}
+        complete += all(i in got for i in due)
+        latencies += [(r - ts) * 1000 for i, _, ts, r in s.events if ts is not None and ts > joined_at]
+    figures = {"streams joined": len(streams), "connect s": connect_s, "window events": len(due),
+               "streams with every event": complete,
+               "server CPU % (window)": 100.0 * cpu_window / size["window"],
+               "client CPU %": client.percent}
+    figures.update(latency_figures(latencies))
+    if complete < len(streams):
+        raise BenchError("%d of %d streams missed events" % (len(streams) - complete, len(streams)),
+                         figures)
+    return figures
+
+
+def scenario_sessions(server, size):
+    iterations = int(size["seconds"] / 0.1)
+    cpu_before = server.stats()[0]
+    started = time.monotonic()
+    sids = [server.client.start(iterations=iterations, tick=0.1, update_every=1)[0]
+            for _ in range(size["sessions"])]
+    loop = Loop()
+    try:
+        streams = open_streams(server.client, sids, loop)
+        setup_s = time.monotonic() - started
+        with ClientCPU() as client:
+            ok = loop.run(lambda: all(s.terminal or s.error for s in streams),
+                          size["seconds"] + 60)
+        if not ok:
+            raise BenchError("not every stream got its terminal event")
+    finally:
+        loop.close()
+    elapsed = time.monotonic() - started
+    cpu = server.stats()[0] - cpu_before
+    events = sum(len(s.events) for s in streams)
+    latencies = [(r - ts) * 1000 for s in streams for _, _, ts, r in s.events
+                 if ts is not None and ts > s.opened]
+    figures = {"setup s": setup_s, "streams ended": sum(s.terminal for s in streams),
+               "events/s": events / elapsed, "server CPU s": cpu,
+               "server CPU %": 100.0 * cpu / elapsed, "client CPU %": client.percent}
+    figures.update(latency_figures(latencies))
+    return figures
+
+
+def scenario_hold(server, size, keepalive_s=1.0):
+    _, rss_before, _, _ = server.stats()
+    sids = [server.client.start(iterations=1000, tick=60, update_every=1000)[0]
+            for _ in range(max(1, size["streams"] // 100))]
+    loop = Loop()
+    try:
+        started = time.monotonic()
+        streams = open_streams(server.client, [sids[i % len(sids)] for i in range(size["streams"])],
+                               loop)
+        if not loop.run(lambda: all(s.events for s in streams), 60):
+            raise BenchError("%d streams without their first event"
+                             % sum(not s.events for s in streams))
+        ramp_s = time.monotonic() - started
+        marks = [s.keepalives for s in streams]
+        loop.run(lambda: all(s.keepalives > m for s, m in zip(streams, marks)), 2.5 * keepalive_s)
+        quiet = sum(s.keepalives <= m for s, m in zip(streams, marks))
+        _, rss, threads, _ = server.stats()
+    finally:
+        loop.close()
+    figures = {"streams held": len(streams) - quiet, "ramp s": ramp_s,
+               "RSS KB/stream": (rss - rss_before) / float(len(streams)),
+               "threads at held": threads}
+    if quiet:
+        raise BenchError("%d streams got no keepalive within %.1f s" % (quiet, 2.5 * keepalive_s),
+                         figures)
+    return figures
+
+
+def scenario_churn(server, size, keepalive_s=1.0):
+    sids = [server.client.start(iterations=1000, tick=60, update_every=1000)[0] for _ in range(5)]
+    time.sleep(0.5)
+    _, _, threads_before, fds_before = server.stats()
+    started, errors = time.monotonic(), 0
+    for number in range(size["connections"]):
+        loop = Loop()
+        try:
+            stream = server.client.open_stream(sids[number % len(sids)], loop)
+            if number % 2:
+                loop.run(lambda: stream.status is not None, 10)
+                errors += stream.status != 200
+        except OSError:
+            errors += 1
+        finally:
+            loop.close()
+    churn_s = time.monotonic() - started
+    deadline = time.monotonic() + 5 * keepalive_s + 10
+    time.sleep(3 * keepalive_s)
+    while time.monotonic() < deadline:
+        _, _, threads, fds = server.stats()
+        if threads <= threads_before + 2 and fds <= fds_before + 5:
+            break
+        time.sleep(0.25)
+    figures = {"connect errors": errors, "churn s": churn_s, "threads before": threads_before,
+               "threads after": threads, "fds before": fds_before, "fds after": fds,
+               "settle s": time.monotonic() - started - churn_s}
+    if threads > threads_before + 2 or fds > fds_before + 5:
+        raise BenchError("threads or descriptors did not come back", figures)
+    return figures
+
+
+SCENARIOS = {"startup": None, "latency": scenario_latency, "fanout": scenario_fanout,
+             "sessions": scenario_sessions, "hold": scenario_hold, "churn": scenario_churn}
+
+
+def run_scenario(name, template, variant, tls_files, cpu, size):
+    """{figure: value}, with `result` ok or FAIL: <reason>."""
+    started = time.monotonic()
+    figures = {}
+    try:
+        if name == "startup":
+            figures = scenario_startup(template, variant, tls_files, cpu, size)
+        else:
+            server = Server(template, variant, tls_files, cpu)
+            try:
+                figures = {"launch s": server.launch_s}
+                figures.update(SCENARIOS[name](server, size))
+            finally:
+                server.stop()
+        figures["result"] = "ok"
+    except BenchError as exc:
+        if len(exc.args) > 1:
+            figures.update(exc.args[1])
+        figures["result"] = "FAIL: %s" % exc.args[0]
+    figures["wall s"] = time.monotonic() - started
+    return figures
+
+
+###############################################################################
+# The command line
+###############################################################################
+
+def make_tls_files(folder):
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def pick_cpus():
+    """(server CPU, client CPU): two different ones where there are two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or not shutil_which("taskset"):
+        return None, None
+    os.sched_setaffinity(0, {cpus[1]})
+    return cpus[0], cpus[1]
+
+
+def shutil_which(name):
+    return any(os.access(os.path.join(d, name), os.X_OK)
+               for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def raise_open_file_limit():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return "%.3g" % value if abs(value) < 10 else "{:,.0f}".format(value)
+    if isinstance(value, int):
+        return "{:,}".format(value)
+    return "-" if value is None else str(value)
+
+
+def print_report(report, out=sys.stdout):
+    """One markdown table per scenario, a column per variant."""
+    for name, by_variant in report["scenarios"].items():
+        variants = list(by_variant)
+        rows = collections.OrderedDict()
+        for variant in variants:
+            for figure in by_variant[variant]:
+                rows.setdefault(figure, None)
+        out.write("\n### %s\n\n| figure | %s |\n|---|%s\n" % (
+            name, " | ".join(variants), "---|" * len(variants)))
+        for figure in rows:
+            out.write("| %s | %s |\n" % (figure, " | ".join(
+                format_value(by_variant[v].get(figure)) for v in variants)))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default=DEFAULT_SERVER,
+                   help="the server command; {port} is filled in (default: this sse_demo.py)")
+    p.add_argument("--scenarios", default=",".join(SIZES),
+                   help="comma-separated, in order (default: all)")
+    p.add_argument("--variants", default="plain",
+                   help="comma-separated: plain, tls, token (default: plain)")
+    p.add_argument("--quick", action="store_true", help="small sizes: about a minute")
+    p.add_argument("--set", action="append", default=[], metavar="SCENARIO.NAME=VALUE",
+                   help="change one size, e.g. fanout.streams=2000; repeatable")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    args = p.parse_args(argv)
+    args.scenarios = args.scenarios.split(",")
+    args.variants = args.variants.split(",")
+    for name in args.scenarios:
+        if name not in SIZES:
+            p.error("unknown scenario %r (known: %s)" % (name, ", ".join(SIZES)))
+    for variant in args.variants:
+        if variant not in ("plain", "tls", "token"):
+            p.error("unknown variant %r" % variant)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    raise_open_file_limit()
+    sizes = {name: dict(SIZES[name][1 if args.quick else 0]) for name in SIZES}
+    for setting in args.set:
+        target, _, value = setting.partition("=")
+        scenario, _, name = target.partition(".")
+        sizes[scenario][name] = type(sizes[scenario][name])(value)
+    server_cpu, client_cpu = pick_cpus()
+    report = {"server": args.server, "sizes": sizes, "python": sys.version.split()[0],
+              "cpus": os.cpu_count(), "scenarios": collections.OrderedDict()}
+    with tempfile.TemporaryDirectory() as folder:
+        tls_files = make_tls_files(folder) if "tls" in args.variants else None
+        for name in args.scenarios:
+            report["scenarios"][name] = collections.OrderedDict()
+            for variant in args.variants:
+                figures = run_scenario(name, args.server, variant, tls_files, server_cpu,
+                                       sizes[name])
+                report["scenarios"][name][variant] = figures
+                print("%s / %s: %s" % (name, variant, figures["result"]), file=sys.stderr)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    failed = any(f["result"] != "ok" for v in report["scenarios"].values() for f in v.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
