@@ -156,6 +156,9 @@ GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
                                    # often: a stream whose tail was lost still ends soon
 
+DEFAULT_MAX_QUEUE = 1000           # runs waiting for a slot under --concurrency
+ESTIMATE_FROM_RUNS = 20            # a queued run's estimated start: the mean of these many
+                                   # last completed runs
 TOKEN_BYTES = 16                   # session ids and control keys: 128 random bits
 RUNS_LIMIT = 100                   # runs listed by GET /runs, newest first
 LOG_MESSAGE_LIMIT = 64 * 1024      # characters of one `log` event's message
@@ -163,6 +166,7 @@ LOG_LEVELS = ("info", "warning", "error")
 
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TERMINAL_STATES = frozenset(("complete", "cancelled", "error"))   # event name = state
+EVENT_NAMES = TERMINAL_STATES | {"queued", "progress", "log"}
 RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
                              "message", "level", "stream", "stage", "bars"))
 
@@ -426,15 +430,15 @@ class Session:
 
     def __init__(self, session_id, title, params, on_publish, on_end,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 reserve_ids=None):
+                 reserve_ids=None, state="running"):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.view_key = secrets.token_urlsafe(TOKEN_BYTES)   # lets its holder watch this run
         self.title = title
         self.params = params
         self.cancel = threading.Event()
-        self.started = time.monotonic()
-        self.started_ts = time.time()
+        self.started = time.monotonic()   # when it began running: events' elapsed_s count
+        self.started_ts = time.time()     # from here; this is when it was accepted
         self.ended_at = None          # monotonic time of the terminal event
         self.ended_ts = None
         self._on_publish = on_publish
@@ -446,7 +450,8 @@ class Session:
         self.record = Record(record_bytes, self._lock)
         self.last_id = 0
         self.terminal_id = None
-        self.state = "running"
+        self.state = state            # "queued" (waiting for a slot), "running", then terminal
+        self.position = None          # while queued: 1 = the next to start (RunQueue sets it)
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
@@ -525,11 +530,20 @@ class Session:
         self.process = identity
         self._on_process(self)
 
+    def mark_running(self):
+        """The run leaves the queue (or never joined it): its clock starts."""
+        with self._lock:
+            self.state = "running"
+            self.position = None
+            self.started = time.monotonic()
+
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
         self._history.append(event)
         self.last_id = event.id
-        if event.name != "log":
+        if event.name == "queued":
+            pass      # its place in the queue: not a progress field, not a point
+        elif event.name != "log":
             self._latest = data
             self.series.add(event.id, data.get("iteration"), numeric_fields(data))
         else:
@@ -574,6 +588,16 @@ class Session:
         """Is `key` this run's view key? Compared in constant time."""
         return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
 
+    def requeued(self, events, ids_mark):
+        """A queued run read back from its journal: its `queued` events are
+        its history, and its next id goes past the mark the journal held."""
+        with self._lock:
+            for event_id, name, data in events:
+                self._keep(Event(event_id, name, data), data, record=False)
+            self.last_id = max(self.last_id, ids_mark)
+            if self.ids_reserved is not None:
+                self.ids_reserved = self.last_id
+
     @classmethod
     def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end,
                  journal_file, series_state=None, view_key=None):
@@ -605,20 +629,22 @@ class Session:
             return without_stamps(self._latest)
 
     def snapshot(self):
-        """What /status answers: the state and the latest event's fields."""
+        """What /status answers: the state, the parameters, the place in the
+        queue and the latest event's fields."""
         with self._lock:
-            data = {"session_id": self.id, "state": self.state}
-            data.update(self._latest)
+            data = dict(self._latest)     # the run's own names cannot hide the state
+            data.update({"session_id": self.id, "state": self.state, "params": self.params,
+                         "position": self.position})
         return data
 
     def summary(self):
         """What /runs lists of this run (never its control key)."""
         with self._lock:
-            latest, state = self._latest, self.state
+            latest, state, position = self._latest, self.state, self.position
         return {"session_id": self.id, "title": self.title, "state": state,
                 "started_ts": self.started_ts, "ended_ts": self.ended_ts,
                 "iteration": latest.get("iteration"), "total": latest.get("total"),
-                "percent": latest.get("percent"),
+                "percent": latest.get("percent"), "params": self.params, "position": position,
                 "stream": "/progress/" + self.id, "status": "/status/" + self.id}
 
     def events_after(self, event_id, limit):
@@ -667,8 +693,9 @@ class Registry:
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 reserve_ids=None):
+                 reserve_ids=None, on_end=lambda session: None):
         self.max_sessions = max_sessions
+        self._on_end = on_end            # after a run's terminal event: the queue moves on
         self._reserve_ids = reserve_ids
         self.record_bytes = record_bytes
         self._on_process = on_process
@@ -680,15 +707,15 @@ class Registry:
         self._ended = collections.deque()  # sessions in the order they ended
         self._running = 0
 
-    def create(self, title, params):
+    def create(self, title, params, state="running", session_id=None):
         with self._lock:
             self._expire()
             if self._running >= self.max_sessions:
                 raise TooBusy(429, "too many running sessions (limit %d); try again later"
                               % self.max_sessions)
-            session = Session(secrets.token_urlsafe(TOKEN_BYTES), title, params,
+            session = Session(session_id or secrets.token_urlsafe(TOKEN_BYTES), title, params,
                               self._on_publish, self._session_ended, self.record_bytes,
-                              self._on_process, self._reserve_ids)
+                              self._on_process, self._reserve_ids, state)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -737,6 +764,7 @@ class Registry:
             if session.id in self._sessions:
                 self._running -= 1
                 self._ended.append(session)
+        self._on_end(session)
 
     def _expire(self):
         """Forget ended sessions past their TTL. Called with the lock held, on
@@ -755,6 +783,140 @@ class Registry:
                 self._ended.append(session)
             self._sessions = dict(sorted(self._sessions.items(),
                                          key=lambda item: item[1].started_ts))
+
+
+###############################################################################
+# The queue: at most N runs at once (--concurrency), the rest first in, first out
+###############################################################################
+
+class RunQueue:
+    """Which runs run. Without a limit every run starts at once. With
+    --concurrency N at most N run; the others wait in order, and each hears
+    of its place: a `queued` event (its position) when it joins and whenever
+    the position changes, in the run's own id sequence. Events are published
+    under the queue's lock, so a run's positions arrive in the order they
+    were true. Lock order: the queue's, then a session's."""
+
+    def __init__(self, concurrency, max_queue, start_run):
+        self.concurrency = concurrency or 0     # 0: no limit
+        self.max_queue = max_queue
+        self._start_run = start_run             # starts a run's worker; raises if it cannot
+        self._lock = threading.Lock()           # guards _waiting, _running, _durations, _stopped
+        self._waiting = collections.deque()
+        self._running = set()
+        self._durations = collections.deque(maxlen=ESTIMATE_FROM_RUNS)
+        self._stopped = False
+
+    def would_wait(self):
+        with self._lock:
+            return self._is_full()
+
+    def check_room(self):
+        """Raises TooBusy (429) when a new run would find the queue full."""
+        with self._lock:
+            if self._is_full() and len(self._waiting) >= self.max_queue:
+                raise TooBusy(429, "the queue is full (%d runs waiting); try again later"
+                              % len(self._waiting))
+
+    def _is_full(self):
+        return bool(self.concurrency) and (len(self._running) >= self.concurrency
+                                           or bool(self._waiting))
+
+    def submit(self, session):
+        """Start the run now, or queue it. Raises TooBusy (429) when the queue
+        is full; a run that cannot start now raises what start_run raised."""
+        with self._lock:
+            if self._is_full() or self._stopped:
+                self._waiting.append(session)
+                self._announce(session, len(self._waiting))
+                return
+            self._running.add(session)
+            try:
+                self._start_run(session)
+            except BaseException:
+                self._running.discard(session)
+                raise
+
+    def withdraw(self, session):
+        """Take a queued run out of the queue (it is being cancelled); False
+        if it is not waiting (it has started, or ended)."""
+        with self._lock:
+            if session not in self._waiting:
+                return False
+            place = self._waiting.index(session)
+            del self._waiting[place]
+            self._announce_from(place)
+            return True
+
+    def finished(self, session):
+        """A run has ended: its slot goes to the next in line. A run that
+        cannot start ends `error` (after the lock: its end comes back here)."""
+        failed = []
+        with self._lock:
+            if session in self._running:
+                self._running.discard(session)
+                if session.state == "complete":
+                    self._durations.append(session.ended_at - session.started)
+            started = 0
+            while self._waiting and not self._stopped and not self._is_running_full():
+                next_run = self._waiting.popleft()
+                self._running.add(next_run)
+                started += 1
+                try:
+                    self._start_run(next_run)
+                except Exception as exc:     # that run fails; the queue goes on
+                    self._running.discard(next_run)
+                    failed.append((next_run, exc))
+            if started:
+                self._announce_from(0)
+        for run, exc in failed:
+            log.error("run %s could not start: %s", run.id, exc)
+            end_run(run, "error", {"message": "the run could not start: %s" % exc})
+
+    def _is_running_full(self):
+        return bool(self.concurrency) and len(self._running) >= self.concurrency
+
+    def _announce_from(self, place):
+        for position, waiting in enumerate(list(self._waiting)[place:], place + 1):
+            self._announce(waiting, position)
+
+    def _announce(self, session, position):
+        session.position = position
+        data = {"position": position}
+        estimate = self._estimate(position)
+        if estimate is not None:
+            data["estimated_start_s"] = estimate
+        session.publish("queued", data)
+
+    def estimated_start_s(self, session):
+        """Seconds until a queued run starts, from the mean duration of the
+        last runs that completed and how long the running ones have run; None
+        without such runs or when it is not queued."""
+        with self._lock:
+            if session.position is None or session not in self._waiting:
+                return None
+            return self._estimate(session.position)
+
+    def _estimate(self, position):
+        if not self._durations or not self.concurrency:
+            return None
+        mean = sum(self._durations) / len(self._durations)
+        now = time.monotonic()
+        free_at = sorted(max(0.0, mean - (now - run.started)) for run in self._running)
+        free_at += [0.0] * max(0, self.concurrency - len(free_at))
+        heapq.heapify(free_at)
+        for _ in range(position - 1):
+            heapq.heappush(free_at, heapq.heappop(free_at) + mean)
+        return round(free_at[0], 1)
+
+    def waiting(self):
+        with self._lock:
+            return list(self._waiting)
+
+    def stop(self):
+        """Shutdown: no run starts any more; the queued ones stay queued."""
+        with self._lock:
+            self._stopped = True
 
 
 ###############################################################################
@@ -1608,13 +1770,23 @@ class Journal:
         written = threading.Event()
         self._items.append(("ids", session, (upto, written)))
         self._wake.set()
-        if not wait:
-            return
+        if wait:
+            self._wait_written(written, "run %s's id mark" % session.id)
+            session.ids_reserved_up_to(upto)
+
+    def note_running(self, session):
+        """A queued run starts: `{"running": ts}`, written to the operating
+        system before it does, so a restart knows it left the queue."""
+        written = threading.Event()
+        self._items.append(("running", session, written))
+        self._wake.set()
+        self._wait_written(written, "that run %s started" % session.id)
+
+    def _wait_written(self, written, what):
         if self._stopping or self._thread is None or not self._thread.is_alive():
-            pass    # nobody to write it (shutting down): the run goes on
-        elif not written.wait(ID_MARK_WAIT_S):
-            log.warning("the journal did not write run %s's id mark in time", session.id)
-        session.ids_reserved_up_to(upto)
+            return    # nobody to write it (shutting down): the run goes on
+        if not written.wait(ID_MARK_WAIT_S):
+            log.warning("the journal did not write %s in time", what)
 
     def stats(self):
         return {"ok": self.error is None, "queued": len(self._items), "written": self.written,
@@ -1648,6 +1820,10 @@ class Journal:
                     self._append(session.id, b'{"ids":%d}\n' % event[0])
                 elif kind == "begin":
                     self._append(session.id, journal_header(session))
+                elif kind == "running":
+                    marks.append((None, (0, event)))
+                    self._append(session.id, (json_line({"running": time.time()})
+                                              + "\n").encode())
                 elif kind == "process":
                     self._append(session.id, (json_line({"process": session.process})
                                               + "\n").encode())
@@ -1667,7 +1843,8 @@ class Journal:
         for name in touched:
             self._flush(name, fsync=name in ended)
         for session, (upto, written) in marks:   # in the operating system now, or failed
-            session.ids_reserved_up_to(upto)
+            if session is not None:
+                session.ids_reserved_up_to(upto)
             written.set()
         for name in ended:
             self._close(name)
@@ -1784,10 +1961,14 @@ def series_line(session):
 
 
 def journal_header(session):
+    """The run's first line. Its keys are kept, so that a run read back still
+    answers its watch links and, while it waits in the queue, its starter's
+    Cancel (the folder is the operator's own: DIR is made 0700)."""
     return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
                        "session_id": session.id, "title": session.title,
                        "params": session.params, "started_ts": session.started_ts,
-                       "view_key": session.view_key})
+                       "view_key": session.view_key, "control_key": session.control_key,
+                       "queued": session.state == "queued"})
             + "\n").encode()
 
 
@@ -1804,9 +1985,10 @@ def is_progress_line(line):
 
 def load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
-    (id, name, data) events. A run without its terminal event was
-    interrupted: it gets an `error` event, written to its file so a second
-    restart adds no other. Files past their TTL are deleted, with their
+    (id, name, data) events. A run that was waiting in the queue (it never
+    left it) still waits: its header says `"waiting": true`. Any other run
+    without its terminal event was interrupted: it gets an `error` event,
+    written to its file so a second restart adds no other. Files past their TTL are deleted, with their
     `.damaged` tails. Damage never stops the server: a file is read up to
     its first bad line, with one warning; the bad tail is moved to
     `<file>.damaged`; a file that cannot be read at all is left where it is."""
@@ -1834,7 +2016,9 @@ def load_journal(directory, session_ttl_s):
             except OSError as exc:
                 log.warning("journal %s has expired but cannot be deleted: %s", entry.name, exc)
             continue
-        interrupted = not events or events[-1][1] not in TERMINAL_STATES
+        header["waiting"] = header.get("queued") is True and "running" not in header and \
+            all(event[1] == "queued" for event in events)
+        interrupted = not header["waiting"] and (not events or events[-1][1] not in TERMINAL_STATES)
         if interrupted:
             if end_leftover_group(header.get("process")):
                 log.warning("run %s: its program still ran after the server stopped; "
@@ -1898,6 +2082,10 @@ def read_journal(path, session_id):
                 header["process"] = record["process"]    # --cmd: its program
                 good += len(line) + 1
                 continue
+            if isinstance(record, dict) and set(record) == {"running"}:
+                header["running"] = record["running"]    # it left the queue
+                good += len(line) + 1
+                continue
             if isinstance(record, dict) and set(record) == {"ids"} and \
                     type(record["ids"]) is int:
                 header["ids"] = max(header.get("ids", 0), record["ids"])   # the id mark
@@ -1905,7 +2093,7 @@ def read_journal(path, session_id):
                 continue
             event = (record["id"], record["event"], record["data"])
             if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
-                    or event[1] not in TERMINAL_STATES | {"progress", "log"}:
+                    or event[1] not in EVENT_NAMES:
                 raise ValueError("not an event")
         except (ValueError, KeyError, TypeError) as exc:
             problem = "line %d is damaged (%s)" % (number, exc)
@@ -3679,24 +3867,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if session.terminal_id is not None:
             raise HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
+        if self.server.queue.withdraw(session):     # it never starts
+            end_run(session, "cancelled", {})
         self.send_json(202, session.snapshot())
 
     def route_status(self, query, session_id):
         session = self.find_session(session_id)
-        self.send_json(200, dict(session.snapshot(), **self.watch_key(session)))
+        self.send_json(200, dict(session.snapshot(), **self.run_extras(session)))
 
     def route_job(self, query):
         self.send_json(200, self.server.job.describe())
 
     def route_runs(self, query):
         runs = self.server.registry.newest(RUNS_LIMIT)
-        self.send_json(200, {"runs": [dict(session.summary(), **self.watch_key(session))
+        self.send_json(200, {"runs": [dict(session.summary(), **self.run_extras(session))
                                       for session in runs]})
 
-    def watch_key(self, session):
-        """The operator's page builds watch links from a run's view key; with
-        no access control there is nothing to hold, and no viewer is told."""
-        return {"view_key": session.view_key} if self.is_operator() else {}
+    def run_extras(self, session):
+        """A queued run's estimated start; and the run's view key for the
+        operator, whose page builds watch links from it (with no access
+        control there is nothing to hold, and no viewer is told)."""
+        extras = {}
+        if session.state == "queued":
+            extras["estimated_start_s"] = self.server.queue.estimated_start_s(session)
+        if self.is_operator():
+            extras["view_key"] = session.view_key
+        return extras
 
     def route_series(self, query, session_id):
         session = self.find_session(session_id)
@@ -3826,7 +4022,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
                  grip=None, grip_key=None, state_dir=None,
-                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None):
+                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
+                 concurrency=0, max_queue=DEFAULT_MAX_QUEUE):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -3839,11 +4036,17 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.supervisor = Supervisor()
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
         self.journal = Journal(state_dir) if state_dir else None
-        self.registry = Registry(max_sessions, session_ttl_s, self.on_publish,
+        self.queue = RunQueue(concurrency, max_queue, self.start_run)
+        self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
+        # With a queue, --max-queue limits the runs that wait and --concurrency
+        # those that run; --max-sessions is for a server without a queue.
+        self.registry = Registry(concurrency + max_queue if concurrency else max_sessions,
+                                 session_ttl_s, self.on_publish,
                                  self.journal.forget if self.journal else lambda session: None,
                                  int(max_record_mb * 2 ** 20),
                                  self.journal.note_process if self.journal else lambda s: None,
-                                 self.journal.reserve_ids if self.journal else None)
+                                 self.journal.reserve_ids if self.journal else None,
+                                 self.queue.finished)
         self.page = read_page()
         self.page_csp = csp_for(self.page or b"")
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
@@ -3868,8 +4071,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
             return
         self.started = True
         if self.journal:
-            self.registry.restore(self.restore_runs(self.state_dir, self.session_ttl_s))
+            ended, waiting = self.restore_runs(self.state_dir, self.session_ttl_s)
+            self.registry.restore(ended)
             self.journal.start(self.supervisor)
+            for header, events in waiting:
+                self.requeue(header, events)
         if self.grip:
             self.grip.start(self.supervisor)
         self.hub.start(self.supervisor)
@@ -3933,28 +4139,63 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.journal.record(session, event)
 
     def restore_runs(self, state_dir, session_ttl_s):
-        """The runs the journal holds, as ended sessions."""
-        restored = []
+        """The runs the journal holds: ended sessions, and the runs that were
+        waiting in the queue, queued again in their order."""
+        restored, waiting = [], []
         for header, events in load_journal(state_dir, session_ttl_s):
+            if header["waiting"]:
+                waiting.append((header, events))
+                continue
             restored.append(Session.restored(
                 header["session_id"], header["title"], header["params"], header["started_ts"],
                 events, self.on_publish, lambda session: None,
                 journal_path(state_dir, header["session_id"]), header.get("series"),
                 header.get("view_key") if isinstance(header.get("view_key"), str) else None))
-        if restored:
-            log.info("%d runs read back from the journal in %s", len(restored), state_dir)
-        return restored
+        if restored or waiting:
+            log.info("%d runs read back from the journal in %s, %d of them still queued",
+                     len(restored) + len(waiting), state_dir, len(waiting))
+        return restored, sorted(waiting, key=lambda run: run[0]["started_ts"])
+
+    def requeue(self, header, events):
+        """A run that waited in the queue when the server stopped waits again,
+        under its own id and keys; its ids go on past its journal's mark."""
+        session = self.registry.create(header["title"], header["params"], "queued",
+                                       header["session_id"])
+        session.started_ts = header["started_ts"]
+        for name in ("view_key", "control_key"):
+            if isinstance(header.get(name), str):
+                setattr(session, name, header[name])
+        session.requeued(events, header.get("ids", 0))
+        self.queue.submit(session)
 
     def start_session(self, params):
-        session = self.registry.create(self.job.title, params)
-        if self.journal:
-            self.journal.begin(session)
-        try:
-            session.worker = self.job.start(session, params)
-        except RuntimeError:    # "can't start new thread"
-            self.registry.discard(session)
-            raise TooBusy(503, "cannot start another run now")
+        """Accept a run: it starts now, or waits in the queue. With a journal
+        the run is on disk before /start answers, so it outlives a crash."""
+        with self._start_lock:
+            self.queue.check_room()
+            state = "queued" if self.queue.would_wait() else "running"
+            session = self.registry.create(self.job.title, params, state)
+            if self.journal:
+                self.journal.begin(session)
+            try:
+                self.queue.submit(session)
+            except (TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
+                self.registry.discard(session)
+                if self.journal:
+                    self.journal.forget(session)
+                if isinstance(exc, TooBusy):
+                    raise
+                raise TooBusy(503, "cannot start another run now")
         return session
+
+    def start_run(self, session):
+        """The queue gives the run a slot: it runs from now (called under the
+        queue's lock). A run that waited is marked running in its journal,
+        on disk, so a crash from here on ends it interrupted, not queued."""
+        if session.state == "queued" and self.journal:
+            self.journal.note_running(session)
+        session.mark_running()
+        session.worker = self.job.start(session, session.params)
 
     def health(self):
         sessions, running = self.registry.counts()
@@ -3984,6 +4225,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
             super().server_close()
             return
         self.stopping = True
+        self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
         running = self.registry.running()
         for session in running:
@@ -4177,9 +4419,11 @@ def parse_args(argv):
         p.error("--max-record-mb must be above 0")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
-    for name in ("max_sessions", "max_streams"):
+    for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
+    if args.concurrency < 0:
+        p.error("--concurrency must be 0 (no limit) or more")
     return args
 
 
@@ -4238,6 +4482,12 @@ def build_parser():
     p.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback address with no token, open to anyone who "
                         "can reach it (a warning says so)")
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="run at most N runs at once; the others wait in a queue, first in, "
+                        "first out (default: no limit but --max-sessions)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help="with --concurrency, runs that may wait; more get 429 "
+                        "(default %(default)s)")
     p.add_argument("--certfile", metavar="FILE",
                    help="serve HTTPS (TLS 1.2 or newer) with this PEM certificate chain")
     p.add_argument("--keyfile", metavar="FILE",
@@ -4287,7 +4537,8 @@ def main(argv=None):
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
-                 certfile=args.certfile, keyfile=args.keyfile)
+                 certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
+                 max_queue=args.max_queue)
 
 
 if __name__ == "__main__":

@@ -1596,11 +1596,15 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     assert [r["session_id"] for r in runs] == [going, done]
     assert runs[0]["state"] == "running" and runs[0]["ended_ts"] is None
     assert runs[0]["total"] == 1000 and 0 < runs[0]["percent"] < 100
+    assert runs[0]["params"] == {"iterations": 1000, "tick": 0.05, "update_every": 1}
+    assert runs[1]["params"] == {"iterations": 4, "tick": 0, "update_every": 1}
     assert runs[1]["state"] == "complete" and runs[1]["percent"] == 100.0
     assert runs[1]["ended_ts"] >= runs[1]["started_ts"] > time.time() - 60
     for run in runs:
         assert set(run) == {"session_id", "title", "state", "started_ts", "ended_ts",
-                            "iteration", "total", "percent", "stream", "status"}
+                            "iteration", "total", "percent", "params", "position",
+                            "stream", "status"}
+        assert run["position"] is None
         assert run["title"] == "Build optimisation (simulated)"
         assert run["stream"] == "/progress/" + run["session_id"]
         assert run["status"] == "/status/" + run["session_id"]
@@ -2953,6 +2957,147 @@ def test_log_export_and_series_after_a_restart_read_the_journal(tmp_path, jobs):
         assert max(series["fields"]["loss"]["max"]) == 1000.0
     finally:
         second.stop()
+
+
+###############################################################################
+# The queue: --concurrency N
+###############################################################################
+
+RUN_TIMES = []          # (tag, monotonic start, monotonic end) of each timed_job run
+
+
+def timed_job(progress, tag=0, steps=3, tick=0.05, cancel=None):
+    """Records when it runs, so a test can count how many ran at once."""
+    started = time.monotonic()
+    try:
+        for i in range(steps):
+            progress(i + 1, steps)
+            if cancel.wait(tick):
+                return
+    finally:
+        RUN_TIMES.append((tag, started, time.monotonic()))
+
+
+def most_at_once(runs):
+    """The largest number of (start, end) intervals that overlap."""
+    edges = sorted([(start, 1) for _, start, _ in runs] + [(end, -1) for _, _, end in runs])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_queue_runs_at_most_n_at_once_first_in_first_out(make):
+    del RUN_TIMES[:]
+    srv = make(job=timed_job, concurrency=2)
+    sids = [start_run(srv, tag=tag, steps=4, tick=0.03) for tag in range(8)]
+    states = [get_json(srv, "/status/" + sid) for sid in sids]
+    assert [s["state"] for s in states[:2]] == ["running", "running"]
+    assert all(s["state"] == "queued" for s in states[2:] if s["state"] != "complete")
+    for sid in sids:
+        assert watch(srv, sid).events()[-1]["event"] == "complete"
+    assert len(RUN_TIMES) == 8
+    assert most_at_once(RUN_TIMES) == 2                   # two at a time, never three
+    order = [tag for tag, _, _ in sorted(RUN_TIMES, key=lambda run: run[1])]
+    assert order[2:] == list(range(2, 8))                 # the queue: first in, first out
+
+
+def test_queued_run_hears_its_position_then_runs(make):
+    srv = make(concurrency=1)
+    first = start_run(srv, iterations=6, tick=0.05, update_every=1)
+    waiting = [start_run(srv, iterations=2, **FAST) for _ in range(3)]
+    status = get_json(srv, "/status/" + waiting[2])
+    assert status["state"] == "queued" and status["position"] == 3
+    assert status["params"] == {"iterations": 2, "tick": 0, "update_every": 1}
+    events = watch(srv, waiting[2]).events()
+    assert ids(events) == list(range(1, len(events) + 1))    # one id sequence
+    queued = [e["json"]["position"] for e in events if e["event"] == "queued"]
+    assert queued == [3, 2, 1]                                # every change, in order
+    assert names(events)[len(queued):] == ["progress", "progress", "complete"]
+    assert all("ts" in e["json"] for e in events)
+    assert get_json(srv, "/status/" + first)["state"] == "complete"
+
+
+def test_cancel_while_queued_ends_it_at_once_and_moves_the_rest_up(make):
+    del RUN_TIMES[:]
+    srv = make(job=timed_job, concurrency=1)
+    long_run = start_run(srv, tag=0, steps=1000, tick=0.05)
+    second, third = start_run(srv, tag=1), start_run(srv, tag=2)
+    third_stream = watch(srv, third)
+    status, body = cancel(srv, second)
+    assert status == 202 and json.loads(body)["state"] == "cancelled"
+    events = watch(srv, second).events()
+    assert names(events) == ["queued", "cancelled"]           # it never started
+    assert get_json(srv, "/status/" + third)["position"] == 1
+    assert cancel(srv, long_run)[0] == 202
+    events = third_stream.events()
+    assert [e["json"]["position"] for e in events if e["event"] == "queued"] == [2, 1]
+    assert events[-1]["event"] == "complete"
+    assert sorted(tag for tag, _, _ in RUN_TIMES) == [0, 2]   # the cancelled one never ran
+
+
+def test_queue_full_is_429_with_retry_after(make):
+    srv = make(concurrency=1, max_queue=2)
+    running = start_run(srv, iterations=1000, tick=0.05)
+    start_run(srv)
+    start_run(srv)
+    status, headers, body = request(srv, "POST", "/start")
+    assert status == 429 and "queue is full" in json.loads(body)["error"]
+    assert headers["Retry-After"] == str(sse_demo.RETRY_AFTER_S)
+    assert cancel(srv, running)[0] == 202
+    wait_for(lambda: request(srv, "POST", "/start")[0] == 201, what="room in the queue")
+
+
+def test_queued_run_gets_an_estimated_start_from_finished_runs(make):
+    srv = make(concurrency=1)
+    watch(srv, start_run(srv, iterations=4, tick=0.05, update_every=1)).events()
+    running = start_run(srv, iterations=1000, tick=0.05)
+    waiting = start_run(srv, iterations=4, tick=0.05)
+    status = get_json(srv, "/status/" + waiting)
+    assert status["state"] == "queued" and 0 <= status["estimated_start_s"] <= 1.0
+    stream = watch(srv, waiting)
+    queued = next(b for b in iter(lambda: stream.next_block(time.monotonic() + TIMEOUT), None)
+                  if "event" in b)                        # after the retry: block
+    assert queued["event"] == "queued" and "estimated_start_s" in json.loads(queued["data"])
+    assert cancel(srv, running)[0] == 202
+
+
+def test_queue_without_history_has_no_estimate(make):
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05)
+    waiting = start_run(srv)
+    assert get_json(srv, "/status/" + waiting)["estimated_start_s"] is None
+    assert cancel(srv, running)[0] == 202
+
+
+def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
+    first = journal_server(tmp_path, "--concurrency", "1")
+    try:
+        running = start_run(first, iterations=1000, tick=0.05, update_every=1)
+        waiting = [start_run(first, iterations=4, tick=0.1, update_every=1) for _ in range(3)]
+        keys = [CONTROL_KEYS[sid] for sid in waiting]
+        seen = watch(first, waiting[2])
+        seen_ids = ids([next(b for b in iter(lambda: seen.next_block(time.monotonic() + TIMEOUT),
+                                             None) if "event" in b)])
+    finally:
+        first.stop(signal.SIGKILL)                            # a crash: nothing is tidied
+    second = journal_server(tmp_path, "--concurrency", "1")
+    try:
+        assert get_json(second, "/status/" + running)["state"] == "error"   # interrupted
+        states = [get_json(second, "/status/" + sid) for sid in waiting]
+        assert states[0]["state"] == "running"                              # next in line
+        assert [(s["state"], s["position"]) for s in states[1:]] == [("queued", 1), ("queued", 2)]
+        events = watch(second, waiting[2], {"Last-Event-ID": str(seen_ids[-1])}).events()
+        assert events[-1]["event"] == "complete" and min(ids(events)) > seen_ids[-1]
+        assert cancel(second, waiting[2], key=keys[2])[0] == 409   # the key still holds
+        runs = [watch(second, sid).events() for sid in waiting]
+        assert [events[-1]["event"] for events in runs] == ["complete"] * 3
+        began = [next(e["json"]["ts"] for e in events if e["event"] == "progress")
+                 for events in runs]
+        assert began == sorted(began)                             # in the order they came
+    finally:
+        assert second.stop()[0] == 0
 
 
 ###############################################################################
