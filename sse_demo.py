@@ -530,6 +530,15 @@ class Session:
         self.process = identity
         self._on_process(self)
 
+    def time_left(self):
+        """Seconds until the run ends, from its latest percent; None before it
+        has made any."""
+        percent = self._latest.get("percent")
+        if not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed * (100.0 - percent) / percent
+
     def mark_running(self):
         """The run leaves the queue (or never joined it): its clock starts."""
         with self._lock:
@@ -889,23 +898,32 @@ class RunQueue:
         session.publish("queued", data)
 
     def estimated_start_s(self, session):
-        """Seconds until a queued run starts, from the mean duration of the
-        last runs that completed and how long the running ones have run; None
-        without such runs or when it is not queued."""
+        """Seconds until a queued run starts, or None (not queued, or nothing
+        to go by). A running run frees its slot when its percent says it
+        will (elapsed x (100 - p) / p), or else at the mean duration of the
+        last runs that completed; each queued run ahead then takes a slot
+        for that mean."""
         with self._lock:
             if session.position is None or session not in self._waiting:
                 return None
             return self._estimate(session.position)
 
     def _estimate(self, position):
-        if not self._durations or not self.concurrency:
+        if not self.concurrency:
             return None
-        mean = sum(self._durations) / len(self._durations)
-        now = time.monotonic()
-        free_at = sorted(max(0.0, mean - (now - run.started)) for run in self._running)
-        free_at += [0.0] * max(0, self.concurrency - len(free_at))
+        mean = sum(self._durations) / len(self._durations) if self._durations else None
+        free_at = [0.0] * max(0, self.concurrency - len(self._running))
+        for run in self._running:
+            left = run.time_left()
+            if left is None:
+                if mean is None:
+                    return None
+                left = max(0.0, mean - (time.monotonic() - run.started))
+            free_at.append(left)
         heapq.heapify(free_at)
         for _ in range(position - 1):
+            if mean is None:
+                return None
             heapq.heappush(free_at, heapq.heappop(free_at) + mean)
         return round(free_at[0], 1)
 

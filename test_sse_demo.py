@@ -3569,6 +3569,55 @@ def test_browser_page_over_tls(browser, make, tls_files, tmp_path):
     assert browser.problems() == []
 
 
+def test_browser_queued_run_shows_its_position_and_can_be_cancelled_from_the_list(
+        browser, make, tmp_path):
+    srv = make(concurrency=1)
+    watch(srv, start_run(srv, iterations=3, tick=0.05, update_every=1)).events()  # a duration
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    browser.open(page_url(srv))
+    start_in_page(browser, iterations=5, tick=0.01, update_every=1)
+    browser.wait_for(STATE + " === 'queued'")
+    assert browser.element("status").startswith("Queued · position 1 · starts ")
+    mine = browser.evaluate("sessionId")
+    browser.evaluate("pollRuns()")
+    browser.wait_for("!!document.querySelector('#runs button[data-cancel]')")
+    headings = browser.evaluate("[...document.querySelectorAll('#runs h3')].map(h => h.textContent)")
+    assert headings == ["Running (1)", "Queued (1)", "Ended (1)"]
+    screenshot_sizes(browser, tmp_path, "queued")
+    browser.evaluate("document.querySelector('#runs button[data-cancel]').click()")
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert get_json(srv, "/status/" + mine)["state"] == "cancelled"
+    assert get_json(srv, "/status/" + running)["state"] == "running"   # the other goes on
+    assert cancel(srv, running)[0] == 202
+    assert browser.problems() == []
+
+
+def test_browser_run_again_starts_the_same_parameters(browser, make):
+    srv = make()
+    sid = start_run(srv, iterations=7, tick=0.01, update_every=1)
+    browser.open(page_url(srv) + "#session=" + sid)
+    browser.wait_for(STATE + " === 'complete' && !document.getElementById('run-again').hidden")
+    assert "iterations 7" in browser.element("params-shown")
+    browser.click("run-again")
+    browser.wait_for("sessionId !== %s && %s === 'complete'" % (json.dumps(sid), STATE))
+    again = browser.evaluate("sessionId")
+    assert get_json(srv, "/status/" + again)["params"] == {"iterations": 7, "tick": 0.01,
+                                                          "update_every": 1}
+    assert browser.problems() == []
+
+
+def test_browser_a_watcher_can_start_a_run_of_their_own(browser, make):
+    srv = make()
+    theirs = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    browser.open(page_url(srv) + "#session=" + theirs)
+    browser.wait_for(STATE + " === 'live'")
+    assert browser.element("start", "disabled") is False
+    start_in_page(browser, iterations=3, tick=0, update_every=1)
+    browser.wait_for("sessionId !== %s && %s === 'complete'" % (json.dumps(theirs), STATE))
+    assert get_json(srv, "/status/" + theirs)["state"] == "running"
+    assert cancel(srv, theirs)[0] == 202
+
+
 def test_browser_back_returns_to_the_run_watched_before(browser, server):
     browser.open(page_url(server))
     start_in_page(browser, iterations=3, tick=0, update_every=1)
