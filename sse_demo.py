@@ -2161,6 +2161,164 @@ def interrupted_event(events, now, ids_reserved=0):
 
 
 ###############################################################################
+# Notifications: a POST to --notify URL when a run ends
+###############################################################################
+
+NOTIFY_TIMEOUT_S = 10.0            # one delivery gives up
+NOTIFY_RETRIES_S = (1.0, 5.0, 30.0)   # waits before the 2nd, 3rd and 4th attempt
+NOTIFY_QUEUE_LIMIT = 1000          # notifications waiting; past it, new ones are dropped
+NOTIFY_FORMATS = ("json", "slack")
+
+
+class Notifier:
+    """Tells a URL that a run ended, from one thread of its own: a run's end
+    only appends to a queue, so a receiver that is slow or down never delays
+    a run or a stream. A failed delivery (an error status, a refused
+    connection, no answer within NOTIFY_TIMEOUT_S) is tried again after
+    each of NOTIFY_RETRIES_S, while later notifications go on; a receiver
+    that keeps failing is logged once, until it answers again.
+
+    With a key, each body is signed: `X-SSE-Demo-Signature: sha256=<hex
+    HMAC-SHA256 of the body>`. The `slack` format sends `{"text": ...}`, the
+    shape Slack's and Mattermost's incoming webhooks take."""
+
+    def __init__(self, url, key=None, body_format="json"):
+        self.url = url
+        self._parts = self.check_url(url)
+        self.key = key
+        self.body_format = body_format
+        self._lock = threading.Lock()        # guards _due
+        self._due = []                       # heap of (when, seq, attempt, body)
+        self._seq = itertools.count()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = None
+        self._failing = False                # logged once per outage
+        self.delivered = self.failed = self.dropped = 0
+
+    @staticmethod
+    def check_url(url):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("--notify wants an http:// or https:// URL, not %r" % url)
+        if parts.scheme == "https" and ssl is None:
+            raise ValueError("--notify %s: this Python has no ssl module" % url)
+        return parts
+
+    def start(self, supervisor):
+        self._thread = supervisor.spawn("notifier", self._run)
+
+    def run_ended(self, session):
+        """Called by a run's terminal event (any thread): never blocks."""
+        body = json_line(self.body_for(session)).encode()
+        with self._lock:
+            if len(self._due) >= NOTIFY_QUEUE_LIMIT:
+                self.dropped += 1
+                log.warning("--notify: %d notifications waiting; run %s's is dropped",
+                            len(self._due), session.id)
+                return
+            heapq.heappush(self._due, (time.monotonic(), next(self._seq), 1, body))
+        self._wake.set()
+
+    def body_for(self, session):
+        latest = session.snapshot()
+        state = latest["state"]
+        body = {"session_id": session.id, "title": session.title, "state": state,
+                "params": session.params, "started_ts": session.started_ts,
+                "ended_ts": session.ended_ts}
+        if state == "complete":
+            body["result"] = latest.get("result")
+        else:
+            body["message"] = latest.get("message") or "the run was %s" % state
+        if self.body_format == "slack":
+            return {"text": notify_text(body)}
+        return body
+
+    def stats(self):
+        with self._lock:
+            waiting = len(self._due)
+        return {"delivered": self.delivered, "failed": self.failed, "dropped": self.dropped,
+                "waiting": waiting}
+
+    def stop(self, timeout=1.0):
+        """Shutdown: what is due now still goes, for at most `timeout`."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self):
+        while True:
+            with self._lock:
+                item = self._due[0] if self._due else None
+                ready = item is not None and item[0] <= time.monotonic()
+                if ready:
+                    heapq.heappop(self._due)
+            if self._stopping and not ready:
+                return
+            if not ready:
+                self._wake.wait(None if item is None else item[0] - time.monotonic())
+                self._wake.clear()
+                continue
+            _, _, attempt, body = item
+            try:
+                self._deliver(body)
+            except Exception as exc:     # any failure of one delivery: try it again later
+                self._retry(attempt, body, exc)
+            else:
+                self.delivered += 1
+                if self._failing:
+                    log.warning("--notify: %s answers again", self.url)
+                    self._failing = False
+
+    def _deliver(self, body):
+        parts = self._parts
+        connection = http.client.HTTPSConnection if parts.scheme == "https" \
+            else http.client.HTTPConnection
+        conn = connection(parts.hostname, parts.port, timeout=NOTIFY_TIMEOUT_S)
+        headers = {"Content-Type": "application/json",
+                   "User-Agent": "sse_demo/" + __version__}
+        if self.key:
+            headers["X-SSE-Demo-Signature"] = "sha256=" + hmac.new(
+                self.key.encode(), body, hashlib.sha256).hexdigest()
+        try:
+            conn.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                         body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            raise OSError("it answered %d" % response.status)
+
+    def _retry(self, attempt, body, exc):
+        if not self._failing:
+            log.warning("--notify: %s failed (%s); retrying, and logging nothing more until "
+                        "it answers", self.url, exc)
+            self._failing = True
+        if attempt > len(NOTIFY_RETRIES_S) or self._stopping:
+            self.failed += 1
+            log.debug("--notify: a notification is given up after %d attempts", attempt)
+            return
+        with self._lock:
+            heapq.heappush(self._due, (time.monotonic() + NOTIFY_RETRIES_S[attempt - 1],
+                                       next(self._seq), attempt + 1, body))
+
+
+def notify_text(body):
+    """One line for a chat: "Build optimisation: complete (result 3.2) · 12 s"."""
+    if body["state"] == "complete":
+        outcome = "complete" if body.get("result") is None else \
+            "complete (result %s)" % json_line(body["result"])[:200]
+    else:
+        outcome = "%s: %s" % (body["state"], str(body.get("message", "")).split("\n")[0][:200])
+    took = ""
+    if body.get("ended_ts") and body.get("started_ts"):
+        took = " · %d s" % round(body["ended_ts"] - body["started_ts"])
+    return "%s: %s%s" % (body["title"], outcome, took)
+
+
+###############################################################################
 # The job: a plain function, and the thread that runs it
 ###############################################################################
 
@@ -4041,7 +4199,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
                  grip=None, grip_key=None, state_dir=None,
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
-                 concurrency=0, max_queue=DEFAULT_MAX_QUEUE):
+                 concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
+                 notify_format="json"):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -4055,6 +4214,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
         self.journal = Journal(state_dir) if state_dir else None
         self.queue = RunQueue(concurrency, max_queue, self.start_run)
+        self.notifier = Notifier(notify, notify_key, notify_format) if notify else None
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
@@ -4064,7 +4224,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                  int(max_record_mb * 2 ** 20),
                                  self.journal.note_process if self.journal else lambda s: None,
                                  self.journal.reserve_ids if self.journal else None,
-                                 self.queue.finished)
+                                 self.run_ended)
         self.page = read_page()
         self.page_csp = csp_for(self.page or b"")
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
@@ -4096,6 +4256,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                 self.requeue(header, events)
         if self.grip:
             self.grip.start(self.supervisor)
+        if self.notifier:
+            self.notifier.start(self.supervisor)
         self.hub.start(self.supervisor)
 
     def serve_forever(self, poll_interval=0.5):
@@ -4206,6 +4368,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
                 raise TooBusy(503, "cannot start another run now")
         return session
 
+    def run_ended(self, session):
+        """A run's terminal event is out: its slot goes to the next in line,
+        and --notify hears of it."""
+        self.queue.finished(session)
+        if self.notifier:
+            self.notifier.run_ended(session)
+
     def start_run(self, session):
         """The queue gives the run a slot: it runs from now (called under the
         queue's lock). A run that waited is marked running in its journal,
@@ -4230,6 +4399,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             health["grip"] = self.grip.stats()
         if self.journal:
             health["journal"] = self.journal.stats()
+        if self.notifier:
+            health["notify"] = self.notifier.stats()
         return health
 
     def server_close(self):
@@ -4258,6 +4429,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.journal.stop()    # after the runs' last events
         if self.grip:
             self.grip.stop()
+        if self.notifier:
+            self.notifier.stop()
         super().server_close()
 
 
@@ -4437,6 +4610,8 @@ def parse_args(argv):
         p.error("--max-record-mb must be above 0")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
+    if (args.notify_key or args.notify_format != "json") and not args.notify:
+        p.error("--notify-key and --notify-format need --notify")
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
@@ -4506,6 +4681,14 @@ def build_parser():
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help="with --concurrency, runs that may wait; more get 429 "
                         "(default %(default)s)")
+    p.add_argument("--notify", metavar="URL",
+                   help="POST a JSON object to URL when a run ends (retried, never delaying "
+                        "a run)")
+    p.add_argument("--notify-key", metavar="KEY",
+                   help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
+    p.add_argument("--notify-format", choices=NOTIFY_FORMATS, default="json",
+                   help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
+                        "Mattermost's incoming webhooks (default %(default)s)")
     p.add_argument("--certfile", metavar="FILE",
                    help="serve HTTPS (TLS 1.2 or newer) with this PEM certificate chain")
     p.add_argument("--keyfile", metavar="FILE",
@@ -4533,6 +4716,8 @@ def main(argv=None):
             job = command_job(args.cmd, args.kill_after, args.title)
         if args.grip:
             GripPublisher.check_url(args.grip)
+        if args.notify:
+            Notifier.check_url(args.notify)
         if args.state_dir:
             Journal.prepare(args.state_dir)
         token = access_token(args)
@@ -4556,7 +4741,8 @@ def main(argv=None):
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
-                 max_queue=args.max_queue)
+                 max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
+                 notify_format=args.notify_format)
 
 
 if __name__ == "__main__":

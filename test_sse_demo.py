@@ -3,7 +3,9 @@ stream parsed byte for byte. Run with `python -m pytest -q`."""
 
 import base64
 import hashlib
+import hmac
 import http.client
+import http.server
 import io
 import itertools
 import json
@@ -17,6 +19,7 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -24,10 +27,10 @@ import time
 import pytest
 
 import sse_demo
-from conftest import (CONTROL_KEYS, FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream, cancel,
-                      get_json, ids, names, page_url, parse_head, png_is_not_blank,
-                      raw_exchange, request, start_in_page, start_run, status_of,
-                      thread_count, wait_for, watch)
+from conftest import (CONTROL_KEYS, FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running,
+                      Stream, cancel, free_port, get_json, ids, names, page_url, parse_head,
+                      png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
+                      start_run, status_of, stop_process, thread_count, wait_for, watch)
 
 try:
     import resource
@@ -3098,6 +3101,166 @@ def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
         assert began == sorted(began)                             # in the order they came
     finally:
         assert second.stop()[0] == 0
+
+
+###############################################################################
+# Notifications: --notify URL
+###############################################################################
+
+class Receiver:
+    """A webhook receiver on loopback: records each POST; answers the first
+    `failures` with 500, or (with `hang`) accepts and never answers."""
+
+    def __init__(self, failures=0, hang=False):
+        self.bodies, self.headers, self.failures, self.hang = [], [], failures, hang
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.arrived:
+                    receiver.bodies.append(body)
+                    receiver.headers.append(dict(self.headers))
+                    receiver.arrived.notify_all()
+                    failing = len(receiver.bodies) <= receiver.failures
+                if receiver.hang:
+                    receiver.release.wait(TIMEOUT)
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.release = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d/hook?x=1" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, count):
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.bodies) >= count, TIMEOUT), \
+                "%d notifications, expected %d" % (len(self.bodies), count)
+        return [json.loads(body) for body in self.bodies]
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make_receiver(**options):
+        made.append(Receiver(**options))
+        return made[-1]
+    try:
+        yield make_receiver
+    finally:
+        for r in made:
+            r.stop()
+
+
+def test_notify_posts_each_runs_end_signed(make, receiver):
+    hook = receiver()
+    srv = make(notify=hook.url, notify_key="the-key", job=timed_job)
+    done = start_run(srv, tag=1, steps=2, tick=0)
+    watch(srv, done).events()
+    body, = hook.wait_for(1)
+    assert body == {"session_id": done, "title": "Timed job", "state": "complete",
+                    "params": {"tag": 1, "steps": 2, "tick": 0}, "result": None,
+                    "started_ts": body["started_ts"], "ended_ts": body["ended_ts"]}
+    assert body["started_ts"] <= body["ended_ts"] <= time.time()
+    expected = hmac.new(b"the-key", hook.bodies[0], hashlib.sha256).hexdigest()
+    assert hook.headers[0]["X-SSE-Demo-Signature"] == "sha256=" + expected
+    assert hook.headers[0]["Content-Type"] == "application/json"
+    going = start_run(srv, tag=2, steps=1000, tick=0.05)
+    assert cancel(srv, going)[0] == 202
+    cancelled = hook.wait_for(2)[1]
+    assert cancelled["state"] == "cancelled" and cancelled["message"] and "result" not in cancelled
+
+
+def test_notify_error_carries_the_message(make, receiver):
+    hook = receiver()
+    srv = make(notify=hook.url, job=failing_job)
+    sid = start_run(srv)
+    watch(srv, sid).events()
+    body, = hook.wait_for(1)
+    assert body["state"] == "error" and "disk <b>full</b>" in body["message"]
+
+
+def test_notify_retries_a_failing_receiver_and_logs_once(make, receiver, monkeypatch, caplog):
+    monkeypatch.setattr(sse_demo, "NOTIFY_RETRIES_S", (0.05, 0.1, 0.2))
+    hook = receiver(failures=2)
+    srv = make(notify=hook.url)
+    with caplog.at_level("WARNING", logger="sse_demo"):
+        watch(srv, start_run(srv, iterations=2, **FAST)).events()
+        bodies = hook.wait_for(3)                      # two failures, then delivered
+        wait_for(lambda: srv.server.notifier.stats()["delivered"] == 1, what="the delivery")
+    assert bodies[0] == bodies[1] == bodies[2]
+    failing = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failing) == 1 and "answered 500" in failing[0].getMessage()
+    assert get_json(srv, "/healthz")["notify"] == {"delivered": 1, "failed": 0, "dropped": 0,
+                                                   "waiting": 0}
+
+
+def test_notify_gives_up_after_four_attempts(make, receiver, monkeypatch):
+    monkeypatch.setattr(sse_demo, "NOTIFY_RETRIES_S", (0.02, 0.02, 0.02))
+    hook = receiver(failures=100)
+    srv = make(notify=hook.url)
+    watch(srv, start_run(srv, iterations=1, **FAST)).events()
+    hook.wait_for(4)
+    wait_for(lambda: srv.server.notifier.stats()["failed"] == 1, what="the notification given up")
+    assert len(hook.bodies) == 4
+
+
+def test_notify_receiver_that_hangs_delays_no_run(make, receiver):
+    hook = receiver(hang=True)
+    srv = make(notify=hook.url, concurrency=1)
+    first = start_run(srv, iterations=2, **FAST)
+    second = start_run(srv, iterations=2, **FAST)
+    assert watch(srv, first).events()[-1]["event"] == "complete"
+    hook.wait_for(1)                                   # the receiver holds the first one...
+    assert watch(srv, second).events()[-1]["event"] == "complete"   # ...and the queue goes on
+    assert srv.server.notifier.stats()["delivered"] == 0
+
+
+def test_notify_slack_format_sends_text(make, receiver):
+    hook = receiver()
+    srv = make(notify=hook.url, notify_format="slack")
+    watch(srv, start_run(srv, iterations=2, **FAST)).events()
+    body, = hook.wait_for(1)
+    assert list(body) == ["text"]
+    assert re.fullmatch(r"Build optimisation \(simulated\): complete · \d+ s", body["text"])
+
+
+def test_notify_reaches_the_readmes_receiver(make):
+    port = free_port()
+    code = readme_block("python", "import hashlib, hmac").replace(
+        '("", 9000)', '("127.0.0.1", %d)' % port)
+    hook = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, universal_newlines=True)
+    try:
+        def listening():
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, what="the receiver to listen")
+        srv = make(notify="http://127.0.0.1:%d/hook" % port, notify_key="s3cret")
+        watch(srv, start_run(srv, iterations=2, **FAST)).events()
+        assert hook.stdout.readline() == "Build optimisation (simulated) complete None\n"
+    finally:
+        stop_process(hook)
+
+
+def test_cli_notify_checks_its_url():
+    status, _, err = Cli("--notify", "ftp://example").finish()
+    assert status == 2 and "--notify wants" in err
+    status, _, err = Cli("--notify-key", "k").finish()
+    assert status == 2 and "need --notify" in err
 
 
 ###############################################################################
