@@ -452,6 +452,7 @@ class Session:
         self.terminal_id = None
         self.state = state            # "queued" (waiting for a slot), "running", then terminal
         self.position = None          # while queued: 1 = the next to start (RunQueue sets it)
+        self.place_told = None        # the position its last `queued` event gave
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
@@ -463,10 +464,15 @@ class Session:
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
         self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
-    def publish(self, name, fields):
+    def publish(self, name, fields, place=None):
         """Stamp, encode and record one event, then tell the writers. Returns
         the event, or None once the run has ended (a straggling thread of the
         job's cannot add to a finished stream).
+
+        A `queued` event gives the run's `place` in line: it is dropped when
+        the run has left the queue, or when it is not nearer the front than
+        the place last told (places only ever go down, so that is stale news
+        from a slower thread).
 
         Raises TypeError (naming the field) when the fields are not strict
         JSON; nothing is recorded then.
@@ -480,6 +486,11 @@ class Session:
             with self._lock:
                 if self.terminal_id is not None:
                     return None
+                if place is not None:
+                    if self.state != "queued" or (self.place_told is not None
+                                                  and place >= self.place_told):
+                        return None
+                    self.place_told = place
                 # Another thread may have taken the last id below the mark
                 # since: then wait for the next mark, outside the lock.
                 if self.ids_reserved is None or self.last_id < self.ids_reserved:
@@ -832,12 +843,15 @@ class RunQueue:
                                            or bool(self._waiting))
 
     def submit(self, session):
-        """Start the run now, or queue it. Raises TooBusy (429) when the queue
-        is full; a run that cannot start now raises what start_run raised."""
+        """Start the run now, or queue it. A run that cannot start now raises
+        what start_run raised."""
         with self._lock:
             if self._is_full() or self._stopped:
                 self._waiting.append(session)
-                self._announce(session, len(self._waiting))
+                session.position = len(self._waiting)
+                # Under the lock, this one: it is told before the run can start.
+                self._announce([(session, session.position,
+                                 self._estimates(session.position)[-1])])
                 return
             self._running.add(session)
             try:
@@ -854,8 +868,9 @@ class RunQueue:
                 return False
             place = self._waiting.index(session)
             del self._waiting[place]
-            self._announce_from(place)
-            return True
+            places = self._new_places(place)
+        self._announce(places)
+        return True
 
     def finished(self, session):
         """A run has ended: its slot goes to the next in line. A run that
@@ -876,8 +891,8 @@ class RunQueue:
                 except Exception as exc:     # that run fails; the queue goes on
                     self._running.discard(next_run)
                     failed.append((next_run, exc))
-            if started:
-                self._announce_from(0)
+            places = self._new_places(0) if started else []
+        self._announce(places)
         for run, exc in failed:
             log.error("run %s could not start: %s", run.id, exc)
             end_run(run, "error", {"message": "the run could not start: %s" % exc})
@@ -885,17 +900,27 @@ class RunQueue:
     def _is_running_full(self):
         return bool(self.concurrency) and len(self._running) >= self.concurrency
 
-    def _announce_from(self, place):
-        for position, waiting in enumerate(list(self._waiting)[place:], place + 1):
-            self._announce(waiting, position)
+    def _new_places(self, first):
+        """With the lock held: the runs from index `first` on moved up one
+        place. [(session, position, estimate)] for _announce."""
+        moved = list(self._waiting)[first:]
+        estimates = self._estimates(first + len(moved))[first:]
+        places = []
+        for position, (session, estimate) in enumerate(zip(moved, estimates), first + 1):
+            session.position = position
+            places.append((session, position, estimate))
+        return places
 
-    def _announce(self, session, position):
-        session.position = position
-        data = {"position": position}
-        estimate = self._estimate(position)
-        if estimate is not None:
-            data["estimated_start_s"] = estimate
-        session.publish("queued", data)
+    @staticmethod
+    def _announce(places):
+        """Publish each run's new place, after the queue's lock: a long queue
+        never holds up a start or a run's end. A place that a faster thread
+        has already bettered is dropped by publish()."""
+        for session, position, estimate in places:
+            data = {"position": position}
+            if estimate is not None:
+                data["estimated_start_s"] = estimate
+            session.publish("queued", data, place=position)
 
     def estimated_start_s(self, session):
         """Seconds until a queued run starts, or None (not queued, or nothing
@@ -906,26 +931,28 @@ class RunQueue:
         with self._lock:
             if session.position is None or session not in self._waiting:
                 return None
-            return self._estimate(session.position)
+            return self._estimates(session.position)[-1]
 
-    def _estimate(self, position):
+    def _estimates(self, count):
+        """Estimated starts of the first `count` places, in one pass: each
+        slot frees up in turn, and the run it takes holds it for the mean."""
         if not self.concurrency:
-            return None
+            return [None] * count
         mean = sum(self._durations) / len(self._durations) if self._durations else None
         free_at = [0.0] * max(0, self.concurrency - len(self._running))
         for run in self._running:
             left = run.time_left()
-            if left is None:
-                if mean is None:
-                    return None
+            if left is None and mean is not None:
                 left = max(0.0, mean - (time.monotonic() - run.started))
-            free_at.append(left)
+            free_at.append(float("inf") if left is None else left)
         heapq.heapify(free_at)
-        for _ in range(position - 1):
-            if mean is None:
-                return None
-            heapq.heappush(free_at, heapq.heappop(free_at) + mean)
-        return round(free_at[0], 1)
+        estimates = []
+        for _ in range(count):
+            start = heapq.heappop(free_at)
+            known = start != float("inf")
+            estimates.append(round(start, 1) if known else None)
+            heapq.heappush(free_at, start + mean if known and mean is not None else float("inf"))
+        return estimates
 
     def waiting(self):
         with self._lock:

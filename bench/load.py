@@ -25,6 +25,10 @@ Scenarios (full size / --quick):
             keepalive; memory per stream
   churn     5,000 / 500 short connections, half abandoned after the head:
             threads, descriptors and streams back where they were
+  queue     1,000 / 200 short runs started at once through --concurrency 4:
+            runs per second, and the time from a run's end (its slot freed)
+            to the next run's first event (--set queue.tick=0.01: runs of
+            20 ms, so the queue fills before it drains)
 
 Latency is the client's receive time minus the event's `ts` (the server's
 time.time() when it published it), both on this machine. It includes the
@@ -66,6 +70,8 @@ SIZES = {   # full, quick
     "sessions": ({"sessions": 500, "seconds": 20.0}, {"sessions": 100, "seconds": 4.0}),
     "hold": ({"streams": 5000}, {"streams": 1000}),
     "churn": ({"connections": 5000}, {"connections": 500}),
+    "queue": ({"runs": 1000, "concurrency": 4, "tick": 0.0},
+              {"runs": 200, "concurrency": 4, "tick": 0.0}),
 }
 
 
@@ -78,10 +84,10 @@ class BenchError(Exception):
 ###############################################################################
 
 class Server:
-    def __init__(self, template, variant, tls_files, cpu):
+    def __init__(self, template, variant, tls_files, cpu, extra=()):
         self.port = free_port()
         self.variant = variant
-        command = shlex.split(template.format(port=self.port, host="127.0.0.1"))
+        command = shlex.split(template.format(port=self.port, host="127.0.0.1")) + list(extra)
         env = dict(os.environ)
         env.pop("SSE_DEMO_TOKEN", None)
         if variant == "tls":
@@ -512,7 +518,45 @@ def scenario_churn(server, size, keepalive_s=1.0):
     return figures
 
 
-SCENARIOS = {"startup": None, "latency": scenario_latency, "fanout": scenario_fanout,
+def scenario_queue(server, size):
+    """Short runs (two steps, `tick` apart); with tick 0 the queue is the
+    work, with a tick the queue fills up first and every run hears each
+    change of its position."""
+    cpu_before = server.stats()[0]
+    started = time.monotonic()
+    sids = [server.client.start(iterations=2, tick=size["tick"], update_every=1)[0]
+            for _ in range(size["runs"])]
+    accepted_s = time.monotonic() - started
+    deadline = time.monotonic() + 120
+    while json.loads(server.client.request("GET", "/status/" + sids[-1])[1])["state"] in \
+            ("queued", "running"):
+        if time.monotonic() > deadline:
+            raise BenchError("the last run did not end within 120 s")
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    cpu = server.stats()[0] - cpu_before
+    firsts, ends = [], []
+    for sid in sids:
+        events = [json.loads(line) for line in
+                  server.client.request("GET", "/export/" + sid)[1].splitlines()]
+        firsts.append(next(e["data"]["ts"] for e in events if e["event"] == "progress"))
+        ends.append(events[-1]["data"]["ts"])
+    ended = sorted(ends)
+    gaps = []
+    for first in sorted(firsts)[size["concurrency"]:]:
+        freed = [end for end in ended if end <= first]
+        if freed:
+            gaps.append((first - freed[-1]) * 1000)
+    figures = {"runs": len(sids), "accepted s": accepted_s, "runs/s": len(sids) / elapsed,
+               "server CPU s": cpu}
+    figures.update({"slot to next run " + name: value
+                    for name, value in latency_figures(gaps).items()})
+    return figures
+
+
+SCENARIO_ARGS = {"queue": lambda size: ["--concurrency", str(size["concurrency"]),
+                                        "--max-queue", str(size["runs"])]}
+SCENARIOS = {"startup": None, "queue": scenario_queue, "latency": scenario_latency, "fanout": scenario_fanout,
              "sessions": scenario_sessions, "hold": scenario_hold, "churn": scenario_churn}
 
 
@@ -524,7 +568,8 @@ def run_scenario(name, template, variant, tls_files, cpu, size):
         if name == "startup":
             figures = scenario_startup(template, variant, tls_files, cpu, size)
         else:
-            server = Server(template, variant, tls_files, cpu)
+            extra = SCENARIO_ARGS.get(name, lambda size: [])(size)
+            server = Server(template, variant, tls_files, cpu, extra)
             try:
                 figures = {"launch s": server.launch_s}
                 figures.update(SCENARIOS[name](server, size))
