@@ -3781,6 +3781,66 @@ def test_browser_a_watcher_can_start_a_run_of_their_own(browser, make):
     assert cancel(srv, theirs)[0] == 202
 
 
+def test_browser_ten_tabs_each_watching_a_run_all_load_and_go_live(browser, make):
+    srv = make(keepalive_s=1.0)
+    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(10)]
+    tabs, load_s = [], []
+    for sid in sids:                       # one browser: one pool of six connections
+        tab = browser.browser.new_page()
+        started = time.monotonic()
+        tab.open(page_url(srv) + "#session=" + sid)      # the newest tab is the one shown
+        tab.wait_for(STATE + " === 'live' && seenId > 0", timeout=5)
+        load_s.append(time.monotonic() - started)
+        tabs.append(tab)
+    live_s = []
+    for tab in tabs:                       # each tab, brought to the front, is live again
+        tab.call("Page.bringToFront")
+        seen = tab.evaluate("seenId")
+        started = time.monotonic()
+        tab.wait_for("document.visibilityState === 'visible' && %s === 'live' && seenId > %d"
+                     % (STATE, seen), timeout=5)
+        live_s.append(time.monotonic() - started)
+    assert srv.server.hub.streams <= 2     # hidden tabs hold no stream
+    hidden = tabs[0]                       # tabs[-1] is in front now
+    assert hidden.evaluate("document.visibilityState") == "hidden"
+    assert cancel(srv, sids[0])[0] == 202
+    started = time.monotonic()
+    hidden.wait_for("document.title.startsWith('Cancelled')", timeout=8)
+    ended_s = time.monotonic() - started
+    print("loaded in %.2f s at most, live again in %.2f s at most, a hidden tab's end "
+          "shown in %.2f s" % (max(load_s), max(live_s), ended_s))
+    assert all(tab.problems() == [] for tab in tabs)
+    for sid in sids[1:]:
+        cancel(srv, sid)
+
+
+def test_browser_notifies_when_its_run_ends_in_a_hidden_tab(browser, make):
+    srv = make()
+    browser.open(page_url(srv))
+    origin = page_url(srv).rstrip("/")
+    browser.call("Browser.grantPermissions", origin=origin, permissions=["notifications"])
+    browser.reload()
+    assert browser.element("notify", "hidden") is True        # granted: nothing to ask
+    start_in_page(browser, iterations=40, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live'")
+    assert browser.evaluate("document.getElementById('favicon').href").startswith(
+        "data:image/svg+xml,")
+    other = browser.browser.new_page()                          # the run's tab goes to the back
+    other.open(page_url(srv))
+    browser.wait_for("document.visibilityState === 'hidden'")
+    note = browser.wait_for("window.lastNotification", timeout=8)
+    assert note == {"title": "Build optimisation (simulated)", "body": "complete"}
+    assert "%231a64d6" in browser.evaluate("document.getElementById('favicon').href")  # complete
+
+
+def test_browser_offers_notifications_where_it_may(browser, make):
+    srv = make()
+    browser.open(page_url(srv))
+    assert browser.evaluate("window.isSecureContext") is True   # loopback is
+    assert browser.element("notify", "hidden") is False
+    assert browser.evaluate("Notification.permission") == "default"
+
+
 def test_browser_back_returns_to_the_run_watched_before(browser, server):
     browser.open(page_url(server))
     start_in_page(browser, iterations=3, tick=0, update_every=1)
