@@ -4036,8 +4036,9 @@ def test_browser_runs_a_new_job_with_cards_chart_result_and_logs(browser, make, 
     ys = [float(y) for y in re.findall(r"[ML][0-9.]+ ([0-9.]+)", best)]
     # One point per iteration (the complete event shares round 6's bucket)
     assert len(ys) == 6 and ys == sorted(ys, reverse=True)     # rising (SVG y grows down)
-    assert browser.element("axis-left-max") == "52.5 pts" and browser.element("axis-left-min") == "10 pts"
-    assert browser.element("axis-right-max") == "1" and browser.element("axis-right-min") == "0.167"
+    assert browser.element("axis-best_score-max") == "52.5 pts"
+    assert browser.element("axis-best_score-min") == "10 pts"
+    assert browser.element("axis-loss-max") == "1" and browser.element("axis-loss-min") == "0.167"
     legend = browser.element("legend")
     assert "Best score" in legend and "Loss" in legend
     dashes = browser.evaluate("[...document.querySelectorAll('#chart path.series')].map("
@@ -4142,6 +4143,27 @@ def test_browser_screenshots_of_the_finished_builtin_page(browser, server, tmp_p
     browser.wait_for(STATE + " === 'complete'")
     screenshot_sizes(browser, tmp_path, "builtin")
     assert browser.problems() == []
+
+
+def test_browser_phone_watch_link_shows_progress_first_with_a_readable_chart(
+        browser, server, tmp_path):
+    sid = start_run(server, iterations=40, tick=0.02, update_every=1)
+    browser.call("Emulation.setDeviceMetricsOverride", width=375, height=700,
+                 deviceScaleFactor=1, mobile=True)
+    browser.open(page_url(server) + "#session=" + sid)
+    browser.wait_for(STATE + " === 'complete'")
+    tops = browser.evaluate("['progress-section', 'chart-section', 'run-section', 'runs-section']"
+                            ".map(id => document.getElementById(id).getBoundingClientRect().top)")
+    assert tops[0] < 700 and tops[0] < tops[1] < tops[2] < tops[3]   # progress first, on screen
+    sizes = browser.wait_for("(() => { const texts = [...document.querySelectorAll('#chart text')];"
+                             " return texts.length > 4 && texts.map(t => t.getBoundingClientRect()"
+                             ".height); })()")
+    assert min(sizes) >= 11                                  # chart text at least 11 px high
+    boxes = browser.evaluate("['line-dps', 'line-improvement_pct'].map(id => { const r ="
+                             " document.getElementById(id).getBoundingClientRect();"
+                             " return [r.top, r.bottom]; })")
+    assert boxes[0][1] <= boxes[1][0] or boxes[1][1] <= boxes[0][0]   # apart, not on top
+    screenshot_sizes(browser, tmp_path, "phone-watch")
 
 
 def test_browser_failed_program_says_exit_status_briefly_and_its_stderr_below(
