@@ -672,16 +672,15 @@ class Session:
         Events that fell out of the history are skipped: for a lagging reader,
         the oldest are dropped first and the terminal one never is."""
         with self._lock:
-            if not self._history:
+            history = self._history
+            if not history:
                 return []
-            first = self._history[0].id
-            start = max(0, event_id + 1 - first)
-            if start < len(self._history) and self._history[start].id != max(event_id + 1, first):
-                # ids with a gap (a journal that lost events): look for the place
-                start = next((i for i, e in enumerate(self._history) if e.id > event_id),
-                             len(self._history))
-            stop = min(len(self._history), start + limit)
-            return [self._history[i] for i in range(start, stop)]
+            start = max(0, event_id + 1 - history[0].id)
+            if start < len(history) and history[start].id != max(event_id + 1, history[0].id) \
+                    or start >= len(history) and history[-1].id > event_id:
+                start = first_after(history, event_id)   # ids with a gap: see first_after
+            stop = min(len(history), start + limit)
+            return [history[i] for i in range(start, stop)]
 
     def resume_after(self, last_event_id):
         """The id after which a client's stream starts, or None when it holds
@@ -696,6 +695,21 @@ class Session:
                 return self.terminal_id - 1
             return None
         return min(last_event_id, self.last_id)
+
+
+def first_after(history, event_id):
+    """The index of the first event with an id above `event_id`, by halving.
+    Ids only go up, but not always by one: a run read back after a crash
+    goes on past its journal's id mark (a queued run), or ends there (an
+    interrupted one)."""
+    low, high = 0, len(history)
+    while low < high:
+        middle = (low + high) // 2
+        if history[middle].id <= event_id:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 class TooBusy(Exception):
@@ -4209,6 +4223,361 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 ###############################################################################
+# The terminal client: `sse_demo.py watch URL` and `sse_demo.py start URL`
+###############################################################################
+
+WATCH_EXIT = {"complete": 0, "error": 1, "cancelled": 3}   # and 2: bad usage, unreachable
+WATCH_READ_TIMEOUT_S = 30.0        # no byte (not even a keepalive) this long: reconnect
+WATCH_RETRY_MAX_S = 10.0           # reconnection back-off, from 0.5 s doubling to this
+WATCH_GIVE_UP_S = 300.0            # unreachable this long in a row: exit 2
+BAR_WIDTH = 20
+
+
+class WatchError(Exception):
+    """Bad usage or a server that cannot be reached: exit status 2."""
+
+
+class RunAddress:
+    """Where a run is: the server's base URL, the run's id, and the
+    credential to send (the operator's token, or a watch link's view key).
+    Takes a watch link (`http://host:5000/#session=ID`, with `?view=KEY`
+    behind a token), a `/progress/<id>` URL, or the server's URL and `run`."""
+
+    def __init__(self, url, run=None, token=None, cafile=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WatchError("%r is not an http:// or https:// URL" % url)
+        self.base = "%s://%s" % (parts.scheme, parts.netloc)
+        self.view = parse_query(parts.query).get("view")
+        self.token = token
+        found = re.fullmatch(r"/(?:progress|status)/(%s)" % SESSION_ID_PATTERN, parts.path)
+        fragment = re.fullmatch(r"session=(%s)" % SESSION_ID_PATTERN, parts.fragment)
+        self.run = run or (found.group(1) if found else fragment.group(1) if fragment else None)
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.context = None
+        if parts.scheme == "https":
+            if ssl is None:
+                raise WatchError("this Python has no ssl module for %s" % url)
+            self.context = ssl.create_default_context(cafile=cafile)
+
+    def connection(self, timeout):
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def path(self, path):
+        return path + ("?view=" + urllib.parse.quote(self.view) if self.view else "")
+
+    def headers(self, extra=None):
+        headers = {"Accept": "text/event-stream"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method, path, body=None, content_type=None):
+        """(status, parsed JSON or None). Raises WatchError when unreachable."""
+        conn = self.connection(NOTIFY_TIMEOUT_S)
+        headers = self.headers({"Accept": "application/json"})
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            conn.request(method, self.path(path), body=body, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise WatchError("cannot reach %s: %s" % (self.base, exc))
+        finally:
+            conn.close()
+        try:
+            return response.status, json.loads(raw.decode("utf-8"))
+        except ValueError:
+            return response.status, None
+
+
+def read_sse(response):
+    """(event name, id, data) for each event of an open stream, parsed as
+    the WHATWG HTML standard says (comments and `retry:` skipped)."""
+    name, data, event_id = "", [], None
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield name or "message", event_id, "\n".join(data)
+            name, data = "", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id" and "\0" not in value:
+            event_id = value
+
+
+class ProgressLine:
+    """Draws a run on a terminal as tqdm does: the job's log lines scroll
+    above one progress line that is redrawn in place. Not a terminal (a
+    pipe, a CI log): plain lines, a progress line at most every whole
+    percent or PLAIN_EVERY_S."""
+
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self, out, labels, is_terminal):
+        self.out, self.labels, self.terminal = out, labels, is_terminal
+        self.unicode = can_write(out, "█▏·")    # else ASCII: a C locale, an old console
+        self.shown = ""            # the progress line on screen (terminal)
+        self.last_plain = (None, 0.0)
+
+    def log(self, text):
+        self._clear()
+        self.out.write(text + "\n")
+        self._redraw()
+
+    def progress(self, data):
+        line = progress_text(data, self.labels, self.unicode)
+        if self.terminal:
+            self.shown = line
+            self._redraw()
+            return
+        percent = data.get("percent")
+        step = int(percent) if isinstance(percent, (int, float)) else None
+        now = time.monotonic()
+        if step != self.last_plain[0] or now - self.last_plain[1] >= self.PLAIN_EVERY_S:
+            self.last_plain = (step, now)
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def end(self, text):
+        self._clear()
+        self.shown = ""
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _clear(self):
+        if self.terminal and self.shown:
+            self.out.write("\r\x1b[K")
+
+    def _redraw(self):
+        if self.terminal and self.shown:
+            width = shutil_columns()
+            self.out.write("\r\x1b[K" + self.shown[:width - 1])
+        self.out.flush()
+
+
+def can_write(out, text):
+    try:
+        text.encode(getattr(out, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def shutil_columns():
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 80
+
+
+def progress_text(data, labels, fancy=True):
+    """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
+    `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
+    parts = []
+    percent = data.get("percent")
+    if isinstance(percent, (int, float)):
+        filled = BAR_WIDTH * min(100.0, max(0.0, percent)) / 100.0
+        if fancy:
+            bar = "█" * int(filled) + (" ▏▎▍▌▋▊▉"[int((filled % 1) * 8)] if filled < BAR_WIDTH else "")
+        else:
+            bar = "#" * int(filled)
+        parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
+    counted = data.get("iteration")
+    if isinstance(counted, (int, float)):
+        total = data.get("total")
+        parts.append("%s/%s" % (readable_number(counted), readable_number(total))
+                     if isinstance(total, (int, float)) else readable_number(counted))
+    words = [data["stage"]] if isinstance(data.get("stage"), str) and data["stage"] else []
+    for name, value in data.items():
+        if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and len(words) < 5:
+            label, unit = labels.get(name, (name, None))
+            words.append("%s %s%s" % (label, readable_number(value), " " + unit if unit else ""))
+    elapsed = data.get("elapsed_s")
+    if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
+        words.append("ETA " + readable_seconds(elapsed * (100 - percent) / percent))
+    line = " ".join(parts) + "".join(" · " + word for word in words)
+    return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
+
+
+def readable_number(value):
+    if isinstance(value, float) and not value.is_integer():
+        return "{:,.4g}".format(value) if abs(value) < 1000 else "{:,.1f}".format(value)
+    return "{:,}".format(int(value)) if isinstance(value, (int, float)) else str(value)
+
+
+def readable_seconds(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def watch_run(address, out=sys.stdout, is_terminal=None):
+    """Follow a run to its end, reconnecting with Last-Event-ID when the
+    connection drops or the server restarts. Returns the exit status:
+    0 complete, 1 error, 3 cancelled; raises WatchError (2)."""
+    if address.run is None:
+        raise WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
+    status, job = address.request("GET", "/job")
+    if status in (401, 403):
+        raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
+                         "link with its view key" % status)
+    job = job if isinstance(job, dict) else {}
+    labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
+              if isinstance(f, dict) and "name" in f}
+    out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
+    screen = ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
+    last_id, delay, failing_since = None, 0.5, None
+    while True:
+        try:
+            for name, event_id, data in follow_stream(address, last_id):
+                failing_since, delay = None, 0.5
+                last_id = event_id or last_id
+                ended = show_event(screen, name, data)
+                if ended is not None:
+                    return ended
+            raise ConnectionError("the stream ended before the run did")
+        except WatchError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            now = time.monotonic()
+            if last_id is None and failing_since is None and not isinstance(exc, ConnectionError):
+                raise WatchError("cannot reach %s: %s" % (address.base, exc))
+            failing_since = failing_since or now
+            if now - failing_since > WATCH_GIVE_UP_S:
+                raise WatchError("%s has been unreachable for %d s" % (address.base,
+                                                                       WATCH_GIVE_UP_S))
+            screen.log("connection lost (%s); reconnecting in %.1f s" % (exc, delay))
+            time.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_MAX_S)
+
+
+def follow_stream(address, last_id):
+    """The run's events after `last_id`, as (name, id, data dict)."""
+    conn = address.connection(WATCH_READ_TIMEOUT_S)
+    try:
+        extra = {"Last-Event-ID": last_id} if last_id else {}
+        conn.request("GET", address.path("/progress/" + address.run),
+                     headers=address.headers(extra))
+        response = conn.getresponse()
+        if response.status == 404:
+            raise WatchError("the server has no run %s (it may have expired)" % address.run)
+        if response.status in (401, 403):
+            raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a "
+                             "watch link with its view key" % response.status)
+        if response.status == 204:
+            raise WatchError("the run is over and this client has seen its end")
+        if response.status != 200:
+            raise ConnectionError("the server answered %d" % response.status)
+        for name, event_id, data in read_sse(response):
+            try:
+                fields = json.loads(data)
+            except ValueError:
+                fields = {}
+            yield name, event_id, fields if isinstance(fields, dict) else {}
+    finally:
+        conn.close()
+
+
+def show_event(screen, name, data):
+    """Draw one event; the exit status once the run has ended, else None."""
+    if name == "progress":
+        screen.progress(data)
+    elif name == "log":
+        level = data.get("level", "info")
+        screen.log(("" if level == "info" else level + ": ") + str(data.get("message", "")))
+    elif name == "queued":
+        estimate = data.get("estimated_start_s")
+        screen.log("queued: position %s%s" % (data.get("position"), "" if estimate is None
+                   else ", starts in about " + readable_seconds(estimate)))
+    elif name in WATCH_EXIT:
+        if name == "complete":
+            result = data.get("result")
+            screen.end(progress_text(dict(data, percent=data.get("percent", 100.0)), screen.labels,
+                                     screen.unicode)
+                       + "\ncomplete" + ("" if result is None else ": " + json_line(result)))
+        else:
+            screen.end("%s%s" % (name if name == "cancelled" else "failed",
+                                 ": " + str(data["message"]) if data.get("message") else ""))
+        return WATCH_EXIT[name]
+    return None
+
+
+def start_remote(address, params, out=sys.stdout):
+    """POST /start with NAME=VALUE parameters; the run's id."""
+    pairs = []
+    for item in params:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise WatchError("--param wants NAME=VALUE, not %r" % item)
+        pairs.append((name, value))
+    status, answer = address.request("POST", "/start", urllib.parse.urlencode(pairs).encode(),
+                                     "application/x-www-form-urlencoded")
+    if status != 201 or not isinstance(answer, dict):
+        reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
+        raise WatchError("the server did not start the run: %s" % reason)
+    run = answer["session_id"]
+    out.write("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X POST -H "
+              "'Authorization: Bearer %s' %s/cancel/%s\n" % (
+                  run, address.base, "?view=" + answer["view_key"] if address.token else "",
+                  run, answer["control_key"], address.base, run))
+    out.flush()
+    return run
+
+
+def client_main(argv):
+    """`watch URL` and `start URL`: exit status 0, 1, 3 as the run ended, 2
+    for bad usage or a server that cannot be reached, 130 after Ctrl-C."""
+    p = argparse.ArgumentParser(prog="sse_demo.py " + argv[0])
+    p.add_argument("url", help="the server (http://host:5000/), a watch link or a "
+                               "/progress/<id> URL")
+    if argv[0] == "watch":
+        p.add_argument("--run", metavar="ID", help="the run, when URL is the server's")
+    else:
+        p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a parameter of the run; repeatable")
+        p.add_argument("--watch", action="store_true", help="then follow it to its end")
+    p.add_argument("--token", help="the operator's token (also SSE_DEMO_TOKEN)")
+    p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
+    args = p.parse_args(argv[1:])
+    for stream in (sys.stdout, sys.stderr):   # a title or a log line the console cannot show
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        address = RunAddress(args.url, getattr(args, "run", None),
+                             args.token or os.environ.get("SSE_DEMO_TOKEN") or None, args.cacert)
+        if argv[0] == "start":
+            address.run = start_remote(address, args.param)
+            if not args.watch:
+                return 0
+        return watch_run(address)
+    except WatchError as exc:
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.write("\nstopped watching; the run goes on on the server\n")
+        return 130
+
+
+###############################################################################
 # The server and the command line
 ###############################################################################
 
@@ -4732,6 +5101,9 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("watch", "start"):
+        return client_main(argv)
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     job = None

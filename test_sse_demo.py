@@ -2991,6 +2991,19 @@ def most_at_once(runs):
     return most
 
 
+def test_events_after_an_id_gap_are_found_wherever_the_reader_is():
+    session = sse_demo.Session("G" * 22, "title", {}, lambda s, e: None, lambda s: None,
+                               state="queued")
+    session.requeued([(1, "queued", {"position": 2, "ts": 1.0})], ids_mark=1000)
+    for i in range(3):
+        session.publish("progress", {"iteration": i})
+    assert [e.id for e in session.events_after(0, 10)] == [1, 1001, 1002, 1003]
+    assert [e.id for e in session.events_after(1, 10)] == [1001, 1002, 1003]
+    assert [e.id for e in session.events_after(500, 10)] == [1001, 1002, 1003]
+    assert [e.id for e in session.events_after(1002, 10)] == [1003]   # past the gap's width
+    assert session.events_after(1003, 10) == []
+
+
 def test_queue_runs_at_most_n_at_once_first_in_first_out(make):
     del RUN_TIMES[:]
     srv = make(job=timed_job, concurrency=2)
@@ -3261,6 +3274,175 @@ def test_cli_notify_checks_its_url():
     assert status == 2 and "--notify wants" in err
     status, _, err = Cli("--notify-key", "k").finish()
     assert status == 2 and "need --notify" in err
+
+
+###############################################################################
+# The terminal client: sse_demo.py watch / start
+###############################################################################
+
+class Client:
+    """`python sse_demo.py watch|start ...` in a subprocess; always reaped."""
+
+    def __init__(self, *args, env=None, stdout=subprocess.PIPE):
+        full_env = {k: v for k, v in os.environ.items() if k != "SSE_DEMO_TOKEN"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, SSE_DEMO_PATH] + list(args),
+                                     stdout=stdout, stderr=subprocess.PIPE,
+                                     universal_newlines=True, env=full_env)
+
+    def finish(self, timeout=TIMEOUT):
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            stop_process(self.proc)
+        return self.proc.returncode, out, err
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+SSE_DEMO_PATH = os.path.join(HERE, "sse_demo.py")
+
+
+@pytest.fixture
+def clients():
+    made = []
+
+    def make_client(*args, **options):
+        made.append(Client(*args, **options))
+        return made[-1]
+    try:
+        yield make_client
+    finally:
+        for client in made:
+            client.stop()
+
+
+def test_watch_exits_0_on_complete_with_plain_lines_when_not_a_terminal(make, clients):
+    srv = make()
+    sid = start_run(srv, iterations=20, tick=0.02, update_every=1)
+    status, out, err = clients("watch", page_url(srv) + "#session=" + sid).finish()
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "Build optimisation (simulated) · run " + sid
+    assert "\r" not in out and "\x1b" not in out                  # no redraw in a pipe
+    assert re.fullmatch(r"100% \|█{20}\| 20/20 · Improvement [\d.]+ % · DPS [\d,.]+", lines[-2])
+    assert lines[-1] == "complete"
+    assert 2 < len(lines) < 25
+
+
+def test_watch_exits_1_on_error_and_shows_the_message(make, clients):
+    srv = make(job=failing_job)
+    sid = start_run(srv)
+    status, out, _ = clients("watch", page_url(srv) + "progress/" + sid).finish()
+    assert status == 1 and out.splitlines()[-1] == "failed: RuntimeError: disk <b>full</b>"
+
+
+def test_watch_exits_3_when_cancelled(make, clients):
+    srv = make()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    watcher = clients("watch", page_url(srv), "--run", sid)
+    wait_for(lambda: srv.server.hub.streams == 1, what="the watcher's stream")
+    assert cancel(srv, sid)[0] == 202
+    status, out, _ = watcher.finish()
+    assert status == 3 and out.splitlines()[-1] == "cancelled"
+
+
+def test_watch_exits_2_on_bad_usage_or_an_unreachable_server(make, clients):
+    srv = make()
+    for args, reason in ((["watch", page_url(srv)], "which run?"),
+                         (["watch", "ftp://x/", "--run", "abc"], "not an http"),
+                         (["watch", page_url(srv), "--run", "A" * 22], "no run"),
+                         (["watch", "http://127.0.0.1:%d/" % free_port(), "--run", "abc"],
+                          "cannot reach"),
+                         (["start", page_url(srv), "--param", "iterations=0"],
+                          "iterations must be")):
+        status, _, err = clients(*args).finish()
+        assert status == 2 and reason in err, (args, err)
+
+
+def test_watch_with_a_token_or_a_watch_link(make, clients):
+    srv = make(token=TOKEN)
+    run = start_guarded_run(srv, iterations=3, tick=0, update_every=1)
+    status, _, err = clients("watch", page_url(srv), "--run", run["session_id"]).finish()
+    assert status == 2 and "--token" in err
+    status, _, _ = clients("watch", page_url(srv), "--run", run["session_id"],
+                           env={"SSE_DEMO_TOKEN": TOKEN}).finish()
+    assert status == 0
+    link = "%s?view=%s#session=%s" % (page_url(srv), run["view_key"], run["session_id"])
+    assert clients("watch", link).finish()[0] == 0
+
+
+def test_start_then_watch_from_the_terminal(make, clients):
+    srv = make()
+    status, out, err = clients("start", page_url(srv), "--param", "iterations=4",
+                               "--param", "tick=0", "--param", "update_every=1",
+                               "--watch").finish()
+    assert status == 0, err
+    sid = re.search(r"started run (\S+)", out).group(1)
+    assert get_json(srv, "/status/" + sid)["params"] == {"iterations": 4, "tick": 0,
+                                                         "update_every": 1}
+    assert "#session=" + sid in out and "/cancel/" + sid in out
+
+
+def test_watch_ctrl_c_leaves_the_run_running(make, clients):
+    srv = make()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    watcher = clients("watch", page_url(srv), "--run", sid)
+    wait_for(lambda: srv.server.hub.streams == 1, what="the watcher's stream")
+    watcher.proc.send_signal(signal.SIGINT)
+    status, out, _ = watcher.finish()
+    assert status == 130 and "the run goes on" in out
+    assert get_json(srv, "/status/" + sid)["state"] == "running"
+    assert cancel(srv, sid)[0] == 202
+
+
+def test_watch_draws_one_line_in_place_on_a_terminal(make):
+    pty = pytest.importorskip("pty")
+    srv = make()
+    sid = start_run(srv, iterations=10, tick=0.02, update_every=1)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, SSE_DEMO_PATH, "watch", page_url(srv), "--run", sid],
+                            stdout=slave, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LANG="C.UTF-8", PYTHONIOENCODING="utf-8"))
+    os.close(slave)
+    try:
+        assert proc.wait(TIMEOUT) == 0
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:       # the pty's other end is closed: all read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        stop_process(proc)
+        os.close(master)
+    text = b"".join(chunks).decode("utf-8")
+    assert text.count("\r\x1b[K") >= 10                # redrawn in place, not scrolled
+    assert text.count("\n") <= 5
+
+
+def test_watch_reconnects_across_a_restart_with_state_dir(tmp_path, clients):
+    port = free_port()
+    first = journal_server(tmp_path, "--concurrency", "1", port=port)
+    try:
+        ahead = start_run(first, iterations=1000, tick=0.05, update_every=1)
+        waiting = start_run(first, iterations=10, tick=0.05, update_every=1)
+        watcher = clients("watch", "http://127.0.0.1:%d/" % port, "--run", waiting)
+        wait_for(lambda: get_json(first, "/healthz")["streams"] == 1, what="the watcher")
+    finally:
+        assert first.stop()[0] == 0
+    second = journal_server(tmp_path, "--concurrency", "1", port=port)
+    try:
+        status, out, err = watcher.finish(timeout=20)
+        assert status == 0, err
+        assert "connection lost" in out and out.splitlines()[-1] == "complete"
+        assert get_json(second, "/status/" + ahead)["state"] == "error"     # interrupted
+    finally:
+        assert second.stop()[0] == 0
 
 
 ###############################################################################
