@@ -447,7 +447,7 @@ class Session:
                                        # series and record
         self._history = collections.deque(maxlen=HISTORY_LIMIT)
         self.series = Series()
-        self.record = Record(record_bytes, self._lock)
+        self.record = Record(record_bytes, self._lock) if record_bytes else None   # 0: none
         self.last_id = 0
         self.terminal_id = None
         self.state = state            # "queued" (waiting for a slot), "running", then terminal
@@ -568,7 +568,7 @@ class Session:
             self.series.add(event.id, data.get("iteration"), numeric_fields(data))
         else:
             self.series.last_id = event.id
-        if record:
+        if record and self.record is not None:
             self.record.add(event, data)
 
     def series_state(self):
@@ -976,6 +976,73 @@ class RunQueue:
         """Shutdown: no run starts any more; the queued ones stay queued."""
         with self._lock:
             self._stopped = True
+
+
+###############################################################################
+# The runs list, pushed: GET /runs/events
+###############################################################################
+
+RUNS_FEED_INTERVAL_S = 0.25        # the runs list's changes go out at most this often
+
+
+class RunsFeed:
+    """The runs panel's stream. Every event of every run marks that run
+    changed; one thread publishes, at most every RUNS_FEED_INTERVAL_S, a
+    `runs` event with the changed runs' entries (as GET /runs gives them)
+    and the ids of runs forgotten since. The events live in a Session of
+    their own that never ends, so the stream writer serves it like a run's:
+    ids, resume with Last-Event-ID, keepalives. Quiet runs cost nothing:
+    the thread sleeps until a run changes."""
+
+    def __init__(self, describe, on_publish):
+        self.session = Session("runs", "runs", {}, on_publish, lambda session: None,
+                               record_bytes=0)
+        self._describe = describe           # session -> its entry in the runs list
+        self.key = secrets.token_urlsafe(TOKEN_BYTES)   # Pushpin's own requests for it carry
+                                                        # this (behind a token; see grip_hold)
+        self._lock = threading.Lock()       # guards _changed, _gone
+        self._changed = {}                  # session id -> session, in the order they changed
+        self._gone = set()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = None
+
+    def start(self, supervisor):
+        self._thread = supervisor.spawn("runs feed", self._run)
+
+    def touch(self, session):
+        """A run published an event (any thread, never blocks)."""
+        with self._lock:
+            self._changed[session.id] = session
+        self._wake.set()
+
+    def forget(self, session):
+        """A run has expired: the panel drops it."""
+        with self._lock:
+            self._changed.pop(session.id, None)
+            self._gone.add(session.id)
+        self._wake.set()
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def _run(self):
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            self.publish_changes()
+            time.sleep(RUNS_FEED_INTERVAL_S)     # what changes meanwhile goes in one event
+
+    def publish_changes(self):
+        with self._lock:
+            changed, gone = list(self._changed.values()), sorted(self._gone)
+            self._changed, self._gone = {}, set()
+        if changed or gone:
+            self.session.publish("runs", {"runs": [self._describe(s) for s in changed],
+                                          "gone": gone})
 
 
 ###############################################################################
@@ -1686,7 +1753,7 @@ def merge_items(items):
     return [item for merged in runs.values() for item in merged]
 
 
-def grip_hold(session, last_id, grip_last, keepalive_s, link_key=None):
+def grip_hold(session, last_id, grip_last, keepalive_s, link_query=None, path=None):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
@@ -1695,8 +1762,8 @@ def grip_hold(session, last_id, grip_last, keepalive_s, link_key=None):
     appended to the stream. A run whose terminal event was offered is
     answered whole, without a hold, so the stream ends. Pushpin's own
     requests carry none of the client's headers: behind a token, the link
-    carries the run's view key (`link_key`), which reaches that run only
-    (Pushpin keeps Grip-* headers to itself)."""
+    carries a key in its query (`link_query`: the run's view key, which
+    reaches that run only), and Pushpin keeps Grip-* headers to itself."""
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
@@ -1717,8 +1784,9 @@ def grip_hold(session, last_id, grip_last, keepalive_s, link_key=None):
         prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
         headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
-        headers["Grip-Link"] = "</progress/%s%s>; rel=next; timeout=%d" % (
-            session.id, "?view=" + link_key if link_key else "", GRIP_LINK_TIMEOUT_S)
+        headers["Grip-Link"] = "<%s%s>; rel=next; timeout=%d" % (
+            path or "/progress/" + session.id, "?" + link_query if link_query else "",
+            GRIP_LINK_TIMEOUT_S)
         headers["Grip-Keep-Alive"] = "%s; format=cstring; timeout=%d" % (
             KEEPALIVE.decode().replace("\n", "\\n"), max(1, round(keepalive_s)))
     return body, headers
@@ -3578,7 +3646,7 @@ TOKEN_COOKIE = "sse_demo_token"
 FAILURES_ALLOWED = 10              # failed credentials from one address within a minute;
 FAILURE_WINDOW_S = 60.0            # past that, it gets 429 for LOCKOUT_S whatever it sends
 LOCKOUT_S = 60.0
-SECRET_IN_URL = re.compile(r"\b(token|view)=[^&\s\"]*")
+SECRET_IN_URL = re.compile(r"\b(token|view|feed)=[^&\s\"]*")
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 
@@ -3707,6 +3775,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
         (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
         (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs"}),
+        (re.compile(r"/runs/events"), {"GET": "runs_events"}),
         (re.compile(r"/series/(%s)" % SESSION_ID_PATTERN), {"GET": "series", "HEAD": "series"}),
         (re.compile(r"/log/(%s)" % SESSION_ID_PATTERN), {"GET": "log"}),
         (re.compile(r"/export/(%s)" % SESSION_ID_PATTERN), {"GET": "export"}),
@@ -3887,6 +3956,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         view_key = parse_query(query).get("view")
         if view_key is not None and self.viewer_admitted(path, view_key):
             return False
+        feed_key = parse_query(query).get("feed")
+        if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
+                feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
+            return False      # Pushpin's own request for the runs list it holds
         access.failed(address)
         if path == "/" and self.command in ("GET", "HEAD"):
             self.send_sign_in_page()
@@ -4022,7 +4095,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.check_grip_signature()
             body, headers = grip_hold(session, last_id, self.headers.get("Grip-Last"),
                                       self.server.hub.keepalive_s,
-                                      session.view_key if self.server.access else None)
+                                      "view=" + session.view_key if self.server.access else None)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
@@ -4090,26 +4163,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_status(self, query, session_id):
         session = self.find_session(session_id)
-        self.send_json(200, dict(session.snapshot(), **self.run_extras(session)))
+        entry = self.server.describe_run(session, self.is_operator())
+        extras = {name: entry[name] for name in ("estimated_start_s", "view_key") if name in entry}
+        self.send_json(200, dict(session.snapshot(), **extras))
 
     def route_job(self, query):
         self.send_json(200, self.server.job.describe())
 
     def route_runs(self, query):
         runs = self.server.registry.newest(RUNS_LIMIT)
-        self.send_json(200, {"runs": [dict(session.summary(), **self.run_extras(session))
+        operator = self.is_operator()
+        self.send_json(200, {"runs": [self.server.describe_run(session, operator)
                                       for session in runs]})
 
-    def run_extras(self, session):
-        """A queued run's estimated start; and the run's view key for the
-        operator, whose page builds watch links from it (with no access
-        control there is nothing to hold, and no viewer is told)."""
-        extras = {}
-        if session.state == "queued":
-            extras["estimated_start_s"] = self.server.queue.estimated_start_s(session)
-        if self.is_operator():
-            extras["view_key"] = session.view_key
-        return extras
+    def route_runs_events(self, query):
+        """The runs list's changes as they happen (see RunsFeed), for the page's
+        runs panel: a stream like a run's, that never ends."""
+        feed = self.server.feed.session
+        resume = parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query))
+        # A new follower starts now (it reads GET /runs for the present); a
+        # returning one gets what it missed.
+        last_id = feed.last_id if resume is None else feed.resume_after(resume)
+        if self.server.grip and "Grip-Sig" in self.headers:    # Pushpin holds it
+            self.check_grip_signature()
+            body, headers = grip_hold(feed, last_id, self.headers.get("Grip-Last"),
+                                      self.server.hub.keepalive_s,
+                                      "feed=" + self.server.feed.key if self.server.access
+                                      else None, path="/runs/events")
+            self.send_body(200, body, "text/event-stream", headers)
+            return
+        hub = self.server.hub
+        hub.reserve(self.connection)
+        try:
+            sub = self.open_stream(feed, last_id)
+        except BaseException:
+            hub.release()
+            raise
+        hub.attach(sub)
 
     def route_series(self, query, session_id):
         session = self.find_session(session_id)
@@ -4611,12 +4701,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.journal = Journal(state_dir) if state_dir else None
         self.queue = RunQueue(concurrency, max_queue, self.start_run)
         self.notifier = Notifier(notify, notify_key, notify_format) if notify else None
+        self.feed = RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
+                             self.on_feed_publish)
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
         self.registry = Registry(concurrency + max_queue if concurrency else max_sessions,
-                                 session_ttl_s, self.on_publish,
-                                 self.journal.forget if self.journal else lambda session: None,
+                                 session_ttl_s, self.on_publish, self.forget_run,
                                  int(max_record_mb * 2 ** 20),
                                  self.journal.note_process if self.journal else lambda s: None,
                                  self.journal.reserve_ids if self.journal else None,
@@ -4654,6 +4745,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.grip.start(self.supervisor)
         if self.notifier:
             self.notifier.start(self.supervisor)
+        self.feed.start(self.supervisor)
         self.hub.start(self.supervisor)
 
     def serve_forever(self, poll_interval=0.5):
@@ -4709,6 +4801,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def on_publish(self, session, event):
         self.hub.notify(session)
+        self.feed.touch(session)
         if self.grip:
             self.grip.queue_event(session, event)
         if self.journal:
@@ -4763,6 +4856,30 @@ class SSEServer(http.server.ThreadingHTTPServer):
                     raise
                 raise TooBusy(503, "cannot start another run now")
         return session
+
+    def on_feed_publish(self, session, event):
+        """The runs list's stream goes out as a run's does, Pushpin included."""
+        self.hub.notify(session)
+        if self.grip:
+            self.grip.queue_event(session, event)
+
+    def forget_run(self, session):
+        """A run has expired: its journal goes, and the runs panel drops it."""
+        if self.journal:
+            self.journal.forget(session)
+        self.feed.forget(session)
+
+    def describe_run(self, session, with_view_key):
+        """A run's entry in /runs and /runs/events (and /status's extras): a
+        queued run's estimated start; the view key for the operator, whose
+        page builds watch links from it (with no access control there is
+        nothing to hold, and no viewer is told)."""
+        entry = session.summary()
+        if session.state == "queued":
+            entry["estimated_start_s"] = self.queue.estimated_start_s(session)
+        if with_view_key and self.access is not None:
+            entry["view_key"] = session.view_key
+        return entry
 
     def run_ended(self, session):
         """A run's terminal event is out: its slot goes to the next in line,
@@ -4827,6 +4944,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.grip.stop()
         if self.notifier:
             self.notifier.stop()
+        self.feed.stop()
         super().server_close()
 
 

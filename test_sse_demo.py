@@ -250,9 +250,10 @@ def test_builtin_job_keeps_its_schedule_despite_late_wake_ups():
                                    cancel=LateWakeUps())
     took = time.monotonic() - started
     assert calls == [0, 5, 10, 15]
-    # 20 x 50 ms due; drifting would add 20 x 20 ms. Within a tick (and the
-    # last wake-up's own lateness) of the deadline:
-    assert 1.0 <= took < 1.0 + 0.05 + 0.02 + 0.05, took
+    # 20 x 50 ms due; drifting would add each wake-up's 20 ms, 0.4 s in all.
+    # The bound sits between the two, with room for a loaded machine (a
+    # tighter one, 1.12 s, failed there now and then):
+    assert 1.0 <= took < 1.0 + 0.25, took
 
 
 def test_run_lasts_iterations_times_tick(server):
@@ -1612,6 +1613,68 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
         assert run["stream"] == "/progress/" + run["session_id"]
         assert run["status"] == "/status/" + run["session_id"]
     assert cancel(srv, going)[0] == 202
+
+
+def test_runs_events_push_each_change_of_the_runs_list(make):
+    srv = make(session_ttl_s=0.5)
+    before = start_run(srv, iterations=2, **FAST)
+    watch(srv, before).events()
+    feed = Stream(srv, "/runs/events")
+    assert feed.status == 200 and feed.headers["content-type"] == "text/event-stream"
+    sid = start_run(srv, iterations=20, tick=0.05, update_every=1)
+    seen, gone, deadline = {}, [], time.monotonic() + TIMEOUT
+
+    def read_until(done):
+        for _ in range(200):
+            block = feed.next_block(deadline)
+            if block is None or "event" not in block:
+                continue
+            assert block["event"] == "runs"
+            data = json.loads(block["data"])
+            for run in data["runs"]:
+                seen.setdefault(run["session_id"], []).append((run["state"], run["percent"]))
+            gone.extend(data["gone"])
+            if done():
+                return
+    read_until(lambda: seen.get(sid, [("", 0)])[-1][0] == "complete")
+    # Ended runs expire at the next look-up past their time to live
+    wait_for(lambda: get_json(srv, "/healthz")["sessions"] == 0, what="the runs to expire")
+    read_until(lambda: sid in gone)
+    feed.close()
+    assert before not in seen or seen[before] == []     # a new follower starts from now
+    states = [state for state, _ in seen[sid]]
+    assert states[0] == "running" and states[-1] == "complete"
+    percents = [p for _, p in seen[sid]]
+    assert percents == sorted(percents) and len(percents) >= 3   # it follows the run
+    assert sid in gone and before in gone                        # and drops expired runs
+
+
+def test_runs_events_resume_after_the_last_event_id(make):
+    srv = make()
+    feed = Stream(srv, "/runs/events")
+    first = start_run(srv, iterations=2, **FAST)
+    block = next(b for b in iter(lambda: feed.next_block(time.monotonic() + TIMEOUT), None)
+                 if "event" in b)
+    feed.close()
+    second = start_run(srv, iterations=2, **FAST)
+    watch(srv, second).events()
+    resumed = Stream(srv, "/runs/events", {"Last-Event-ID": block["id"]})
+    got = set()
+    for _ in range(20):
+        nxt = resumed.next_block(time.monotonic() + TIMEOUT)
+        if nxt and "event" in nxt:
+            got |= {run["session_id"] for run in json.loads(nxt["data"])["runs"]}
+        if second in got:
+            break
+    resumed.close()
+    assert second in got and int(block["id"]) >= 1 and first
+
+
+def test_runs_events_need_the_operator(guarded):
+    srv, sid = guarded
+    assert request(srv, "GET", "/runs/events")[0] == 401
+    key = get_json(srv, "/status/" + sid, headers={"Authorization": "Bearer " + TOKEN})["view_key"]
+    assert request(srv, "GET", "/runs/events?view=" + key)[0] == 403
 
 
 def test_runs_lists_at_most_one_hundred(make):
@@ -3725,6 +3788,32 @@ def test_cli_tls_prints_an_https_url_and_refuses_a_bad_certificate(tls_files, tm
 
 
 ###############################################################################
+# What the page and the server both know, kept in step
+###############################################################################
+
+def page_constant(name):
+    """The text of a `const NAME = ...;` declaration of index.html's script."""
+    with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
+        page = f.read()
+    match = re.search(r"^const %s = (.*?);\s*(?://.*)?$" % name, page, re.M | re.S)
+    assert match, name
+    return match.group(1)
+
+
+def test_page_and_server_agree_on_the_contracts_names():
+    fields = set(re.findall(r'"(\w+)"', page_constant("STANDARD_FIELDS")))
+    assert fields == set(sse_demo.RESERVED_FIELDS)          # the job's own fields are the rest
+    assert re.findall(r'"(\w+)"', page_constant("LOG_LEVELS")) == list(sse_demo.LOG_LEVELS)
+    with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
+        page = f.read()
+    assert "#session=(%s)$" % sse_demo.SESSION_ID_PATTERN in page     # the run's id in a link
+    for state in sse_demo.TERMINAL_STATES | {"queued", "running"}:
+        assert '"%s"' % state in page, state                        # every state is handled
+    for name in sse_demo.EVENT_NAMES:
+        assert 'addEventListener("%s"' % name in page, name          # every event is listened to
+
+
+###############################################################################
 # The page in a real browser: headless Chromium over the DevTools protocol
 ###############################################################################
 
@@ -4282,7 +4371,9 @@ def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
         appeared = time.monotonic()
         browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid,
                          timeout=5)
-        assert time.monotonic() - appeared < 3.0          # polled every 2 s
+        assert time.monotonic() - appeared < 1.0          # pushed, not polled
+        percent = "document.querySelector('#runs button[data-session=\"%s\"]').textContent" % sid
+        browser.wait_for("/ [1-9][0-9]* %% /.test(%s)" % percent, timeout=5)   # it follows the run
         assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
     finally:
         cancel(server, sid)
@@ -4609,11 +4700,22 @@ def test_pushpin_passes_the_token_and_the_view_key_to_the_server(pushpin_with_to
     by_header = watch(proxy, sid, operator)
     by_cookie = watch(proxy, sid, {"Cookie": "%s=%s" % (sse_demo.TOKEN_COOKIE, PUSHPIN_TOKEN)})
     by_key = Stream(proxy, "/progress/%s?view=%s" % (sid, run["view_key"]))
+    feed = Stream(proxy, "/runs/events", operator)             # the runs panel's stream
+    assert feed.status == 200
     for stream in (by_header, by_cookie, by_key):
         assert stream.status == 200
         events = stream.events(timeout=15)
         assert ids(events) == list(range(1, 22)) and events[-1]["event"] == "complete"
     assert upstream.server.hub.streams == 0                    # Pushpin held them all
+    block = next(b for b in iter(lambda: feed.next_block(time.monotonic() + TIMEOUT), None)
+                 if "event" in b)
+    assert block["event"] == "runs" and sid in block["data"]
+    feed.close()
+    # Pushpin's own requests for the runs list (its Grip-Link) carry the feed's key
+    assert request(upstream, "GET", "/runs/events?feed=wrong")[0] == 401
+    pushpins = Stream(upstream, "/runs/events?feed=" + upstream.server.feed.key)
+    assert pushpins.status == 200
+    pushpins.close()
 
 
 def test_pushpin_late_joiner_gets_the_history(pushpin):
