@@ -30,10 +30,13 @@ Scenarios (full size / --quick):
             to the next run's first event (--set queue.tick=0.01: runs of
             20 ms, so the queue fills before it drains)
 
-Latency is the client's receive time minus the event's `ts` (the server's
-time.time() when it published it), both on this machine. It includes the
-client's own delay in reading a socket: `client CPU %` near 100 means the
-client, not the server, is the limit. The server is pinned to one CPU and
+Latency is the receive time minus the event's `ts` (the server's
+time.time() when it published it), both on this machine. Over plain HTTP the
+receive time is the kernel's (SO_TIMESTAMPNS, Linux), so the client's own
+delay in getting to a socket is not counted; over TLS, where the bytes the
+kernel received are not yet the event, it is the client's time.time() after
+decryption, which includes that delay (`client CPU %` near 100 means the
+client, not the server, is the limit). The server is pinned to one CPU and
 the client to another where the machine has two (taskset).
 
 Variants: `plain`; `tls` (a self-signed certificate made with openssl,
@@ -51,6 +54,7 @@ import shlex
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,6 +64,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "%s %s --port {port}" % (shlex.quote(sys.executable),
                                           shlex.quote(os.path.join(HERE, "..", "sse_demo.py")))
 TOKEN = "bench-token-0123456789abcdef"
+# Kernel receive timestamps: Python does not name SO_TIMESTAMPNS; 35 is its
+# value on x86 and ARM Linux. The control message is a timespec (two longs).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@ll")
+KERNEL_TIMES = sys.platform.startswith("linux")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -190,6 +199,8 @@ class Client:
             sock = self.tls.wrap_socket(sock, server_hostname="127.0.0.1")
         lines = ["GET /progress/%s HTTP/1.1" % sid, "Host: 127.0.0.1:%d" % self.port]
         lines += ["%s: %s" % item for item in self.headers.items()]
+        if KERNEL_TIMES and not self.tls:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         sock.setblocking(False)
         stream = Stream(sock, time.time())
@@ -282,7 +293,7 @@ class Loop:
     def read(self, stream):
         for _ in range(64):     # TLS may hold several records after one readable
             try:
-                data = stream.sock.recv(65536)
+                data, received = self.receive(stream.sock)
             except (BlockingIOError, ssl.SSLWantReadError):
                 return
             except OSError as exc:
@@ -291,10 +302,23 @@ class Loop:
             if not data:
                 self.drop(stream, "end of file")
                 return
-            stream.feed(data, time.time())
+            stream.feed(data, received)
             if stream.ended:
                 self.drop(stream, None)
                 return
+
+    @staticmethod
+    def receive(sock):
+        """(bytes, when they arrived): the kernel's time where it gives one."""
+        if isinstance(sock, ssl.SSLSocket) or not KERNEL_TIMES:
+            return sock.recv(65536), time.time()
+        data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(TIMESPEC.size))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and \
+                    len(payload) >= TIMESPEC.size:
+                seconds, nanoseconds = TIMESPEC.unpack(payload[:TIMESPEC.size])
+                return data, seconds + nanoseconds / 1e9
+        return data, time.time()
 
     def drop(self, stream, error):
         stream.error = error
