@@ -1004,7 +1004,7 @@ class RunsFeed:
         self._changed = {}                  # session id -> session, in the order they changed
         self._gone = set()
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._thread = None
 
     def start(self, supervisor):
@@ -1024,17 +1024,17 @@ class RunsFeed:
         self._wake.set()
 
     def stop(self):
-        self._stopping = True
+        self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(1.0)
 
     def _run(self):
-        while not self._stopping:
+        while not self._stopping.is_set():
             self._wake.wait()
             self._wake.clear()
             self.publish_changes()
-            time.sleep(RUNS_FEED_INTERVAL_S)     # what changes meanwhile goes in one event
+            self._stopping.wait(RUNS_FEED_INTERVAL_S)   # what changes meanwhile goes in one event
 
     def publish_changes(self):
         with self._lock:

@@ -1619,6 +1619,12 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
     srv = make(session_ttl_s=0.5)
     before = start_run(srv, iterations=2, **FAST)
     watch(srv, before).events()
+
+    def published(sid, state):
+        events = srv.server.feed.session.events_after(0, 1000)
+        return any(run["session_id"] == sid and run["state"] == state
+                   for event in events for run in json.loads(event.json)["runs"])
+    wait_for(lambda: published(before, "complete"), what="the feed to tell of the first run")
     feed = Stream(srv, "/runs/events")
     assert feed.status == 200 and feed.headers["content-type"] == "text/event-stream"
     sid = start_run(srv, iterations=20, tick=0.05, update_every=1)
