@@ -4091,11 +4091,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if last_id is None:
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
+        self.serve_stream(session, last_id,
+                          "view=" + session.view_key if self.server.access else None)
+
+    def serve_stream(self, session, last_id, link_query, path=None):
+        """Stream `session`'s events after `last_id`: held by Pushpin when the
+        request came through it (its own later requests carry
+        `link_query`), else written by the hub."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.check_grip_signature()
             body, headers = grip_hold(session, last_id, self.headers.get("Grip-Last"),
-                                      self.server.hub.keepalive_s,
-                                      "view=" + session.view_key if self.server.access else None)
+                                      self.server.hub.keepalive_s, link_query, path)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
@@ -4184,22 +4190,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # A new follower starts now (it reads GET /runs for the present); a
         # returning one gets what it missed.
         last_id = feed.last_id if resume is None else feed.resume_after(resume)
-        if self.server.grip and "Grip-Sig" in self.headers:    # Pushpin holds it
-            self.check_grip_signature()
-            body, headers = grip_hold(feed, last_id, self.headers.get("Grip-Last"),
-                                      self.server.hub.keepalive_s,
-                                      "feed=" + self.server.feed.key if self.server.access
-                                      else None, path="/runs/events")
-            self.send_body(200, body, "text/event-stream", headers)
-            return
-        hub = self.server.hub
-        hub.reserve(self.connection)
-        try:
-            sub = self.open_stream(feed, last_id)
-        except BaseException:
-            hub.release()
-            raise
-        hub.attach(sub)
+        self.serve_stream(feed, last_id,
+                          "feed=" + self.server.feed.key if self.server.access else None,
+                          "/runs/events")
 
     def route_series(self, query, session_id):
         session = self.find_session(session_id)

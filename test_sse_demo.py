@@ -3233,18 +3233,24 @@ class Receiver:
         self.server.server_close()
 
 
-@pytest.fixture
-def receiver():
+def each_stopped(make_one):
+    """A fixture's body: a factory whose products are all stopped afterwards,
+    also when the test fails."""
     made = []
 
-    def make_receiver(**options):
-        made.append(Receiver(**options))
+    def make(*args, **options):
+        made.append(make_one(*args, **options))
         return made[-1]
     try:
-        yield make_receiver
+        yield make
     finally:
-        for r in made:
-            r.stop()
+        for thing in made:
+            thing.stop()
+
+
+@pytest.fixture
+def receiver():
+    yield from each_stopped(Receiver)
 
 
 def test_notify_posts_each_runs_end_signed(make, receiver):
@@ -3357,7 +3363,8 @@ class Client:
         full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, SSE_DEMO_PATH] + list(args),
                                      stdout=stdout, stderr=subprocess.PIPE,
-                                     universal_newlines=True, env=full_env)
+                                     universal_newlines=True, env=full_env,
+                                     preexec_fn=default_sigint)
 
     def finish(self, timeout=TIMEOUT):
         try:
@@ -3373,18 +3380,16 @@ class Client:
 SSE_DEMO_PATH = os.path.join(HERE, "sse_demo.py")
 
 
+def default_sigint():
+    """In the child: Ctrl-C as at a terminal. A suite started in the
+    background (a CI script's `&`) passes SIGINT on ignored, and Python then
+    never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def clients():
-    made = []
-
-    def make_client(*args, **options):
-        made.append(Client(*args, **options))
-        return made[-1]
-    try:
-        yield make_client
-    finally:
-        for client in made:
-            client.stop()
+    yield from each_stopped(Client)
 
 
 def test_watch_exits_0_on_complete_with_plain_lines_when_not_a_terminal(make, clients):
