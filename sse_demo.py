@@ -9,7 +9,13 @@ CPython 3.7 to 3.13. Run it, open the page, press Start:
     python sse_demo.py --help          # every option
 
 The wire protocol (endpoints, event format, resume, limits) is PROTOCOL.md
-beside this file; the README says how to use it.
+beside this file; the README says how to use it, and tells "plug in your
+own job" in full (the short version is below).
+
+One name in the code for one thing: a *session* is what the README, the
+page and PROTOCOL.md call a *run* (one start of the job, its events and its
+state). The wire kept `session_id` and `/progress/<session id>` from the
+first version, and the code names things after the wire.
 
 Plug in your own job
 --------------------
@@ -26,6 +32,7 @@ A job is any callable whose first parameter receives ``progress``::
 
     python sse_demo.py --job mypackage.builds:optimize_build
     python sse_demo.py --cmd 'python train.py --epochs {epochs=10}'   # any program
+    python sse_demo.py watch 'http://host:5000/#session=...'        # a run, in a terminal
     # or from Python: sse_demo.serve(job=optimize_build, port=5000)
 
 - ``progress(done, total=None, stage=None, **fields)`` publishes an event
@@ -59,15 +66,18 @@ Threads, and what each owns
   record: series and events, for /series, /log, /export); with ``--cmd``,
   two more read the program's stdout and stderr, and a guard process
   (not a thread) kills the programs if the server dies without stopping.
+  With ``--concurrency N`` the ``RunQueue`` starts at most N of them; the
+  thread of a run that ends starts the next in line.
 - ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
-  (``--grip``) sends them to Pushpin, at most every 0.1 s. Neither is
-  waited for, but for the journal's id mark once per 1,000 events, asked
-  for ahead of need.
-- The writer, the journal and the publisher run under a ``Supervisor``: a
-  thread that stops is logged once and named by /healthz.
+  (``--grip``) sends them to Pushpin, at most every 0.1 s; ``notifier``
+  (``--notify``) POSTs each run's end; ``runs-feed`` gathers the runs list's
+  changes for GET /runs/events. None is waited for, but for the journal's
+  id mark once per 1,000 events, asked for ahead of need.
+- These long-lived threads run under a ``Supervisor``: a thread that stops
+  is logged once and named by /healthz.
 
-It binds to loopback; it is a demo and a reference, not an internet-facing
-server.
+It binds to loopback. Off loopback it asks for a token (and serves HTTPS
+with ``--certfile``): see "Reach it from another machine" in the README.
 """
 
 __version__ = "1.0.0"
