@@ -1163,14 +1163,112 @@ class Subscriber:
         self.sock.close()
 
 
+class Inbox:
+    """Work for the writer thread, posted by any other thread, and the socket
+    pair that wakes the writer's select(). An item posted with `once` (a
+    session with new events) is not queued again until the writer takes it,
+    so a fast job can never grow the inbox past the number of sessions. Once
+    closed (a `stop` was taken, or the writer gave up) it takes nothing more."""
+
+    def __init__(self):
+        self._lock = threading.Lock()   # guards _items, _once, _woken, closed
+        self._items = collections.deque()
+        self._once = set()              # `once` keys of items not taken yet
+        self._woken = False             # a wake-up byte is on its way
+        self.closed = False
+        self.wake_r, self._wake_w = socket.socketpair()   # the writer selects on wake_r
+        self.wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def post(self, item, once=None):
+        """Queue an item and wake the writer; False once closed."""
+        with self._lock:
+            if self.closed:
+                return False
+            if once is not None:
+                if once in self._once:
+                    return True
+                self._once.add(once)
+            self._items.append(item)
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass    # the buffer is full of wake-ups already
+            except OSError:
+                pass    # closed: nothing is listening any more
+        return True
+
+    def take(self):
+        """(The writer) everything posted so far; a `stop` among it closes
+        the inbox: what is queued still runs, nothing more comes."""
+        try:
+            self.wake_r.recv(4096)      # one byte per wake-up: see _woken
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._once.clear()
+            self._woken = False
+            if any(kind == "stop" for kind, _ in items):
+                self.closed = True
+        return items
+
+    def close(self):
+        """Take nothing more; what is left, for the writer to end."""
+        with self._lock:
+            self.closed = True
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    def release(self):
+        self.wake_r.close()
+        self._wake_w.close()
+
+
+class Timers:
+    """One timer per subscriber (its keepalive, its stuck-reader check or
+    its idle timeout), in a heap. Re-arming a timer leaves the old entry in
+    the heap; it is skipped when it comes up, as its due time is no longer
+    the subscriber's."""
+
+    def __init__(self):
+        self._heap = []                 # (due, seq, subscriber)
+        self._seq = itertools.count()
+
+    def arm(self, sub, due):
+        sub.due = due
+        heapq.heappush(self._heap, (due, next(self._seq), sub))
+
+    def delay(self):
+        """Seconds to the next timer, or None when there is none."""
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - time.monotonic())
+
+    def fired(self, now):
+        """The subscribers whose timer is due, each popped as it comes."""
+        while self._heap and self._heap[0][0] <= now:
+            due, _, sub = heapq.heappop(self._heap)
+            if not sub.closed and due == sub.due:
+                yield sub
+
+    def subscribers(self):
+        return [sub for _, _, sub in self._heap]
+
+
 class StreamHub:
-    """The one thread that writes every stream.
+    """The one thread that writes every stream: the loop.
 
     Other threads only call `attach`, `park`, `notify`, `reserve`/`release`
-    and `stop`: they put work in the inbox and wake the writer through a socket
-    pair. Everything else here belongs to the writer thread, so it needs no
-    lock: a subscriber's socket has exactly one writer, which also writes its
-    keepalives.
+    and `stop`: they post work to the `Inbox`, which wakes the writer.
+    Everything else here belongs to the writer thread, so it needs no lock:
+    a subscriber's socket has exactly one writer, which also writes its
+    keepalives (its `Timers`).
     """
 
     def __init__(self, keepalive_s, idle_timeout_s, max_streams, hand_back):
@@ -1180,15 +1278,9 @@ class StreamHub:
         self._hand_back = hand_back          # gives a connection back to the HTTP server
         self._count_lock = threading.Lock()  # guards streams
         self.streams = 0
-        self._inbox_lock = threading.Lock()  # guards _inbox, _dirty, _woken
-        self._inbox = collections.deque()
-        self._dirty = set()                  # sessions with events not yet written
-        self._woken = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._inbox = Inbox()
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._inbox.wake_r, selectors.EVENT_READ, None)
         self.capacity = selector_capacity(self._selector)   # sockets it can watch, or None
         self.max_streams = max_streams if self.capacity is None else \
             min(max_streams, self.capacity - SELECT_HEADROOM)
@@ -1196,9 +1288,7 @@ class StreamHub:
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._by_session = {}                # session -> {subscriber: None}
-        self._timers = []                    # heap of (due, seq, subscriber); an entry whose
-                                             # due is not its subscriber's is stale, skipped
-        self._seq = itertools.count()
+        self._timers = Timers()
         self._stopping = False
         self._thread = None
 
@@ -1238,7 +1328,7 @@ class StreamHub:
     def attach(self, subscriber):
         """Take over a stream whose response head is written (and reserved).
         Once the hub has stopped, the stream ends at once."""
-        if not self._post(("attach", subscriber)):
+        if not self._inbox.post(("attach", subscriber)):
             self.release()
             subscriber.end_body()
 
@@ -1249,41 +1339,19 @@ class StreamHub:
         connection = Subscriber(sock, address, session=None, cursor=0, chunked=True,
                                 keep_alive=True)
         connection.idle = True
-        if not self.can_watch(sock) or not self._post(("park", connection)):
+        if not self.can_watch(sock) or not self._inbox.post(("park", connection)):
             sock.close()
 
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
         most once, so a fast job can never grow it past the session count."""
-        self._post(("events", session), once=session)
+        self._inbox.post(("events", session), once=session)
 
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
-        self._post(("stop", None))
+        self._inbox.post(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def _post(self, item, once=None):
-        """Queue work for the writer; False if it has stopped taking any.
-        An item posted with `once` is not queued again until it is taken."""
-        with self._inbox_lock:
-            if self._stopping:
-                return False
-            if once is not None:
-                if once in self._dirty:
-                    return True
-                self._dirty.add(once)
-            self._inbox.append(item)
-            wake = not self._woken
-            self._woken = True
-        if wake:
-            try:
-                self._wake_w.send(b"\0")
-            except (BlockingIOError, InterruptedError):
-                pass    # the buffer is full of wake-ups already
-            except OSError:
-                pass    # the hub is closed: nothing is listening any more
-        return True
 
     # -- the writer thread ------------------------------------------------------
 
@@ -1300,7 +1368,7 @@ class StreamHub:
 
     def _turn(self):
         """One wait and what it found: inbox work, ready sockets, due timers."""
-        for key, mask in self._selector.select(0 if self._work else self._next_timer_delay()):
+        for key, mask in self._selector.select(0 if self._work else self._timers.delay()):
             if key.data is None:
                 self._drain_inbox()
             else:
@@ -1328,21 +1396,13 @@ class StreamHub:
         if failures >= WRITER_MAX_FAILURES:
             self.broken = "%d unexpected errors in a row" % failures
             log.error("the stream writer gives up: %s; new streams get 503", self.broken)
-            with self._inbox_lock:
-                self._stopping = True
+            self._work.extend(self._inbox.close())
+            self._stopping = True
 
     def _drain_inbox(self):
-        try:
-            self._wake_r.recv(4096)   # one byte per wake-up: see _woken
-        except (BlockingIOError, InterruptedError):
-            pass
-        with self._inbox_lock:
-            self._work.extend(self._inbox)
-            self._inbox.clear()
-            self._dirty.clear()
-            self._woken = False
-            if any(kind == "stop" for kind, _ in self._work):
-                self._stopping = True     # take nothing more; what is queued still runs
+        self._work.extend(self._inbox.take())
+        if self._inbox.closed:
+            self._stopping = True     # take nothing more; what is queued still runs
 
     def _do_work(self):
         """Inbox items, one at a time: if one fails, the rest stay for the
@@ -1360,7 +1420,7 @@ class StreamHub:
     def _add(self, sub):
         self._by_session.setdefault(sub.session, {})[sub] = None
         self._update_selector(sub, reading=True, writing=False)
-        self._schedule(sub, sub.last_write + self.keepalive_s)
+        self._timers.arm(sub, sub.last_write + self.keepalive_s)
         self._flush(sub)
 
     def _write_new_events(self, session):
@@ -1487,7 +1547,7 @@ class StreamHub:
             self._close(sub, "no room to watch an idle connection")
             return
         self._update_selector(sub, reading=True, writing=sub.writing)
-        self._schedule(sub, sub.last_write + self.idle_timeout_s)
+        self._timers.arm(sub, sub.last_write + self.idle_timeout_s)
 
     def _give_back(self, sub):
         self._update_selector(sub, reading=False, writing=False)
@@ -1545,25 +1605,13 @@ class StreamHub:
 
     # -- timers: keepalives, stuck readers, idle connections -----------------
 
-    def _schedule(self, sub, due):
-        """(Re)arm the subscriber's one timer; an earlier entry becomes stale."""
-        sub.due = due
-        heapq.heappush(self._timers, (due, next(self._seq), sub))
-
-    def _next_timer_delay(self):
-        if not self._timers:
-            return None
-        return max(0.0, self._timers[0][0] - time.monotonic())
-
     def _run_timers(self):
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            due, _, sub = heapq.heappop(self._timers)
-            if not sub.closed and due == sub.due:
-                self._serving = sub
-                due = self._on_timer(sub, now)
-                if due is not None:
-                    self._schedule(sub, due)
+        for sub in self._timers.fired(now):
+            self._serving = sub
+            due = self._on_timer(sub, now)
+            if due is not None:
+                self._timers.arm(sub, due)
 
     def _on_timer(self, sub, now):
         """A subscriber's timer fired: returns when to look at it again."""
@@ -1595,11 +1643,9 @@ class StreamHub:
                 if not sub.closed:
                     self._flush(sub)
                 self._close(sub, end_body=True)
-        for _, _, sub in self._timers:
+        for sub in self._timers.subscribers():
             self._close(sub)   # idle keep-alive connections
-        with self._inbox_lock:
-            self._work.extend(self._inbox)
-            self._inbox.clear()
+        self._work.extend(self._inbox.close())
         for kind, value in self._work:   # left over when the writer gave up
             if kind == "attach":
                 self.release()
@@ -1607,8 +1653,7 @@ class StreamHub:
             elif kind == "park":
                 self._close(value)
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._inbox.release()
 
 
 def selector_capacity(selector):
