@@ -472,7 +472,6 @@ class Session:
         self._reserve_ids = reserve_ids
         self.ids_reserved = None if reserve_ids is None else 0   # None: no journal, no mark
         self.lost_tail = False        # read back from a journal, cut short (see resume_after)
-        self.grip_id = 0              # --grip: the last event offered to Pushpin (see grip_hold)
 
     def publish(self, name, fields, place=None):
         """Stamp, encode and record one event, then tell the writers. Returns
@@ -601,12 +600,6 @@ class Session:
             if len(self.record.items) <= position and self.terminal_id is None:
                 self.record.changed.wait(timeout)
 
-    def offered(self, event_id):
-        """--grip: the events up to this id have gone to Pushpin (or were
-        dropped on the way); a join through Pushpin is answered up to here."""
-        with self._lock:
-            self.grip_id = max(self.grip_id, event_id)
-
     def may_control(self, authorization):
         """Does an `Authorization: Bearer <key>` header carry this run's key?
         Compared in constant time, so timing does not reveal the key."""
@@ -644,7 +637,6 @@ class Session:
             session.series = Series.from_state(series_state)
         last = session._history[-1]
         session.terminal_id = last.id
-        session.grip_id = last.id     # nothing of it waits for the publisher
         session.state = last.name
         session.ended_ts = events[-1][2].get("ts", time.time())
         session.ended_at = time.monotonic() - max(0.0, time.time() - session.ended_ts)
@@ -1694,15 +1686,36 @@ class GripPublisher:
         self._failing = False     # logged this outage already
         self._thread = None
         self._supervisor = None
+        self._offered_lock = threading.Lock()   # guards _offered
+        self._offered = {}        # session id -> the last event id offered to Pushpin
 
     def start(self, supervisor):
         self._supervisor = supervisor
         self._thread = supervisor.spawn("grip publisher", self._run)
 
+    def offered(self, session):
+        """The last event of the session offered to Pushpin (sent, or dropped
+        on the way): a join through Pushpin is answered up to here (see
+        grip_hold)."""
+        with self._offered_lock:
+            return self._offered.get(session.id, 0)
+
+    def all_offered(self, session):
+        """A session this publisher never carried (read back after a
+        restart): nothing of it waits for the publisher."""
+        self._mark_offered(session.id, session.last_id)
+
+    def forget(self, session):
+        with self._offered_lock:
+            self._offered.pop(session.id, None)
+
+    def _mark_offered(self, session_id, event_id):
+        with self._offered_lock:
+            self._offered[session_id] = max(self._offered.get(session_id, 0), event_id)
+
     def queue_event(self, session, event):
         """Queue the event's item (and, after the terminal one, a close), as
-        (session, event id, item): once it is sent, the session learns it
-        was offered (see grip_hold)."""
+        (session, event id, item): once it is sent, it counts as offered."""
         # Event 1's prev-id is 0, the one a join before any event holds with.
         item = {"channel": session.id, "id": str(event.id), "prev-id": str(event.id - 1),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
@@ -1716,9 +1729,7 @@ class GripPublisher:
                 self._queue.put_nowait((session, event.id, item))
             except queue.Full:
                 self._count_failure(1, "queue full")
-                # Never offered, but no longer waited for (Session.publish,
-                # the caller, holds the session's lock, as offered() does).
-                session.grip_id = max(session.grip_id, event.id)
+                self._mark_offered(session.id, event.id)   # never sent, no longer waited for
 
     def stats(self):
         return {"queued": self._queue.qsize(), "published": self.published,
@@ -1742,7 +1753,7 @@ class GripPublisher:
             for start in range(0, len(items), GRIP_BATCH):
                 self._send(items[start:start + GRIP_BATCH])
             for session, event_id, _ in entries:   # whether Pushpin took them or not
-                session.offered(event_id)
+                self._mark_offered(session.id, event_id)
             if stopping:
                 return
 
@@ -1808,7 +1819,8 @@ def merge_items(items):
     return [item for merged in runs.values() for item in merged]
 
 
-def grip_hold(session, last_id, grip_last, keepalive_s, link_query=None, path=None):
+def grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
+              path=None):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
@@ -1822,11 +1834,11 @@ def grip_hold(session, last_id, grip_last, keepalive_s, link_query=None, path=No
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
-    # Read first: every event up to it is in the history. Stopping there
+    # `offered_id` (the publisher's, read first) is the last event Pushpin
+    # has been given: every event up to it is in the history. Stopping there
     # (not at the newest event, which may still wait for the publisher) the
     # hold's prev-id is one Pushpin has seen or will see next, so a join
     # does not look like a gap, and the events after it arrive as items.
-    offered_id = session.grip_id
     ended = session.terminal_id is not None and session.terminal_id <= offered_id
     events = [e for e in session.events_after(last_id or 0, HISTORY_LIMIT) if e.id <= offered_id]
     body = (b"" if recovering else RETRY) + b"".join(e.sse for e in events)
@@ -4155,7 +4167,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         `link_query`), else written by the hub."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.check_grip_signature()
-            body, headers = grip_hold(session, last_id, self.headers.get("Grip-Last"),
+            body, headers = grip_hold(session, last_id, self.server.grip.offered(session),
+                                      self.headers.get("Grip-Last"),
                                       self.server.hub.keepalive_s, link_query, path)
             self.send_body(200, body, "text/event-stream", headers)
             return
@@ -4786,6 +4799,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.journal:
             ended, waiting = self.restore_runs(self.state_dir, self.session_ttl_s)
             self.registry.restore(ended)
+            for session in ended if self.grip else ():
+                self.grip.all_offered(session)
             self.journal.start(self.supervisor)
             for header, events in waiting:
                 self.requeue(header, events)
@@ -4912,9 +4927,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.grip.queue_event(session, event)
 
     def forget_run(self, session):
-        """A run has expired: its journal goes, and the runs panel drops it."""
+        """A run has expired: its journal goes, the runs panel drops it, and
+        the Pushpin publisher its count."""
         if self.journal:
             self.journal.forget(session)
+        if self.grip:
+            self.grip.forget(session)
         self.feed.forget(session)
 
     def describe_run(self, session, with_view_key):

@@ -4577,19 +4577,16 @@ def body_ids(body):
     return [int(i) for i in re.findall(rb"^id: ([0-9]+)$", body, re.M)]
 
 
-def grip_session(offer=True):
-    """A session whose events are offered to Pushpin as they are published
-    (as GripPublisher does a moment later), unless offer is False."""
-    def offered_at_once(session, event):     # called under the session's lock
-        session.grip_id = event.id
-    session = sse_demo.Session("S" * 22, "title", {}, offered_at_once if offer else
-                               (lambda s, e: None), lambda s: None)
+def grip_session():
+    """A session with its first event; the tests say how far Pushpin was
+    offered its events (GripPublisher.offered, in the server)."""
+    session = sse_demo.Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
     session.publish("progress", {"iteration": 0, "total": 2})
     return session
 
 
 def test_grip_hold_holds_a_running_run_on_its_channel():
-    body, headers = sse_demo.grip_hold(grip_session(), 0, None, 1.0)
+    body, headers = sse_demo.grip_hold(grip_session(), 0, 1, None, 1.0)
     assert body.startswith(b"retry: 2000\n\nid: 1\nevent: progress\n")
     assert headers["Grip-Hold"] == "stream"
     assert headers["Grip-Channel"] == "S" * 22 + "; prev-id=1"
@@ -4599,18 +4596,16 @@ def test_grip_hold_holds_a_running_run_on_its_channel():
 
 
 def test_grip_hold_answers_up_to_what_pushpin_was_offered():
-    session = grip_session(offer=False)
+    session = grip_session()
     session.publish("progress", {"iteration": 1, "total": 3})
     session.publish("complete", {"iteration": 3, "total": 3})
-    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    body, headers = sse_demo.grip_hold(session, 0, 0, None, 1.0)
     assert body == sse_demo.RETRY and headers["Grip-Channel"].endswith("; prev-id=0")
     assert "Grip-Link" in headers                 # reliable from before the first event
-    session.offered(2)
-    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    body, headers = sse_demo.grip_hold(session, 0, 2, None, 1.0)
     assert body_ids(body) == [1, 2]
     assert headers["Grip-Channel"].endswith("; prev-id=2")   # event 3 comes as an item
-    session.offered(3)
-    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    body, headers = sse_demo.grip_hold(session, 0, 3, None, 1.0)
     assert "Grip-Hold" not in headers and body.endswith(session.events_after(2, 1)[0].sse)
     assert body_ids(body) == [1, 2, 3]
 
@@ -4623,7 +4618,7 @@ def test_grip_hold_stops_at_the_offered_id_when_the_run_ends_while_it_reads():
         session.publish("complete", {"iteration": 2, "total": 2})
         return read_history(*args)
     session.events_after = run_ends_first
-    body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+    body, headers = sse_demo.grip_hold(session, 0, 1, None, 1.0)   # offered: read first
     # Held from event 1: the terminal event and the close reach Pushpin as
     # items whose prev-ids follow on, so the hold is not a gap.
     assert headers["Grip-Channel"].endswith("; prev-id=1")
@@ -4633,7 +4628,7 @@ def test_grip_hold_stops_at_the_offered_id_when_the_run_ends_while_it_reads():
 def test_grip_recovery_answers_only_what_is_missing():
     session = grip_session()
     session.publish("progress", {"iteration": 1, "total": 2})
-    body, headers = sse_demo.grip_hold(session, 0, "S" * 22 + "; last-id=1", 1.0)
+    body, headers = sse_demo.grip_hold(session, 0, 2, "S" * 22 + "; last-id=1", 1.0)
     assert body.startswith(b"id: 2\n") and headers["Grip-Channel"].endswith("prev-id=2")
 
 
@@ -4674,8 +4669,8 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
         assert conn.recv(65536).startswith(b"POST ")      # event 1 sent; waiting for the answer
         for i in range(1, 4):                              # event 2 queued, 3 and 4 dropped
             session.publish("progress", {"iteration": i, "total": 9})
-        assert publisher.stats()["failed"] == 2 and session.grip_id == 4
-        body, headers = sse_demo.grip_hold(session, 0, None, 1.0)
+        assert publisher.stats()["failed"] == 2 and publisher.offered(session) == 4
+        body, headers = sse_demo.grip_hold(session, 0, publisher.offered(session), None, 1.0)
         assert body_ids(body) == [1, 2, 3, 4]
     finally:
         if conn is not None:
