@@ -4000,6 +4000,8 @@ def test_browser_viewer_link_shows_the_run_only(browser, make, tmp_path):
     screenshot_sizes(viewer, tmp_path, "viewer")
     browser.click("cancel")
     viewer.wait_for(STATE + " === 'cancelled'")
+    for part in ("run-again", "start", "notify"):        # an ended run: still nothing to press
+        assert viewer.evaluate(SHOWN + "(%s)" % json.dumps(part)) is False, part
     assert viewer.problems() == []
 
 
