@@ -1625,6 +1625,7 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
         return any(run["session_id"] == sid and run["state"] == state
                    for event in events for run in json.loads(event.json)["runs"])
     wait_for(lambda: published(before, "complete"), what="the feed to tell of the first run")
+    history = srv.server.feed.session.last_id      # (it may still tell of it once more)
     feed = Stream(srv, "/runs/events")
     assert feed.status == 200 and feed.headers["content-type"] == "text/event-stream"
     sid = start_run(srv, iterations=20, tick=0.05, update_every=1)
@@ -1635,7 +1636,7 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
             block = feed.next_block(deadline)
             if block is None or "event" not in block:
                 continue
-            assert block["event"] == "runs"
+            assert block["event"] == "runs" and int(block["id"]) > history   # never history
             data = json.loads(block["data"])
             for run in data["runs"]:
                 seen.setdefault(run["session_id"], []).append((run["state"], run["percent"]))
@@ -1647,7 +1648,6 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
     wait_for(lambda: get_json(srv, "/healthz")["sessions"] == 0, what="the runs to expire")
     read_until(lambda: sid in gone)
     feed.close()
-    assert before not in seen or seen[before] == []     # a new follower starts from now
     states = [state for state, _ in seen[sid]]
     assert states[0] == "running" and states[-1] == "complete"
     percents = [p for _, p in seen[sid]]
@@ -3366,6 +3366,16 @@ class Client:
                                      universal_newlines=True, env=full_env,
                                      preexec_fn=default_sigint)
 
+    def wait_for_stream(self, srv):
+        """Until the server holds the client's stream; a client that exited
+        first fails the test with what it said."""
+        def streaming():
+            if self.proc.poll() is not None:
+                raise AssertionError("the client exited %d: %s" % (self.proc.returncode,
+                                                                   self.proc.stderr.read()))
+            return srv.server.hub.streams == 1
+        wait_for(streaming, timeout=2 * TIMEOUT, what="the client's stream")
+
     def finish(self, timeout=TIMEOUT):
         try:
             out, err = self.proc.communicate(timeout=timeout)
@@ -3416,7 +3426,7 @@ def test_watch_exits_3_when_cancelled(make, clients):
     srv = make()
     sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     watcher = clients("watch", page_url(srv), "--run", sid)
-    wait_for(lambda: srv.server.hub.streams == 1, what="the watcher's stream")
+    watcher.wait_for_stream(srv)
     assert cancel(srv, sid)[0] == 202
     status, out, _ = watcher.finish()
     assert status == 3 and out.splitlines()[-1] == "cancelled"
@@ -3463,7 +3473,7 @@ def test_watch_ctrl_c_leaves_the_run_running(make, clients):
     srv = make()
     sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     watcher = clients("watch", page_url(srv), "--run", sid)
-    wait_for(lambda: srv.server.hub.streams == 1, what="the watcher's stream")
+    watcher.wait_for_stream(srv)
     watcher.proc.send_signal(signal.SIGINT)
     status, out, _ = watcher.finish()
     assert status == 130 and "the run goes on" in out
