@@ -714,6 +714,15 @@ def first_after(history, event_id):
     return low
 
 
+def new_session_id():
+    """128 random bits, URL-safe, never starting with `-`: a command line
+    would read `--run -Xy...` as two options."""
+    while True:
+        session_id = secrets.token_urlsafe(TOKEN_BYTES)
+        if not session_id.startswith("-"):
+            return session_id
+
+
 class TooBusy(Exception):
     """A limit is reached: too many running sessions (429), open streams or
     threads (503). The handler answers with the status and Retry-After."""
@@ -749,7 +758,7 @@ class Registry:
             if self._running >= self.max_sessions:
                 raise TooBusy(429, "too many running sessions (limit %d); try again later"
                               % self.max_sessions)
-            session = Session(session_id or secrets.token_urlsafe(TOKEN_BYTES), title, params,
+            session = Session(session_id or new_session_id(), title, params,
                               self._on_publish, self._session_ended, self.record_bytes,
                               self._on_process, self._reserve_ids, state)
             self._sessions[session.id] = session

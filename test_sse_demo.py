@@ -113,6 +113,12 @@ def test_start_answers_201_with_paths(server):
                     "view_key": view, "cancel": "/cancel/" + sid, "status": "/status/" + sid}
 
 
+def test_session_ids_never_start_with_a_dash():
+    ids_made = [sse_demo.new_session_id() for _ in range(2000)]   # 1 in 64 would
+    assert not any(i.startswith("-") for i in ids_made) and len(set(ids_made)) == 2000
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in ids_made)
+
+
 def test_start_without_body_takes_the_defaults_and_ids_differ(server):
     first, second = [request(server, "POST", "/start") for _ in range(2)]
     assert first[0] == second[0] == 201
