@@ -3829,6 +3829,7 @@ class DeadlineReader(io.RawIOBase):
             sock.settimeout(WRITE_TIMEOUT_S)
 
 
+HANDED_TO_HUB = threading.local()  # .sock: the TLS connection this handler thread gave the hub
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
@@ -4216,10 +4217,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The connection, non-blocking, for the hub: the HTTP server lets go
         of it. A plain socket leaves the server's socket object (which then
         closes nothing); a TLS socket carries its session, so it stays whole
-        and the server is told not to close it (SSEServer.shutdown_request)."""
+        and this thread is marked as having handed it on, so that it does not
+        close it on its way out (SSEServer.shutdown_request). The mark is the
+        thread's, not the socket's: the hub may hand the socket back to a new
+        thread before this one has finished."""
         if is_tls(self.connection):
             sock = self.connection
-            sock.held_by_hub = True
+            HANDED_TO_HUB.sock = sock
         else:
             sock = socket.socket(fileno=self.connection.detach())
         sock.setblocking(False)
@@ -4845,14 +4849,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def shutdown_request(self, request):
-        """After a handler thread: close its connection, unless the hub holds it."""
-        if not getattr(request, "held_by_hub", False):
-            super().shutdown_request(request)
+        """After a handler thread: close its connection, unless this thread
+        handed it to the hub (Handler.take_connection)."""
+        if getattr(HANDED_TO_HUB, "sock", None) is request:
+            HANDED_TO_HUB.sock = None
+            return
+        super().shutdown_request(request)
 
     def hand_back(self, sock, address):
         """A connection the hub held has a request: answer it in a new thread."""
-        if is_tls(sock):
-            sock.held_by_hub = False
         self.process_request(sock, address)
 
     def server_bind(self):
