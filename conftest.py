@@ -570,7 +570,10 @@ class Page:
 
     def log_lines(self, progress=False):
         """The page's log, newest first, one string per line; with
-        `progress`, the progress events too (the page's toggle)."""
+        `progress`, the progress events too (the page's toggle). Lines
+        drawn so far: it waits for the page's next frame to draw the lines
+        it has received (a state shows at once, its log line a frame later)."""
+        self.wait_for("unshownLines.length === 0")
         if progress:
             self.evaluate("(() => { const box = document.getElementById('log-progress');"
                           "if (!box.checked) box.click(); })()")
