@@ -4018,7 +4018,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                  "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
         if path == "/healthz":
             return False
-        offered = parse_query(query).get("token") if path == "/" else None
+        given = parse_query(query)
+        offered = given.get("token") if path == "/" else None
         if offered is not None and self.command in ("GET", "HEAD"):
             if access.holds_token(offered):
                 self.sign_in()
@@ -4030,10 +4031,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if path.startswith("/cancel/") and self.headers.get("Authorization"):
             return False      # perhaps the run's control key: route_cancel decides
-        view_key = parse_query(query).get("view")
+        view_key = given.get("view")
         if view_key is not None and self.viewer_admitted(path, view_key):
             return False
-        feed_key = parse_query(query).get("feed")
+        feed_key = given.get("feed")
         if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
                 feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
             return False      # Pushpin's own request for the runs list it holds
@@ -4250,8 +4251,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_status(self, query, session_id):
         session = self.find_session(session_id)
-        entry = self.server.describe_run(session, self.is_operator())
-        extras = {name: entry[name] for name in ("estimated_start_s", "view_key") if name in entry}
+        extras = self.server.run_extras(session, self.is_operator())
         self.send_json(200, dict(session.snapshot(), **extras))
 
     def route_job(self, query):
@@ -4950,16 +4950,20 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.feed.forget(session)
 
     def describe_run(self, session, with_view_key):
-        """A run's entry in /runs and /runs/events (and /status's extras): a
-        queued run's estimated start; the view key for the operator, whose
-        page builds watch links from it (with no access control there is
-        nothing to hold, and no viewer is told)."""
-        entry = session.summary()
+        """A run's entry in /runs and /runs/events."""
+        return dict(session.summary(), **self.run_extras(session, with_view_key))
+
+    def run_extras(self, session, with_view_key):
+        """What the server adds to a run's entry and /status: a queued run's
+        estimated start; the view key for the operator, whose page builds
+        watch links from it (with no access control there is nothing to
+        hold, and no viewer is told)."""
+        extras = {}
         if session.state == "queued":
-            entry["estimated_start_s"] = self.queue.estimated_start_s(session)
+            extras["estimated_start_s"] = self.queue.estimated_start_s(session)
         if with_view_key and self.access is not None:
-            entry["view_key"] = session.view_key
-        return entry
+            extras["view_key"] = session.view_key
+        return extras
 
     def run_ended(self, session):
         """A run's terminal event is out: its slot goes to the next in line,

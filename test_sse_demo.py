@@ -4403,7 +4403,8 @@ def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
                          timeout=5)
         assert time.monotonic() - appeared < 1.0          # pushed, not polled
         percent = "document.querySelector('#runs button[data-session=\"%s\"]').textContent" % sid
-        browser.wait_for("/ [1-9][0-9]* %% /.test(%s)" % percent, timeout=5)   # it follows the run
+        browser.wait_for("/ (?:[1-9][0-9]*|0)(?:\\.[0-9]+)? %% /.test(%s) && !/ 0 %% /.test(%s)"
+                         % (percent, percent), timeout=5)   # it follows the run past 0 %
         assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
     finally:
         cancel(server, sid)
