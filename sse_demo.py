@@ -391,6 +391,9 @@ class Record:
         """(the export lines from `position` on, the next position)."""
         return [item[2] for item in self.items[position:]], len(self.items)
 
+    def __len__(self):
+        return len(self.items)
+
 
 def export_line(event_id, name, data_json):
     """One /export (and journal) line: {"id", "event", "data"}; the data is the
@@ -440,7 +443,7 @@ class Session:
 
     def __init__(self, session_id, title, params, on_publish, on_end,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 reserve_ids=None, state="running"):
+                 state="running"):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.view_key = secrets.token_urlsafe(TOKEN_BYTES)   # lets its holder watch this run
@@ -466,12 +469,10 @@ class Session:
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
-        self.journal_file = None      # read back after a restart: its record is this file
         self.process = None           # --cmd: the program's identity (see process_identity)
         self._on_process = on_process
-        self._reserve_ids = reserve_ids
-        self.ids_reserved = None if reserve_ids is None else 0   # None: no journal, no mark
-        self.lost_tail = False        # read back from a journal, cut short (see resume_after)
+        self.id_mark = None           # with a journal: the mark its ids stay within (IdMark)
+        self.ids_may_pass_end = False  # clients may hold ids past its end (see resume_after)
 
     def publish(self, name, fields, place=None):
         """Stamp, encode and record one event, then tell the writers. Returns
@@ -490,7 +491,8 @@ class Session:
         data["elapsed_s"] = round(time.monotonic() - self.started, 2)
         event = None
         while event is None:
-            self._keep_ids_ahead()
+            if self.id_mark is not None:
+                self.id_mark.keep_ahead()
             data["ts"] = time.time()
             with self._lock:
                 if self.terminal_id is not None:
@@ -502,7 +504,7 @@ class Session:
                     self.place_told = place
                 # Another thread may have taken the last id below the mark
                 # since: then wait for the next mark, outside the lock.
-                if self.ids_reserved is None or self.last_id < self.ids_reserved:
+                if self.id_mark is None or self.id_mark.covers(self.last_id + 1):
                     event = self._append(name, data)
         if event.terminal:
             self._on_end(self)
@@ -524,25 +526,6 @@ class Session:
         # whichever threads publish them.
         self._on_publish(self, event)
         return event
-
-    def _keep_ids_ahead(self):
-        """With a journal, an id goes out only below the high-water mark it
-        holds: after a crash the run's terminal event takes an id past that
-        mark, so no client ever sees an id go back. The next mark is asked
-        for half a block ahead; the run waits only if the disk is that far
-        behind."""
-        reserved = self.ids_reserved
-        if reserved is None:
-            return
-        if reserved - self.last_id == ID_BLOCK // 2:
-            self._reserve_ids(self, reserved + ID_BLOCK, wait=False)
-        while self.last_id >= self.ids_reserved:
-            self._reserve_ids(self, self.last_id + ID_BLOCK, wait=True)
-
-    def ids_reserved_up_to(self, upto):
-        """The journal has written the mark `upto` (called by reserve_ids)."""
-        with self._lock:
-            self.ids_reserved = max(self.ids_reserved or 0, upto)
 
     def note_process(self, identity):
         """--cmd: the run's program started (the journal keeps it, so a
@@ -594,56 +577,44 @@ class Session:
             return self.record.lines_after(position)
 
     def wait_for_record(self, position, timeout):
-        """Wait until the record holds more than `position` items or the run
+        """Wait until the record holds more than `position` lines or the run
         has ended, at most `timeout` seconds."""
         with self._lock:
-            if len(self.record.items) <= position and self.terminal_id is None:
+            if len(self.record) <= position and self.terminal_id is None:
                 self.record.changed.wait(timeout)
 
-    def may_control(self, authorization):
-        """Does an `Authorization: Bearer <key>` header carry this run's key?
-        Compared in constant time, so timing does not reveal the key."""
-        scheme, _, key = (authorization or "").strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            key.strip().encode(), self.control_key.encode())
+    def record_ended(self, position):
+        """Has the run ended, and has a reader at `position` read its record whole?"""
+        return self.terminal_id is not None and position >= len(self.record)
 
-    def may_view(self, key):
+    def holds_control_key(self, key):
+        """Is `key` this run's control key? Compared in constant time, so
+        timing does not reveal the key."""
+        return key is not None and hmac.compare_digest(key.encode("utf-8", "replace"),
+                                                       self.control_key.encode())
+
+    def holds_view_key(self, key):
         """Is `key` this run's view key? Compared in constant time."""
         return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
 
-    def requeued(self, events, ids_mark):
-        """A queued run read back from its journal: its `queued` events are
-        its history, and its next id goes past the mark the journal held."""
+    def replay(self, events):
+        """Events read back from the journal, (id, name, data) oldest first:
+        into the history and the series, not the record (that stays on
+        disk). A terminal one ends the run as it ended then."""
         with self._lock:
             for event_id, name, data in events:
                 self._keep(Event(event_id, name, data), data, record=False)
-            self.last_id = max(self.last_id, ids_mark)
-            if self.ids_reserved is not None:
-                self.ids_reserved = self.last_id
+            if events and events[-1][1] in TERMINAL_STATES:
+                self.terminal_id, self.state = self.last_id, events[-1][1]
+                self.ended_ts = events[-1][2].get("ts", time.time())
+                self.ended_at = time.monotonic() - max(0.0, time.time() - self.ended_ts)
+                self.cancel.set()
 
-    @classmethod
-    def restored(cls, session_id, title, params, started_ts, events, on_publish, on_end,
-                 journal_file, series_state=None, view_key=None):
-        """A session rebuilt from its journal: (id, name, data) events, oldest
-        first, the last of them terminal. Its record stays on disk: /log and
-        /export read `journal_file`."""
-        session = cls(session_id, title, params, on_publish, on_end)
-        session.started_ts = started_ts
-        session.view_key = view_key or session.view_key   # watch links outlive a restart
-        session.journal_file = journal_file
-        for event_id, name, data in events:
-            session._keep(Event(event_id, name, data), data, record=False)
-        if series_state is not None:
-            session.series = Series.from_state(series_state)
-        last = session._history[-1]
-        session.terminal_id = last.id
-        session.state = last.name
-        session.ended_ts = events[-1][2].get("ts", time.time())
-        session.ended_at = time.monotonic() - max(0.0, time.time() - session.ended_ts)
-        session.lost_tail = events[-1][1] == "error" and \
-            events[-1][2].get("message") == INTERRUPTED
-        session.cancel.set()
-        return session
+    def skip_ids(self, event_id):
+        """The next event's id goes past `event_id` (a run read back from its
+        journal goes on past the journal's id mark)."""
+        with self._lock:
+            self.last_id = max(self.last_id, event_id)
 
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
@@ -686,14 +657,15 @@ class Session:
 
     def resume_after(self, last_event_id):
         """The id after which a client's stream starts, or None when it holds
-        the terminal event already (204). A run read back from a journal that
-        lost its last events (the server crashed before writing them) may be
-        asked for ids past its terminal one: that client has not seen the
-        terminal event, so it gets it."""
+        the terminal event already (204). A client may hold ids past the
+        terminal one when the run was read back from a journal that lost
+        its last events and ended it there (a disk too slow for its id
+        marks, then a crash): that client has not seen the terminal event,
+        so it gets it."""
         if last_event_id is None:
             return 0
         if self.terminal_id is not None and last_event_id >= self.terminal_id:
-            if self.lost_tail and last_event_id > self.terminal_id:
+            if self.ids_may_pass_end and last_event_id > self.terminal_id:
                 return self.terminal_id - 1
             return None
         return min(last_event_id, self.last_id)
@@ -738,10 +710,9 @@ class Registry:
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 reserve_ids=None, on_end=lambda session: None):
+                 on_end=lambda session: None):
         self.max_sessions = max_sessions
         self._on_end = on_end            # after a run's terminal event: the queue moves on
-        self._reserve_ids = reserve_ids
         self.record_bytes = record_bytes
         self._on_process = on_process
         self.session_ttl_s = session_ttl_s
@@ -760,7 +731,7 @@ class Registry:
                               % self.max_sessions)
             session = Session(session_id or new_session_id(), title, params,
                               self._on_publish, self._session_ended, self.record_bytes,
-                              self._on_process, self._reserve_ids, state)
+                              self._on_process, state)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -800,7 +771,7 @@ class Registry:
             sessions = list(self._sessions.values())
         found = None
         for session in sessions:
-            if session.may_view(key):
+            if session.holds_view_key(key):
                 found = session
         return found
 
@@ -1942,7 +1913,13 @@ class Journal:
         POST /start answers (the request's thread waits, not the run), so
         even a crash in its first second leaves a trace of it."""
         self._items.append(("begin", session, None))
+        self.guard_ids(session)
         self.reserve_ids(session, ID_BLOCK, wait=True)
+
+    def guard_ids(self, session):
+        """From now on the run publishes ids only within marks this journal
+        has written."""
+        session.id_mark = IdMark(self, session)
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
@@ -1975,7 +1952,7 @@ class Journal:
         self._wake.set()
         if wait:
             self._wait_written(written, "run %s's id mark" % session.id)
-            session.ids_reserved_up_to(upto)
+            session.id_mark.raise_to(upto)
 
     def note_running(self, session):
         """A queued run starts: `{"running": ts}`, written to the operating
@@ -2047,7 +2024,7 @@ class Journal:
             self._flush(name, fsync=name in ended)
         for session, (upto, written) in marks:   # in the operating system now, or failed
             if session is not None:
-                session.ids_reserved_up_to(upto)
+                session.id_mark.raise_to(upto)
             written.set()
         for name in ended:
             self._close(name)
@@ -2120,6 +2097,54 @@ class Journal:
 
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)    # never follow a link out of DIR
+
+
+class IdMark:
+    """A run's high-water mark in its journal. The run publishes an id only
+    within a mark the operating system holds, so after a crash its terminal
+    event takes an id past the mark (see interrupted_event) and no client
+    ever sees an id go back. The next mark is asked for half a block ahead;
+    the run waits only when the disk is that far behind. Session.publish
+    asks it, outside the run's lock and then under it."""
+
+    def __init__(self, journal, session):
+        self.upto = session.last_id       # nothing is granted past what it has
+        self._journal = journal
+        self._session = session
+        self._lock = threading.Lock()     # guards upto's rise
+
+    def covers(self, event_id):
+        return event_id <= self.upto
+
+    def keep_ahead(self):
+        session = self._session
+        if self.upto - session.last_id == ID_BLOCK // 2:
+            self._journal.reserve_ids(session, self.upto + ID_BLOCK, wait=False)
+        while session.last_id >= self.upto:
+            self._journal.reserve_ids(session, session.last_id + ID_BLOCK, wait=True)
+
+    def raise_to(self, upto):
+        """The journal has written the mark `upto`."""
+        with self._lock:
+            self.upto = max(self.upto, upto)
+
+
+class JournalRecord:
+    """The record of a run read back after a restart: its journal file, read
+    when /log or /export asks, so it costs no memory meanwhile."""
+
+    def __init__(self, path):
+        self.path = path
+        self._count = 0                   # lines at the last read
+
+    def lines_after(self, position):
+        """(the export lines from `position` on, the next position)."""
+        lines = journal_export_lines(self.path)
+        self._count = len(lines)
+        return lines[position:], len(lines)
+
+    def __len__(self):
+        return self._count
 
 
 def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
@@ -2235,6 +2260,24 @@ def load_journal(directory, session_ttl_s):
                         entry.name, exc.strerror or exc)
         runs.append((header, events))
     return runs
+
+
+def session_read_back(header, events, path, on_publish):
+    """A run rebuilt from its journal: its history and series from `events`
+    (the last of them terminal), its record left on disk at `path`, and its
+    view key kept, so watch links outlive a restart."""
+    session = Session(header["session_id"], header["title"], header["params"], on_publish,
+                      lambda session: None)
+    session.started_ts = header["started_ts"]
+    if isinstance(header.get("view_key"), str):
+        session.view_key = header["view_key"]
+    session.record = JournalRecord(path)
+    session.replay(events)
+    session.ids_may_pass_end = events[-1][1] == "error" and \
+        events[-1][2].get("message") == INTERRUPTED    # ended by load_journal
+    if header.get("series") is not None:
+        session.series = Series.from_state(header["series"])
+    return session
 
 
 def mend_journal(directory, name, problem, good_bytes, interrupted):
@@ -3693,6 +3736,12 @@ def parse_query(query):
     return result
 
 
+def bearer_credential(authorization):
+    """The credential of an `Authorization: Bearer <credential>` header, or None."""
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def host_name(host_header):
     """The host part of a Host header, lowercased: `[::1]:80` -> `::1`."""
     host = host_header.strip().lower()
@@ -4053,7 +4102,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         match = VIEWABLE_PATH.fullmatch(path)
         if match and self.command in ("GET", "HEAD"):
             session = self.server.registry.get(match.group(1))
-            if session is not None and session.may_view(key):
+            if session is not None and session.holds_view_key(key):
                 return True
         viewed = self.server.registry.viewed_by(key)
         if viewed is None:
@@ -4070,8 +4119,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         access = self.server.access
         if access is None:
             return False
-        scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
-        if scheme.lower() == "bearer" and access.holds_token(value.strip()):
+        if access.holds_token(bearer_credential(self.headers.get("Authorization"))):
             return True
         return access.holds_token(cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
 
@@ -4239,7 +4287,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
-        if not (session.may_control(self.headers.get("Authorization")) or self.is_operator()):
+        if not (session.holds_control_key(bearer_credential(self.headers.get("Authorization")))
+                or self.is_operator()):
             raise HTTPError(403, "cancelling a run takes its control key "
                                  "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
@@ -4320,15 +4369,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         frame = encode_chunk if chunked else (lambda data: data)
         position = 0
         while True:
-            if session.journal_file:
-                lines, position = journal_export_lines(session.journal_file), None
-            else:
-                lines, position = session.record_lines(position)
+            lines, position = session.record_lines(position)
             body = b"".join(convert(line) for line in lines)
             if body:
                 self.wfile.write(frame(body))
-            if not follow or position is None or session.terminal_id is not None and \
-                    position >= len(session.record.items) or self.server.stopping:
+            if not follow or session.record_ended(position) or self.server.stopping:
                 break
             session.wait_for_record(position, self.server.hub.keepalive_s)
         if chunked:
@@ -4784,7 +4829,6 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                  session_ttl_s, self.on_publish, self.forget_run,
                                  int(max_record_mb * 2 ** 20),
                                  self.journal.note_process if self.journal else lambda s: None,
-                                 self.journal.reserve_ids if self.journal else None,
                                  self.run_ended)
         self.page = read_page()
         self.page_csp = csp_for(self.page or b"")
@@ -4892,11 +4936,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
             if header["waiting"]:
                 waiting.append((header, events))
                 continue
-            restored.append(Session.restored(
-                header["session_id"], header["title"], header["params"], header["started_ts"],
-                events, self.on_publish, lambda session: None,
-                journal_path(state_dir, header["session_id"]), header.get("series"),
-                header.get("view_key") if isinstance(header.get("view_key"), str) else None))
+            restored.append(session_read_back(header, events,
+                                              journal_path(state_dir, header["session_id"]),
+                                              self.on_publish))
         if restored or waiting:
             log.info("%d runs read back from the journal in %s, %d of them still queued",
                      len(restored) + len(waiting), state_dir, len(waiting))
@@ -4911,7 +4953,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
-        session.requeued(events, header.get("ids", 0))
+        session.replay(events)
+        session.skip_ids(header.get("ids", 0))
+        self.journal.guard_ids(session)
         self.queue.submit(session)
 
     def start_session(self, params):

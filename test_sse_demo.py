@@ -2677,18 +2677,20 @@ def test_publishers_racing_at_an_id_mark_neither_deadlock_nor_pass_it():
     they meet at every block boundary."""
     granted = []
 
-    def reserve_ids(session, upto, wait):
-        if wait:
-            granted.append(upto)
-            session.ids_reserved_up_to(upto)
-    session = sse_demo.Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None,
-                               reserve_ids=reserve_ids)
+    class Journal:
+        @staticmethod
+        def reserve_ids(session, upto, wait):
+            if wait:
+                granted.append(upto)
+                session.id_mark.raise_to(upto)
+    session = sse_demo.Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session.id_mark = sse_demo.IdMark(Journal, session)
     past_the_mark = []
 
     def publisher():
         for _ in range(2500):
             event = session.publish("log", {"message": "x", "level": "info"})
-            if event.id > session.ids_reserved:
+            if event.id > session.id_mark.upto:
                 past_the_mark.append(event.id)
     threads = [threading.Thread(target=publisher, daemon=True) for _ in range(4)]
     for thread in threads:
@@ -3069,7 +3071,8 @@ def most_at_once(runs):
 def test_events_after_an_id_gap_are_found_wherever_the_reader_is():
     session = sse_demo.Session("G" * 22, "title", {}, lambda s, e: None, lambda s: None,
                                state="queued")
-    session.requeued([(1, "queued", {"position": 2, "ts": 1.0})], ids_mark=1000)
+    session.replay([(1, "queued", {"position": 2, "ts": 1.0})])
+    session.skip_ids(1000)
     for i in range(3):
         session.publish("progress", {"iteration": i})
     assert [e.id for e in session.events_after(0, 10)] == [1, 1001, 1002, 1003]
