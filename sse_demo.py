@@ -191,14 +191,14 @@ RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts",
 json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
-def encode_event(event_id, name, data):
-    """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
-    return frame_event(event_id, name, json_line(data).encode())
-
-
 def frame_event(event_id, name, data_json):
     """An event's fields around its data, already encoded as one JSON line."""
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data_json)
+
+
+def encode_event(event_id, name, data):
+    """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
+    return frame_event(event_id, name, json_line(data).encode())
 
 
 def encode_chunk(payload):
@@ -255,6 +255,22 @@ def numeric_fields(data):
     return {name: value for name, value in data.items()
             if name not in RESERVED_FIELDS and not isinstance(value, bool)
             and isinstance(value, (int, float))}
+
+
+def merge_buckets(buckets, factor):
+    """Buckets of `factor` times the width: neighbours merged, in order."""
+    merged = {}
+    for index in sorted(buckets):
+        first, values = buckets[index]
+        target = merged.get(index // factor)
+        if target is None:
+            merged[index // factor] = (first, dict(values))
+            continue
+        for name, (low, high, last) in values.items():
+            kept = target[1].get(name)
+            target[1][name] = (low, high, last) if kept is None else \
+                (min(kept[0], low), max(kept[1], high), last)
+    return merged
 
 
 class Series:
@@ -323,20 +339,11 @@ class Series:
                 "fields": fields, "last_id": self.last_id}
 
 
-def merge_buckets(buckets, factor):
-    """Buckets of `factor` times the width: neighbours merged, in order."""
-    merged = {}
-    for index in sorted(buckets):
-        first, values = buckets[index]
-        target = merged.get(index // factor)
-        if target is None:
-            merged[index // factor] = (first, dict(values))
-            continue
-        for name, (low, high, last) in values.items():
-            kept = target[1].get(name)
-            target[1][name] = (low, high, last) if kept is None else \
-                (min(kept[0], low), max(kept[1], high), last)
-    return merged
+def export_line(event_id, name, data_json):
+    """One /export (and journal) line: {"id", "event", "data"}; the data is the
+    event's own JSON, not encoded again."""
+    return b'{"id":%s,"event":"%s","data":%s}\n' % (
+        b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
 
 
 class Record:
@@ -395,13 +402,6 @@ class Record:
         return len(self.items)
 
 
-def export_line(event_id, name, data_json):
-    """One /export (and journal) line: {"id", "event", "data"}; the data is the
-    event's own JSON, not encoded again."""
-    return b'{"id":%s,"event":"%s","data":%s}\n' % (
-        b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
-
-
 def log_text_line(record):
     """One /log line from an export record: ISO 8601 UTC time with
     milliseconds, level, [stream], message; further lines indented by two."""
@@ -429,6 +429,21 @@ def without_stamps(data):
     """An event's data without what belongs to that event alone: what a
     terminal event carries over from the latest progress."""
     return {k: v for k, v in data.items() if k not in STAMP_FIELDS}
+
+
+def first_after(history, event_id):
+    """The index of the first event with an id above `event_id`, by halving.
+    Ids only go up, but not always by one: a run read back after a crash
+    goes on past its journal's id mark (a queued run), or ends there (an
+    interrupted one)."""
+    low, high = 0, len(history)
+    while low < high:
+        middle = (low + high) // 2
+        if history[middle].id <= event_id:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 class Session:
@@ -671,19 +686,23 @@ class Session:
         return min(last_event_id, self.last_id)
 
 
-def first_after(history, event_id):
-    """The index of the first event with an id above `event_id`, by halving.
-    Ids only go up, but not always by one: a run read back after a crash
-    goes on past its journal's id mark (a queued run), or ends there (an
-    interrupted one)."""
-    low, high = 0, len(history)
-    while low < high:
-        middle = (low + high) // 2
-        if history[middle].id <= event_id:
-            low = middle + 1
-        else:
-            high = middle
-    return low
+def end_run(session, name, extra):
+    """Publish the terminal event: the latest progress fields plus `extra`.
+    A run the server stopped (it is shutting down) ends `error`, saying so,
+    not `cancelled`: nobody cancelled it."""
+    if name == "cancelled" and session.stop_reason:
+        name, extra = "error", {"message": session.stop_reason}
+    fields = session.latest_fields()
+    if name == "complete" and fields.get("total"):
+        fields["iteration"] = fields["total"]
+        fields["percent"] = 100.0
+    fields.update(extra)
+    try:
+        session.publish(name, fields)
+    except (TypeError, ValueError) as exc:
+        fields.pop("result", None)
+        fields["message"] = "the job's result is not JSON-serialisable: %s" % exc
+        session.publish("error", fields)
 
 
 def new_session_id():
@@ -1031,6 +1050,11 @@ class RunsFeed:
 # Background threads: one supervision for all
 ###############################################################################
 
+def describe_exception(exc):
+    text = str(exc).strip()
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
 class Supervisor:
     """Starts the server's long-lived threads (the stream writer, the
     journal, the GRIP publisher) and watches them. A thread whose body
@@ -1231,6 +1255,12 @@ class Timers:
 
     def subscribers(self):
         return [sub for _, _, sub in self._heap]
+
+
+def selector_capacity(selector):
+    """How many sockets the selector can watch: select()'s fixed set size, or
+    None for epoll, kqueue and poll, which have no such limit."""
+    return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
 class StreamHub:
@@ -1628,15 +1658,27 @@ class StreamHub:
         self._inbox.release()
 
 
-def selector_capacity(selector):
-    """How many sockets the selector can watch: select()'s fixed set size, or
-    None for epoll, kqueue and poll, which have no such limit."""
-    return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
-
-
 ###############################################################################
 # Behind Pushpin: GRIP (https://pushpin.org/docs/protocols/grip/)
 ###############################################################################
+
+def merge_items(items):
+    """The items with each run's consecutive events joined into one: its
+    content is theirs in order, its prev-id the first one's and its id the
+    last one's, so Pushpin's gap check reads it as one step. A close, or an
+    event that does not follow the one before, stays an item of its own."""
+    runs = {}
+    for item in items:
+        merged = runs.setdefault(item["channel"], [])
+        last = merged[-1]["formats"]["http-stream"] if merged else {}
+        this = item["formats"]["http-stream"]
+        if "content" in last and "content" in this and item.get("prev-id") == merged[-1]["id"]:
+            merged[-1] = dict(merged[-1], id=item["id"],
+                              formats={"http-stream": {"content": last["content"] + this["content"]}})
+        else:
+            merged.append(item)
+    return [item for merged in runs.values() for item in merged]
+
 
 class GripPublisher:
     """Publishes every event to Pushpin as an `http-stream` item on the
@@ -1781,24 +1823,6 @@ class GripPublisher:
             log.warning("GRIP publishing failed (%s); clients will resume from history", reason)
 
 
-def merge_items(items):
-    """The items with each run's consecutive events joined into one: its
-    content is theirs in order, its prev-id the first one's and its id the
-    last one's, so Pushpin's gap check reads it as one step. A close, or an
-    event that does not follow the one before, stays an item of its own."""
-    runs = {}
-    for item in items:
-        merged = runs.setdefault(item["channel"], [])
-        last = merged[-1]["formats"]["http-stream"] if merged else {}
-        this = item["formats"]["http-stream"]
-        if "content" in last and "content" in this and item.get("prev-id") == merged[-1]["id"]:
-            merged[-1] = dict(merged[-1], id=item["id"],
-                              formats={"http-stream": {"content": last["content"] + this["content"]}})
-        else:
-            merged.append(item)
-    return [item for merged in runs.values() for item in merged]
-
-
 def grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
               path=None):
     """The answer to a stream request that came through Pushpin: (body,
@@ -1855,6 +1879,1069 @@ def grip_signature_valid(token, key):
 
 
 ###############################################################################
+# The job: a plain function, and the thread that runs it
+###############################################################################
+
+class BadParam(ValueError):
+    """A /start parameter the job cannot take: the job layer's own error,
+    which the HTTP handler answers as 400 naming `param`."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
+class Cancelled(BaseException):
+    """Raised by `progress(...)` after POST /cancel, to unwind the job.
+
+    A BaseException, like asyncio.CancelledError, so that a job's own
+    `except Exception:` does not swallow it."""
+
+
+def describe_job(title=None, params=None, fields=None):
+    """Declare what a job is, for the page, for GET /job and for /start::
+
+        @describe_job(title="Optimise the build",
+                      params={"generations": {"min": 1, "max": 500, "help": "rounds"}},
+                      fields={"best_score": {"label": "Best score", "unit": "pts"}})
+        def optimize_build(progress, generations=30): ...
+
+    `params` adds bounds (`min`, `max`, and `at_most`: the name of another
+    parameter whose value bounds this one) and `help` to the parameters the
+    signature already has; `fields` gives the progress fields a label and a
+    unit. Everything is optional. It only stores a plain dict as the
+    function's `sse_job` attribute, so a job module that should not import
+    sse_demo can set that attribute itself.
+    """
+    def declare(func):
+        func.sse_job = {"title": title, "params": params or {}, "fields": fields or {}}
+        return func
+    return declare
+
+
+@describe_job(
+    title="Build optimisation (simulated)",
+    params={
+        "iterations": {"min": 1, "max": 10000000, "help": "steps of the simulated search"},
+        "tick": {"min": 0.0, "max": 60.0, "help": "seconds of simulated work per step"},
+        "update_every": {"min": 1, "max": 10000000, "at_most": "iterations",
+                         "help": "send a progress event every this many steps"},
+    },
+    fields={"improvement_pct": {"label": "Improvement", "unit": "%"},
+            "dps": {"label": "DPS"}})
+def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, cancel=None):
+    """A stand-in for a long optimisation: the improvement it finds grows
+    with diminishing returns, and DPS (damage per second) follows it.
+
+    Each step is due `tick` seconds after the previous one was due, so late
+    wake-ups on a busy machine do not add up: the run ends `iterations x
+    tick` seconds after it started.
+    """
+    cancel = cancel or threading.Event()
+    rng = random.Random()
+    base_dps = rng.uniform(9000.0, 11000.0)
+    ceiling = rng.uniform(18.0, 32.0)
+    improvement = 0.0
+    started = time.monotonic()
+    for i in range(iterations):
+        if i % update_every == 0:
+            dps = base_dps * (1 + improvement / 100) * rng.uniform(0.995, 1.005)
+            progress(i, iterations, improvement_pct=round(improvement, 2), dps=round(dps, 1))
+        if cancel.wait(max(0.0, started + (i + 1) * tick - time.monotonic())):
+            return None
+        found = ceiling * (1 - math.exp(-4.0 * (i + 1) / iterations))
+        improvement = max(improvement, found * rng.uniform(0.97, 1.0))
+    return None
+
+
+def check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
+
+
+class Bar:
+    """A nested bar, from `progress.bar(label, total)`: calling it,
+    `bar(done, **fields)`, moves it and publishes the run's progress with
+    every level in `bars`; `bar.bar(...)` nests one more level. A new
+    position of an outer level restarts the levels inside it."""
+
+    def __init__(self, progress, depth, label, total):
+        if total is not None:
+            check_number("total", total)
+        self._progress, self._depth = progress, depth
+        levels = progress._levels[:depth] or [[progress._stage, 0, None]]
+        progress._levels = levels + [[str(label), 0, total]]
+
+    def __call__(self, done, **fields):
+        progress = self._progress
+        progress._check_cancel()
+        check_number("done", done)
+        if len(progress._levels) <= self._depth:      # an outer level moved on since
+            raise RuntimeError("this bar has ended: its outer level moved on")
+        progress._levels[self._depth][1] = done
+        del progress._levels[self._depth + 1:]
+        progress._publish(fields)
+
+    def bar(self, label, total=None):
+        return Bar(self._progress, self._depth + 1, label, total)
+
+
+def whole_run(levels):
+    """iteration, total and percent of the whole run from nested levels
+    [label, done, total], outermost first: each level's position plus the
+    fraction of the level inside it (epoch k of N, its inner bar at f:
+    (k - 1 + f) / N), so the percent never goes back when an inner bar
+    restarts. With every total known, iteration counts innermost steps."""
+    fraction = 0.0
+    for _, done, total in reversed(levels):
+        fraction = min(1.0, (done + fraction) / total) if total else 0.0
+    outer_done, outer_total = levels[0][1], levels[0][2]
+    totals = [t for _, _, t in levels]
+    data = {}
+    if all(totals):
+        iteration, size = 0, 1
+        for _, done, total in reversed(levels):
+            iteration += min(done, total) * size
+            size *= total
+        data["iteration"], data["total"] = iteration, size
+    else:
+        data["iteration"], data["total"] = outer_done, outer_total
+    if outer_total:
+        data["percent"] = round(100.0 * fraction, 2)
+    return data
+
+
+def check_fields(fields):
+    if not RESERVED_FIELDS.isdisjoint(fields):
+        clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
+        raise TypeError("progress() field %r is reserved" % clash)
+
+
+class Progress:
+    """The `progress(done, total=None, stage=None, **fields)` callback handed
+    to a job, with `progress.log(message, level="info")` for a line of text
+    and `progress.bar(label, total)` for a nested bar (see `Bar`)."""
+
+    def __init__(self, session):
+        self._session = session
+        self._levels = []          # [label, done, total] per nested level, outermost first
+        self._stage = None
+
+    def __call__(self, done, total=None, stage=None, **fields):
+        self._check_cancel()
+        check_number("done", done)
+        if total is not None:
+            check_number("total", total)
+        if stage is not None:
+            self._stage = str(stage)
+        self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
+        self._publish(fields)
+
+    def bar(self, label, total=None):
+        """A bar nested inside the current position (batches inside an
+        epoch): the run's percent then counts its fraction too."""
+        return Bar(self, 1, label, total)
+
+    def _report(self, done, total=None, stage=None, bars=None, **fields):
+        """Publish a progress event, even after Cancel: a command's output
+        stays progress while it stops. `bars`: [label, done, total] levels."""
+        levels = bars or [[stage, done, total]]
+        if len(levels) < 2:
+            data = {"iteration": done, "total": total}
+            if total:
+                data["percent"] = round(100.0 * done / total, 2)
+        else:
+            data = whole_run(levels)
+            data["bars"] = [{"label": label or "", "done": d, "total": t}
+                            for label, d, t in levels]
+        if stage:
+            data["stage"] = stage
+        data.update(fields)
+        self._session.publish("progress", data)
+
+    def _publish(self, fields):
+        check_fields(fields)
+        levels = self._levels
+        if len(levels) > 1:
+            self._report(None, stage=self._stage, bars=levels, **fields)
+        else:
+            self._report(levels[0][1], levels[0][2], self._stage, **fields)
+
+    def _check_cancel(self):
+        if self._session.cancel.is_set():
+            raise Cancelled()
+
+    def log(self, message, level="info", **extra):
+        """Publish a `log` event: a line the page shows as it is. Never
+        blocks; a message over LOG_MESSAGE_LIMIT characters is cut."""
+        if level not in LOG_LEVELS:
+            raise ValueError("log level must be one of %s, not %r" % (", ".join(LOG_LEVELS), level))
+        text = str(message)
+        if len(text) > LOG_MESSAGE_LIMIT:
+            text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
+        data = {"message": text, "level": level}
+        data.update(extra)
+        self._session.publish("log", data)
+
+
+def run_job(session, job, params, pass_cancel):
+    """The worker thread's body: run the job and turn how it ended (returned,
+    cancelled, raised) into exactly one terminal event."""
+    kwargs = dict(params)
+    if pass_cancel:
+        kwargs["cancel"] = session.cancel
+    try:
+        result = job(Progress(session), **kwargs)
+    except Cancelled:
+        end_run(session, "cancelled", {})
+    except BaseException as exc:   # a thread has no one to re-raise to
+        log.error("job in session %s failed", session.id, exc_info=True)
+        end_run(session, "error", {"message": describe_exception(exc)})
+    else:
+        if session.cancel.is_set():
+            end_run(session, "cancelled", {})
+        else:
+            end_run(session, "complete", {} if result is None else {"result": result})
+
+
+PARAM_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+PARAM_RULES = ("min", "max", "at_most", "help")
+
+
+class Param:
+    """One /start parameter: its type (that of its default), its bounds and
+    its help text. `at_most` names another parameter whose value bounds it."""
+
+    __slots__ = ("name", "kind", "default", "min", "max", "at_most", "help")
+
+    def __init__(self, name, default, min=None, max=None, at_most=None, help=None):
+        self.name, self.kind, self.default = name, type(default), default
+        self.min, self.max, self.at_most, self.help = min, max, at_most, help
+
+    def describe(self):
+        """The parameter as GET /job lists it."""
+        data = {"name": self.name, "type": PARAM_TYPES[self.kind], "default": self.default}
+        for rule in PARAM_RULES:
+            if getattr(self, rule) is not None:
+                data[rule] = getattr(self, rule)
+        return data
+
+    def highest(self, params):
+        """The upper bound for these parameter values, or None."""
+        bounds = [b for b in (self.max, params.get(self.at_most)) if b is not None]
+        return min(bounds) if bounds else None
+
+    def rule_text(self, params=None):
+        """What a valid value is, for a 400's message: "an integer from 1 to 5"."""
+        name = PARAM_TYPES[self.kind]
+        text = ("an " if name[0] in "aeiou" else "a ") + name
+        if self.min is not None:
+            text += " from %s" % self.min
+        if self.max is not None:
+            text += " to %s" % self.max
+        if self.at_most is not None:
+            text += " and at most %s" % self.at_most
+            if params is not None:
+                text += " (%s)" % params[self.at_most]
+        return text
+
+
+class JobSpec:
+    """What the server runs: a title, a description, the parameters /start
+    accepts, the progress fields it declares, and how to start one run.
+    GET /job, /start's validation and the page all read this one object."""
+
+    def __init__(self, name, title, description, params, fields, run, check=None,
+                 stop_all=None, kill_now=None, extra=None):
+        self.name = name
+        self.title = title
+        self.description = description
+        self.params = params      # {name: Param}, in the order the job gives them
+        self.fields = fields      # [{"name", "label", "unit"?}]
+        self._run = run           # run(session, params), in the run's worker thread
+        self.check = check or (lambda params: None)   # raises BadParam for bad values
+        self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
+        self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
+        self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
+
+    def describe(self):
+        """What GET /job answers."""
+        described = {"name": self.name, "title": self.title, "description": self.description,
+                     "params": [p.describe() for p in self.params.values()],
+                     "fields": self.fields}
+        described.update(self.extra)
+        return described
+
+    def start(self, session, params):
+        thread = threading.Thread(target=self._run, args=(session, params),
+                                  name="job-" + session.id[:8], daemon=True)
+        thread.start()
+        return thread
+
+
+def declared_rules(name, default, declared):
+    """A parameter's bounds and help from a declaration, checked."""
+    rules = (declared.get("params") or {}).get(name) or {}
+    if not isinstance(rules, dict) or not set(rules) <= set(PARAM_RULES):
+        raise TypeError("parameter %r: declare it as a dict of %s" % (name, ", ".join(PARAM_RULES)))
+    for bound in ("min", "max"):
+        value = rules.get(bound)
+        if value is not None and (type(default) not in (int, float) or
+                                  type(value) not in (int, float)):
+            raise TypeError("parameter %r: %s needs a numeric parameter and a number"
+                            % (name, bound))
+    return rules
+
+
+def readable(name):
+    """`best_score` -> "Best score"."""
+    words = name.replace("_", " ").strip()
+    return words[:1].upper() + words[1:]
+
+
+def declared_fields(fields):
+    """The declared progress fields as GET /job lists them."""
+    listed = []
+    for name, info in fields.items():
+        if name in RESERVED_FIELDS or not isinstance(info, dict) or \
+                not set(info) <= {"label", "unit"}:
+            raise TypeError("field %r: declare it as a dict of label, unit "
+                            "(and not as a reserved name)" % name)
+        entry = {"name": name, "label": info.get("label") or readable(name)}
+        if info.get("unit"):
+            entry["unit"] = info["unit"]
+        listed.append(entry)
+    return listed
+
+
+def signature_params(func):
+    """Read a job's signature: {name: default} for the keyword parameters with
+    a default of type bool, int, float or str, and whether it takes `cancel`.
+    Raises TypeError for a signature the server cannot call."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        raise TypeError("cannot read the signature of %r" % (func,))
+    parameters = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not parameters or parameters[0].kind not in positional + (inspect.Parameter.VAR_POSITIONAL,):
+        raise TypeError("a job's first parameter must receive `progress`")
+    params, pass_cancel = {}, False
+    for p in parameters[1:]:
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.name == "cancel":
+            pass_cancel = True
+        elif p.default is inspect.Parameter.empty:
+            raise TypeError("job parameter %r needs a default" % p.name)
+        elif type(p.default) in PARAM_TYPES:
+            params[p.name] = p.default
+    return params, pass_cancel
+
+
+def function_job(func):
+    """A JobSpec for a job function: its parameters from its signature, its
+    title, bounds, help and fields from its `describe_job` declaration.
+    Raises TypeError, naming the problem, for a job the server cannot run."""
+    defaults, pass_cancel = signature_params(func)
+    declared = getattr(func, "sse_job", None) or {}
+    if not isinstance(declared, dict) or not set(declared) <= {"title", "description",
+                                                               "params", "fields"}:
+        raise TypeError("sse_job must be a dict with title, description, params, fields")
+    undeclared = sorted(set(declared.get("params") or {}) - set(defaults))
+    if undeclared:
+        raise TypeError("declared parameter %r is not in the job's signature" % undeclared[0])
+    params = {name: Param(name, default, **declared_rules(name, default, declared))
+              for name, default in defaults.items()}
+    for name, param in params.items():
+        if param.at_most is not None and (param.at_most not in params or
+                                          params[param.at_most].kind not in (int, float)):
+            raise TypeError("parameter %r: at_most must name a numeric parameter" % name)
+    name = getattr(func, "__name__", None) or type(func).__name__
+    doc = inspect.cleandoc(getattr(func, "__doc__", None) or "")
+    return JobSpec(name, declared.get("title") or readable(name),
+                   declared.get("description") or " ".join(doc.split("\n\n")[0].split()),
+                   params, declared_fields(declared.get("fields") or {}),
+                   lambda session, values: run_job(session, func, values, pass_cancel))
+
+
+BUILTIN_JOB = function_job(simulate_optimisation)
+
+
+###############################################################################
+# Any program as the job: --cmd
+###############################################################################
+
+PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+OUTPUT_LINE_LIMIT = 64 * 1024      # bytes of one output line; the rest is cut, with a note
+OUTPUT_BURST_LINES = 200           # output lines a run may send as separate events at once,
+OUTPUT_LINES_PER_S = 200           # and the rate that allowance refills at; past it, the
+                                   # lines of one read are joined into one event, so that a
+                                   # flood stays well inside the history (HISTORY_LIMIT)
+OUTPUT_READ_BYTES = 65536          # one read of a program's output
+OUTPUT_FLOOD_PAUSE_S = 0.01        # past the allowance, a pause after each read
+STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
+DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
+COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
+
+
+def typed_default(text):
+    """A placeholder default as the value it looks like."""
+    if text in ("true", "false"):
+        return text == "true"
+    if INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    if NUMBER_TEXT.fullmatch(text):
+        return float(text)
+    return text
+
+
+def parse_command(template):
+    """Split a --cmd template like a shell would (never run by one) and read
+    its `{name=default}` placeholders: (argv template, {name: default}). Each
+    default's type (int, float, bool, str) is that of its text. `{{` and `}}`
+    are literal braces. Raises ValueError with the reason."""
+    try:
+        argv = shlex.split(template)
+    except ValueError as exc:
+        raise ValueError("--cmd cannot be split: %s" % exc)
+    if not argv:
+        raise ValueError("--cmd is empty")
+    defaults = {}
+    for arg in argv:
+        for match in PLACEHOLDER.finditer(arg):
+            text = match.group(0)
+            if text in ("{{", "}}"):
+                continue
+            name, equals, default = (match.group(1) or "").partition("=")
+            if match.group(1) is None or not equals or not default or "=" in default or \
+                    not PLACEHOLDER_NAME.fullmatch(name):
+                raise ValueError("bad placeholder %r in --cmd: write {name=default} "
+                                 "(and {{ or }} for a literal brace)" % text)
+            value = typed_default(default)
+            if name in defaults and repr(defaults[name]) != repr(value):   # 1 is not 1.0
+                raise ValueError("placeholder %r has two defaults in --cmd" % name)
+            defaults[name] = value
+    if PLACEHOLDER.search(argv[0]):
+        raise ValueError("the program itself cannot be a placeholder in --cmd")
+    return argv, defaults
+
+
+def fill_command(argv, params):
+    """The argv of one run: each placeholder replaced inside its own argument,
+    so a value can never add an argument or reach a shell. A string value
+    cannot start an argument with `-` (it would become an option)."""
+    filled = []
+    for arg in argv:
+        def value(match, arg=arg):
+            text = match.group(0)
+            if text in ("{{", "}}"):
+                return text[0]
+            name = match.group(1).partition("=")[0]
+            value = params[name]
+            if isinstance(value, str) and value.startswith("-") and match.start() == 0:
+                raise BadParam(name, "%s cannot start with '-' here: the program would read "
+                                     "it as an option" % name)
+            if "\0" in str(value):
+                raise BadParam(name, "%s cannot hold a NUL character" % name)
+            return json.dumps(value) if isinstance(value, bool) else str(value)
+        filled.append(PLACEHOLDER.sub(value, arg))
+    return filled
+
+
+INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
+                          r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
+
+
+def program_name(argv):
+    """What a command runs, as a person would name it: `python3 train.py`
+    is train.py, `python -m pkg.train` is pkg.train, `make all` is make."""
+    if INTERPRETERS.fullmatch(os.path.basename(argv[0])):
+        args = iter(argv[1:])
+        for arg in args:
+            if arg == "-m":
+                return next(args, argv[0])
+            if not arg.startswith("-") and not PLACEHOLDER.search(arg) and \
+                    arg not in ("run", "exec"):
+                return os.path.basename(arg)
+    return os.path.basename(argv[0])
+
+
+GUARD_EXIT_S = 2.0
+GUARD_PROGRAM = """# sse_demo's process guard
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
+
+
+def kill_group(pid, signum):
+    """Signal a command and everything it started (its process group, POSIX);
+    on Windows only the process itself can be reached (TerminateProcess)."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass    # gone already
+
+
+class CommandGroups:
+    """The process groups of running commands, so that shutdown (even a
+    second Ctrl-C) can kill whatever is left, and a guard process that
+    kills them when the server dies without a shutdown (`kill -9`, a crash):
+    it reads "+PGID" and "-PGID" lines on a pipe from the server, and the
+    end of that pipe, which the kernel closes with the server, is its signal.
+    POSIX only; on Windows a program outlives a crashed server."""
+
+    def __init__(self):
+        self._lock = threading.Lock()    # guards _groups, _guard
+        self._groups = set()
+        self._guard = None
+
+    def add(self, pid):
+        with self._lock:
+            self._groups.add(pid)
+            self._tell_guard("+%d\n" % pid)
+
+    def discard(self, pid):
+        with self._lock:
+            self._groups.discard(pid)
+            self._tell_guard("-%d\n" % pid)
+
+    def kill_all(self):
+        """SIGKILL every group. Takes no lock: a signal handler calls it."""
+        for pid in list(self._groups):
+            kill_group(pid, HARD_KILL)
+
+    def close(self):
+        """Shutdown: kill what is left, then let the guard go."""
+        self.kill_all()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            try:
+                guard.stdin.close()
+                guard.wait(GUARD_EXIT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                guard.kill()
+                guard.wait()
+
+    def _tell_guard(self, line):
+        if not hasattr(os, "killpg") or not sys.executable:
+            return
+        try:
+            if self._guard is None:
+                # A session of its own: a Ctrl-C in the server's terminal
+                # does not reach it, so it outlives the server to do its job.
+                self._guard = subprocess.Popen(
+                    [sys.executable, "-c", GUARD_PROGRAM], stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            self._guard.stdin.write(line.encode())
+            self._guard.stdin.flush()
+        except OSError as exc:
+            log.warning("the process guard is not running (%s): a program may outlive "
+                        "a crash of the server", exc)
+            self._guard = None
+
+
+def process_identity(pid):
+    """What tells this process from a later one with the same pid: its start
+    time since boot and the boot's id (Linux); only the pid elsewhere."""
+    identity = {"pid": pid}
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            identity["start"] = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            identity["boot"] = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        pass
+    return identity
+
+
+def wait_or_cancel(process, cancel, kill_after_s):
+    """Wait for the program to exit; on cancel, SIGTERM its group, then
+    SIGKILL after `kill_after_s`. True if it was cancelled."""
+    while True:
+        try:
+            process.wait(COMMAND_POLL_S)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        if cancel.is_set():
+            break
+    kill_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(kill_after_s)
+    except subprocess.TimeoutExpired:
+        kill_group(process.pid, HARD_KILL)
+        process.wait()
+    return True
+
+
+def exit_message(program, status, stderr_tail):
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "signal %d" % -status
+        text = "%s was killed by %s" % (program, name)
+    else:
+        text = "%s exited with status %d" % (program, status)
+    if stderr_tail:
+        text += "; the last lines of its stderr:\n" + "\n".join(stderr_tail)
+    return text
+
+
+# What moves a terminal's cursor in a program's output: tqdm redraws its
+# line after a \r, and draws a bar at `position` N with N newlines before it
+# and N cursor-ups (ESC [ A) after it.
+CURSOR = re.compile("\r\n|\r|\n|\x1b\\[([0-9]*)A")
+UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[?[0-9;?]*)$")
+OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]")   # other CSI: erase line, cursor on/off...
+
+TQDM_BAR = re.compile(
+    r"(?:(?P<desc>.*?):)?\s*"
+    r"(?:(?P<percent>\d{1,3})%\|[^|]*\|)?\s*"
+    r"(?P<done>\d+(?:\.\d+)?[kMGTPEZY]?)"
+    r"(?:/(?P<total>\d+(?:\.\d+)?[kMGTPEZY]?)|(?P<unit>[^\s\[\]/]*))"
+    r"\s*(?:\[(?P<meta>[^\]]*)\]?)?\s*")
+TQDM_CLOCK = re.compile(r"(?:\d+:)?\d+:\d\d")                  # 00:04, 1:02:03
+TQDM_RATE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<prefix>[kMGTPEZY]?)(?P<unit>[^/\s]*)"
+                       r"/(?P<per>\S+)")
+
+UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                 "Z": 1e21, "Y": 1e24}
+
+
+def tqdm_rate(text):
+    """tqdm's rate as a number of units per second: "10.00it/s" -> 10.0,
+    "2.50s/it" -> 0.4, "1.2MB/s" -> 1200000.0; None for "?it/s"."""
+    match = TQDM_RATE.fullmatch(text)
+    if match is None:
+        return None
+    number = float(match.group("number")) * UNIT_PREFIXES[match.group("prefix")]
+    if match.group("unit") == "s" and match.group("per") != "s":
+        return round(1.0 / number, 6) if number else None
+    return number
+
+
+def unit_number(text):
+    """`45` -> 45, `1.2k` -> 1200 (tqdm's unit_scale)."""
+    prefix = text[-1] if text[-1] in UNIT_PREFIXES else ""
+    number = float(text[:-1] if prefix else text) * UNIT_PREFIXES[prefix]
+    return int(number) if number.is_integer() else number
+
+
+def parse_tqdm(text):
+    """A tqdm bar, or None: {"desc", "done", "total", "rate", "fields"}.
+
+    tqdm's shape, "desc: 45%|####5     | 45/100 [00:04<00:05, 10.00it/s,
+    loss=0.1]" or without a total "45it [00:04, 10.00it/s]", is required:
+    the percent and bar, or the bracket that starts with tqdm's clock. So
+    "Tests passed: 45/50" stays a log line."""
+    match = TQDM_BAR.fullmatch(text.strip())
+    if match is None:
+        return None
+    meta = [part.strip() for part in (match.group("meta") or "").split(",")]
+    if match.group("percent") is None and not TQDM_CLOCK.match(meta[0]):
+        return None
+    fields = {}
+    for part in meta[2:]:
+        name, equals, value = part.partition("=")
+        if equals and PLACEHOLDER_NAME.fullmatch(name.strip()) and \
+                name.strip() not in RESERVED_FIELDS and NUMBER_TEXT.fullmatch(value.strip()):
+            number = float(value)
+            fields[name.strip()] = int(number) if INTEGER_TEXT.fullmatch(value.strip()) else number
+    total = match.group("total")
+    return {"desc": (match.group("desc") or "").strip() or None,
+            "done": unit_number(match.group("done")),
+            "total": unit_number(total) if total else None,
+            "rate": tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
+
+
+class OutputScreen:
+    """A program's output laid out as a terminal would, as far as tqdm
+    needs: text finished by a newline at the home row is a log line; tqdm's
+    bars are kept by position in `bars` ({position: parse_tqdm(...)}) with
+    `changed` set when one moves.
+
+    A text drawn below the home row is a nested bar if the cursor comes back
+    up after it; if the next move is another \\r or \\n, the home row moved
+    down to it instead (a bar closed with leave=True, then the next one).
+    So that first draw waits for the next one; a draw at the home row that
+    ends a read is taken at once (tqdm writes each draw whole)."""
+
+    def __init__(self):
+        self.row = 0
+        self.text = ""            # drawn on the current row since its last \r or \n
+        self.dropped = 0          # characters of that text past OUTPUT_LINE_LIMIT
+        self.taken = None         # that text, already taken as a bar at the end of a read
+        self.bars = {}
+        self.cleared = set()      # positions blanked out, still counted until an outer bar moves
+        self.carry = ""           # the start of a move that the next read finishes
+        self.changed = False
+
+    def feed(self, text):
+        """Lay out more output; the log lines it finished. A move cut in two
+        by the end of a read (ESC [ then A, \r then \n) waits for its end."""
+        lines = []
+        text, self.carry = self.carry + text, ""
+        cut = UNFINISHED_MOVE.search(text, max(0, len(text) - 16))    # only the end matters
+        if cut:
+            text, self.carry = text[:cut.start()], text[cut.start():]
+        parts = text.split("\n")
+        parts[0] = self.text + parts[0]
+        if not self.bars and self.row == 0 and not self.dropped and "\r" not in text and \
+                "\x1b" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
+            # Plain output, no bar seen yet: whole lines in bulk, no Python
+            # work per line but for the rare one that could be a bar.
+            self.text, self.taken = parts.pop(), None
+            lines.extend(part for part in parts if "]" not in part or not self._draw(0, part))
+        else:
+            at = 0
+            for move in CURSOR.finditer(text):
+                self._add(text[at:move.start()])
+                at = move.end()
+                if move.group(0).startswith("\x1b"):
+                    self._finish(lines, up=True)
+                    self.row = max(0, self.row - int(move.group(1) or 1))
+                elif move.group(0) == "\r":
+                    self._finish(lines)
+                elif self._finish(lines, newline=True) != "line":
+                    self.row += 1
+            self._add(text[at:])
+        if self.row == 0 and self.text.rstrip().endswith("]") and self.text != self.taken \
+                and not self.dropped and self._draw(0, self.text):
+            self.taken = self.text                # a whole draw, at the home row
+        return lines
+
+    def close(self):
+        """End of output: what is left is finished."""
+        lines = []
+        self._add(self.carry)
+        self._finish(lines, newline=True)
+        return lines
+
+    def _add(self, piece):
+        room = OUTPUT_LINE_LIMIT - len(self.text)
+        if len(piece) > room:
+            self.dropped += len(piece) - max(0, room)
+            piece = piece[:max(0, room)]
+        self.text += piece
+
+    def _finish(self, lines, up=False, newline=False):
+        """The current row's text is done: a bar, a blank, or a log line.
+        Returns which ("bar", "blank", "line"), or None for no text."""
+        text, dropped, taken = self.text, self.dropped, self.taken
+        self.text, self.dropped, self.taken = "", 0, None
+        if not text:
+            return None
+        if "\x1b" in text:
+            text = OTHER_ESCAPES.sub("", text)
+        if not text.strip():
+            # A bar closed with leave=False, or tqdm.write() clearing every
+            # bar before it redraws them: the bar still counts until one
+            # outside it moves on, so the percent never dips in between.
+            if self.row in self.bars:
+                self.cleared.add(self.row)
+            return "blank"
+        if self.row > 0 and not up:
+            self.row = 0                        # the home row moved down to here
+        if text == taken and self.row == 0:
+            return "bar"
+        if not dropped and self._draw(self.row, text):
+            return "bar"
+        if dropped:
+            text += " [line cut: %d characters in all]" % (len(text) + dropped)
+        if newline or self.row == 0:
+            lines.append(text)
+        return "line"
+
+    def _draw(self, position, text):
+        bar = parse_tqdm(text)
+        if bar is None:
+            return False
+        self.cleared.discard(position)
+        if self.bars.get(position) != bar:
+            self.bars[position] = bar
+            self.changed = True
+            for inner in [p for p in self.cleared if p > position]:
+                del self.bars[inner]
+                self.cleared.discard(inner)
+        return True
+
+
+DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
+
+
+def bars_levels(bars):
+    """[label, done, total] levels, fields and rate from tqdm bars on screen,
+    outermost first. A lone bar whose description holds its own count
+    ("Epoch 3/10") is the inner level of that count: epoch 3 is running,
+    2 are done."""
+    if not bars:
+        return [], {}, None
+    levels = [[bar["desc"], bar["done"], bar["total"]] for bar in bars]
+    fields = {}
+    for bar in bars:
+        fields.update(bar["fields"])
+    counted = DESCRIBED_COUNT.match(bars[0]["desc"] or "")
+    if counted and int(counted.group("n")) > 0 and len(bars) == 1:
+        k, n = int(counted.group("k")), int(counted.group("n"))
+        levels.insert(0, [counted.group("label").strip(" :-") or None, max(0, min(k, n) - 1), n])
+    return levels, fields, bars[-1]["rate"]
+
+
+def parse_progress_line(line):
+    """(done, total, fields) for a JSON progress line, or None."""
+    text = line.strip()
+    if not text.startswith("{"):
+        return None     # most lines: nothing to parse
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    done = data.get("done") if isinstance(data, dict) else None
+    if isinstance(done, bool) or not isinstance(done, (int, float)):
+        return None
+    total = data.get("total")
+    fields = {k: v for k, v in data.items()
+              if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
+    return done, total if isinstance(total, (int, float)) and \
+        not isinstance(total, bool) else None, fields
+
+
+class CommandOutput:
+    """Turns a program's output into events: a JSON object with a numeric
+    `done` is progress, tqdm's bars are progress (see `OutputScreen` and
+    `parse_tqdm`), every other line a log event.
+
+    A run may send OUTPUT_BURST_LINES lines as separate events, refilled at
+    OUTPUT_LINES_PER_S; past that, the lines of one read are joined into one
+    event, so a program that floods its output costs few events and never
+    slows other runs. Bars cost at most one event per read, and none when a
+    redraw changed nothing but tqdm's clock."""
+
+    def __init__(self, session):
+        self._session = session
+        self._progress = Progress(session)
+        self._lock = threading.Lock()     # guards _allowance, _refilled, _shown (two readers)
+        self._allowance = OUTPUT_BURST_LINES
+        self._refilled = time.monotonic()
+        self._shown = None                # what the last bar event said, without the clock
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    def read(self, pipe, stream):
+        """A reader thread's body: read until end of file, never blocking the
+        job or the writer (the pipe is this thread's alone). Should reading
+        fail unexpectedly, the error is logged and the rest of the output is
+        drained, unread, so the program never blocks on a full pipe."""
+        with pipe:
+            try:
+                self._read(pipe, stream)
+            except Exception as exc:
+                log.error("run %s: reading the program's %s failed", self._session.id, stream,
+                          exc_info=True)
+                self._session.publish("log", {
+                    "message": "sse_demo could not read this output (%s); the rest of the %s "
+                               "is discarded" % (describe_exception(exc), stream),
+                    "level": "error", "stream": stream})
+                while pipe.read1(OUTPUT_READ_BYTES):
+                    pass
+
+    def _read(self, pipe, stream):
+        screen = OutputScreen()
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            data = pipe.read1(OUTPUT_READ_BYTES)
+            if not data:
+                break
+            self._take(screen, screen.feed(decoder.decode(data)), stream)
+        self._take(screen, screen.feed(decoder.decode(b"", final=True)) + screen.close(), stream)
+
+    def _take(self, screen, lines, stream):
+        self._publish_lines(lines, stream)
+        if screen.changed:
+            screen.changed = False
+            self._publish_bars(screen.bars)
+
+    def _publish_bars(self, bars):
+        """One progress event for the bars on screen, outermost first."""
+        drawn = [bars[p] for p in sorted(bars)]
+        levels, fields, rate = bars_levels(drawn)
+        if not levels:
+            return
+        stage = " · ".join(bar["desc"] for bar in drawn[-2:] if bar["desc"]) or None
+        shown = (stage, [tuple(level) for level in levels], sorted(fields.items()))
+        with self._lock:
+            if shown == self._shown:
+                return                    # only tqdm's clock moved
+            self._shown = shown
+        if rate is not None:
+            fields["rate"] = rate
+        try:
+            if len(levels) == 1:
+                self._progress._report(levels[0][1], levels[0][2], stage, **fields)
+            else:
+                self._progress._report(None, stage=stage, bars=levels, **fields)
+        except (TypeError, ValueError):
+            log.debug("progress from a bar not published", exc_info=True)
+
+    def _publish_lines(self, lines, stream):
+        lines = [line.rstrip() for line in lines if line and not line.isspace()]
+        if stream == "stderr":
+            self.stderr_tail.extend(lines)
+        allowed = self._take_allowance(len(lines))
+        for line in lines[:allowed]:
+            self._publish_line(line, stream)
+        if len(lines) > allowed:
+            joined, latest = [], None
+            for line in lines[allowed:]:
+                if parse_progress_line(line) is None:
+                    joined.append(line)
+                else:
+                    latest = line                          # only the latest counts
+            if latest is not None:
+                self._publish_line(latest, stream)
+            if joined:
+                self._log("\n".join(joined), stream)
+            # A flood: let the pipe fill before the next read (the program
+            # waits on it, not the server), so that each read, and so each
+            # event, carries many lines, and the other threads get the GIL.
+            time.sleep(OUTPUT_FLOOD_PAUSE_S)
+
+    def _take_allowance(self, wanted):
+        with self._lock:
+            now = time.monotonic()
+            self._allowance = min(OUTPUT_BURST_LINES, self._allowance +
+                                  (now - self._refilled) * OUTPUT_LINES_PER_S)
+            self._refilled = now
+            allowed = min(wanted, int(self._allowance))
+            self._allowance -= allowed
+            return allowed
+
+    def _publish_line(self, line, stream):
+        progress = parse_progress_line(line)
+        try:
+            if progress is not None:
+                done, total, fields = progress
+                stage = fields.pop("stage", None)
+                self._progress._report(done, total, stage if isinstance(stage, str) else None,
+                                       **fields)
+                return
+        except (TypeError, ValueError):
+            pass    # fields that are not JSON: show the line as it is
+        self._log(line, stream)
+
+    def _log(self, text, stream):
+        """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
+        lines by the size of one read."""
+        level = "warning" if stream == "stderr" else "info"
+        self._session.publish("log", {"message": text, "level": level, "stream": stream})
+
+
+def run_command(session, argv, values, kill_after_s, groups):
+    """The worker thread's body for --cmd: start the program in its own
+    process group, turn its output into events, stop it on cancel, and end
+    the run with exactly one terminal event from its exit status."""
+    command = fill_command(argv, values)
+    try:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
+    except FileNotFoundError:
+        return end_run(session, "error", {"message": "program not found: %s" % command[0]})
+    except OSError as exc:
+        return end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
+                                                                          exc.strerror or exc)})
+    groups.add(process.pid)
+    output = CommandOutput(session)
+    readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
+                                name="output-" + session.id[:8])
+               for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
+    try:
+        session.note_process(process_identity(process.pid))
+        for reader in readers:
+            reader.start()
+    except Exception as exc:    # a reader thread that cannot start: nothing may be left
+        log.error("run %s could not start", session.id, exc_info=True)
+        kill_group(process.pid, HARD_KILL)
+        process.wait()
+        groups.discard(process.pid)
+        for pipe in (process.stdout, process.stderr):
+            pipe.close()
+        return end_run(session, "error", {"message": "the run could not start: %s"
+                                                     % describe_exception(exc)})
+    try:
+        cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
+    finally:
+        kill_group(process.pid, HARD_KILL)   # what it left
+        groups.discard(process.pid)
+        for reader in readers:
+            reader.join(kill_after_s + 1.0)
+    if cancelled:
+        end_run(session, "cancelled", {})
+    elif process.returncode == 0:
+        end_run(session, "complete", {"result": {"exit_code": 0}})
+    else:
+        end_run(session, "error", {"message": exit_message(program_name(argv),
+                                                          process.returncode,
+                                                          output.stderr_tail)})
+
+
+def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
+    """A JobSpec that runs a program for each run (see `run_command`),
+    named `title` or after its program (`train.py`, not the template)."""
+    argv, defaults = parse_command(template)
+    params = {name: Param(name, default) for name, default in defaults.items()}
+    processes = CommandGroups()
+
+    def run(session, values):
+        run_command(session, argv, values, kill_after_s, processes)
+    name = program_name(argv)
+    return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
+                   "progress lines the progress." % template, params,
+                   [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
+                   check=lambda values: fill_command(argv, values), stop_all=processes.close,
+                   kill_now=processes.kill_all,
+                   extra={"kill_after_s": kill_after_s})
+
+
+def end_leftover_group(identity):
+    """After a crash: kill the process group of a run's program if its
+    leader still runs and is the same process (start time and boot match,
+    so not a pid the system gave to another). True if it did."""
+    if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
+        return False
+    pid = identity.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or process_identity(pid) != identity:
+        return False
+    try:
+        if os.getpgid(pid) != pid:
+            return False
+        os.killpg(pid, HARD_KILL)
+    except OSError:
+        return False
+    return True
+
+
+###############################################################################
 # Runs that outlive the server: the journal (--state-dir)
 ###############################################################################
 
@@ -1870,6 +2957,90 @@ ID_BLOCK = 1000                   # ids a run may publish past the mark the jour
 ID_MARK_WAIT_S = 5.0              # how long a run waits for the journal to write a mark
 INTERRUPTED = ("the server stopped during the run (interrupted); "
                "its events up to then are kept")
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)    # never follow a link out of DIR
+
+
+class IdMark:
+    """A run's high-water mark in its journal. The run publishes an id only
+    within a mark the operating system holds, so after a crash its terminal
+    event takes an id past the mark (see interrupted_event) and no client
+    ever sees an id go back. The next mark is asked for half a block ahead;
+    the run waits only when the disk is that far behind. Session.publish
+    asks it, outside the run's lock and then under it."""
+
+    def __init__(self, journal, session):
+        self.upto = session.last_id       # nothing is granted past what it has
+        self._journal = journal
+        self._session = session
+        self._lock = threading.Lock()     # guards upto's rise
+
+    def covers(self, event_id):
+        return event_id <= self.upto
+
+    def keep_ahead(self):
+        session = self._session
+        if self.upto - session.last_id == ID_BLOCK // 2:
+            self._journal.reserve_ids(session, self.upto + ID_BLOCK, wait=False)
+        while session.last_id >= self.upto:
+            self._journal.reserve_ids(session, session.last_id + ID_BLOCK, wait=True)
+
+    def raise_to(self, upto):
+        """The journal has written the mark `upto`."""
+        with self._lock:
+            self.upto = max(self.upto, upto)
+
+
+def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
+    """A run's file: named from its session id, once the id's shape is checked."""
+    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+        raise OSError("not a session id: %r" % session_id)
+    return os.path.join(directory, session_id + suffix)
+
+
+def delete_journal(directory, session_id):
+    """Delete a run's file and the damaged tail set aside from it, if any:
+    both go when the run expires."""
+    for suffix in (JOURNAL_SUFFIX, JOURNAL_SUFFIX + DAMAGED_SUFFIX):
+        try:
+            os.unlink(journal_path(directory, session_id, suffix))
+        except FileNotFoundError:
+            pass
+
+
+def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
+    """A journal file, created private to this user, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | NOFOLLOW | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    return os.fdopen(os.open(journal_path(directory, name, suffix), flags, 0o600), mode)
+
+
+def series_line(session):
+    """After a run's terminal event: its whole series, which the thinned
+    progress events of a long run could not give back."""
+    return (json_line({"series": session.series_state()}) + "\n").encode()
+
+
+def journal_header(session):
+    """The run's first line. Its keys are kept, so that a run read back still
+    answers its watch links and, while it waits in the queue, its starter's
+    Cancel (the folder is the operator's own: DIR is made 0700)."""
+    return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
+                       "session_id": session.id, "title": session.title,
+                       "params": session.params, "started_ts": session.started_ts,
+                       "view_key": session.view_key, "control_key": session.control_key,
+                       "queued": session.state == "queued"})
+            + "\n").encode()
+
+
+def journal_line(event):
+    return export_line(event.id, event.name, event.json)
+
+
+PROGRESS_LINE = b',"event":"progress"'
+
+
+def is_progress_line(line):
+    return PROGRESS_LINE in line[:40]
 
 
 class Journal:
@@ -2096,37 +3267,16 @@ class Journal:
             self.error = None
 
 
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)    # never follow a link out of DIR
-
-
-class IdMark:
-    """A run's high-water mark in its journal. The run publishes an id only
-    within a mark the operating system holds, so after a crash its terminal
-    event takes an id past the mark (see interrupted_event) and no client
-    ever sees an id go back. The next mark is asked for half a block ahead;
-    the run waits only when the disk is that far behind. Session.publish
-    asks it, outside the run's lock and then under it."""
-
-    def __init__(self, journal, session):
-        self.upto = session.last_id       # nothing is granted past what it has
-        self._journal = journal
-        self._session = session
-        self._lock = threading.Lock()     # guards upto's rise
-
-    def covers(self, event_id):
-        return event_id <= self.upto
-
-    def keep_ahead(self):
-        session = self._session
-        if self.upto - session.last_id == ID_BLOCK // 2:
-            self._journal.reserve_ids(session, self.upto + ID_BLOCK, wait=False)
-        while session.last_id >= self.upto:
-            self._journal.reserve_ids(session, session.last_id + ID_BLOCK, wait=True)
-
-    def raise_to(self, upto):
-        """The journal has written the mark `upto`."""
-        with self._lock:
-            self.upto = max(self.upto, upto)
+def journal_export_lines(path):
+    """The /export lines of a run's journal file: every line but the header,
+    up to the first one that is cut short."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")[1:]
+    except OSError as exc:
+        log.warning("cannot read the journal %s: %s", path, exc.strerror or exc)
+        return []
+    return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
 
 
 class JournalRecord:
@@ -2147,68 +3297,112 @@ class JournalRecord:
         return self._count
 
 
-def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
-    """A run's file: named from its session id, once the id's shape is checked."""
-    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
-        raise OSError("not a session id: %r" % session_id)
-    return os.path.join(directory, session_id + suffix)
+def set_aside_damaged_tail(directory, name, good_bytes):
+    """Move a run's file's bytes past `good_bytes` to its `.damaged` file."""
+    path = journal_path(directory, name)
+    with open(path, "rb") as f:
+        f.seek(good_bytes)
+        tail = f.read()
+    with open_journal(directory, name, "ab", suffix=JOURNAL_SUFFIX + DAMAGED_SUFFIX) as f:
+        f.write(tail)
+    with open(path, "r+b") as f:
+        f.truncate(good_bytes)
 
 
-def delete_journal(directory, session_id):
-    """Delete a run's file and the damaged tail set aside from it, if any:
-    both go when the run expires."""
-    for suffix in (JOURNAL_SUFFIX, JOURNAL_SUFFIX + DAMAGED_SUFFIX):
-        try:
-            os.unlink(journal_path(directory, session_id, suffix))
-        except FileNotFoundError:
-            pass
+def mend_journal(directory, name, problem, good_bytes, interrupted):
+    """Set a damaged tail aside, and write the `interrupted` event that a
+    run read back without a terminal event got, so a second restart adds no
+    other. Raises OSError when the disk refuses."""
+    if problem is not None:
+        log.warning("journal %s%s: %s; its events before that are kept, the rest is "
+                    "moved to %s%s.damaged", name, JOURNAL_SUFFIX, problem, name, JOURNAL_SUFFIX)
+        set_aside_damaged_tail(directory, name, good_bytes)
+    if interrupted is not None:
+        with open_journal(directory, name, "ab") as f:
+            f.write(journal_line(Event(*interrupted)))
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
-    """A journal file, created private to this user, never through a link."""
-    flags = os.O_WRONLY | os.O_CREAT | NOFOLLOW | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
-    return os.fdopen(os.open(journal_path(directory, name, suffix), flags, 0o600), mode)
-
-
-def journal_export_lines(path):
-    """The /export lines of a run's journal file: every line but the header,
-    up to the first one that is cut short."""
+def read_series_line(lines):
+    """The series written after a terminal event, or None (a journal of an
+    older version, or one cut short there: the events rebuild it)."""
     try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")[1:]
-    except OSError as exc:
-        log.warning("cannot read the journal %s: %s", path, exc.strerror or exc)
-        return []
-    return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
+        state = json.loads(lines[0].decode("utf-8"))["series"]
+        Series.from_state(state)
+        return state
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
-def series_line(session):
-    """After a run's terminal event: its whole series, which the thinned
-    progress events of a long run could not give back."""
-    return (json_line({"series": session.series_state()}) + "\n").encode()
+def read_journal(path, session_id):
+    """(header, events, bytes that were good, the first problem or None).
+    Raises ValueError when the file is not a journal of that run that this
+    version can read."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    try:
+        header = json.loads(lines[0].decode("utf-8"))
+    except ValueError:
+        raise ValueError("its first line is not a journal header")
+    if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
+        raise ValueError("its first line is not a journal header")
+    if header.get("version") != JOURNAL_VERSION:
+        raise ValueError("format version %r, this server reads %d"
+                         % (header.get("version"), JOURNAL_VERSION))
+    if not (isinstance(header.get("title"), str) and isinstance(header.get("params"), dict)
+            and type(header.get("started_ts")) in (int, float)):
+        raise ValueError("its first line is not a journal header (title, params, started_ts)")
+    if header.get("session_id") != session_id:
+        raise ValueError("its header names another run (%r)" % header.get("session_id"))
+    events, good, problem, last_id = [], len(lines[0]) + 1, None, 0
+    for number, line in enumerate(lines[1:], 2):
+        if not line:
+            if number <= len(lines) - 1:
+                continue
+            break
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if isinstance(record, dict) and set(record) == {"process"}:
+                header["process"] = record["process"]    # --cmd: its program
+                good += len(line) + 1
+                continue
+            if isinstance(record, dict) and set(record) == {"running"}:
+                header["running"] = record["running"]    # it left the queue
+                good += len(line) + 1
+                continue
+            if isinstance(record, dict) and set(record) == {"ids"} and \
+                    type(record["ids"]) is int:
+                header["ids"] = max(header.get("ids", 0), record["ids"])   # the id mark
+                good += len(line) + 1
+                continue
+            event = (record["id"], record["event"], record["data"])
+            if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
+                    or event[1] not in EVENT_NAMES:
+                raise ValueError("not an event")
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = "line %d is damaged (%s)" % (number, exc)
+            break
+        events.append(event)
+        last_id = event[0]
+        good += len(line) + 1
+        if event[1] in TERMINAL_STATES:
+            header["series"] = read_series_line(lines[number:number + 1])
+            break
+    return header, events, min(good, len(raw)), problem
 
 
-def journal_header(session):
-    """The run's first line. Its keys are kept, so that a run read back still
-    answers its watch links and, while it waits in the queue, its starter's
-    Cancel (the folder is the operator's own: DIR is made 0700)."""
-    return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
-                       "session_id": session.id, "title": session.title,
-                       "params": session.params, "started_ts": session.started_ts,
-                       "view_key": session.view_key, "control_key": session.control_key,
-                       "queued": session.state == "queued"})
-            + "\n").encode()
-
-
-def journal_line(event):
-    return export_line(event.id, event.name, event.json)
-
-
-PROGRESS_LINE = b',"event":"progress"'
-
-
-def is_progress_line(line):
-    return PROGRESS_LINE in line[:40]
+def interrupted_event(events, now, ids_reserved=0):
+    """The terminal event of a run the journal holds without one. Its id is
+    past every id the run may have published (`ids_reserved`, the journal's
+    high-water mark), so no client's Last-Event-ID is ever above it."""
+    latest = next((data for _, name, data in reversed(events) if name != "log"), {})
+    data = without_stamps(latest)
+    data.update({"message": INTERRUPTED, "ts": now})
+    if "elapsed_s" in latest:
+        data["elapsed_s"] = latest["elapsed_s"]
+    return max(events[-1][0] if events else 0, ids_reserved) + 1, "error", data
 
 
 def load_journal(directory, session_ttl_s):
@@ -2280,114 +3474,6 @@ def session_read_back(header, events, path, on_publish):
     return session
 
 
-def mend_journal(directory, name, problem, good_bytes, interrupted):
-    """Set a damaged tail aside, and write the `interrupted` event that a
-    run read back without a terminal event got, so a second restart adds no
-    other. Raises OSError when the disk refuses."""
-    if problem is not None:
-        log.warning("journal %s%s: %s; its events before that are kept, the rest is "
-                    "moved to %s%s.damaged", name, JOURNAL_SUFFIX, problem, name, JOURNAL_SUFFIX)
-        set_aside_damaged_tail(directory, name, good_bytes)
-    if interrupted is not None:
-        with open_journal(directory, name, "ab") as f:
-            f.write(journal_line(Event(*interrupted)))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def read_journal(path, session_id):
-    """(header, events, bytes that were good, the first problem or None).
-    Raises ValueError when the file is not a journal of that run that this
-    version can read."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")
-    try:
-        header = json.loads(lines[0].decode("utf-8"))
-    except ValueError:
-        raise ValueError("its first line is not a journal header")
-    if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
-        raise ValueError("its first line is not a journal header")
-    if header.get("version") != JOURNAL_VERSION:
-        raise ValueError("format version %r, this server reads %d"
-                         % (header.get("version"), JOURNAL_VERSION))
-    if not (isinstance(header.get("title"), str) and isinstance(header.get("params"), dict)
-            and type(header.get("started_ts")) in (int, float)):
-        raise ValueError("its first line is not a journal header (title, params, started_ts)")
-    if header.get("session_id") != session_id:
-        raise ValueError("its header names another run (%r)" % header.get("session_id"))
-    events, good, problem, last_id = [], len(lines[0]) + 1, None, 0
-    for number, line in enumerate(lines[1:], 2):
-        if not line:
-            if number <= len(lines) - 1:
-                continue
-            break
-        try:
-            record = json.loads(line.decode("utf-8"))
-            if isinstance(record, dict) and set(record) == {"process"}:
-                header["process"] = record["process"]    # --cmd: its program
-                good += len(line) + 1
-                continue
-            if isinstance(record, dict) and set(record) == {"running"}:
-                header["running"] = record["running"]    # it left the queue
-                good += len(line) + 1
-                continue
-            if isinstance(record, dict) and set(record) == {"ids"} and \
-                    type(record["ids"]) is int:
-                header["ids"] = max(header.get("ids", 0), record["ids"])   # the id mark
-                good += len(line) + 1
-                continue
-            event = (record["id"], record["event"], record["data"])
-            if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
-                    or event[1] not in EVENT_NAMES:
-                raise ValueError("not an event")
-        except (ValueError, KeyError, TypeError) as exc:
-            problem = "line %d is damaged (%s)" % (number, exc)
-            break
-        events.append(event)
-        last_id = event[0]
-        good += len(line) + 1
-        if event[1] in TERMINAL_STATES:
-            header["series"] = read_series_line(lines[number:number + 1])
-            break
-    return header, events, min(good, len(raw)), problem
-
-
-def read_series_line(lines):
-    """The series written after a terminal event, or None (a journal of an
-    older version, or one cut short there: the events rebuild it)."""
-    try:
-        state = json.loads(lines[0].decode("utf-8"))["series"]
-        Series.from_state(state)
-        return state
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-
-
-def set_aside_damaged_tail(directory, name, good_bytes):
-    """Move a run's file's bytes past `good_bytes` to its `.damaged` file."""
-    path = journal_path(directory, name)
-    with open(path, "rb") as f:
-        f.seek(good_bytes)
-        tail = f.read()
-    with open_journal(directory, name, "ab", suffix=JOURNAL_SUFFIX + DAMAGED_SUFFIX) as f:
-        f.write(tail)
-    with open(path, "r+b") as f:
-        f.truncate(good_bytes)
-
-
-def interrupted_event(events, now, ids_reserved=0):
-    """The terminal event of a run the journal holds without one. Its id is
-    past every id the run may have published (`ids_reserved`, the journal's
-    high-water mark), so no client's Last-Event-ID is ever above it."""
-    latest = next((data for _, name, data in reversed(events) if name != "log"), {})
-    data = without_stamps(latest)
-    data.update({"message": INTERRUPTED, "ts": now})
-    if "elapsed_s" in latest:
-        data["elapsed_s"] = latest["elapsed_s"]
-    return max(events[-1][0] if events else 0, ids_reserved) + 1, "error", data
-
-
 ###############################################################################
 # Notifications: a POST to --notify URL when a run ends
 ###############################################################################
@@ -2396,6 +3482,19 @@ NOTIFY_TIMEOUT_S = 10.0            # one delivery gives up
 NOTIFY_RETRIES_S = (1.0, 5.0, 30.0)   # waits before the 2nd, 3rd and 4th attempt
 NOTIFY_QUEUE_LIMIT = 1000          # notifications waiting; past it, new ones are dropped
 NOTIFY_FORMATS = ("json", "slack")
+
+
+def notify_text(body):
+    """One line for a chat: "Build optimisation: complete (result 3.2) · 12 s"."""
+    if body["state"] == "complete":
+        outcome = "complete" if body.get("result") is None else \
+            "complete (result %s)" % json_line(body["result"])[:200]
+    else:
+        outcome = "%s: %s" % (body["state"], str(body.get("message", "")).split("\n")[0][:200])
+    took = ""
+    if body.get("ended_ts") and body.get("started_ts"):
+        took = " · %d s" % round(body["ended_ts"] - body["started_ts"])
+    return "%s: %s%s" % (body["title"], outcome, took)
 
 
 class Notifier:
@@ -2533,1104 +3632,6 @@ class Notifier:
                                        next(self._seq), attempt + 1, body))
 
 
-def notify_text(body):
-    """One line for a chat: "Build optimisation: complete (result 3.2) · 12 s"."""
-    if body["state"] == "complete":
-        outcome = "complete" if body.get("result") is None else \
-            "complete (result %s)" % json_line(body["result"])[:200]
-    else:
-        outcome = "%s: %s" % (body["state"], str(body.get("message", "")).split("\n")[0][:200])
-    took = ""
-    if body.get("ended_ts") and body.get("started_ts"):
-        took = " · %d s" % round(body["ended_ts"] - body["started_ts"])
-    return "%s: %s%s" % (body["title"], outcome, took)
-
-
-###############################################################################
-# The job: a plain function, and the thread that runs it
-###############################################################################
-
-class BadParam(ValueError):
-    """A /start parameter the job cannot take: the job layer's own error,
-    which the HTTP handler answers as 400 naming `param`."""
-
-    def __init__(self, param, message):
-        super().__init__(message)
-        self.param = param
-
-
-class Cancelled(BaseException):
-    """Raised by `progress(...)` after POST /cancel, to unwind the job.
-
-    A BaseException, like asyncio.CancelledError, so that a job's own
-    `except Exception:` does not swallow it."""
-
-
-def describe_job(title=None, params=None, fields=None):
-    """Declare what a job is, for the page, for GET /job and for /start::
-
-        @describe_job(title="Optimise the build",
-                      params={"generations": {"min": 1, "max": 500, "help": "rounds"}},
-                      fields={"best_score": {"label": "Best score", "unit": "pts"}})
-        def optimize_build(progress, generations=30): ...
-
-    `params` adds bounds (`min`, `max`, and `at_most`: the name of another
-    parameter whose value bounds this one) and `help` to the parameters the
-    signature already has; `fields` gives the progress fields a label and a
-    unit. Everything is optional. It only stores a plain dict as the
-    function's `sse_job` attribute, so a job module that should not import
-    sse_demo can set that attribute itself.
-    """
-    def declare(func):
-        func.sse_job = {"title": title, "params": params or {}, "fields": fields or {}}
-        return func
-    return declare
-
-
-@describe_job(
-    title="Build optimisation (simulated)",
-    params={
-        "iterations": {"min": 1, "max": 10000000, "help": "steps of the simulated search"},
-        "tick": {"min": 0.0, "max": 60.0, "help": "seconds of simulated work per step"},
-        "update_every": {"min": 1, "max": 10000000, "at_most": "iterations",
-                         "help": "send a progress event every this many steps"},
-    },
-    fields={"improvement_pct": {"label": "Improvement", "unit": "%"},
-            "dps": {"label": "DPS"}})
-def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, cancel=None):
-    """A stand-in for a long optimisation: the improvement it finds grows
-    with diminishing returns, and DPS (damage per second) follows it.
-
-    Each step is due `tick` seconds after the previous one was due, so late
-    wake-ups on a busy machine do not add up: the run ends `iterations x
-    tick` seconds after it started.
-    """
-    cancel = cancel or threading.Event()
-    rng = random.Random()
-    base_dps = rng.uniform(9000.0, 11000.0)
-    ceiling = rng.uniform(18.0, 32.0)
-    improvement = 0.0
-    started = time.monotonic()
-    for i in range(iterations):
-        if i % update_every == 0:
-            dps = base_dps * (1 + improvement / 100) * rng.uniform(0.995, 1.005)
-            progress(i, iterations, improvement_pct=round(improvement, 2), dps=round(dps, 1))
-        if cancel.wait(max(0.0, started + (i + 1) * tick - time.monotonic())):
-            return None
-        found = ceiling * (1 - math.exp(-4.0 * (i + 1) / iterations))
-        improvement = max(improvement, found * rng.uniform(0.97, 1.0))
-    return None
-
-
-class Progress:
-    """The `progress(done, total=None, stage=None, **fields)` callback handed
-    to a job, with `progress.log(message, level="info")` for a line of text
-    and `progress.bar(label, total)` for a nested bar (see `Bar`)."""
-
-    def __init__(self, session):
-        self._session = session
-        self._levels = []          # [label, done, total] per nested level, outermost first
-        self._stage = None
-
-    def __call__(self, done, total=None, stage=None, **fields):
-        self._check_cancel()
-        check_number("done", done)
-        if total is not None:
-            check_number("total", total)
-        if stage is not None:
-            self._stage = str(stage)
-        self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
-        self._publish(fields)
-
-    def bar(self, label, total=None):
-        """A bar nested inside the current position (batches inside an
-        epoch): the run's percent then counts its fraction too."""
-        return Bar(self, 1, label, total)
-
-    def _report(self, done, total=None, stage=None, bars=None, **fields):
-        """Publish a progress event, even after Cancel: a command's output
-        stays progress while it stops. `bars`: [label, done, total] levels."""
-        levels = bars or [[stage, done, total]]
-        if len(levels) < 2:
-            data = {"iteration": done, "total": total}
-            if total:
-                data["percent"] = round(100.0 * done / total, 2)
-        else:
-            data = whole_run(levels)
-            data["bars"] = [{"label": label or "", "done": d, "total": t}
-                            for label, d, t in levels]
-        if stage:
-            data["stage"] = stage
-        data.update(fields)
-        self._session.publish("progress", data)
-
-    def _publish(self, fields):
-        check_fields(fields)
-        levels = self._levels
-        if len(levels) > 1:
-            self._report(None, stage=self._stage, bars=levels, **fields)
-        else:
-            self._report(levels[0][1], levels[0][2], self._stage, **fields)
-
-    def _check_cancel(self):
-        if self._session.cancel.is_set():
-            raise Cancelled()
-
-    def log(self, message, level="info", **extra):
-        """Publish a `log` event: a line the page shows as it is. Never
-        blocks; a message over LOG_MESSAGE_LIMIT characters is cut."""
-        if level not in LOG_LEVELS:
-            raise ValueError("log level must be one of %s, not %r" % (", ".join(LOG_LEVELS), level))
-        text = str(message)
-        if len(text) > LOG_MESSAGE_LIMIT:
-            text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
-        data = {"message": text, "level": level}
-        data.update(extra)
-        self._session.publish("log", data)
-
-
-class Bar:
-    """A nested bar, from `progress.bar(label, total)`: calling it,
-    `bar(done, **fields)`, moves it and publishes the run's progress with
-    every level in `bars`; `bar.bar(...)` nests one more level. A new
-    position of an outer level restarts the levels inside it."""
-
-    def __init__(self, progress, depth, label, total):
-        if total is not None:
-            check_number("total", total)
-        self._progress, self._depth = progress, depth
-        levels = progress._levels[:depth] or [[progress._stage, 0, None]]
-        progress._levels = levels + [[str(label), 0, total]]
-
-    def __call__(self, done, **fields):
-        progress = self._progress
-        progress._check_cancel()
-        check_number("done", done)
-        if len(progress._levels) <= self._depth:      # an outer level moved on since
-            raise RuntimeError("this bar has ended: its outer level moved on")
-        progress._levels[self._depth][1] = done
-        del progress._levels[self._depth + 1:]
-        progress._publish(fields)
-
-    def bar(self, label, total=None):
-        return Bar(self._progress, self._depth + 1, label, total)
-
-
-def whole_run(levels):
-    """iteration, total and percent of the whole run from nested levels
-    [label, done, total], outermost first: each level's position plus the
-    fraction of the level inside it (epoch k of N, its inner bar at f:
-    (k - 1 + f) / N), so the percent never goes back when an inner bar
-    restarts. With every total known, iteration counts innermost steps."""
-    fraction = 0.0
-    for _, done, total in reversed(levels):
-        fraction = min(1.0, (done + fraction) / total) if total else 0.0
-    outer_done, outer_total = levels[0][1], levels[0][2]
-    totals = [t for _, _, t in levels]
-    data = {}
-    if all(totals):
-        iteration, size = 0, 1
-        for _, done, total in reversed(levels):
-            iteration += min(done, total) * size
-            size *= total
-        data["iteration"], data["total"] = iteration, size
-    else:
-        data["iteration"], data["total"] = outer_done, outer_total
-    if outer_total:
-        data["percent"] = round(100.0 * fraction, 2)
-    return data
-
-
-def check_fields(fields):
-    if not RESERVED_FIELDS.isdisjoint(fields):
-        clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
-        raise TypeError("progress() field %r is reserved" % clash)
-
-
-def check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
-        raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
-
-
-def run_job(session, job, params, pass_cancel):
-    """The worker thread's body: run the job and turn how it ended (returned,
-    cancelled, raised) into exactly one terminal event."""
-    kwargs = dict(params)
-    if pass_cancel:
-        kwargs["cancel"] = session.cancel
-    try:
-        result = job(Progress(session), **kwargs)
-    except Cancelled:
-        end_run(session, "cancelled", {})
-    except BaseException as exc:   # a thread has no one to re-raise to
-        log.error("job in session %s failed", session.id, exc_info=True)
-        end_run(session, "error", {"message": describe_exception(exc)})
-    else:
-        if session.cancel.is_set():
-            end_run(session, "cancelled", {})
-        else:
-            end_run(session, "complete", {} if result is None else {"result": result})
-
-
-def end_run(session, name, extra):
-    """Publish the terminal event: the latest progress fields plus `extra`.
-    A run the server stopped (it is shutting down) ends `error`, saying so,
-    not `cancelled`: nobody cancelled it."""
-    if name == "cancelled" and session.stop_reason:
-        name, extra = "error", {"message": session.stop_reason}
-    fields = session.latest_fields()
-    if name == "complete" and fields.get("total"):
-        fields["iteration"] = fields["total"]
-        fields["percent"] = 100.0
-    fields.update(extra)
-    try:
-        session.publish(name, fields)
-    except (TypeError, ValueError) as exc:
-        fields.pop("result", None)
-        fields["message"] = "the job's result is not JSON-serialisable: %s" % exc
-        session.publish("error", fields)
-
-
-def describe_exception(exc):
-    text = str(exc).strip()
-    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
-
-
-PARAM_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
-NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-PARAM_RULES = ("min", "max", "at_most", "help")
-
-
-class Param:
-    """One /start parameter: its type (that of its default), its bounds and
-    its help text. `at_most` names another parameter whose value bounds it."""
-
-    __slots__ = ("name", "kind", "default", "min", "max", "at_most", "help")
-
-    def __init__(self, name, default, min=None, max=None, at_most=None, help=None):
-        self.name, self.kind, self.default = name, type(default), default
-        self.min, self.max, self.at_most, self.help = min, max, at_most, help
-
-    def describe(self):
-        """The parameter as GET /job lists it."""
-        data = {"name": self.name, "type": PARAM_TYPES[self.kind], "default": self.default}
-        for rule in PARAM_RULES:
-            if getattr(self, rule) is not None:
-                data[rule] = getattr(self, rule)
-        return data
-
-    def highest(self, params):
-        """The upper bound for these parameter values, or None."""
-        bounds = [b for b in (self.max, params.get(self.at_most)) if b is not None]
-        return min(bounds) if bounds else None
-
-    def rule_text(self, params=None):
-        """What a valid value is, for a 400's message: "an integer from 1 to 5"."""
-        name = PARAM_TYPES[self.kind]
-        text = ("an " if name[0] in "aeiou" else "a ") + name
-        if self.min is not None:
-            text += " from %s" % self.min
-        if self.max is not None:
-            text += " to %s" % self.max
-        if self.at_most is not None:
-            text += " and at most %s" % self.at_most
-            if params is not None:
-                text += " (%s)" % params[self.at_most]
-        return text
-
-
-class JobSpec:
-    """What the server runs: a title, a description, the parameters /start
-    accepts, the progress fields it declares, and how to start one run.
-    GET /job, /start's validation and the page all read this one object."""
-
-    def __init__(self, name, title, description, params, fields, run, check=None,
-                 stop_all=None, kill_now=None, extra=None):
-        self.name = name
-        self.title = title
-        self.description = description
-        self.params = params      # {name: Param}, in the order the job gives them
-        self.fields = fields      # [{"name", "label", "unit"?}]
-        self._run = run           # run(session, params), in the run's worker thread
-        self.check = check or (lambda params: None)   # raises BadParam for bad values
-        self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
-        self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
-        self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
-
-    def describe(self):
-        """What GET /job answers."""
-        described = {"name": self.name, "title": self.title, "description": self.description,
-                     "params": [p.describe() for p in self.params.values()],
-                     "fields": self.fields}
-        described.update(self.extra)
-        return described
-
-    def start(self, session, params):
-        thread = threading.Thread(target=self._run, args=(session, params),
-                                  name="job-" + session.id[:8], daemon=True)
-        thread.start()
-        return thread
-
-
-def function_job(func):
-    """A JobSpec for a job function: its parameters from its signature, its
-    title, bounds, help and fields from its `describe_job` declaration.
-    Raises TypeError, naming the problem, for a job the server cannot run."""
-    defaults, pass_cancel = signature_params(func)
-    declared = getattr(func, "sse_job", None) or {}
-    if not isinstance(declared, dict) or not set(declared) <= {"title", "description",
-                                                               "params", "fields"}:
-        raise TypeError("sse_job must be a dict with title, description, params, fields")
-    undeclared = sorted(set(declared.get("params") or {}) - set(defaults))
-    if undeclared:
-        raise TypeError("declared parameter %r is not in the job's signature" % undeclared[0])
-    params = {name: Param(name, default, **declared_rules(name, default, declared))
-              for name, default in defaults.items()}
-    for name, param in params.items():
-        if param.at_most is not None and (param.at_most not in params or
-                                          params[param.at_most].kind not in (int, float)):
-            raise TypeError("parameter %r: at_most must name a numeric parameter" % name)
-    name = getattr(func, "__name__", None) or type(func).__name__
-    doc = inspect.cleandoc(getattr(func, "__doc__", None) or "")
-    return JobSpec(name, declared.get("title") or readable(name),
-                   declared.get("description") or " ".join(doc.split("\n\n")[0].split()),
-                   params, declared_fields(declared.get("fields") or {}),
-                   lambda session, values: run_job(session, func, values, pass_cancel))
-
-
-def declared_rules(name, default, declared):
-    """A parameter's bounds and help from a declaration, checked."""
-    rules = (declared.get("params") or {}).get(name) or {}
-    if not isinstance(rules, dict) or not set(rules) <= set(PARAM_RULES):
-        raise TypeError("parameter %r: declare it as a dict of %s" % (name, ", ".join(PARAM_RULES)))
-    for bound in ("min", "max"):
-        value = rules.get(bound)
-        if value is not None and (type(default) not in (int, float) or
-                                  type(value) not in (int, float)):
-            raise TypeError("parameter %r: %s needs a numeric parameter and a number"
-                            % (name, bound))
-    return rules
-
-
-def declared_fields(fields):
-    """The declared progress fields as GET /job lists them."""
-    listed = []
-    for name, info in fields.items():
-        if name in RESERVED_FIELDS or not isinstance(info, dict) or \
-                not set(info) <= {"label", "unit"}:
-            raise TypeError("field %r: declare it as a dict of label, unit "
-                            "(and not as a reserved name)" % name)
-        entry = {"name": name, "label": info.get("label") or readable(name)}
-        if info.get("unit"):
-            entry["unit"] = info["unit"]
-        listed.append(entry)
-    return listed
-
-
-def readable(name):
-    """`best_score` -> "Best score"."""
-    words = name.replace("_", " ").strip()
-    return words[:1].upper() + words[1:]
-
-
-def signature_params(func):
-    """Read a job's signature: {name: default} for the keyword parameters with
-    a default of type bool, int, float or str, and whether it takes `cancel`.
-    Raises TypeError for a signature the server cannot call."""
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
-        raise TypeError("cannot read the signature of %r" % (func,))
-    parameters = list(signature.parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not parameters or parameters[0].kind not in positional + (inspect.Parameter.VAR_POSITIONAL,):
-        raise TypeError("a job's first parameter must receive `progress`")
-    params, pass_cancel = {}, False
-    for p in parameters[1:]:
-        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            continue
-        if p.name == "cancel":
-            pass_cancel = True
-        elif p.default is inspect.Parameter.empty:
-            raise TypeError("job parameter %r needs a default" % p.name)
-        elif type(p.default) in PARAM_TYPES:
-            params[p.name] = p.default
-    return params, pass_cancel
-
-
-BUILTIN_JOB = function_job(simulate_optimisation)
-
-
-###############################################################################
-# Any program as the job: --cmd
-###############################################################################
-
-PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-OUTPUT_LINE_LIMIT = 64 * 1024      # bytes of one output line; the rest is cut, with a note
-OUTPUT_BURST_LINES = 200           # output lines a run may send as separate events at once,
-OUTPUT_LINES_PER_S = 200           # and the rate that allowance refills at; past it, the
-                                   # lines of one read are joined into one event, so that a
-                                   # flood stays well inside the history (HISTORY_LIMIT)
-OUTPUT_READ_BYTES = 65536          # one read of a program's output
-OUTPUT_FLOOD_PAUSE_S = 0.01        # past the allowance, a pause after each read
-STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
-DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
-COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
-
-
-def parse_command(template):
-    """Split a --cmd template like a shell would (never run by one) and read
-    its `{name=default}` placeholders: (argv template, {name: default}). Each
-    default's type (int, float, bool, str) is that of its text. `{{` and `}}`
-    are literal braces. Raises ValueError with the reason."""
-    try:
-        argv = shlex.split(template)
-    except ValueError as exc:
-        raise ValueError("--cmd cannot be split: %s" % exc)
-    if not argv:
-        raise ValueError("--cmd is empty")
-    defaults = {}
-    for arg in argv:
-        for match in PLACEHOLDER.finditer(arg):
-            text = match.group(0)
-            if text in ("{{", "}}"):
-                continue
-            name, equals, default = (match.group(1) or "").partition("=")
-            if match.group(1) is None or not equals or not default or "=" in default or \
-                    not PLACEHOLDER_NAME.fullmatch(name):
-                raise ValueError("bad placeholder %r in --cmd: write {name=default} "
-                                 "(and {{ or }} for a literal brace)" % text)
-            value = typed_default(default)
-            if name in defaults and repr(defaults[name]) != repr(value):   # 1 is not 1.0
-                raise ValueError("placeholder %r has two defaults in --cmd" % name)
-            defaults[name] = value
-    if PLACEHOLDER.search(argv[0]):
-        raise ValueError("the program itself cannot be a placeholder in --cmd")
-    return argv, defaults
-
-
-def typed_default(text):
-    """A placeholder default as the value it looks like."""
-    if text in ("true", "false"):
-        return text == "true"
-    if INTEGER_TEXT.fullmatch(text):
-        return int(text)
-    if NUMBER_TEXT.fullmatch(text):
-        return float(text)
-    return text
-
-
-def fill_command(argv, params):
-    """The argv of one run: each placeholder replaced inside its own argument,
-    so a value can never add an argument or reach a shell. A string value
-    cannot start an argument with `-` (it would become an option)."""
-    filled = []
-    for arg in argv:
-        def value(match, arg=arg):
-            text = match.group(0)
-            if text in ("{{", "}}"):
-                return text[0]
-            name = match.group(1).partition("=")[0]
-            value = params[name]
-            if isinstance(value, str) and value.startswith("-") and match.start() == 0:
-                raise BadParam(name, "%s cannot start with '-' here: the program would read "
-                                     "it as an option" % name)
-            if "\0" in str(value):
-                raise BadParam(name, "%s cannot hold a NUL character" % name)
-            return json.dumps(value) if isinstance(value, bool) else str(value)
-        filled.append(PLACEHOLDER.sub(value, arg))
-    return filled
-
-
-def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
-    """A JobSpec that runs a program for each run (see `run_command`),
-    named `title` or after its program (`train.py`, not the template)."""
-    argv, defaults = parse_command(template)
-    params = {name: Param(name, default) for name, default in defaults.items()}
-    processes = CommandGroups()
-
-    def run(session, values):
-        run_command(session, argv, values, kill_after_s, processes)
-    name = program_name(argv)
-    return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
-                   "progress lines the progress." % template, params,
-                   [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
-                   check=lambda values: fill_command(argv, values), stop_all=processes.close,
-                   kill_now=processes.kill_all,
-                   extra={"kill_after_s": kill_after_s})
-
-
-INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
-                          r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
-
-
-def program_name(argv):
-    """What a command runs, as a person would name it: `python3 train.py`
-    is train.py, `python -m pkg.train` is pkg.train, `make all` is make."""
-    if INTERPRETERS.fullmatch(os.path.basename(argv[0])):
-        args = iter(argv[1:])
-        for arg in args:
-            if arg == "-m":
-                return next(args, argv[0])
-            if not arg.startswith("-") and not PLACEHOLDER.search(arg) and \
-                    arg not in ("run", "exec"):
-                return os.path.basename(arg)
-    return os.path.basename(argv[0])
-
-
-class CommandGroups:
-    """The process groups of running commands, so that shutdown (even a
-    second Ctrl-C) can kill whatever is left, and a guard process that
-    kills them when the server dies without a shutdown (`kill -9`, a crash):
-    it reads "+PGID" and "-PGID" lines on a pipe from the server, and the
-    end of that pipe, which the kernel closes with the server, is its signal.
-    POSIX only; on Windows a program outlives a crashed server."""
-
-    def __init__(self):
-        self._lock = threading.Lock()    # guards _groups, _guard
-        self._groups = set()
-        self._guard = None
-
-    def add(self, pid):
-        with self._lock:
-            self._groups.add(pid)
-            self._tell_guard("+%d\n" % pid)
-
-    def discard(self, pid):
-        with self._lock:
-            self._groups.discard(pid)
-            self._tell_guard("-%d\n" % pid)
-
-    def kill_all(self):
-        """SIGKILL every group. Takes no lock: a signal handler calls it."""
-        for pid in list(self._groups):
-            kill_group(pid, HARD_KILL)
-
-    def close(self):
-        """Shutdown: kill what is left, then let the guard go."""
-        self.kill_all()
-        guard, self._guard = self._guard, None
-        if guard is not None:
-            try:
-                guard.stdin.close()
-                guard.wait(GUARD_EXIT_S)
-            except (OSError, subprocess.TimeoutExpired):
-                guard.kill()
-                guard.wait()
-
-    def _tell_guard(self, line):
-        if not hasattr(os, "killpg") or not sys.executable:
-            return
-        try:
-            if self._guard is None:
-                # A session of its own: a Ctrl-C in the server's terminal
-                # does not reach it, so it outlives the server to do its job.
-                self._guard = subprocess.Popen(
-                    [sys.executable, "-c", GUARD_PROGRAM], stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            self._guard.stdin.write(line.encode())
-            self._guard.stdin.flush()
-        except OSError as exc:
-            log.warning("the process guard is not running (%s): a program may outlive "
-                        "a crash of the server", exc)
-            self._guard = None
-
-
-GUARD_EXIT_S = 2.0
-GUARD_PROGRAM = """# sse_demo's process guard
-import os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-groups = set()
-for line in sys.stdin:
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-for group in groups:
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
-
-
-def kill_group(pid, signum):
-    """Signal a command and everything it started (its process group, POSIX);
-    on Windows only the process itself can be reached (TerminateProcess)."""
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signal.SIGTERM)
-    except OSError:
-        pass    # gone already
-
-
-def run_command(session, argv, values, kill_after_s, groups):
-    """The worker thread's body for --cmd: start the program in its own
-    process group, turn its output into events, stop it on cancel, and end
-    the run with exactly one terminal event from its exit status."""
-    command = fill_command(argv, values)
-    try:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
-    except FileNotFoundError:
-        return end_run(session, "error", {"message": "program not found: %s" % command[0]})
-    except OSError as exc:
-        return end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
-                                                                          exc.strerror or exc)})
-    groups.add(process.pid)
-    output = CommandOutput(session)
-    readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
-                                name="output-" + session.id[:8])
-               for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
-    try:
-        session.note_process(process_identity(process.pid))
-        for reader in readers:
-            reader.start()
-    except Exception as exc:    # a reader thread that cannot start: nothing may be left
-        log.error("run %s could not start", session.id, exc_info=True)
-        kill_group(process.pid, HARD_KILL)
-        process.wait()
-        groups.discard(process.pid)
-        for pipe in (process.stdout, process.stderr):
-            pipe.close()
-        return end_run(session, "error", {"message": "the run could not start: %s"
-                                                     % describe_exception(exc)})
-    try:
-        cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
-    finally:
-        kill_group(process.pid, HARD_KILL)   # what it left
-        groups.discard(process.pid)
-        for reader in readers:
-            reader.join(kill_after_s + 1.0)
-    if cancelled:
-        end_run(session, "cancelled", {})
-    elif process.returncode == 0:
-        end_run(session, "complete", {"result": {"exit_code": 0}})
-    else:
-        end_run(session, "error", {"message": exit_message(program_name(argv),
-                                                          process.returncode,
-                                                          output.stderr_tail)})
-
-
-def process_identity(pid):
-    """What tells this process from a later one with the same pid: its start
-    time since boot and the boot's id (Linux); only the pid elsewhere."""
-    identity = {"pid": pid}
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            identity["start"] = int(f.read().rsplit(b")", 1)[1].split()[19])
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            identity["boot"] = f.read().strip()
-    except (OSError, ValueError, IndexError):
-        pass
-    return identity
-
-
-def end_leftover_group(identity):
-    """After a crash: kill the process group of a run's program if its
-    leader still runs and is the same process (start time and boot match,
-    so not a pid the system gave to another). True if it did."""
-    if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
-        return False
-    pid = identity.get("pid")
-    if not isinstance(pid, int) or pid <= 1 or process_identity(pid) != identity:
-        return False
-    try:
-        if os.getpgid(pid) != pid:
-            return False
-        os.killpg(pid, HARD_KILL)
-    except OSError:
-        return False
-    return True
-
-
-def wait_or_cancel(process, cancel, kill_after_s):
-    """Wait for the program to exit; on cancel, SIGTERM its group, then
-    SIGKILL after `kill_after_s`. True if it was cancelled."""
-    while True:
-        try:
-            process.wait(COMMAND_POLL_S)
-            return False
-        except subprocess.TimeoutExpired:
-            pass
-        if cancel.is_set():
-            break
-    kill_group(process.pid, signal.SIGTERM)
-    try:
-        process.wait(kill_after_s)
-    except subprocess.TimeoutExpired:
-        kill_group(process.pid, HARD_KILL)
-        process.wait()
-    return True
-
-
-def exit_message(program, status, stderr_tail):
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = "signal %d" % -status
-        text = "%s was killed by %s" % (program, name)
-    else:
-        text = "%s exited with status %d" % (program, status)
-    if stderr_tail:
-        text += "; the last lines of its stderr:\n" + "\n".join(stderr_tail)
-    return text
-
-
-class CommandOutput:
-    """Turns a program's output into events: a JSON object with a numeric
-    `done` is progress, tqdm's bars are progress (see `OutputScreen` and
-    `parse_tqdm`), every other line a log event.
-
-    A run may send OUTPUT_BURST_LINES lines as separate events, refilled at
-    OUTPUT_LINES_PER_S; past that, the lines of one read are joined into one
-    event, so a program that floods its output costs few events and never
-    slows other runs. Bars cost at most one event per read, and none when a
-    redraw changed nothing but tqdm's clock."""
-
-    def __init__(self, session):
-        self._session = session
-        self._progress = Progress(session)
-        self._lock = threading.Lock()     # guards _allowance, _refilled, _shown (two readers)
-        self._allowance = OUTPUT_BURST_LINES
-        self._refilled = time.monotonic()
-        self._shown = None                # what the last bar event said, without the clock
-        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
-
-    def read(self, pipe, stream):
-        """A reader thread's body: read until end of file, never blocking the
-        job or the writer (the pipe is this thread's alone). Should reading
-        fail unexpectedly, the error is logged and the rest of the output is
-        drained, unread, so the program never blocks on a full pipe."""
-        with pipe:
-            try:
-                self._read(pipe, stream)
-            except Exception as exc:
-                log.error("run %s: reading the program's %s failed", self._session.id, stream,
-                          exc_info=True)
-                self._session.publish("log", {
-                    "message": "sse_demo could not read this output (%s); the rest of the %s "
-                               "is discarded" % (describe_exception(exc), stream),
-                    "level": "error", "stream": stream})
-                while pipe.read1(OUTPUT_READ_BYTES):
-                    pass
-
-    def _read(self, pipe, stream):
-        screen = OutputScreen()
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        while True:
-            data = pipe.read1(OUTPUT_READ_BYTES)
-            if not data:
-                break
-            self._take(screen, screen.feed(decoder.decode(data)), stream)
-        self._take(screen, screen.feed(decoder.decode(b"", final=True)) + screen.close(), stream)
-
-    def _take(self, screen, lines, stream):
-        self._publish_lines(lines, stream)
-        if screen.changed:
-            screen.changed = False
-            self._publish_bars(screen.bars)
-
-    def _publish_bars(self, bars):
-        """One progress event for the bars on screen, outermost first."""
-        drawn = [bars[p] for p in sorted(bars)]
-        levels, fields, rate = bars_levels(drawn)
-        if not levels:
-            return
-        stage = " · ".join(bar["desc"] for bar in drawn[-2:] if bar["desc"]) or None
-        shown = (stage, [tuple(level) for level in levels], sorted(fields.items()))
-        with self._lock:
-            if shown == self._shown:
-                return                    # only tqdm's clock moved
-            self._shown = shown
-        if rate is not None:
-            fields["rate"] = rate
-        try:
-            if len(levels) == 1:
-                self._progress._report(levels[0][1], levels[0][2], stage, **fields)
-            else:
-                self._progress._report(None, stage=stage, bars=levels, **fields)
-        except (TypeError, ValueError):
-            log.debug("progress from a bar not published", exc_info=True)
-
-    def _publish_lines(self, lines, stream):
-        lines = [line.rstrip() for line in lines if line and not line.isspace()]
-        if stream == "stderr":
-            self.stderr_tail.extend(lines)
-        allowed = self._take_allowance(len(lines))
-        for line in lines[:allowed]:
-            self._publish_line(line, stream)
-        if len(lines) > allowed:
-            joined, latest = [], None
-            for line in lines[allowed:]:
-                if parse_progress_line(line) is None:
-                    joined.append(line)
-                else:
-                    latest = line                          # only the latest counts
-            if latest is not None:
-                self._publish_line(latest, stream)
-            if joined:
-                self._log("\n".join(joined), stream)
-            # A flood: let the pipe fill before the next read (the program
-            # waits on it, not the server), so that each read, and so each
-            # event, carries many lines, and the other threads get the GIL.
-            time.sleep(OUTPUT_FLOOD_PAUSE_S)
-
-    def _take_allowance(self, wanted):
-        with self._lock:
-            now = time.monotonic()
-            self._allowance = min(OUTPUT_BURST_LINES, self._allowance +
-                                  (now - self._refilled) * OUTPUT_LINES_PER_S)
-            self._refilled = now
-            allowed = min(wanted, int(self._allowance))
-            self._allowance -= allowed
-            return allowed
-
-    def _publish_line(self, line, stream):
-        progress = parse_progress_line(line)
-        try:
-            if progress is not None:
-                done, total, fields = progress
-                stage = fields.pop("stage", None)
-                self._progress._report(done, total, stage if isinstance(stage, str) else None,
-                                       **fields)
-                return
-        except (TypeError, ValueError):
-            pass    # fields that are not JSON: show the line as it is
-        self._log(line, stream)
-
-    def _log(self, text, stream):
-        """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
-        lines by the size of one read."""
-        level = "warning" if stream == "stderr" else "info"
-        self._session.publish("log", {"message": text, "level": level, "stream": stream})
-
-
-# What moves a terminal's cursor in a program's output: tqdm redraws its
-# line after a \r, and draws a bar at `position` N with N newlines before it
-# and N cursor-ups (ESC [ A) after it.
-CURSOR = re.compile("\r\n|\r|\n|\x1b\\[([0-9]*)A")
-UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[?[0-9;?]*)$")
-OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]")   # other CSI: erase line, cursor on/off...
-
-
-class OutputScreen:
-    """A program's output laid out as a terminal would, as far as tqdm
-    needs: text finished by a newline at the home row is a log line; tqdm's
-    bars are kept by position in `bars` ({position: parse_tqdm(...)}) with
-    `changed` set when one moves.
-
-    A text drawn below the home row is a nested bar if the cursor comes back
-    up after it; if the next move is another \\r or \\n, the home row moved
-    down to it instead (a bar closed with leave=True, then the next one).
-    So that first draw waits for the next one; a draw at the home row that
-    ends a read is taken at once (tqdm writes each draw whole)."""
-
-    def __init__(self):
-        self.row = 0
-        self.text = ""            # drawn on the current row since its last \r or \n
-        self.dropped = 0          # characters of that text past OUTPUT_LINE_LIMIT
-        self.taken = None         # that text, already taken as a bar at the end of a read
-        self.bars = {}
-        self.cleared = set()      # positions blanked out, still counted until an outer bar moves
-        self.carry = ""           # the start of a move that the next read finishes
-        self.changed = False
-
-    def feed(self, text):
-        """Lay out more output; the log lines it finished. A move cut in two
-        by the end of a read (ESC [ then A, \r then \n) waits for its end."""
-        lines = []
-        text, self.carry = self.carry + text, ""
-        cut = UNFINISHED_MOVE.search(text, max(0, len(text) - 16))    # only the end matters
-        if cut:
-            text, self.carry = text[:cut.start()], text[cut.start():]
-        parts = text.split("\n")
-        parts[0] = self.text + parts[0]
-        if not self.bars and self.row == 0 and not self.dropped and "\r" not in text and \
-                "\x1b" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
-            # Plain output, no bar seen yet: whole lines in bulk, no Python
-            # work per line but for the rare one that could be a bar.
-            self.text, self.taken = parts.pop(), None
-            lines.extend(part for part in parts if "]" not in part or not self._draw(0, part))
-        else:
-            at = 0
-            for move in CURSOR.finditer(text):
-                self._add(text[at:move.start()])
-                at = move.end()
-                if move.group(0).startswith("\x1b"):
-                    self._finish(lines, up=True)
-                    self.row = max(0, self.row - int(move.group(1) or 1))
-                elif move.group(0) == "\r":
-                    self._finish(lines)
-                elif self._finish(lines, newline=True) != "line":
-                    self.row += 1
-            self._add(text[at:])
-        if self.row == 0 and self.text.rstrip().endswith("]") and self.text != self.taken \
-                and not self.dropped and self._draw(0, self.text):
-            self.taken = self.text                # a whole draw, at the home row
-        return lines
-
-    def close(self):
-        """End of output: what is left is finished."""
-        lines = []
-        self._add(self.carry)
-        self._finish(lines, newline=True)
-        return lines
-
-    def _add(self, piece):
-        room = OUTPUT_LINE_LIMIT - len(self.text)
-        if len(piece) > room:
-            self.dropped += len(piece) - max(0, room)
-            piece = piece[:max(0, room)]
-        self.text += piece
-
-    def _finish(self, lines, up=False, newline=False):
-        """The current row's text is done: a bar, a blank, or a log line.
-        Returns which ("bar", "blank", "line"), or None for no text."""
-        text, dropped, taken = self.text, self.dropped, self.taken
-        self.text, self.dropped, self.taken = "", 0, None
-        if not text:
-            return None
-        if "\x1b" in text:
-            text = OTHER_ESCAPES.sub("", text)
-        if not text.strip():
-            # A bar closed with leave=False, or tqdm.write() clearing every
-            # bar before it redraws them: the bar still counts until one
-            # outside it moves on, so the percent never dips in between.
-            if self.row in self.bars:
-                self.cleared.add(self.row)
-            return "blank"
-        if self.row > 0 and not up:
-            self.row = 0                        # the home row moved down to here
-        if text == taken and self.row == 0:
-            return "bar"
-        if not dropped and self._draw(self.row, text):
-            return "bar"
-        if dropped:
-            text += " [line cut: %d characters in all]" % (len(text) + dropped)
-        if newline or self.row == 0:
-            lines.append(text)
-        return "line"
-
-    def _draw(self, position, text):
-        bar = parse_tqdm(text)
-        if bar is None:
-            return False
-        self.cleared.discard(position)
-        if self.bars.get(position) != bar:
-            self.bars[position] = bar
-            self.changed = True
-            for inner in [p for p in self.cleared if p > position]:
-                del self.bars[inner]
-                self.cleared.discard(inner)
-        return True
-
-
-TQDM_BAR = re.compile(
-    r"(?:(?P<desc>.*?):)?\s*"
-    r"(?:(?P<percent>\d{1,3})%\|[^|]*\|)?\s*"
-    r"(?P<done>\d+(?:\.\d+)?[kMGTPEZY]?)"
-    r"(?:/(?P<total>\d+(?:\.\d+)?[kMGTPEZY]?)|(?P<unit>[^\s\[\]/]*))"
-    r"\s*(?:\[(?P<meta>[^\]]*)\]?)?\s*")
-TQDM_CLOCK = re.compile(r"(?:\d+:)?\d+:\d\d")                  # 00:04, 1:02:03
-TQDM_RATE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<prefix>[kMGTPEZY]?)(?P<unit>[^/\s]*)"
-                       r"/(?P<per>\S+)")
-DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
-UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-                 "Z": 1e21, "Y": 1e24}
-
-
-def parse_tqdm(text):
-    """A tqdm bar, or None: {"desc", "done", "total", "rate", "fields"}.
-
-    tqdm's shape, "desc: 45%|####5     | 45/100 [00:04<00:05, 10.00it/s,
-    loss=0.1]" or without a total "45it [00:04, 10.00it/s]", is required:
-    the percent and bar, or the bracket that starts with tqdm's clock. So
-    "Tests passed: 45/50" stays a log line."""
-    match = TQDM_BAR.fullmatch(text.strip())
-    if match is None:
-        return None
-    meta = [part.strip() for part in (match.group("meta") or "").split(",")]
-    if match.group("percent") is None and not TQDM_CLOCK.match(meta[0]):
-        return None
-    fields = {}
-    for part in meta[2:]:
-        name, equals, value = part.partition("=")
-        if equals and PLACEHOLDER_NAME.fullmatch(name.strip()) and \
-                name.strip() not in RESERVED_FIELDS and NUMBER_TEXT.fullmatch(value.strip()):
-            number = float(value)
-            fields[name.strip()] = int(number) if INTEGER_TEXT.fullmatch(value.strip()) else number
-    total = match.group("total")
-    return {"desc": (match.group("desc") or "").strip() or None,
-            "done": unit_number(match.group("done")),
-            "total": unit_number(total) if total else None,
-            "rate": tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
-
-
-def tqdm_rate(text):
-    """tqdm's rate as a number of units per second: "10.00it/s" -> 10.0,
-    "2.50s/it" -> 0.4, "1.2MB/s" -> 1200000.0; None for "?it/s"."""
-    match = TQDM_RATE.fullmatch(text)
-    if match is None:
-        return None
-    number = float(match.group("number")) * UNIT_PREFIXES[match.group("prefix")]
-    if match.group("unit") == "s" and match.group("per") != "s":
-        return round(1.0 / number, 6) if number else None
-    return number
-
-
-def bars_levels(bars):
-    """[label, done, total] levels, fields and rate from tqdm bars on screen,
-    outermost first. A lone bar whose description holds its own count
-    ("Epoch 3/10") is the inner level of that count: epoch 3 is running,
-    2 are done."""
-    if not bars:
-        return [], {}, None
-    levels = [[bar["desc"], bar["done"], bar["total"]] for bar in bars]
-    fields = {}
-    for bar in bars:
-        fields.update(bar["fields"])
-    counted = DESCRIBED_COUNT.match(bars[0]["desc"] or "")
-    if counted and int(counted.group("n")) > 0 and len(bars) == 1:
-        k, n = int(counted.group("k")), int(counted.group("n"))
-        levels.insert(0, [counted.group("label").strip(" :-") or None, max(0, min(k, n) - 1), n])
-    return levels, fields, bars[-1]["rate"]
-
-
-def parse_progress_line(line):
-    """(done, total, fields) for a JSON progress line, or None."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None     # most lines: nothing to parse
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    done = data.get("done") if isinstance(data, dict) else None
-    if isinstance(done, bool) or not isinstance(done, (int, float)):
-        return None
-    total = data.get("total")
-    fields = {k: v for k, v in data.items()
-              if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
-    return done, total if isinstance(total, (int, float)) and \
-        not isinstance(total, bool) else None, fields
-
-
-def unit_number(text):
-    """`45` -> 45, `1.2k` -> 1200 (tqdm's unit_scale)."""
-    prefix = text[-1] if text[-1] in UNIT_PREFIXES else ""
-    number = float(text[:-1] if prefix else text) * UNIT_PREFIXES[prefix]
-    return int(number) if number.is_integer() else number
-
-
 ###############################################################################
 # Request parsing
 ###############################################################################
@@ -3655,37 +3656,6 @@ class HTTPError(Exception):
 
 
 DECIMAL = re.compile(r"[0-9]{1,30}")
-
-
-def parse_start_params(spec, sources):
-    """Validate /start parameters against the job's description. `sources`
-    is a list of ([(name, value), ...], from_json): the query's and the
-    form's values are text, a JSON body's are JSON values. A parameter the
-    client did not give takes its default, brought within its bounds (so
-    `iterations=5` alone gives `update_every=5`); one it gave must fit them."""
-    params, given = {name: p.default for name, p in spec.params.items()}, set()
-    for pairs, from_json in sources:
-        for name, value in pairs:
-            param = spec.params.get(name)
-            if param is None:
-                raise HTTPError(400, "unknown parameter %r; expected %s"
-                                % (name, ", ".join(spec.params) or "none"), param=name)
-            if name in given:
-                raise HTTPError(400, "parameter %r given twice" % name, param=name)
-            given.add(name)
-            value = convert_json(param.kind, value) if from_json \
-                else convert_text(param.kind, value)
-            if value is None:
-                raise HTTPError(400, "%s must be %s" % (name, param.rule_text()), param=name)
-            params[name] = value
-    for name, param in spec.params.items():
-        low, high = param.min, param.highest(params)
-        if name not in given:
-            params[name] = clamp(params[name], low, high)
-        elif (low is not None and params[name] < low) or (high is not None and params[name] > high):
-            raise HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
-    spec.check(params)
-    return params
 
 
 def clamp(value, low, high):
@@ -3717,6 +3687,37 @@ def convert_text(kind, text):
         number = float(text)
         return number if math.isfinite(number) else None
     return None
+
+
+def parse_start_params(spec, sources):
+    """Validate /start parameters against the job's description. `sources`
+    is a list of ([(name, value), ...], from_json): the query's and the
+    form's values are text, a JSON body's are JSON values. A parameter the
+    client did not give takes its default, brought within its bounds (so
+    `iterations=5` alone gives `update_every=5`); one it gave must fit them."""
+    params, given = {name: p.default for name, p in spec.params.items()}, set()
+    for pairs, from_json in sources:
+        for name, value in pairs:
+            param = spec.params.get(name)
+            if param is None:
+                raise HTTPError(400, "unknown parameter %r; expected %s"
+                                % (name, ", ".join(spec.params) or "none"), param=name)
+            if name in given:
+                raise HTTPError(400, "parameter %r given twice" % name, param=name)
+            given.add(name)
+            value = convert_json(param.kind, value) if from_json \
+                else convert_text(param.kind, value)
+            if value is None:
+                raise HTTPError(400, "%s must be %s" % (name, param.rule_text()), param=name)
+            params[name] = value
+    for name, param in spec.params.items():
+        low, high = param.min, param.highest(params)
+        if name not in given:
+            params[name] = clamp(params[name], low, high)
+        elif (low is not None and params[name] < low) or (high is not None and params[name] > high):
+            raise HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
+    spec.check(params)
+    return params
 
 
 def parse_last_event_id(header, query):
@@ -4529,6 +4530,66 @@ def read_sse(response):
             event_id = value
 
 
+def can_write(out, text):
+    try:
+        text.encode(getattr(out, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def shutil_columns():
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 80
+
+
+def readable_number(value):
+    if isinstance(value, float) and not value.is_integer():
+        return "{:,.4g}".format(value) if abs(value) < 1000 else "{:,.1f}".format(value)
+    return "{:,}".format(int(value)) if isinstance(value, (int, float)) else str(value)
+
+
+def readable_seconds(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def progress_text(data, labels, fancy=True):
+    """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
+    `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
+    parts = []
+    percent = data.get("percent")
+    if isinstance(percent, (int, float)):
+        filled = BAR_WIDTH * min(100.0, max(0.0, percent)) / 100.0
+        if fancy:
+            bar = "█" * int(filled) + (" ▏▎▍▌▋▊▉"[int((filled % 1) * 8)] if filled < BAR_WIDTH else "")
+        else:
+            bar = "#" * int(filled)
+        parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
+    counted = data.get("iteration")
+    if isinstance(counted, (int, float)):
+        total = data.get("total")
+        parts.append("%s/%s" % (readable_number(counted), readable_number(total))
+                     if isinstance(total, (int, float)) else readable_number(counted))
+    words = [data["stage"]] if isinstance(data.get("stage"), str) and data["stage"] else []
+    for name, value in data.items():
+        if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and len(words) < 5:
+            label, unit = labels.get(name, (name, None))
+            words.append("%s %s%s" % (label, readable_number(value), " " + unit if unit else ""))
+    elapsed = data.get("elapsed_s")
+    if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
+        words.append("ETA " + readable_seconds(elapsed * (100 - percent) / percent))
+    line = " ".join(parts) + "".join(" · " + word for word in words)
+    return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
+
+
 class ProgressLine:
     """Draws a run on a terminal as tqdm does: the job's log lines scroll
     above one progress line that is redrawn in place. Not a terminal (a
@@ -4577,106 +4638,6 @@ class ProgressLine:
             width = shutil_columns()
             self.out.write("\r\x1b[K" + self.shown[:width - 1])
         self.out.flush()
-
-
-def can_write(out, text):
-    try:
-        text.encode(getattr(out, "encoding", None) or "ascii")
-        return True
-    except (UnicodeEncodeError, LookupError):
-        return False
-
-
-def shutil_columns():
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 80
-
-
-def progress_text(data, labels, fancy=True):
-    """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
-    `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
-    parts = []
-    percent = data.get("percent")
-    if isinstance(percent, (int, float)):
-        filled = BAR_WIDTH * min(100.0, max(0.0, percent)) / 100.0
-        if fancy:
-            bar = "█" * int(filled) + (" ▏▎▍▌▋▊▉"[int((filled % 1) * 8)] if filled < BAR_WIDTH else "")
-        else:
-            bar = "#" * int(filled)
-        parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
-    counted = data.get("iteration")
-    if isinstance(counted, (int, float)):
-        total = data.get("total")
-        parts.append("%s/%s" % (readable_number(counted), readable_number(total))
-                     if isinstance(total, (int, float)) else readable_number(counted))
-    words = [data["stage"]] if isinstance(data.get("stage"), str) and data["stage"] else []
-    for name, value in data.items():
-        if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
-                and not isinstance(value, bool) and len(words) < 5:
-            label, unit = labels.get(name, (name, None))
-            words.append("%s %s%s" % (label, readable_number(value), " " + unit if unit else ""))
-    elapsed = data.get("elapsed_s")
-    if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
-        words.append("ETA " + readable_seconds(elapsed * (100 - percent) / percent))
-    line = " ".join(parts) + "".join(" · " + word for word in words)
-    return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
-
-
-def readable_number(value):
-    if isinstance(value, float) and not value.is_integer():
-        return "{:,.4g}".format(value) if abs(value) < 1000 else "{:,.1f}".format(value)
-    return "{:,}".format(int(value)) if isinstance(value, (int, float)) else str(value)
-
-
-def readable_seconds(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return "%d s" % seconds
-    if seconds < 3600:
-        return "%d min %02d s" % divmod(seconds, 60)
-    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
-
-
-def watch_run(address, out=sys.stdout, is_terminal=None):
-    """Follow a run to its end, reconnecting with Last-Event-ID when the
-    connection drops or the server restarts. Returns the exit status:
-    0 complete, 1 error, 3 cancelled; raises WatchError (2)."""
-    if address.run is None:
-        raise WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
-    status, job = address.request("GET", "/job")
-    if status in (401, 403):
-        raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
-                         "link with its view key" % status)
-    job = job if isinstance(job, dict) else {}
-    labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
-              if isinstance(f, dict) and "name" in f}
-    out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
-    screen = ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
-    last_id, delay, failing_since = None, 0.5, None
-    while True:
-        try:
-            for name, event_id, data in follow_stream(address, last_id):
-                failing_since, delay = None, 0.5
-                last_id = event_id or last_id
-                ended = show_event(screen, name, data)
-                if ended is not None:
-                    return ended
-            raise ConnectionError("the stream ended before the run did")
-        except WatchError:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            now = time.monotonic()
-            if last_id is None and failing_since is None and not isinstance(exc, ConnectionError):
-                raise WatchError("cannot reach %s: %s" % (address.base, exc))
-            failing_since = failing_since or now
-            if now - failing_since > WATCH_GIVE_UP_S:
-                raise WatchError("%s has been unreachable for %d s" % (address.base,
-                                                                       WATCH_GIVE_UP_S))
-            screen.log("connection lost (%s); reconnecting in %.1f s" % (exc, delay))
-            time.sleep(delay)
-            delay = min(delay * 2, WATCH_RETRY_MAX_S)
 
 
 def follow_stream(address, last_id):
@@ -4728,6 +4689,46 @@ def show_event(screen, name, data):
                                  ": " + str(data["message"]) if data.get("message") else ""))
         return WATCH_EXIT[name]
     return None
+
+
+def watch_run(address, out=sys.stdout, is_terminal=None):
+    """Follow a run to its end, reconnecting with Last-Event-ID when the
+    connection drops or the server restarts. Returns the exit status:
+    0 complete, 1 error, 3 cancelled; raises WatchError (2)."""
+    if address.run is None:
+        raise WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
+    status, job = address.request("GET", "/job")
+    if status in (401, 403):
+        raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
+                         "link with its view key" % status)
+    job = job if isinstance(job, dict) else {}
+    labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
+              if isinstance(f, dict) and "name" in f}
+    out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
+    screen = ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
+    last_id, delay, failing_since = None, 0.5, None
+    while True:
+        try:
+            for name, event_id, data in follow_stream(address, last_id):
+                failing_since, delay = None, 0.5
+                last_id = event_id or last_id
+                ended = show_event(screen, name, data)
+                if ended is not None:
+                    return ended
+            raise ConnectionError("the stream ended before the run did")
+        except WatchError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            now = time.monotonic()
+            if last_id is None and failing_since is None and not isinstance(exc, ConnectionError):
+                raise WatchError("cannot reach %s: %s" % (address.base, exc))
+            failing_since = failing_since or now
+            if now - failing_since > WATCH_GIVE_UP_S:
+                raise WatchError("%s has been unreachable for %d s" % (address.base,
+                                                                       WATCH_GIVE_UP_S))
+            screen.log("connection lost (%s); reconnecting in %.1f s" % (exc, delay))
+            time.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_MAX_S)
 
 
 def start_remote(address, params, out=sys.stdout):
@@ -4789,6 +4790,41 @@ def client_main(argv):
 ###############################################################################
 # The server and the command line
 ###############################################################################
+
+def tls_context(certfile, keyfile=None):
+    """A server context for --certfile/--keyfile: TLS 1.2 or newer, and no
+    renegotiation (the writer's non-blocking sends never wait on a peer's
+    handshake). Raises OSError or ssl.SSLError for a file it cannot use."""
+    if ssl is None:
+        raise OSError("this Python has no ssl module (built without OpenSSL)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def csp_for(page):
+    """A Content-Security-Policy that allows the page's own inline script and
+    style by hash, and nothing from anywhere else."""
+    def hashes(tag):
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode()
+                        for b in blocks) or "'none'"
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
+
+
+def read_page():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        log.warning("cannot read the page: %s", exc)
+        return None
+
 
 class SSEServer(http.server.ThreadingHTTPServer):
     """The HTTP server, its sessions and its stream writer."""
@@ -5076,77 +5112,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
         super().server_close()
 
 
-def tls_context(certfile, keyfile=None):
-    """A server context for --certfile/--keyfile: TLS 1.2 or newer, and no
-    renegotiation (the writer's non-blocking sends never wait on a peer's
-    handshake). Raises OSError or ssl.SSLError for a file it cannot use."""
-    if ssl is None:
-        raise OSError("this Python has no ssl module (built without OpenSSL)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    context.load_cert_chain(certfile, keyfile)
-    return context
-
-
-def csp_for(page):
-    """A Content-Security-Policy that allows the page's own inline script and
-    style by hash, and nothing from anywhere else."""
-    def hashes(tag):
-        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
-        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode()
-                        for b in blocks) or "'none'"
-    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-            "img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-            "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
-
-
-def read_page():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        log.warning("cannot read the page: %s", exc)
-        return None
-
-
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
     """A bound server, not yet serving: run `serve_forever()` in a thread (it
     calls `start()`), and `shutdown()` then `server_close()` to stop it.
     `job` is a callable (see the module docstring); the options are
     SSEServer's keyword arguments."""
     return SSEServer(host, port, job=job, **options)
-
-
-def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
-    """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
-    Returns the exit status."""
-    raise_open_file_limit()
-    try:
-        server = make_server(host, port, job=job, **options)
-    except OSError as exc:
-        log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
-        return 1
-    server.start()      # the journal's runs are back before the URL is printed
-    if server.access is None and not is_loopback(server.server_address[0]):
-        log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
-                    server.url)
-    requested, restore = install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
-    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
-    if server.access is not None:
-        print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
-    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
-    serving.start()
-    try:
-        while not requested and serving.is_alive():
-            serving.join(0.2)   # a signal interrupts it; the handler only sets a flag
-    finally:
-        server.shutdown()
-        server.server_close()
-        restore()
-    log.info("stopped")
-    return 0
 
 
 def install_stop_signals(on_exit_now=lambda: None):
@@ -5189,6 +5160,36 @@ def raise_open_file_limit():
 
 def is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
+
+
+def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
+    """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
+    Returns the exit status."""
+    raise_open_file_limit()
+    try:
+        server = make_server(host, port, job=job, **options)
+    except OSError as exc:
+        log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        return 1
+    server.start()      # the journal's runs are back before the URL is printed
+    if server.access is None and not is_loopback(server.server_address[0]):
+        log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
+                    server.url)
+    requested, restore = install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
+    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
+    if server.access is not None:
+        print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
+    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    serving.start()
+    try:
+        while not requested and serving.is_alive():
+            serving.join(0.2)   # a signal interrupts it; the handler only sets a flag
+    finally:
+        server.shutdown()
+        server.server_close()
+        restore()
+    log.info("stopped")
+    return 0
 
 
 def load_job(spec):
@@ -5235,31 +5236,6 @@ def access_token(args):
     if reachable and not args.no_auth:
         return secrets.token_urlsafe(TOKEN_BYTES)
     return None
-
-
-def parse_args(argv):
-    """The command line, checked; exits 2 with the reason when it is wrong."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
-        if not getattr(args, name) > 0:
-            p.error("--%s must be above 0" % name.replace("_", "-"))
-    if args.no_auth and (args.token_file or os.environ.get("SSE_DEMO_TOKEN")):
-        p.error("--no-auth and a token (--token-file or SSE_DEMO_TOKEN) exclude each other")
-    if args.title is not None and not args.title.strip():
-        p.error("--title must not be empty")
-    if not args.max_record_mb > 0:
-        p.error("--max-record-mb must be above 0")
-    if args.keyfile and not args.certfile:
-        p.error("--keyfile needs --certfile")
-    if (args.notify_key or args.notify_format != "json") and not args.notify:
-        p.error("--notify-key and --notify-format need --notify")
-    for name in ("max_sessions", "max_streams", "max_queue"):
-        if getattr(args, name) < 1:
-            p.error("--%s must be at least 1" % name.replace("_", "-"))
-    if args.concurrency < 0:
-        p.error("--concurrency must be 0 (no limit) or more")
-    return args
 
 
 def build_parser():
@@ -5344,6 +5320,31 @@ def build_parser():
                    help="least severe message to log (default %(default)s)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
+
+
+def parse_args(argv):
+    """The command line, checked; exits 2 with the reason when it is wrong."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
+        if not getattr(args, name) > 0:
+            p.error("--%s must be above 0" % name.replace("_", "-"))
+    if args.no_auth and (args.token_file or os.environ.get("SSE_DEMO_TOKEN")):
+        p.error("--no-auth and a token (--token-file or SSE_DEMO_TOKEN) exclude each other")
+    if args.title is not None and not args.title.strip():
+        p.error("--title must not be empty")
+    if not args.max_record_mb > 0:
+        p.error("--max-record-mb must be above 0")
+    if args.keyfile and not args.certfile:
+        p.error("--keyfile needs --certfile")
+    if (args.notify_key or args.notify_format != "json") and not args.notify:
+        p.error("--notify-key and --notify-format need --notify")
+    for name in ("max_sessions", "max_streams", "max_queue"):
+        if getattr(args, name) < 1:
+            p.error("--%s must be at least 1" % name.replace("_", "-"))
+    if args.concurrency < 0:
+        p.error("--concurrency must be 0 (no limit) or more")
+    return args
 
 
 def main(argv=None):
