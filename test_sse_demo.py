@@ -27,10 +27,10 @@ import time
 import pytest
 
 import sse_demo
-from conftest import (CONTROL_KEYS, FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running,
-                      Stream, cancel, free_port, get_json, ids, names, page_url, parse_head,
-                      png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
-                      start_run, status_of, stop_process, thread_count, wait_for, watch)
+from harness import (FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream, cancel,
+                     control_key, free_port, get_json, ids, names, page_url, parse_head,
+                     png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
+                     start_run, status_of, stop_process, thread_count, wait_for, watch)
 
 try:
     import resource
@@ -1700,9 +1700,9 @@ def test_cancel_needs_the_runs_own_control_key(server):
     sid = start_run(server, iterations=1000, tick=0.05, update_every=1)
     other = start_run(server, iterations=1, **FAST)
     for headers in ({}, {"Authorization": "Bearer wrong-key"},
-                    {"Authorization": "Bearer " + CONTROL_KEYS[other]},
-                    {"Authorization": "Basic " + CONTROL_KEYS[sid]},
-                    {"Authorization": CONTROL_KEYS[sid]}):
+                    {"Authorization": "Bearer " + control_key(other)},
+                    {"Authorization": "Basic " + control_key(sid)},
+                    {"Authorization": control_key(sid)}):
         status, _, body = request(server, "POST", "/cancel/" + sid, headers=headers)
         assert status == 403 and "control key" in json.loads(body)["error"]
     assert status_of(server, sid) == "running"
@@ -3170,7 +3170,7 @@ def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
     try:
         running = start_run(first, iterations=1000, tick=0.05, update_every=1)
         waiting = [start_run(first, iterations=4, tick=0.1, update_every=1) for _ in range(3)]
-        keys = [CONTROL_KEYS[sid] for sid in waiting]
+        keys = [control_key(sid) for sid in waiting]
         seen = watch(first, waiting[2])
         seen_ids = ids([next(b for b in iter(lambda: seen.next_block(time.monotonic() + TIMEOUT),
                                              None) if "event" in b)])
