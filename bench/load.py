@@ -10,7 +10,8 @@ token), all measured in the same run, so the machine's noise falls on each.
     python3 bench/load.py --quick                       # small sizes, about a minute
     python3 bench/load.py --scenarios fanout --variants plain,tls
     python3 bench/load.py --scenarios latency --variants plain,token
-    python3 bench/load.py --server 'python3 other.py --port {port}' --label other
+    python3 bench/load.py --peers floor,starlette       # beside the peers in bench/peers
+    python3 bench/load.py --server 'python3 other.py --port {port}'
 
 Scenarios (full size / --quick):
   startup   seconds from exec to the first 200 on /healthz (5 / 3 launches),
@@ -42,6 +43,13 @@ the client to another where the machine has two (taskset).
 Variants: `plain`; `tls` (a self-signed certificate made with openssl,
 --certfile/--keyfile); `token` (SSE_DEMO_TOKEN for the server, every request
 with `Authorization: Bearer`). `--json FILE` keeps the report.
+
+Peers (`--peers`), each a column beside sse_demo's, over plain HTTP:
+`floor` (bench/peers/floor.py: the least work a threaded CPython server does
+per event; standard library only) and `starlette` (bench/peers/
+starlette_peer.py: the same run behind sse-starlette on uvicorn, which needs
+its packages: see bench/peers/requirements.txt). They serve the contract's
+core, not the queue: the queue scenario is skipped for them.
 """
 
 import argparse
@@ -64,6 +72,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "%s %s --port {port}" % (shlex.quote(sys.executable),
                                           shlex.quote(os.path.join(HERE, "..", "sse_demo.py")))
 TOKEN = "bench-token-0123456789abcdef"
+PEERS_DIR = os.path.join(HERE, "peers")
+PEER_PYTHON = {"floor": sys.executable,
+               "starlette": os.path.join(PEERS_DIR, ".venv", "bin", "python")}
+PEER_INSTALL = ("python3 -m venv bench/peers/.venv && "
+                "bench/peers/.venv/bin/pip install -r bench/peers/requirements.txt")
 # Kernel receive timestamps: Python does not name SO_TIMESTAMPNS; 35 is its
 # value on x86 and ARM Linux. The control message is a timespec (two longs).
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -672,6 +685,8 @@ def parse_args(argv):
                    help="comma-separated, in order (default: all)")
     p.add_argument("--variants", default="plain",
                    help="comma-separated: plain, tls, token (default: plain)")
+    p.add_argument("--peers", default="",
+                   help="comma-separated peers measured beside it: floor, starlette")
     p.add_argument("--quick", action="store_true", help="small sizes: about a minute")
     p.add_argument("--set", action="append", default=[], metavar="SCENARIO.NAME=VALUE",
                    help="change one size, e.g. fanout.streams=2000; repeatable")
@@ -685,6 +700,16 @@ def parse_args(argv):
     for variant in args.variants:
         if variant not in ("plain", "tls", "token"):
             p.error("unknown variant %r" % variant)
+    args.columns = [(variant, args.server, variant) for variant in args.variants]
+    for peer in filter(None, args.peers.split(",")):
+        if peer not in PEER_PYTHON:
+            p.error("unknown peer %r (known: %s)" % (peer, ", ".join(PEER_PYTHON)))
+        if not os.access(PEER_PYTHON[peer], os.X_OK):
+            p.error("the %s peer needs its packages; install them with:\n  %s"
+                    % (peer, PEER_INSTALL))
+        script = os.path.join(PEERS_DIR, "floor.py" if peer == "floor" else "starlette_peer.py")
+        args.columns.append((peer, "%s %s --port {port}" % (
+            shlex.quote(PEER_PYTHON[peer]), shlex.quote(script)), "plain"))
     return args
 
 
@@ -703,16 +728,20 @@ def main(argv=None):
         tls_files = make_tls_files(folder) if "tls" in args.variants else None
         for name in args.scenarios:
             report["scenarios"][name] = collections.OrderedDict()
-            for variant in args.variants:
-                figures = run_scenario(name, args.server, variant, tls_files, server_cpu,
-                                       sizes[name])
-                report["scenarios"][name][variant] = figures
-                print("%s / %s: %s" % (name, variant, figures["result"]), file=sys.stderr)
+            for label, template, variant in args.columns:
+                if name in SCENARIO_ARGS and template != args.server:
+                    figures = {"result": "skipped: not served by this peer"}
+                else:
+                    figures = run_scenario(name, template, variant, tls_files, server_cpu,
+                                           sizes[name])
+                report["scenarios"][name][label] = figures
+                print("%s / %s: %s" % (name, label, figures["result"]), file=sys.stderr)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    failed = any(f["result"] != "ok" for v in report["scenarios"].values() for f in v.values())
+    failed = any(f["result"].startswith("FAIL")
+                 for v in report["scenarios"].values() for f in v.values())
     return 1 if failed else 0
 
 
