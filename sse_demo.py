@@ -17,6 +17,11 @@ page and PROTOCOL.md call a *run* (one start of the job, its events and its
 state). The wire kept `session_id` and `/progress/<session id>` from the
 first version, and the code names things after the wire.
 
+The public API is ``__all__``: what a program that imports this file may
+rely on. Every other function and class starts with ``_``: read it, copy
+it, but it may change. The constants (``UPPER_CASE``) are the tunables, and
+are named without one.
+
 Plug in your own job
 --------------------
 A job is any callable whose first parameter receives ``progress``::
@@ -55,25 +60,25 @@ Threads, and what each owns
 - ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
   answer the JSON endpoints, write a stream's response head, then hand the
   socket to the writer. None waits on an open stream or an idle connection.
-- ``stream-writer`` (``StreamHub``): owns every stream's socket and every idle
+- ``stream-writer`` (``_StreamHub``): owns every stream's socket and every idle
   keep-alive connection. It waits on all of them at once (``selectors``),
   writes each event (encoded once) to every subscriber without blocking,
   sends keepalives, closes stuck readers, and gives a connection back to the
   HTTP server when its next request arrives. So an idle stream costs no
   thread, and an event no thread wake-up per viewer.
 - one worker per running run (``job-...``): runs the job and publishes its
-  events into the run's ``Session`` (history, ids, state, and its whole
+  events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
   two more read the program's stdout and stderr, and a guard process
   (not a thread) kills the programs if the server dies without stopping.
-  With ``--concurrency N`` the ``RunQueue`` starts at most N of them; the
+  With ``--concurrency N`` the ``_RunQueue`` starts at most N of them; the
   thread of a run that ends starts the next in line.
 - ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
   (``--grip``) sends them to Pushpin, at most every 0.1 s; ``notifier``
   (``--notify``) POSTs each run's end; ``runs-feed`` gathers the runs list's
   changes for GET /runs/events. None is waited for, but for the journal's
   id mark once per 1,000 events, asked for ahead of need.
-- These long-lived threads run under a ``Supervisor``: a thread that stops
+- These long-lived threads run under a ``_Supervisor``: a thread that stops
   is logged once and named by /healthz.
 
 It binds to loopback. Off loopback it asks for a token (and serves HTTPS
@@ -82,7 +87,8 @@ with ``--certfile``): see "Reach it from another machine" in the README.
 
 __version__ = "1.0.0"
 __all__ = ["serve", "make_server", "main", "describe_job", "Cancelled", "BadParam",
-           "function_job", "command_job", "SSEServer", "JobSpec", "Progress", "Bar"]
+           "function_job", "command_job", "SSEServer", "JobSpec", "Progress", "Bar",
+           "simulate_optimisation"]
 
 import argparse
 import base64
@@ -146,7 +152,7 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
-TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see StreamHub._send)
+TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
@@ -191,17 +197,17 @@ RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts",
 json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
-def frame_event(event_id, name, data_json):
+def _frame_event(event_id, name, data_json):
     """An event's fields around its data, already encoded as one JSON line."""
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data_json)
 
 
-def encode_event(event_id, name, data):
+def _encode_event(event_id, name, data):
     """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
-    return frame_event(event_id, name, json_line(data).encode())
+    return _frame_event(event_id, name, json_line(data).encode())
 
 
-def encode_chunk(payload):
+def _encode_chunk(payload):
     """One HTTP/1.1 chunk (RFC 9112, section 7.1): size in hex, CRLF, data, CRLF."""
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
@@ -211,7 +217,7 @@ KEEPALIVE = b": keepalive\n\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def name_bad_field(data, error):
+def _name_bad_field(data, error):
     """Say which field of `data` is not strict JSON."""
     for name, value in data.items():
         try:
@@ -221,7 +227,7 @@ def name_bad_field(data, error):
     return str(error)
 
 
-class Event:
+class _Event:
     """A published event, encoded once for every socket it goes to (and
     for the record and the journal, which reuse its JSON)."""
 
@@ -231,8 +237,8 @@ class Event:
         self.id = event_id
         self.name = name
         self.json = json_line(data).encode()
-        self.sse = frame_event(event_id, name, self.json)
-        self.chunk = encode_chunk(self.sse)
+        self.sse = _frame_event(event_id, name, self.json)
+        self.chunk = _encode_chunk(self.sse)
         self.terminal = name in TERMINAL_STATES
         if self.terminal:
             self.chunk += LAST_CHUNK      # the terminal event ends the body
@@ -250,14 +256,14 @@ DEFAULT_MAX_RECORD_MB = 16.0       # a run's record in memory (--max-record-mb)
 RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
 
 
-def numeric_fields(data):
+def _numeric_fields(data):
     """The job's own numeric fields of an event: what the chart draws."""
     return {name: value for name, value in data.items()
             if name not in RESERVED_FIELDS and not isinstance(value, bool)
             and isinstance(value, (int, float))}
 
 
-def merge_buckets(buckets, factor):
+def _merge_buckets(buckets, factor):
     """Buckets of `factor` times the width: neighbours merged, in order."""
     merged = {}
     for index in sorted(buckets):
@@ -273,7 +279,7 @@ def merge_buckets(buckets, factor):
     return merged
 
 
-class Series:
+class _Series:
     """Every numeric field over the whole run in bounded memory: buckets of
     equal iteration width, each with the first iteration it holds and, per
     field, (min, max, last). When the run outgrows SERIES_BUCKETS buckets the
@@ -295,7 +301,7 @@ class Series:
             return
         index = int(max(0, iteration) // self.width)
         while index >= SERIES_BUCKETS:
-            self.buckets = merge_buckets(self.buckets, 2)
+            self.buckets = _merge_buckets(self.buckets, 2)
             self.width *= 2
             index //= 2
         bucket = self.buckets.get(index)
@@ -325,7 +331,7 @@ class Series:
         factor = 1
         while self.buckets and max(self.buckets) // factor >= points:
             factor *= 2
-        buckets = merge_buckets(self.buckets, factor) if factor > 1 else self.buckets
+        buckets = _merge_buckets(self.buckets, factor) if factor > 1 else self.buckets
         order = sorted(buckets)
         names = sorted({name for b in buckets.values() for name in b[1]})
         fields = {name: {"min": [], "max": [], "last": []} for name in names}
@@ -339,14 +345,14 @@ class Series:
                 "fields": fields, "last_id": self.last_id}
 
 
-def export_line(event_id, name, data_json):
+def _export_line(event_id, name, data_json):
     """One /export (and journal) line: {"id", "event", "data"}; the data is the
     event's own JSON, not encoded again."""
     return b'{"id":%s,"event":"%s","data":%s}\n' % (
         b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
 
 
-class Record:
+class _Record:
     """Every event of a run as its /export line, for /log and /export, in at
     most `budget` bytes. Past the budget, progress events are thinned first
     (every other one, the newest kept); then log lines from the middle of
@@ -361,7 +367,7 @@ class Record:
         self.changed = threading.Condition(lock)
 
     def add(self, event, data):
-        line = export_line(event.id, event.name, event.json)
+        line = _export_line(event.id, event.name, event.json)
         self.items.append((event.id, event.name, line))
         self.size += len(line) + RECORD_ITEM_OVERHEAD
         if self.size > self.budget:
@@ -387,7 +393,7 @@ class Record:
         gone = self.items[start:stop]
         dropped = sum(1 for item in gone if item[1] == "log" and item[0] is not None)
         self.dropped_logs += dropped
-        marker = (None, "log", export_line(None, "log", json_line({
+        marker = (None, "log", _export_line(None, "log", json_line({
             "message": "%d log lines dropped here: the run's record is over --max-record-mb "
                        "(the server's memory limit for it)" % self.dropped_logs,
             "level": "warning",
@@ -402,7 +408,7 @@ class Record:
         return len(self.items)
 
 
-def log_text_line(record):
+def _log_text_line(record):
     """One /log line from an export record: ISO 8601 UTC time with
     milliseconds, level, [stream], message; further lines indented by two."""
     data = record["data"]
@@ -425,13 +431,13 @@ def log_text_line(record):
 STAMP_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
 
 
-def without_stamps(data):
+def _without_stamps(data):
     """An event's data without what belongs to that event alone: what a
     terminal event carries over from the latest progress."""
     return {k: v for k, v in data.items() if k not in STAMP_FIELDS}
 
 
-def first_after(history, event_id):
+def _first_after(history, event_id):
     """The index of the first event with an id above `event_id`, by halving.
     Ids only go up, but not always by one: a run read back after a crash
     goes on past its journal's id mark (a queued run), or ends there (an
@@ -446,7 +452,7 @@ def first_after(history, event_id):
     return low
 
 
-class Session:
+class _Session:
     """One run: its events, its state, its cancel flag and its control key.
 
     Any thread may publish (a job's own threads, a command's output readers):
@@ -474,8 +480,8 @@ class Session:
         self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest,
                                        # series and record
         self._history = collections.deque(maxlen=HISTORY_LIMIT)
-        self.series = Series()
-        self.record = Record(record_bytes, self._lock) if record_bytes else None   # 0: none
+        self.series = _Series()
+        self.record = _Record(record_bytes, self._lock) if record_bytes else None   # 0: none
         self.last_id = 0
         self.terminal_id = None
         self.state = state            # "queued" (waiting for a slot), "running", then terminal
@@ -484,7 +490,7 @@ class Session:
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
-        self.process = None           # --cmd: the program's identity (see process_identity)
+        self.process = None           # --cmd: the program's identity (see _process_identity)
         self._on_process = on_process
         self.id_mark = None           # with a journal: the mark its ids stay within (IdMark)
         self.ids_may_pass_end = False  # clients may hold ids past its end (see resume_after)
@@ -528,9 +534,9 @@ class Session:
     def _append(self, name, data):
         """The next event, with the lock held."""
         try:
-            event = Event(self.last_id + 1, name, data)
+            event = _Event(self.last_id + 1, name, data)
         except (TypeError, ValueError) as exc:
-            raise TypeError(name_bad_field(data, exc))
+            raise TypeError(_name_bad_field(data, exc))
         self._keep(event, data)
         if event.terminal:
             self.terminal_id = event.id
@@ -572,7 +578,7 @@ class Session:
             pass      # its place in the queue: not a progress field, not a point
         elif event.name != "log":
             self._latest = data
-            self.series.add(event.id, data.get("iteration"), numeric_fields(data))
+            self.series.add(event.id, data.get("iteration"), _numeric_fields(data))
         else:
             self.series.last_id = event.id
         if record and self.record is not None:
@@ -618,7 +624,7 @@ class Session:
         disk). A terminal one ends the run as it ended then."""
         with self._lock:
             for event_id, name, data in events:
-                self._keep(Event(event_id, name, data), data, record=False)
+                self._keep(_Event(event_id, name, data), data, record=False)
             if events and events[-1][1] in TERMINAL_STATES:
                 self.terminal_id, self.state = self.last_id, events[-1][1]
                 self.ended_ts = events[-1][2].get("ts", time.time())
@@ -634,7 +640,7 @@ class Session:
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
         with self._lock:
-            return without_stamps(self._latest)
+            return _without_stamps(self._latest)
 
     def snapshot(self):
         """What /status answers: the state, the parameters, the place in the
@@ -666,7 +672,7 @@ class Session:
             start = max(0, event_id + 1 - history[0].id)
             if start < len(history) and history[start].id != max(event_id + 1, history[0].id) \
                     or start >= len(history) and history[-1].id > event_id:
-                start = first_after(history, event_id)   # ids with a gap: see first_after
+                start = _first_after(history, event_id)   # ids with a gap: see _first_after
             stop = min(len(history), start + limit)
             return [history[i] for i in range(start, stop)]
 
@@ -686,7 +692,7 @@ class Session:
         return min(last_event_id, self.last_id)
 
 
-def end_run(session, name, extra):
+def _end_run(session, name, extra):
     """Publish the terminal event: the latest progress fields plus `extra`.
     A run the server stopped (it is shutting down) ends `error`, saying so,
     not `cancelled`: nobody cancelled it."""
@@ -705,7 +711,7 @@ def end_run(session, name, extra):
         session.publish("error", fields)
 
 
-def new_session_id():
+def _new_session_id():
     """128 random bits, URL-safe, never starting with `-`: a command line
     would read `--run -Xy...` as two options."""
     while True:
@@ -714,7 +720,7 @@ def new_session_id():
             return session_id
 
 
-class TooBusy(Exception):
+class _TooBusy(Exception):
     """A limit is reached: too many running sessions (429), open streams or
     threads (503). The handler answers with the status and Retry-After."""
 
@@ -723,7 +729,7 @@ class TooBusy(Exception):
         self.status = status
 
 
-class Registry:
+class _Registry:
     """Every known session: creates within the cap, looks up, forgets ended
     sessions after their time to live, and cancels all on shutdown."""
 
@@ -746,11 +752,11 @@ class Registry:
         with self._lock:
             self._expire()
             if self._running >= self.max_sessions:
-                raise TooBusy(429, "too many running sessions (limit %d); try again later"
-                              % self.max_sessions)
-            session = Session(session_id or new_session_id(), title, params,
-                              self._on_publish, self._session_ended, self.record_bytes,
-                              self._on_process, state)
+                raise _TooBusy(429, "too many running sessions (limit %d); try again later"
+                               % self.max_sessions)
+            session = _Session(session_id or _new_session_id(), title, params,
+                               self._on_publish, self._session_ended, self.record_bytes,
+                               self._on_process, state)
             self._sessions[session.id] = session
             self._running += 1
             return session
@@ -824,7 +830,7 @@ class Registry:
 # The queue: at most N runs at once (--concurrency), the rest first in, first out
 ###############################################################################
 
-class RunQueue:
+class _RunQueue:
     """Which runs run. Without a limit every run starts at once. With
     --concurrency N at most N run; the others wait in order, and each hears
     of its place: a `queued` event (its position) when it joins and whenever
@@ -850,8 +856,8 @@ class RunQueue:
         """Raises TooBusy (429) when a new run would find the queue full."""
         with self._lock:
             if self._is_full() and len(self._waiting) >= self.max_queue:
-                raise TooBusy(429, "the queue is full (%d runs waiting); try again later"
-                              % len(self._waiting))
+                raise _TooBusy(429, "the queue is full (%d runs waiting); try again later"
+                               % len(self._waiting))
 
     def _is_full(self):
         return bool(self.concurrency) and (len(self._running) >= self.concurrency
@@ -910,7 +916,7 @@ class RunQueue:
         self._announce(places)
         for run, exc in failed:
             log.error("run %s could not start: %s", run.id, exc)
-            end_run(run, "error", {"message": "the run could not start: %s" % exc})
+            _end_run(run, "error", {"message": "the run could not start: %s" % exc})
 
     def _is_running_full(self):
         return bool(self.concurrency) and len(self._running) >= self.concurrency
@@ -986,7 +992,7 @@ class RunQueue:
 RUNS_FEED_INTERVAL_S = 0.25        # the runs list's changes go out at most this often
 
 
-class RunsFeed:
+class _RunsFeed:
     """The runs panel's stream. Every event of every run marks that run
     changed; one thread publishes, at most every RUNS_FEED_INTERVAL_S, a
     `runs` event with the changed runs' entries (as GET /runs gives them)
@@ -996,11 +1002,11 @@ class RunsFeed:
     the thread sleeps until a run changes."""
 
     def __init__(self, describe, on_publish):
-        self.session = Session("runs", "runs", {}, on_publish, lambda session: None,
-                               record_bytes=0)
+        self.session = _Session("runs", "runs", {}, on_publish, lambda session: None,
+                                record_bytes=0)
         self._describe = describe           # session -> its entry in the runs list
         self.key = secrets.token_urlsafe(TOKEN_BYTES)   # Pushpin's own requests for it carry
-                                                        # this (behind a token; see grip_hold)
+                                                        # this (behind a token; see _grip_hold)
         self._lock = threading.Lock()       # guards _changed, _gone
         self._changed = {}                  # session id -> session, in the order they changed
         self._gone = set()
@@ -1050,12 +1056,12 @@ class RunsFeed:
 # Background threads: one supervision for all
 ###############################################################################
 
-def describe_exception(exc):
+def _describe_exception(exc):
     text = str(exc).strip()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
-class Supervisor:
+class _Supervisor:
     """Starts the server's long-lived threads (the stream writer, the
     journal, the GRIP publisher) and watches them. A thread whose body
     raises has stopped: it is logged once with its traceback, and /healthz
@@ -1080,7 +1086,7 @@ class Supervisor:
         except BaseException as exc:     # a thread has no one to re-raise to
             log.error("the %s has stopped", part, exc_info=True)
             with self._lock:
-                self.stopped[part] = describe_exception(exc)
+                self.stopped[part] = _describe_exception(exc)
 
     def survived(self, part):
         """Call from an `except Exception:` block of a loop that goes on."""
@@ -1103,11 +1109,11 @@ class Supervisor:
 # Streams: one writer thread for every subscriber socket
 ###############################################################################
 
-def is_tls(sock):
+def _is_tls(sock):
     return ssl is not None and isinstance(sock, ssl.SSLSocket)
 
 
-class Subscriber:
+class _Subscriber:
     """One open stream: a non-blocking socket and how far it has got.
 
     `cursor` is the id of the last event queued for it; `pending` the bytes
@@ -1135,14 +1141,14 @@ class Subscriber:
         self.reading = False        # the selector watches it for end of file
         self.writing = False        # the selector watches it for room to write
         self.due = None             # when its timer fires; other heap entries are stale
-        self.tls = is_tls(sock)
+        self.tls = _is_tls(sock)
         self.tls_wants_read = False  # a TLS send waits for the peer's bytes, not for room
 
     def frames(self, events):
         return b"".join(e.chunk if self.chunked else e.sse for e in events)
 
     def keepalive_frame(self):
-        return encode_chunk(KEEPALIVE) if self.chunked else KEEPALIVE
+        return _encode_chunk(KEEPALIVE) if self.chunked else KEEPALIVE
 
     def has_terminal(self):
         return self.session.terminal_id is not None and self.cursor >= self.session.terminal_id
@@ -1159,7 +1165,7 @@ class Subscriber:
         self.sock.close()
 
 
-class Inbox:
+class _Inbox:
     """Work for the writer thread, posted by any other thread, and the socket
     pair that wakes the writer's select(). An item posted with `once` (a
     session with new events) is not queued again until the writer takes it,
@@ -1226,7 +1232,7 @@ class Inbox:
         self._wake_w.close()
 
 
-class Timers:
+class _Timers:
     """One timer per subscriber (its keepalive, its stuck-reader check or
     its idle timeout), in a heap. Re-arming a timer leaves the old entry in
     the heap; it is skipped when it comes up, as its due time is no longer
@@ -1257,20 +1263,20 @@ class Timers:
         return [sub for _, _, sub in self._heap]
 
 
-def selector_capacity(selector):
+def _selector_capacity(selector):
     """How many sockets the selector can watch: select()'s fixed set size, or
     None for epoll, kqueue and poll, which have no such limit."""
     return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
-class StreamHub:
+class _StreamHub:
     """The one thread that writes every stream: the loop.
 
     Other threads only call `attach`, `park`, `notify`, `reserve`/`release`
-    and `stop`: they post work to the `Inbox`, which wakes the writer.
+    and `stop`: they post work to the `_Inbox`, which wakes the writer.
     Everything else here belongs to the writer thread, so it needs no lock:
     a subscriber's socket has exactly one writer, which also writes its
-    keepalives (its `Timers`).
+    keepalives (its `_Timers`).
     """
 
     def __init__(self, keepalive_s, idle_timeout_s, max_streams, hand_back):
@@ -1280,17 +1286,17 @@ class StreamHub:
         self._hand_back = hand_back          # gives a connection back to the HTTP server
         self._count_lock = threading.Lock()  # guards streams
         self.streams = 0
-        self._inbox = Inbox()
+        self._inbox = _Inbox()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._inbox.wake_r, selectors.EVENT_READ, None)
-        self.capacity = selector_capacity(self._selector)   # sockets it can watch, or None
+        self.capacity = _selector_capacity(self._selector)   # sockets it can watch, or None
         self.max_streams = max_streams if self.capacity is None else \
             min(max_streams, self.capacity - SELECT_HEADROOM)
         self.broken = None                   # why the writer stopped taking streams, if it did
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._by_session = {}                # session -> {subscriber: None}
-        self._timers = Timers()
+        self._timers = _Timers()
         self._stopping = False
         self._thread = None
 
@@ -1304,12 +1310,12 @@ class StreamHub:
         when the writer has stopped, or when select() could not watch it."""
         failure = self.failure()
         if failure is not None:
-            raise TooBusy(503, "the stream writer has stopped (%s); see the server log" % failure)
+            raise _TooBusy(503, "the stream writer has stopped (%s); see the server log" % failure)
         if not self.can_watch(sock):
-            raise TooBusy(503, "too many open connections for select() on this platform")
+            raise _TooBusy(503, "too many open connections for select() on this platform")
         with self._count_lock:
             if self.streams >= self.max_streams:
-                raise TooBusy(503, "too many open streams (limit %d)" % self.max_streams)
+                raise _TooBusy(503, "too many open streams (limit %d)" % self.max_streams)
             self.streams += 1
 
     def can_watch(self, sock):
@@ -1338,8 +1344,8 @@ class StreamHub:
         """Keep an idle keep-alive connection until its next request arrives
         (it then goes back to the HTTP server) or it has been quiet for the
         idle timeout (it is closed)."""
-        connection = Subscriber(sock, address, session=None, cursor=0, chunked=True,
-                                keep_alive=True)
+        connection = _Subscriber(sock, address, session=None, cursor=0, chunked=True,
+                                 keep_alive=True)
         connection.idle = True
         if not self.can_watch(sock) or not self._inbox.post(("park", connection)):
             sock.close()
@@ -1411,7 +1417,7 @@ class StreamHub:
         next turn."""
         while self._work:
             kind, value = self._work.popleft()
-            self._serving = value if isinstance(value, Subscriber) else None
+            self._serving = value if isinstance(value, _Subscriber) else None
             if kind == "events":
                 self._write_new_events(value)
             elif kind == "attach":
@@ -1662,7 +1668,7 @@ class StreamHub:
 # Behind Pushpin: GRIP (https://pushpin.org/docs/protocols/grip/)
 ###############################################################################
 
-def merge_items(items):
+def _merge_items(items):
     """The items with each run's consecutive events joined into one: its
     content is theirs in order, its prev-id the first one's and its id the
     last one's, so Pushpin's gap check reads it as one step. A close, or an
@@ -1680,7 +1686,7 @@ def merge_items(items):
     return [item for merged in runs.values() for item in merged]
 
 
-class GripPublisher:
+class _GripPublisher:
     """Publishes every event to Pushpin as an `http-stream` item on the
     session's channel, from one thread with a bounded queue, so that a slow or
     absent Pushpin never blocks a job. At most one publish request goes out
@@ -1718,7 +1724,7 @@ class GripPublisher:
     def offered(self, session):
         """The last event of the session offered to Pushpin (sent, or dropped
         on the way): a join through Pushpin is answered up to here (see
-        grip_hold)."""
+        _grip_hold)."""
         with self._offered_lock:
             return self._offered.get(session.id, 0)
 
@@ -1771,7 +1777,7 @@ class GripPublisher:
             time.sleep(max(0.0, sent_at + GRIP_INTERVAL_S - time.monotonic()))
             entries, stopping = self._take_queued(first)
             sent_at = time.monotonic()
-            items = merge_items([item for _, _, item in entries])
+            items = _merge_items([item for _, _, item in entries])
             for start in range(0, len(items), GRIP_BATCH):
                 self._send(items[start:start + GRIP_BATCH])
             for session, event_id, _ in entries:   # whether Pushpin took them or not
@@ -1823,8 +1829,8 @@ class GripPublisher:
             log.warning("GRIP publishing failed (%s); clients will resume from history", reason)
 
 
-def grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
-              path=None):
+def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
+               path=None):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
@@ -1863,7 +1869,7 @@ def grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=N
     return body, headers
 
 
-def grip_signature_valid(token, key):
+def _grip_signature_valid(token, key):
     """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired."""
     try:
         if not token:
@@ -1954,7 +1960,7 @@ def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, 
     return None
 
 
-def check_number(name, value):
+def _check_number(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not math.isfinite(value):
         raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
@@ -1968,7 +1974,7 @@ class Bar:
 
     def __init__(self, progress, depth, label, total):
         if total is not None:
-            check_number("total", total)
+            _check_number("total", total)
         self._progress, self._depth = progress, depth
         levels = progress._levels[:depth] or [[progress._stage, 0, None]]
         progress._levels = levels + [[str(label), 0, total]]
@@ -1976,7 +1982,7 @@ class Bar:
     def __call__(self, done, **fields):
         progress = self._progress
         progress._check_cancel()
-        check_number("done", done)
+        _check_number("done", done)
         if len(progress._levels) <= self._depth:      # an outer level moved on since
             raise RuntimeError("this bar has ended: its outer level moved on")
         progress._levels[self._depth][1] = done
@@ -1987,7 +1993,7 @@ class Bar:
         return Bar(self._progress, self._depth + 1, label, total)
 
 
-def whole_run(levels):
+def _whole_run(levels):
     """iteration, total and percent of the whole run from nested levels
     [label, done, total], outermost first: each level's position plus the
     fraction of the level inside it (epoch k of N, its inner bar at f:
@@ -2012,7 +2018,7 @@ def whole_run(levels):
     return data
 
 
-def check_fields(fields):
+def _check_fields(fields):
     if not RESERVED_FIELDS.isdisjoint(fields):
         clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
         raise TypeError("progress() field %r is reserved" % clash)
@@ -2030,9 +2036,9 @@ class Progress:
 
     def __call__(self, done, total=None, stage=None, **fields):
         self._check_cancel()
-        check_number("done", done)
+        _check_number("done", done)
         if total is not None:
-            check_number("total", total)
+            _check_number("total", total)
         if stage is not None:
             self._stage = str(stage)
         self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
@@ -2052,7 +2058,7 @@ class Progress:
             if total:
                 data["percent"] = round(100.0 * done / total, 2)
         else:
-            data = whole_run(levels)
+            data = _whole_run(levels)
             data["bars"] = [{"label": label or "", "done": d, "total": t}
                             for label, d, t in levels]
         if stage:
@@ -2061,7 +2067,7 @@ class Progress:
         self._session.publish("progress", data)
 
     def _publish(self, fields):
-        check_fields(fields)
+        _check_fields(fields)
         levels = self._levels
         if len(levels) > 1:
             self._report(None, stage=self._stage, bars=levels, **fields)
@@ -2085,7 +2091,7 @@ class Progress:
         self._session.publish("log", data)
 
 
-def run_job(session, job, params, pass_cancel):
+def _run_job(session, job, params, pass_cancel):
     """The worker thread's body: run the job and turn how it ended (returned,
     cancelled, raised) into exactly one terminal event."""
     kwargs = dict(params)
@@ -2094,15 +2100,15 @@ def run_job(session, job, params, pass_cancel):
     try:
         result = job(Progress(session), **kwargs)
     except Cancelled:
-        end_run(session, "cancelled", {})
+        _end_run(session, "cancelled", {})
     except BaseException as exc:   # a thread has no one to re-raise to
         log.error("job in session %s failed", session.id, exc_info=True)
-        end_run(session, "error", {"message": describe_exception(exc)})
+        _end_run(session, "error", {"message": _describe_exception(exc)})
     else:
         if session.cancel.is_set():
-            end_run(session, "cancelled", {})
+            _end_run(session, "cancelled", {})
         else:
-            end_run(session, "complete", {} if result is None else {"result": result})
+            _end_run(session, "complete", {} if result is None else {"result": result})
 
 
 PARAM_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -2111,7 +2117,7 @@ NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 PARAM_RULES = ("min", "max", "at_most", "help")
 
 
-class Param:
+class _Param:
     """One /start parameter: its type (that of its default), its bounds and
     its help text. `at_most` names another parameter whose value bounds it."""
 
@@ -2182,7 +2188,7 @@ class JobSpec:
         return thread
 
 
-def declared_rules(name, default, declared):
+def _declared_rules(name, default, declared):
     """A parameter's bounds and help from a declaration, checked."""
     rules = (declared.get("params") or {}).get(name) or {}
     if not isinstance(rules, dict) or not set(rules) <= set(PARAM_RULES):
@@ -2196,13 +2202,13 @@ def declared_rules(name, default, declared):
     return rules
 
 
-def readable(name):
+def _readable(name):
     """`best_score` -> "Best score"."""
     words = name.replace("_", " ").strip()
     return words[:1].upper() + words[1:]
 
 
-def declared_fields(fields):
+def _declared_fields(fields):
     """The declared progress fields as GET /job lists them."""
     listed = []
     for name, info in fields.items():
@@ -2210,14 +2216,14 @@ def declared_fields(fields):
                 not set(info) <= {"label", "unit"}:
             raise TypeError("field %r: declare it as a dict of label, unit "
                             "(and not as a reserved name)" % name)
-        entry = {"name": name, "label": info.get("label") or readable(name)}
+        entry = {"name": name, "label": info.get("label") or _readable(name)}
         if info.get("unit"):
             entry["unit"] = info["unit"]
         listed.append(entry)
     return listed
 
 
-def signature_params(func):
+def _signature_params(func):
     """Read a job's signature: {name: default} for the keyword parameters with
     a default of type bool, int, float or str, and whether it takes `cancel`.
     Raises TypeError for a signature the server cannot call."""
@@ -2246,7 +2252,7 @@ def function_job(func):
     """A JobSpec for a job function: its parameters from its signature, its
     title, bounds, help and fields from its `describe_job` declaration.
     Raises TypeError, naming the problem, for a job the server cannot run."""
-    defaults, pass_cancel = signature_params(func)
+    defaults, pass_cancel = _signature_params(func)
     declared = getattr(func, "sse_job", None) or {}
     if not isinstance(declared, dict) or not set(declared) <= {"title", "description",
                                                                "params", "fields"}:
@@ -2254,7 +2260,7 @@ def function_job(func):
     undeclared = sorted(set(declared.get("params") or {}) - set(defaults))
     if undeclared:
         raise TypeError("declared parameter %r is not in the job's signature" % undeclared[0])
-    params = {name: Param(name, default, **declared_rules(name, default, declared))
+    params = {name: _Param(name, default, **_declared_rules(name, default, declared))
               for name, default in defaults.items()}
     for name, param in params.items():
         if param.at_most is not None and (param.at_most not in params or
@@ -2262,10 +2268,10 @@ def function_job(func):
             raise TypeError("parameter %r: at_most must name a numeric parameter" % name)
     name = getattr(func, "__name__", None) or type(func).__name__
     doc = inspect.cleandoc(getattr(func, "__doc__", None) or "")
-    return JobSpec(name, declared.get("title") or readable(name),
+    return JobSpec(name, declared.get("title") or _readable(name),
                    declared.get("description") or " ".join(doc.split("\n\n")[0].split()),
-                   params, declared_fields(declared.get("fields") or {}),
-                   lambda session, values: run_job(session, func, values, pass_cancel))
+                   params, _declared_fields(declared.get("fields") or {}),
+                   lambda session, values: _run_job(session, func, values, pass_cancel))
 
 
 BUILTIN_JOB = function_job(simulate_optimisation)
@@ -2289,7 +2295,7 @@ DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKI
 COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
 
 
-def typed_default(text):
+def _typed_default(text):
     """A placeholder default as the value it looks like."""
     if text in ("true", "false"):
         return text == "true"
@@ -2300,7 +2306,7 @@ def typed_default(text):
     return text
 
 
-def parse_command(template):
+def _parse_command(template):
     """Split a --cmd template like a shell would (never run by one) and read
     its `{name=default}` placeholders: (argv template, {name: default}). Each
     default's type (int, float, bool, str) is that of its text. `{{` and `}}`
@@ -2322,7 +2328,7 @@ def parse_command(template):
                     not PLACEHOLDER_NAME.fullmatch(name):
                 raise ValueError("bad placeholder %r in --cmd: write {name=default} "
                                  "(and {{ or }} for a literal brace)" % text)
-            value = typed_default(default)
+            value = _typed_default(default)
             if name in defaults and repr(defaults[name]) != repr(value):   # 1 is not 1.0
                 raise ValueError("placeholder %r has two defaults in --cmd" % name)
             defaults[name] = value
@@ -2331,7 +2337,7 @@ def parse_command(template):
     return argv, defaults
 
 
-def fill_command(argv, params):
+def _fill_command(argv, params):
     """The argv of one run: each placeholder replaced inside its own argument,
     so a value can never add an argument or reach a shell. A string value
     cannot start an argument with `-` (it would become an option)."""
@@ -2357,7 +2363,7 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
                           r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
 
 
-def program_name(argv):
+def _program_name(argv):
     """What a command runs, as a person would name it: `python3 train.py`
     is train.py, `python -m pkg.train` is pkg.train, `make all` is make."""
     if INTERPRETERS.fullmatch(os.path.basename(argv[0])):
@@ -2390,7 +2396,7 @@ for group in groups:
 HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
 
 
-def kill_group(pid, signum):
+def _kill_group(pid, signum):
     """Signal a command and everything it started (its process group, POSIX);
     on Windows only the process itself can be reached (TerminateProcess)."""
     try:
@@ -2402,7 +2408,7 @@ def kill_group(pid, signum):
         pass    # gone already
 
 
-class CommandGroups:
+class _CommandGroups:
     """The process groups of running commands, so that shutdown (even a
     second Ctrl-C) can kill whatever is left, and a guard process that
     kills them when the server dies without a shutdown (`kill -9`, a crash):
@@ -2428,7 +2434,7 @@ class CommandGroups:
     def kill_all(self):
         """SIGKILL every group. Takes no lock: a signal handler calls it."""
         for pid in list(self._groups):
-            kill_group(pid, HARD_KILL)
+            _kill_group(pid, HARD_KILL)
 
     def close(self):
         """Shutdown: kill what is left, then let the guard go."""
@@ -2460,7 +2466,7 @@ class CommandGroups:
             self._guard = None
 
 
-def process_identity(pid):
+def _process_identity(pid):
     """What tells this process from a later one with the same pid: its start
     time since boot and the boot's id (Linux); only the pid elsewhere."""
     identity = {"pid": pid}
@@ -2474,7 +2480,7 @@ def process_identity(pid):
     return identity
 
 
-def wait_or_cancel(process, cancel, kill_after_s):
+def _wait_or_cancel(process, cancel, kill_after_s):
     """Wait for the program to exit; on cancel, SIGTERM its group, then
     SIGKILL after `kill_after_s`. True if it was cancelled."""
     while True:
@@ -2485,16 +2491,16 @@ def wait_or_cancel(process, cancel, kill_after_s):
             pass
         if cancel.is_set():
             break
-    kill_group(process.pid, signal.SIGTERM)
+    _kill_group(process.pid, signal.SIGTERM)
     try:
         process.wait(kill_after_s)
     except subprocess.TimeoutExpired:
-        kill_group(process.pid, HARD_KILL)
+        _kill_group(process.pid, HARD_KILL)
         process.wait()
     return True
 
 
-def exit_message(program, status, stderr_tail):
+def _exit_message(program, status, stderr_tail):
     if status < 0:
         try:
             name = signal.Signals(-status).name
@@ -2529,7 +2535,7 @@ UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E":
                  "Z": 1e21, "Y": 1e24}
 
 
-def tqdm_rate(text):
+def _tqdm_rate(text):
     """tqdm's rate as a number of units per second: "10.00it/s" -> 10.0,
     "2.50s/it" -> 0.4, "1.2MB/s" -> 1200000.0; None for "?it/s"."""
     match = TQDM_RATE.fullmatch(text)
@@ -2541,14 +2547,14 @@ def tqdm_rate(text):
     return number
 
 
-def unit_number(text):
+def _unit_number(text):
     """`45` -> 45, `1.2k` -> 1200 (tqdm's unit_scale)."""
     prefix = text[-1] if text[-1] in UNIT_PREFIXES else ""
     number = float(text[:-1] if prefix else text) * UNIT_PREFIXES[prefix]
     return int(number) if number.is_integer() else number
 
 
-def parse_tqdm(text):
+def _parse_tqdm(text):
     """A tqdm bar, or None: {"desc", "done", "total", "rate", "fields"}.
 
     tqdm's shape, "desc: 45%|####5     | 45/100 [00:04<00:05, 10.00it/s,
@@ -2570,15 +2576,15 @@ def parse_tqdm(text):
             fields[name.strip()] = int(number) if INTEGER_TEXT.fullmatch(value.strip()) else number
     total = match.group("total")
     return {"desc": (match.group("desc") or "").strip() or None,
-            "done": unit_number(match.group("done")),
-            "total": unit_number(total) if total else None,
-            "rate": tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
+            "done": _unit_number(match.group("done")),
+            "total": _unit_number(total) if total else None,
+            "rate": _tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
 
 
-class OutputScreen:
+class _OutputScreen:
     """A program's output laid out as a terminal would, as far as tqdm
     needs: text finished by a newline at the home row is a log line; tqdm's
-    bars are kept by position in `bars` ({position: parse_tqdm(...)}) with
+    bars are kept by position in `bars` ({position: _parse_tqdm(...)}) with
     `changed` set when one moves.
 
     A text drawn below the home row is a nested bar if the cursor comes back
@@ -2674,7 +2680,7 @@ class OutputScreen:
         return "line"
 
     def _draw(self, position, text):
-        bar = parse_tqdm(text)
+        bar = _parse_tqdm(text)
         if bar is None:
             return False
         self.cleared.discard(position)
@@ -2690,7 +2696,7 @@ class OutputScreen:
 DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
 
 
-def bars_levels(bars):
+def _bars_levels(bars):
     """[label, done, total] levels, fields and rate from tqdm bars on screen,
     outermost first. A lone bar whose description holds its own count
     ("Epoch 3/10") is the inner level of that count: epoch 3 is running,
@@ -2708,7 +2714,7 @@ def bars_levels(bars):
     return levels, fields, bars[-1]["rate"]
 
 
-def parse_progress_line(line):
+def _parse_progress_line(line):
     """(done, total, fields) for a JSON progress line, or None."""
     text = line.strip()
     if not text.startswith("{"):
@@ -2727,10 +2733,10 @@ def parse_progress_line(line):
         not isinstance(total, bool) else None, fields
 
 
-class CommandOutput:
+class _CommandOutput:
     """Turns a program's output into events: a JSON object with a numeric
-    `done` is progress, tqdm's bars are progress (see `OutputScreen` and
-    `parse_tqdm`), every other line a log event.
+    `done` is progress, tqdm's bars are progress (see `_OutputScreen` and
+    `_parse_tqdm`), every other line a log event.
 
     A run may send OUTPUT_BURST_LINES lines as separate events, refilled at
     OUTPUT_LINES_PER_S; past that, the lines of one read are joined into one
@@ -2760,13 +2766,13 @@ class CommandOutput:
                           exc_info=True)
                 self._session.publish("log", {
                     "message": "sse_demo could not read this output (%s); the rest of the %s "
-                               "is discarded" % (describe_exception(exc), stream),
+                               "is discarded" % (_describe_exception(exc), stream),
                     "level": "error", "stream": stream})
                 while pipe.read1(OUTPUT_READ_BYTES):
                     pass
 
     def _read(self, pipe, stream):
-        screen = OutputScreen()
+        screen = _OutputScreen()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         while True:
             data = pipe.read1(OUTPUT_READ_BYTES)
@@ -2784,7 +2790,7 @@ class CommandOutput:
     def _publish_bars(self, bars):
         """One progress event for the bars on screen, outermost first."""
         drawn = [bars[p] for p in sorted(bars)]
-        levels, fields, rate = bars_levels(drawn)
+        levels, fields, rate = _bars_levels(drawn)
         if not levels:
             return
         stage = " · ".join(bar["desc"] for bar in drawn[-2:] if bar["desc"]) or None
@@ -2813,7 +2819,7 @@ class CommandOutput:
         if len(lines) > allowed:
             joined, latest = [], None
             for line in lines[allowed:]:
-                if parse_progress_line(line) is None:
+                if _parse_progress_line(line) is None:
                     joined.append(line)
                 else:
                     latest = line                          # only the latest counts
@@ -2837,7 +2843,7 @@ class CommandOutput:
             return allowed
 
     def _publish_line(self, line, stream):
-        progress = parse_progress_line(line)
+        progress = _parse_progress_line(line)
         try:
             if progress is not None:
                 done, total, fields = progress
@@ -2856,81 +2862,81 @@ class CommandOutput:
         self._session.publish("log", {"message": text, "level": level, "stream": stream})
 
 
-def run_command(session, argv, values, kill_after_s, groups):
+def _run_command(session, argv, values, kill_after_s, groups):
     """The worker thread's body for --cmd: start the program in its own
     process group, turn its output into events, stop it on cancel, and end
     the run with exactly one terminal event from its exit status."""
-    command = fill_command(argv, values)
+    command = _fill_command(argv, values)
     try:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
     except FileNotFoundError:
-        return end_run(session, "error", {"message": "program not found: %s" % command[0]})
+        return _end_run(session, "error", {"message": "program not found: %s" % command[0]})
     except OSError as exc:
-        return end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
-                                                                          exc.strerror or exc)})
+        return _end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
+                                                                             exc.strerror or exc)})
     groups.add(process.pid)
-    output = CommandOutput(session)
+    output = _CommandOutput(session)
     readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
                                 name="output-" + session.id[:8])
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
     try:
-        session.note_process(process_identity(process.pid))
+        session.note_process(_process_identity(process.pid))
         for reader in readers:
             reader.start()
     except Exception as exc:    # a reader thread that cannot start: nothing may be left
         log.error("run %s could not start", session.id, exc_info=True)
-        kill_group(process.pid, HARD_KILL)
+        _kill_group(process.pid, HARD_KILL)
         process.wait()
         groups.discard(process.pid)
         for pipe in (process.stdout, process.stderr):
             pipe.close()
-        return end_run(session, "error", {"message": "the run could not start: %s"
-                                                     % describe_exception(exc)})
+        return _end_run(session, "error", {"message": "the run could not start: %s"
+                                           % _describe_exception(exc)})
     try:
-        cancelled = wait_or_cancel(process, session.cancel, kill_after_s)
+        cancelled = _wait_or_cancel(process, session.cancel, kill_after_s)
     finally:
-        kill_group(process.pid, HARD_KILL)   # what it left
+        _kill_group(process.pid, HARD_KILL)   # what it left
         groups.discard(process.pid)
         for reader in readers:
             reader.join(kill_after_s + 1.0)
     if cancelled:
-        end_run(session, "cancelled", {})
+        _end_run(session, "cancelled", {})
     elif process.returncode == 0:
-        end_run(session, "complete", {"result": {"exit_code": 0}})
+        _end_run(session, "complete", {"result": {"exit_code": 0}})
     else:
-        end_run(session, "error", {"message": exit_message(program_name(argv),
-                                                          process.returncode,
-                                                          output.stderr_tail)})
+        _end_run(session, "error", {"message": _exit_message(_program_name(argv),
+                                                             process.returncode,
+                                                             output.stderr_tail)})
 
 
 def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
-    """A JobSpec that runs a program for each run (see `run_command`),
+    """A JobSpec that runs a program for each run (see `_run_command`),
     named `title` or after its program (`train.py`, not the template)."""
-    argv, defaults = parse_command(template)
-    params = {name: Param(name, default) for name, default in defaults.items()}
-    processes = CommandGroups()
+    argv, defaults = _parse_command(template)
+    params = {name: _Param(name, default) for name, default in defaults.items()}
+    processes = _CommandGroups()
 
     def run(session, values):
-        run_command(session, argv, values, kill_after_s, processes)
-    name = program_name(argv)
+        _run_command(session, argv, values, kill_after_s, processes)
+    name = _program_name(argv)
     return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
                    "progress lines the progress." % template, params,
                    [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
-                   check=lambda values: fill_command(argv, values), stop_all=processes.close,
+                   check=lambda values: _fill_command(argv, values), stop_all=processes.close,
                    kill_now=processes.kill_all,
                    extra={"kill_after_s": kill_after_s})
 
 
-def end_leftover_group(identity):
+def _end_leftover_group(identity):
     """After a crash: kill the process group of a run's program if its
     leader still runs and is the same process (start time and boot match,
     so not a pid the system gave to another). True if it did."""
     if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
         return False
     pid = identity.get("pid")
-    if not isinstance(pid, int) or pid <= 1 or process_identity(pid) != identity:
+    if not isinstance(pid, int) or pid <= 1 or _process_identity(pid) != identity:
         return False
     try:
         if os.getpgid(pid) != pid:
@@ -2961,12 +2967,12 @@ INTERRUPTED = ("the server stopped during the run (interrupted); "
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)    # never follow a link out of DIR
 
 
-class IdMark:
+class _IdMark:
     """A run's high-water mark in its journal. The run publishes an id only
     within a mark the operating system holds, so after a crash its terminal
-    event takes an id past the mark (see interrupted_event) and no client
+    event takes an id past the mark (see _interrupted_event) and no client
     ever sees an id go back. The next mark is asked for half a block ahead;
-    the run waits only when the disk is that far behind. Session.publish
+    the run waits only when the disk is that far behind. _Session.publish
     asks it, outside the run's lock and then under it."""
 
     def __init__(self, journal, session):
@@ -2991,36 +2997,36 @@ class IdMark:
             self.upto = max(self.upto, upto)
 
 
-def journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
+def _journal_path(directory, session_id, suffix=JOURNAL_SUFFIX):
     """A run's file: named from its session id, once the id's shape is checked."""
     if not re.fullmatch(SESSION_ID_PATTERN, session_id):
         raise OSError("not a session id: %r" % session_id)
     return os.path.join(directory, session_id + suffix)
 
 
-def delete_journal(directory, session_id):
+def _delete_journal(directory, session_id):
     """Delete a run's file and the damaged tail set aside from it, if any:
     both go when the run expires."""
     for suffix in (JOURNAL_SUFFIX, JOURNAL_SUFFIX + DAMAGED_SUFFIX):
         try:
-            os.unlink(journal_path(directory, session_id, suffix))
+            os.unlink(_journal_path(directory, session_id, suffix))
         except FileNotFoundError:
             pass
 
 
-def open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
+def _open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
     """A journal file, created private to this user, never through a link."""
     flags = os.O_WRONLY | os.O_CREAT | NOFOLLOW | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
-    return os.fdopen(os.open(journal_path(directory, name, suffix), flags, 0o600), mode)
+    return os.fdopen(os.open(_journal_path(directory, name, suffix), flags, 0o600), mode)
 
 
-def series_line(session):
+def _series_line(session):
     """After a run's terminal event: its whole series, which the thinned
     progress events of a long run could not give back."""
     return (json_line({"series": session.series_state()}) + "\n").encode()
 
 
-def journal_header(session):
+def _journal_header(session):
     """The run's first line. Its keys are kept, so that a run read back still
     answers its watch links and, while it waits in the queue, its starter's
     Cancel (the folder is the operator's own: DIR is made 0700)."""
@@ -3032,18 +3038,18 @@ def journal_header(session):
             + "\n").encode()
 
 
-def journal_line(event):
-    return export_line(event.id, event.name, event.json)
+def _journal_line(event):
+    return _export_line(event.id, event.name, event.json)
 
 
 PROGRESS_LINE = b',"event":"progress"'
 
 
-def is_progress_line(line):
+def _is_progress_line(line):
     return PROGRESS_LINE in line[:40]
 
 
-class Journal:
+class _Journal:
     """Every event of every run, appended to `DIR/<session id>.jsonl` (one
     JSON object a line: a header, then {"id", "event", "data"} per event) by
     one thread of its own, so a job or the stream writer never waits for the
@@ -3090,7 +3096,7 @@ class Journal:
     def guard_ids(self, session):
         """From now on the run publishes ids only within marks this journal
         has written."""
-        session.id_mark = IdMark(self, session)
+        session.id_mark = _IdMark(self, session)
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
@@ -3170,7 +3176,7 @@ class Journal:
                     marks.append((session, event))
                     self._append(session.id, b'{"ids":%d}\n' % event[0])
                 elif kind == "begin":
-                    self._append(session.id, journal_header(session))
+                    self._append(session.id, _journal_header(session))
                 elif kind == "running":
                     marks.append((None, (0, event)))
                     self._append(session.id, (json_line({"running": time.time()})
@@ -3179,9 +3185,9 @@ class Journal:
                     self._append(session.id, (json_line({"process": session.process})
                                               + "\n").encode())
                 elif kind == "event":
-                    self._append(session.id, journal_line(event))
+                    self._append(session.id, _journal_line(event))
                     if event.terminal:
-                        self._append(session.id, series_line(session))
+                        self._append(session.id, _series_line(session))
                         ended.append(session.id)
                 else:
                     self._delete(session.id)
@@ -3203,9 +3209,9 @@ class Journal:
     def _append(self, name, line):
         entry = self._files.get(name)
         if entry is None:
-            entry = self._files[name] = [open_journal(self.directory, name, "ab"), 0]
+            entry = self._files[name] = [_open_journal(self.directory, name, "ab"), 0]
         entry[0].write(line)
-        entry[1] += is_progress_line(line)
+        entry[1] += _is_progress_line(line)
         self.written += 1
         if entry[1] > 2 * HISTORY_LIMIT:
             self._compact(name)
@@ -3215,22 +3221,22 @@ class Journal:
         of the progress before those, every other one."""
         entry = self._files[name]
         entry[0].flush()
-        path = journal_path(self.directory, name)
+        path = _journal_path(self.directory, name)
         with open(path, "rb") as f:
             lines = f.read().splitlines(True)
         old, recent = lines[1:-HISTORY_LIMIT], lines[-HISTORY_LIMIT:]
-        progress = [i for i, line in enumerate(old) if is_progress_line(line)]
+        progress = [i for i, line in enumerate(old) if _is_progress_line(line)]
         drop = set(progress[::2])
         kept = lines[:1] + [line for i, line in enumerate(old) if i not in drop] + recent
-        temporary = journal_path(self.directory, name, JOURNAL_SUFFIX + ".tmp")
-        with open_journal(self.directory, name, "wb", suffix=JOURNAL_SUFFIX + ".tmp") as f:
+        temporary = _journal_path(self.directory, name, JOURNAL_SUFFIX + ".tmp")
+        with _open_journal(self.directory, name, "wb", suffix=JOURNAL_SUFFIX + ".tmp") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
         entry[0].close()
-        self._files[name] = [open_journal(self.directory, name, "ab"),
-                             sum(map(is_progress_line, kept))]
+        self._files[name] = [_open_journal(self.directory, name, "ab"),
+                             sum(map(_is_progress_line, kept))]
 
     def _flush(self, name, fsync):
         entry = self._files.get(name)
@@ -3253,7 +3259,7 @@ class Journal:
 
     def _delete(self, name):
         self._close(name)
-        delete_journal(self.directory, name)
+        _delete_journal(self.directory, name)
 
     def _failed(self, exc):
         if self.error is None:
@@ -3267,7 +3273,7 @@ class Journal:
             self.error = None
 
 
-def journal_export_lines(path):
+def _journal_export_lines(path):
     """The /export lines of a run's journal file: every line but the header,
     up to the first one that is cut short."""
     try:
@@ -3279,7 +3285,7 @@ def journal_export_lines(path):
     return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
 
 
-class JournalRecord:
+class _JournalRecord:
     """The record of a run read back after a restart: its journal file, read
     when /log or /export asks, so it costs no memory meanwhile."""
 
@@ -3289,7 +3295,7 @@ class JournalRecord:
 
     def lines_after(self, position):
         """(the export lines from `position` on, the next position)."""
-        lines = journal_export_lines(self.path)
+        lines = _journal_export_lines(self.path)
         self._count = len(lines)
         return lines[position:], len(lines)
 
@@ -3297,45 +3303,45 @@ class JournalRecord:
         return self._count
 
 
-def set_aside_damaged_tail(directory, name, good_bytes):
+def _set_aside_damaged_tail(directory, name, good_bytes):
     """Move a run's file's bytes past `good_bytes` to its `.damaged` file."""
-    path = journal_path(directory, name)
+    path = _journal_path(directory, name)
     with open(path, "rb") as f:
         f.seek(good_bytes)
         tail = f.read()
-    with open_journal(directory, name, "ab", suffix=JOURNAL_SUFFIX + DAMAGED_SUFFIX) as f:
+    with _open_journal(directory, name, "ab", suffix=JOURNAL_SUFFIX + DAMAGED_SUFFIX) as f:
         f.write(tail)
     with open(path, "r+b") as f:
         f.truncate(good_bytes)
 
 
-def mend_journal(directory, name, problem, good_bytes, interrupted):
+def _mend_journal(directory, name, problem, good_bytes, interrupted):
     """Set a damaged tail aside, and write the `interrupted` event that a
     run read back without a terminal event got, so a second restart adds no
     other. Raises OSError when the disk refuses."""
     if problem is not None:
         log.warning("journal %s%s: %s; its events before that are kept, the rest is "
                     "moved to %s%s.damaged", name, JOURNAL_SUFFIX, problem, name, JOURNAL_SUFFIX)
-        set_aside_damaged_tail(directory, name, good_bytes)
+        _set_aside_damaged_tail(directory, name, good_bytes)
     if interrupted is not None:
-        with open_journal(directory, name, "ab") as f:
-            f.write(journal_line(Event(*interrupted)))
+        with _open_journal(directory, name, "ab") as f:
+            f.write(_journal_line(_Event(*interrupted)))
             f.flush()
             os.fsync(f.fileno())
 
 
-def read_series_line(lines):
+def _read_series_line(lines):
     """The series written after a terminal event, or None (a journal of an
     older version, or one cut short there: the events rebuild it)."""
     try:
         state = json.loads(lines[0].decode("utf-8"))["series"]
-        Series.from_state(state)
+        _Series.from_state(state)
         return state
     except (IndexError, ValueError, KeyError, TypeError):
         return None
 
 
-def read_journal(path, session_id):
+def _read_journal(path, session_id):
     """(header, events, bytes that were good, the first problem or None).
     Raises ValueError when the file is not a journal of that run that this
     version can read."""
@@ -3388,24 +3394,24 @@ def read_journal(path, session_id):
         last_id = event[0]
         good += len(line) + 1
         if event[1] in TERMINAL_STATES:
-            header["series"] = read_series_line(lines[number:number + 1])
+            header["series"] = _read_series_line(lines[number:number + 1])
             break
     return header, events, min(good, len(raw)), problem
 
 
-def interrupted_event(events, now, ids_reserved=0):
+def _interrupted_event(events, now, ids_reserved=0):
     """The terminal event of a run the journal holds without one. Its id is
     past every id the run may have published (`ids_reserved`, the journal's
     high-water mark), so no client's Last-Event-ID is ever above it."""
     latest = next((data for _, name, data in reversed(events) if name != "log"), {})
-    data = without_stamps(latest)
+    data = _without_stamps(latest)
     data.update({"message": INTERRUPTED, "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
     return max(events[-1][0] if events else 0, ids_reserved) + 1, "error", data
 
 
-def load_journal(directory, session_ttl_s):
+def _load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
     (id, name, data) events. A run that was waiting in the queue (it never
     left it) still waits: its header says `"waiting": true`. Any other run
@@ -3427,14 +3433,14 @@ def load_journal(directory, session_ttl_s):
                 not re.fullmatch(SESSION_ID_PATTERN, name):
             continue
         try:
-            header, events, good_bytes, problem = read_journal(entry.path, name)
+            header, events, good_bytes, problem = _read_journal(entry.path, name)
         except (OSError, ValueError) as exc:
             log.warning("journal %s not loaded, left in place: %s", entry.name, exc)
             continue
         if events and events[-1][1] in TERMINAL_STATES and \
                 now - events[-1][2].get("ts", now) > session_ttl_s:
             try:
-                delete_journal(directory, name)
+                _delete_journal(directory, name)
             except OSError as exc:
                 log.warning("journal %s has expired but cannot be deleted: %s", entry.name, exc)
             continue
@@ -3442,13 +3448,13 @@ def load_journal(directory, session_ttl_s):
             all(event[1] == "queued" for event in events)
         interrupted = not header["waiting"] and (not events or events[-1][1] not in TERMINAL_STATES)
         if interrupted:
-            if end_leftover_group(header.get("process")):
+            if _end_leftover_group(header.get("process")):
                 log.warning("run %s: its program still ran after the server stopped; "
                             "its process group is killed", name)
-            events.append(interrupted_event(events, now, header.get("ids", 0)))
+            events.append(_interrupted_event(events, now, header.get("ids", 0)))
         try:
-            mend_journal(directory, name, problem, good_bytes,
-                         events[-1] if interrupted else None)
+            _mend_journal(directory, name, problem, good_bytes,
+                          events[-1] if interrupted else None)
         except OSError as exc:   # damage never stops the server: the run is served from memory
             log.warning("journal %s cannot be mended (%s); its run is served as read",
                         entry.name, exc.strerror or exc)
@@ -3456,21 +3462,21 @@ def load_journal(directory, session_ttl_s):
     return runs
 
 
-def session_read_back(header, events, path, on_publish):
+def _session_read_back(header, events, path, on_publish):
     """A run rebuilt from its journal: its history and series from `events`
     (the last of them terminal), its record left on disk at `path`, and its
     view key kept, so watch links outlive a restart."""
-    session = Session(header["session_id"], header["title"], header["params"], on_publish,
-                      lambda session: None)
+    session = _Session(header["session_id"], header["title"], header["params"], on_publish,
+                       lambda session: None)
     session.started_ts = header["started_ts"]
     if isinstance(header.get("view_key"), str):
         session.view_key = header["view_key"]
-    session.record = JournalRecord(path)
+    session.record = _JournalRecord(path)
     session.replay(events)
     session.ids_may_pass_end = events[-1][1] == "error" and \
-        events[-1][2].get("message") == INTERRUPTED    # ended by load_journal
+        events[-1][2].get("message") == INTERRUPTED    # ended by _load_journal
     if header.get("series") is not None:
-        session.series = Series.from_state(header["series"])
+        session.series = _Series.from_state(header["series"])
     return session
 
 
@@ -3484,7 +3490,7 @@ NOTIFY_QUEUE_LIMIT = 1000          # notifications waiting; past it, new ones ar
 NOTIFY_FORMATS = ("json", "slack")
 
 
-def notify_text(body):
+def _notify_text(body):
     """One line for a chat: "Build optimisation: complete (result 3.2) · 12 s"."""
     if body["state"] == "complete":
         outcome = "complete" if body.get("result") is None else \
@@ -3497,7 +3503,7 @@ def notify_text(body):
     return "%s: %s%s" % (body["title"], outcome, took)
 
 
-class Notifier:
+class _Notifier:
     """Tells a URL that a run ended, from one thread of its own: a run's end
     only appends to a queue, so a receiver that is slow or down never delays
     a run or a stream. A failed delivery (an error status, a refused
@@ -3558,7 +3564,7 @@ class Notifier:
         else:
             body["message"] = latest.get("message") or "the run was %s" % state
         if self.body_format == "slack":
-            return {"text": notify_text(body)}
+            return {"text": _notify_text(body)}
         return body
 
     def stats(self):
@@ -3636,7 +3642,7 @@ class Notifier:
 # Request parsing
 ###############################################################################
 
-class HTTPError(Exception):
+class _HTTPError(Exception):
     """An error answer: status, a human-readable reason, extra headers, and
     for a bad /start parameter its name (so a form can show the reason next
     to that field)."""
@@ -3658,7 +3664,7 @@ class HTTPError(Exception):
 DECIMAL = re.compile(r"[0-9]{1,30}")
 
 
-def clamp(value, low, high):
+def _clamp(value, low, high):
     if low is not None and value < low:
         return low
     if high is not None and value > high:
@@ -3666,7 +3672,7 @@ def clamp(value, low, high):
     return value
 
 
-def convert_json(kind, value):
+def _convert_json(kind, value):
     """A JSON value as `kind`, or None. True is not an integer and 5.0 is not
     an integer; floats must be finite (json reads 1e999 as infinity)."""
     if kind is float:
@@ -3675,7 +3681,7 @@ def convert_json(kind, value):
     return value if type(value) is kind else None
 
 
-def convert_text(kind, text):
+def _convert_text(kind, text):
     """A form or query value as `kind`, or None."""
     if kind is str:
         return text
@@ -3689,7 +3695,7 @@ def convert_text(kind, text):
     return None
 
 
-def parse_start_params(spec, sources):
+def _parse_start_params(spec, sources):
     """Validate /start parameters against the job's description. `sources`
     is a list of ([(name, value), ...], from_json): the query's and the
     form's values are text, a JSON body's are JSON values. A parameter the
@@ -3700,27 +3706,27 @@ def parse_start_params(spec, sources):
         for name, value in pairs:
             param = spec.params.get(name)
             if param is None:
-                raise HTTPError(400, "unknown parameter %r; expected %s"
-                                % (name, ", ".join(spec.params) or "none"), param=name)
+                raise _HTTPError(400, "unknown parameter %r; expected %s"
+                                 % (name, ", ".join(spec.params) or "none"), param=name)
             if name in given:
-                raise HTTPError(400, "parameter %r given twice" % name, param=name)
+                raise _HTTPError(400, "parameter %r given twice" % name, param=name)
             given.add(name)
-            value = convert_json(param.kind, value) if from_json \
-                else convert_text(param.kind, value)
+            value = _convert_json(param.kind, value) if from_json \
+                else _convert_text(param.kind, value)
             if value is None:
-                raise HTTPError(400, "%s must be %s" % (name, param.rule_text()), param=name)
+                raise _HTTPError(400, "%s must be %s" % (name, param.rule_text()), param=name)
             params[name] = value
     for name, param in spec.params.items():
         low, high = param.min, param.highest(params)
         if name not in given:
-            params[name] = clamp(params[name], low, high)
+            params[name] = _clamp(params[name], low, high)
         elif (low is not None and params[name] < low) or (high is not None and params[name] > high):
-            raise HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
+            raise _HTTPError(400, "%s must be %s" % (name, param.rule_text(params)), param=name)
     spec.check(params)
     return params
 
 
-def parse_last_event_id(header, query):
+def _parse_last_event_id(header, query):
     """The client's last event id: the header wins over `?lastEventId=`; a
     value that is not a plain ASCII decimal number counts as absent."""
     for value in (header, query.get("lastEventId")):
@@ -3729,7 +3735,7 @@ def parse_last_event_id(header, query):
     return None
 
 
-def parse_query(query):
+def _parse_query(query):
     """`?a=1&b=2` as a dict; a repeated name keeps its first value."""
     result = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
@@ -3737,13 +3743,13 @@ def parse_query(query):
     return result
 
 
-def bearer_credential(authorization):
+def _bearer_credential(authorization):
     """The credential of an `Authorization: Bearer <credential>` header, or None."""
     scheme, _, value = (authorization or "").strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-def host_name(host_header):
+def _host_name(host_header):
     """The host part of a Host header, lowercased: `[::1]:80` -> `::1`."""
     host = host_header.strip().lower()
     if host.startswith("["):
@@ -3754,7 +3760,7 @@ def host_name(host_header):
     return host.rstrip(".")
 
 
-def is_ip_literal(name):
+def _is_ip_literal(name):
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, name)
@@ -3777,7 +3783,7 @@ VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESS
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 
 
-class Access:
+class _Access:
     """The operator's token and a lock-out for addresses that keep failing.
     The token arrives as `Authorization: Bearer <token>` (scripts) or as the
     cookie that `GET /?token=` sets (browsers); it is compared in constant
@@ -3821,12 +3827,12 @@ class Access:
                     del self._failures[quiet]
 
 
-def without_secrets(text):
+def _without_secrets(text):
     """A request line fit for a log: `token=` and `view=` values as ***."""
     return SECRET_IN_URL.sub(r"\1=***", text)
 
 
-def cookie_value(header, name):
+def _cookie_value(header, name):
     """One cookie's value from a Cookie header, or None."""
     for part in (header or "").split(";"):
         key, equals, value = part.strip().partition("=")
@@ -3835,7 +3841,7 @@ def cookie_value(header, name):
     return None
 
 
-def public_host(address):
+def _public_host(address):
     """A name others can open this server by: the bound address, or this
     machine's name when bound to every address (0.0.0.0 opens nothing)."""
     if address in ("0.0.0.0", "::"):
@@ -3847,14 +3853,14 @@ def public_host(address):
 # The HTTP handler
 ###############################################################################
 
-class DeadlineReader(io.RawIOBase):
+class _DeadlineReader(io.RawIOBase):
     """Reads a request from the socket under one deadline for the whole of it,
     so a client that trickles one byte a second is cut off (slowloris); a
     per-read timeout alone would never fire."""
 
     def __init__(self, handler):
         self._handler = handler
-        self.waiting = True     # False: take only what has arrived (see Handler.handle)
+        self.waiting = True     # False: take only what has arrived (see _Handler.handle)
 
     def readable(self):
         return True
@@ -3883,7 +3889,7 @@ HANDED_TO_HUB = threading.local()  # .sock: the TLS connection this handler thre
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(http.server.BaseHTTPRequestHandler):
     """Answers every path in CONTRACT.md; a stream's socket goes to the hub
     once its response head is written."""
 
@@ -3916,7 +3922,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.deadline = time.monotonic() + self.server.request_timeout_s
         self.rfile.close()
-        self.rfile = io.BufferedReader(DeadlineReader(self))
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
         self.connection.settimeout(WRITE_TIMEOUT_S)
 
     def handle(self):
@@ -3925,7 +3931,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         and proxies keep idle connections open, and none of them needs a
         thread while it is quiet."""
         self.close_connection = True
-        if is_tls(self.connection) and not self.finish_handshake():
+        if _is_tls(self.connection) and not self.finish_handshake():
             return
         self.handle_one_request()
         while not self.close_connection:
@@ -3998,7 +4004,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         try:
             if len(self.requestline.split()) == 2:
-                raise HTTPError(400, "HTTP/0.9 requests are not supported")
+                raise _HTTPError(400, "HTTP/0.9 requests are not supported")
             self.check_host()
             path, _, query = self.path.partition("?")
             if self.check_access(path, query):
@@ -4011,17 +4017,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_body(204, b"", None, {"Allow": self.allow})
             else:
                 method(query, *args)
-        except HTTPError as exc:
+        except _HTTPError as exc:
             self.send_json(exc.status, exc.body(), exc.headers)
         except BadParam as exc:
             self.send_json(400, {"error": str(exc), "param": exc.param})
-        except TooBusy as exc:
+        except _TooBusy as exc:
             self.send_json(exc.status, {"error": str(exc)}, {"Retry-After": str(RETRY_AFTER_S)})
         except CLIENT_GONE as exc:
             log.debug("client %s went away: %r", self.client_address[0], exc)
             self.close_connection = True
         except Exception:
-            log.exception("error answering %r", without_secrets(self.requestline))
+            log.exception("error answering %r", _without_secrets(self.requestline))
             if self.responded:
                 self.close_connection = True
             else:
@@ -4035,24 +4041,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if self.command == "OPTIONS":
                     return None, ()
                 if self.command not in methods:
-                    raise HTTPError(405, "%s is not allowed on %s" % (self.command, path),
-                                    {"Allow": self.allow})
+                    raise _HTTPError(405, "%s is not allowed on %s" % (self.command, path),
+                                     {"Allow": self.allow})
                 return getattr(self, "route_" + methods[self.command]), match.groups()
-        raise HTTPError(404, "not found")
+        raise _HTTPError(404, "not found")
 
     def check_host(self):
         """DNS-rebinding protection: a hostile page that points its own name at
         127.0.0.1 still sends its own name as Host."""
         hosts = self.headers.get_all("Host") or []
         if len(hosts) > 1:
-            raise HTTPError(400, "more than one Host header")
+            raise _HTTPError(400, "more than one Host header")
         if not hosts:
             if self.request_version == "HTTP/1.0":
                 return
-            raise HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
-        if not self.server.host_allowed(host_name(hosts[0])):
-            raise HTTPError(403, "host %r is not allowed; start the server with "
-                                 "--allow-host to serve it" % host_name(hosts[0]))
+            raise _HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
+        if not self.server.host_allowed(_host_name(hosts[0])):
+            raise _HTTPError(403, "host %r is not allowed; start the server with "
+                             "--allow-host to serve it" % _host_name(hosts[0]))
 
     def check_access(self, path, query):
         """With a token: every path but /healthz needs the operator's
@@ -4064,11 +4070,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         address = self.client_address[0]
         if access.locked_out(address):
-            raise HTTPError(429, "too many failed credentials from this address; try again "
-                                 "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
+            raise _HTTPError(429, "too many failed credentials from this address; try again "
+                             "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
         if path == "/healthz":
             return False
-        given = parse_query(query)
+        given = _parse_query(query)
         offered = given.get("token") if path == "/" else None
         if offered is not None and self.command in ("GET", "HEAD"):
             if access.holds_token(offered):
@@ -4092,9 +4098,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == "/" and self.command in ("GET", "HEAD"):
             self.send_sign_in_page()
             return True
-        raise HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
-                             "or open /?token=<token> in a browser",
-                        {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
+        raise _HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
+                         "or open /?token=<token> in a browser",
+                         {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
 
     def viewer_admitted(self, path, key):
         """A view key lets its holder watch its own run and load the page:
@@ -4110,8 +4116,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if path in VIEWER_PAGES and self.command in ("GET", "HEAD"):
             return True
-        raise HTTPError(403, "a view key lets its holder watch one run; this needs the "
-                             "operator's token")
+        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
+                         "operator's token")
 
     def is_operator(self):
         """Does the request carry the operator's token (header or cookie)?
@@ -4120,9 +4126,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         access = self.server.access
         if access is None:
             return False
-        if access.holds_token(bearer_credential(self.headers.get("Authorization"))):
+        if access.holds_token(_bearer_credential(self.headers.get("Authorization"))):
             return True
-        return access.holds_token(cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
+        return access.holds_token(_cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
 
     def sign_in(self):
         """The token was right: set the cookie and send the browser to /, so
@@ -4147,28 +4153,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         host = (self.headers.get("Host") or "").strip().lower()
         if origin.strip().lower() not in ("http://" + host, "https://" + host):
-            raise HTTPError(403, "cross-origin request from %r refused" % origin)
+            raise _HTTPError(403, "cross-origin request from %r refused" % origin)
 
     def read_body(self):
         """The request body (at most MAX_BODY_BYTES), read under the request
         deadline. No Content-Length means no body."""
         if self.headers.get("Transfer-Encoding"):
-            raise HTTPError(411, "send the body with a Content-Length, not chunked")
+            raise _HTTPError(411, "send the body with a Content-Length, not chunked")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             self.request_read = True
             return b""
         if len(set(lengths)) > 1 or not DECIMAL.fullmatch(lengths[0].strip()):
-            raise HTTPError(400, "Content-Length must be one non-negative integer")
+            raise _HTTPError(400, "Content-Length must be one non-negative integer")
         length = int(lengths[0])
         if length > MAX_BODY_BYTES:
-            raise HTTPError(413, "request body over %d bytes" % MAX_BODY_BYTES)
+            raise _HTTPError(413, "request body over %d bytes" % MAX_BODY_BYTES)
         try:
             body = self.rfile.read(length)
         except socket.timeout:
-            raise HTTPError(408, "request body not received in time")
+            raise _HTTPError(408, "request body not received in time")
         if len(body) < length:
-            raise HTTPError(400, "request body shorter than its Content-Length")
+            raise _HTTPError(400, "request body shorter than its Content-Length")
         self.request_read = True
         return body
 
@@ -4177,7 +4183,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_page(self, query):
         page = self.server.page
         if page is None:
-            raise HTTPError(500, "index.html is missing next to sse_demo.py")
+            raise _HTTPError(500, "index.html is missing next to sse_demo.py")
         self.send_body(200, page, "text/html; charset=utf-8", {
             "Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-cache"})
 
@@ -4185,7 +4191,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sources = [(urllib.parse.parse_qsl(query, keep_blank_values=True), False)]
         if self.body:
             sources.append(self.body_params(self.body))
-        session = self.server.start_session(parse_start_params(self.server.job, sources))
+        session = self.server.start_session(_parse_start_params(self.server.job, sources))
         sid = session.id
         self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
                              "cancel": "/cancel/" + sid, "status": "/status/" + sid,
@@ -4199,22 +4205,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 data = json.loads(body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
-                raise HTTPError(400, "the body is not valid JSON: %s" % exc)
+                raise _HTTPError(400, "the body is not valid JSON: %s" % exc)
             if not isinstance(data, dict):
-                raise HTTPError(400, "the JSON body must be an object")
+                raise _HTTPError(400, "the JSON body must be an object")
             return list(data.items()), True
         if ctype == "application/x-www-form-urlencoded":
             try:
                 text = body.decode("ascii")
             except UnicodeDecodeError:
-                raise HTTPError(400, "a URL-encoded body must be ASCII")
+                raise _HTTPError(400, "a URL-encoded body must be ASCII")
             return urllib.parse.parse_qsl(text, keep_blank_values=True), False
-        raise HTTPError(415, "send application/json or application/x-www-form-urlencoded")
+        raise _HTTPError(415, "send application/json or application/x-www-form-urlencoded")
 
     def route_stream(self, query, session_id):
         session = self.find_session(session_id)
         last_id = session.resume_after(
-            parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query)))
+            _parse_last_event_id(self.headers.get("Last-Event-ID"), _parse_query(query)))
         if last_id is None:
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
@@ -4227,9 +4233,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         `link_query`), else written by the hub."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.check_grip_signature()
-            body, headers = grip_hold(session, last_id, self.server.grip.offered(session),
-                                      self.headers.get("Grip-Last"),
-                                      self.server.hub.keepalive_s, link_query, path)
+            body, headers = _grip_hold(session, last_id, self.server.grip.offered(session),
+                                       self.headers.get("Grip-Last"),
+                                       self.server.hub.keepalive_s, link_query, path)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
@@ -4255,13 +4261,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(encode_chunk(RETRY) if chunked else RETRY)
+        self.wfile.write(_encode_chunk(RETRY) if chunked else RETRY)
         keep_alive = chunked and not self.close_connection
         self.close_connection = True   # this thread is done with the connection
         # A pipelined request already in rfile's buffer would be lost here;
         # HTTP clients do not pipeline behind a stream.
-        return Subscriber(self.take_connection(), self.client_address, session, last_id,
-                          chunked, keep_alive)
+        return _Subscriber(self.take_connection(), self.client_address, session, last_id,
+                           chunked, keep_alive)
 
     def take_connection(self):
         """The connection, non-blocking, for the hub: the HTTP server lets go
@@ -4271,7 +4277,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         close it on its way out (SSEServer.shutdown_request). The mark is the
         thread's, not the socket's: the hub may hand the socket back to a new
         thread before this one has finished."""
-        if is_tls(self.connection):
+        if _is_tls(self.connection):
             sock = self.connection
             HANDED_TO_HUB.sock = sock
         else:
@@ -4283,20 +4289,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """With a key configured, a request that claims to come through
         Pushpin must carry a valid Grip-Sig."""
         key = self.server.grip_key
-        if key and not grip_signature_valid(self.headers.get("Grip-Sig"), key):
-            raise HTTPError(403, "invalid Grip-Sig")
+        if key and not _grip_signature_valid(self.headers.get("Grip-Sig"), key):
+            raise _HTTPError(403, "invalid Grip-Sig")
 
     def route_cancel(self, query, session_id):
         session = self.find_session(session_id)
-        if not (session.holds_control_key(bearer_credential(self.headers.get("Authorization")))
+        if not (session.holds_control_key(_bearer_credential(self.headers.get("Authorization")))
                 or self.is_operator()):
-            raise HTTPError(403, "cancelling a run takes its control key "
-                                 "(Authorization: Bearer <control_key>)")
+            raise _HTTPError(403, "cancelling a run takes its control key "
+                             "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
-            raise HTTPError(409, "session has already ended (%s)" % session.state)
+            raise _HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
         if self.server.queue.withdraw(session):     # it never starts
-            end_run(session, "cancelled", {})
+            _end_run(session, "cancelled", {})
         self.send_json(202, session.snapshot())
 
     def route_status(self, query, session_id):
@@ -4317,7 +4323,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The runs list's changes as they happen (see RunsFeed), for the page's
         runs panel: a stream like a run's, that never ends."""
         feed = self.server.feed.session
-        resume = parse_last_event_id(self.headers.get("Last-Event-ID"), parse_query(query))
+        resume = _parse_last_event_id(self.headers.get("Last-Event-ID"), _parse_query(query))
         # A new follower starts now (it reads GET /runs for the present); a
         # returning one gets what it missed.
         last_id = feed.last_id if resume is None else feed.resume_after(resume)
@@ -4327,11 +4333,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_series(self, query, session_id):
         session = self.find_session(session_id)
-        points = parse_query(query).get("points", str(SERIES_POINTS_DEFAULT))
+        points = _parse_query(query).get("points", str(SERIES_POINTS_DEFAULT))
         if not DECIMAL.fullmatch(points) or not \
                 SERIES_POINTS_MIN <= int(points) <= SERIES_POINTS_MAX:
-            raise HTTPError(400, "points must be an integer from %d to %d"
-                            % (SERIES_POINTS_MIN, SERIES_POINTS_MAX), param="points")
+            raise _HTTPError(400, "points must be an integer from %d to %d"
+                             % (SERIES_POINTS_MIN, SERIES_POINTS_MAX), param="points")
         self.send_json(200, session.series_answer(int(points)))
 
     def route_export(self, query, session_id):
@@ -4344,9 +4350,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         grows until the run ends. A follower holds this thread, as a
         download does: it is for `curl -N`, not for the page."""
         session = self.find_session(session_id)
-        follow = parse_query(query).get("follow") in ("1", "true")
+        follow = _parse_query(query).get("follow") in ("1", "true")
         self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
-                         lambda line: log_text_line(json.loads(line))
+                         lambda line: _log_text_line(json.loads(line))
                          if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
                          else b"", follow)
 
@@ -4367,7 +4373,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        frame = encode_chunk if chunked else (lambda data: data)
+        frame = _encode_chunk if chunked else (lambda data: data)
         position = 0
         while True:
             lines, position = session.record_lines(position)
@@ -4387,7 +4393,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def find_session(self, session_id):
         session = self.server.registry.get(session_id)
         if session is None:
-            raise HTTPError(404, "unknown session (it may have expired)")
+            raise _HTTPError(404, "unknown session (it may have expired)")
         return session
 
     # -- responses --------------------------------------------------------------
@@ -4429,7 +4435,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
-                 without_secrets(format % args))
+                 _without_secrets(format % args))
 
 
 ###############################################################################
@@ -4443,11 +4449,11 @@ WATCH_GIVE_UP_S = 300.0            # unreachable this long in a row: exit 2
 BAR_WIDTH = 20
 
 
-class WatchError(Exception):
+class _WatchError(Exception):
     """Bad usage or a server that cannot be reached: exit status 2."""
 
 
-class RunAddress:
+class _RunAddress:
     """Where a run is: the server's base URL, the run's id, and the
     credential to send (the operator's token, or a watch link's view key).
     Takes a watch link (`http://host:5000/#session=ID`, with `?view=KEY`
@@ -4456,9 +4462,9 @@ class RunAddress:
     def __init__(self, url, run=None, token=None, cafile=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise WatchError("%r is not an http:// or https:// URL" % url)
+            raise _WatchError("%r is not an http:// or https:// URL" % url)
         self.base = "%s://%s" % (parts.scheme, parts.netloc)
-        self.view = parse_query(parts.query).get("view")
+        self.view = _parse_query(parts.query).get("view")
         self.token = token
         found = re.fullmatch(r"/(?:progress|status)/(%s)" % SESSION_ID_PATTERN, parts.path)
         fragment = re.fullmatch(r"session=(%s)" % SESSION_ID_PATTERN, parts.fragment)
@@ -4467,7 +4473,7 @@ class RunAddress:
         self.context = None
         if parts.scheme == "https":
             if ssl is None:
-                raise WatchError("this Python has no ssl module for %s" % url)
+                raise _WatchError("this Python has no ssl module for %s" % url)
             self.context = ssl.create_default_context(cafile=cafile)
 
     def connection(self, timeout):
@@ -4497,7 +4503,7 @@ class RunAddress:
             response = conn.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise WatchError("cannot reach %s: %s" % (self.base, exc))
+            raise _WatchError("cannot reach %s: %s" % (self.base, exc))
         finally:
             conn.close()
         try:
@@ -4506,7 +4512,7 @@ class RunAddress:
             return response.status, None
 
 
-def read_sse(response):
+def _read_sse(response):
     """(event name, id, data) for each event of an open stream, parsed as
     the WHATWG HTML standard says (comments and `retry:` skipped)."""
     name, data, event_id = "", [], None
@@ -4530,7 +4536,7 @@ def read_sse(response):
             event_id = value
 
 
-def can_write(out, text):
+def _can_write(out, text):
     try:
         text.encode(getattr(out, "encoding", None) or "ascii")
         return True
@@ -4538,20 +4544,20 @@ def can_write(out, text):
         return False
 
 
-def shutil_columns():
+def _shutil_columns():
     try:
         return os.get_terminal_size().columns
     except OSError:
         return 80
 
 
-def readable_number(value):
+def _readable_number(value):
     if isinstance(value, float) and not value.is_integer():
         return "{:,.4g}".format(value) if abs(value) < 1000 else "{:,.1f}".format(value)
     return "{:,}".format(int(value)) if isinstance(value, (int, float)) else str(value)
 
 
-def readable_seconds(seconds):
+def _readable_seconds(seconds):
     seconds = int(round(seconds))
     if seconds < 60:
         return "%d s" % seconds
@@ -4560,7 +4566,7 @@ def readable_seconds(seconds):
     return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
 
 
-def progress_text(data, labels, fancy=True):
+def _progress_text(data, labels, fancy=True):
     """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
     `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
     parts = []
@@ -4575,22 +4581,22 @@ def progress_text(data, labels, fancy=True):
     counted = data.get("iteration")
     if isinstance(counted, (int, float)):
         total = data.get("total")
-        parts.append("%s/%s" % (readable_number(counted), readable_number(total))
-                     if isinstance(total, (int, float)) else readable_number(counted))
+        parts.append("%s/%s" % (_readable_number(counted), _readable_number(total))
+                     if isinstance(total, (int, float)) else _readable_number(counted))
     words = [data["stage"]] if isinstance(data.get("stage"), str) and data["stage"] else []
     for name, value in data.items():
         if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
                 and not isinstance(value, bool) and len(words) < 5:
             label, unit = labels.get(name, (name, None))
-            words.append("%s %s%s" % (label, readable_number(value), " " + unit if unit else ""))
+            words.append("%s %s%s" % (label, _readable_number(value), " " + unit if unit else ""))
     elapsed = data.get("elapsed_s")
     if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
-        words.append("ETA " + readable_seconds(elapsed * (100 - percent) / percent))
+        words.append("ETA " + _readable_seconds(elapsed * (100 - percent) / percent))
     line = " ".join(parts) + "".join(" · " + word for word in words)
     return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
 
 
-class ProgressLine:
+class _ProgressLine:
     """Draws a run on a terminal as tqdm does: the job's log lines scroll
     above one progress line that is redrawn in place. Not a terminal (a
     pipe, a CI log): plain lines, a progress line at most every whole
@@ -4600,7 +4606,7 @@ class ProgressLine:
 
     def __init__(self, out, labels, is_terminal):
         self.out, self.labels, self.terminal = out, labels, is_terminal
-        self.unicode = can_write(out, "█▏·")    # else ASCII: a C locale, an old console
+        self.unicode = _can_write(out, "█▏·")    # else ASCII: a C locale, an old console
         self.shown = ""            # the progress line on screen (terminal)
         self.last_plain = (None, 0.0)
 
@@ -4610,7 +4616,7 @@ class ProgressLine:
         self._redraw()
 
     def progress(self, data):
-        line = progress_text(data, self.labels, self.unicode)
+        line = _progress_text(data, self.labels, self.unicode)
         if self.terminal:
             self.shown = line
             self._redraw()
@@ -4635,12 +4641,12 @@ class ProgressLine:
 
     def _redraw(self):
         if self.terminal and self.shown:
-            width = shutil_columns()
+            width = _shutil_columns()
             self.out.write("\r\x1b[K" + self.shown[:width - 1])
         self.out.flush()
 
 
-def follow_stream(address, last_id):
+def _follow_stream(address, last_id):
     """The run's events after `last_id`, as (name, id, data dict)."""
     conn = address.connection(WATCH_READ_TIMEOUT_S)
     try:
@@ -4649,15 +4655,15 @@ def follow_stream(address, last_id):
                      headers=address.headers(extra))
         response = conn.getresponse()
         if response.status == 404:
-            raise WatchError("the server has no run %s (it may have expired)" % address.run)
+            raise _WatchError("the server has no run %s (it may have expired)" % address.run)
         if response.status in (401, 403):
-            raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a "
-                             "watch link with its view key" % response.status)
+            raise _WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a "
+                              "watch link with its view key" % response.status)
         if response.status == 204:
-            raise WatchError("the run is over and this client has seen its end")
+            raise _WatchError("the run is over and this client has seen its end")
         if response.status != 200:
             raise ConnectionError("the server answered %d" % response.status)
-        for name, event_id, data in read_sse(response):
+        for name, event_id, data in _read_sse(response):
             try:
                 fields = json.loads(data)
             except ValueError:
@@ -4667,7 +4673,7 @@ def follow_stream(address, last_id):
         conn.close()
 
 
-def show_event(screen, name, data):
+def _show_event(screen, name, data):
     """Draw one event; the exit status once the run has ended, else None."""
     if name == "progress":
         screen.progress(data)
@@ -4677,12 +4683,12 @@ def show_event(screen, name, data):
     elif name == "queued":
         estimate = data.get("estimated_start_s")
         screen.log("queued: position %s%s" % (data.get("position"), "" if estimate is None
-                   else ", starts in about " + readable_seconds(estimate)))
+                   else ", starts in about " + _readable_seconds(estimate)))
     elif name in WATCH_EXIT:
         if name == "complete":
             result = data.get("result")
-            screen.end(progress_text(dict(data, percent=data.get("percent", 100.0)), screen.labels,
-                                     screen.unicode)
+            screen.end(_progress_text(dict(data, percent=data.get("percent", 100.0)), screen.labels,
+                                      screen.unicode)
                        + "\ncomplete" + ("" if result is None else ": " + json_line(result)))
         else:
             screen.end("%s%s" % (name if name == "cancelled" else "failed",
@@ -4691,59 +4697,59 @@ def show_event(screen, name, data):
     return None
 
 
-def watch_run(address, out=sys.stdout, is_terminal=None):
+def _watch_run(address, out=sys.stdout, is_terminal=None):
     """Follow a run to its end, reconnecting with Last-Event-ID when the
     connection drops or the server restarts. Returns the exit status:
     0 complete, 1 error, 3 cancelled; raises WatchError (2)."""
     if address.run is None:
-        raise WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
+        raise _WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
     status, job = address.request("GET", "/job")
     if status in (401, 403):
-        raise WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
-                         "link with its view key" % status)
+        raise _WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
+                          "link with its view key" % status)
     job = job if isinstance(job, dict) else {}
     labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
               if isinstance(f, dict) and "name" in f}
     out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
-    screen = ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
+    screen = _ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
     last_id, delay, failing_since = None, 0.5, None
     while True:
         try:
-            for name, event_id, data in follow_stream(address, last_id):
+            for name, event_id, data in _follow_stream(address, last_id):
                 failing_since, delay = None, 0.5
                 last_id = event_id or last_id
-                ended = show_event(screen, name, data)
+                ended = _show_event(screen, name, data)
                 if ended is not None:
                     return ended
             raise ConnectionError("the stream ended before the run did")
-        except WatchError:
+        except _WatchError:
             raise
         except (OSError, http.client.HTTPException) as exc:
             now = time.monotonic()
             if last_id is None and failing_since is None and not isinstance(exc, ConnectionError):
-                raise WatchError("cannot reach %s: %s" % (address.base, exc))
+                raise _WatchError("cannot reach %s: %s" % (address.base, exc))
             failing_since = failing_since or now
             if now - failing_since > WATCH_GIVE_UP_S:
-                raise WatchError("%s has been unreachable for %d s" % (address.base,
-                                                                       WATCH_GIVE_UP_S))
+                raise _WatchError("%s has been unreachable for %d s" % (address.base,
+                                                                        WATCH_GIVE_UP_S))
             screen.log("connection lost (%s); reconnecting in %.1f s" % (exc, delay))
             time.sleep(delay)
             delay = min(delay * 2, WATCH_RETRY_MAX_S)
 
 
-def start_remote(address, params, out=sys.stdout):
+def _start_remote(address, params, out=sys.stdout):
     """POST /start with NAME=VALUE parameters; the run's id."""
     pairs = []
     for item in params:
         name, equals, value = item.partition("=")
         if not equals or not name:
-            raise WatchError("--param wants NAME=VALUE, not %r" % item)
+            raise _WatchError("--param wants NAME=VALUE, not %r" % item)
         pairs.append((name, value))
     status, answer = address.request("POST", "/start", urllib.parse.urlencode(pairs).encode(),
                                      "application/x-www-form-urlencoded")
     if status != 201 or not isinstance(answer, dict):
         reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
-        raise WatchError("the server did not start the run: %s" % reason)
+        raise _WatchError("the server did not start the run: %s" % reason)
     run = answer["session_id"]
     out.write("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X POST -H "
               "'Authorization: Bearer %s' %s/cancel/%s\n" % (
@@ -4753,7 +4759,7 @@ def start_remote(address, params, out=sys.stdout):
     return run
 
 
-def client_main(argv):
+def _client_main(argv):
     """`watch URL` and `start URL`: exit status 0, 1, 3 as the run ended, 2
     for bad usage or a server that cannot be reached, 130 after Ctrl-C."""
     p = argparse.ArgumentParser(prog="sse_demo.py " + argv[0])
@@ -4772,14 +4778,14 @@ def client_main(argv):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     try:
-        address = RunAddress(args.url, getattr(args, "run", None),
-                             args.token or os.environ.get("SSE_DEMO_TOKEN") or None, args.cacert)
+        address = _RunAddress(args.url, getattr(args, "run", None),
+                              args.token or os.environ.get("SSE_DEMO_TOKEN") or None, args.cacert)
         if argv[0] == "start":
-            address.run = start_remote(address, args.param)
+            address.run = _start_remote(address, args.param)
             if not args.watch:
                 return 0
-        return watch_run(address)
-    except WatchError as exc:
+        return _watch_run(address)
+    except _WatchError as exc:
         sys.stderr.write("error: %s\n" % exc)
         return 2
     except KeyboardInterrupt:
@@ -4791,7 +4797,7 @@ def client_main(argv):
 # The server and the command line
 ###############################################################################
 
-def tls_context(certfile, keyfile=None):
+def _tls_context(certfile, keyfile=None):
     """A server context for --certfile/--keyfile: TLS 1.2 or newer, and no
     renegotiation (the writer's non-blocking sends never wait on a peer's
     handshake). Raises OSError or ssl.SSLError for a file it cannot use."""
@@ -4804,7 +4810,7 @@ def tls_context(certfile, keyfile=None):
     return context
 
 
-def csp_for(page):
+def _csp_for(page):
     """A Content-Security-Policy that allows the page's own inline script and
     style by hash, and nothing from anywhere else."""
     def hashes(tag):
@@ -4816,7 +4822,7 @@ def csp_for(page):
             "frame-ancestors 'none'" % (hashes(b"script"), hashes(b"style")))
 
 
-def read_page():
+def _read_page():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
     try:
         with open(path, "rb") as f:
@@ -4846,35 +4852,35 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
         if state_dir:
-            Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
-        self.tls = tls_context(certfile, keyfile) if certfile else None   # before binding too
-        super().__init__((host, port), Handler)
+            _Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
+        self.tls = _tls_context(certfile, keyfile) if certfile else None   # before binding too
+        super().__init__((host, port), _Handler)
         self.request_timeout_s = request_timeout_s
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
-        self.supervisor = Supervisor()
-        self.hub = StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
-        self.journal = Journal(state_dir) if state_dir else None
-        self.queue = RunQueue(concurrency, max_queue, self.start_run)
-        self.notifier = Notifier(notify, notify_key, notify_format) if notify else None
-        self.feed = RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
-                             self.on_feed_publish)
+        self.supervisor = _Supervisor()
+        self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
+        self.journal = _Journal(state_dir) if state_dir else None
+        self.queue = _RunQueue(concurrency, max_queue, self.start_run)
+        self.notifier = _Notifier(notify, notify_key, notify_format) if notify else None
+        self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
+                              self.on_feed_publish)
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
-        self.registry = Registry(concurrency + max_queue if concurrency else max_sessions,
-                                 session_ttl_s, self.on_publish, self.forget_run,
-                                 int(max_record_mb * 2 ** 20),
-                                 self.journal.note_process if self.journal else lambda s: None,
-                                 self.run_ended)
-        self.page = read_page()
-        self.page_csp = csp_for(self.page or b"")
+        self.registry = _Registry(concurrency + max_queue if concurrency else max_sessions,
+                                  session_ttl_s, self.on_publish, self.forget_run,
+                                  int(max_record_mb * 2 ** 20),
+                                  self.journal.note_process if self.journal else lambda s: None,
+                                  self.run_ended)
+        self.page = _read_page()
+        self.page_csp = _csp_for(self.page or b"")
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
         self.allowed_hosts.update(h.lower() for h in allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
-        self.access = Access(token) if token else None
-        self.grip = GripPublisher(grip) if grip else None
+        self.access = _Access(token) if token else None
+        self.grip = _GripPublisher(grip) if grip else None
         self.grip_key = grip_key
         if self.hub.max_streams < max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
@@ -4922,7 +4928,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         """Accept; under TLS the handshake is left to the connection's own
-        thread (Handler.finish_handshake), so a slow one delays no one."""
+        thread (_Handler.finish_handshake), so a slow one delays no one."""
         sock, address = super().get_request()
         if self.tls is not None:
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -4930,7 +4936,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def shutdown_request(self, request):
         """After a handler thread: close its connection, unless this thread
-        handed it to the hub (Handler.take_connection)."""
+        handed it to the hub (_Handler.take_connection)."""
         if getattr(HANDED_TO_HUB, "sock", None) is request:
             HANDED_TO_HUB.sock = None
             return
@@ -4949,12 +4955,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return "%s://%s:%d/" % ("https" if self.tls else "http", public_host(host), port)
+        return "%s://%s:%d/" % ("https" if self.tls else "http", _public_host(host), port)
 
     def host_allowed(self, name):
         """The bound address, localhost or an --allow-host name; on a wildcard
         address any IP literal (an IP is not a name an attacker can rebind)."""
-        return name in self.allowed_hosts or (self.wildcard and is_ip_literal(name))
+        return name in self.allowed_hosts or (self.wildcard and _is_ip_literal(name))
 
     def on_publish(self, session, event):
         self.hub.notify(session)
@@ -4968,13 +4974,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """The runs the journal holds: ended sessions, and the runs that were
         waiting in the queue, queued again in their order."""
         restored, waiting = [], []
-        for header, events in load_journal(state_dir, session_ttl_s):
+        for header, events in _load_journal(state_dir, session_ttl_s):
             if header["waiting"]:
                 waiting.append((header, events))
                 continue
-            restored.append(session_read_back(header, events,
-                                              journal_path(state_dir, header["session_id"]),
-                                              self.on_publish))
+            restored.append(_session_read_back(header, events,
+                                               _journal_path(state_dir, header["session_id"]),
+                                               self.on_publish))
         if restored or waiting:
             log.info("%d runs read back from the journal in %s, %d of them still queued",
                      len(restored) + len(waiting), state_dir, len(waiting))
@@ -5005,13 +5011,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
                 self.journal.begin(session)
             try:
                 self.queue.submit(session)
-            except (TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
+            except (_TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
                 self.registry.discard(session)
                 if self.journal:
                     self.journal.forget(session)
-                if isinstance(exc, TooBusy):
+                if isinstance(exc, _TooBusy):
                     raise
-                raise TooBusy(503, "cannot start another run now")
+                raise _TooBusy(503, "cannot start another run now")
         return session
 
     def on_feed_publish(self, session, event):
@@ -5120,11 +5126,11 @@ def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
     return SSEServer(host, port, job=job, **options)
 
 
-def install_stop_signals(on_exit_now=lambda: None):
+def _install_stop_signals(on_exit_now=lambda: None):
     """SIGINT and SIGTERM append to the returned list; a second one calls
     `on_exit_now` (it kills running commands) and exits at once. The handler
     takes no lock: it runs in the main thread between two bytecodes, possibly
-    while that thread holds the very lock (an Event.set() here once
+    while that thread holds the very lock (a threading.Event.set() here once
     deadlocked against the Event.wait() it interrupted)."""
     requested = []
     if threading.current_thread() is not threading.main_thread():
@@ -5143,7 +5149,7 @@ def install_stop_signals(on_exit_now=lambda: None):
 UNLIMITED_FILES_TARGET = 65536    # the soft limit asked for when the hard one is unlimited
 
 
-def raise_open_file_limit():
+def _raise_open_file_limit():
     """Each stream is a socket: allow as many as the hard limit does."""
     try:
         import resource
@@ -5158,24 +5164,24 @@ def raise_open_file_limit():
             pass
 
 
-def is_loopback(address):
+def _is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
 def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
     Returns the exit status."""
-    raise_open_file_limit()
+    _raise_open_file_limit()
     try:
         server = make_server(host, port, job=job, **options)
     except OSError as exc:
         log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1
     server.start()      # the journal's runs are back before the URL is printed
-    if server.access is None and not is_loopback(server.server_address[0]):
+    if server.access is None and not _is_loopback(server.server_address[0]):
         log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
                     server.url)
-    requested, restore = install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
+    requested, restore = _install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     if server.access is not None:
         print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
@@ -5192,7 +5198,7 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     return 0
 
 
-def load_job(spec):
+def _load_job(spec):
     """`module:callable` -> a JobSpec. Raises ValueError with a one-line reason."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -5202,7 +5208,7 @@ def load_job(spec):
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:
-        raise ValueError("cannot import %r: %s" % (module_name, describe_exception(exc)))
+        raise ValueError("cannot import %r: %s" % (module_name, _describe_exception(exc)))
     for part in attr.split("."):
         try:
             target = getattr(target, part)
@@ -5216,7 +5222,7 @@ def load_job(spec):
         raise ValueError("%s: %s" % (spec, exc))
 
 
-def access_token(args):
+def _access_token(args):
     """The operator's token: --token-file's first line, SSE_DEMO_TOKEN, or a
     new one whenever others can reach the server (a non-loopback address,
     or a proxy in front: --allow-host, --grip), unless --no-auth. Raises
@@ -5232,13 +5238,13 @@ def access_token(args):
         return token
     if os.environ.get("SSE_DEMO_TOKEN", "").strip():
         return os.environ["SSE_DEMO_TOKEN"].strip()
-    reachable = not is_loopback(args.host) or args.allow_host or args.grip
+    reachable = not _is_loopback(args.host) or args.allow_host or args.grip
     if reachable and not args.no_auth:
         return secrets.token_urlsafe(TOKEN_BYTES)
     return None
 
 
-def build_parser():
+def _build_parser():
     p = argparse.ArgumentParser(
         prog="sse_demo.py",
         description="Stream the progress of long-running jobs to a browser with "
@@ -5322,9 +5328,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv):
+def _parse_args(argv):
     """The command line, checked; exits 2 with the reason when it is wrong."""
-    p = build_parser()
+    p = _build_parser()
     args = p.parse_args(argv)
     for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
         if not getattr(args, name) > 0:
@@ -5350,23 +5356,23 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("watch", "start"):
-        return client_main(argv)
-    args = parse_args(argv)
+        return _client_main(argv)
+    args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     job = None
     try:
         if args.job:
-            job = load_job(args.job)
+            job = _load_job(args.job)
             job.title = args.title or job.title
         elif args.cmd is not None:
             job = command_job(args.cmd, args.kill_after, args.title)
         if args.grip:
-            GripPublisher.check_url(args.grip)
+            _GripPublisher.check_url(args.grip)
         if args.notify:
-            Notifier.check_url(args.notify)
+            _Notifier.check_url(args.notify)
         if args.state_dir:
-            Journal.prepare(args.state_dir)
-        token = access_token(args)
+            _Journal.prepare(args.state_dir)
+        token = _access_token(args)
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
@@ -5376,7 +5382,7 @@ def main(argv=None):
         return 2
     if args.certfile:
         try:
-            tls_context(args.certfile, args.keyfile)
+            _tls_context(args.certfile, args.keyfile)
         except OSError as exc:     # ssl.SSLError is one
             log.error("error: --certfile %s cannot be used: %s", args.certfile,
                       exc.strerror or exc)

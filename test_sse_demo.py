@@ -1,6 +1,7 @@
 """Tests for sse_demo.py: a real server on a free port, real sockets, the
 stream parsed byte for byte. Run with `python -m pytest -q`."""
 
+import ast
 import base64
 import hashlib
 import hmac
@@ -47,12 +48,12 @@ except ImportError:     # not on Windows
     (2, "error", {"message": "caf\u00e9"}, b'id: 2\nevent: error\ndata: {"message":"caf\\u00e9"}\n\n'),
 ])
 def test_encode_event_exact_bytes(event_id, name, data, expected):
-    assert sse_demo.encode_event(event_id, name, data) == expected
+    assert sse_demo._encode_event(event_id, name, data) == expected
 
 
 def test_encode_chunk_and_constants():
-    assert sse_demo.encode_chunk(b"hello") == b"5\r\nhello\r\n"
-    assert sse_demo.encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert sse_demo._encode_chunk(b"hello") == b"5\r\nhello\r\n"
+    assert sse_demo._encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
     assert sse_demo.LAST_CHUNK == b"0\r\n\r\n"
     assert sse_demo.KEEPALIVE == b": keepalive\n\n"
     assert sse_demo.RETRY == b"retry: 2000\n\n"
@@ -61,13 +62,13 @@ def test_encode_chunk_and_constants():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_encode_event_refuses_non_finite_numbers(value):
     with pytest.raises(ValueError):
-        sse_demo.encode_event(1, "progress", {"x": value})
+        sse_demo._encode_event(1, "progress", {"x": value})
 
 
 def test_terminal_event_chunk_ends_the_body():
-    event = sse_demo.Event(3, "complete", {"ts": 1})
+    event = sse_demo._Event(3, "complete", {"ts": 1})
     assert event.chunk.endswith(b"\r\n0\r\n\r\n")
-    assert sse_demo.Event(2, "progress", {"ts": 1}).chunk.endswith(b"}\n\n\r\n")
+    assert sse_demo._Event(2, "progress", {"ts": 1}).chunk.endswith(b"}\n\n\r\n")
 
 
 ###############################################################################
@@ -114,7 +115,7 @@ def test_start_answers_201_with_paths(server):
 
 
 def test_session_ids_never_start_with_a_dash():
-    ids_made = [sse_demo.new_session_id() for _ in range(2000)]   # 1 in 64 would
+    ids_made = [sse_demo._new_session_id() for _ in range(2000)]   # 1 in 64 would
     assert not any(i.startswith("-") for i in ids_made) and len(set(ids_made)) == 2000
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in ids_made)
 
@@ -904,9 +905,9 @@ def test_select_only_platform_caps_streams_below_what_select_can_watch(monkeypat
 
 
 def test_real_select_limit_is_below_fd_setsize():
-    hub_cap = sse_demo.selector_capacity(selectors.SelectSelector())
+    hub_cap = sse_demo._selector_capacity(selectors.SelectSelector())
     assert hub_cap - sse_demo.SELECT_HEADROOM < 1024
-    assert sse_demo.selector_capacity(selectors.DefaultSelector()) is (
+    assert sse_demo._selector_capacity(selectors.DefaultSelector()) is (
         None if selectors.DefaultSelector is not selectors.SelectSelector else hub_cap)
 
 
@@ -1118,7 +1119,7 @@ def test_cli_port_in_use_is_one_line_and_status_1():
 
 
 def parser_flags():
-    return sorted(flag for action in sse_demo.build_parser()._actions
+    return sorted(flag for action in sse_demo._build_parser()._actions
                   for flag in action.option_strings if flag.startswith("--") and flag != "--help")
 
 
@@ -1922,7 +1923,7 @@ def process_gone(pid):
 
 def test_cmd_placeholders_are_the_job_parameters(make, programs):
     srv = command_server(make, programs("argv.py", "--epochs {epochs=10} --lr={lr=0.001} "
-                                                  "{fast=false} '--name={name=run one}'"))
+                                        "{fast=false} '--name={name=run one}'"))
     job = get_json(srv, "/job")
     assert [(p["name"], p["type"], p["default"]) for p in job["params"]] == [
         ("epochs", "integer", 10), ("lr", "number", 0.001), ("fast", "boolean", False),
@@ -1957,12 +1958,40 @@ def test_cmd_program_gets_no_stdin_unbuffered_output_and_our_cwd_and_env(make, p
 
 
 def test_job_layer_raises_its_own_error_not_the_http_layers():
-    argv, _ = sse_demo.parse_command("prog {name=x}")
+    argv, _ = sse_demo._parse_command("prog {name=x}")
     with pytest.raises(sse_demo.BadParam) as raised:
-        sse_demo.fill_command(argv, {"name": "-rf"})
+        sse_demo._fill_command(argv, {"name": "-rf"})
     assert raised.value.param == "name" and "option" in str(raised.value)
-    assert not isinstance(raised.value, sse_demo.HTTPError)
-    assert all(hasattr(sse_demo, name) for name in sse_demo.__all__)
+    assert not isinstance(raised.value, sse_demo._HTTPError)
+
+
+def test_the_public_api_is_all_and_everything_else_starts_with_an_underscore():
+    tree = ast.parse(open(os.path.join(HERE, "sse_demo.py")).read())
+    defined = [node.name for node in tree.body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert set(sse_demo.__all__) <= set(defined)
+    unmarked = [name for name in defined if name not in sse_demo.__all__ and name[0] != "_"]
+    assert unmarked == [], "public but not in __all__"
+
+
+def test_the_module_reads_top_to_bottom_helpers_before_their_users():
+    tree = ast.parse(open(os.path.join(HERE, "sse_demo.py")).read())
+    line_of = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            line_of.setdefault(node.name, node.lineno)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    line_of.setdefault(target.id, node.lineno)
+    later = set()
+    for node in tree.body:
+        own = getattr(node, "name", None)
+        for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}:
+            if name != own and line_of.get(name, 0) > node.lineno:
+                later.add("%s (line %d) uses %s (line %d)" % (own or "an assignment", node.lineno,
+                                                              name, line_of[name]))
+    assert sorted(later) == []
 
 
 def test_cmd_value_cannot_become_an_option(make, programs):
@@ -2003,7 +2032,7 @@ def test_cmd_tqdm_lines_are_progress(make, programs):
     ("copied 45/100 files [done]", None),
 ])
 def test_cmd_tqdm_line_shapes(line, expected):
-    assert sse_demo.parse_tqdm(line) == expected
+    assert sse_demo._parse_tqdm(line) == expected
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -2014,7 +2043,7 @@ def test_cmd_tqdm_line_shapes(line, expected):
     ("45/100 [00:04<00:05, 10.00it/s]", None),
 ])
 def test_cmd_json_progress_lines(line, expected):
-    assert sse_demo.parse_progress_line(line) == expected
+    assert sse_demo._parse_progress_line(line) == expected
 
 
 # tqdm 4.67's own output, recorded (rates set to 10.00it/s): each shape the
@@ -2059,8 +2088,8 @@ class Trickle(io.RawIOBase):
 
 def read_output(text, chunk):
     """What the --cmd reader makes of a program's stderr: (name, data) events."""
-    session = sse_demo.Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
-    output = sse_demo.CommandOutput(session)
+    session = sse_demo._Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    output = sse_demo._CommandOutput(session)
     output.read(io.BufferedReader(Trickle(text.encode(), chunk)), "stderr")
     return [(e.name, json.loads(e.json.decode())) for e in session.events_after(0, 100000)]
 
@@ -2131,8 +2160,8 @@ def test_cmd_tqdm_epochs_of_their_own_make_a_whole_run_percent():
 
 def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
     text = TQDM_RECORDINGS["a_long_redraw_without_newline"]
-    session = sse_demo.Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
-    output = sse_demo.CommandOutput(session)
+    session = sse_demo._Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    output = sse_demo._CommandOutput(session)
     read, write = os.pipe()
     reader = threading.Thread(target=output.read, args=(os.fdopen(read, "rb"), "stderr"))
     reader.start()
@@ -2405,7 +2434,7 @@ def test_cmd_run_whose_output_reader_cannot_start_ends_error_and_leaves_nothing(
 def test_cmd_reader_that_fails_says_so_and_drains_the_program(make, programs, monkeypatch):
     def broken(self, lines, stream):
         raise ValueError("a bug in the reader")
-    monkeypatch.setattr(sse_demo.CommandOutput, "_publish_lines", broken)
+    monkeypatch.setattr(sse_demo._CommandOutput, "_publish_lines", broken)
     srv = command_server(make, programs("flood.py", "{lines=100000}"))
     events = watch(srv, start_run(srv)).events()
     assert events[-1]["event"] == "complete"            # the program was never blocked
@@ -2615,14 +2644,14 @@ def test_journal_ids_never_go_back_after_a_crash(tmp_path):
 
 def test_journal_thread_survives_an_unexpected_error_and_logs_it_once(make, tmp_path,
                                                                       monkeypatch, caplog):
-    real = sse_demo.journal_line
+    real = sse_demo._journal_line
     calls = itertools.count()
 
     def sometimes_broken(event):
         if next(calls) in (2, 3):
             raise ValueError("a bug in the journal")
         return real(event)
-    monkeypatch.setattr(sse_demo, "journal_line", sometimes_broken)
+    monkeypatch.setattr(sse_demo, "_journal_line", sometimes_broken)
     srv = make(state_dir=str(tmp_path))
     with caplog.at_level("ERROR", logger="sse_demo"):
         first = start_run(srv, iterations=3, **FAST)
@@ -2639,7 +2668,7 @@ def test_journal_thread_survives_an_unexpected_error_and_logs_it_once(make, tmp_
 def test_a_background_thread_that_stops_makes_healthz_503_naming_it(make, monkeypatch):
     def broken(self, first):
         raise RuntimeError("a bug in the publisher")
-    monkeypatch.setattr(sse_demo.GripPublisher, "_take_queued", broken)
+    monkeypatch.setattr(sse_demo._GripPublisher, "_take_queued", broken)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))              # nothing listens: publishing would fail anyway
     srv = make(grip="http://127.0.0.1:%d" % closed.getsockname()[1])
@@ -2656,18 +2685,18 @@ def test_journal_damaged_in_a_folder_that_cannot_be_written_still_starts(tmp_pat
                                                                          monkeypatch):
     sid = "W" * 22
     write_journal(tmp_path, sid, journal_of(sid, GOOD)[:2], tail=b'{"id": 2, "ev')
-    real = sse_demo.open_journal
+    real = sse_demo._open_journal
 
     def read_only(directory, name, mode, suffix=sse_demo.JOURNAL_SUFFIX):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(sse_demo, "open_journal", read_only)
+    monkeypatch.setattr(sse_demo, "_open_journal", read_only)
     srv = Running(state_dir=str(tmp_path))          # before the fix: "cannot listen"
     try:
         status = get_json(srv, "/status/" + sid)
         assert status["state"] == "error" and "interrupted" in status["message"]
         assert get_json(srv, "/healthz")["ok"] is True
     finally:
-        monkeypatch.setattr(sse_demo, "open_journal", real)
+        monkeypatch.setattr(sse_demo, "_open_journal", real)
         srv.stop()
 
 
@@ -2683,8 +2712,8 @@ def test_publishers_racing_at_an_id_mark_neither_deadlock_nor_pass_it():
             if wait:
                 granted.append(upto)
                 session.id_mark.raise_to(upto)
-    session = sse_demo.Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None)
-    session.id_mark = sse_demo.IdMark(Journal, session)
+    session = sse_demo._Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session.id_mark = sse_demo._IdMark(Journal, session)
     past_the_mark = []
 
     def publisher():
@@ -3069,8 +3098,8 @@ def most_at_once(runs):
 
 
 def test_events_after_an_id_gap_are_found_wherever_the_reader_is():
-    session = sse_demo.Session("G" * 22, "title", {}, lambda s, e: None, lambda s: None,
-                               state="queued")
+    session = sse_demo._Session("G" * 22, "title", {}, lambda s, e: None, lambda s: None,
+                                state="queued")
     session.replay([(1, "queued", {"position": 2, "ts": 1.0})])
     session.skip_ids(1000)
     for i in range(3):
@@ -4069,7 +4098,7 @@ def test_browser_run_again_starts_the_same_parameters(browser, make):
     browser.wait_for("sessionId !== %s && %s === 'complete'" % (json.dumps(sid), STATE))
     again = browser.evaluate("sessionId")
     assert get_json(srv, "/status/" + again)["params"] == {"iterations": 7, "tick": 0.01,
-                                                          "update_every": 1}
+                                                           "update_every": 1}
     assert browser.problems() == []
 
 
@@ -4603,13 +4632,13 @@ def body_ids(body):
 def grip_session():
     """A session with its first event; the tests say how far Pushpin was
     offered its events (GripPublisher.offered, in the server)."""
-    session = sse_demo.Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
     session.publish("progress", {"iteration": 0, "total": 2})
     return session
 
 
 def test_grip_hold_holds_a_running_run_on_its_channel():
-    body, headers = sse_demo.grip_hold(grip_session(), 0, 1, None, 1.0)
+    body, headers = sse_demo._grip_hold(grip_session(), 0, 1, None, 1.0)
     assert body.startswith(b"retry: 2000\n\nid: 1\nevent: progress\n")
     assert headers["Grip-Hold"] == "stream"
     assert headers["Grip-Channel"] == "S" * 22 + "; prev-id=1"
@@ -4622,13 +4651,13 @@ def test_grip_hold_answers_up_to_what_pushpin_was_offered():
     session = grip_session()
     session.publish("progress", {"iteration": 1, "total": 3})
     session.publish("complete", {"iteration": 3, "total": 3})
-    body, headers = sse_demo.grip_hold(session, 0, 0, None, 1.0)
+    body, headers = sse_demo._grip_hold(session, 0, 0, None, 1.0)
     assert body == sse_demo.RETRY and headers["Grip-Channel"].endswith("; prev-id=0")
     assert "Grip-Link" in headers                 # reliable from before the first event
-    body, headers = sse_demo.grip_hold(session, 0, 2, None, 1.0)
+    body, headers = sse_demo._grip_hold(session, 0, 2, None, 1.0)
     assert body_ids(body) == [1, 2]
     assert headers["Grip-Channel"].endswith("; prev-id=2")   # event 3 comes as an item
-    body, headers = sse_demo.grip_hold(session, 0, 3, None, 1.0)
+    body, headers = sse_demo._grip_hold(session, 0, 3, None, 1.0)
     assert "Grip-Hold" not in headers and body.endswith(session.events_after(2, 1)[0].sse)
     assert body_ids(body) == [1, 2, 3]
 
@@ -4641,7 +4670,7 @@ def test_grip_hold_stops_at_the_offered_id_when_the_run_ends_while_it_reads():
         session.publish("complete", {"iteration": 2, "total": 2})
         return read_history(*args)
     session.events_after = run_ends_first
-    body, headers = sse_demo.grip_hold(session, 0, 1, None, 1.0)   # offered: read first
+    body, headers = sse_demo._grip_hold(session, 0, 1, None, 1.0)   # offered: read first
     # Held from event 1: the terminal event and the close reach Pushpin as
     # items whose prev-ids follow on, so the hold is not a gap.
     assert headers["Grip-Channel"].endswith("; prev-id=1")
@@ -4651,7 +4680,7 @@ def test_grip_hold_stops_at_the_offered_id_when_the_run_ends_while_it_reads():
 def test_grip_recovery_answers_only_what_is_missing():
     session = grip_session()
     session.publish("progress", {"iteration": 1, "total": 2})
-    body, headers = sse_demo.grip_hold(session, 0, 2, "S" * 22 + "; last-id=1", 1.0)
+    body, headers = sse_demo._grip_hold(session, 0, 2, "S" * 22 + "; last-id=1", 1.0)
     assert body.startswith(b"id: 2\n") and headers["Grip-Channel"].endswith("prev-id=2")
 
 
@@ -4666,11 +4695,11 @@ def grip_item(event_id, content=None):
 def test_grip_items_of_a_run_are_merged_in_order_and_the_close_kept_apart():
     other = dict(grip_item(7), channel="T" * 22)
     items = [grip_item(1), other, grip_item(2), grip_item(3), grip_item(4, "close")]
-    merged = sse_demo.merge_items(items)
+    merged = sse_demo._merge_items(items)
     assert merged[0] == {"channel": "S" * 22, "id": "3", "prev-id": "0",
                          "formats": {"http-stream": {"content": "e1;e2;e3;"}}}
     assert merged[1] == grip_item(4, "close") and merged[2] == other
-    gap = sse_demo.merge_items([grip_item(1), grip_item(3)])     # 2 is missing: no merge
+    gap = sse_demo._merge_items([grip_item(1), grip_item(3)])     # 2 is missing: no merge
     assert [item["id"] for item in gap] == ["1", "3"]
 
 
@@ -4681,9 +4710,9 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
     silent.settimeout(TIMEOUT)
     monkeypatch.setattr(sse_demo, "GRIP_QUEUE_LIMIT", 1)
     monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", TIMEOUT)
-    publisher = sse_demo.GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
-    publisher.start(sse_demo.Supervisor())
-    session = sse_demo.Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
+    publisher = sse_demo._GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
+    publisher.start(sse_demo._Supervisor())
+    session = sse_demo._Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
     conn = None
     try:
         session.publish("progress", {"iteration": 0, "total": 9})
@@ -4693,7 +4722,7 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
         for i in range(1, 4):                              # event 2 queued, 3 and 4 dropped
             session.publish("progress", {"iteration": i, "total": 9})
         assert publisher.stats()["failed"] == 2 and publisher.offered(session) == 4
-        body, headers = sse_demo.grip_hold(session, 0, publisher.offered(session), None, 1.0)
+        body, headers = sse_demo._grip_hold(session, 0, publisher.offered(session), None, 1.0)
         assert body_ids(body) == [1, 2, 3, 4]
     finally:
         if conn is not None:
