@@ -4851,9 +4851,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
-        if state_dir:
-            _Journal.prepare(state_dir)    # before binding: a bad DIR leaves nothing open
-        self.tls = _tls_context(certfile, keyfile) if certfile else None   # before binding too
+        self.certfile, self.keyfile = certfile, keyfile
+        self.tls = None                       # an ssl.SSLContext once started, with certfile
         super().__init__((host, port), _Handler)
         self.request_timeout_s = request_timeout_s
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
@@ -4872,8 +4871,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                   int(max_record_mb * 2 ** 20),
                                   self.journal.note_process if self.journal else lambda s: None,
                                   self.run_ended)
-        self.page = _read_page()
-        self.page_csp = _csp_for(self.page or b"")
+        self.page = self.page_csp = None      # index.html, read by start()
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
         self.allowed_hosts.update(h.lower() for h in allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
@@ -4890,10 +4888,18 @@ class SSEServer(http.server.ThreadingHTTPServer):
     started = False
 
     def start(self):
-        """Read back the journal's runs and start the background threads;
-        then serve_forever(). (The constructor only binds.)"""
+        """Read the page, the certificate and the journal's runs, and start
+        the background threads; then serve_forever(). (The constructor only
+        binds.) Raises OSError (ssl.SSLError is one) when --state-dir or the
+        certificate cannot be used: then close the server."""
         if self.started:
             return
+        if self.state_dir:
+            _Journal.prepare(self.state_dir)
+        if self.certfile:
+            self.tls = _tls_context(self.certfile, self.keyfile)
+        self.page = _read_page()
+        self.page_csp = _csp_for(self.page or b"")
         self.started = True
         if self.journal:
             ended, waiting = self.restore_runs(self.state_dir, self.session_ttl_s)
@@ -5177,7 +5183,12 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     except OSError as exc:
         log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 1
-    server.start()      # the journal's runs are back before the URL is printed
+    try:
+        server.start()      # the journal's runs are back before the URL is printed
+    except OSError as exc:
+        log.error("error: cannot start: %s", exc.strerror or exc)
+        server.server_close()
+        return 2
     if server.access is None and not _is_loopback(server.server_address[0]):
         log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
                     server.url)
