@@ -243,6 +243,21 @@ class _Event:
         if self.terminal:
             self.chunk += LAST_CHUNK      # the terminal event ends the body
 
+    def held(self):
+        """The event as a run's history holds it: a plain tuple of its bytes
+        and numbers, which the garbage collector stops tracking. A server
+        with hundreds of runs holds hundreds of thousands of events; held as
+        objects, every full collection walked them all (a third of a second,
+        every few seconds, with every stream waiting)."""
+        return (self.id, self.name, self.json, self.sse, self.chunk)
+
+    @classmethod
+    def from_held(cls, held):
+        event = cls.__new__(cls)
+        event.id, event.name, event.json, event.sse, event.chunk = held
+        event.terminal = event.name in TERMINAL_STATES
+        return event
+
 
 ###############################################################################
 # A run's whole record: its series and its events, bounded
@@ -263,36 +278,55 @@ def _numeric_fields(data):
             and isinstance(value, (int, float))}
 
 
+def _merged_values(ours, theirs):
+    """Two buckets' values as one: per field the lower min, the higher max
+    and the later last (`theirs` is the later bucket). None where a bucket
+    has no value of that field."""
+    size = max(len(ours), len(theirs))
+    ours += (None,) * (size - len(ours))
+    theirs += (None,) * (size - len(theirs))
+    values = []
+    for k in range(0, size, 3):
+        if theirs[k + 2] is None:
+            values += ours[k:k + 3]
+        elif ours[k + 2] is None:
+            values += theirs[k:k + 3]
+        else:
+            values += (min(ours[k], theirs[k]), max(ours[k + 1], theirs[k + 1]), theirs[k + 2])
+    return tuple(values)
+
+
 def _merge_buckets(buckets, factor):
     """Buckets of `factor` times the width: neighbours merged, in order."""
     merged = {}
     for index in sorted(buckets):
-        first, values = buckets[index]
+        bucket = buckets[index]
         target = merged.get(index // factor)
-        if target is None:
-            merged[index // factor] = (first, dict(values))
-            continue
-        for name, (low, high, last) in values.items():
-            kept = target[1].get(name)
-            target[1][name] = (low, high, last) if kept is None else \
-                (min(kept[0], low), max(kept[1], high), last)
+        merged[index // factor] = bucket if target is None else \
+            (target[0],) + _merged_values(target[1:], bucket[1:])
     return merged
 
 
 class _Series:
     """Every numeric field over the whole run in bounded memory: buckets of
     equal iteration width, each with the first iteration it holds and, per
-    field, (min, max, last). When the run outgrows SERIES_BUCKETS buckets the
-    width doubles and neighbours merge pairwise, so a spike survives as a
-    bucket's max however long the run. Guarded by its session's lock.
+    field, its min, max and last value. When the run outgrows SERIES_BUCKETS
+    buckets the width doubles and neighbours merge pairwise, so a spike
+    survives as a bucket's max however long the run. Guarded by its
+    session's lock.
 
-    Tuples, not lists: the garbage collector stops tracking a tuple of
-    numbers, and a server with hundreds of runs holds hundreds of thousands
-    of these (lists made its full collections take a third of a second)."""
+    A bucket is one tuple of numbers: the first iteration, then the min, max
+    and last of each field, in the order of `names` (None where it has no
+    value of a field). The garbage collector stops tracking a tuple that
+    holds only numbers, and a server with hundreds of runs holds hundreds
+    of thousands of buckets: held as lists, or as dicts, they made every
+    full collection walk them (a third of a second, every few seconds)."""
 
     def __init__(self):
         self.width = 1
-        self.buckets = {}          # index -> (first iteration, {field: (min, max, last)})
+        self.names = []            # the fields' names, in the order they first came
+        self._slots = {}           # name -> its place in `names`
+        self.buckets = {}          # index -> (first iteration, min, max, last per name...)
         self.last_id = 0
 
     def add(self, event_id, iteration, fields):
@@ -304,26 +338,47 @@ class _Series:
             self.buckets = _merge_buckets(self.buckets, 2)
             self.width *= 2
             index //= 2
-        bucket = self.buckets.get(index)
-        if bucket is None:
-            bucket = self.buckets[index] = (iteration, {})
-        values = bucket[1]
+        for name in fields:
+            if name not in self._slots:
+                self._slots[name] = len(self.names)
+                self.names.append(name)
+        bucket = self.buckets.get(index) or (iteration,)
+        values = list(bucket[1:]) + [None] * (3 * len(self.names) - len(bucket) + 1)
         for name, value in fields.items():
-            kept = values.get(name)
-            values[name] = (value, value, value) if kept is None else \
-                (min(kept[0], value), max(kept[1], value), value)
+            k = 3 * self._slots[name]
+            if values[k + 2] is None:
+                values[k] = values[k + 1] = value
+            else:
+                values[k], values[k + 1] = min(values[k], value), max(values[k + 1], value)
+            values[k + 2] = value
+        self.buckets[index] = (bucket[0],) + tuple(values)
+
+    def _by_name(self, values):
+        """A bucket's values as {name: [min, max, last]}, for the fields it has."""
+        return {name: list(values[3 * k:3 * k + 3]) for k, name in enumerate(self.names)
+                if 3 * k + 2 < len(values) and values[3 * k + 2] is not None}
 
     def state(self):
         """What the journal keeps of it, so a restart reads it back whole."""
         return {"width": self.width, "last_id": self.last_id,
-                "buckets": [[i, b[0], b[1]] for i, b in sorted(self.buckets.items())]}
+                "buckets": [[i, bucket[0], self._by_name(bucket[1:])]
+                            for i, bucket in sorted(self.buckets.items())]}
 
     @classmethod
     def from_state(cls, state):
         series = cls()
         series.width, series.last_id = state["width"], state["last_id"]
-        series.buckets = {i: (first, {name: tuple(kept) for name, kept in values.items()})
-                          for i, first, values in state["buckets"]}
+        for _, _, kept in state["buckets"]:
+            for name in kept:
+                if name not in series._slots:
+                    series._slots[name] = len(series.names)
+                    series.names.append(name)
+        for i, first, kept in state["buckets"]:
+            values = [None] * (3 * len(series.names))
+            for name, (low, high, last) in kept.items():
+                k = 3 * series._slots[name]
+                values[k:k + 3] = low, high, last
+            series.buckets[i] = (first,) + tuple(values)
         return series
 
     def answer(self, points):
@@ -333,14 +388,16 @@ class _Series:
             factor *= 2
         buckets = _merge_buckets(self.buckets, factor) if factor > 1 else self.buckets
         order = sorted(buckets)
-        names = sorted({name for b in buckets.values() for name in b[1]})
-        fields = {name: {"min": [], "max": [], "last": []} for name in names}
-        for index in order:
-            values = buckets[index][1]
-            for name in names:
-                kept = values.get(name) or (None, None, None)
+        fields = {}
+        for k, name in sorted(enumerate(self.names), key=lambda slot: slot[1]):
+            parts = {"min": [], "max": [], "last": []}
+            for index in order:
+                values = buckets[index][1:]
+                kept = values[3 * k:3 * k + 3] if 3 * k + 2 < len(values) else (None,) * 3
                 for part, value in zip(("min", "max", "last"), kept):
-                    fields[name][part].append(value)
+                    parts[part].append(value)
+            if any(value is not None for value in parts["last"]):
+                fields[name] = parts
         return {"iterations": [buckets[i][0] for i in order], "width": self.width * factor,
                 "fields": fields, "last_id": self.last_id}
 
@@ -438,14 +495,14 @@ def _without_stamps(data):
 
 
 def _first_after(history, event_id):
-    """The index of the first event with an id above `event_id`, by halving.
-    Ids only go up, but not always by one: a run read back after a crash
-    goes on past its journal's id mark (a queued run), or ends there (an
-    interrupted one)."""
+    """The index of the first held event with an id above `event_id`, by
+    halving. Ids only go up, but not always by one: a run read back after a
+    crash goes on past its journal's id mark (a queued run), or ends there
+    (an interrupted one)."""
     low, high = 0, len(history)
     while low < high:
         middle = (low + high) // 2
-        if history[middle].id <= event_id:
+        if history[middle][0] <= event_id:
             low = middle + 1
         else:
             high = middle
@@ -572,7 +629,7 @@ class _Session:
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
-        self._history.append(event)
+        self._history.append(event.held())
         self.last_id = event.id
         if event.name == "queued":
             pass      # its place in the queue: not a progress field, not a point
@@ -666,15 +723,16 @@ class _Session:
         Events that fell out of the history are skipped: for a lagging reader,
         the oldest are dropped first and the terminal one never is."""
         with self._lock:
-            history = self._history
+            history = self._history            # held events: (id, name, json, sse, chunk)
             if not history:
                 return []
-            start = max(0, event_id + 1 - history[0].id)
-            if start < len(history) and history[start].id != max(event_id + 1, history[0].id) \
-                    or start >= len(history) and history[-1].id > event_id:
+            start = max(0, event_id + 1 - history[0][0])
+            if start < len(history) and history[start][0] != max(event_id + 1, history[0][0]) \
+                    or start >= len(history) and history[-1][0] > event_id:
                 start = _first_after(history, event_id)   # ids with a gap: see _first_after
             stop = min(len(history), start + limit)
-            return [history[i] for i in range(start, stop)]
+            held = [history[i] for i in range(start, stop)]
+        return [_Event.from_held(event) for event in held]
 
     def resume_after(self, last_event_id):
         """The id after which a client's stream starts, or None when it holds

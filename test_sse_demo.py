@@ -3,6 +3,7 @@ stream parsed byte for byte. Run with `python -m pytest -q`."""
 
 import ast
 import base64
+import gc
 import hashlib
 import hmac
 import http.client
@@ -3181,6 +3182,21 @@ def most_at_once(runs):
         running += step
         most = max(most, running)
     return most
+
+
+def test_what_a_run_holds_is_not_tracked_by_the_garbage_collector():
+    """Hundreds of runs hold hundreds of thousands of events, buckets and
+    record lines: tracked, they made every full collection a pause of a
+    third of a second for every stream (BENCHMARKS.md)."""
+    session = sse_demo._Session("T" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    for i in range(50):
+        session.publish("progress", {"iteration": i, "total": 50, "loss": 1.0 / (i + 1)})
+        session.publish("log", {"message": "step %d" % i, "level": "info"})
+    gc.collect()
+    held = list(session._history) + list(session.series.buckets.values()) + session.record.items
+    assert len(held) == 100 + 50 + 100
+    assert [item for item in held if gc.is_tracked(item)] == []
+    assert [e.id for e in session.events_after(98, 5)] == [99, 100]   # read back as events
 
 
 def test_events_after_an_id_gap_are_found_wherever_the_reader_is():
