@@ -5183,10 +5183,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
 
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
-    """A bound server, not yet serving: run `serve_forever()` in a thread (it
-    calls `start()`), and `shutdown()` then `server_close()` to stop it.
-    `job` is a callable (see the module docstring); the options are
-    SSEServer's keyword arguments."""
+    """A bound server that does nothing yet: `start()` it (OSError when
+    `state_dir` or the certificate cannot be used), run `serve_forever()` in
+    a thread, and `shutdown()` then `server_close()` to stop it. `job` is a
+    callable (see the module docstring); the options are SSEServer's keyword
+    arguments."""
     return SSEServer(host, port, job=job, **options)
 
 
