@@ -4179,7 +4179,8 @@ def test_browser_queued_run_shows_its_position_and_can_be_cancelled_from_the_lis
     mine = browser.evaluate("sessionId")
     browser.evaluate("pollRuns()")
     browser.wait_for("!!document.querySelector('#runs button[data-cancel]')")
-    headings = browser.evaluate("[...document.querySelectorAll('#runs h3')].map(h => h.textContent)")
+    headings = browser.evaluate(
+        "[...document.querySelectorAll('#runs h3:not([hidden])')].map(h => h.textContent)")
     assert headings == ["Running (1)", "Queued (1)", "Ended (1)"]
     screenshot_sizes(browser, tmp_path, "queued")
     browser.evaluate("document.querySelector('#runs button[data-cancel]').click()")
@@ -4536,9 +4537,14 @@ def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
         browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid,
                          timeout=5)
         assert time.monotonic() - appeared < 1.0          # pushed, not polled
-        percent = "document.querySelector('#runs button[data-session=\"%s\"]').textContent" % sid
+        item = "document.querySelector('#runs button[data-session=\"%s\"]')" % sid
+        browser.evaluate("window.kept = %s; window.kept.focus()" % item)
+        percent = item + ".textContent"
         browser.wait_for("/ (?:[1-9][0-9]*|0)(?:\\.[0-9]+)? %% /.test(%s) && !/ 0 %% /.test(%s)"
                          % (percent, percent), timeout=5)   # it follows the run past 0 %
+        # updated in place: the item under the keyboard focus stays, focused
+        assert browser.evaluate("window.kept === %s && document.activeElement === window.kept"
+                                % item)
         assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
     finally:
         cancel(server, sid)
@@ -4581,6 +4587,43 @@ def test_browser_screenshots_of_the_finished_builtin_page(browser, server, tmp_p
     browser.wait_for(STATE + " === 'complete'")
     screenshot_sizes(browser, tmp_path, "builtin")
     assert browser.problems() == []
+
+
+CONTRAST = """(() => {
+  const rgb = (text) => text.match(/[0-9.]+/g).slice(0, 3).map(Number);
+  const luminance = (text) => {
+    const [r, g, b] = rgb(text).map((c) => { c /= 255;
+      return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const ratio = (a, b) => { const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p);
+    return (x + 0.05) / (y + 0.05); };
+  const behind = (element) => {
+    for (let e = element.parentElement; e; e = e.parentElement) {
+      const color = getComputedStyle(e).backgroundColor;
+      if (!/rgba\\(.*, 0\\)$/.test(color) && color !== "transparent") return color;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  return [...document.querySelectorAll("input:not([type=checkbox])")]
+    .filter((input) => input.getClientRects().length)
+    .map((input) => { const style = getComputedStyle(input);
+      return [input.id, Math.min(ratio(style.borderTopColor, behind(input)),
+                                 ratio(style.borderTopColor, style.backgroundColor))]; });
+})()"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_browser_inputs_edges_stand_out_from_their_background(browser, server, scheme):
+    """WCAG 2.1 (1.4.11): a control's edge has at least 3:1 contrast against
+    what is next to it, inside and out."""
+    browser.call("Emulation.setEmulatedMedia",
+                 features=[{"name": "prefers-color-scheme", "value": scheme}])
+    browser.open(page_url(server))
+    browser.wait_for("document.body.dataset.job === 'loaded'")
+    edges = browser.evaluate(CONTRAST)
+    assert len(edges) >= 3                              # the job's parameters
+    assert [(name, round(ratio, 2)) for name, ratio in edges if ratio < 3] == []
 
 
 def test_browser_phone_watch_link_shows_progress_first_with_a_readable_chart(
