@@ -134,6 +134,10 @@ log = logging.getLogger("sse_demo")
 # Configuration
 ###############################################################################
 
+# The server-wide settings and the command line's defaults. A section's own
+# constants (the journal's, a --cmd program's output limits...) open that
+# section, next to the code they tune.
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 DEFAULT_KEEPALIVE_S = 1.0
@@ -3948,7 +3952,7 @@ CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, so
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Answers every path in CONTRACT.md; a stream's socket goes to the hub
+    """Answers every path in PROTOCOL.md; a stream's socket goes to the hub
     once its response head is written."""
 
     protocol_version = "HTTP/1.1"
