@@ -60,12 +60,12 @@ Threads, and what each owns
 - ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
   answer the JSON endpoints, write a stream's response head, then hand the
   socket to the writer. None waits on an open stream or an idle connection.
-- ``stream-writer`` (``_StreamHub``): owns every stream's socket and every idle
-  keep-alive connection. It waits on all of them at once (``selectors``),
-  writes each event (encoded once) to every subscriber without blocking,
-  sends keepalives, closes stuck readers, and gives a connection back to the
-  HTTP server when its next request arrives. So an idle stream costs no
-  thread, and an event no thread wake-up per viewer.
+- ``stream-writer`` (``_StreamHub``): owns every stream's socket and every
+  idle keep-alive connection (parked). It waits on all of them at once
+  (``selectors``), writes each event (encoded once) to every subscriber
+  without blocking, sends keepalives, closes stuck readers, and resumes a
+  parked connection in the HTTP server when its next request arrives. So an
+  idle stream costs no thread, and an event no thread wake-up per viewer.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -489,13 +489,14 @@ def _log_text_line(record):
 # Sessions: one run, its history and its state
 ###############################################################################
 
-STAMP_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
+EVENT_ONLY_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
 
 
-def _without_stamps(data):
-    """An event's data without what belongs to that event alone: what a
-    terminal event carries over from the latest progress."""
-    return {k: v for k, v in data.items() if k not in STAMP_FIELDS}
+def _lasting_fields(data):
+    """An event's data without what belongs to that event alone (its stamps,
+    message and result): what a terminal event carries over from the latest
+    progress."""
+    return {k: v for k, v in data.items() if k not in EVENT_ONLY_FIELDS}
 
 
 def _first_after(history, event_id):
@@ -701,7 +702,7 @@ class _Session:
     def latest_fields(self):
         """The last published event's progress fields, without its stamps."""
         with self._lock:
-            return _without_stamps(self._latest)
+            return _lasting_fields(self._latest)
 
     def snapshot(self):
         """What /status answers: the state, the parameters, the place in the
@@ -844,7 +845,7 @@ class _Registry:
         with self._lock:
             self._expire()
             sessions = list(self._sessions.values())   # in the order they started
-        return sessions[:-limit - 1:-1]
+        return list(reversed(sessions))[:limit]
 
     def running(self):
         with self._lock:
@@ -1175,13 +1176,14 @@ def _is_tls(sock):
     return ssl is not None and isinstance(sock, ssl.SSLSocket)
 
 
-class _Subscriber:
-    """One open stream: a non-blocking socket and how far it has got.
+class _Connection:
+    """A socket the writer thread holds: a subscriber's open stream (how far
+    it has got), or a parked keep-alive connection.
 
     `cursor` is the id of the last event queued for it; `pending` the bytes
     its socket has not accepted yet. Owned by the writer thread. An `idle`
-    one is a keep-alive connection waiting for its next request: its stream
-    has ended, or it never had one (`session` is None).
+    one is parked, waiting for its next request: its stream has ended, or it
+    never had one (`session` is None).
     """
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
@@ -1341,11 +1343,11 @@ class _StreamHub:
     keepalives (its `_Timers`).
     """
 
-    def __init__(self, keepalive_s, idle_timeout_s, max_streams, hand_back):
+    def __init__(self, keepalive_s, idle_timeout_s, max_streams, resume_connection):
         self.keepalive_s = keepalive_s
         self.stuck_s = STUCK_KEEPALIVES * keepalive_s
         self.idle_timeout_s = idle_timeout_s
-        self._hand_back = hand_back          # gives a connection back to the HTTP server
+        self._resume_connection = resume_connection   # a parked connection's next request
         self._count_lock = threading.Lock()  # guards streams
         self.streams = 0
         self._inbox = _Inbox()
@@ -1406,7 +1408,7 @@ class _StreamHub:
         """Keep an idle keep-alive connection until its next request arrives
         (it then goes back to the HTTP server) or it has been quiet for the
         idle timeout (it is closed)."""
-        connection = _Subscriber(sock, address, session=None, cursor=0, chunked=True,
+        connection = _Connection(sock, address, session=None, cursor=0, chunked=True,
                                  keep_alive=True)
         connection.idle = True
         if not self.can_watch(sock) or not self._inbox.post(("park", connection)):
@@ -1479,13 +1481,13 @@ class _StreamHub:
         next turn."""
         while self._work:
             kind, value = self._work.popleft()
-            self._serving = value if isinstance(value, _Subscriber) else None
+            self._serving = value if isinstance(value, _Connection) else None
             if kind == "events":
                 self._write_new_events(value)
             elif kind == "attach":
                 self._add(value)
             elif kind == "park":
-                self._await_request(value)
+                self._keep_parked(value)
 
     def _add(self, sub):
         self._by_session.setdefault(sub.session, {})[sub] = None
@@ -1591,7 +1593,7 @@ class _StreamHub:
         if not data:
             self._close(sub, "client closed the connection")
         elif sub.idle:
-            self._give_back(sub)
+            self._resume(sub)
         else:
             self._update_selector(sub, reading=False, writing=sub.writing)
 
@@ -1604,11 +1606,11 @@ class _StreamHub:
             return
         sub.idle = True
         if sub.reading:
-            self._await_request(sub)
+            self._keep_parked(sub)
         else:
-            self._give_back(sub)   # a request is already waiting
+            self._resume(sub)   # a request is already waiting
 
-    def _await_request(self, sub):
+    def _keep_parked(self, sub):
         """An idle connection: watched for its next request, closed when it
         has been quiet for the idle timeout. Under select(), only while that
         leaves room for every stream the cap still allows."""
@@ -1619,14 +1621,16 @@ class _StreamHub:
         self._update_selector(sub, reading=True, writing=sub.writing)
         self._timers.arm(sub, sub.last_write + self.idle_timeout_s)
 
-    def _give_back(self, sub):
+    def _resume(self, sub):
+        """A parked connection's next request has come: back to the HTTP
+        server, which answers it in a new thread."""
         self._update_selector(sub, reading=False, writing=False)
         sub.closed = True
         try:
             sub.sock.setblocking(True)
-            self._hand_back(sub.sock, sub.address)
+            self._resume_connection(sub.sock, sub.address)
         except Exception:
-            log.exception("could not hand a connection back to the HTTP server")
+            log.exception("could not resume a parked connection in the HTTP server")
             sub.sock.close()
 
     def _forget(self, sub):
@@ -2405,7 +2409,7 @@ def _fill_command(argv, params):
     cannot start an argument with `-` (it would become an option)."""
     filled = []
     for arg in argv:
-        def value(match, arg=arg):
+        def replacement(match):
             text = match.group(0)
             if text in ("{{", "}}"):
                 return text[0]
@@ -2417,7 +2421,7 @@ def _fill_command(argv, params):
             if "\0" in str(value):
                 raise BadParam(name, "%s cannot hold a NUL character" % name)
             return json.dumps(value) if isinstance(value, bool) else str(value)
-        filled.append(PLACEHOLDER.sub(value, arg))
+        filled.append(PLACEHOLDER.sub(replacement, arg))
     return filled
 
 
@@ -3466,7 +3470,7 @@ def _interrupted_event(events, now, ids_reserved=0):
     past every id the run may have published (`ids_reserved`, the journal's
     high-water mark), so no client's Last-Event-ID is ever above it."""
     latest = next((data for _, name, data in reversed(events) if name != "log"), {})
-    data = _without_stamps(latest)
+    data = _lasting_fields(latest)
     data.update({"message": INTERRUPTED, "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
@@ -4328,7 +4332,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True   # this thread is done with the connection
         # A pipelined request already in rfile's buffer would be lost here;
         # HTTP clients do not pipeline behind a stream.
-        return _Subscriber(self.take_connection(), self.client_address, session, last_id,
+        return _Connection(self.take_connection(), self.client_address, session, last_id,
                            chunked, keep_alive)
 
     def take_connection(self):
@@ -4919,7 +4923,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.request_timeout_s = request_timeout_s
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
         self.supervisor = _Supervisor()
-        self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.hand_back)
+        self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.resume_connection)
         self.journal = _Journal(state_dir) if state_dir else None
         self.queue = _RunQueue(concurrency, max_queue, self.start_run)
         self.notifier = _Notifier(notify, notify_key, notify_format) if notify else None
@@ -5010,8 +5014,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
             return
         super().shutdown_request(request)
 
-    def hand_back(self, sock, address):
-        """A connection the hub held has a request: answer it in a new thread."""
+    def resume_connection(self, sock, address):
+        """A connection the hub held parked has a request: answer it in a new
+        thread."""
         self.process_request(sock, address)
 
     def server_bind(self):
