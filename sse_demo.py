@@ -2056,6 +2056,7 @@ class Bar:
         progress._publish(fields)
 
     def bar(self, label, total=None):
+        """A bar nested inside this one (the batches of an epoch)."""
         return Bar(self._progress, self._depth + 1, label, total)
 
 
@@ -2248,6 +2249,7 @@ class JobSpec:
         return described
 
     def start(self, session, params):
+        """Run the job for `session` in a thread of its own; returns the thread."""
         thread = threading.Thread(target=self._run, args=(session, params),
                                   name="job-" + session.id[:8], daemon=True)
         thread.start()
@@ -4983,6 +4985,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub.start(self.supervisor)
 
     def serve_forever(self, poll_interval=0.5):
+        """Serve until shutdown(); start()s the server first if need be."""
         self.start()
         super().serve_forever(poll_interval)
 
@@ -5027,6 +5030,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self):
+        """The address to open, named as another machine would reach it."""
         host, port = self.server_address[:2]
         return "%s://%s:%d/" % ("https" if self.tls else "http", _public_host(host), port)
 
@@ -5036,6 +5040,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         return name in self.allowed_hosts or (self.wildcard and _is_ip_literal(name))
 
     def on_publish(self, session, event):
+        """Every event of every run, under its run's lock: tell the writer,
+        the runs feed, Pushpin and the journal, none of which blocks."""
         self.hub.notify(session)
         self.feed.touch(session)
         if self.grip:
@@ -5141,6 +5147,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         session.worker = self.job.start(session, session.params)
 
     def health(self):
+        """What GET /healthz answers: counts, and each part that stopped."""
         sessions, running = self.registry.counts()
         stopped = self.supervisor.problems()
         failure = self.hub.failure()
@@ -5433,6 +5440,8 @@ def _parse_args(argv):
 
 
 def main(argv=None):
+    """`python sse_demo.py [options]` serves; `python sse_demo.py watch|start
+    URL ...` is the terminal client. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("watch", "start"):
         return _client_main(argv)
