@@ -342,20 +342,23 @@ class _Series:
             self.buckets = _merge_buckets(self.buckets, 2)
             self.width *= 2
             index //= 2
-        for name in fields:
-            if name not in self._slots:
-                self._slots[name] = len(self.names)
-                self.names.append(name)
+        slots = [(3 * self._slot(name), value) for name, value in fields.items()]
         bucket = self.buckets.get(index) or (iteration,)
         values = list(bucket[1:]) + [None] * (3 * len(self.names) - len(bucket) + 1)
-        for name, value in fields.items():
-            k = 3 * self._slots[name]
+        for k, value in slots:
             if values[k + 2] is None:
                 values[k] = values[k + 1] = value
             else:
                 values[k], values[k + 1] = min(values[k], value), max(values[k + 1], value)
             values[k + 2] = value
         self.buckets[index] = (bucket[0],) + tuple(values)
+
+    def _slot(self, name):
+        """The field's place in `names`, given it one if it is new."""
+        if name not in self._slots:
+            self._slots[name] = len(self.names)
+            self.names.append(name)
+        return self._slots[name]
 
     def _by_name(self, values):
         """A bucket's values as {name: [min, max, last]}, for the fields it has."""
@@ -374,13 +377,11 @@ class _Series:
         series.width, series.last_id = state["width"], state["last_id"]
         for _, _, kept in state["buckets"]:
             for name in kept:
-                if name not in series._slots:
-                    series._slots[name] = len(series.names)
-                    series.names.append(name)
+                series._slot(name)
         for i, first, kept in state["buckets"]:
             values = [None] * (3 * len(series.names))
             for name, (low, high, last) in kept.items():
-                k = 3 * series._slots[name]
+                k = 3 * series._slot(name)
                 values[k:k + 3] = low, high, last
             series.buckets[i] = (first,) + tuple(values)
         return series

@@ -593,6 +593,7 @@ def scenario_queue(server, size):
 
 SCENARIO_ARGS = {"queue": lambda size: ["--concurrency", str(size["concurrency"]),
                                         "--max-queue", str(size["runs"])]}
+PEERLESS = {"queue"}        # scenarios of options (--concurrency) the peers do not have
 SCENARIOS = {"startup": None, "queue": scenario_queue, "latency": scenario_latency, "fanout": scenario_fanout,
              "sessions": scenario_sessions, "hold": scenario_hold, "churn": scenario_churn}
 
@@ -700,7 +701,7 @@ def parse_args(argv):
     for variant in args.variants:
         if variant not in ("plain", "tls", "token"):
             p.error("unknown variant %r" % variant)
-    args.columns = [(variant, args.server, variant) for variant in args.variants]
+    args.columns = [(variant, args.server, variant, False) for variant in args.variants]
     for peer in filter(None, args.peers.split(",")):
         if peer not in PEER_PYTHON:
             p.error("unknown peer %r (known: %s)" % (peer, ", ".join(PEER_PYTHON)))
@@ -709,7 +710,7 @@ def parse_args(argv):
                     % (peer, PEER_INSTALL))
         script = os.path.join(PEERS_DIR, "floor.py" if peer == "floor" else "starlette_peer.py")
         args.columns.append((peer, "%s %s --port {port}" % (
-            shlex.quote(PEER_PYTHON[peer]), shlex.quote(script)), "plain"))
+            shlex.quote(PEER_PYTHON[peer]), shlex.quote(script)), "plain", True))
     return args
 
 
@@ -728,8 +729,8 @@ def main(argv=None):
         tls_files = make_tls_files(folder) if "tls" in args.variants else None
         for name in args.scenarios:
             report["scenarios"][name] = collections.OrderedDict()
-            for label, template, variant in args.columns:
-                if name in SCENARIO_ARGS and template != args.server:
+            for label, template, variant, peer in args.columns:
+                if peer and name in PEERLESS:
                     figures = {"result": "skipped: not served by this peer"}
                 else:
                     figures = run_scenario(name, template, variant, tls_files, server_cpu,
