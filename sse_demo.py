@@ -414,36 +414,74 @@ def _export_line(event_id, name, data_json):
         b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
 
 
+PROGRESS_LINE = b',"event":"progress"'   # within an export line's first 40 bytes
+LOG_LINE = b',"event":"log"'
+MARKER_LINE = b'{"id":null,'                # a line that stands for lines dropped
+
+
+def _is_progress_line(line):
+    return PROGRESS_LINE in line[:40]
+
+
+def _is_log_line(line):
+    return LOG_LINE in line[:40]
+
+
+def _first_after(items, number):
+    """The index of the first of `items` whose first element is above
+    `number`, by halving: the items are in the order of that element (an
+    event id, or a record line's sequence number), which only goes up, but
+    not always by one. Run ids jump: a run read back after a crash goes on
+    past its journal's id mark (a queued run), or ends there (an
+    interrupted one); a record's lines go when it is thinned."""
+    low, high = 0, len(items)
+    while low < high:
+        middle = (low + high) // 2
+        if items[middle][0] <= number:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
 class _Record:
     """Every event of a run as its /export line, for /log and /export, in at
     most `budget` bytes. Past the budget, progress events are thinned first
     (every other one, the newest kept); then log lines from the middle of
     the run go, and a `warning` line in their place says how many. Guarded
-    by its session's lock; `changed` wakes /log?follow readers."""
+    by its session's lock; `changed` wakes /log?follow readers.
+
+    Each line has a sequence number, which only goes up; a reader keeps the
+    number it reads from next, not a place in the list, because thinning
+    removes lines before that place. The marker for lines dropped takes the
+    number of the last line it stands for, so a reader that had not reached
+    them reads it."""
 
     def __init__(self, budget_bytes, lock):
         self.budget = budget_bytes
-        self.items = []            # (id, name, line): line is the event's /export JSON line
+        self.items = []            # (sequence, line): line is the event's /export JSON line
+        self.end = 0               # the sequence number of the next line
         self.size = 0
         self.dropped_logs = 0
         self.changed = threading.Condition(lock)
 
-    def add(self, event, data):
+    def add(self, event):
         line = _export_line(event.id, event.name, event.json)
-        self.items.append((event.id, event.name, line))
+        self.items.append((self.end, line))
+        self.end += 1
         self.size += len(line) + RECORD_ITEM_OVERHEAD
         if self.size > self.budget:
             self._shrink()
         self.changed.notify_all()
 
     def _shrink(self):
-        progress = [i for i, item in enumerate(self.items[:-1]) if item[1] == "progress"]
+        progress = [i for i, item in enumerate(self.items[:-1]) if _is_progress_line(item[1])]
         if len(progress) >= 2:
             drop = set(progress[-2::-2])      # every other one, never the newest
             self.items = [item for i, item in enumerate(self.items) if i not in drop]
         else:
             self._drop_middle_logs()
-        self.size = sum(len(item[2]) + RECORD_ITEM_OVERHEAD for item in self.items)
+        self.size = sum(len(item[1]) + RECORD_ITEM_OVERHEAD for item in self.items)
 
     def _drop_middle_logs(self):
         """Drop a quarter of the items from the middle; one marker stands for
@@ -453,21 +491,19 @@ class _Record:
         if stop - start < 1:
             return
         gone = self.items[start:stop]
-        dropped = sum(1 for item in gone if item[1] == "log" and item[0] is not None)
-        self.dropped_logs += dropped
-        marker = (None, "log", _export_line(None, "log", json_line({
+        self.dropped_logs += sum(1 for _, line in gone
+                                 if _is_log_line(line) and not line.startswith(MARKER_LINE))
+        marker = _export_line(None, "log", json_line({
             "message": "%d log lines dropped here: the run's record is over --max-record-mb "
                        "(the server's memory limit for it)" % self.dropped_logs,
             "level": "warning",
-            "ts": json.loads(gone[0][2].decode())["data"].get("ts", time.time())}).encode()))
-        self.items[start:stop] = [marker]
+            "ts": json.loads(gone[0][1].decode())["data"].get("ts", time.time())}).encode())
+        self.items[start:stop] = [(gone[-1][0], marker)]
 
     def lines_after(self, position):
-        """(the export lines from `position` on, the next position)."""
-        return [item[2] for item in self.items[position:]], len(self.items)
-
-    def __len__(self):
-        return len(self.items)
+        """(the export lines numbered `position` on, the next position)."""
+        start = _first_after(self.items, position - 1)
+        return [item[1] for item in self.items[start:]], self.end
 
 
 def _log_text_line(record):
@@ -498,21 +534,6 @@ def _lasting_fields(data):
     message and result): what a terminal event carries over from the latest
     progress."""
     return {k: v for k, v in data.items() if k not in EVENT_ONLY_FIELDS}
-
-
-def _first_after(history, event_id):
-    """The index of the first held event with an id above `event_id`, by
-    halving. Ids only go up, but not always by one: a run read back after a
-    crash goes on past its journal's id mark (a queued run), or ends there
-    (an interrupted one)."""
-    low, high = 0, len(history)
-    while low < high:
-        middle = (low + high) // 2
-        if history[middle][0] <= event_id:
-            low = middle + 1
-        else:
-            high = middle
-    return low
 
 
 class _Session:
@@ -645,7 +666,7 @@ class _Session:
         else:
             self.series.last_id = event.id
         if record and self.record is not None:
-            self.record.add(event, data)
+            self.record.add(event)
 
     def series_state(self):
         with self._lock:
@@ -664,12 +685,12 @@ class _Session:
         """Wait until the record holds more than `position` lines or the run
         has ended, at most `timeout` seconds."""
         with self._lock:
-            if len(self.record) <= position and self.terminal_id is None:
+            if self.record.end <= position and self.terminal_id is None:
                 self.record.changed.wait(timeout)
 
     def record_ended(self, position):
         """Has the run ended, and has a reader at `position` read its record whole?"""
-        return self.terminal_id is not None and position >= len(self.record)
+        return self.terminal_id is not None and position >= self.record.end
 
     def holds_control_key(self, key):
         """Is `key` this run's control key? Compared in constant time, so
@@ -3111,13 +3132,6 @@ def _journal_line(event):
     return _export_line(event.id, event.name, event.json)
 
 
-PROGRESS_LINE = b',"event":"progress"'
-
-
-def _is_progress_line(line):
-    return PROGRESS_LINE in line[:40]
-
-
 class _Journal:
     """Every event of every run, appended to `DIR/<session id>.jsonl` (one
     JSON object a line: a header, then {"id", "event", "data"} per event) by
@@ -3360,16 +3374,13 @@ class _JournalRecord:
 
     def __init__(self, path):
         self.path = path
-        self._count = 0                   # lines at the last read
+        self.end = 0                      # lines at the last read
 
     def lines_after(self, position):
         """(the export lines from `position` on, the next position)."""
         lines = _journal_export_lines(self.path)
-        self._count = len(lines)
+        self.end = len(lines)
         return lines[position:], len(lines)
-
-    def __len__(self):
-        return self._count
 
 
 def _set_aside_damaged_tail(directory, name, good_bytes):

@@ -5052,3 +5052,35 @@ def test_pushpin_stopped_mid_run(fresh_pushpin, caplog):
     assert grip["failed"] > 0
     failures = [r for r in caplog.records if "GRIP publishing failed" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_log_follow_past_max_record_mb_gets_every_line_kept_or_a_marker(make, jobs):
+    """A follower that keeps up while the record is thinned under it gets
+    every log line in order, and where lines went before it read them, a
+    line that says how many (REVIEW N1: it silently skipped lines)."""
+    srv = make(job=jobs.chatty, max_record_mb=0.02)
+    sid = start_run(srv, steps=800, every=1, pause=0.001)
+    stream = Stream(srv, "/log/%s?follow=1" % sid)
+    body = b""
+    for _ in range(100000):
+        chunk = stream.read_chunk(time.monotonic() + TIMEOUT)
+        if not chunk:
+            break                                      # the last chunk: the run ended
+        body += chunk
+    stream.close()
+    assert status_of(srv, sid) == "complete"
+    seen = []
+    for line in body.decode().split("\n"):
+        message = line.split(" ", 2)[2] if line.startswith("20") else ""
+        if message.startswith("line "):
+            seen.append(int(message.split()[1]))
+        elif "dropped here" in message:
+            seen.append("marker")
+    numbers = [n for n in seen if n != "marker"]
+    assert numbers == sorted(set(numbers)) and numbers[0] == 0 and numbers[-1] == 799
+    for before, after in zip(seen, seen[1:]):          # a gap only where a marker says so
+        if before != "marker" and after != "marker" and after != before + 1:
+            raise AssertionError("lines %d to %d skipped without a word" % (before + 1, after - 1))
+    kept = [int(m.split()[1]) for m in log_messages(srv, sid) if m.startswith("line ")]
+    assert set(kept) <= set(numbers)                   # all the record still holds
+    assert len(kept) < 800                             # the record was thinned meanwhile
