@@ -833,10 +833,12 @@ class _Registry:
         self._ended = collections.deque()  # sessions in the order they ended
         self._running = 0
 
-    def create(self, title, params, state="running", session_id=None):
+    def create(self, title, params, state="running", session_id=None, within_limit=True):
+        """A new session; raises TooBusy at the cap, unless it is a queued
+        run read back (a restart with a lower cap still keeps it)."""
         with self._lock:
             self._expire()
-            if self._running >= self.max_sessions:
+            if within_limit and self._running >= self.max_sessions:
                 raise _TooBusy(429, "too many running sessions (limit %d); try again later"
                                % self.max_sessions)
             session = _Session(session_id or _new_session_id(), title, params,
@@ -950,7 +952,9 @@ class _RunQueue:
 
     def submit(self, session):
         """Start the run now, or queue it. A run that cannot start now raises
-        what start_run raised."""
+        what start_run raised. The slot is taken under the lock, the run
+        started after it: starting may wait for the journal's disk, and
+        /start, /status and the runs feed must not wait behind that."""
         with self._lock:
             if self._is_full() or self._stopped:
                 self._waiting.append(session)
@@ -960,11 +964,15 @@ class _RunQueue:
                                  self._estimates(session.position)[-1])])
                 return
             self._running.add(session)
-            try:
-                self._start_run(session)
-            except BaseException:
-                self._running.discard(session)
-                raise
+        try:
+            self._start_run(session)
+        except BaseException:
+            self._free(session)
+            raise
+
+    def _free(self, session):
+        with self._lock:
+            self._running.discard(session)
 
     def withdraw(self, session):
         """Take a queued run out of the queue (it is being cancelled); False
@@ -979,29 +987,29 @@ class _RunQueue:
         return True
 
     def finished(self, session):
-        """A run has ended: its slot goes to the next in line. A run that
-        cannot start ends `error` (after the lock: its end comes back here)."""
-        failed = []
+        """A run has ended: its slot goes to the next in line, started after
+        the lock (see submit). A run that cannot start ends `error` (its end
+        comes back here, and the slot goes on down the line)."""
+        starting = []
         with self._lock:
             if session in self._running:
                 self._running.discard(session)
                 if session.state == "complete":
                     self._durations.append(session.ended_at - session.started)
-            started = 0
             while self._waiting and not self._stopped and not self._is_running_full():
                 next_run = self._waiting.popleft()
+                next_run.position = None
                 self._running.add(next_run)
-                started += 1
-                try:
-                    self._start_run(next_run)
-                except Exception as exc:     # that run fails; the queue goes on
-                    self._running.discard(next_run)
-                    failed.append((next_run, exc))
-            places = self._new_places(0) if started else []
+                starting.append(next_run)
+            places = self._new_places(0) if starting else []
         self._announce(places)
-        for run, exc in failed:
-            log.error("run %s could not start: %s", run.id, exc)
-            _end_run(run, "error", {"message": "the run could not start: %s" % exc})
+        for run in starting:
+            try:
+                self._start_run(run)
+            except Exception as exc:     # that run fails; the queue goes on
+                self._free(run)
+                log.error("run %s could not start: %s", run.id, exc)
+                _end_run(run, "error", {"message": "the run could not start: %s" % exc})
 
     def _is_running_full(self):
         return bool(self.concurrency) and len(self._running) >= self.concurrency
@@ -2272,10 +2280,26 @@ class JobSpec:
 
     def start(self, session, params):
         """Run the job for `session` in a thread of its own; returns the thread."""
-        thread = threading.Thread(target=self._run, args=(session, params),
+        thread = threading.Thread(target=self._run_to_its_end, args=(session, params),
                                   name="job-" + session.id[:8], daemon=True)
         thread.start()
         return thread
+
+    def _run_to_its_end(self, session, params):
+        """The run's thread: whatever `run` does (a user's JobSpec may raise,
+        or return without a terminal event), the run ends, with a message
+        that says why, and frees its slot in the queue."""
+        try:
+            self._run(session, params)
+        except BaseException as exc:   # a thread has no one to re-raise to
+            log.error("run %s failed", session.id, exc_info=True)
+            _end_run(session, "error", {"message": "the run failed: %s"
+                                        % _describe_exception(exc)})
+        else:
+            if session.terminal_id is None:
+                log.error("run %s: the job returned without ending the run", session.id)
+                _end_run(session, "error", {"message": "the job stopped without saying "
+                                            "how the run ended"})
 
 
 def _declared_rules(name, default, declared):
@@ -5081,7 +5105,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """A run that waited in the queue when the server stopped waits again,
         under its own id and keys; its ids go on past its journal's mark."""
         session = self.registry.create(header["title"], header["params"], "queued",
-                                       header["session_id"])
+                                       header["session_id"], within_limit=False)
         session.started_ts = header["started_ts"]
         for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
@@ -5089,6 +5113,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         session.replay(events)
         session.skip_ids(header.get("ids", 0))
         self.journal.guard_ids(session)
+        try:     # the job may have changed since (an edited --cmd template)
+            session.params = _parse_start_params(self.job,
+                                                 [(list(header["params"].items()), True)])
+        except (_HTTPError, BadParam) as exc:
+            log.warning("queued run %s cannot run: %s", session.id, exc)
+            return _end_run(session, "error", {"message": "its parameters no longer fit the "
+                                               "job, which changed while it waited: %s" % exc})
         self.queue.submit(session)
 
     def start_session(self, params):
@@ -5150,9 +5181,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.notifier.run_ended(session)
 
     def start_run(self, session):
-        """The queue gives the run a slot: it runs from now (called under the
+        """The queue gives the run a slot: it runs from now (called after the
         queue's lock). A run that waited is marked running in its journal,
         on disk, so a crash from here on ends it interrupted, not queued."""
+        if session.cancel.is_set():     # cancelled while it was handed its slot
+            return _end_run(session, "cancelled", {})
         if session.state == "queued" and self.journal:
             self.journal.note_running(session)
         session.mark_running()
