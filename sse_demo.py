@@ -860,9 +860,11 @@ class _Registry:
             return self._sessions.get(session_id)
 
     def counts(self):
+        """(sessions known, runs running, runs waiting in the queue)."""
         with self._lock:
             self._expire()
-            return len(self._sessions), self._running
+            queued = sum(1 for s in self._sessions.values() if s.state == "queued")
+            return len(self._sessions), self._running - queued, queued
 
     def newest(self, limit):
         """The `limit` most recently started sessions, newest first."""
@@ -4170,14 +4172,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         route_cancel). GET /?token= signs a browser in. True when this
         answered the request itself."""
         access = self.server.access
-        if access is None:
+        if access is None or path == "/healthz":    # counts only: open even when locked out
             return False
-        address = self.client_address[0]
+        address = self.client_ip()
         if access.locked_out(address):
             raise _HTTPError(429, "too many failed credentials from this address; try again "
                              "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
-        if path == "/healthz":
-            return False
         given = _parse_query(query)
         offered = given.get("token") if path == "/" else None
         if offered is not None and self.command in ("GET", "HEAD"):
@@ -4389,6 +4389,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         sock.setblocking(False)
         return sock
 
+    def client_ip(self):
+        """The client's address, which the lock-out counts: the peer's; or,
+        when the peer is a proxy the server trusts (a --trusted-proxy
+        address, or Pushpin proving itself with a Grip-Sig that --grip-key
+        verifies), the address that proxy put last in X-Forwarded-For.
+        Anyone else's X-Forwarded-For is ignored: a client cannot pick the
+        address its failures count against."""
+        peer = self.client_address[0]
+        forwarded = (self.headers.get("X-Forwarded-For") or "").split(",")[-1].strip()
+        if forwarded and (peer in self.server.trusted_proxies or (
+                self.server.grip_key and "Grip-Sig" in self.headers
+                and _grip_signature_valid(self.headers["Grip-Sig"], self.server.grip_key))):
+            return forwarded
+        return peer
+
     def check_grip_signature(self):
         """With a key configured, a request that claims to come through
         Pushpin must carry a valid Grip-Sig."""
@@ -4400,6 +4415,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         session = self.find_session(session_id)
         if not (session.holds_control_key(_bearer_credential(self.headers.get("Authorization")))
                 or self.is_operator()):
+            if self.server.access is not None:    # a guess at the token counts, as anywhere
+                self.server.access.failed(self.client_ip())
             raise _HTTPError(403, "cancelling a run takes its control key "
                              "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
@@ -4948,7 +4965,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
-                 grip=None, grip_key=None, state_dir=None,
+                 grip=None, grip_key=None, state_dir=None, trusted_proxies=(),
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
                  concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
                  notify_format="json"):
@@ -4984,6 +5001,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.access = _Access(token) if token else None
         self.grip = _GripPublisher(grip) if grip else None
         self.grip_key = grip_key
+        self.trusted_proxies = frozenset(trusted_proxies)
         if self.hub.max_streams < max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
                         "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
@@ -5193,13 +5211,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         """What GET /healthz answers: counts, and each part that stopped."""
-        sessions, running = self.registry.counts()
+        sessions, running, queued = self.registry.counts()
         stopped = self.supervisor.problems()
         failure = self.hub.failure()
         if failure is not None:
             stopped.setdefault("stream writer", failure)
         health = {"ok": not stopped, "sessions": sessions, "running": running,
-                  "streams": self.hub.streams}
+                  "queued": queued, "streams": self.hub.streams}
         if stopped:
             health["error"] = "; ".join("the %s has stopped: %s" % item
                                         for item in sorted(stopped.items()))
@@ -5414,6 +5432,10 @@ def _build_parser():
     p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="SECONDS",
                    help="with --cmd, Cancel sends SIGTERM to the program's process group, "
                         "and SIGKILL this long after (default %(default)s)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                   help="requests from this address come through your reverse proxy: the "
+                        "lock-out counts the client it names last in X-Forwarded-For; "
+                        "repeatable")
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
@@ -5524,7 +5546,7 @@ def main(argv=None):
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
-                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
+                 trusted_proxies=args.trusted_proxy, state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
                  max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
                  notify_format=args.notify_format)

@@ -3768,7 +3768,65 @@ def test_failed_credentials_lock_the_address_out_for_a_minute(make):
     status, headers, _ = request(srv, "GET", "/job",
                                  headers={"Authorization": "Bearer " + TOKEN})
     assert status == 429 and headers["Retry-After"] == "60"   # even the right token
-    assert request(srv, "GET", "/healthz")[0] == 429
+    assert request(srv, "GET", "/healthz")[0] == 200           # counts only: a health check
+                                                               # behind a proxy stays up
+
+
+def test_wrong_credentials_on_cancel_count_toward_the_lock_out(make):
+    """A run id (every watch link has one) must not open an unlimited
+    guess at the operator's token through /cancel (REVIEW N3)."""
+    srv = make(token=TOKEN)
+    sid = start_guarded_run(srv, iterations=1000, tick=0.05)["session_id"]
+    for _ in range(sse_demo.FAILURES_ALLOWED + 1):
+        status, _ = cancel(srv, sid, key="a-guess-at-the-token")
+        assert status == 403
+    assert cancel(srv, sid, key=TOKEN)[0] == 429               # locked out, even the token
+    assert get_json(srv, "/healthz")["running"] == 1
+
+
+def request_from(srv, path, forwarded, token="wrong", source="127.0.0.1"):
+    """GET `path` with a bearer token and an X-Forwarded-For header, from a
+    loopback source address: the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT,
+                                      source_address=(source, 0))
+    try:
+        headers = {"Authorization": "Bearer " + token}
+        if forwarded:
+            headers["X-Forwarded-For"] = forwarded
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "anyone"])
+def test_the_lock_out_counts_the_forwarded_client_only_behind_a_trusted_proxy(make, trusted):
+    """Behind a --trusted-proxy, one client's failures lock out that client,
+    not everyone behind the proxy; from anyone else X-Forwarded-For is
+    ignored, so a client cannot dodge the lock-out by naming another address
+    (the addresses are only header values: no traffic goes to them)."""
+    srv = make(token=TOKEN, trusted_proxies=["127.0.0.1"] if trusted else [])
+    for _ in range(sse_demo.FAILURES_ALLOWED + 1):
+        assert request_from(srv, "/job", "192.0.2.7") == 401
+    assert request_from(srv, "/job", "192.0.2.7", TOKEN) == 429
+    other = request_from(srv, "/job", "192.0.2.8", TOKEN)
+    assert other == (200 if trusted else 429)
+
+
+def test_through_pushpin_the_lock_out_counts_each_client_apart(pushpin_with_token):
+    """Pushpin signs what it forwards (--grip-key verifies it) and names the
+    client in X-Forwarded-For: two clients on two loopback addresses, one
+    locked out, the other not."""
+    proxy, upstream = pushpin_with_token
+    for _ in range(sse_demo.FAILURES_ALLOWED + 1):
+        assert request_from(proxy, "/job", None, source="127.0.0.2") == 401
+    assert request_from(proxy, "/job", None, PUSHPIN_TOKEN, source="127.0.0.2") == 429
+    assert request_from(proxy, "/job", None, PUSHPIN_TOKEN, source="127.0.0.3") == 200
+    # Unsigned, straight to the server: the header names the locked-out client,
+    # but only Pushpin's word counts, so this is 127.0.0.1 asking
+    assert request_from(upstream, "/job", "127.0.0.2", PUSHPIN_TOKEN) == 200
 
 
 VIEWABLE = [("GET", "/status/%s"), ("HEAD", "/status/%s"), ("GET", "/series/%s"),
@@ -5182,3 +5240,15 @@ def test_a_slow_journal_holds_up_no_request_while_a_queued_run_starts(tmp_path, 
         disk_free.set()
     for sid in (first, waiting):
         assert watch(srv, sid).events()[-1]["event"] == "complete"
+
+
+def test_healthz_counts_queued_runs_apart_from_running_ones(make):
+    srv = make(concurrency=1)
+    first = start_run(srv, iterations=1000, tick=0.05)
+    waiting = [start_run(srv, iterations=1000, tick=0.05) for _ in range(2)]
+    health = get_json(srv, "/healthz")
+    assert (health["running"], health["queued"], health["sessions"]) == (1, 2, 3)
+    for sid in waiting + [first]:
+        assert cancel(srv, sid)[0] == 202
+    wait_for(lambda: get_json(srv, "/healthz")["running"] == 0, what="every run to end")
+    assert get_json(srv, "/healthz")["queued"] == 0
