@@ -235,30 +235,49 @@ class _Event:
     """A published event, encoded once for every socket it goes to (and
     for the record and the journal, which reuse its JSON)."""
 
-    __slots__ = ("id", "name", "json", "sse", "chunk", "terminal")
+    __slots__ = ("id", "name", "chunk", "terminal", "_sse", "_json")
 
     def __init__(self, event_id, name, data):
         self.id = event_id
         self.name = name
-        self.json = json_line(data).encode()
-        self.sse = _frame_event(event_id, name, self.json)
-        self.chunk = _encode_chunk(self.sse)
+        self._json = json_line(data).encode()
+        self._sse = _frame_event(event_id, name, self._json)
+        self.chunk = _encode_chunk(self._sse)
         self.terminal = name in TERMINAL_STATES
         if self.terminal:
             self.chunk += LAST_CHUNK      # the terminal event ends the body
 
+    @property
+    def sse(self):
+        """The event's SSE bytes: the chunk's data (HTTP/1.0, Pushpin)."""
+        if self._sse is None:
+            start = self.chunk.index(b"\r\n") + 2
+            self._sse = self.chunk[start:start + int(self.chunk[:start - 2], 16)]
+        return self._sse
+
+    @property
+    def json(self):
+        """The event's data as one JSON line: the SSE data field's value."""
+        if self._json is None:
+            sse = self.sse
+            self._json = sse[sse.index(b"\ndata: ") + 7:-2]
+        return self._json
+
     def held(self):
-        """The event as a run's history holds it: a plain tuple of its bytes
-        and numbers, which the garbage collector stops tracking. A server
-        with hundreds of runs holds hundreds of thousands of events; held as
-        objects, every full collection walked them all (a third of a second,
-        every few seconds, with every stream waiting)."""
-        return (self.id, self.name, self.json, self.sse, self.chunk)
+        """The event as a run's history holds it: a plain tuple of its id,
+        name and chunk, which the garbage collector stops tracking (a
+        server with hundreds of runs holds hundreds of thousands of events;
+        held as objects, every full collection walked them all, a third of
+        a second, every few seconds). The chunk is the only copy of the
+        payload kept: the SSE bytes and the JSON are read back out of it by
+        the few readers that want them."""
+        return (self.id, self.name, self.chunk)
 
     @classmethod
     def from_held(cls, held):
         event = cls.__new__(cls)
-        event.id, event.name, event.json, event.sse, event.chunk = held
+        event.id, event.name, event.chunk = held
+        event._sse = event._json = None
         event.terminal = event.name in TERMINAL_STATES
         return event
 
@@ -273,6 +292,7 @@ SERIES_POINTS_MIN = 10
 SERIES_POINTS_MAX = 5000
 DEFAULT_MAX_RECORD_MB = 16.0       # a run's record in memory (--max-record-mb)
 RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
+RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of about this size
 
 
 def _numeric_fields(data):
@@ -548,7 +568,7 @@ class _Session:
 
     def __init__(self, session_id, title, params, on_publish, on_end,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 state="running"):
+                 state="running", history_bytes=None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.view_key = secrets.token_urlsafe(TOKEN_BYTES)   # lets its holder watch this run
@@ -564,6 +584,8 @@ class _Session:
         self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest,
                                        # series and record
         self._history = collections.deque(maxlen=HISTORY_LIMIT)
+        self._history_bytes = history_bytes   # a bound on the history's bytes too (runs feed)
+        self._held_bytes = 0
         self.series = _Series()
         self.record = _Record(record_bytes, self._lock) if record_bytes else None   # 0: none
         self.last_id = 0
@@ -656,7 +678,10 @@ class _Session:
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
-        self._history.append(event.held())
+        if self._history_bytes is None:
+            self._history.append(event.held())
+        else:
+            self._hold_within_bytes(event)
         self.last_id = event.id
         if event.name == "queued":
             pass      # its place in the queue: not a progress field, not a point
@@ -667,6 +692,17 @@ class _Session:
             self.series.last_id = event.id
         if record and self.record is not None:
             self.record.add(event)
+
+    def _hold_within_bytes(self, event):
+        """Hold the event, then drop the oldest past `history_bytes`; the
+        newest stays whatever its size."""
+        history = self._history
+        if len(history) == history.maxlen:
+            self._held_bytes -= len(history[0][2])     # the append drops it
+        history.append(event.held())
+        self._held_bytes += len(event.chunk)
+        while self._held_bytes > self._history_bytes and len(history) > 1:
+            self._held_bytes -= len(history.popleft()[2])
 
     def series_state(self):
         with self._lock:
@@ -750,7 +786,7 @@ class _Session:
         Events that fell out of the history are skipped: for a lagging reader,
         the oldest are dropped first and the terminal one never is."""
         with self._lock:
-            history = self._history            # held events: (id, name, json, sse, chunk)
+            history = self._history            # held events: (id, name, chunk)
             if not history:
                 return []
             start = max(0, event_id + 1 - history[0][0])
@@ -932,6 +968,8 @@ class _RunQueue:
         self.max_queue = max_queue
         self._start_run = start_run             # starts a run's worker; raises if it cannot
         self._lock = threading.Lock()           # guards _waiting, _running, _durations, _stopped
+        self._starting = threading.RLock()      # runs start one at a time, in the queue's order,
+                                                # outside _lock (a start may wait on the disk)
         self._waiting = collections.deque()
         self._running = set()
         self._durations = collections.deque(maxlen=ESTIMATE_FROM_RUNS)
@@ -965,12 +1003,13 @@ class _RunQueue:
                 self._announce([(session, session.position,
                                  self._estimates(session.position)[-1])])
                 return
-            self._running.add(session)
-        try:
-            self._start_run(session)
-        except BaseException:
-            self._free(session)
-            raise
+            self._running.add(session)       # its slot, taken now
+        with self._starting:
+            try:
+                self._start_run(session)
+            except BaseException:
+                self._free(session)
+                raise
 
     def _free(self, session):
         with self._lock:
@@ -992,26 +1031,27 @@ class _RunQueue:
         """A run has ended: its slot goes to the next in line, started after
         the lock (see submit). A run that cannot start ends `error` (its end
         comes back here, and the slot goes on down the line)."""
-        starting = []
-        with self._lock:
-            if session in self._running:
-                self._running.discard(session)
-                if session.state == "complete":
-                    self._durations.append(session.ended_at - session.started)
-            while self._waiting and not self._stopped and not self._is_running_full():
-                next_run = self._waiting.popleft()
-                next_run.position = None
-                self._running.add(next_run)
-                starting.append(next_run)
-            places = self._new_places(0) if starting else []
-        self._announce(places)
-        for run in starting:
-            try:
-                self._start_run(run)
-            except Exception as exc:     # that run fails; the queue goes on
-                self._free(run)
-                log.error("run %s could not start: %s", run.id, exc)
-                _end_run(run, "error", {"message": "the run could not start: %s" % exc})
+        with self._starting:
+            starting = []
+            with self._lock:
+                if session in self._running:
+                    self._running.discard(session)
+                    if session.state == "complete":
+                        self._durations.append(session.ended_at - session.started)
+                while self._waiting and not self._stopped and not self._is_running_full():
+                    next_run = self._waiting.popleft()
+                    next_run.position = None
+                    self._running.add(next_run)
+                    starting.append(next_run)
+                places = self._new_places(0) if starting else []
+            self._announce(places)
+            for run in starting:
+                try:
+                    self._start_run(run)
+                except Exception as exc:     # that run fails; the queue goes on
+                    self._free(run)
+                    log.error("run %s could not start: %s", run.id, exc)
+                    _end_run(run, "error", {"message": "the run could not start: %s" % exc})
 
     def _is_running_full(self):
         return bool(self.concurrency) and len(self._running) >= self.concurrency
@@ -1085,6 +1125,8 @@ class _RunQueue:
 ###############################################################################
 
 RUNS_FEED_INTERVAL_S = 0.25        # the runs list's changes go out at most this often
+RUNS_FEED_HISTORY_BYTES = 2 ** 20  # what the feed holds for a returning page: a page reads
+                                   # GET /runs whenever it (re)connects, so little is needed
 
 
 class _RunsFeed:
@@ -1098,7 +1140,7 @@ class _RunsFeed:
 
     def __init__(self, describe, on_publish):
         self.session = _Session("runs", "runs", {}, on_publish, lambda session: None,
-                                record_bytes=0)
+                                record_bytes=0, history_bytes=RUNS_FEED_HISTORY_BYTES)
         self._describe = describe           # session -> its entry in the runs list
         self.key = secrets.token_urlsafe(TOKEN_BYTES)   # Pushpin's own requests for it carry
                                                         # this (behind a token; see _grip_hold)
@@ -2260,7 +2302,7 @@ class JobSpec:
     GET /job, /start's validation and the page all read this one object."""
 
     def __init__(self, name, title, description, params, fields, run, check=None,
-                 stop_all=None, kill_now=None, extra=None):
+                 stop_all=None, kill_now=None, extra=None, stop_grace_s=WORKER_STOP_GRACE_S):
         self.name = name
         self.title = title
         self.description = description
@@ -2271,6 +2313,7 @@ class JobSpec:
         self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
         self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
         self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
+        self.stop_grace_s = stop_grace_s   # how long a run stopped at shutdown may take to end
 
     def describe(self):
         """What GET /job answers."""
@@ -3042,7 +3085,8 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
                    [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
                    check=lambda values: _fill_command(argv, values), stop_all=processes.close,
                    kill_now=processes.kill_all,
-                   extra={"kill_after_s": kill_after_s})
+                   extra={"kill_after_s": kill_after_s},
+                   stop_grace_s=kill_after_s + WORKER_STOP_GRACE_S)
 
 
 def _end_leftover_group(identity):
@@ -3071,7 +3115,10 @@ JOURNAL_FORMAT = "sse_demo-journal"
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".jsonl"
 DAMAGED_SUFFIX = ".damaged"       # a file's unreadable tail, set aside beside it
-JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped
+JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped,
+JOURNAL_LOG_LIMIT = 1000000       # and past this, log lines too (/healthz counts them)
+JOURNAL_PROGRESS_S = 1.0          # a run's progress is written at most this often (the newest),
+JOURNAL_PROGRESS_LINES = 2000     # and half as often after each this many progress lines
 JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
                                   # (a terminal event at once): each flush is a system call
                                   # per run, and each costs the other threads a GIL hand-off
@@ -3142,6 +3189,15 @@ def _series_line(session):
     return (json_line({"series": session.series_state()}) + "\n").encode()
 
 
+def _history_line(session):
+    """After the series: the progress events of the run's held history that
+    the journal thinned, so that a run read back has the same last
+    HISTORY_LIMIT events as before (its /export keeps the thinned ones)."""
+    held = [_export_line(e.id, e.name, e.json)[:-1]
+            for e in session.events_after(0, HISTORY_LIMIT) if e.name == "progress"]
+    return b'{"history":[' + b",".join(held) + b"]}\n"
+
+
 def _journal_header(session):
     """The run's first line. Its keys are kept, so that a run read back still
     answers its watch links and, while it waits in the queue, its starter's
@@ -3158,21 +3214,43 @@ def _journal_line(event):
     return _export_line(event.id, event.name, event.json)
 
 
+class _JournalFile:
+    """One run's open journal file, and how its progress is thinned as it is
+    written: a file is only ever appended to, never read back or rewritten,
+    so the disk's work is the file's final size."""
+
+    def __init__(self, file):
+        self.file = file
+        self.progress_lines = 0
+        self.progress_at = None    # monotonic time of the last progress line written
+        self.held = None           # the newest progress line, while it is not yet due
+
+    def progress_due(self, now):
+        """A progress line every JOURNAL_PROGRESS_S, half as often after each
+        JOURNAL_PROGRESS_LINES: a week-long run keeps some 16,000."""
+        if self.progress_at is None:
+            return True
+        doublings = self.progress_lines // JOURNAL_PROGRESS_LINES
+        return now - self.progress_at >= JOURNAL_PROGRESS_S * 2 ** doublings
+
+
 class _Journal:
     """Every event of every run, appended to `DIR/<session id>.jsonl` (one
     JSON object a line: a header, then {"id", "event", "data"} per event) by
     one thread of its own, so a job or the stream writer never waits for the
-    disk. A terminal event is flushed and fsynced; a run's file is rewritten
-    when its progress events pass twice HISTORY_LIMIT: every log line and the
-    last HISTORY_LIMIT events stay, older progress is thinned to every other
-    one. A file is deleted when its run expires. Only this thread touches
-    the files."""
+    disk. Every log line and terminal event is written; progress is state,
+    not history, so of a run's progress events the journal writes the
+    newest once a second (less often as a run grows long, see
+    _JournalFile) and the last before its end; the run's whole series
+    follows its terminal event. A terminal event is flushed and fsynced. A
+    file is deleted when its run expires. Only this thread touches the
+    files."""
 
     def __init__(self, directory):
         self.directory = directory
         self._items = collections.deque()   # (kind, session, event); appended from any thread
         self._wake = threading.Event()      # a terminal event or stop: write now
-        self._files = {}                    # session id -> [open file, progress lines in it]
+        self._files = {}                    # session id -> _JournalFile
         self.written = 0
         self.dropped = 0
         self.error = None                   # the disk's last complaint, while it lasts
@@ -3209,8 +3287,12 @@ class _Journal:
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
-        A terminal event is never dropped; progress is, past the queue limit."""
-        if not event.terminal and len(self._items) >= JOURNAL_QUEUE_LIMIT:
+        A terminal event is never dropped; while the disk is far behind,
+        progress is (past JOURNAL_QUEUE_LIMIT waiting), and past
+        JOURNAL_LOG_LIMIT log lines too, counted in /healthz."""
+        waiting = len(self._items)
+        if not event.terminal and waiting >= JOURNAL_QUEUE_LIMIT and (
+                event.name == "progress" or waiting >= JOURNAL_LOG_LIMIT):
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10000 == 0:
                 log.warning("the journal falls behind the disk: %d events not journaled",
@@ -3278,6 +3360,7 @@ class _Journal:
 
     def _write_queued(self):
         touched, ended, marks = set(), [], []
+        now = time.monotonic()
         while self._items:
             kind, session, event = self._items.popleft()
             try:
@@ -3294,9 +3377,10 @@ class _Journal:
                     self._append(session.id, (json_line({"process": session.process})
                                               + "\n").encode())
                 elif kind == "event":
-                    self._append(session.id, _journal_line(event))
+                    self._write_event(session.id, event, now)
                     if event.terminal:
                         self._append(session.id, _series_line(session))
+                        self._append(session.id, _history_line(session))
                         ended.append(session.id)
                 else:
                     self._delete(session.id)
@@ -3307,6 +3391,7 @@ class _Journal:
             except Exception:
                 self._supervisor.survived("journal")   # that item is lost, not the rest
         for name in touched:
+            self._write_held_progress(name, now)
             self._flush(name, fsync=name in ended)
         for session, (upto, written) in marks:   # in the operating system now, or failed
             if session is not None:
@@ -3315,46 +3400,48 @@ class _Journal:
         for name in ended:
             self._close(name)
 
-    def _append(self, name, line):
+    def _file(self, name):
         entry = self._files.get(name)
         if entry is None:
-            entry = self._files[name] = [_open_journal(self.directory, name, "ab"), 0]
-        entry[0].write(line)
-        entry[1] += _is_progress_line(line)
-        self.written += 1
-        if entry[1] > 2 * HISTORY_LIMIT:
-            self._compact(name)
+            entry = self._files[name] = _JournalFile(_open_journal(self.directory, name, "ab"))
+        return entry
 
-    def _compact(self, name):
-        """Keep the header, every log line and the last HISTORY_LIMIT events;
-        of the progress before those, every other one."""
-        entry = self._files[name]
-        entry[0].flush()
-        path = _journal_path(self.directory, name)
-        with open(path, "rb") as f:
-            lines = f.read().splitlines(True)
-        old, recent = lines[1:-HISTORY_LIMIT], lines[-HISTORY_LIMIT:]
-        progress = [i for i, line in enumerate(old) if _is_progress_line(line)]
-        drop = set(progress[::2])
-        kept = lines[:1] + [line for i, line in enumerate(old) if i not in drop] + recent
-        temporary = _journal_path(self.directory, name, JOURNAL_SUFFIX + ".tmp")
-        with _open_journal(self.directory, name, "wb", suffix=JOURNAL_SUFFIX + ".tmp") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        entry[0].close()
-        self._files[name] = [_open_journal(self.directory, name, "ab"),
-                             sum(map(_is_progress_line, kept))]
+    def _append(self, name, line):
+        self._file(name).file.write(line)
+        self.written += 1
+
+    def _write_event(self, name, event, now):
+        """A progress event is written when it is due, else held until it is
+        (or until a newer one replaces it); any other event lets the held one
+        go, written only before a terminal event, so ids stay in order."""
+        entry = self._file(name)
+        line = _journal_line(event)
+        if event.name == "progress":
+            entry.held = line
+            if entry.progress_due(now):
+                self._write_held_progress(name, now)
+            return
+        if event.terminal:
+            self._write_held_progress(name, now, due=True)
+        entry.held = None
+        self._append(name, line)
+
+    def _write_held_progress(self, name, now, due=False):
+        entry = self._files.get(name)
+        if entry is not None and entry.held is not None and (due or entry.progress_due(now)):
+            self._append(name, entry.held)
+            entry.held = None
+            entry.progress_lines += 1
+            entry.progress_at = now
 
     def _flush(self, name, fsync):
         entry = self._files.get(name)
         if entry is None:
             return
         try:
-            entry[0].flush()
+            entry.file.flush()
             if fsync:
-                os.fsync(entry[0].fileno())
+                os.fsync(entry.file.fileno())
         except OSError as exc:
             self._failed(exc)
 
@@ -3362,7 +3449,7 @@ class _Journal:
         entry = self._files.pop(name, None)
         if entry is not None:
             try:
-                entry[0].close()
+                entry.file.close()
             except OSError as exc:
                 self._failed(exc)
 
@@ -3382,31 +3469,37 @@ class _Journal:
             self.error = None
 
 
-def _journal_export_lines(path):
-    """The /export lines of a run's journal file: every line but the header,
-    up to the first one that is cut short."""
+def _journal_export_lines(path, skip=0):
+    """The /export lines of a run's journal file, one at a time, read as they
+    are sent (a run's file can be far larger than memory should hold):
+    every event line, and every marker of lines dropped, past the first
+    `skip` of them."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().split(b"\n")[1:]
+            for line in f:
+                if line.startswith(b'{"id":') and line.endswith(b"}\n"):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield line
     except OSError as exc:
         log.warning("cannot read the journal %s: %s", path, exc.strerror or exc)
-        return []
-    return [line + b"\n" for line in lines if line.startswith(b'{"id":') and line.endswith(b"}")]
 
 
 class _JournalRecord:
     """The record of a run read back after a restart: its journal file, read
-    when /log or /export asks, so it costs no memory meanwhile."""
+    line by line when /log or /export asks, so it costs no memory meanwhile.
+    The run has ended, so the file no longer grows: `end` is its count of
+    export lines, counted when it was read back."""
 
-    def __init__(self, path):
+    def __init__(self, path, end):
         self.path = path
-        self.end = 0                      # lines at the last read
+        self.end = end
 
     def lines_after(self, position):
-        """(the export lines from `position` on, the next position)."""
-        lines = _journal_export_lines(self.path)
-        self.end = len(lines)
-        return lines[position:], len(lines)
+        """(the export lines from `position` on, as they are read; the next
+        position)."""
+        return _journal_export_lines(self.path, position), self.end
 
 
 def _set_aside_damaged_tail(directory, name, good_bytes):
@@ -3436,26 +3529,38 @@ def _mend_journal(directory, name, problem, good_bytes, interrupted):
             os.fsync(f.fileno())
 
 
-def _read_series_line(lines):
+def _read_series_line(line):
     """The series written after a terminal event, or None (a journal of an
-    older version, or one cut short there: the events rebuild it)."""
+    older version, or one cut short there: the events rebuilt it)."""
     try:
-        state = json.loads(lines[0].decode("utf-8"))["series"]
+        state = json.loads(line.decode("utf-8"))["series"]
         _Series.from_state(state)
         return state
-    except (IndexError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
-def _read_journal(path, session_id):
-    """(header, events, bytes that were good, the first problem or None).
-    Raises ValueError when the file is not a journal of that run that this
-    version can read."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = raw.split(b"\n")
+def _read_history_line(line, events):
+    """The held progress events written after the series: merged into
+    `events` (the last ones read, the terminal one last) in id order. A
+    line cut short adds nothing: the run keeps the events its file has."""
     try:
-        header = json.loads(lines[0].decode("utf-8"))
+        held = [(e["id"], e["event"], e["data"]) for e in json.loads(line.decode())["history"]]
+        if not all(type(i) is int and name == "progress" and isinstance(data, dict)
+                   for i, name, data in held):
+            return events
+    except (ValueError, KeyError, TypeError):
+        return events
+    terminal = events.pop()
+    merged = sorted(dict((e[0], e) for e in list(events) + held).values())
+    events.clear()
+    events.extend(merged[-(HISTORY_LIMIT - 1):] + [terminal])
+    return events
+
+
+def _read_journal_header(line):
+    try:
+        header = json.loads(line.decode("utf-8"))
     except ValueError:
         raise ValueError("its first line is not a journal header")
     if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
@@ -3466,55 +3571,87 @@ def _read_journal(path, session_id):
     if not (isinstance(header.get("title"), str) and isinstance(header.get("params"), dict)
             and type(header.get("started_ts")) in (int, float)):
         raise ValueError("its first line is not a journal header (title, params, started_ts)")
-    if header.get("session_id") != session_id:
-        raise ValueError("its header names another run (%r)" % header.get("session_id"))
-    events, good, problem, last_id = [], len(lines[0]) + 1, None, 0
-    for number, line in enumerate(lines[1:], 2):
-        if not line:
-            if number <= len(lines) - 1:
-                continue
-            break
-        try:
-            record = json.loads(line.decode("utf-8"))
-            if isinstance(record, dict) and set(record) == {"process"}:
-                header["process"] = record["process"]    # --cmd: its program
-                good += len(line) + 1
-                continue
-            if isinstance(record, dict) and set(record) == {"running"}:
-                header["running"] = record["running"]    # it left the queue
-                good += len(line) + 1
-                continue
-            if isinstance(record, dict) and set(record) == {"ids"} and \
-                    type(record["ids"]) is int:
-                header["ids"] = max(header.get("ids", 0), record["ids"])   # the id mark
-                good += len(line) + 1
-                continue
-            event = (record["id"], record["event"], record["data"])
-            if type(event[0]) is not int or event[0] <= last_id or not isinstance(event[2], dict) \
-                    or event[1] not in EVENT_NAMES:
-                raise ValueError("not an event")
-        except (ValueError, KeyError, TypeError) as exc:
-            problem = "line %d is damaged (%s)" % (number, exc)
-            break
-        events.append(event)
-        last_id = event[0]
-        good += len(line) + 1
-        if event[1] in TERMINAL_STATES:
-            header["series"] = _read_series_line(lines[number:number + 1])
-            break
-    return header, events, min(good, len(raw)), problem
+    return header
 
 
-def _interrupted_event(events, now, ids_reserved=0):
+NOTES = {"process": lambda value: True,                   # --cmd: its program
+         "running": lambda value: True,                   # it left the queue
+         "ids": lambda value: type(value) is int}         # the id mark
+
+
+def _read_journal(path, session_id):
+    """(header, events, bytes that were good, the first problem or None),
+    read line by line: `events` holds the last HISTORY_LIMIT, (id, name,
+    data) each. The header gains what the lines after it said: `ids`,
+    `running`, `process`, `series` (written after the run's end, or rebuilt
+    from its progress), `latest` (the last progress data), `lines` (its
+    export lines) and `only_queued`. Raises ValueError when the file is not
+    a journal of that run that this version can read."""
+    events = collections.deque(maxlen=HISTORY_LIMIT)
+    series, latest, lines, only_queued, last_id = _Series(), {}, 0, True, 0
+    problem, ended = None, False
+    with open(path, "rb") as f:
+        first = f.readline()
+        header = _read_journal_header(first)
+        if header.get("session_id") != session_id:
+            raise ValueError("its header names another run (%r)" % header.get("session_id"))
+        good = len(first)
+        for number, line in enumerate(f, 2):
+            if ended:        # the series, then the held history
+                if "series" not in header:
+                    header["series"] = _read_series_line(line)
+                    continue
+                _read_history_line(line, events)
+                break
+            if line == b"\n":
+                good += 1
+                continue
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("cut short")
+                record = json.loads(line.decode("utf-8"))
+                note = next(iter(record), None) if isinstance(record, dict) and \
+                    len(record) == 1 else None
+                if note in NOTES and NOTES[note](record[note]):
+                    header[note] = max(header.get("ids", 0), record[note]) if note == "ids" \
+                        else record[note]
+                    good += len(line)
+                    continue
+                event = (record["id"], record["event"], record["data"])
+                if event[0] is None and event[1] == "log" and isinstance(event[2], dict):
+                    lines += 1           # a marker of log lines dropped: shown, not an event
+                    good += len(line)
+                    continue
+                if type(event[0]) is not int or event[0] <= last_id or \
+                        not isinstance(event[2], dict) or event[1] not in EVENT_NAMES:
+                    raise ValueError("not an event")
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = "line %d is damaged (%s)" % (number, exc)
+                break
+            events.append(event)
+            last_id, lines, good = event[0], lines + 1, good + len(line)
+            only_queued = only_queued and event[1] == "queued"
+            if event[1] not in ("log", "queued"):
+                latest = event[2]
+                series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
+            ended = event[1] in TERMINAL_STATES
+    if header.get("series") is None:
+        series.last_id = last_id
+        header["series"] = series.state()
+    header.update(latest=latest, lines=lines, only_queued=only_queued)
+    return header, list(events), good, problem
+
+
+def _interrupted_event(header, events, now):
     """The terminal event of a run the journal holds without one. Its id is
-    past every id the run may have published (`ids_reserved`, the journal's
-    high-water mark), so no client's Last-Event-ID is ever above it."""
-    latest = next((data for _, name, data in reversed(events) if name != "log"), {})
+    past every id the run may have published (the journal's high-water
+    mark, `ids`), so no client's Last-Event-ID is ever above it."""
+    latest = header["latest"]
     data = _lasting_fields(latest)
     data.update({"message": INTERRUPTED, "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
-    return max(events[-1][0] if events else 0, ids_reserved) + 1, "error", data
+    return max(events[-1][0] if events else 0, header.get("ids", 0)) + 1, "error", data
 
 
 def _load_journal(directory, session_ttl_s):
@@ -3551,13 +3688,14 @@ def _load_journal(directory, session_ttl_s):
                 log.warning("journal %s has expired but cannot be deleted: %s", entry.name, exc)
             continue
         header["waiting"] = header.get("queued") is True and "running" not in header and \
-            all(event[1] == "queued" for event in events)
+            header["only_queued"]
         interrupted = not header["waiting"] and (not events or events[-1][1] not in TERMINAL_STATES)
         if interrupted:
             if _end_leftover_group(header.get("process")):
                 log.warning("run %s: its program still ran after the server stopped; "
                             "its process group is killed", name)
-            events.append(_interrupted_event(events, now, header.get("ids", 0)))
+            events.append(_interrupted_event(header, events, now))
+            header["lines"] += 1
         try:
             _mend_journal(directory, name, problem, good_bytes,
                           events[-1] if interrupted else None)
@@ -3577,12 +3715,11 @@ def _session_read_back(header, events, path, on_publish):
     session.started_ts = header["started_ts"]
     if isinstance(header.get("view_key"), str):
         session.view_key = header["view_key"]
-    session.record = _JournalRecord(path)
+    session.record = _JournalRecord(path, header["lines"])
     session.replay(events)
     session.ids_may_pass_end = events[-1][1] == "error" and \
         events[-1][2].get("message") == INTERRUPTED    # ended by _load_journal
-    if header.get("series") is not None:
-        session.series = _Series.from_state(header["series"])
+    session.series = _Series.from_state(header["series"])
     return session
 
 
@@ -4498,9 +4635,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         position = 0
         while True:
             lines, position = session.record_lines(position)
-            body = b"".join(convert(line) for line in lines)
-            if body:
-                self.wfile.write(frame(body))
+            batch, size = [], 0
+            for line in lines:       # in pieces: a journal's file can be larger than memory
+                piece = convert(line)
+                batch.append(piece)
+                size += len(piece)
+                if size >= RECORD_PIECE_BYTES:
+                    self.wfile.write(frame(b"".join(batch)))
+                    batch, size = [], 0
+            if size:
+                self.wfile.write(frame(b"".join(batch)))
             if not follow or session.record_ended(position) or self.server.stopping:
                 break
             session.wait_for_record(position, self.server.hub.keepalive_s)
@@ -5242,11 +5386,14 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.stopping = True
         self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
-        running = self.registry.running()
+        running = [s for s in self.registry.running() if s.state != "queued"]
         for session in running:
             session.stop_reason = INTERRUPTED
             session.cancel.set()
-        deadline = time.monotonic() + WORKER_STOP_GRACE_S
+        if running:      # a --cmd program gets its --kill-after, to save a checkpoint
+            log.info("stopping %d runs: up to %.1f s for them to end (Ctrl-C again: at once)",
+                     len(running), self.job.stop_grace_s)
+        deadline = time.monotonic() + self.job.stop_grace_s
         for session in running:
             if session.worker is not None:
                 session.worker.join(max(0.0, deadline - time.monotonic()))
@@ -5521,6 +5668,9 @@ def main(argv=None):
             job.title = args.title or job.title
         elif args.cmd is not None:
             job = command_job(args.cmd, args.kill_after, args.title)
+        elif args.title:
+            job = function_job(simulate_optimisation)    # the built-in job, renamed
+            job.title = args.title
         if args.grip:
             _GripPublisher.check_url(args.grip)
         if args.notify:

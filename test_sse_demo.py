@@ -1178,18 +1178,52 @@ def test_cli_stops_on_ctrl_c():
     assert status == 0 and took < 2.0 and "Traceback" not in stderr
 
 
+CHECKPOINTING = """
+import signal, sys, time
+def save(signum, frame):
+    time.sleep(float(sys.argv[2]))        # a checkpoint takes a while to write
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("training", flush=True)
+time.sleep(60)
+"""
+
+
+def start_checkpointing_server(tmp_path, kill_after, saving_s):
+    (tmp_path / "train.py").write_text(CHECKPOINTING)
+    command = "%s %s %s %s" % (sys.executable, tmp_path / "train.py", tmp_path / "checkpoint",
+                               saving_s)
+    cli = Cli("--cmd", command, "--kill-after", str(kill_after))
+    sid = start_run(cli)
+    wait_for(lambda: b"training" in request(cli, "GET", "/log/" + sid)[2],
+             what="the program to run")
+    return cli
+
+
+def test_cli_stop_gives_a_cmd_program_its_kill_after_to_save(tmp_path):
+    """SIGTERM to the server: the program gets SIGTERM and up to --kill-after
+    to exit (REVIEW N8: it was killed 0.5 s later, mid-checkpoint)."""
+    cli = start_checkpointing_server(tmp_path, kill_after=20, saving_s=1.0)
+    status, took, stderr = cli.stop(signal.SIGTERM, timeout=20)
+    assert status == 0 and (tmp_path / "checkpoint").read_text() == "saved"
+    assert "up to 20.5 s for them to end" in stderr
+    assert took < 15                       # it ended when the program did, not at 20 s
+
+
 def test_cli_second_ctrl_c_exits_at_once(tmp_path):
-    (tmp_path / "stubborn.py").write_text(
-        "import time\n"
-        "def job(progress):\n"
-        "    progress(0, 1)\n"
-        "    time.sleep(30)   # ignores cancel entirely\n")
-    cli = Cli("--job", "stubborn:job", cwd=str(tmp_path))
-    start_run(cli)
+    """The first Ctrl-C waits for the program; the second, sent once the
+    server says it is waiting, ends both at once."""
+    cli = start_checkpointing_server(tmp_path, kill_after=30, saving_s=20)
     cli.proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)      # not a wait for a condition: two distinct key presses
-    status, took, stderr = cli.stop(signal.SIGINT)
-    assert status == 128 + signal.SIGINT and took < 1.0
+    for _ in range(100):
+        line = cli.proc.stderr.readline()
+        if not line or "Ctrl-C again" in line:
+            break
+    assert "Ctrl-C again" in line
+    status, took, stderr = cli.stop(signal.SIGINT, timeout=10)
+    assert status == 128 + signal.SIGINT and took < 5.0    # not the 30 s it would wait
+    assert not (tmp_path / "checkpoint").exists()          # killed, as asked
 
 
 def test_cli_port_in_use_is_one_line_and_status_1():
@@ -2417,6 +2451,15 @@ def test_cmd_job_is_named_after_its_program_or_its_title(make, programs):
         assert cli.stop()[0] == 0
 
 
+def test_title_flag_names_the_builtin_job_too():
+    cli = Cli("--title", "Nightly simulation")
+    try:
+        assert get_json(cli, "/job")["title"] == "Nightly simulation"
+        assert get_json(cli, "/job")["name"] == "simulate_optimisation"
+    finally:
+        assert cli.stop()[0] == 0
+
+
 def test_job_title_flag_wins_over_the_declaration(tmp_path):
     (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
     cli = Cli("--job", "mybuild:tuned", "--title", "Tuned by flag", cwd=str(tmp_path))
@@ -2640,7 +2683,8 @@ def journal_lines(state_dir, sid, series=False):
     process line); with `series`, the series line after a terminal event too."""
     with open(os.path.join(str(state_dir), sid + ".jsonl"), encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
-    return [line for line in lines if not ({"ids"} == set(line) or {"process"} == set(line))
+    return [line for line in lines if not ({"ids"} == set(line) or {"process"} == set(line)
+                                           or {"history"} == set(line))
             and (series or "series" not in line)]
 
 
@@ -2658,8 +2702,10 @@ def test_journal_keeps_a_finished_run_across_a_restart(tmp_path):
     assert lines[0]["format"] == "sse_demo-journal" and lines[0]["version"] == 1
     assert lines[0]["title"] == "Build optimisation (simulated)"
     assert lines[0]["params"] == {"iterations": 5, "tick": 0, "update_every": 1}
-    assert [(l["id"], l["event"]) for l in lines[1:]] == [(int(e["id"]), e["event"])
-                                                          for e in before]
+    journaled = [(l["id"], l["event"]) for l in lines[1:]]
+    published = [(int(e["id"]), e["event"]) for e in before]
+    assert journaled[0] == published[0] and journaled[-2:] == published[-2:]   # the first
+    assert set(journaled) <= set(published)     # progress, the last, the terminal: in order
     second = journal_server(tmp_path)
     try:
         after = watch(second, sid).events()
@@ -2685,22 +2731,23 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
             seen.append(int(block["id"]))
         if len(seen) == 5:
             break
-    wait_for(lambda: len(journal_lines(tmp_path, sid)) >= 6, what="the journal to have them")
+    wait_for(lambda: journal_lines(tmp_path, sid)[-1].get("id", 0) > seen[-1],
+             what="the journal to have one past them")
     first.stop(signal.SIGKILL)
-    journaled = len(journal_lines(tmp_path, sid)) - 1
+    journaled = [line["id"] for line in journal_lines(tmp_path, sid)[1:]]
     for restart in range(2):
         srv = journal_server(tmp_path, port=first.port)
         try:
             rest = watch(srv, sid, {"Last-Event-ID": str(seen[-1])}).events()
-            # the journaled events, then the terminal one past the id mark
-            assert ids(rest) == list(range(seen[-1] + 1, journaled + 1)) + [
-                sse_demo.ID_BLOCK + 1]
+            # the journaled events (its progress once a second), then the
+            # terminal one past the id mark
+            assert ids(rest) == [i for i in journaled if i > seen[-1]] + [sse_demo.ID_BLOCK + 1]
             assert rest[-1]["event"] == "error"
             assert "interrupted" in rest[-1]["json"]["message"]
             assert get_json(srv, "/status/" + sid)["state"] == "error"
         finally:
             assert srv.stop()[0] == 0
-        assert len(journal_lines(tmp_path, sid)) - 1 == journaled + 1   # added once only
+        assert len(journal_lines(tmp_path, sid)) - 1 == len(journaled) + 1   # added once only
 
 
 def test_journal_ids_never_go_back_after_a_crash(tmp_path):
@@ -2951,21 +2998,36 @@ def test_journal_damaged_tails_expire_with_their_runs(tmp_path):
         assert srv.stop()[0] == 0
 
 
-def test_journal_of_a_long_run_keeps_every_log_line_and_thins_progress(make, tmp_path, jobs):
-    srv = make(state_dir=str(tmp_path), job=jobs.chatty)
-    sid = start_run(srv, steps=6000, every=5)
-    events = watch(srv, sid).events()
-    assert events[-1]["event"] == "complete" and events[-1]["id"] == "7201"
-    wait_for(lambda: journal_lines(tmp_path, sid)[-1]["event"] == "complete", what="the end")
+def test_journal_of_a_long_run_keeps_every_log_line_and_thins_progress(tmp_path, jobs):
+    """Every log line is written; progress (state, not history) once a
+    second and the last before the end; after the end, the series and the
+    held history's progress, so the run read back holds the same last
+    HISTORY_LIMIT events. The file is only appended to: never rewritten."""
+    first = Running(state_dir=str(tmp_path), job=jobs.chatty)
+    try:
+        sid = start_run(first, steps=6000, every=5, pause=0.0002)
+        events = watch(first, sid).events()
+        assert events[-1]["event"] == "complete" and events[-1]["id"] == "7201"
+        wait_for(lambda: journal_lines(tmp_path, sid)[-1]["event"] == "complete", what="the end")
+        inode = os.stat(str(tmp_path / (sid + ".jsonl"))).st_ino
+    finally:
+        first.stop()
     assert set(journal_lines(tmp_path, sid, series=True)[-1]) == {"series"}
     lines = journal_lines(tmp_path, sid)[1:]
     logs = [l["data"]["message"] for l in lines if l["event"] == "log"]
     assert logs == ["line %d\nits second line" % i for i in range(0, 6000, 5)]   # every one
     progress = [l for l in lines if l["event"] == "progress"]
-    assert len(progress) <= 3 * sse_demo.HISTORY_LIMIT                         # thinned
+    assert 1 <= len(progress) <= 100 and progress[-1]["data"]["iteration"] == 5999   # thinned
     ids = [l["id"] for l in lines]
     assert ids == sorted(set(ids))
-    assert ids[-sse_demo.HISTORY_LIMIT:] == list(range(7202 - sse_demo.HISTORY_LIMIT, 7202))
+    assert os.stat(str(tmp_path / (sid + ".jsonl"))).st_ino == inode
+    second = Running(state_dir=str(tmp_path), job=jobs.chatty)
+    try:
+        after = watch(second, sid).events()
+        held = events[-sse_demo.HISTORY_LIMIT:]
+        assert [(e["id"], e["data"]) for e in after] == [(e["id"], e["data"]) for e in held]
+    finally:
+        second.stop()
 
 
 @pytest.mark.parametrize("make_bad", ["file", "under_file"])
@@ -5252,3 +5314,26 @@ def test_healthz_counts_queued_runs_apart_from_running_ones(make):
         assert cancel(srv, sid)[0] == 202
     wait_for(lambda: get_json(srv, "/healthz")["running"] == 0, what="every run to end")
     assert get_json(srv, "/healthz")["queued"] == 0
+
+
+def test_the_runs_feed_holds_a_bounded_number_of_bytes(make, monkeypatch):
+    """A deep queue makes every `runs` event list every queued run: the
+    feed's history is bounded by bytes (REVIEW N6: up to ~1.2 GB), and a
+    page that returns past it still gets the newest change."""
+    monkeypatch.setattr(sse_demo, "RUNS_FEED_HISTORY_BYTES", 20000)
+    monkeypatch.setattr(sse_demo, "RUNS_FEED_INTERVAL_S", 0.01)
+    srv = make(concurrency=1, max_queue=60)
+    sids = [start_run(srv, iterations=3, tick=0.02, update_every=1) for _ in range(40)]
+    for sid in sids:
+        assert watch(srv, sid).events()[-1]["event"] == "complete"
+    feed = srv.server.feed.session
+    wait_for(lambda: feed.events_after(0, 10 ** 6)[-1].json.count(b'"complete"'),
+             what="the feed to tell of the last run's end")
+    held = feed.events_after(0, 10 ** 6)
+    assert feed.last_id > len(held) >= 1                      # older events went
+    assert sum(len(event.chunk) for event in held) <= 20000 or len(held) == 1
+    stream = Stream(srv, "/runs/events", {"Last-Event-ID": "1"})
+    block = next(b for b in iter(lambda: stream.next_block(time.monotonic() + TIMEOUT), None)
+                 if "event" in b)
+    stream.close()
+    assert block["event"] == "runs" and int(block["id"]) == held[0].id
