@@ -287,7 +287,10 @@ def test_builtin_job_keeps_its_schedule_despite_late_wake_ups():
 def test_run_lasts_iterations_times_tick(server):
     sid = start_run(server, iterations=20, tick=0.05, update_every=5)
     complete = watch(server, sid).events()[-1]["json"]
-    assert 1.0 <= complete["elapsed_s"] < 1.0 + 0.05 + 0.05
+    # 20 ticks of 50 ms: never less; more only by one late wake-up (the
+    # schedule does not drift: see the test above), with room for a CI
+    # whose two lanes share two cores
+    assert 1.0 <= complete["elapsed_s"] < 1.5
 
 
 def test_percent_is_rounded_to_two_decimals(server):
@@ -398,7 +401,9 @@ def test_cancel_stops_the_run_within_a_tick(server):
     cancelled_at = time.monotonic()
     assert status == 202 and json.loads(body)["session_id"] == sid
     events = stream.events()
-    assert time.monotonic() - cancelled_at < 1.0
+    # the run had 50 s to go: it stops at its next tick, and the bound is
+    # far from both, for a loaded machine
+    assert time.monotonic() - cancelled_at < 5.0
     assert events[-1]["event"] == "cancelled"
     assert events[-1]["json"]["iteration"] < 1000
     assert status_of(server, sid) == "cancelled"
@@ -780,8 +785,8 @@ def test_slowloris_is_cut_off_without_delaying_others(make):
         t0 = time.monotonic()
         assert request(srv, "GET", "/healthz")[0] == 200
         # nobody else waits for it: one that did would wait out its 2 s
-        # deadline; half of that is room enough for a loaded machine
-        assert time.monotonic() - t0 < 1.0
+        # deadline; three quarters of that is room enough for a loaded machine
+        assert time.monotonic() - t0 < 1.5
         slow.settimeout(0.1)
         try:
             if slow.recv(1024) == b"":
@@ -1475,6 +1480,16 @@ def bad_bar(progress):
     progress.bar("batch", total=2)(1, stage="not a field")
 
 
+def outcome(progress, steps=3, pause=0.0, fail=False, cancel=None):
+    """Each way a run can go: complete, cancelled (it watches), error."""
+    for i in range(steps):
+        progress(i, steps)
+        if pause and cancel.wait(pause):
+            return None
+    if fail:
+        raise RuntimeError("the build broke")
+
+
 def chatty(progress, steps=3000, every=3, spike_at=-1, pause=0.0, cancel=None):
     """Progress every step, a log line every `every` steps, one spike."""
     for i in range(steps):
@@ -1549,7 +1564,7 @@ def test_job_with_cancel_parameter_gets_the_event(make, jobs):
     assert cancel(srv, sid)[0] == 202
     events = stream.events()
     assert names(events) == ["progress", "cancelled"]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0      # it waited on the event, not out its 30 s
     assert "result" not in events[-1]["json"]
 
 
@@ -4094,8 +4109,6 @@ def test_page_and_server_agree_on_the_contracts_names():
     with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
         page = f.read()
     assert "#session=(%s)$" % sse_demo.SESSION_ID_PATTERN in page     # the run's id in a link
-    for state in sse_demo.TERMINAL_STATES | {"queued", "running"}:
-        assert '"%s"' % state in page, state                        # every state is handled
     for name in sse_demo.EVENT_NAMES:
         assert 'addEventListener("%s"' % name in page, name          # every event is listened to
 
@@ -5337,3 +5350,33 @@ def test_the_runs_feed_holds_a_bounded_number_of_bytes(make, monkeypatch):
                  if "event" in b)
     stream.close()
     assert block["event"] == "runs" and int(block["id"]) == held[0].id
+
+
+def test_browser_shows_every_state_a_run_goes_through(browser, make, jobs):
+    """Each state of a run, driven for real, as the page shows it: its
+    state and its words (REVIEW: the old check only looked for the states'
+    names anywhere in the page's source)."""
+    srv = make(job=jobs.outcome, concurrency=1)
+
+    def shows(state, words):
+        browser.wait_for(STATE + " === %s" % json.dumps(state))
+        text = browser.evaluate("document.getElementById('status').textContent")
+        assert text.startswith(words), (state, text)
+        return text
+    browser.open(page_url(srv))
+    start_in_page(browser, steps=1000, pause=0.05)
+    shows("live", "Live")                                       # running
+    first = browser.evaluate("sessionId")
+    waiting = start_run(srv, steps=3, pause=0.05)
+    browser.open(page_url(srv) + "#session=" + waiting)
+    shows("queued", "Queued")
+    browser.open(page_url(srv) + "#session=" + first)
+    shows("live", "Live")
+    browser.click("cancel")
+    shows("cancelled", "Cancelled")
+    browser.open(page_url(srv) + "#session=" + waiting)
+    shows("complete", "Complete")
+    start_in_page(browser, steps=2, fail=True)
+    text = shows("failed", "Failed")
+    assert "the build broke" in browser.evaluate("document.body.innerText"), text
+    assert browser.problems() == []
