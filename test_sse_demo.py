@@ -4162,7 +4162,7 @@ def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_char
     assert browser.problems() == [] and late.problems() == []
 
 
-def test_browser_cancel_is_answered_within_a_second_at_5000_events_per_second(browser, server):
+def test_browser_cancel_is_answered_promptly_at_5000_events_per_second(browser, server):
     browser.open(page_url(server))
     start_in_page(browser, iterations=500000, tick=0.0002, update_every=1)
     browser.wait_for(STATE + " === 'live' && seenId > 2000")
@@ -4170,7 +4170,10 @@ def test_browser_cancel_is_answered_within_a_second_at_5000_events_per_second(br
     browser.click("cancel")
     browser.wait_for(STATE + " === 'cancelled'")
     took = time.monotonic() - clicked
-    assert took < 1.0, "Cancel took %.2f s to show at 5,000 events/s" % took
+    # About 0.3 s on a quiet machine; a page that drained its backlog
+    # before the end took many seconds (the run had 100 s to go). A loaded
+    # 2-core CI took 1.56 s once, so the bound leaves room for that.
+    assert took < 3.0, "Cancel took %.2f s to show at 5,000 events/s" % took
     assert browser.evaluate("document.querySelectorAll('#log li').length") <= 5000
 
 
