@@ -94,6 +94,7 @@ import argparse
 import base64
 import codecs
 import collections
+import gc
 import hashlib
 import heapq
 import hmac
@@ -156,6 +157,8 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
+WRITER_GATHER_S = 0.001            # when events come faster than this, the writer lets them
+                                   # gather this long between turns (see _StreamHub._turn)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
@@ -434,17 +437,12 @@ def _export_line(event_id, name, data_json):
         b"null" if event_id is None else b"%d" % event_id, name.encode(), data_json)
 
 
-PROGRESS_LINE = b',"event":"progress"'   # within an export line's first 40 bytes
-LOG_LINE = b',"event":"log"'
-MARKER_LINE = b'{"id":null,'                # a line that stands for lines dropped
-
-
-def _is_progress_line(line):
-    return PROGRESS_LINE in line[:40]
-
-
-def _is_log_line(line):
-    return LOG_LINE in line[:40]
+def _export_line_of(kept):
+    """A record item's /export line: made from a held event, or a marker's own."""
+    if type(kept) is not tuple:
+        return kept
+    event = _Event.from_held(kept)
+    return _export_line(event.id, event.name, event.json)
 
 
 def _first_after(items, number):
@@ -465,43 +463,49 @@ def _first_after(items, number):
 
 
 class _Record:
-    """Every event of a run as its /export line, for /log and /export, in at
-    most `budget` bytes. Past the budget, progress events are thinned first
-    (every other one, the newest kept); then log lines from the middle of
-    the run go, and a `warning` line in their place says how many. Guarded
-    by its session's lock; `changed` wakes /log?follow readers.
+    """Every event of a run, for /log and /export, in at most `budget`
+    bytes. Past the budget, progress events are thinned first (every other
+    one, the newest kept); then log lines from the middle of the run go,
+    and a `warning` line in their place says how many. Guarded by its
+    session's lock; `changed` wakes /log?follow readers.
 
-    Each line has a sequence number, which only goes up; a reader keeps the
+    An event is kept as the history holds it, the same (id, name, chunk)
+    tuple, so an event that is in both costs its bytes once and adding one
+    costs an append; its /export line is made when it is read. A marker of
+    lines dropped is kept as its /export line.
+
+    Each item has a sequence number, which only goes up; a reader keeps the
     number it reads from next, not a place in the list, because thinning
-    removes lines before that place. The marker for lines dropped takes the
-    number of the last line it stands for, so a reader that had not reached
-    them reads it."""
+    removes items before that place. The marker takes the number of the
+    last item it stands for, so a reader that had not reached them reads
+    it."""
 
     def __init__(self, budget_bytes, lock):
         self.budget = budget_bytes
-        self.items = []            # (sequence, line): line is the event's /export JSON line
-        self.end = 0               # the sequence number of the next line
+        self.items = []            # (sequence, held event tuple, or a marker's export line)
+        self.end = 0               # the sequence number of the next item
         self.size = 0
         self.dropped_logs = 0
         self.changed = threading.Condition(lock)
 
-    def add(self, event):
-        line = _export_line(event.id, event.name, event.json)
-        self.items.append((self.end, line))
+    def add(self, held):
+        self.items.append((self.end, held))
         self.end += 1
-        self.size += len(line) + RECORD_ITEM_OVERHEAD
+        self.size += len(held[2]) + RECORD_ITEM_OVERHEAD
         if self.size > self.budget:
             self._shrink()
         self.changed.notify_all()
 
     def _shrink(self):
-        progress = [i for i, item in enumerate(self.items[:-1]) if _is_progress_line(item[1])]
+        progress = [i for i, (_, kept) in enumerate(self.items[:-1])
+                    if type(kept) is tuple and kept[1] == "progress"]
         if len(progress) >= 2:
             drop = set(progress[-2::-2])      # every other one, never the newest
             self.items = [item for i, item in enumerate(self.items) if i not in drop]
         else:
             self._drop_middle_logs()
-        self.size = sum(len(item[1]) + RECORD_ITEM_OVERHEAD for item in self.items)
+        self.size = sum(len(kept[2] if type(kept) is tuple else kept) + RECORD_ITEM_OVERHEAD
+                        for _, kept in self.items)
 
     def _drop_middle_logs(self):
         """Drop a quarter of the items from the middle; one marker stands for
@@ -511,19 +515,19 @@ class _Record:
         if stop - start < 1:
             return
         gone = self.items[start:stop]
-        self.dropped_logs += sum(1 for _, line in gone
-                                 if _is_log_line(line) and not line.startswith(MARKER_LINE))
+        self.dropped_logs += sum(1 for _, kept in gone if type(kept) is tuple and kept[1] == "log")
+        first = _export_line_of(gone[0][1])
         marker = _export_line(None, "log", json_line({
             "message": "%d log lines dropped here: the run's record is over --max-record-mb "
                        "(the server's memory limit for it)" % self.dropped_logs,
             "level": "warning",
-            "ts": json.loads(gone[0][1].decode())["data"].get("ts", time.time())}).encode())
+            "ts": json.loads(first.decode())["data"].get("ts", time.time())}).encode())
         self.items[start:stop] = [(gone[-1][0], marker)]
 
     def lines_after(self, position):
         """(the export lines numbered `position` on, the next position)."""
         start = _first_after(self.items, position - 1)
-        return [item[1] for item in self.items[start:]], self.end
+        return [_export_line_of(kept) for _, kept in self.items[start:]], self.end
 
 
 def _log_text_line(record):
@@ -678,10 +682,11 @@ class _Session:
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
+        held = event.held()
         if self._history_bytes is None:
-            self._history.append(event.held())
+            self._history.append(held)
         else:
-            self._hold_within_bytes(event)
+            self._hold_within_bytes(held)
         self.last_id = event.id
         if event.name == "queued":
             pass      # its place in the queue: not a progress field, not a point
@@ -691,16 +696,16 @@ class _Session:
         else:
             self.series.last_id = event.id
         if record and self.record is not None:
-            self.record.add(event)
+            self.record.add(held)
 
-    def _hold_within_bytes(self, event):
+    def _hold_within_bytes(self, held):
         """Hold the event, then drop the oldest past `history_bytes`; the
         newest stays whatever its size."""
         history = self._history
         if len(history) == history.maxlen:
             self._held_bytes -= len(history[0][2])     # the append drops it
-        history.append(event.held())
-        self._held_bytes += len(event.chunk)
+        history.append(held)
+        self._held_bytes += len(held[2])
         while self._held_bytes > self._history_bytes and len(history) > 1:
             self._held_bytes -= len(history.popleft()[2])
 
@@ -785,6 +790,11 @@ class _Session:
         """Up to `limit` held events with an id above `event_id`, oldest first.
         Events that fell out of the history are skipped: for a lagging reader,
         the oldest are dropped first and the terminal one never is."""
+        return [_Event.from_held(event) for event in self.held_after(event_id, limit)]
+
+    def held_after(self, event_id, limit):
+        """events_after's events as the history holds them, (id, name,
+        chunk): what the stream writer sends, with nothing made per event."""
         with self._lock:
             history = self._history            # held events: (id, name, chunk)
             if not history:
@@ -794,8 +804,7 @@ class _Session:
                     or start >= len(history) and history[-1][0] > event_id:
                 start = _first_after(history, event_id)   # ids with a gap: see _first_after
             stop = min(len(history), start + limit)
-            held = [history[i] for i in range(start, stop)]
-        return [_Event.from_held(event) for event in held]
+            return [history[i] for i in range(start, stop)]
 
     def resume_after(self, last_event_id):
         """The id after which a client's stream starts, or None when it holds
@@ -1155,10 +1164,15 @@ class _RunsFeed:
         self._thread = supervisor.spawn("runs feed", self._run)
 
     def touch(self, session):
-        """A run published an event (any thread, never blocks)."""
+        """A run published an event (any thread, never blocks). A run already
+        marked changed costs one look-up: the thread describes it as it is
+        when it publishes, so this event is in what it tells."""
+        if session.id in self._changed:
+            return
         with self._lock:
             self._changed[session.id] = session
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def forget(self, session):
         """A run has expired: the panel drops it."""
@@ -1282,8 +1296,12 @@ class _Connection:
         self.tls = _is_tls(sock)
         self.tls_wants_read = False  # a TLS send waits for the peer's bytes, not for room
 
-    def frames(self, events):
-        return b"".join(e.chunk if self.chunked else e.sse for e in events)
+    def frames(self, held):
+        """Held events' bytes for this stream: their chunks, or for HTTP/1.0
+        their SSE bytes."""
+        if self.chunked:
+            return b"".join([event[2] for event in held])
+        return b"".join([_Event.from_held(event).sse for event in held])
 
     def keepalive_frame(self):
         return _encode_chunk(KEEPALIVE) if self.chunked else KEEPALIVE
@@ -1433,6 +1451,7 @@ class _StreamHub:
         self.broken = None                   # why the writer stopped taking streams, if it did
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
+        self._last_events_turn = 0.0         # when a turn last wrote events (see _turn)
         self._by_session = {}                # session -> {subscriber: None}
         self._timers = _Timers()
         self._stopping = False
@@ -1513,16 +1532,30 @@ class _StreamHub:
         self._close_everything()
 
     def _turn(self):
-        """One wait and what it found: inbox work, ready sockets, due timers."""
+        """One wait and what it found: inbox work, ready sockets, due timers.
+
+        Each turn that finds events costs a wake-up, and each wake-up three
+        hand-offs of the interpreter's lock (the publisher's wake-up byte,
+        the select, its recv) between threads that all want it. When events
+        come faster than WRITER_GATHER_S apart (hundreds of runs at once),
+        the writer lets them gather that long before its next turn: a turn
+        then writes several, and a publisher whose event finds the writer
+        not yet taken wakes nobody. An event that comes alone is written at
+        once."""
         for key, mask in self._selector.select(0 if self._work else self._timers.delay()):
             if key.data is None:
                 self._drain_inbox()
             else:
                 self._serving = key.data
                 self._on_ready(key.data, mask)
-        self._do_work()
+        wrote = self._do_work()
         self._run_timers()
         self._serving = None
+        if wrote:
+            now = time.monotonic()
+            if now - self._last_events_turn < WRITER_GATHER_S:
+                time.sleep(WRITER_GATHER_S)
+            self._last_events_turn = now
 
     def _survive(self, failures):
         """The writer met an exception nobody expected (a bug, a selector
@@ -1552,16 +1585,19 @@ class _StreamHub:
 
     def _do_work(self):
         """Inbox items, one at a time: if one fails, the rest stay for the
-        next turn."""
+        next turn. True when it wrote a run's new events."""
+        wrote = False
         while self._work:
             kind, value = self._work.popleft()
             self._serving = value if isinstance(value, _Connection) else None
             if kind == "events":
+                wrote = True
                 self._write_new_events(value)
             elif kind == "attach":
                 self._add(value)
             elif kind == "park":
                 self._keep_parked(value)
+        return wrote
 
     def _add(self, sub):
         self._by_session.setdefault(sub.session, {})[sub] = None
@@ -1579,8 +1615,8 @@ class _StreamHub:
                 continue
             key = (sub.cursor, sub.chunked)
             if key not in batches:
-                events = session.events_after(sub.cursor, CATCH_UP_BATCH)
-                batches[key] = (sub.frames(events), events[-1].id if events else sub.cursor)
+                held = session.held_after(sub.cursor, CATCH_UP_BATCH)
+                batches[key] = (sub.frames(held), held[-1][0] if held else sub.cursor)
             sub.pending, sub.cursor = batches[key]
             self._flush(sub)
 
@@ -1592,10 +1628,10 @@ class _StreamHub:
             if not sub.pending:
                 if sub.cursor >= sub.session.last_id:
                     break   # caught up; a later event comes with a notify
-                events = sub.session.events_after(sub.cursor, CATCH_UP_BATCH)
-                if not events:
+                held = sub.session.held_after(sub.cursor, CATCH_UP_BATCH)
+                if not held:
                     break
-                sub.pending, sub.cursor = sub.frames(events), events[-1].id
+                sub.pending, sub.cursor = sub.frames(held), held[-1][0]
             if not self._send(sub):
                 return
         if not sub.closed and not sub.idle and sub.has_terminal():
@@ -5438,6 +5474,23 @@ def _install_stop_signals(on_exit_now=lambda: None):
 
 
 UNLIMITED_FILES_TARGET = 65536    # the soft limit asked for when the hard one is unlimited
+GC_THRESHOLDS = (20000, 20, 100)  # the collector's, in a served process (CPython: 700 or 2000, 10, 10)
+
+
+def _tune_garbage_collector():
+    """Fewer, cheaper collections for a process that serves. Hundreds of runs
+    at once allocate some 50,000 objects a second (each event's data, its
+    encoding, its place in the history); with CPython's thresholds that is
+    70 young collections a second and a full one every few seconds, and a
+    full one stops every thread, streams included, for tens to hundreds of
+    milliseconds (bench/load.py's sessions p99 went from hundreds of ms to
+    tens with this). What start-up made (modules, the page) is frozen out
+    of every collection. Only serve() does this: it owns its process; an
+    application that embeds make_server() keeps its own settings."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 
 
 def _raise_open_file_limit():
@@ -5477,6 +5530,7 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     if server.access is None and not _is_loopback(server.server_address[0]):
         log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
                     server.url)
+    _tune_garbage_collector()
     requested, restore = _install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     if server.access is not None:

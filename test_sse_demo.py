@@ -5391,3 +5391,16 @@ def test_browser_shows_every_state_a_run_goes_through(browser, make, jobs):
     text = shows("failed", "Failed")
     assert "the build broke" in browser.evaluate("document.body.innerText"), text
     assert browser.problems() == []
+
+
+def test_many_runs_at_once_each_stream_gets_every_event_in_order(make):
+    """Thirty runs at 200 events/s each: the writer lets events gather
+    between its turns (WRITER_GATHER_S) and each turn writes several; every
+    stream still gets every event once, in order, and its terminal one."""
+    srv = make()
+    sids = [start_run(srv, iterations=100, tick=0.005, update_every=1) for _ in range(30)]
+    streams = [watch(srv, sid) for sid in sids]
+    for stream in streams:
+        events = stream.events()
+        assert ids(events) == list(range(1, 102)) and names(events)[-1] == "complete"
+        stream.close()
