@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from harness import (PUSHPIN_TOKEN, Browser, Proxy, Running, find_browser, free_port, need,
-                     readme_block, start_pushpin, stop_process, wait_for_port)
+from harness import (PATH_TOKEN, PUSHPIN_TOKEN, Browser, Proxy, Running, find_browser, free_port,
+                     need, readme_block, start_pushpin, stop_process, wait_for_port)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,51 @@ http {
 
 
 @pytest.fixture(scope="module")
+def nginx_under_a_path(tmp_path_factory):
+    """A real nginx with the README's `location /jobs/` block, logging every
+    request it takes, in front of a server that asks for a token:
+    (proxy, upstream, the access log's path)."""
+    executable = need("nginx", shutil.which("nginx") or
+                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
+    tmp_path = tmp_path_factory.mktemp("nginx-path")
+    upstream = Running(keepalive_s=0.3, token=PATH_TOKEN)
+    port = free_port()
+    block = readme_block("nginx", "location /jobs/").replace(
+        "127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "nginx.conf").write_text("""
+daemon off;
+master_process off;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 256; }
+http {
+    log_format requests "$request_method $request_uri $status";
+    access_log %(dir)s/access.log requests;
+    client_body_temp_path %(dir)s/client_body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / { return 404; }
+        %(block)s
+    }
+}
+""" % {"dir": tmp_path, "port": port, "block": block})
+    proc = subprocess.Popen([executable, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+        yield Proxy(port), upstream, str(tmp_path / "access.log")
+    finally:
+        stop_process(proc)
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
 def pushpin(tmp_path_factory):
     """Pushpin with the README's configuration, one per test module."""
     proxy, upstream = start_pushpin(str(tmp_path_factory.mktemp("pushpin")))
@@ -141,7 +186,8 @@ def fresh_pushpin(tmp_path):
 # Markers: tests that need a real browser or a real proxy
 ###############################################################################
 
-REAL_PARTS = {"browser": "browser", "nginx": "proxy", "pushpin": "proxy", "fresh_pushpin": "proxy",
+REAL_PARTS = {"browser": "browser", "nginx": "proxy", "nginx_under_a_path": "proxy",
+              "pushpin": "proxy", "fresh_pushpin": "proxy",
               "pushpin_with_token": "proxy"}
 
 

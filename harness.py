@@ -757,3 +757,4 @@ def start_pushpin(folder, token=None):
 
 
 PUSHPIN_TOKEN = "the-operators-token-behind-pushpin"
+PATH_TOKEN = "the-operators-token-under-a-path"

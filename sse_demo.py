@@ -4060,6 +4060,7 @@ LOCKOUT_S = 60.0
 SECRET_IN_URL = re.compile(r"\b(token|view|feed)=[^&\s\"]*")
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
+FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
 
 
 class _Access:
@@ -4408,13 +4409,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return access.holds_token(_cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
 
     def sign_in(self):
-        """The token was right: set the cookie and send the browser to /, so
-        the token leaves the address bar and the history."""
+        """The token was right: set the cookie and send the browser to the
+        page (/, or behind a proxy under a path, that path), so the token
+        leaves the address bar and the history."""
         self.send_body(303, b"", None, {
-            "Location": "/", "Cache-Control": "no-store",
+            "Location": self.forwarded_prefix() + "/", "Cache-Control": "no-store",
             "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/%s"
                           % (TOKEN_COOKIE, self.server.access.token,
                              "; Secure" if self.server.tls else "")})
+
+    def forwarded_prefix(self):
+        """The path a reverse proxy serves this server under, from its
+        X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
+        /jobs;`), or "". Only a plain path is taken: a redirect built from
+        it stays on this site, whoever sent the header."""
+        prefix = (self.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
+        return prefix if FORWARDED_PREFIX.fullmatch(prefix) else ""
 
     def send_sign_in_page(self):
         """401 with the page: it finds /job refused and offers a sign-in form."""

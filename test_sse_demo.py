@@ -30,8 +30,8 @@ import time
 import pytest
 
 import sse_demo
-from harness import (FAST, HERE, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream, cancel,
-                     control_key, free_port, get_json, ids, names, page_url, parse_head,
+from harness import (FAST, HERE, PATH_TOKEN, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream,
+                     cancel, control_key, free_port, get_json, ids, names, page_url, parse_head,
                      png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
                      start_run, status_of, stop_process, thread_count, wait_for, watch)
 
@@ -4235,7 +4235,7 @@ def test_browser_log_shows_ansi_colours_and_html_as_text_and_filters(browser, ma
     browser.wait_for("document.querySelectorAll('#log li').length === 1")
     assert browser.log_lines()[0].endswith("warning disk almost full")
     assert browser.element("download-log", "getAttribute('href')") == \
-        "/log/" + browser.evaluate("sessionId")
+        "log/" + browser.evaluate("sessionId")             # relative: see "Under a path"
     assert browser.problems() == []
 
 
@@ -5404,3 +5404,52 @@ def test_many_runs_at_once_each_stream_gets_every_event_in_order(make):
         events = stream.events()
         assert ids(events) == list(range(1, 102)) and names(events)[-1] == "complete"
         stream.close()
+
+
+###############################################################################
+# Under a path behind nginx: /jobs/
+###############################################################################
+
+def requests_outside(access_log, prefix="/jobs/"):
+    with open(access_log) as f:
+        return [line for line in f if not line.split()[1].startswith(prefix)]
+
+
+def test_browser_under_a_path_behind_nginx_never_leaves_it(browser, nginx_under_a_path):
+    """Sign in, start, stream, the runs list, cancel, a download and a watch
+    link, all through the README's `location /jobs/` block: every request
+    nginx took stayed under /jobs/."""
+    proxy, upstream, access_log = nginx_under_a_path
+    base = "http://127.0.0.1:%d/jobs/" % proxy.port
+    browser.call("Page.navigate", url=base + "?token=" + PATH_TOKEN)
+    browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
+    assert browser.evaluate("location.href") == base          # signed in, back under the path
+    start_in_page(browser, iterations=3, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'complete'")
+    sid = browser.evaluate("sessionId")
+    browser.wait_for("document.querySelectorAll('#runs li').length >= 1")   # /runs, its stream
+    log_href = browser.element("download-log", "href")
+    assert log_href.startswith(base + "log/" + sid)
+    text = browser.evaluate("fetch(%s).then(r => r.status + ' ' + r.headers.get('content-type'))"
+                            % json.dumps(log_href))
+    assert text == "200 text/plain; charset=utf-8"
+    start_in_page(browser, iterations=2000, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live' && seenId > 1")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    browser.evaluate("copyWatchLink()")
+    note = browser.wait_for("document.getElementById('link-note').textContent")
+    assert base + "?view=" in note and "#session=" in note
+    assert browser.problems() == []
+    outside = requests_outside(access_log)
+    assert outside == [], outside
+
+
+def test_sign_in_goes_back_under_the_proxys_path_and_nowhere_else(make):
+    srv = make(token=TOKEN)
+    for prefix, back in [("/jobs", "/jobs/"), ("/jobs/", "/jobs/"), ("/a/b.c_d-e", "/a/b.c_d-e/"),
+                         ("//evil.example", "/"), ("https://evil.example", "/"),
+                         ("/jobs\\evil", "/")]:
+        status, headers, _ = request(srv, "GET", "/?token=" + TOKEN,
+                                     headers={"X-Forwarded-Prefix": prefix})
+        assert (status, headers["Location"]) == (303, back), prefix
