@@ -4768,18 +4768,21 @@ class _RunAddress:
     """Where a run is: the server's base URL, the run's id, and the
     credential to send (the operator's token, or a watch link's view key).
     Takes a watch link (`http://host:5000/#session=ID`, with `?view=KEY`
-    behind a token), a `/progress/<id>` URL, or the server's URL and `run`."""
+    behind a token), a `/progress/<id>` URL, or the server's URL and `run`.
+    A server under a path behind a proxy (`https://site/jobs/#session=ID`)
+    keeps that path before every request's."""
 
     def __init__(self, url, run=None, token=None, cafile=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _WatchError("%r is not an http:// or https:// URL" % url)
-        self.base = "%s://%s" % (parts.scheme, parts.netloc)
+        found = re.fullmatch(r"(.*)/(?:progress|status)/(%s)" % SESSION_ID_PATTERN, parts.path)
+        self.prefix = (found.group(1) if found else parts.path).rstrip("/")
+        self.base = "%s://%s%s" % (parts.scheme, parts.netloc, self.prefix)
         self.view = _parse_query(parts.query).get("view")
         self.token = token
-        found = re.fullmatch(r"/(?:progress|status)/(%s)" % SESSION_ID_PATTERN, parts.path)
         fragment = re.fullmatch(r"session=(%s)" % SESSION_ID_PATTERN, parts.fragment)
-        self.run = run or (found.group(1) if found else fragment.group(1) if fragment else None)
+        self.run = run or (found.group(2) if found else fragment.group(1) if fragment else None)
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.context = None
         if parts.scheme == "https":
@@ -4794,7 +4797,7 @@ class _RunAddress:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def path(self, path):
-        return path + ("?view=" + urllib.parse.quote(self.view) if self.view else "")
+        return self.prefix + path + ("?view=" + urllib.parse.quote(self.view) if self.view else "")
 
     def headers(self, extra=None):
         headers = {"Accept": "text/event-stream"}

@@ -5453,3 +5453,19 @@ def test_sign_in_goes_back_under_the_proxys_path_and_nowhere_else(make):
         status, headers, _ = request(srv, "GET", "/?token=" + TOKEN,
                                      headers={"X-Forwarded-Prefix": prefix})
         assert (status, headers["Location"]) == (303, back), prefix
+
+
+def test_terminal_client_starts_and_watches_under_the_path(nginx_under_a_path, clients):
+    """`start` and `watch` through the same /jobs/ block: the run's link and
+    every request keep the path."""
+    proxy, upstream, access_log = nginx_under_a_path
+    base = "http://127.0.0.1:%d/jobs/" % proxy.port
+    starter = clients("start", base, "--param", "iterations=3", "--param", "tick=0.02",
+                      "--token", PATH_TOKEN)
+    status, out, err = starter.finish()
+    assert status == 0, err
+    link = re.search(r"watch:\s+(\S+)", out).group(1)
+    assert link.startswith(base + "?view=") and "#session=" in link
+    status, out, err = clients("watch", link).finish()
+    assert status == 0 and out.splitlines()[-1] == "complete", err
+    assert requests_outside(access_log) == []
