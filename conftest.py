@@ -63,62 +63,7 @@ def browser():
         assert driver.proc.poll() is not None      # closed and reaped
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory):
-    """A real nginx with the README's location block, in front of a server;
-    one per test module."""
-    executable = need("nginx", shutil.which("nginx") or
-                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
-    tmp_path = tmp_path_factory.mktemp("nginx")
-    upstream = Running(keepalive_s=0.3)
-    port = free_port()
-    block = readme_block("nginx").replace("127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
-    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "nginx.conf").write_text("""
-daemon off;
-master_process off;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log warn;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path %(dir)s/client_body;
-    proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fastcgi;
-    uwsgi_temp_path %(dir)s/uwsgi;
-    scgi_temp_path %(dir)s/scgi;
-    server {
-        listen 127.0.0.1:%(port)d;
-        %(block)s
-    }
-}
-""" % {"dir": tmp_path, "port": port, "block": block})
-    proc = subprocess.Popen([executable, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, proc)
-        yield Proxy(port), upstream
-    finally:
-        stop_process(proc)
-        upstream.stop()
-
-
-@pytest.fixture(scope="module")
-def nginx_under_a_path(tmp_path_factory):
-    """A real nginx with the README's `location /jobs/` block, logging every
-    request it takes, in front of a server that asks for a token:
-    (proxy, upstream, the access log's path)."""
-    executable = need("nginx", shutil.which("nginx") or
-                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
-    tmp_path = tmp_path_factory.mktemp("nginx-path")
-    upstream = Running(keepalive_s=0.3, token=PATH_TOKEN)
-    port = free_port()
-    block = readme_block("nginx", "location /jobs/").replace(
-        "127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)
-    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "nginx.conf").write_text("""
+NGINX_CONF = """
 daemon off;
 master_process off;
 pid %(dir)s/nginx.pid;
@@ -134,15 +79,66 @@ http {
     scgi_temp_path %(dir)s/scgi;
     server {
         listen 127.0.0.1:%(port)d;
-        location / { return 404; }
-        %(block)s
+        %(blocks)s
     }
 }
-""" % {"dir": tmp_path, "port": port, "block": block})
+"""
+
+
+def start_nginx(tmp_path, upstream, blocks):
+    """A real nginx in `tmp_path` with the README's `blocks` (their upstream
+    made `upstream`'s port), logging each request to access.log: (its
+    process, its port)."""
+    executable = need("nginx", shutil.which("nginx") or
+                      (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx"))
+    port = free_port()
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "nginx.conf").write_text(NGINX_CONF % {
+        "dir": tmp_path, "port": port,
+        "blocks": blocks.replace("127.0.0.1:5000", "127.0.0.1:%d" % upstream.port)})
     proc = subprocess.Popen([executable, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port, proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory):
+    """A real nginx with the README's location block, in front of a server;
+    one per test module."""
+    upstream = Running(keepalive_s=0.3)
+    try:
+        proc, port = start_nginx(tmp_path_factory.mktemp("nginx"), upstream,
+                                 readme_block("nginx"))
+    except BaseException:
+        upstream.stop()
+        raise
+    try:
+        yield Proxy(port), upstream
+    finally:
+        stop_process(proc)
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_under_a_path(tmp_path_factory):
+    """A real nginx with the README's `location /jobs/` block (and nothing
+    else at /), in front of a server that asks for a token: (proxy,
+    upstream, the access log's path)."""
+    tmp_path = tmp_path_factory.mktemp("nginx-path")
+    upstream = Running(keepalive_s=0.3, token=PATH_TOKEN)
+    try:
+        proc, port = start_nginx(tmp_path, upstream, "location / { return 404; }\n" +
+                                 readme_block("nginx", "location /jobs/"))
+    except BaseException:
+        upstream.stop()
+        raise
+    try:
         yield Proxy(port), upstream, str(tmp_path / "access.log")
     finally:
         stop_process(proc)

@@ -2687,7 +2687,9 @@ def test_cmd_flood_of_output_is_coalesced_and_others_keep_up(make, programs):
     reader.join(30)
     assert [name for _, name, _ in arrivals][-1] == "complete"
     assert len(arrivals) == 151
-    assert max(received - data["ts"] for received, _, data in arrivals) < 1.0   # kept up
+    # kept up: a stream starved by the flood would lag by the flood's whole
+    # length (seconds); the bound leaves room for a loaded CI lane
+    assert max(received - data["ts"] for received, _, data in arrivals) < 2.0
 
 
 ###############################################################################
