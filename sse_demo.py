@@ -66,6 +66,9 @@ Threads, and what each owns
   without blocking, sends keepalives, closes stuck readers, and resumes a
   parked connection in the HTTP server when its next request arrives. So an
   idle stream costs no thread, and an event no thread wake-up per viewer.
+  When events come faster than a millisecond apart (hundreds of runs at
+  once), it lets them gather that long between turns, so that one wake-up
+  writes several.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -83,6 +86,8 @@ Threads, and what each owns
 
 It binds to loopback. Off loopback it asks for a token (and serves HTTPS
 with ``--certfile``): see "Reach it from another machine" in the README.
+Served from the command line (``serve()``), it also sets the garbage
+collector to run less often (``_tune_garbage_collector``).
 """
 
 __version__ = "1.0.0"
