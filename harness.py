@@ -519,10 +519,20 @@ class Page:
             raise AssertionError("page script failed: %s" % result["exceptionDetails"])
         return result["result"].get("value")
 
+    # What Chromium answers when a navigation (a sign-in's redirect, say)
+    # replaces the page between two looks: the next look sees the new page.
+    NAVIGATING = ("Inspected target navigated or closed", "Execution context was destroyed",
+                  "Cannot find context with specified id")
+
     def wait_for(self, expression, timeout=TIMEOUT):
         deadline = time.monotonic() + timeout
         for _ in range(int(timeout / 0.05) + 1):
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except AssertionError as exc:
+                if not any(reason in str(exc) for reason in self.NAVIGATING):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
