@@ -4426,10 +4426,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def forwarded_prefix(self):
         """The path a reverse proxy serves this server under, from its
         X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
-        /jobs;`), or "". Only a plain path is taken: a redirect built from
-        it stays on this site, whoever sent the header."""
+        /jobs;`), else --base-path, else "". Only a plain path is taken: a
+        redirect built from it stays on this site, whoever sent the header."""
         prefix = (self.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
-        return prefix if FORWARDED_PREFIX.fullmatch(prefix) else ""
+        return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
 
     def send_sign_in_page(self):
         """401 with the page: it finds /job refused and offers a sign-in form."""
@@ -5163,7 +5163,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
                  session_ttl_s=DEFAULT_SESSION_TTL_S,
                  request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
-                 grip=None, grip_key=None, state_dir=None, trusted_proxies=(),
+                 grip=None, grip_key=None, state_dir=None, trusted_proxies=(), base_path="",
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
                  concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
                  notify_format="json"):
@@ -5200,6 +5200,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.grip = _GripPublisher(grip) if grip else None
         self.grip_key = grip_key
         self.trusted_proxies = frozenset(trusted_proxies)
+        self.base_path = base_path.rstrip("/")   # where a proxy serves it, if it cannot say
         if self.hub.max_streams < max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
                         "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
@@ -5655,6 +5656,9 @@ def _build_parser():
                    help="requests from this address come through your reverse proxy: the "
                         "lock-out counts the client it names last in X-Forwarded-For; "
                         "repeatable")
+    p.add_argument("--base-path", default="", metavar="PATH",
+                   help="the path a reverse proxy serves it under (/jobs), for a proxy that "
+                        "does not send X-Forwarded-Prefix: the sign-in returns there")
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
@@ -5713,6 +5717,8 @@ def _parse_args(argv):
         p.error("--title must not be empty")
     if not args.max_record_mb > 0:
         p.error("--max-record-mb must be above 0")
+    if not FORWARDED_PREFIX.fullmatch(args.base_path.rstrip("/")):
+        p.error("--base-path must be a plain path such as /jobs")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
     if (args.notify_key or args.notify_format != "json") and not args.notify:
@@ -5768,7 +5774,8 @@ def main(argv=None):
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
                  allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
-                 trusted_proxies=args.trusted_proxy, state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
+                 trusted_proxies=args.trusted_proxy, base_path=args.base_path,
+                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
                  max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
                  notify_format=args.notify_format)

@@ -5447,6 +5447,17 @@ def test_browser_under_a_path_behind_nginx_never_leaves_it(browser, nginx_under_
     assert outside == [], outside
 
 
+def test_base_path_is_where_the_sign_in_returns_when_the_proxy_does_not_say(make):
+    srv = make(token=TOKEN, base_path="/jobs/")
+    status, headers, _ = request(srv, "GET", "/?token=" + TOKEN)
+    assert (status, headers["Location"]) == (303, "/jobs/")
+    status, headers, _ = request(srv, "GET", "/?token=" + TOKEN,
+                                 headers={"X-Forwarded-Prefix": "/tools/jobs"})
+    assert headers["Location"] == "/tools/jobs/"              # what the proxy says wins
+    status, out, err = Cli("--base-path", "//evil.example").finish()
+    assert status == 2 and "--base-path must be a plain path" in err
+
+
 def test_sign_in_goes_back_under_the_proxys_path_and_nowhere_else(make):
     srv = make(token=TOKEN)
     for prefix, back in [("/jobs", "/jobs/"), ("/jobs/", "/jobs/"), ("/a/b.c_d-e", "/a/b.c_d-e/"),
