@@ -530,9 +530,12 @@ class _Record:
         self.items[start:stop] = [(gone[-1][0], marker)]
 
     def lines_after(self, position):
-        """(the export lines numbered `position` on, the next position)."""
-        start = _first_after(self.items, position - 1)
-        return [_export_line_of(kept) for _, kept in self.items[start:]], self.end
+        """(the export lines numbered `position` on, the next position). The
+        items are copied under the session's lock, and their lines made as
+        they are read, after it: a 16 MB record's lines are not made while
+        the run waits to publish."""
+        items = self.items[_first_after(self.items, position - 1):]
+        return (_export_line_of(kept) for _, kept in items), self.end
 
 
 def _log_text_line(record):
