@@ -93,7 +93,7 @@ collector to run less often (``_tune_garbage_collector``).
 __version__ = "1.0.0"
 __all__ = ["serve", "make_server", "main", "describe_job", "Cancelled", "BadParam",
            "function_job", "command_job", "SSEServer", "JobSpec", "Progress", "Bar",
-           "simulate_optimisation"]
+           "simulate_optimisation", "Reporter"]
 
 import argparse
 import base64
@@ -584,6 +584,7 @@ class _Session:
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
         self.view_key = secrets.token_urlsafe(TOKEN_BYTES)   # lets its holder watch this run
+        self.report_key = None        # a run reported from elsewhere: the key its reporter posts with
         self.title = title
         self.params = params
         self.cancel = threading.Event()
@@ -747,6 +748,11 @@ class _Session:
         return key is not None and hmac.compare_digest(key.encode("utf-8", "replace"),
                                                        self.control_key.encode())
 
+    def holds_report_key(self, key):
+        """Is `key` this reported run's report key? Compared in constant time."""
+        return key is not None and self.report_key is not None and hmac.compare_digest(
+            key.encode("utf-8", "replace"), self.report_key.encode())
+
     def holds_view_key(self, key):
         """Is `key` this run's view key? Compared in constant time."""
         return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
@@ -781,7 +787,8 @@ class _Session:
         with self._lock:
             data = dict(self._latest)     # the run's own names cannot hide the state
             data.update({"session_id": self.id, "state": self.state, "params": self.params,
-                         "position": self.position})
+                         "position": self.position, "title": self.title,
+                         "reported": self.report_key is not None})
         return data
 
     def summary(self):
@@ -792,6 +799,7 @@ class _Session:
                 "started_ts": self.started_ts, "ended_ts": self.ended_ts,
                 "iteration": latest.get("iteration"), "total": latest.get("total"),
                 "percent": latest.get("percent"), "params": self.params, "position": position,
+                "reported": self.report_key is not None,
                 "stream": "/progress/" + self.id, "status": "/status/" + self.id}
 
     def events_after(self, event_id, limit):
@@ -2947,9 +2955,10 @@ class _CommandOutput:
     slows other runs. Bars cost at most one event per read, and none when a
     redraw changed nothing but tqdm's clock."""
 
-    def __init__(self, session):
+    def __init__(self, session, echo=None):
         self._session = session
         self._progress = Progress(session)
+        self._echo = echo or {}           # stream name -> binary file it is also copied to
         self._lock = threading.Lock()     # guards _allowance, _refilled, _shown (two readers)
         self._allowance = OUTPUT_BURST_LINES
         self._refilled = time.monotonic()
@@ -2981,8 +2990,21 @@ class _CommandOutput:
             data = pipe.read1(OUTPUT_READ_BYTES)
             if not data:
                 break
-            self._take(screen, screen.feed(decoder.decode(data)), stream)
-        self._take(screen, screen.feed(decoder.decode(b"", final=True)) + screen.close(), stream)
+            self.take(screen, decoder, data, stream)
+        self.take(screen, decoder, b"", stream, final=True)
+
+    def take(self, screen, decoder, data, stream, final=False):
+        """Output read from `stream` (bytes; b"" and `final` at its end) as
+        events, through its `screen` and `decoder`; echoed when asked."""
+        echo = self._echo.get(stream)
+        if echo is not None and data:
+            try:
+                echo.write(data)
+                echo.flush()
+            except (OSError, ValueError):
+                self._echo.pop(stream, None)     # a closed terminal: events still go
+        lines = screen.feed(decoder.decode(data, final=final))
+        self._take(screen, lines + screen.close() if final else lines, stream)
 
     def _take(self, screen, lines, stream):
         self._publish_lines(lines, stream)
@@ -3065,11 +3087,11 @@ class _CommandOutput:
         self._session.publish("log", {"message": text, "level": level, "stream": stream})
 
 
-def _run_command(session, argv, values, kill_after_s, groups):
-    """The worker thread's body for --cmd: start the program in its own
-    process group, turn its output into events, stop it on cancel, and end
-    the run with exactly one terminal event from its exit status."""
-    command = _fill_command(argv, values)
+def _run_program(session, command, kill_after_s, groups, echo=None):
+    """Start the program in its own process group, turn its output into
+    events, stop it on cancel, and end the run with exactly one terminal
+    event from its exit status, which it returns (None when it did not
+    start). `session` may stand in for one (`sse_demo.py report`)."""
     try:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -3080,7 +3102,7 @@ def _run_command(session, argv, values, kill_after_s, groups):
         return _end_run(session, "error", {"message": "cannot run %s: %s" % (command[0],
                                                                              exc.strerror or exc)})
     groups.add(process.pid)
-    output = _CommandOutput(session)
+    output = _CommandOutput(session, echo)
     readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
                                 name="output-" + session.id[:8])
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
@@ -3095,8 +3117,9 @@ def _run_command(session, argv, values, kill_after_s, groups):
         groups.discard(process.pid)
         for pipe in (process.stdout, process.stderr):
             pipe.close()
-        return _end_run(session, "error", {"message": "the run could not start: %s"
-                                           % _describe_exception(exc)})
+        _end_run(session, "error", {"message": "the run could not start: %s"
+                                    % _describe_exception(exc)})
+        return None
     try:
         cancelled = _wait_or_cancel(process, session.cancel, kill_after_s)
     finally:
@@ -3109,9 +3132,15 @@ def _run_command(session, argv, values, kill_after_s, groups):
     elif process.returncode == 0:
         _end_run(session, "complete", {"result": {"exit_code": 0}})
     else:
-        _end_run(session, "error", {"message": _exit_message(_program_name(argv),
+        _end_run(session, "error", {"message": _exit_message(_program_name(command),
                                                              process.returncode,
                                                              output.stderr_tail)})
+    return process.returncode
+
+
+def _run_command(session, argv, values, kill_after_s, groups):
+    """The worker thread's body for --cmd: the template filled in, run."""
+    return _run_program(session, _fill_command(argv, values), kill_after_s, groups)
 
 
 def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
@@ -3250,7 +3279,7 @@ def _journal_header(session):
                        "session_id": session.id, "title": session.title,
                        "params": session.params, "started_ts": session.started_ts,
                        "view_key": session.view_key, "control_key": session.control_key,
-                       "queued": session.state == "queued"})
+                       "report_key": session.report_key, "queued": session.state == "queued"})
             + "\n").encode()
 
 
@@ -3353,6 +3382,12 @@ class _Journal:
         """A run's program started: written with the next flush."""
         self._items.append(("process", session, None))
 
+    def note_received(self, session, count):
+        """A reported run has taken `count` events in all (after them in the
+        file): a restart tells its reporter's next batch from one sent
+        again."""
+        self._items.append(("received", session, count))
+
     def reserve_ids(self, session, upto, wait):
         """Write `{"ids": upto}` to the run's file; once it is written to the
         operating system (a crash cannot lose it then), the run may publish
@@ -3420,6 +3455,8 @@ class _Journal:
                 elif kind == "process":
                     self._append(session.id, (json_line({"process": session.process})
                                               + "\n").encode())
+                elif kind == "received":
+                    self._append(session.id, b'{"received":%d}\n' % event)
                 elif kind == "event":
                     self._write_event(session.id, event, now)
                     if event.terminal:
@@ -3546,6 +3583,24 @@ class _JournalRecord:
         return _journal_export_lines(self.path, position), self.end
 
 
+class _ContinuedRecord(_Record):
+    """The record of a run that goes on after a restart (a reported run):
+    the `before` export lines its journal file held when read back, then
+    the events since, kept in memory and numbered on from there."""
+
+    def __init__(self, path, before, budget_bytes, lock):
+        super().__init__(budget_bytes, lock)
+        self.path, self.before = path, before
+        self.end = before
+
+    def lines_after(self, position):
+        newer, end = super().lines_after(position)
+        if position >= self.before:
+            return newer, end
+        return itertools.chain(itertools.islice(_journal_export_lines(self.path, position),
+                                                self.before - position), newer), end
+
+
 def _set_aside_damaged_tail(directory, name, good_bytes):
     """Move a run's file's bytes past `good_bytes` to its `.damaged` file."""
     path = _journal_path(directory, name)
@@ -3620,6 +3675,7 @@ def _read_journal_header(line):
 
 NOTES = {"process": lambda value: True,                   # --cmd: its program
          "running": lambda value: True,                   # it left the queue
+         "received": lambda value: type(value) is int,    # a reported run: events taken
          "ids": lambda value: type(value) is int}         # the id mark
 
 
@@ -3701,7 +3757,8 @@ def _interrupted_event(header, events, now):
 def _load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
     (id, name, data) events. A run that was waiting in the queue (it never
-    left it) still waits: its header says `"waiting": true`. Any other run
+    left it) still waits: its header says `"waiting": true`; a run reported
+    from elsewhere goes on: `"reported": true`. Any other run
     without its terminal event was interrupted: it gets an `error` event,
     written to its file so a second restart adds no other. Files past their TTL are deleted, with their
     `.damaged` tails. Damage never stops the server: a file is read up to
@@ -3733,7 +3790,10 @@ def _load_journal(directory, session_ttl_s):
             continue
         header["waiting"] = header.get("queued") is True and "running" not in header and \
             header["only_queued"]
-        interrupted = not header["waiting"] and (not events or events[-1][1] not in TERMINAL_STATES)
+        ended = bool(events) and events[-1][1] in TERMINAL_STATES
+        # A reported run goes on: its reporter, elsewhere, posts again.
+        header["reported"] = not ended and isinstance(header.get("report_key"), str)
+        interrupted = not header["waiting"] and not header["reported"] and not ended
         if interrupted:
             if _end_leftover_group(header.get("process")):
                 log.warning("run %s: its program still ran after the server stopped; "
@@ -3753,12 +3813,14 @@ def _load_journal(directory, session_ttl_s):
 def _session_read_back(header, events, path, on_publish):
     """A run rebuilt from its journal: its history and series from `events`
     (the last of them terminal), its record left on disk at `path`, and its
-    view key kept, so watch links outlive a restart."""
+    view key kept, so watch links outlive a restart (and a reported run's
+    report key: its reporter's late post hears that the run has ended)."""
     session = _Session(header["session_id"], header["title"], header["params"], on_publish,
                        lambda session: None)
     session.started_ts = header["started_ts"]
-    if isinstance(header.get("view_key"), str):
-        session.view_key = header["view_key"]
+    for name in ("view_key", "report_key"):
+        if isinstance(header.get(name), str):
+            setattr(session, name, header[name])
     session.record = _JournalRecord(path, header["lines"])
     session.replay(events)
     session.ids_may_pass_end = events[-1][1] == "error" and \
@@ -4138,6 +4200,247 @@ def _public_host(address):
 
 
 ###############################################################################
+# Runs reported from elsewhere: POST /runs and POST /runs/<id>/events
+###############################################################################
+
+# A run that another machine reports (`sse_demo.py report`, `Reporter`, or
+# curl): the server runs nothing for it; it takes the events the reporter
+# posts, checks them as it checks a job's, and serves them like any run's.
+
+DEFAULT_REPORT_TIMEOUT_S = 300.0   # a reported run that hears nothing this long ends `error`
+REPORT_WATCH_S = 0.5               # how often silent reporters are looked for
+REPORT_BODY_BYTES = 4 * 2 ** 20    # one batch of events (other requests: MAX_BODY_BYTES)
+REPORT_BATCH_EVENTS = 10000        # events in one batch
+REPORT_TITLE_LIMIT = 200           # characters of a reported run's title
+REPORTED_EVENTS = ("progress", "log", "complete", "error", "cancelled")
+REPORT_PATH = re.compile(r"/runs/(%s)/events" % SESSION_ID_PATTERN)
+
+
+class _BadReport(ValueError):
+    """A batch the server refuses: its reason, and the field, as
+    `events[3].done`."""
+
+    def __init__(self, field, message):
+        super().__init__("%s: %s" % (field, message))
+        self.field = field
+
+
+def _check_reported_number(field, value, may_be_none=False):
+    if value is None and may_be_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise _BadReport(field, "must be a finite number%s, not %s"
+                         % (" or null" if may_be_none else "", repr(value)[:40]))
+    return value
+
+
+def _reported_bars(field, bars):
+    """[label, done, total] levels from a batch's `bars`."""
+    if not isinstance(bars, list) or not bars:
+        raise _BadReport(field, "must be a non-empty list of {label, done, total}")
+    levels = []
+    for i, bar in enumerate(bars):
+        where = "%s[%d]" % (field, i)
+        if not isinstance(bar, dict):
+            raise _BadReport(where, "must be an object {label, done, total}")
+        label = bar.get("label")
+        if label is not None and not isinstance(label, str):
+            raise _BadReport(where + ".label", "must be a string")
+        levels.append([label, _check_reported_number(where + ".done", bar.get("done")),
+                       _check_reported_number(where + ".total", bar.get("total"), True)])
+    return levels
+
+
+def _reported_call(index, item):
+    """One event of a batch as the call that publishes it: (method name,
+    args, kwargs) on a `Progress`, or ("end", state, fields). Raises
+    BadReport naming the field."""
+    where = "events[%d]" % index
+    if not isinstance(item, dict):
+        raise _BadReport(where, "must be an object with an `event`")
+    name = item.get("event")
+    if name not in REPORTED_EVENTS:
+        raise _BadReport(where + ".event", "must be one of %s" % ", ".join(REPORTED_EVENTS))
+    fields = {k: v for k, v in item.items() if k != "event"}
+    if name == "progress":
+        stage = fields.pop("stage", None)
+        if stage is not None and not isinstance(stage, str):
+            raise _BadReport(where + ".stage", "must be a string")
+        done = fields.pop("done", fields.pop("iteration", None))
+        total = fields.pop("total", None)
+        bars = fields.pop("bars", None)
+        fields.pop("percent", None)      # made here, from done and total
+        clash = sorted(RESERVED_FIELDS.intersection(fields))
+        if clash:
+            raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
+        if bars is not None:
+            return "_report", (None,), dict(fields, stage=stage,
+                                             bars=_reported_bars(where + ".bars", bars))
+        return "_report", (_check_reported_number(where + ".done", done),
+                           _check_reported_number(where + ".total", total, True), stage), fields
+    if name == "log":
+        message, level = fields.pop("message", None), fields.pop("level", "info")
+        stream = fields.pop("stream", None)
+        if not isinstance(message, str):
+            raise _BadReport(where + ".message", "must be a string")
+        if level not in LOG_LEVELS:
+            raise _BadReport(where + ".level", "must be one of %s" % ", ".join(LOG_LEVELS))
+        if stream not in (None, "stdout", "stderr"):
+            raise _BadReport(where + ".stream", "must be stdout or stderr")
+        if fields:
+            raise _BadReport("%s.%s" % (where, sorted(fields)[0]), "is not a field of a log event")
+        return "log", (message, level), {"stream": stream} if stream else {}
+    if name == "error" and not isinstance(fields.get("message"), str):
+        raise _BadReport(where + ".message", "must be a string: what went wrong")
+    unknown = sorted(set(fields) - {"result", "message"})
+    if unknown:
+        raise _BadReport("%s.%s" % (where, unknown[0]), "is not a field of a %s event" % name)
+    return "end", (name,), fields
+
+
+def _parse_report(body):
+    """(seq or None, [call, ...]) from a POST /runs/<id>/events body:
+    {"seq": N, "events": [...]}, every event checked before any is taken.
+    Raises BadReport."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _BadReport("body", "not valid JSON: %s" % exc)
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        raise _BadReport("events", 'send {"events": [...]}: a list of events')
+    seq = data.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise _BadReport("seq", "must be a whole number: how many events came before")
+    items = data["events"]
+    if len(items) > REPORT_BATCH_EVENTS:
+        raise _BadReport("events", "at most %d in one batch" % REPORT_BATCH_EVENTS)
+    calls = [_reported_call(i, item) for i, item in enumerate(items)]
+    for i, call in enumerate(calls[:-1]):
+        if call[0] == "end":
+            raise _BadReport("events[%d]" % (i + 1), "comes after the run's end")
+    for i, call in enumerate(calls):
+        try:
+            json_line(call[2])
+        except (TypeError, ValueError) as exc:
+            raise _BadReport("events[%d]" % i, "not strict JSON: %s" % exc)
+    return seq, calls
+
+
+def _parse_open_report(body):
+    """(title, params) from a POST /runs body: {"title": "...", "params":
+    {...}}, both optional. Raises BadReport."""
+    if not body:
+        return None, {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _BadReport("body", "not valid JSON: %s" % exc)
+    if not isinstance(data, dict):
+        raise _BadReport("body", "must be a JSON object")
+    title, params = data.get("title"), data.get("params", {})
+    if title is not None and (not isinstance(title, str) or not title.strip()
+                              or len(title) > REPORT_TITLE_LIMIT):
+        raise _BadReport("title", "must be a string of 1 to %d characters" % REPORT_TITLE_LIMIT)
+    if not isinstance(params, dict) or any(
+            isinstance(v, (dict, list)) for v in params.values()):
+        raise _BadReport("params", "must be an object of plain values (shown with the run)")
+    return title, params
+
+
+class _Reported:
+    """What the server knows of one reported run besides its session: how
+    many events it has taken (a batch sent again after a lost answer is
+    not taken twice), when it last heard, and the `Progress` that turns
+    reported events into published ones."""
+
+    def __init__(self, session, timeout_s, received=None, on_received=None):
+        self.session = session
+        self.on_received = on_received   # the journal keeps the count
+        self.progress = Progress(session)
+        self.lock = threading.Lock()     # one batch at a time, in order
+        self.received = received         # None after a restart: the next batch says
+        self.timeout_s = timeout_s
+        self.heard = time.monotonic()
+
+    def take(self, seq, calls):
+        """Publish the batch's events that are new, in order. Returns how
+        many events the run has taken in all, or None when it has ended
+        and there were new ones (cancelled on the page, or silent too long)."""
+        with self.lock:
+            self.heard = time.monotonic()
+            if seq is not None and self.received is not None:
+                if seq > self.received:
+                    raise _HTTPError(409, "events are missing before this batch: the server "
+                                     "has %d, the batch starts at %d" % (self.received, seq))
+                calls = calls[self.received - seq:]
+            elif seq is not None:
+                self.received = seq
+            self.received = (self.received or 0) + len(calls)
+            if calls and self.session.terminal_id is not None:
+                return None
+            for method, args, kwargs in calls:
+                if method == "end":
+                    _end_run(self.session, args[0], kwargs)
+                else:
+                    getattr(self.progress, method)(*args, **kwargs)
+            if calls and self.on_received is not None:
+                self.on_received(self.session, self.received)
+            return self.received
+
+    def silent_for(self, now):
+        return now - self.heard
+
+
+class _ReportedRuns:
+    """Every reported run that goes on, and the thread that ends one whose
+    reporter has gone silent for --report-timeout."""
+
+    def __init__(self, timeout_s, on_received=None):
+        self.timeout_s = timeout_s
+        self.on_received = on_received
+        self._runs = {}                  # session id -> _Reported
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self, supervisor):
+        supervisor.spawn("reporter watch", self._run)
+
+    def add(self, session, received=None):
+        reported = _Reported(session, self.timeout_s, received, self.on_received)
+        with self._lock:
+            self._runs[session.id] = reported
+        return reported
+
+    def get(self, session_id):
+        with self._lock:
+            return self._runs.get(session_id)
+
+    def stop(self):
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(REPORT_WATCH_S):
+            self.end_silent(time.monotonic())
+
+    def forget(self, session):
+        with self._lock:
+            self._runs.pop(session.id, None)
+
+    def end_silent(self, now):
+        """End each run whose reporter has said nothing for its timeout."""
+        with self._lock:
+            silent = [reported for reported in self._runs.values()
+                      if reported.session.terminal_id is None
+                      and reported.silent_for(now) > reported.timeout_s]
+        for reported in silent:
+            log.warning("run %s: its reporter went silent", reported.session.id)
+            _end_run(reported.session, "error", {
+                "message": "the reporter went silent: nothing heard for %g s "
+                           "(--report-timeout)" % reported.timeout_s})
+
+
+###############################################################################
 # The HTTP handler
 ###############################################################################
 
@@ -4195,8 +4498,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/cancel/(%s)" % SESSION_ID_PATTERN), {"POST": "cancel"}),
         (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
         (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
-        (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs"}),
+        (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs", "POST": "open_reported"}),
         (re.compile(r"/runs/events"), {"GET": "runs_events"}),
+        (REPORT_PATH, {"POST": "report"}),
         (re.compile(r"/series/(%s)" % SESSION_ID_PATTERN), {"GET": "series", "HEAD": "series"}),
         (re.compile(r"/log/(%s)" % SESSION_ID_PATTERN), {"GET": "log"}),
         (re.compile(r"/export/(%s)" % SESSION_ID_PATTERN), {"GET": "export"}),
@@ -4300,7 +4604,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             method, args = self.route(path)
             if self.command == "POST":
                 self.check_origin()
-            self.body = self.read_body()
+            self.body = self.read_body(REPORT_BODY_BYTES if REPORT_PATH.fullmatch(path)
+                                       else MAX_BODY_BYTES)
             if self.command == "OPTIONS":
                 self.send_body(204, b"", None, {"Allow": self.allow})
             else:
@@ -4371,8 +4676,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return True
         if self.is_operator():
             return False
-        if path.startswith("/cancel/") and self.headers.get("Authorization"):
-            return False      # perhaps the run's control key: route_cancel decides
+        if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
+                self.headers.get("Authorization"):
+            return False      # perhaps the run's control or report key: the route decides
         view_key = given.get("view")
         if view_key is not None and self.viewer_admitted(path, view_key):
             return False
@@ -4450,8 +4756,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if origin.strip().lower() not in ("http://" + host, "https://" + host):
             raise _HTTPError(403, "cross-origin request from %r refused" % origin)
 
-    def read_body(self):
-        """The request body (at most MAX_BODY_BYTES), read under the request
+    def read_body(self, limit):
+        """The request body (at most `limit` bytes), read under the request
         deadline. No Content-Length means no body."""
         if self.headers.get("Transfer-Encoding"):
             raise _HTTPError(411, "send the body with a Content-Length, not chunked")
@@ -4462,8 +4768,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(set(lengths)) > 1 or not DECIMAL.fullmatch(lengths[0].strip()):
             raise _HTTPError(400, "Content-Length must be one non-negative integer")
         length = int(lengths[0])
-        if length > MAX_BODY_BYTES:
-            raise _HTTPError(413, "request body over %d bytes" % MAX_BODY_BYTES)
+        if length > limit:
+            raise _HTTPError(413, "request body over %d bytes" % limit)
         try:
             body = self.rfile.read(length)
         except socket.timeout:
@@ -4613,9 +4919,55 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if session.terminal_id is not None:
             raise _HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
-        if self.server.queue.withdraw(session):     # it never starts
-            _end_run(session, "cancelled", {})
+        if self.server.queue.withdraw(session) or session.report_key:
+            _end_run(session, "cancelled", {})   # it never starts, or runs elsewhere: the
+                                                  # reporter hears it in its next answer
         self.send_json(202, session.snapshot())
+
+    def route_open_reported(self, query):
+        """A run that another machine reports (see _ReportedRuns): its id and
+        keys; the report key posts its events, and nothing else."""
+        title, params = self.parse_report(_parse_open_report, may_be_empty=True)
+        session = self.server.open_reported_run(title, params)
+        sid = session.id
+        self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
+                             "cancel": "/cancel/" + sid, "status": "/status/" + sid,
+                             "events": "/runs/%s/events" % sid,
+                             "control_key": session.control_key, "view_key": session.view_key,
+                             "report_key": session.report_key,
+                             "report_timeout_s": self.server.reported.timeout_s},
+                       {"Location": "/status/" + sid})
+
+    def route_report(self, query, session_id):
+        """A batch of a reported run's events. The answer says whether the
+        run goes on: `cancel` is true once it was cancelled (409 when the
+        batch had new events for it)."""
+        session = self.find_session(session_id)
+        if not session.holds_report_key(_bearer_credential(self.headers.get("Authorization"))):
+            if self.server.access is not None:
+                self.server.access.failed(self.client_ip())
+            raise _HTTPError(403, "reporting a run's events takes its report key "
+                             "(Authorization: Bearer <report_key>)")
+        seq, calls = self.parse_report(_parse_report)
+        reported = self.server.reported.get(session_id) or self.server.reported.add(session)
+        received = reported.take(seq, calls)
+        answer = {"state": session.state, "cancel": session.state == "cancelled",
+                  "last_event_id": session.last_id}
+        if received is None:
+            self.send_json(409, dict(answer, error="the run has ended (%s)%s" % (
+                session.state, ": stop the job" if answer["cancel"] else "")))
+        else:
+            self.send_json(200, dict(answer, received=received))
+
+    def parse_report(self, parse, may_be_empty=False):
+        """A reporter's JSON body through `parse`; 400 naming the field."""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if (self.body or not may_be_empty) and ctype != "application/json":
+            raise _HTTPError(415, "send application/json")
+        try:
+            return parse(self.body)
+        except _BadReport as exc:
+            raise _HTTPError(400, str(exc), param=exc.field)
 
     def route_status(self, query, session_id):
         session = self.find_session(session_id)
@@ -5116,6 +5468,555 @@ def _client_main(argv):
 
 
 ###############################################################################
+# Reporting from elsewhere: `sse_demo.py report URL -- PROGRAM`, and Reporter
+###############################################################################
+
+# The other side of POST /runs: a program, a log file or a Python loop on
+# another machine, reported to a server. The same Progress and the same
+# reading of a program's output as a run the server starts publish into an
+# `_Outbox`, which stands in for the run's session and posts its events in
+# batches.
+
+REPORT_GATHER_S = 0.02             # a reporter lets events gather this long before a post
+REPORT_BUFFER_EVENTS = 100000      # events a reporter keeps while the server is away;
+                                   # past it, the oldest progress goes first (a warning says)
+REPORT_RETRY_S = (0.5, 30.0)       # a reporter's wait after a failed post: first, longest
+REPORT_FLUSH_S = 60.0              # at the end, how long a reporter tries to deliver the rest
+REPORT_HEARTBEAT_S = 2.0           # a quiet reporter posts an empty batch this often: it
+                                   # still lives, and hears a Cancel
+TAIL_POLL_S = 0.2                  # --tail: how often the file is looked at for more
+WIRE_SKIPPED = ("iteration", "total", "percent", "elapsed_s", "ts")   # the server makes these
+
+
+def _wire_event(name, data):
+    """A published event, as Progress and a program's output make it, as an
+    item of a batch (see _reported_call): the server makes the stamps, the
+    percent and a terminal event's progress fields again."""
+    if name == "progress":
+        item = {k: v for k, v in data.items() if k not in WIRE_SKIPPED}
+        if "bars" not in data:
+            item.update(done=data.get("iteration"), total=data.get("total"))
+    elif name == "log":
+        item = {k: v for k, v in data.items() if k in ("message", "level", "stream")}
+    else:
+        item = {k: v for k, v in data.items() if k in ("message", "result")}
+    item["event"] = name
+    return item
+
+
+class _ReportRefused(Exception):
+    """The server will take no more of this run's events (it ended, is
+    unknown there, or the key is refused): reporting stops."""
+
+
+class _BatchRefused(Exception):
+    """The server refused one batch (400, naming the field): it is dropped,
+    with a warning, and the next goes."""
+
+
+class _Outbox:
+    """Stands in for a run's session on the reporting side: `Progress` and
+    `_CommandOutput` publish into it as into a run (publish, cancel,
+    latest_fields...), and its thread posts what they publish, in order, in
+    batches, to the run it opened with POST /runs. A post that fails is
+    sent again, with the same `seq`, so the server never takes an event
+    twice; meanwhile events wait, at most REPORT_BUFFER_EVENTS."""
+
+    def __init__(self, address, title, params=None):
+        self.address = address
+        self.title, self.params = title, params or {}
+        self.id = self.report_key = self.view_key = None
+        self.heartbeat_s = REPORT_HEARTBEAT_S
+        self.cancel = threading.Event()   # the server says the run was cancelled
+        self.stop_reason = None
+        self._latest = {}
+        self._changed = threading.Condition()   # guards everything below
+        self._items = collections.deque()       # batch items not yet posted
+        self._sent = 0                          # items the server has taken
+        self._ended = False                     # a terminal event was published
+        self._done = False                      # the thread has stopped
+        self._dropped = 0
+        self._thread = None
+        self._connection = None
+
+    # -- what Progress and _CommandOutput call, as on a session ---------------
+
+    def publish(self, name, data):
+        item = _wire_event(name, data)
+        json_line(item)        # not strict JSON: TypeError here, as a job's publish raises
+        with self._changed:
+            if self._ended or self._done:
+                return None
+            if name != "log":
+                self._latest = data
+            if len(self._items) >= REPORT_BUFFER_EVENTS:
+                self._drop_oldest()
+            self._items.append(item)
+            self._ended = name in TERMINAL_STATES
+            self._changed.notify()
+        return item
+
+    def latest_fields(self):
+        with self._changed:
+            return _lasting_fields(self._latest)
+
+    def note_process(self, identity):
+        pass
+
+    # -- opening, closing ------------------------------------------------------
+
+    def open(self):
+        """POST /runs. Raises WatchError when the server refuses (a wrong
+        token); a server that cannot be reached yet is tried again by the
+        thread, and the events wait."""
+        try:
+            self._open()
+        except _WatchError as exc:
+            if "cannot reach" not in str(exc):
+                raise
+            log.warning("sse_demo report: %s; trying again, the events wait", exc)
+        self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+        self._thread.start()
+
+    def _open(self):
+        body = json_line({"title": self.title, "params": self.params}).encode()
+        status, answer = self.address.request("POST", "/runs", body, "application/json")
+        if status != 201 or not isinstance(answer, dict):
+            reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
+            raise _WatchError("the server did not open a run: %s" % reason)
+        self.id, self.report_key = answer["session_id"], answer["report_key"]
+        self.view_key = answer.get("view_key")
+        self.heartbeat_s = min(REPORT_HEARTBEAT_S, answer.get("report_timeout_s", 300) / 3)
+        self.address.run = self.id
+        log.warning("sse_demo report: run %s\n  watch:  %s\n  cancel: curl -X POST -H "
+                    "'Authorization: Bearer %s' %s/cancel/%s", self.id, self.watch_url(),
+                    answer["control_key"], self.address.base, self.id)
+
+    def watch_url(self):
+        view = "?view=" + self.view_key if self.address.token and self.view_key else ""
+        return "%s/%s#session=%s" % (self.address.base, view, self.id)
+
+    def close(self, timeout=None):
+        """Wait until every event is posted, at most `timeout` seconds
+        (REPORT_FLUSH_S); True if they were. Then the thread stops."""
+        deadline = time.monotonic() + (REPORT_FLUSH_S if timeout is None else timeout)
+        with self._changed:
+            self._ended = True
+            self._changed.notify()
+            while not self._done and (self._items or self._sent_pending) and \
+                    time.monotonic() < deadline:
+                self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            left, self._done = len(self._items), True
+            self._changed.notify()
+        if left:
+            log.warning("sse_demo report: %d events could not be delivered to %s",
+                        left, self.address.base)
+        return not left
+
+    _sent_pending = False       # a batch is out, its answer not yet read
+
+    def _drop_oldest(self):
+        """The buffer is full: drop its oldest progress event (or line)."""
+        for i, item in enumerate(self._items):
+            if item["event"] == "progress":
+                del self._items[i]
+                break
+        else:
+            self._items.popleft()
+        self._dropped += 1
+        if self._dropped == 1 or self._dropped % 10000 == 0:
+            log.warning("sse_demo report: the server is away and %d events wait; %d dropped "
+                        "so far, oldest progress first", REPORT_BUFFER_EVENTS, self._dropped)
+
+    # -- the thread that posts ---------------------------------------------------
+
+    def _run(self):
+        retry = REPORT_RETRY_S[0]
+        failing = False
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            try:
+                if self.id is None:
+                    self._open()
+                answer = self._post(batch)
+            except _ReportRefused as exc:
+                if not self.cancel.is_set():
+                    log.warning("sse_demo report: %s; reporting stops", exc)
+                with self._changed:
+                    self._items.clear()
+                break
+            except _BatchRefused as exc:
+                log.warning("sse_demo report: %s; those %d events are dropped", exc, len(batch))
+                with self._changed:
+                    for _ in batch:
+                        self._items.popleft()
+                    self._sent_pending = False
+                continue
+            except _WatchError as exc:
+                if "cannot reach" not in str(exc):
+                    log.warning("sse_demo report: %s; reporting stops", exc)
+                    break
+                if not failing:
+                    log.warning("sse_demo report: %s; trying again, the events wait", exc)
+                failing = True
+                self._wait(retry)
+                retry = min(REPORT_RETRY_S[1], retry * 2)
+                continue
+            if failing:
+                log.warning("sse_demo report: reached %s again", self.address.base)
+            failing, retry = False, REPORT_RETRY_S[0]
+            with self._changed:
+                for _ in batch:
+                    self._items.popleft()
+                self._sent += len(batch)
+                self._sent_pending = False
+                self._changed.notify_all()
+            if answer.get("cancel"):
+                self.cancel.set()
+        with self._changed:
+            self._done = True
+            self._sent_pending = False
+            self._changed.notify_all()
+        if self._connection is not None:
+            self._connection.close()
+
+    def _next_batch(self):
+        """The next items to post (left in the buffer until taken), an empty
+        batch when it is time to say the reporter still lives, or None when
+        everything is posted after the end."""
+        with self._changed:
+            quiet_until = time.monotonic() + self.heartbeat_s
+            while not self._items and not self._done:
+                if self._ended:
+                    return None
+                if not self._changed.wait(max(0.0, quiet_until - time.monotonic())):
+                    return []
+            if self._done:
+                return None
+        if not self._ended:
+            time.sleep(REPORT_GATHER_S)        # let a burst gather into one post
+        with self._changed:
+            self._sent_pending = True
+            return list(itertools.islice(self._items, REPORT_BATCH_EVENTS))
+
+    def _wait(self, seconds):
+        with self._changed:
+            if not self._done:
+                self._changed.wait(seconds)
+
+    def _post(self, batch):
+        """POST the batch; the server's answer. Raises WatchError when the
+        server cannot be reached, ReportRefused when it takes no more."""
+        body = json_line({"seq": self._sent, "events": batch}).encode()
+        headers = {"Authorization": "Bearer " + self.report_key,
+                   "Content-Type": "application/json", "Accept": "application/json"}
+        try:
+            if self._connection is None:
+                self._connection = self.address.connection(NOTIFY_TIMEOUT_S)
+            self._connection.request("POST", "%s/runs/%s/events" % (self.address.prefix, self.id),
+                                     body=body, headers=headers)
+            response = self._connection.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            if self._connection is not None:
+                self._connection.close()
+            self._connection = None
+            raise _WatchError("cannot reach %s: %s" % (self.address.base, exc))
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
+        if response.status == 200:
+            return answer
+        if response.status == 409 and "state" in answer:
+            if answer.get("cancel"):
+                self.cancel.set()
+            raise _ReportRefused("the run has ended on the server (%s)" % answer["state"])
+        if response.status == 404:
+            raise _ReportRefused("the server no longer knows run %s (restarted without "
+                                 "--state-dir, or the run expired)" % self.id)
+        if response.status == 400:
+            raise _BatchRefused("the server refused a batch: %s" % answer.get("error", ""))
+        if response.status in (408, 429) or response.status >= 500:
+            raise _WatchError("cannot reach %s: status %d" % (self.address.base, response.status))
+        raise _ReportRefused("the server refused the events (%d): %s"
+                             % (response.status, answer.get("error", "")))
+
+
+class Reporter:
+    """Report a Python loop's progress to a server elsewhere, with the same
+    `progress` a `--job` function gets::
+
+        with sse_demo.Reporter("http://host:5000/", token=TOKEN) as progress:
+            for epoch in range(10):
+                progress(epoch, 10, loss=train_one_epoch())
+
+    The run opens on the server (POST /runs) when the block starts, and ends
+    `complete` when it ends, `error` with an exception's message, and
+    `cancelled` on Ctrl-C. Cancel on the page raises `Cancelled` at the
+    next `progress(...)`, which ends the block quietly. Events are posted
+    in batches by a thread of its own, and never block the loop; a server
+    that cannot be reached is tried again, the events kept (at most
+    REPORT_BUFFER_EVENTS), and the end waits up to REPORT_FLUSH_S for them.
+    """
+
+    def __init__(self, url, token=None, title=None, params=None, cafile=None):
+        address = _RunAddress(url, token=token or os.environ.get("SSE_DEMO_TOKEN") or None,
+                              cafile=cafile)
+        self._outbox = _Outbox(address, title or _program_name(sys.argv or ["python"]),
+                               params)
+        self.progress = Progress(self._outbox)
+
+    @property
+    def run_id(self):
+        """The run's id on the server (None until it is reached)."""
+        return self._outbox.id
+
+    def __enter__(self):
+        self._outbox.open()
+        return self.progress
+
+    def __exit__(self, kind, exc, traceback):
+        if kind is None:
+            self.end("complete")
+        elif issubclass(kind, Cancelled):
+            self.end("cancelled")
+            return True
+        elif issubclass(kind, KeyboardInterrupt):
+            self.end("cancelled")
+        else:
+            self.end("error", message=_describe_exception(exc))
+        return False
+
+    def end(self, state, result=None, message=None):
+        """End the run (`complete`, `error` with a message, `cancelled`) and
+        deliver what is left. True if every event reached the server."""
+        extra = {"result": result} if result is not None else {}
+        if message is not None:
+            extra["message"] = message
+        _end_run(self._outbox, state, extra)
+        return self._outbox.close()
+
+
+def _process_alive(identity):
+    """Does the process `identity` names still run (not a zombie, not a
+    later process given its pid)?"""
+    pid = identity["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                     # another user's: it exists
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False     # exited; its parent has not collected it yet
+    except (OSError, IndexError):
+        pass
+    return _process_identity(pid) == identity
+
+
+def _next_tail_file(current, path):
+    """The file to go on reading after `current` read to its end: the new
+    file at `path` when the old was moved away (logrotate; read from its
+    start), `current` rewound when it was cut short (copytruncate), else
+    `current`."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return current           # between a rename and the new file: wait
+    if (now.st_ino, now.st_dev) != (os.fstat(current.fileno()).st_ino,
+                                    os.fstat(current.fileno()).st_dev):
+        try:
+            return open(path, "rb", buffering=0)
+        except OSError:
+            return current
+    if now.st_size < current.tell():
+        current.seek(0)
+    return current
+
+
+def _follow_file(outbox, path, from_start, process, stop):
+    """--tail: FILE's lines, read as a program's output (tqdm, JSON lines,
+    log), from its start or its end, across rotation, until the process
+    exits (then what it wrote last is read), the run is cancelled, or
+    `stop` is set. Returns "exited", "cancelled" or "stopped"."""
+    output = _CommandOutput(outbox)
+    screen, decoder = _OutputScreen(), codecs.getincrementaldecoder("utf-8")("replace")
+    f = None
+    while f is None:
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:          # not written yet (a job still queued)
+            if stop.wait(TAIL_POLL_S):
+                return "stopped"
+    if not from_start:
+        f.seek(0, os.SEEK_END)
+    try:
+        while True:
+            data = f.read(OUTPUT_READ_BYTES)
+            if data:
+                output.take(screen, decoder, data, "stdout")
+                continue
+            if outbox.cancel.is_set():
+                return "cancelled"
+            if process is not None and not _process_alive(process):
+                for data in iter(lambda: f.read(OUTPUT_READ_BYTES), b""):
+                    output.take(screen, decoder, data, "stdout")
+                return "exited"
+            following = _next_tail_file(f, path)
+            if following is not f:       # what reached the old file before it moved, first
+                for data in iter(lambda: f.read(OUTPUT_READ_BYTES), b""):
+                    output.take(screen, decoder, data, "stdout")
+                f.close()
+                f = following
+                continue
+            if stop.wait(TAIL_POLL_S):
+                return "stopped"
+    finally:
+        output.take(screen, decoder, b"", "stdout", final=True)
+        f.close()
+
+
+def _stop_process(identity, kill_after_s):
+    """Cancel of a followed job: SIGTERM, then SIGKILL after `kill_after_s`,
+    only while the pid is still the same process."""
+    for signum, wait in ((signal.SIGTERM, kill_after_s), (HARD_KILL, 1.0)):
+        if not _process_alive(identity):
+            return
+        try:
+            os.kill(identity["pid"], signum)
+        except OSError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _process_alive(identity):
+            time.sleep(COMMAND_POLL_S)
+
+
+def _report_tail(outbox, path, from_start, pid, kill_after_s):
+    """`report URL --tail FILE [--pid PID]`: the exit status."""
+    process = None
+    if pid is not None:
+        process = _process_identity(pid)
+        if not _process_alive(process):
+            raise _WatchError("no process %d runs here" % pid)
+    stop = threading.Event()
+    ended = {}
+    follower = threading.Thread(target=lambda: ended.update(
+        how=_follow_file(outbox, path, from_start, process, stop)), name="tail", daemon=True)
+    follower.start()
+    try:
+        while follower.is_alive():
+            follower.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        follower.join(5.0)
+        _end_run(outbox, "cancelled", {})
+        sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
+                         % (path, ", the job goes on" if process else ""))
+        return 130
+    if ended.get("how") == "exited":
+        _end_run(outbox, "complete", {"result": {"pid": pid}})
+        return 0
+    if process is not None:
+        sys.stderr.write("cancelled on the page: stopping process %d\n" % pid)
+        _stop_process(process, kill_after_s)
+    else:
+        sys.stderr.write("cancelled on the page: no longer following %s (the job was not "
+                         "started here, and no --pid names it, so it goes on)\n" % path)
+    return 1
+
+
+def _report_program(outbox, command, kill_after_s):
+    """`report URL -- PROGRAM ARGS...`: run it here, its output shown and
+    reported as --cmd reads it; the exit status."""
+    groups = _CommandGroups()
+    echo = {name: getattr(stream, "buffer", None) for name, stream in
+            (("stdout", sys.stdout), ("stderr", sys.stderr))}
+    ended = {}
+    worker = threading.Thread(target=lambda: ended.update(status=_run_program(
+        outbox, command, kill_after_s, groups, echo)), name="program", daemon=True)
+    worker.start()
+    interrupted = False
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+        outbox.cancel.set()                # the program gets SIGTERM, then --kill-after
+        worker.join(kill_after_s + 2.0)
+    finally:
+        groups.close()
+    status = ended.get("status")
+    if interrupted:
+        return 130
+    if outbox.cancel.is_set():
+        sys.stderr.write("cancelled on the page: the program was stopped\n")
+        return 1
+    if status is None:
+        return 127                         # it did not start: the error event says why
+    return status if status >= 0 else 128 - status
+
+
+def _report_main(argv):
+    """`report URL [options] -- PROGRAM ARGS...` or `report URL --tail
+    FILE`. Exit status: the program's (0 when a followed --pid exits), 1
+    cancelled on the page, 2 bad usage or a server that refuses, 130 after
+    Ctrl-C."""
+    command = []
+    if "--" in argv:
+        command = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = argparse.ArgumentParser(
+        prog="sse_demo.py report", usage="%(prog)s URL [options] -- PROGRAM [ARGS...]\n"
+        "       %(prog)s URL --tail FILE [--pid PID] [options]",
+        description="Report a program's progress (its tqdm bars, JSON lines and output, read "
+                    "as --cmd reads them) to an sse_demo server elsewhere.")
+    p.add_argument("url", help="the server (http://host:5000/)")
+    p.add_argument("--tail", metavar="FILE", help="follow a log file a running job writes "
+                   "(nohup.out, slurm-*.out), across rotation")
+    p.add_argument("--from-start", action="store_true", help="--tail: read FILE from its "
+                   "start (default: only what is written from now on)")
+    p.add_argument("--pid", type=int, help="--tail: the job's process; its exit ends the "
+                   "run, and Cancel on the page stops it")
+    p.add_argument("--title", help="the run's title (default: the program's or file's name)")
+    p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="S",
+                   help="Cancel: SIGTERM, then SIGKILL after S seconds (default %(default)s)")
+    p.add_argument("--token", help="the operator's token (also SSE_DEMO_TOKEN)")
+    p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
+    args = p.parse_args(argv[1:])
+    if bool(command) == bool(args.tail):
+        p.error("give a program after --, or --tail FILE")
+    if (args.pid is not None or args.from_start) and not args.tail:
+        p.error("--pid and --from-start go with --tail")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        address = _RunAddress(args.url, token=args.token or os.environ.get("SSE_DEMO_TOKEN")
+                              or None, cafile=args.cacert)
+        outbox = _Outbox(address, args.title or (_program_name(command) if command
+                                                 else os.path.basename(args.tail)))
+        outbox.open()
+    except _WatchError as exc:
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    try:
+        if command:
+            return _report_program(outbox, command, args.kill_after)
+        return _report_tail(outbox, args.tail, args.from_start, args.pid, args.kill_after)
+    except _WatchError as exc:
+        _end_run(outbox, "error", {"message": str(exc)})
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    finally:
+        outbox.close()
+
+
+###############################################################################
 # The server and the command line
 ###############################################################################
 
@@ -5169,7 +6070,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  grip=None, grip_key=None, state_dir=None, trusted_proxies=(), base_path="",
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
                  concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
-                 notify_format="json"):
+                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -5182,6 +6083,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.resume_connection)
         self.journal = _Journal(state_dir) if state_dir else None
         self.queue = _RunQueue(concurrency, max_queue, self.start_run)
+        self.reported = _ReportedRuns(report_timeout_s,
+                                      self.journal.note_received if self.journal else None)
         self.notifier = _Notifier(notify, notify_key, notify_format) if notify else None
         self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
                               self.on_feed_publish)
@@ -5226,13 +6129,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.page_csp = _csp_for(self.page or b"")
         self.started = True
         if self.journal:
-            ended, waiting = self.restore_runs(self.state_dir, self.session_ttl_s)
+            ended, waiting, reported = self.restore_runs(self.state_dir, self.session_ttl_s)
             self.registry.restore(ended)
             for session in ended if self.grip else ():
                 self.grip.all_offered(session)
             self.journal.start(self.supervisor)
             for header, events in waiting:
                 self.requeue(header, events)
+            for header, events in reported:
+                self.resume_reported(header, events)
+        self.reported.start(self.supervisor)
         if self.grip:
             self.grip.start(self.supervisor)
         if self.notifier:
@@ -5306,12 +6212,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self.journal.record(session, event)
 
     def restore_runs(self, state_dir, session_ttl_s):
-        """The runs the journal holds: ended sessions, and the runs that were
-        waiting in the queue, queued again in their order."""
-        restored, waiting = [], []
+        """The runs the journal holds: ended sessions; the runs that were
+        waiting in the queue, to queue again in their order; and the runs
+        reported from elsewhere that go on."""
+        restored, waiting, reported = [], [], []
         for header, events in _load_journal(state_dir, session_ttl_s):
-            if header["waiting"]:
-                waiting.append((header, events))
+            if header["waiting"] or header["reported"]:
+                (waiting if header["waiting"] else reported).append((header, events))
                 continue
             restored.append(_session_read_back(header, events,
                                                _journal_path(state_dir, header["session_id"]),
@@ -5319,7 +6226,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if restored or waiting:
             log.info("%d runs read back from the journal in %s, %d of them still queued",
                      len(restored) + len(waiting), state_dir, len(waiting))
-        return restored, sorted(waiting, key=lambda run: run[0]["started_ts"])
+        return restored, sorted(waiting, key=lambda run: run[0]["started_ts"]), reported
 
     def requeue(self, header, events):
         """A run that waited in the queue when the server stopped waits again,
@@ -5341,6 +6248,39 @@ class SSEServer(http.server.ThreadingHTTPServer):
             return _end_run(session, "error", {"message": "its parameters no longer fit the "
                                                "job, which changed while it waited: %s" % exc})
         self.queue.submit(session)
+
+    def resume_reported(self, header, events):
+        """A run reported from elsewhere goes on after a restart, under its
+        own id and keys, its record continued from its journal file; its
+        reporter's next post is taken, and its silence counts from now."""
+        session = self.registry.create(header["title"], header["params"], "running",
+                                       header["session_id"], within_limit=False)
+        session.started_ts = header["started_ts"]
+        session.started = time.monotonic() - max(0.0, time.time() - header["started_ts"])
+        for name in ("view_key", "control_key", "report_key"):
+            if isinstance(header.get(name), str):
+                setattr(session, name, header[name])
+        session.record = _ContinuedRecord(_journal_path(self.state_dir, session.id),
+                                          header["lines"], self.registry.record_bytes,
+                                          session._lock)
+        session.replay(events)
+        session.series = _Series.from_state(header["series"])
+        session.skip_ids(header.get("ids", 0))
+        self.journal.guard_ids(session)
+        self.reported.add(session, header.get("received"))
+
+    def open_reported_run(self, title, params):
+        """A run that another machine reports: no thread, no slot in the
+        queue; it counts toward --max-sessions. With a journal it is on
+        disk before POST /runs answers."""
+        with self._start_lock:
+            session = self.registry.create(title or "a reported run", params)
+            session.report_key = secrets.token_urlsafe(TOKEN_BYTES)
+            if self.journal:
+                self.journal.begin(session)
+            self.reported.add(session, received=0)
+        session.publish("progress", {"iteration": 0, "total": None})   # the stream is live
+        return session
 
     def start_session(self, params):
         """Accept a run: it starts now, or waits in the queue. With a journal
@@ -5376,6 +6316,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.grip:
             self.grip.forget(session)
         self.feed.forget(session)
+        self.reported.forget(session)
 
     def describe_run(self, session, with_view_key):
         """A run's entry in /runs and /runs/events."""
@@ -5444,7 +6385,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.stopping = True
         self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
-        running = [s for s in self.registry.running() if s.state != "queued"]
+        self.reported.stop()
+        # A reported run goes on elsewhere: with a journal, the server takes
+        # it up again when it is back.
+        running = [s for s in self.registry.running()
+                   if s.state != "queued" and s.report_key is None]
         for session in running:
             session.stop_reason = INTERRUPTED
             session.cancel.set()
@@ -5692,6 +6637,10 @@ def _build_parser():
     p.add_argument("--notify-format", choices=NOTIFY_FORMATS, default="json",
                    help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
                         "Mattermost's incoming webhooks (default %(default)s)")
+    p.add_argument("--report-timeout", type=float, default=DEFAULT_REPORT_TIMEOUT_S,
+                   metavar="S", help="a run reported from elsewhere (POST /runs, `sse_demo.py "
+                   "report`) that posts nothing for S seconds ends `error` (default "
+                   "%(default)s)")
     p.add_argument("--certfile", metavar="FILE",
                    help="serve HTTPS (TLS 1.2 or newer) with this PEM certificate chain")
     p.add_argument("--keyfile", metavar="FILE",
@@ -5711,7 +6660,7 @@ def _parse_args(argv):
     """The command line, checked; exits 2 with the reason when it is wrong."""
     p = _build_parser()
     args = p.parse_args(argv)
-    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after"):
+    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after", "report_timeout"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
     if args.no_auth and (args.token_file or os.environ.get("SSE_DEMO_TOKEN")):
@@ -5740,6 +6689,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("watch", "start"):
         return _client_main(argv)
+    if argv and argv[0] == "report":
+        return _report_main(argv)
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     job = None
@@ -5781,7 +6732,7 @@ def main(argv=None):
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
                  max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
-                 notify_format=args.notify_format)
+                 notify_format=args.notify_format, report_timeout_s=args.report_timeout)
 
 
 if __name__ == "__main__":

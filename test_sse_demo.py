@@ -1748,8 +1748,8 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     for run in runs:
         assert set(run) == {"session_id", "title", "state", "started_ts", "ended_ts",
                             "iteration", "total", "percent", "params", "position",
-                            "stream", "status"}
-        assert run["position"] is None
+                            "reported", "stream", "status"}
+        assert run["position"] is None and run["reported"] is False
         assert run["title"] == "Build optimisation (simulated)"
         assert run["stream"] == "/progress/" + run["session_id"]
         assert run["status"] == "/status/" + run["session_id"]
@@ -5482,3 +5482,450 @@ def test_terminal_client_starts_and_watches_under_the_path(nginx_under_a_path, c
     status, out, err = clients("watch", link).finish()
     assert status == 0 and out.splitlines()[-1] == "complete", err
     assert requests_outside(access_log) == []
+
+
+###############################################################################
+# Runs reported from elsewhere: POST /runs, `sse_demo.py report`, Reporter
+###############################################################################
+
+def open_reported(srv, title="train on node 7", headers=None, **body):
+    """POST /runs: the answer, with the run's paths and keys."""
+    status, _, answer = request(srv, "POST", "/runs", json_body=dict(body, title=title),
+                                headers=headers)
+    assert status == 201, answer
+    return json.loads(answer)
+
+
+def post_events(srv, opened, events, seq=None, key=None, body=None):
+    """POST /runs/<id>/events: (status, parsed answer)."""
+    data = {"events": events}
+    if seq is not None:
+        data["seq"] = seq
+    status, _, answer = request(
+        srv, "POST", opened["events"], body=body if body is not None else json.dumps(data).encode(),
+        headers={"Authorization": "Bearer " + (key or opened["report_key"]),
+                 "Content-Type": "application/json"})
+    return status, json.loads(answer)
+
+
+BATCH = [{"event": "progress", "done": 3, "total": 10, "stage": "train", "loss": 0.5},
+         {"event": "log", "message": "checkpoint saved", "level": "warning"},
+         {"event": "progress", "bars": [{"label": "epoch", "done": 1, "total": 3},
+                                        {"label": "batch", "done": 5, "total": 10}]}]
+
+
+def test_a_reported_run_takes_its_events_in_order_once_and_streams_them_like_any_run(make):
+    srv = make()
+    opened = open_reported(srv)
+    sid = opened["session_id"]
+    assert opened["events"] == "/runs/%s/events" % sid and opened["stream"] == "/progress/" + sid
+    assert len({opened["report_key"], opened["control_key"], opened["view_key"]}) == 3
+    assert post_events(srv, opened, BATCH, seq=0) == (200, {
+        "state": "running", "cancel": False, "last_event_id": 4, "received": 3})
+    # The same batch again (its answer was lost): taken once. A gap: refused.
+    assert post_events(srv, opened, BATCH, seq=0)[1]["received"] == 3
+    status, answer = post_events(srv, opened, BATCH, seq=7)
+    assert status == 409 and "missing" in answer["error"]
+    assert post_events(srv, opened, [{"event": "complete", "result": {"auc": 0.9}}],
+                       seq=3)[0] == 200
+    events = watch(srv, sid).events()
+    assert names(events) == ["progress", "progress", "log", "progress", "complete"]
+    assert ids(events) == [1, 2, 3, 4, 5]
+    first, progress, line, nested, end = [e["json"] for e in events]
+    assert (first["iteration"], first["total"]) == (0, None)       # live at once, as a job's
+    assert {k: progress[k] for k in ("iteration", "total", "percent", "stage", "loss")} == {
+        "iteration": 3, "total": 10, "percent": 30.0, "stage": "train", "loss": 0.5}
+    assert (line["message"], line["level"]) == ("checkpoint saved", "warning")
+    assert (nested["iteration"], nested["total"], nested["percent"]) == (15, 30, 50.0)
+    assert end["result"] == {"auc": 0.9} and end["percent"] == 100.0
+    assert all(abs(e["json"]["ts"] - time.time()) < 60 for e in events)   # the server's clock
+    run = get_json(srv, "/runs")["runs"][0]
+    assert (run["title"], run["state"], run["reported"]) == ("train on node 7", "complete", True)
+    _, _, log_text = request(srv, "GET", "/log/" + sid)
+    assert log_text.decode().endswith(" warning checkpoint saved\n")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"events": [{"event": "progres", "done": 1}]}, "events[0].event"),
+    ({"events": [{"event": "progress", "done": "3"}]}, "events[0].done"),
+    ({"events": [{"event": "progress", "done": 1, "total": "ten"}]}, "events[0].total"),
+    (b'{"events": [{"event": "progress", "done": NaN}]}', "events[0].done"),
+    ({"events": [{"event": "progress", "done": 1, "ts": 5}]}, "events[0].ts"),
+    ({"events": [{"event": "progress", "done": 1, "stage": 7}]}, "events[0].stage"),
+    ({"events": [{"event": "progress", "bars": [{"label": "a", "done": "x"}]}]},
+     "events[0].bars[0].done"),
+    ({"events": [{"event": "progress", "bars": []}]}, "events[0].bars"),
+    ({"events": [{"event": "log", "message": "x", "level": "loud"}]}, "events[0].level"),
+    ({"events": [{"event": "log", "text": "x"}]}, "events[0].message"),
+    ({"events": [{"event": "log", "message": "x", "colour": "red"}]}, "events[0].colour"),
+    ({"events": [{"event": "error"}]}, "events[0].message"),
+    ({"events": [{"event": "complete"}, {"event": "log", "message": "late"}]}, "events[1]"),
+    ({"events": [{"event": "progress", "done": 1}, "x"]}, "events[1]"),
+    ({"events": "x"}, "events"),
+    ({"seq": -1, "events": []}, "seq"),
+    (b"{not json", "body"),
+])
+def test_a_bad_batch_is_400_naming_the_field_and_takes_nothing(server, body, field):
+    opened = open_reported(server)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, answer = post_events(server, opened, None, body=raw)
+    assert status == 400 and answer["param"] == field, answer
+    assert answer["error"].startswith(field + ": ")
+    assert get_json(server, "/status/" + opened["session_id"])["state"] == "running"
+    good = [{"event": "log", "message": "after"}]
+    assert post_events(server, opened, good)[1]["last_event_id"] == 2    # nothing was taken
+
+
+def test_a_reported_batch_needs_json_and_may_be_large_but_bounded(server):
+    opened = open_reported(server)
+    status, _, _ = request(server, "POST", opened["events"], body=b"events",
+                           headers={"Authorization": "Bearer " + opened["report_key"],
+                                    "Content-Type": "text/plain"})
+    assert status == 415
+    many = [{"event": "log", "message": "line %d" % i} for i in range(5000)]   # 200 KB
+    assert post_events(server, opened, many)[1]["received"] == 5000
+    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n"
+            % (opened["events"], opened["report_key"], sse_demo.REPORT_BODY_BYTES + 1))
+    status, _, body = parse_head(raw_exchange(server, head.encode()))
+    assert status == 413 and b"over 4194304 bytes" in body
+
+
+def test_a_report_key_reports_its_own_run_and_opens_nothing_else(make):
+    srv = make(token=TOKEN)
+    operator = {"Authorization": "Bearer " + TOKEN}
+    assert request(srv, "POST", "/runs", json_body={})[0] == 401        # opening takes the token
+    mine, other = open_reported(srv, headers=operator), open_reported(srv, headers=operator)
+    key = {"Authorization": "Bearer " + mine["report_key"]}
+    assert post_events(srv, mine, [{"event": "log", "message": "mine"}])[0] == 200
+    assert post_events(srv, other, [{"event": "log", "message": "not mine"}],
+                       key=mine["report_key"])[0] == 403
+    assert cancel(srv, mine["session_id"], key=mine["report_key"])[0] == 403
+    assert cancel(srv, other["session_id"], key=mine["report_key"])[0] == 403
+    for method, path in (("GET", "/status/" + mine["session_id"]), ("GET", mine["stream"]),
+                         ("GET", "/log/" + mine["session_id"]), ("GET", "/runs"),
+                         ("POST", "/start"), ("POST", "/runs")):
+        assert request(srv, method, path, headers=key)[0] == 401, path
+    assert get_json(srv, "/status/" + other["session_id"], operator)["state"] == "running"
+    assert "report_key" not in get_json(srv, "/runs", operator)["runs"][0]
+
+
+def test_a_silent_reporter_ends_its_run_and_a_heard_one_goes_on(make):
+    srv = make(report_timeout_s=1.5)
+    silent, heard = open_reported(srv, "silent"), open_reported(srv, "heard")
+    stream = watch(srv, silent["session_id"])
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:        # the heard one says it lives, 5 times a second
+        assert post_events(srv, heard, [])[0] == 200
+        time.sleep(0.2)
+    events = stream.events()
+    assert events[-1]["event"] == "error"
+    assert events[-1]["json"]["message"].startswith("the reporter went silent: nothing heard "
+                                                    "for 1.5 s")
+    assert status_of(srv, heard["session_id"]) == "running"
+    status, answer = post_events(srv, silent, [{"event": "log", "message": "too late"}])
+    assert status == 409 and answer["state"] == "error" and answer["cancel"] is False
+
+
+def test_cancel_ends_a_reported_run_at_once_and_its_reporter_hears_it_next(make):
+    srv = make()
+    opened = open_reported(srv)
+    stream = watch(srv, opened["session_id"])
+    assert cancel(srv, opened["session_id"], key=opened["control_key"])[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    assert post_events(srv, opened, []) == (200, {"state": "cancelled", "cancel": True,
+                                                  "last_event_id": 2, "received": 0})
+    status, answer = post_events(srv, opened, [{"event": "log", "message": "still going"}])
+    assert status == 409 and answer["cancel"] is True and "stop the job" in answer["error"]
+
+
+def test_a_reported_run_goes_on_after_a_restart_and_takes_no_batch_twice(make, tmp_path):
+    state = str(tmp_path / "state")
+    first = make(state_dir=state)
+    opened = open_reported(first)
+    sid = opened["session_id"]
+    lines = [{"event": "log", "message": "line %d" % i} for i in range(6)]
+    assert post_events(first, opened, lines[:3], seq=0)[1]["received"] == 3
+    first.stop()
+    second = make(state_dir=state)
+    assert status_of(second, sid) == "running"
+    # The batch before the restart again (its answer lost), then the rest.
+    assert post_events(second, opened, lines[:3], seq=0)[1]["received"] == 3
+    assert post_events(second, opened, lines[3:] + [{"event": "complete"}], seq=3)[0] == 200
+    events = watch(second, sid).events()
+    assert [e["json"]["message"] for e in events if e["event"] == "log"] == \
+        ["line %d" % i for i in range(6)]
+    assert events[-1]["event"] == "complete" and ids(events) == sorted(set(ids(events)))
+    _, _, log_text = request(second, "GET", "/log/" + sid)
+    assert [line.split(" info ")[1] for line in log_text.decode().splitlines()] == \
+        ["line %d" % i for i in range(6)]
+    _, _, export = request(second, "GET", "/export/" + sid)
+    assert [json.loads(line)["event"] for line in export.decode().splitlines()][-1] == "complete"
+
+
+REPORTED_PROGRAMS = {
+    "ticks.py": """
+import json, os, sys, time
+print(os.getpid(), flush=True)
+for i in range(100000):
+    print(json.dumps({"done": i, "total": 100000}), flush=True)
+    time.sleep(0.05)
+""",
+    "slow_lines.py": """
+import sys, time
+for i in range(int(sys.argv[1])):
+    print("line %d" % i, flush=True)
+    time.sleep(float(sys.argv[2]))
+""",
+    # Writes line 0, waits for the test's go, then 19 more lines; moves the
+    # file away as logrotate does, and writes 20 more into a new one.
+    "rotating_writer.py": """
+import os, sys, time
+path, go = sys.argv[1], sys.argv[2]
+def write(numbers):
+    with open(path, "a") as f:
+        for i in numbers:
+            f.write("line %d\\n" % i)
+            f.flush()
+            time.sleep(0.01)
+write([0])
+deadline = time.monotonic() + 10
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.01)
+write(range(1, 20))
+os.rename(path, path + ".1")
+write(range(20, 40))
+""",
+}
+
+
+@pytest.fixture
+def reported_programs(tmp_path):
+    """The argv of a test program, as `report URL -- ARGV` takes it."""
+    for name, source in REPORTED_PROGRAMS.items():
+        (tmp_path / name).write_text(source, encoding="utf-8")
+
+    def argv(name, *args):
+        return [sys.executable, str(tmp_path / name)] + [str(a) for a in args]
+    return argv
+
+
+def only_run(srv, headers=None):
+    """The server's one run, as /runs lists it, once it is there."""
+    return wait_for(lambda: (get_json(srv, "/runs", headers)["runs"] or [None])[0],
+                    what="the reported run")
+
+
+def log_lines(srv, sid):
+    _, _, body = request(srv, "GET", "/log/" + sid)
+    return [line.split(" ", 2)[2] for line in body.decode().splitlines()]
+
+
+def test_report_reads_a_program_as_cmd_does_and_ends_as_it_exits(make, clients, programs):
+    """The same program through --cmd on one server and through `report` to
+    another: the same progress, the same log, the same end."""
+    template = programs("tqdm_like.py", "10")
+    here = command_server(make, template)
+    by_cmd = watch(here, start_run(here)).events()
+    elsewhere = make()
+    status, out, err = clients("report", page_url(elsewhere), "--",
+                               *shlex.split(template)).finish(2 * TIMEOUT)
+    assert status == 0, err
+    assert out == "saved model.bin\n" and "train: 100%|" in err     # shown here too
+    assert re.search(r"watch:\s+http://127\.0\.0\.1:\d+/#session=", err)
+    run = only_run(elsewhere)
+    assert (run["title"], run["state"], run["reported"]) == ("tqdm_like.py", "complete", True)
+    by_report = watch(elsewhere, run["session_id"]).events()
+
+    def frames(events):
+        return [(e["json"]["iteration"], e["json"]["total"], e["json"].get("stage"))
+                for e in events if e["event"] == "progress" and e["json"]["total"]]
+    for events in (by_cmd, by_report):
+        assert set(frames(events)) <= {(i, 10, "train") for i in range(11)}
+        assert frames(events)[-1] == (10, 10, "train")
+    assert [e["json"] for e in by_report if e["event"] == "log"][0]["message"] == "saved model.bin"
+    assert [e["json"]["result"] for e in (by_cmd[-1], by_report[-1])] == [{"exit_code": 0}] * 2
+
+
+def test_report_ends_the_run_as_the_program_failed_and_exits_with_its_status(make, clients,
+                                                                              programs):
+    template = programs("exits_3.py")
+    here = command_server(make, template)
+    by_cmd = watch(here, start_run(here)).events()[-1]
+    elsewhere = make()
+    status, _, err = clients("report", page_url(elsewhere), "--",
+                             *shlex.split(template)).finish(2 * TIMEOUT)
+    assert status == 3 and "second problem" in err
+    by_report = watch(elsewhere, only_run(elsewhere)["session_id"]).events()[-1]
+    assert by_report["event"] == by_cmd["event"] == "error"
+    assert by_report["json"]["message"] == by_cmd["json"]["message"]
+
+
+def test_cancel_on_the_page_stops_the_reported_program(make, clients, reported_programs):
+    srv = make(token=TOKEN)
+    operator = {"Authorization": "Bearer " + TOKEN}
+    reporter = clients("report", page_url(srv), "--", *reported_programs("ticks.py"),
+                       env={"SSE_DEMO_TOKEN": TOKEN})
+    pid = int(reporter.proc.stdout.readline())
+    sid = wait_for(lambda: (only_run(srv, operator)["iteration"] or 0) >= 3 and
+                   only_run(srv, operator)["session_id"], what="progress from the program")
+    assert cancel(srv, sid, key=TOKEN)[0] == 202
+    status, _, err = reporter.finish()
+    assert status == 1 and "cancelled on the page" in err
+    assert process_gone(pid)
+    assert get_json(srv, "/status/" + sid, operator)["state"] == "cancelled"
+
+
+def test_report_keeps_every_line_while_its_server_restarts(make, clients, reported_programs,
+                                                           tmp_path):
+    port, state = free_port(), str(tmp_path / "state")
+    srv = make(port=port, state_dir=state)
+    reporter = clients("report", page_url(srv), "--", *reported_programs("slow_lines.py", 40,
+                                                                         0.05))
+    sid = only_run(srv)["session_id"]
+    wait_for(lambda: len(log_lines(srv, sid)) >= 5, what="the first lines")
+    srv.stop()
+    time.sleep(0.3)         # the server is away: the reporter's posts fail meanwhile
+    back = make(port=port, state_dir=state)
+    status, _, err = reporter.finish(3 * TIMEOUT)
+    assert status == 0, err
+    assert "trying again" in err and "reached http://127.0.0.1:%d again" % port in err
+    assert log_lines(back, sid) == ["[stdout] line %d" % i for i in range(40)]
+    assert status_of(back, sid) == "complete"
+
+
+class TailedWriter:
+    """rotating_writer.py, writing FILE; always reaped."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv)
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def test_report_tail_follows_a_file_across_rotation_until_its_process_exits(
+        make, clients, reported_programs, tmp_path):
+    srv = make()
+    path, go = tmp_path / "job.out", tmp_path / "go"
+    writers = []
+    try:
+        writers.append(TailedWriter(reported_programs("rotating_writer.py", path, go)))
+        writer = writers[0].proc
+        wait_for(path.exists, what="the job's file")
+        reporter = clients("report", page_url(srv), "--tail", str(path), "--from-start",
+                           "--pid", str(writer.pid))
+        sid = only_run(srv)["session_id"]
+        wait_for(lambda: log_lines(srv, sid) == ["[stdout] line 0"], what="line 0")
+        go.touch()
+        writer.wait(TIMEOUT)
+        status, _, err = reporter.finish()
+    finally:
+        for each in writers:
+            each.stop()
+    assert status == 0, err
+    assert (tmp_path / "job.out.1").exists()                       # it did rotate
+    assert log_lines(srv, sid) == ["[stdout] line %d" % i for i in range(40)]
+    end = watch(srv, sid).events()[-1]
+    assert end["event"] == "complete" and end["json"]["result"] == {"pid": writer.pid}
+    assert only_run(srv)["title"] == "job.out"
+
+
+def test_report_tail_from_the_end_and_ctrl_c_ends_the_run_cancelled(make, clients, tmp_path):
+    srv = make()
+    path = tmp_path / "nohup.out"
+    path.write_text("old line\n")
+    reporter = clients("report", page_url(srv), "--tail", str(path))
+    sid = only_run(srv)["session_id"]
+    with path.open("a") as f:
+        f.write("new line\n")
+    wait_for(lambda: log_lines(srv, sid) == ["[stdout] new line"], what="the new line")
+    reporter.proc.send_signal(signal.SIGINT)
+    status, _, err = reporter.finish()
+    assert status == 130 and "stopped following" in err
+    assert watch(srv, sid).events()[-1]["event"] == "cancelled"
+
+
+def test_reporter_reports_a_python_loop_with_three_lines(make):
+    srv = make()
+    with sse_demo.Reporter(page_url(srv), title="fit") as progress:
+        for epoch in range(3):
+            progress(epoch + 1, 3, loss=round(1.0 / (epoch + 1), 3))
+            progress.log("epoch %d done" % (epoch + 1))
+    run = only_run(srv)
+    assert (run["title"], run["state"], run["percent"]) == ("fit", "complete", 100.0)
+    events = watch(srv, run["session_id"]).events()
+    assert [e["json"].get("loss") for e in events if e["event"] == "progress"] == \
+        [None, 1.0, 0.5, 0.333]
+    assert [e["json"]["message"] for e in events if e["event"] == "log"] == \
+        ["epoch %d done" % i for i in (1, 2, 3)]
+
+
+def test_reporter_ends_error_on_an_exception_and_cancel_ends_its_block_quietly(make):
+    srv = make(token=TOKEN)
+    operator = {"Authorization": "Bearer " + TOKEN}
+    with pytest.raises(ZeroDivisionError):
+        with sse_demo.Reporter(page_url(srv), token=TOKEN, title="divides") as progress:
+            progress(1, 2)
+            1 / 0
+    failed = only_run(srv, operator)
+    assert get_json(srv, "/status/" + failed["session_id"], operator)["message"] == \
+        "ZeroDivisionError: division by zero"
+    reporter = sse_demo.Reporter(page_url(srv), token=TOKEN, title="cancelled")
+    reached = None
+    with reporter as progress:
+        for step in range(1000):
+            progress(step, 1000)
+            reached = step
+            if step == 3:
+                assert cancel(srv, reporter.run_id, key=TOKEN)[0] == 202
+            time.sleep(0.01)
+    assert 3 <= reached < 999        # Cancelled came out of progress() and ended the block
+    assert get_json(srv, "/status/" + reporter.run_id, operator)["state"] == "cancelled"
+
+
+def test_reporter_keeps_a_bounded_buffer_while_no_server_answers(monkeypatch, caplog):
+    monkeypatch.setattr(sse_demo, "REPORT_BUFFER_EVENTS", 10)
+    monkeypatch.setattr(sse_demo, "REPORT_FLUSH_S", 0.5)
+    caplog.set_level("WARNING", logger="sse_demo")
+    reporter = sse_demo.Reporter("http://127.0.0.1:%d/" % free_port())
+    started = time.monotonic()
+    with reporter as progress:
+        for step in range(50):
+            progress(step, 50)
+    assert time.monotonic() - started < 5            # the loop never waited on the network
+    text = caplog.text
+    assert "trying again, the events wait" in text
+    assert "the server is away and 10 events wait; 1 dropped so far" in text
+    assert "10 events could not be delivered" in text
+
+
+def test_browser_shows_a_reported_run_like_any_other_and_the_operator_cancels_it(
+        browser, make, tmp_path):
+    """A run reported with bars, a field of its own and log lines: the page
+    names it by its title, marks it reported, draws its progress and log;
+    the operator's Cancel reaches the reporter in its next answer."""
+    srv = make(token=TOKEN)
+    opened = open_reported(srv, "train on node 7", headers={"Authorization": "Bearer " + TOKEN})
+    post_events(srv, opened, [
+        {"event": "log", "message": "loading 2,000 images"},
+        {"event": "progress", "stage": "Epoch 2/3", "loss": 0.4213,
+         "bars": [{"label": "epoch", "done": 1, "total": 3},
+                  {"label": "batch", "done": 50, "total": 100}]}])
+    browser.call("Page.navigate", url=page_url(srv) + "?token=" + TOKEN)
+    browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
+    browser.open(page_url(srv) + "#session=" + opened["session_id"])
+    browser.wait_for(STATE + " === 'live' && seenId >= 3")
+    assert browser.element("title") == "train on node 7 (reported)"
+    browser.wait_for("document.getElementById('bar').value === 50")
+    screenshot_sizes(browser, tmp_path, "reported-run")
+    text = browser.evaluate("document.body.innerText")
+    assert "Epoch 2/3" in text and "0.421" in text and "runs nothing for it" in text
+    assert any(line.endswith("info loading 2,000 images") for line in browser.log_lines())
+    browser.wait_for("!document.getElementById('cancel').hidden")     # the operator's page
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert browser.element("run-again", "hidden") is True        # its parameters are not the job's
+    status, answer = post_events(srv, opened, [{"event": "log", "message": "next line"}])
+    assert status == 409 and answer["cancel"] is True
+    assert browser.problems() == []

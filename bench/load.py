@@ -42,7 +42,8 @@ the client to another where the machine has two (taskset).
 
 Variants: `plain`; `tls` (a self-signed certificate made with openssl,
 --certfile/--keyfile); `token` (SSE_DEMO_TOKEN for the server, every request
-with `Authorization: Bearer`). `--json FILE` keeps the report.
+with `Authorization: Bearer`); `state` (--state-dir in a fresh temporary
+folder: every run journaled). `--json FILE` keeps the report.
 
 Peers (`--peers`), each a column beside sse_demo's, over plain HTTP:
 `floor` (bench/peers/floor.py: the least work a threaded CPython server does
@@ -59,6 +60,7 @@ import json
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -116,6 +118,10 @@ class Server:
             command += ["--certfile", tls_files[0], "--keyfile", tls_files[1]]
         if variant == "token":
             env["SSE_DEMO_TOKEN"] = TOKEN
+        self.state_dir = None
+        if variant == "state":
+            self.state_dir = tempfile.mkdtemp(prefix="bench-state-")
+            command += ["--state-dir", self.state_dir]
         if cpu is not None:
             command = ["taskset", "-c", str(cpu)] + command
         self.log = tempfile.TemporaryFile()
@@ -157,6 +163,8 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.log.close()
+        if self.state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def free_port():
@@ -685,7 +693,7 @@ def parse_args(argv):
     p.add_argument("--scenarios", default=",".join(SIZES),
                    help="comma-separated, in order (default: all)")
     p.add_argument("--variants", default="plain",
-                   help="comma-separated: plain, tls, token (default: plain)")
+                   help="comma-separated: plain, tls, token, state (default: plain)")
     p.add_argument("--peers", default="",
                    help="comma-separated peers measured beside it: floor, starlette")
     p.add_argument("--quick", action="store_true", help="small sizes: about a minute")
@@ -699,7 +707,7 @@ def parse_args(argv):
         if name not in SIZES:
             p.error("unknown scenario %r (known: %s)" % (name, ", ".join(SIZES)))
     for variant in args.variants:
-        if variant not in ("plain", "tls", "token"):
+        if variant not in ("plain", "tls", "token", "state"):
             p.error("unknown variant %r" % variant)
     args.columns = [(variant, args.server, variant, False) for variant in args.variants]
     for peer in filter(None, args.peers.split(",")):
