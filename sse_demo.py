@@ -5482,6 +5482,8 @@ REPORT_BUFFER_EVENTS = 100000      # events a reporter keeps while the server is
                                    # past it, the oldest progress goes first (a warning says)
 REPORT_RETRY_S = (0.5, 30.0)       # a reporter's wait after a failed post: first, longest
 REPORT_FLUSH_S = 60.0              # at the end, how long a reporter tries to deliver the rest
+REPORT_POST_BYTES = 512 * 1024     # a reporter's post at most: under the 1 MB that nginx
+                                   # takes by default (client_max_body_size)
 REPORT_HEARTBEAT_S = 2.0           # a quiet reporter posts an empty batch this often: it
                                    # still lives, and hears a Cancel
 TAIL_POLL_S = 0.2                  # --tail: how often the file is looked at for more
@@ -5510,8 +5512,12 @@ class _ReportRefused(Exception):
 
 
 class _BatchRefused(Exception):
-    """The server refused one batch (400, naming the field): it is dropped,
-    with a warning, and the next goes."""
+    """The server refused a batch (400): the event it names (`events[3]...`)
+    is dropped, with a warning, and the rest go again."""
+
+    def __init__(self, message, index):
+        super().__init__(message)
+        self.index = index
 
 
 class _Outbox:
@@ -5640,7 +5646,7 @@ class _Outbox:
             try:
                 if self.id is None:
                     self._open()
-                answer = self._post(batch)
+                answer, posted = self._post(batch)
             except _ReportRefused as exc:
                 if not self.cancel.is_set():
                     log.warning("sse_demo report: %s; reporting stops", exc)
@@ -5648,10 +5654,9 @@ class _Outbox:
                     self._items.clear()
                 break
             except _BatchRefused as exc:
-                log.warning("sse_demo report: %s; those %d events are dropped", exc, len(batch))
+                log.warning("sse_demo report: %s; that event is dropped", exc)
                 with self._changed:
-                    for _ in batch:
-                        self._items.popleft()
+                    del self._items[exc.index]
                     self._sent_pending = False
                 continue
             except _WatchError as exc:
@@ -5668,9 +5673,9 @@ class _Outbox:
                 log.warning("sse_demo report: reached %s again", self.address.base)
             failing, retry = False, REPORT_RETRY_S[0]
             with self._changed:
-                for _ in batch:
+                for _ in range(posted):
                     self._items.popleft()
-                self._sent += len(batch)
+                self._sent += posted
                 self._sent_pending = False
                 self._changed.notify_all()
             if answer.get("cancel"):
@@ -5707,9 +5712,14 @@ class _Outbox:
                 self._changed.wait(seconds)
 
     def _post(self, batch):
-        """POST the batch; the server's answer. Raises WatchError when the
-        server cannot be reached, ReportRefused when it takes no more."""
+        """POST the batch, or as much of its start as fits in
+        REPORT_POST_BYTES: (the server's answer, events posted). Raises
+        WatchError when the server cannot be reached, ReportRefused when it
+        takes no more."""
         body = json_line({"seq": self._sent, "events": batch}).encode()
+        while len(body) > REPORT_POST_BYTES and len(batch) > 1:
+            batch = batch[:len(batch) // 2]
+            body = json_line({"seq": self._sent, "events": batch}).encode()
         headers = {"Authorization": "Bearer " + self.report_key,
                    "Content-Type": "application/json", "Accept": "application/json"}
         try:
@@ -5731,7 +5741,7 @@ class _Outbox:
         if not isinstance(answer, dict):
             answer = {}
         if response.status == 200:
-            return answer
+            return answer, len(batch)
         if response.status == 409 and "state" in answer:
             if answer.get("cancel"):
                 self.cancel.set()
@@ -5739,8 +5749,10 @@ class _Outbox:
         if response.status == 404:
             raise _ReportRefused("the server no longer knows run %s (restarted without "
                                  "--state-dir, or the run expired)" % self.id)
-        if response.status == 400:
-            raise _BatchRefused("the server refused a batch: %s" % answer.get("error", ""))
+        named = re.match(r"events\[(\d+)\]", str(answer.get("param", "")))
+        if response.status == 400 and named and int(named.group(1)) < len(batch):
+            raise _BatchRefused("the server refused an event: %s" % answer.get("error", ""),
+                                int(named.group(1)))
         if response.status in (408, 429) or response.status >= 500:
             raise _WatchError("cannot reach %s: status %d" % (self.address.base, response.status))
         raise _ReportRefused("the server refused the events (%d): %s"

@@ -5747,6 +5747,23 @@ def test_report_reads_a_program_as_cmd_does_and_ends_as_it_exits(make, clients, 
     assert [e["json"]["result"] for e in (by_cmd[-1], by_report[-1])] == [{"exit_code": 0}] * 2
 
 
+def test_report_reads_a_real_tqdm_training_script_as_cmd_does(make, clients, programs):
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = make()
+    status, _, err = clients("report", page_url(srv), "--",
+                             *shlex.split(programs("train.py", "3 8"))).finish(2 * TIMEOUT)
+    assert status == 0, err
+    events = watch(srv, only_run(srv)["session_id"]).events()
+    progress = [e["json"] for e in events if e["event"] == "progress"][1:]    # past iteration 0
+    assert {p["stage"] for p in progress} == {"Epoch 1/3", "Epoch 2/3", "Epoch 3/3"}
+    assert [p["percent"] for p in progress] == sorted(p["percent"] for p in progress)
+    mid = [p for p in progress if p["stage"] == "Epoch 2/3" and p["bars"][1]["done"] == 4]
+    assert mid and mid[0]["percent"] == 50.0 and isinstance(mid[0]["loss"], float)
+    assert [e["json"]["message"] for e in events if e["event"] == "log"] == \
+        ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+    assert events[-1]["event"] == "complete" and events[-1]["json"]["percent"] == 100.0
+
+
 def test_report_ends_the_run_as_the_program_failed_and_exits_with_its_status(make, clients,
                                                                               programs):
     template = programs("exits_3.py")
@@ -5929,3 +5946,37 @@ def test_browser_shows_a_reported_run_like_any_other_and_the_operator_cancels_it
     status, answer = post_events(srv, opened, [{"event": "log", "message": "next line"}])
     assert status == 409 and answer["cancel"] is True
     assert browser.problems() == []
+
+
+def test_reporter_splits_large_batches_and_drops_only_an_event_the_server_refuses(
+        make, monkeypatch, caplog):
+    monkeypatch.setattr(sse_demo, "REPORT_POST_BYTES", 2000)     # a proxy's small body limit
+    caplog.set_level("WARNING", logger="sse_demo")
+    srv = make()
+    reporter = sse_demo.Reporter(page_url(srv), title="split")
+    with reporter as progress:
+        for step in range(200):
+            progress.log("line %d" % step)
+        progress.log("not a stream the server knows", stream="tty")
+        progress.log("after it")
+    lines = [e["json"]["message"] for e in watch(srv, reporter.run_id).events()
+             if e["event"] == "log"]
+    assert lines == ["line %d" % i for i in range(200)] + ["after it"]
+    assert "the server refused an event: events[" in caplog.text
+    assert ".stream: must be stdout or stderr; that event is dropped" in caplog.text
+
+
+def test_report_to_a_server_under_a_path_behind_nginx(nginx_under_a_path, clients,
+                                                      reported_programs):
+    proxy, upstream, access_log = nginx_under_a_path
+    base = "http://127.0.0.1:%d/jobs/" % proxy.port
+    status, _, err = clients("report", base, "--token", PATH_TOKEN, "--",
+                             *reported_programs("slow_lines.py", 3, 0.01)).finish(2 * TIMEOUT)
+    assert status == 0, err
+    link = re.search(r"watch:\s+(\S+)", err).group(1)
+    assert link.startswith(base + "?view=") and "#session=" in link
+    sid = link.split("#session=")[1]
+    operator = {"Authorization": "Bearer " + PATH_TOKEN}
+    assert get_json(upstream, "/status/" + sid, operator)["state"] == "complete"
+    assert requests_outside(access_log) == []
+    assert any("POST /jobs/runs/%s/events" % sid in line for line in open(access_log))
