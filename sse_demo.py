@@ -38,6 +38,7 @@ A job is any callable whose first parameter receives ``progress``::
     python sse_demo.py --job mypackage.builds:optimize_build
     python sse_demo.py --cmd 'python train.py --epochs {epochs=10}'   # any program
     python sse_demo.py watch 'http://host:5000/#session=...'        # a run, in a terminal
+    python sse_demo.py report http://host:5000/ -- python train.py    # a run elsewhere
     # or from Python: sse_demo.serve(job=optimize_build, port=5000)
 
 - ``progress(done, total=None, stage=None, **fields)`` publishes an event
@@ -79,7 +80,8 @@ Threads, and what each owns
 - ``journal`` (``--state-dir``) writes events to disk; ``grip-publisher``
   (``--grip``) sends them to Pushpin, at most every 0.1 s; ``notifier``
   (``--notify``) POSTs each run's end; ``runs-feed`` gathers the runs list's
-  changes for GET /runs/events. None is waited for, but for the journal's
+  changes for GET /runs/events; ``reporter-watch`` ends a run reported from
+  elsewhere (POST /runs) whose reporter has gone silent. None is waited for, but for the journal's
   id mark once per 1,000 events, asked for ahead of need.
 - These long-lived threads run under a ``_Supervisor``: a thread that stops
   is logged once and named by /healthz.
