@@ -1137,10 +1137,6 @@ class _RunQueue:
             heapq.heappush(free_at, start + mean if known and mean is not None else float("inf"))
         return estimates
 
-    def waiting(self):
-        with self._lock:
-            return list(self._waiting)
-
     def stop(self):
         """Shutdown: no run starts any more; the queued ones stay queued."""
         with self._lock:
