@@ -4343,6 +4343,10 @@ def _parse_open_report(body):
     if not isinstance(params, dict) or any(
             isinstance(v, (dict, list)) for v in params.values()):
         raise _BadReport("params", "must be an object of plain values (shown with the run)")
+    try:
+        json_line(params)
+    except ValueError as exc:
+        raise _BadReport("params", "not strict JSON: %s" % exc)
     return title, params
 
 

@@ -5576,6 +5576,18 @@ def test_a_bad_batch_is_400_naming_the_field_and_takes_nothing(server, body, fie
     assert post_events(server, opened, good)[1]["last_event_id"] == 2    # nothing was taken
 
 
+@pytest.mark.parametrize("body, field", [
+    (b'{"title": ""}', "title"), (b'{"title": 7}', "title"),
+    (b'{"params": {"lr": NaN}}', "params"), (b'{"params": {"nested": {"a": 1}}}', "params"),
+    (b'{"params": [1]}', "params"), (b'[1]', "body"), (b'{', "body"),
+])
+def test_opening_a_reported_run_with_a_bad_body_is_400_naming_the_field(server, body, field):
+    status, _, answer = request(server, "POST", "/runs", body=body,
+                                headers={"Content-Type": "application/json"})
+    assert status == 400 and json.loads(answer)["param"] == field, answer
+    assert request(server, "GET", "/runs")[0] == 200          # the list is whole
+
+
 def test_a_reported_batch_needs_json_and_may_be_large_but_bounded(server):
     opened = open_reported(server)
     status, _, _ = request(server, "POST", opened["events"], body=b"events",
