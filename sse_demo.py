@@ -2150,9 +2150,20 @@ def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, 
     return None
 
 
+def _is_finite_number(value):
+    """An int or a float (not a bool) that a float can hold, not NaN or
+    infinite: what arithmetic on a count may take (an integer past a
+    float's range makes OverflowError there)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
+    if not _is_finite_number(value):
         raise TypeError("progress() %s must be a finite number, not %r" % (name, value))
 
 
@@ -2933,13 +2944,12 @@ def _parse_progress_line(line):
     except ValueError:
         return None
     done = data.get("done") if isinstance(data, dict) else None
-    if isinstance(done, bool) or not isinstance(done, (int, float)):
+    if not _is_finite_number(done):
         return None
     total = data.get("total")
     fields = {k: v for k, v in data.items()
               if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
-    return done, total if isinstance(total, (int, float)) and \
-        not isinstance(total, bool) else None, fields
+    return done, total if _is_finite_number(total) else None, fields
 
 
 class _CommandOutput:
@@ -4023,8 +4033,7 @@ def _convert_json(kind, value):
     """A JSON value as `kind`, or None. True is not an integer and 5.0 is not
     an integer; floats must be finite (json reads 1e999 as infinity)."""
     if kind is float:
-        ok = type(value) in (int, float) and math.isfinite(value)
-        return float(value) if ok else None
+        return float(value) if _is_finite_number(value) else None
     return value if type(value) is kind else None
 
 
@@ -4210,6 +4219,8 @@ REPORT_WATCH_S = 0.5               # how often silent reporters are looked for
 REPORT_BODY_BYTES = 4 * 2 ** 20    # one batch of events (other requests: MAX_BODY_BYTES)
 REPORT_BATCH_EVENTS = 10000        # events in one batch
 REPORT_TITLE_LIMIT = 200           # characters of a reported run's title
+REPORT_COUNT_LIMIT = 1e15          # a reported done or total: the percent made from it stays
+                                   # finite
 REPORTED_EVENTS = ("progress", "log", "complete", "error", "cancelled")
 REPORT_PATH = re.compile(r"/runs/(%s)/events" % SESSION_ID_PATTERN)
 
@@ -4226,10 +4237,11 @@ class _BadReport(ValueError):
 def _check_reported_number(field, value, may_be_none=False):
     if value is None and may_be_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
+    if not _is_finite_number(value):
         raise _BadReport(field, "must be a finite number%s, not %s"
                          % (" or null" if may_be_none else "", repr(value)[:40]))
+    if abs(value) > REPORT_COUNT_LIMIT:
+        raise _BadReport(field, "must be at most %g either side of 0" % REPORT_COUNT_LIMIT)
     return value
 
 

@@ -643,6 +643,7 @@ FORM = "application/x-www-form-urlencoded"
     (b'{"iterations": 10000001}', JSON, "iterations"),
     (b'{"tick": 1e999}', JSON, "tick"),
     (b'{"tick": NaN}', JSON, "tick"),
+    (b'{"tick": 1%s}' % (b"0" * 400), JSON, "tick"),      # an integer past a float's range
     (b'{"tick": -0.5}', JSON, "tick"),
     (b'{"tick": 60.5}', JSON, "tick"),
     (b'{"tick": "0.1"}', JSON, "tick"),
@@ -2184,6 +2185,8 @@ def test_cmd_tqdm_line_shapes(line, expected):
     ('{"done": 2, "total": 4, "loss": 0.5}', (2, 4, {"loss": 0.5})),
     ('{"done": 2, "stage": "fit", "ts": 1}', (2, None, {"stage": "fit"})),
     ('{"done": true}', None),
+    ('{"done": 1%s, "total": 4}' % ("0" * 400), None),          # past a float: not a count
+    ('{"done": 2, "total": 1e999}', (2, None, {})),
     ("{not json", None),
     ("45/100 [00:04<00:05, 10.00it/s]", None),
 ])
@@ -5550,6 +5553,8 @@ def test_a_reported_run_takes_its_events_in_order_once_and_streams_them_like_any
     ({"events": [{"event": "progress", "done": "3"}]}, "events[0].done"),
     ({"events": [{"event": "progress", "done": 1, "total": "ten"}]}, "events[0].total"),
     (b'{"events": [{"event": "progress", "done": NaN}]}', "events[0].done"),
+    (b'{"events": [{"event": "progress", "done": 1%s}]}' % (b"0" * 400), "events[0].done"),
+    ({"events": [{"event": "progress", "done": 1e307, "total": 1}]}, "events[0].done"),
     ({"events": [{"event": "progress", "done": 1, "ts": 5}]}, "events[0].ts"),
     ({"events": [{"event": "progress", "done": 1, "stage": 7}]}, "events[0].stage"),
     ({"events": [{"event": "progress", "bars": [{"label": "a", "done": "x"}]}]},
