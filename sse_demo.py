@@ -561,6 +561,9 @@ def _log_text_line(record):
 ###############################################################################
 
 EVENT_ONLY_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
+# How an `error` came, as data the page reads (not its English): a program's
+# `exit_code` or `signal`, and `reason: "interrupted"` when the server stopped.
+END_FIELDS = ("exit_code", "signal", "reason")
 
 
 def _lasting_fields(data):
@@ -845,8 +848,10 @@ def _end_run(session, name, extra):
     A run the server stopped (it is shutting down) ends `error`, saying so,
     not `cancelled`: nobody cancelled it."""
     if name == "cancelled" and session.stop_reason:
-        name, extra = "error", {"message": session.stop_reason}
+        name, extra = "error", {"message": session.stop_reason, "reason": "interrupted"}
     fields = session.latest_fields()
+    for field in END_FIELDS:           # they say how this end came, not an earlier one
+        fields.pop(field, None)
     if name == "complete" and fields.get("total"):
         fields["iteration"] = fields["total"]
         fields["percent"] = 100.0
@@ -2720,18 +2725,20 @@ def _wait_or_cancel(process, cancel, kill_after_s):
     return True
 
 
-def _exit_message(program, status, stderr_tail):
+def _exit_fields(program, status, stderr_tail):
+    """The `error` event's data for a program that failed: its message, and
+    its `exit_code` or the name of the `signal` that killed it."""
     if status < 0:
         try:
             name = signal.Signals(-status).name
         except ValueError:
             name = "signal %d" % -status
-        text = "%s was killed by %s" % (program, name)
+        fields = {"message": "%s was killed by %s" % (program, name), "signal": name}
     else:
-        text = "%s exited with status %d" % (program, status)
+        fields = {"message": "%s exited with status %d" % (program, status), "exit_code": status}
     if stderr_tail:
-        text += "; the last lines of its stderr:\n" + "\n".join(stderr_tail)
-    return text
+        fields["message"] += "; the last lines of its stderr:\n" + "\n".join(stderr_tail)
+    return fields
 
 
 # What moves a terminal's cursor in a program's output: tqdm redraws its
@@ -3140,9 +3147,8 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
     elif process.returncode == 0:
         _end_run(session, "complete", {"result": {"exit_code": 0}})
     else:
-        _end_run(session, "error", {"message": _exit_message(_program_name(command),
-                                                             process.returncode,
-                                                             output.stderr_tail)})
+        _end_run(session, "error", _exit_fields(_program_name(command), process.returncode,
+                                                output.stderr_tail))
     return process.returncode
 
 
@@ -3756,7 +3762,7 @@ def _interrupted_event(header, events, now):
     mark, `ids`), so no client's Last-Event-ID is ever above it."""
     latest = header["latest"]
     data = _lasting_fields(latest)
-    data.update({"message": INTERRUPTED, "ts": now})
+    data.update({"message": INTERRUPTED, "reason": "interrupted", "ts": now})
     if "elapsed_s" in latest:
         data["elapsed_s"] = latest["elapsed_s"]
     return max(events[-1][0] if events else 0, header.get("ids", 0)) + 1, "error", data
@@ -3831,8 +3837,9 @@ def _session_read_back(header, events, path, on_publish):
             setattr(session, name, header[name])
     session.record = _JournalRecord(path, header["lines"])
     session.replay(events)
-    session.ids_may_pass_end = events[-1][1] == "error" and \
-        events[-1][2].get("message") == INTERRUPTED    # ended by _load_journal
+    ended = events[-1][2]
+    session.ids_may_pass_end = events[-1][1] == "error" and (       # ended by _load_journal
+        ended.get("reason") == "interrupted" or ended.get("message") == INTERRUPTED)
     session.series = _Series.from_state(header["series"])
     return session
 
@@ -4303,7 +4310,12 @@ def _reported_call(index, item):
         return "log", (message, level), {"stream": stream} if stream else {}
     if name == "error" and not isinstance(fields.get("message"), str):
         raise _BadReport(where + ".message", "must be a string: what went wrong")
-    unknown = sorted(set(fields) - {"result", "message"})
+    if name == "error" and "exit_code" in fields and type(fields["exit_code"]) is not int:
+        raise _BadReport(where + ".exit_code", "must be an integer")
+    if name == "error" and "signal" in fields and not isinstance(fields["signal"], str):
+        raise _BadReport(where + ".signal", "must be a string (SIGKILL)")
+    unknown = sorted(set(fields) - ({"message", "exit_code", "signal"} if name == "error"
+                                    else {"result", "message"}))
     if unknown:
         raise _BadReport("%s.%s" % (where, unknown[0]), "is not a field of a %s event" % name)
     return "end", (name,), fields
@@ -4995,7 +5007,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         runs = self.server.registry.newest(RUNS_LIMIT)
         operator = self.is_operator()
         self.send_json(200, {"runs": [self.server.describe_run(session, operator)
-                                      for session in runs]})
+                                      for session in runs], "operator": operator})
 
     def route_runs_events(self, query):
         """The runs list's changes as they happen (see RunsFeed), for the page's
@@ -5515,7 +5527,8 @@ def _wire_event(name, data):
     elif name == "log":
         item = {k: v for k, v in data.items() if k in ("message", "level", "stream")}
     else:
-        item = {k: v for k, v in data.items() if k in ("message", "result")}
+        kept = ("message", "exit_code", "signal") if name == "error" else ("message", "result")
+        item = {k: v for k, v in data.items() if k in kept}
     item["event"] = name
     return item
 

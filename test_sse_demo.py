@@ -1738,8 +1738,10 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     going = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     wait_for(lambda: get_json(srv, "/status/" + going).get("iteration", 0) >= 1,
              what="the second run to make progress")
-    runs = get_json(srv, "/runs")["runs"]
+    answer = get_json(srv, "/runs")
+    runs = answer["runs"]
     assert [r["session_id"] for r in runs] == [going, done]
+    assert answer["operator"] is False         # no token: there is no operator
     assert runs[0]["state"] == "running" and runs[0]["ended_ts"] is None
     assert runs[0]["total"] == 1000 and 0 < runs[0]["percent"] < 100
     assert runs[0]["params"] == {"iterations": 1000, "tick": 0.05, "update_every": 1}
@@ -2359,12 +2361,14 @@ def test_cmd_nonzero_exit_is_an_error_with_the_stderr_tail(make, programs):
     message = events[-1]["json"]["message"]
     assert events[-1]["event"] == "error"
     assert "exited with status 3" in message and message.endswith("first problem\nsecond problem")
+    assert events[-1]["json"]["exit_code"] == 3 and "signal" not in events[-1]["json"]
 
 
 def test_cmd_killed_by_a_signal_is_an_error_naming_it(make, programs):
     srv = command_server(make, programs("killed.py"))
     events = watch(srv, start_run(srv)).events()
     assert events[-1]["event"] == "error" and "killed by SIGKILL" in events[-1]["json"]["message"]
+    assert events[-1]["json"]["signal"] == "SIGKILL" and "exit_code" not in events[-1]["json"]
 
 
 def test_cmd_program_not_found_ends_the_run_with_an_error(make):
@@ -2770,6 +2774,7 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
             assert ids(rest) == [i for i in journaled if i > seen[-1]] + [sse_demo.ID_BLOCK + 1]
             assert rest[-1]["event"] == "error"
             assert "interrupted" in rest[-1]["json"]["message"]
+            assert rest[-1]["json"]["reason"] == "interrupted"       # what the page reads
             assert get_json(srv, "/status/" + sid)["state"] == "error"
         finally:
             assert srv.stop()[0] == 0
@@ -2922,6 +2927,7 @@ def test_journal_a_graceful_stop_is_interrupted_not_cancelled(tmp_path):
         assert first.stop()[0] == 0
     assert journal_lines(tmp_path, sid)[-1]["event"] == "error"
     assert "interrupted" in journal_lines(tmp_path, sid)[-1]["data"]["message"]
+    assert journal_lines(tmp_path, sid)[-1]["data"]["reason"] == "interrupted"
 
 
 def write_journal(folder, sid, lines, tail=b""):
@@ -5625,6 +5631,7 @@ def test_a_report_key_reports_its_own_run_and_opens_nothing_else(make):
         assert request(srv, method, path, headers=key)[0] == 401, path
     assert get_json(srv, "/status/" + other["session_id"], operator)["state"] == "running"
     assert "report_key" not in get_json(srv, "/runs", operator)["runs"][0]
+    assert get_json(srv, "/runs", operator)["operator"] is True
 
 
 def test_a_silent_reporter_ends_its_run_and_a_heard_one_goes_on(make):
@@ -5793,6 +5800,7 @@ def test_report_ends_the_run_as_the_program_failed_and_exits_with_its_status(mak
     by_report = watch(elsewhere, only_run(elsewhere)["session_id"]).events()[-1]
     assert by_report["event"] == by_cmd["event"] == "error"
     assert by_report["json"]["message"] == by_cmd["json"]["message"]
+    assert by_report["json"]["exit_code"] == by_cmd["json"]["exit_code"] == 3
 
 
 def test_cancel_on_the_page_stops_the_reported_program(make, clients, reported_programs):
