@@ -5880,22 +5880,29 @@ def _next_tail_file(current, path):
     return current
 
 
-def _follow_file(outbox, path, from_start, process, stop):
-    """--tail: FILE's lines, read as a program's output (tqdm, JSON lines,
-    log), from its start or its end, across rotation, until the process
-    exits (then what it wrote last is read), the run is cancelled, or
-    `stop` is set. Returns "exited", "cancelled" or "stopped"."""
-    output = _CommandOutput(outbox)
-    screen, decoder = _OutputScreen(), codecs.getincrementaldecoder("utf-8")("replace")
-    f = None
-    while f is None:
-        try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:          # not written yet (a job still queued)
-            if stop.wait(TAIL_POLL_S):
-                return "stopped"
+def _open_tail(path, from_start):
+    """--tail's file, at its start or its end; None while it does not exist
+    (a job still queued): then all it gets is read, from its start."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
     if not from_start:
         f.seek(0, os.SEEK_END)
+    return f
+
+
+def _follow_file(outbox, f, path, process, stop):
+    """--tail: FILE's lines (`f`, opened by _open_tail, or None), read as a
+    program's output (tqdm, JSON lines, log), across rotation, until the
+    process exits (then what it wrote last is read), the run is cancelled,
+    or `stop` is set. Returns "exited", "cancelled" or "stopped"."""
+    output = _CommandOutput(outbox)
+    screen, decoder = _OutputScreen(), codecs.getincrementaldecoder("utf-8")("replace")
+    while f is None:
+        f = _open_tail(path, from_start=True)
+        if f is None and stop.wait(TAIL_POLL_S):
+            return "stopped"
     try:
         while True:
             data = f.read(OUTPUT_READ_BYTES)
@@ -5937,17 +5944,13 @@ def _stop_process(identity, kill_after_s):
             time.sleep(COMMAND_POLL_S)
 
 
-def _report_tail(outbox, path, from_start, pid, kill_after_s):
-    """`report URL --tail FILE [--pid PID]`: the exit status."""
-    process = None
-    if pid is not None:
-        process = _process_identity(pid)
-        if not _process_alive(process):
-            raise _WatchError("no process %d runs here" % pid)
+def _report_tail(outbox, f, path, process, kill_after_s):
+    """`report URL --tail FILE [--pid PID]`, `f` opened and `process`
+    found before the run was: the exit status."""
     stop = threading.Event()
     ended = {}
     follower = threading.Thread(target=lambda: ended.update(
-        how=_follow_file(outbox, path, from_start, process, stop)), name="tail", daemon=True)
+        how=_follow_file(outbox, f, path, process, stop)), name="tail", daemon=True)
     follower.start()
     try:
         while follower.is_alive():
@@ -5960,10 +5963,10 @@ def _report_tail(outbox, path, from_start, pid, kill_after_s):
                          % (path, ", the job goes on" if process else ""))
         return 130
     if ended.get("how") == "exited":
-        _end_run(outbox, "complete", {"result": {"pid": pid}})
+        _end_run(outbox, "complete", {"result": {"pid": process["pid"]}})
         return 0
     if process is not None:
-        sys.stderr.write("cancelled on the page: stopping process %d\n" % pid)
+        sys.stderr.write("cancelled on the page: stopping process %d\n" % process["pid"])
         _stop_process(process, kill_after_s)
     else:
         sys.stderr.write("cancelled on the page: no longer following %s (the job was not "
@@ -6034,23 +6037,28 @@ def _report_main(argv):
     if (args.pid is not None or args.from_start) and not args.tail:
         p.error("--pid and --from-start go with --tail")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tailed = process = None
     try:
+        if args.pid is not None:
+            process = _process_identity(args.pid)
+            if not _process_alive(process):
+                raise _WatchError("no process %d runs here" % args.pid)
+        if args.tail:          # its end is where the run starts reading, whenever that is
+            tailed = _open_tail(args.tail, args.from_start)
         address = _RunAddress(args.url, token=args.token or os.environ.get("SSE_DEMO_TOKEN")
                               or None, cafile=args.cacert)
         outbox = _Outbox(address, args.title or (_program_name(command) if command
                                                  else os.path.basename(args.tail)))
         outbox.open()
-    except _WatchError as exc:
+    except (_WatchError, OSError) as exc:
+        if tailed is not None:
+            tailed.close()
         sys.stderr.write("error: %s\n" % exc)
         return 2
     try:
         if command:
             return _report_program(outbox, command, args.kill_after)
-        return _report_tail(outbox, args.tail, args.from_start, args.pid, args.kill_after)
-    except _WatchError as exc:
-        _end_run(outbox, "error", {"message": str(exc)})
-        sys.stderr.write("error: %s\n" % exc)
-        return 2
+        return _report_tail(outbox, tailed, args.tail, process, args.kill_after)
     finally:
         outbox.close()
 

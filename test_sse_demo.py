@@ -5886,6 +5886,12 @@ def test_report_tail_from_the_end_and_ctrl_c_ends_the_run_cancelled(make, client
     status, _, err = reporter.finish()
     assert status == 130 and "stopped following" in err
     assert watch(srv, sid).events()[-1]["event"] == "cancelled"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    status, _, err = clients("report", page_url(srv), "--tail", str(path), "--pid",
+                             str(gone.pid)).finish()
+    assert status == 2 and "no process %d runs here" % gone.pid in err
+    assert len(get_json(srv, "/runs")["runs"]) == 1          # no run was opened for it
 
 
 def test_reporter_reports_a_python_loop_with_three_lines(make):
