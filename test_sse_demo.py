@@ -30,7 +30,7 @@ import time
 import pytest
 
 import sse_demo
-from harness import (FAST, HERE, PATH_TOKEN, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream,
+from conftest import (FAST, HERE, PATH_TOKEN, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream,
                      cancel, control_key, free_port, get_json, ids, names, page_url, parse_head,
                      png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
                      start_run, status_of, stop_process, thread_count, wait_for, watch)

@@ -9,7 +9,7 @@ draw it.
     python3 bench/page_frames.py --checkout /tmp/old  # another checkout's server and page
 
 Needs Debian's `chromium` and pytest (it drives the browser with the tests'
-DevTools driver in harness.py). Everything stays on loopback.
+DevTools driver in conftest.py). Everything stays on loopback.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from harness import Browser, find_browser, free_port, stop_process   # noqa: E402
+from conftest import Browser, find_browser, free_port, stop_process   # noqa: E402
 
 RECORD_FRAMES = """(() => {
     window.benchGaps = [];
