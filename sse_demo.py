@@ -5569,6 +5569,7 @@ class _Outbox:
         self._ended = False                     # a terminal event was published
         self._done = False                      # the thread has stopped
         self._dropped = 0
+        self._sent_pending = False              # a batch is out, its answer not yet read
         self._thread = None
         self._connection = None
 
@@ -5645,8 +5646,6 @@ class _Outbox:
             log.warning("sse_demo report: %d events could not be delivered to %s",
                         left, self.address.base)
         return not left
-
-    _sent_pending = False       # a batch is out, its answer not yet read
 
     def _drop_oldest(self):
         """The buffer is full: drop its oldest progress event (or line)."""
@@ -5944,25 +5943,36 @@ def _stop_process(identity, kill_after_s):
             time.sleep(COMMAND_POLL_S)
 
 
+def _run_until_done_or_ctrl_c(name, work):
+    """Run `work()` in a thread of its own while this (the main) thread
+    waits in short joins, so that Ctrl-C reaches it as KeyboardInterrupt:
+    (work's result, or None; True when Ctrl-C came first)."""
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(result=work()), name=name,
+                              daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+    except KeyboardInterrupt:
+        return worker, None, True
+    return worker, done.get("result"), False
+
+
 def _report_tail(outbox, f, path, process, kill_after_s):
     """`report URL --tail FILE [--pid PID]`, `f` opened and `process`
     found before the run was: the exit status."""
     stop = threading.Event()
-    ended = {}
-    follower = threading.Thread(target=lambda: ended.update(
-        how=_follow_file(outbox, f, path, process, stop)), name="tail", daemon=True)
-    follower.start()
-    try:
-        while follower.is_alive():
-            follower.join(0.5)
-    except KeyboardInterrupt:
+    follower, how, interrupted = _run_until_done_or_ctrl_c(
+        "tail", lambda: _follow_file(outbox, f, path, process, stop))
+    if interrupted:
         stop.set()
         follower.join(5.0)
         _end_run(outbox, "cancelled", {})
         sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
                          % (path, ", the job goes on" if process else ""))
         return 130
-    if ended.get("how") == "exited":
+    if how == "exited":
         _end_run(outbox, "complete", {"result": {"pid": process["pid"]}})
         return 0
     if process is not None:
@@ -5980,23 +5990,15 @@ def _report_program(outbox, command, kill_after_s):
     groups = _CommandGroups()
     echo = {name: getattr(stream, "buffer", None) for name, stream in
             (("stdout", sys.stdout), ("stderr", sys.stderr))}
-    ended = {}
-    worker = threading.Thread(target=lambda: ended.update(status=_run_program(
-        outbox, command, kill_after_s, groups, echo)), name="program", daemon=True)
-    worker.start()
-    interrupted = False
     try:
-        while worker.is_alive():
-            worker.join(0.5)
-    except KeyboardInterrupt:
-        interrupted = True
-        outbox.cancel.set()                # the program gets SIGTERM, then --kill-after
-        worker.join(kill_after_s + 2.0)
+        worker, status, interrupted = _run_until_done_or_ctrl_c(
+            "program", lambda: _run_program(outbox, command, kill_after_s, groups, echo))
+        if interrupted:
+            outbox.cancel.set()            # the program gets SIGTERM, then --kill-after
+            worker.join(kill_after_s + 2.0)
+            return 130
     finally:
         groups.close()
-    status = ended.get("status")
-    if interrupted:
-        return 130
     if outbox.cancel.is_set():
         sys.stderr.write("cancelled on the page: the program was stopped\n")
         return 1
@@ -6275,18 +6277,24 @@ class SSEServer(http.server.ThreadingHTTPServer):
                      len(restored) + len(waiting), state_dir, len(waiting))
         return restored, sorted(waiting, key=lambda run: run[0]["started_ts"]), reported
 
-    def requeue(self, header, events):
-        """A run that waited in the queue when the server stopped waits again,
-        under its own id and keys; its ids go on past its journal's mark."""
-        session = self.registry.create(header["title"], header["params"], "queued",
+    def take_back(self, header, events, state):
+        """A run the journal holds that goes on (queued, or reported from
+        elsewhere): in the registry again under its own id and keys, its
+        held events replayed; its ids go on past its journal's mark."""
+        session = self.registry.create(header["title"], header["params"], state,
                                        header["session_id"], within_limit=False)
         session.started_ts = header["started_ts"]
-        for name in ("view_key", "control_key"):
+        for name in ("view_key", "control_key", "report_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
         session.replay(events)
         session.skip_ids(header.get("ids", 0))
         self.journal.guard_ids(session)
+        return session
+
+    def requeue(self, header, events):
+        """A run that waited in the queue when the server stopped waits again."""
+        session = self.take_back(header, events, "queued")
         try:     # the job may have changed since (an edited --cmd template)
             session.params = _parse_start_params(self.job,
                                                  [(list(header["params"].items()), True)])
@@ -6297,23 +6305,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.queue.submit(session)
 
     def resume_reported(self, header, events):
-        """A run reported from elsewhere goes on after a restart, under its
-        own id and keys, its record continued from its journal file; its
-        reporter's next post is taken, and its silence counts from now."""
-        session = self.registry.create(header["title"], header["params"], "running",
-                                       header["session_id"], within_limit=False)
-        session.started_ts = header["started_ts"]
+        """A run reported from elsewhere goes on after a restart: its record
+        continues from its journal file, its reporter's next post is taken,
+        and its silence counts from now."""
+        session = self.take_back(header, events, "running")
         session.started = time.monotonic() - max(0.0, time.time() - header["started_ts"])
-        for name in ("view_key", "control_key", "report_key"):
-            if isinstance(header.get(name), str):
-                setattr(session, name, header[name])
         session.record = _ContinuedRecord(_journal_path(self.state_dir, session.id),
                                           header["lines"], self.registry.record_bytes,
                                           session._lock)
-        session.replay(events)
         session.series = _Series.from_state(header["series"])
-        session.skip_ids(header.get("ids", 0))
-        self.journal.guard_ids(session)
         self.reported.add(session, header.get("received"))
 
     def open_reported_run(self, title, params):
