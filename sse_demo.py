@@ -6069,6 +6069,22 @@ def _report_main(argv):
 # The server and the command line
 ###############################################################################
 
+SIGNAL_CHECK_S = 0.1               # the main thread's longest wait while it stops the server
+
+
+def _join_until(thread, deadline):
+    """Wait for `thread` until `deadline` (monotonic), SIGNAL_CHECK_S at a
+    time. Python runs a signal's handler in the main thread only, between
+    two bytecodes, and a signal the kernel hands another thread does not
+    wake a main thread blocked in one long join: a second Ctrl-C while the
+    server waits for its runs must still act at once."""
+    while thread.is_alive():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        thread.join(min(SIGNAL_CHECK_S, left))
+
+
 def _tls_context(certfile, keyfile=None):
     """A server context for --certfile/--keyfile: TLS 1.2 or newer, and no
     renegotiation (the writer's non-blocking sends never wait on a peer's
@@ -6446,7 +6462,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + self.job.stop_grace_s
         for session in running:
             if session.worker is not None:
-                session.worker.join(max(0.0, deadline - time.monotonic()))
+                _join_until(session.worker, deadline)
         self.job.stop_all()      # a command that ignored SIGTERM: no orphan
         if self.journal:
             self.journal.stop()    # after the runs' last events
