@@ -4428,9 +4428,10 @@ class _ReportedRuns:
         self._runs = {}                  # session id -> _Reported
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread = None
 
     def start(self, supervisor):
-        supervisor.spawn("reporter watch", self._run)
+        self._thread = supervisor.spawn("reporter watch", self._run)
 
     def add(self, session, received=None):
         reported = _Reported(session, self.timeout_s, received, self.on_received)
@@ -4444,6 +4445,8 @@ class _ReportedRuns:
 
     def stop(self):
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
 
     def _run(self):
         while not self._stop.wait(REPORT_WATCH_S):
@@ -5642,6 +5645,8 @@ class _Outbox:
                 self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             left, self._done = len(self._items), True
             self._changed.notify()
+        if self._thread is not None:
+            self._thread.join(NOTIFY_TIMEOUT_S)    # at most one post still on its way
         if left:
             log.warning("sse_demo report: %d events could not be delivered to %s",
                         left, self.address.base)
