@@ -1396,6 +1396,23 @@ def watches_cancel(progress, cancel=None):
     return "never reached after cancel"
 
 
+SEEN = {}
+
+
+def waits_in_threads(progress, cancel=None):
+    SEEN["before"] = (cancel.is_set(), cancel.wait(0.01), cancel.wait(0), cancel.wait(-1))
+    woken = []
+    threads = [threading.Thread(target=lambda: woken.append(cancel.wait(30)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    progress(0, 1)
+    for thread in threads:
+        thread.join(30)
+    SEEN["woken"] = woken
+    SEEN["after"] = (cancel.is_set(), cancel.wait(0), cancel.wait())
+
+
 def unserialisable(progress):
     progress(1, 2, when=threading.Event())
 
@@ -1567,6 +1584,26 @@ def test_job_with_cancel_parameter_gets_the_event(make, jobs):
     assert names(events) == ["progress", "cancelled"]
     assert time.monotonic() - started < 5.0      # it waited on the event, not out its 30 s
     assert "result" not in events[-1]["json"]
+
+
+def test_the_cancel_flag_wakes_every_waiter_and_times_out_like_an_event(make, jobs):
+    """The flag a job is handed is not a threading.Event (issue 32: its
+    waits cost hundreds of runs a few points of a core) but behaves as
+    one: waits time out False, and set() wakes every waiter, at once."""
+    srv = make(job=jobs.waits_in_threads)
+    sid = start_run(srv)
+    stream = watch(srv, sid)
+    deadline = time.monotonic() + TIMEOUT
+    for _ in range(10):                          # (its retry: block comes first)
+        if stream.next_block(deadline).get("event") == "progress":
+            break
+    started = time.monotonic()
+    assert cancel(srv, sid)[0] == 202
+    assert stream.events()[-1]["event"] == "cancelled"
+    assert time.monotonic() - started < 5.0      # no waiter sat out its 30 s
+    assert jobs.SEEN["before"] == (False, False, False, False)
+    assert jobs.SEEN["woken"] == [True, True, True]
+    assert jobs.SEEN["after"] == (True, True, True)
 
 
 @pytest.mark.parametrize("job_name, message", [
