@@ -1203,15 +1203,21 @@ class _RunsFeed:
     and the ids of runs forgotten since. The events live in a Session of
     their own that never ends, so the stream writer serves it like a run's:
     ids, resume with Last-Event-ID, keepalives. Quiet runs cost nothing:
-    the thread sleeps until a run changes."""
+    the thread sleeps until a run changes. Nor does a feed nobody reads:
+    while no stream follows it, changes wait (the thread looks again each
+    interval), and a stream that starts publishes them first, so hundreds
+    of busy runs describe themselves only for a page that shows them."""
 
-    def __init__(self, describe, on_publish):
+    def __init__(self, describe, on_publish, followed=lambda session: True):
         self.session = _Session("runs", "runs", {}, on_publish, lambda session: None,
                                 record_bytes=0, history_bytes=RUNS_FEED_HISTORY_BYTES)
         self._describe = describe           # session -> its entry in the runs list
+        self._is_followed = followed        # session -> whether a stream follows it now
         self.key = secrets.token_urlsafe(TOKEN_BYTES)   # Pushpin's own requests for it carry
                                                         # this (behind a token; see _grip_hold)
         self._lock = threading.Lock()       # guards _changed, _gone
+        self._publishing = threading.Lock() # one publish at a time, so a run's entries go
+                                            # out in the order they were described
         self._changed = {}                  # session id -> session, in the order they changed
         self._gone = set()
         self._wake = threading.Event()
@@ -1248,17 +1254,24 @@ class _RunsFeed:
     def _run(self):
         while not self._stopping.is_set():
             self._wake.wait()
-            self._wake.clear()
-            self.publish_changes()
+            if self._followed():
+                self._wake.clear()
+                self.publish_changes()
             self._stopping.wait(RUNS_FEED_INTERVAL_S)   # what changes meanwhile goes in one event
 
+    def _followed(self):
+        return self._is_followed(self.session)
+
     def publish_changes(self):
-        with self._lock:
-            changed, gone = list(self._changed.values()), sorted(self._gone)
-            self._changed, self._gone = {}, set()
-        if changed or gone:
-            self.session.publish("runs", {"runs": [self._describe(s) for s in changed],
-                                          "gone": gone})
+        """Publish what changed since the last time (the feed's thread, and a
+        new follower's handler, which must not miss what was waiting)."""
+        with self._publishing:
+            with self._lock:
+                changed, gone = list(self._changed.values()), sorted(self._gone)
+                self._changed, self._gone = {}, set()
+            if changed or gone:
+                self.session.publish("runs", {"runs": [self._describe(s) for s in changed],
+                                              "gone": gone})
 
 
 ###############################################################################
@@ -1564,6 +1577,11 @@ class _StreamHub:
         connection.idle = True
         if not self.can_watch(sock) or not self._inbox.post(("park", connection)):
             sock.close()
+
+    def followed(self, session):
+        """Whether a stream follows `session` now (any thread: one look-up in
+        the writer's own map, at worst a turn out of date)."""
+        return session in self._by_session
 
     def notify(self, session):
         """A session has new events. Coalesced: the inbox holds a session at
@@ -5058,6 +5076,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         resume = _parse_last_event_id(self.headers.get("Last-Event-ID"), _parse_query(query))
         # A new follower starts now (it reads GET /runs for the present); a
         # returning one gets what it missed.
+        self.server.feed.publish_changes()
         last_id = feed.last_id if resume is None else feed.resume_after(resume)
         self.serve_stream(feed, last_id,
                           "feed=" + self.server.feed.key if self.server.access else None,
@@ -6196,7 +6215,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                       self.journal.note_received if self.journal else None)
         self.notifier = _Notifier(notify, notify_key, notify_format) if notify else None
         self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
-                              self.on_feed_publish)
+                              self.on_feed_publish,
+                              lambda session: self.grip is not None or self.hub.followed(session))
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.

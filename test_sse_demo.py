@@ -1798,6 +1798,7 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
 
 def test_runs_events_push_each_change_of_the_runs_list(make):
     srv = make(session_ttl_s=0.5)
+    earlier = Stream(srv, "/runs/events")          # (the feed describes runs for a reader)
     before = start_run(srv, iterations=2, **FAST)
     watch(srv, before).events()
 
@@ -1806,6 +1807,7 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
         return any(run["session_id"] == sid and run["state"] == state
                    for event in events for run in json.loads(event.json)["runs"])
     wait_for(lambda: published(before, "complete"), what="the feed to tell of the first run")
+    earlier.close()
     history = srv.server.feed.session.last_id      # (it may still tell of it once more)
     feed = Stream(srv, "/runs/events")
     assert feed.status == 200 and feed.headers["content-type"] == "text/event-stream"
@@ -1855,6 +1857,27 @@ def test_runs_events_resume_after_the_last_event_id(make):
             break
     resumed.close()
     assert second in got and int(block["id"]) >= 1 and first
+
+
+def test_the_runs_feed_describes_runs_only_while_a_stream_follows_it(make, monkeypatch):
+    """Describing every busy run four times a second cost hundreds of runs
+    a few points of a core (issue 32) for a runs panel nobody had open.
+    With no reader the changes wait; the next reader's connection
+    publishes them, so one that returns with Last-Event-ID loses none."""
+    monkeypatch.setattr(sse_demo, "RUNS_FEED_INTERVAL_S", 0.01)
+    srv = make()
+    sid = start_run(srv, iterations=3, tick=0.01, update_every=1)
+    assert watch(srv, sid).events()[-1]["event"] == "complete"
+    # A negative, so a bounded pause: twenty of the feed's intervals
+    time.sleep(20 * sse_demo.RUNS_FEED_INTERVAL_S)
+    assert srv.server.feed.session.last_id == 0
+    resumed = Stream(srv, "/runs/events", {"Last-Event-ID": "0"})
+    deadline = time.monotonic() + TIMEOUT
+    block = next(b for b in iter(lambda: resumed.next_block(deadline), None) if "event" in b)
+    resumed.close()
+    runs = json.loads(block["data"])["runs"]
+    assert block["event"] == "runs" and block["id"] == "1"
+    assert [(run["session_id"], run["state"]) for run in runs] == [(sid, "complete")]
 
 
 def test_runs_events_need_the_operator(guarded):
@@ -5395,12 +5418,14 @@ def test_the_runs_feed_holds_a_bounded_number_of_bytes(make, monkeypatch):
     monkeypatch.setattr(sse_demo, "RUNS_FEED_HISTORY_BYTES", 20000)
     monkeypatch.setattr(sse_demo, "RUNS_FEED_INTERVAL_S", 0.01)
     srv = make(concurrency=1, max_queue=60)
+    reader = Stream(srv, "/runs/events")       # a page that shows the list, never read here
     sids = [start_run(srv, iterations=3, tick=0.02, update_every=1) for _ in range(40)]
     for sid in sids:
         assert watch(srv, sid).events()[-1]["event"] == "complete"
     feed = srv.server.feed.session
     wait_for(lambda: feed.events_after(0, 10 ** 6)[-1].json.count(b'"complete"'),
              what="the feed to tell of the last run's end")
+    reader.close()
     held = feed.events_after(0, 10 ** 6)
     assert feed.last_id > len(held) >= 1                      # older events went
     assert sum(len(event.chunk) for event in held) <= 20000 or len(held) == 1
