@@ -1430,6 +1430,13 @@ class _Inbox:
                 pass    # closed: nothing is listening any more
         return True
 
+    def hold_wakeups(self):
+        """(The writer) it will take the inbox soon of its own accord: until
+        then a post need not send a wake-up byte (a system call for the
+        publisher, and one more for the writer)."""
+        with self._lock:
+            self._woken = True
+
     def take(self):
         """(The writer) everything posted so far; a `stop` among it closes
         the inbox: what is queued still runs, nothing more comes."""
@@ -1523,6 +1530,7 @@ class _StreamHub:
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._last_events_turn = 0.0         # when a turn last wrote events (see _turn)
+        self._gathering = False              # the next select is a pause while events gather
         self._by_session = {}                # session -> {subscriber: None}
         self._timers = _Timers()
         self._stopping = False
@@ -1615,22 +1623,31 @@ class _StreamHub:
         the select, its recv) between threads that all want it. When events
         come faster than WRITER_GATHER_S apart (hundreds of runs at once),
         the writer lets them gather that long before its next turn: a turn
-        then writes several, and a publisher whose event finds the writer
-        not yet taken wakes nobody. An event that comes alone is written at
-        once."""
-        for key, mask in self._selector.select(0 if self._work else self._timers.delay()):
+        then writes several. The pause is the next select's timeout, and
+        the inbox holds its wake-ups meanwhile, so a publisher during the
+        pause sends no byte and the writer reads none (sockets that turn
+        ready still end the pause). An event that comes alone is written
+        at once."""
+        timeout = 0 if self._work else self._timers.delay()
+        if self._gathering:
+            timeout = WRITER_GATHER_S if timeout is None else min(timeout, WRITER_GATHER_S)
+        for key, mask in self._selector.select(timeout):
             if key.data is None:
                 self._drain_inbox()
             else:
                 self._serving = key.data
                 self._on_ready(key.data, mask)
+        if self._gathering:
+            self._gathering = False
+            self._drain_inbox()
         wrote = self._do_work()
         self._run_timers()
         self._serving = None
         if wrote:
             now = time.monotonic()
             if now - self._last_events_turn < WRITER_GATHER_S:
-                time.sleep(WRITER_GATHER_S)
+                self._gathering = True       # the next select is the pause; posts
+                self._inbox.hold_wakeups()   # meanwhile wake nobody
             self._last_events_turn = now
 
     def _survive(self, failures):
