@@ -373,8 +373,16 @@ class _Series:
             self.buckets = _merge_buckets(self.buckets, 2)
             self.width *= 2
             index //= 2
+        bucket = self.buckets.get(index)
+        if bucket is None and list(fields) == self.names:
+            # A new bucket of the fields it has had so far: the common case
+            row = [iteration]
+            for value in fields.values():
+                row += (value, value, value)
+            self.buckets[index] = tuple(row)
+            return
         slots = [(3 * self._slot(name), value) for name, value in fields.items()]
-        bucket = self.buckets.get(index) or (iteration,)
+        bucket = bucket or (iteration,)
         values = list(bucket[1:]) + [None] * (3 * len(self.names) - len(bucket) + 1)
         for k, value in slots:
             if values[k + 2] is None:
@@ -495,6 +503,7 @@ class _Record:
         self.size = 0
         self.dropped_logs = 0
         self.changed = threading.Condition(lock)
+        self.readers = 0           # /log?follow readers waiting on `changed`
 
     def add(self, held):
         self.items.append((self.end, held))
@@ -502,7 +511,8 @@ class _Record:
         self.size += len(held[2]) + RECORD_ITEM_OVERHEAD
         if self.size > self.budget:
             self._shrink()
-        self.changed.notify_all()
+        if self.readers:
+            self.changed.notify_all()
 
     def _shrink(self):
         progress = [i for i, (_, kept) in enumerate(self.items[:-1])
@@ -780,7 +790,11 @@ class _Session:
         has ended, at most `timeout` seconds."""
         with self._lock:
             if self.record.end <= position and self.terminal_id is None:
-                self.record.changed.wait(timeout)
+                self.record.readers += 1
+                try:
+                    self.record.changed.wait(timeout)
+                finally:
+                    self.record.readers -= 1
 
     def record_ended(self, position):
         """Has the run ended, and has a reader at `position` read its record whole?"""
