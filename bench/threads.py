@@ -6,7 +6,9 @@ run threads are alive (the sessions scenario's 500 runs), reads each
 thread's CPU time (/proc/self/task/<tid>/schedstat: nanoseconds on a CPU,
 exact, where the ticks of /proc/.../stat miss threads that run for
 microseconds at a time) twice, 10 s apart, and writes the split by kind of
-thread to --out. Linux only, standard library only.
+thread to --out. Linux only, standard library only. The window must end
+before the runs do: 10 s suits the full size (20 s runs); for --quick
+(4 s runs) give --window 1.
 
     python3 bench/load.py --scenarios sessions \\
         --server 'python3 bench/threads.py --out /tmp/threads.txt sse_demo.py --port {port}'
@@ -23,7 +25,6 @@ import threading
 import time
 
 KINDS = ("job", "stream-writer", "runs-feed", "journal", "grip", "reporter")
-WINDOW_S = 10.0
 
 
 def kind(name):
@@ -49,16 +50,16 @@ def cpu_by_thread():
     return cpu
 
 
-def measure(out, runs):
+def measure(out, runs, window_s):
     deadline = time.monotonic() + 120
     while sum(kind(t.name) == "job" for t in threading.enumerate()) < runs:
         if time.monotonic() > deadline:
             return
         time.sleep(0.2)
-    time.sleep(2)                             # past the starts
+    time.sleep(min(2.0, window_s))            # past the starts
     me = threading.get_native_id()
     before, started = cpu_by_thread(), time.monotonic()
-    time.sleep(WINDOW_S)
+    time.sleep(window_s)
     after, wall = cpu_by_thread(), time.monotonic() - started
     split = {}
     for tid, (name, seconds) in after.items():
@@ -74,17 +75,15 @@ def measure(out, runs):
 
 def main():
     args = sys.argv[1:]
-    out, runs = "threads.txt", 400
-    while args and args[0] in ("--out", "--runs"):
-        if args[0] == "--out":
-            out = args[1]
-        else:
-            runs = int(args[1])
+    options = {"--out": "threads.txt", "--runs": "400", "--window": "10"}
+    while args and args[0] in options and len(args) > 1:
+        options[args[0]] = args[1]
         args = args[2:]
     if not args:
         sys.exit(__doc__)
     path = os.path.abspath(args[0])
-    threading.Thread(target=measure, args=(out, runs), daemon=True, name="sampler").start()
+    window = (options["--out"], int(options["--runs"]), float(options["--window"]))
+    threading.Thread(target=measure, args=window, daemon=True, name="sampler").start()
     sys.argv = [path] + args[1:]
     sys.path.insert(0, os.path.dirname(path))
     spec = importlib.util.spec_from_file_location("__main__", path)
