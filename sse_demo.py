@@ -1268,13 +1268,10 @@ class _RunsFeed:
     def _run(self):
         while not self._stopping.is_set():
             self._wake.wait()
-            if self._followed():
+            if self._is_followed(self.session):
                 self._wake.clear()
                 self.publish_changes()
             self._stopping.wait(RUNS_FEED_INTERVAL_S)   # what changes meanwhile goes in one event
-
-    def _followed(self):
-        return self._is_followed(self.session)
 
     def publish_changes(self):
         """Publish what changed since the last time (the feed's thread, and a
