@@ -1222,7 +1222,7 @@ class _RunsFeed:
     interval), and a stream that starts publishes them first, so hundreds
     of busy runs describe themselves only for a page that shows them."""
 
-    def __init__(self, describe, on_publish, followed=lambda session: True):
+    def __init__(self, describe, on_publish, followed):
         self.session = _Session("runs", "runs", {}, on_publish, lambda session: None,
                                 record_bytes=0, history_bytes=RUNS_FEED_HISTORY_BYTES)
         self._describe = describe           # session -> its entry in the runs list

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-KINDS = ("job", "stream-writer", "runs-feed", "journal", "grip", "reporter")
+KINDS = ("job", "stream-writer", "runs-feed", "journal", "grip", "notifier", "reporter")
 
 
 def kind(name):
