@@ -873,6 +873,8 @@ class _Session:
             history = self._history            # held events: (id, name, chunk)
             if not history:
                 return []
+            if history[-1][0] == event_id + 1:
+                return [history[-1]]           # the newest alone: a live stream's usual turn
             start = max(0, event_id + 1 - history[0][0])
             if start < len(history) and history[start][0] != max(event_id + 1, history[0][0]) \
                     or start >= len(history) and history[-1][0] > event_id:
@@ -1448,19 +1450,23 @@ class _Inbox:
         with self._lock:
             self._woken = True
 
-    def take(self):
+    def take(self, woken):
         """(The writer) everything posted so far; a `stop` among it closes
-        the inbox: what is queued still runs, nothing more comes."""
-        try:
-            self.wake_r.recv(4096)      # one byte per wake-up: see _woken
-        except (BlockingIOError, InterruptedError):
-            pass
+        the inbox: what is queued still runs, nothing more comes. `woken`:
+        select() found wake-up bytes to read (one per wake-up, see _woken).
+        Otherwise none is read: a byte that comes after the select wakes
+        the next one, which finds the inbox empty or not."""
+        if woken:
+            try:
+                self.wake_r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                pass
         with self._lock:
             items = list(self._items)
             self._items.clear()
             self._once.clear()
             self._woken = False
-            if any(kind == "stop" for kind, _ in items):
+            if ("stop", None) in items:
                 self.closed = True
         return items
 
@@ -1644,13 +1650,13 @@ class _StreamHub:
             timeout = WRITER_GATHER_S if timeout is None else min(timeout, WRITER_GATHER_S)
         for key, mask in self._selector.select(timeout):
             if key.data is None:
-                self._drain_inbox()
+                self._drain_inbox(woken=True)
             else:
                 self._serving = key.data
                 self._on_ready(key.data, mask)
         if self._gathering:
             self._gathering = False
-            self._drain_inbox()
+            self._drain_inbox(woken=False)
         wrote = self._do_work()
         self._run_timers()
         self._serving = None
@@ -1682,8 +1688,8 @@ class _StreamHub:
             self._work.extend(self._inbox.close())
             self._stopping = True
 
-    def _drain_inbox(self):
-        self._work.extend(self._inbox.take())
+    def _drain_inbox(self, woken):
+        self._work.extend(self._inbox.take(woken))
         if self._inbox.closed:
             self._stopping = True     # take nothing more; what is queued still runs
 
@@ -1766,7 +1772,8 @@ class _StreamHub:
                 sub.blocked_since = None
             if sent == len(sub.pending):
                 sub.pending = b""
-                self._update_selector(sub, sub.reading, writing=False)
+                if sub.writing:
+                    self._update_selector(sub, sub.reading, writing=False)
                 return True
             sub.pending = memoryview(sub.pending)[sent:]
             if sent < len(piece):
@@ -2334,37 +2341,40 @@ class Progress:
         if stage is not None:
             self._stage = str(stage)
         self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
-        self._publish(fields)
+        _check_fields(fields)
+        self._report(done, total, self._stage, fields=fields)
 
     def bar(self, label, total=None):
         """A bar nested inside the current position (batches inside an
         epoch): the run's percent then counts its fraction too."""
         return Bar(self, 1, label, total)
 
-    def _report(self, done, total=None, stage=None, bars=None, **fields):
+    def _report(self, done, total=None, stage=None, bars=None, fields=None):
         """Publish a progress event, even after Cancel: a command's output
-        stays progress while it stops. `bars`: [label, done, total] levels."""
-        levels = bars or [[stage, done, total]]
-        if len(levels) < 2:
+        stays progress while it stops. `bars`: [label, done, total] levels,
+        two or more (one is `done` and `total`)."""
+        if bars is None:
             data = {"iteration": done, "total": total}
             if total:
                 data["percent"] = round(100.0 * done / total, 2)
         else:
-            data = _whole_run(levels)
+            data = _whole_run(bars)
             data["bars"] = [{"label": label or "", "done": d, "total": t}
-                            for label, d, t in levels]
+                            for label, d, t in bars]
         if stage:
             data["stage"] = stage
-        data.update(fields)
+        if fields:
+            data.update(fields)
         self._session.publish("progress", data)
 
     def _publish(self, fields):
+        """A nested bar moved: publish every level."""
         _check_fields(fields)
         levels = self._levels
         if len(levels) > 1:
-            self._report(None, stage=self._stage, bars=levels, **fields)
+            self._report(None, stage=self._stage, bars=levels, fields=fields)
         else:
-            self._report(levels[0][1], levels[0][2], self._stage, **fields)
+            self._report(levels[0][1], levels[0][2], self._stage, fields=fields)
 
     def _check_cancel(self):
         if self._session.cancel.is_set():
@@ -3128,9 +3138,9 @@ class _CommandOutput:
             fields["rate"] = rate
         try:
             if len(levels) == 1:
-                self._progress._report(levels[0][1], levels[0][2], stage, **fields)
+                self._progress._report(levels[0][1], levels[0][2], stage, fields=fields)
             else:
-                self._progress._report(None, stage=stage, bars=levels, **fields)
+                self._progress._report(None, stage=stage, bars=levels, fields=fields)
         except (TypeError, ValueError):
             log.debug("progress from a bar not published", exc_info=True)
 
@@ -3174,7 +3184,7 @@ class _CommandOutput:
                 done, total, fields = progress
                 stage = fields.pop("stage", None)
                 self._progress._report(done, total, stage if isinstance(stage, str) else None,
-                                       **fields)
+                                       fields=fields)
                 return
         except (TypeError, ValueError):
             pass    # fields that are not JSON: show the line as it is
@@ -4377,10 +4387,11 @@ def _reported_call(index, item):
         if clash:
             raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
         if bars is not None:
-            return "_report", (None,), dict(fields, stage=stage,
-                                             bars=_reported_bars(where + ".bars", bars))
+            return "_report", (None,), {"stage": stage, "fields": fields,
+                                        "bars": _reported_bars(where + ".bars", bars)}
         return "_report", (_check_reported_number(where + ".done", done),
-                           _check_reported_number(where + ".total", total, True), stage), fields
+                           _check_reported_number(where + ".total", total, True), stage), \
+            {"fields": fields}
     if name == "log":
         message, level = fields.pop("message", None), fields.pop("level", "info")
         stream = fields.pop("stream", None)

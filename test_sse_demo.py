@@ -5616,6 +5616,21 @@ def test_a_reported_run_takes_its_events_in_order_once_and_streams_them_like_any
     assert log_text.decode().endswith(" warning checkpoint saved\n")
 
 
+def test_a_reported_single_bar_gives_the_runs_position(make):
+    """`bars` of one level is the whole run: iteration, total and percent
+    come from it (they were null)."""
+    srv = make()
+    opened = open_reported(srv)
+    one_bar = [{"event": "progress", "stage": "copy",
+                "bars": [{"label": "files", "done": 4, "total": 16}]}]
+    assert post_events(srv, opened, one_bar, seq=0)[0] == 200
+    assert post_events(srv, opened, [{"event": "complete"}], seq=1)[0] == 200
+    progress = [e["json"] for e in watch(srv, opened["session_id"]).events()][1]
+    assert {k: progress[k] for k in ("iteration", "total", "percent", "stage")} == {
+        "iteration": 4, "total": 16, "percent": 25.0, "stage": "copy"}
+    assert progress["bars"] == [{"label": "files", "done": 4, "total": 16}]
+
+
 @pytest.mark.parametrize("body, field", [
     ({"events": [{"event": "progres", "done": 1}]}, "events[0].event"),
     ({"events": [{"event": "progress", "done": "3"}]}, "events[0].done"),
