@@ -165,8 +165,8 @@ MAX_BODY_BYTES = 64 * 1024
 HISTORY_LIMIT = 1000               # events a session holds for late joiners and resume
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
-WRITER_GATHER_S = 0.001            # when events come faster than this, the writer lets them
-                                   # gather this long between turns (see _StreamHub._turn)
+WRITER_GATHER_S = 0.001            # when events come faster than one per this, the writer
+                                   # lets them gather this long between turns (_StreamHub._turn)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
@@ -1638,13 +1638,15 @@ class _StreamHub:
         Each turn that finds events costs a wake-up, and each wake-up three
         hand-offs of the interpreter's lock (the publisher's wake-up byte,
         the select, its recv) between threads that all want it. When events
-        come faster than WRITER_GATHER_S apart (hundreds of runs at once),
-        the writer lets them gather that long before its next turn: a turn
-        then writes several. The pause is the next select's timeout, and
-        the inbox holds its wake-ups meanwhile, so a publisher during the
-        pause sends no byte and the writer reads none (sockets that turn
-        ready still end the pause). An event that comes alone is written
-        at once."""
+        come faster than one every WRITER_GATHER_S (hundreds of runs at
+        once), the writer lets them gather that long before its next turn:
+        a turn then writes several. The rate is the runs a turn wrote over
+        the time since the last turn that wrote, so a pause that gathered
+        several is followed by another while the rate lasts. The pause is
+        the next select's timeout, and the inbox holds its wake-ups
+        meanwhile, so a publisher during the pause sends no byte and the
+        writer reads none (sockets that turn ready still end the pause). An
+        event that comes alone is written at once."""
         timeout = 0 if self._work else self._timers.delay()
         if self._gathering:
             timeout = WRITER_GATHER_S if timeout is None else min(timeout, WRITER_GATHER_S)
@@ -1662,7 +1664,7 @@ class _StreamHub:
         self._serving = None
         if wrote:
             now = time.monotonic()
-            if now - self._last_events_turn < WRITER_GATHER_S:
+            if now - self._last_events_turn < wrote * WRITER_GATHER_S:
                 self._gathering = True       # the next select is the pause; posts
                 self._inbox.hold_wakeups()   # meanwhile wake nobody
             self._last_events_turn = now
@@ -1695,13 +1697,13 @@ class _StreamHub:
 
     def _do_work(self):
         """Inbox items, one at a time: if one fails, the rest stay for the
-        next turn. True when it wrote a run's new events."""
-        wrote = False
+        next turn. Returns how many runs' new events it wrote."""
+        wrote = 0
         while self._work:
             kind, value = self._work.popleft()
             self._serving = value if isinstance(value, _Connection) else None
             if kind == "events":
-                wrote = True
+                wrote += 1
                 self._write_new_events(value)
             elif kind == "attach":
                 self._add(value)
