@@ -68,7 +68,7 @@ Threads, and what each owns
   without blocking, sends keepalives, closes stuck readers, and resumes a
   parked connection in the HTTP server when its next request arrives. So an
   idle stream costs no thread, and an event no thread wake-up per viewer.
-  When events come faster than a millisecond apart (hundreds of runs at
+  When events come faster than one a millisecond (hundreds of runs at
   once), it lets them gather that long between turns, so that one wake-up
   writes several.
 - one worker per running run (``job-...``): runs the job and publishes its
