@@ -2353,8 +2353,8 @@ class Progress:
 
     def _report(self, done, total=None, stage=None, bars=None, fields=None):
         """Publish a progress event, even after Cancel: a command's output
-        stays progress while it stops. `bars`: [label, done, total] levels,
-        two or more (one is `done` and `total`)."""
+        stays progress while it stops. `bars`, in place of `done` and
+        `total`: [label, done, total] levels, outermost first."""
         if bars is None:
             data = {"iteration": done, "total": total}
             if total:
@@ -2370,13 +2370,9 @@ class Progress:
         self._session.publish("progress", data)
 
     def _publish(self, fields):
-        """A nested bar moved: publish every level."""
+        """A nested bar moved: publish every level (two or more)."""
         _check_fields(fields)
-        levels = self._levels
-        if len(levels) > 1:
-            self._report(None, stage=self._stage, bars=levels, fields=fields)
-        else:
-            self._report(levels[0][1], levels[0][2], self._stage, fields=fields)
+        self._report(None, stage=self._stage, bars=self._levels, fields=fields)
 
     def _check_cancel(self):
         if self._session.cancel.is_set():
