@@ -6041,7 +6041,10 @@ def test_browser_shows_a_reported_run_like_any_other_and_the_operator_cancels_it
     browser.wait_for("!!document.body && document.body.dataset.job === 'loaded'")
     browser.open(page_url(srv) + "#session=" + opened["session_id"])
     browser.wait_for(STATE + " === 'live' && seenId >= 3")
-    assert browser.element("title") == "train on node 7 (reported)"
+    # The title and the note under it come with the run's /status, which
+    # races the stream: wait for them, not only for the events.
+    browser.wait_for("document.getElementById('title').textContent === "
+                     "'train on node 7 (reported)'")
     browser.wait_for("document.getElementById('bar').value === 50")
     screenshot_sizes(browser, tmp_path, "reported-run")
     text = browser.evaluate("document.body.innerText")
