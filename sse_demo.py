@@ -943,39 +943,54 @@ class _Registry:
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
                  record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
-                 on_end=lambda session: None):
-        self.max_sessions = max_sessions
+                 on_end=lambda session: None, job_limit=None):
+        self.max_sessions = max_sessions  # runs going on at once, reported ones included,
+        self.job_limit = job_limit        # unless a queue bounds the server's own: then this
         self._on_end = on_end            # after a run's terminal event: the queue moves on
         self.record_bytes = record_bytes
         self._on_process = on_process
         self.session_ttl_s = session_ttl_s
         self._on_publish = on_publish
         self._on_forget = on_forget      # an expired session's journal goes too
-        self._lock = threading.Lock()    # guards _sessions, _ended, _running
+        self._lock = threading.Lock()    # guards _sessions, _ended, _running, _reported
         self._sessions = {}
         self._ended = collections.deque()  # sessions in the order they ended
-        self._running = 0
+        self._running = 0                # sessions not ended (queued ones too),
+        self._reported = 0               # of which runs reported from elsewhere
 
-    def create(self, title, params, state="running", session_id=None, within_limit=True):
-        """A new session; raises TooBusy at the cap, unless it is a queued
-        run read back (a restart with a lower cap still keeps it)."""
+    def create(self, title, params, state="running", session_id=None, within_limit=True,
+               report_key=None):
+        """A new session; raises TooBusy at its cap, unless it is a run read
+        back (a restart with a lower cap still keeps it). A run reported
+        from elsewhere (`report_key`) counts toward --max-sessions alone;
+        the server's own runs toward the queue's bound when there is one."""
         with self._lock:
             self._expire()
-            if within_limit and self._running >= self.max_sessions:
+            own = self.job_limit is not None and report_key is None
+            limit = self.job_limit if own else self.max_sessions
+            counted = self._running - self._reported if own else \
+                self._reported if self.job_limit is not None else self._running
+            if within_limit and counted >= limit:
                 raise _TooBusy(429, "too many running sessions (limit %d); try again later"
-                               % self.max_sessions)
+                               % limit)
             session = _Session(session_id or _new_session_id(), title, params,
                                self._on_publish, self._session_ended, self.record_bytes,
                                self._on_process, state)
+            session.report_key = report_key
             self._sessions[session.id] = session
-            self._running += 1
+            self._count(session, 1)
             return session
+
+    def _count(self, session, step):
+        self._running += step
+        if session.report_key is not None:
+            self._reported += step
 
     def discard(self, session):
         """Forget a session whose worker never started."""
         with self._lock:
             if self._sessions.pop(session.id, None) is not None and session.ended_at is None:
-                self._running -= 1
+                self._count(session, -1)
 
     def get(self, session_id):
         with self._lock:
@@ -1015,7 +1030,7 @@ class _Registry:
     def _session_ended(self, session):
         with self._lock:
             if session.id in self._sessions:
-                self._running -= 1
+                self._count(session, -1)
                 self._ended.append(session)
         self._on_end(session)
 
@@ -2319,6 +2334,23 @@ def _whole_run(levels):
     return data
 
 
+def _progress_data(done, total=None, stage=None, bars=None, fields=None):
+    """A progress event's data. `bars`, in place of `done` and `total`:
+    [label, done, total] levels, outermost first."""
+    if bars is None:
+        data = {"iteration": done, "total": total}
+        if total:
+            data["percent"] = round(100.0 * done / total, 2)
+    else:
+        data = _whole_run(bars)
+        data["bars"] = [{"label": label or "", "done": d, "total": t} for label, d, t in bars]
+    if stage:
+        data["stage"] = stage
+    if fields:
+        data.update(fields)
+    return data
+
+
 def _check_fields(fields):
     if not RESERVED_FIELDS.isdisjoint(fields):
         clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
@@ -2353,21 +2385,8 @@ class Progress:
 
     def _report(self, done, total=None, stage=None, bars=None, fields=None):
         """Publish a progress event, even after Cancel: a command's output
-        stays progress while it stops. `bars`, in place of `done` and
-        `total`: [label, done, total] levels, outermost first."""
-        if bars is None:
-            data = {"iteration": done, "total": total}
-            if total:
-                data["percent"] = round(100.0 * done / total, 2)
-        else:
-            data = _whole_run(bars)
-            data["bars"] = [{"label": label or "", "done": d, "total": t}
-                            for label, d, t in bars]
-        if stage:
-            data["stage"] = stage
-        if fields:
-            data.update(fields)
-        self._session.publish("progress", data)
+        stays progress while it stops."""
+        self._session.publish("progress", _progress_data(done, total, stage, bars, fields))
 
     def _publish(self, fields):
         """A nested bar moved: publish every level (two or more)."""
@@ -2383,12 +2402,17 @@ class Progress:
         blocks; a message over LOG_MESSAGE_LIMIT characters is cut."""
         if level not in LOG_LEVELS:
             raise ValueError("log level must be one of %s, not %r" % (", ".join(LOG_LEVELS), level))
-        text = str(message)
-        if len(text) > LOG_MESSAGE_LIMIT:
-            text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
-        data = {"message": text, "level": level}
-        data.update(extra)
-        self._session.publish("log", data)
+        self._session.publish("log", _log_data(message, level, **extra))
+
+
+def _log_data(message, level, **extra):
+    """A log event's data; a message over LOG_MESSAGE_LIMIT characters is cut."""
+    text = str(message)
+    if len(text) > LOG_MESSAGE_LIMIT:
+        text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
+    data = {"message": text, "level": level}
+    data.update(extra)
+    return data
 
 
 def _run_job(session, job, params, pass_cancel):
@@ -3212,7 +3236,7 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
     groups.add(process.pid)
     output = _CommandOutput(session, echo)
     readers = [threading.Thread(target=output.read, args=(pipe, name), daemon=True,
-                                name="output-" + session.id[:8])
+                                name="output-%d" % process.pid)
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
     try:
         session.note_process(_process_identity(process.pid))
@@ -3796,7 +3820,7 @@ def _read_journal(path, session_id):
     a journal of that run that this version can read."""
     events = collections.deque(maxlen=HISTORY_LIMIT)
     series, latest, lines, only_queued, last_id = _Series(), {}, 0, True, 0
-    problem, ended = None, False
+    problem, ended, counted = None, False, None
     with open(path, "rb") as f:
         first = f.readline()
         header = _read_journal_header(first)
@@ -3823,6 +3847,8 @@ def _read_journal(path, session_id):
                     header[note] = max(header.get("ids", 0), record[note]) if note == "ids" \
                         else record[note]
                     good += len(line)
+                    if note == "received":
+                        counted = (good, lines, last_id)
                     continue
                 event = (record["id"], record["event"], record["data"])
                 if event[0] is None and event[1] == "log" and isinstance(event[2], dict):
@@ -3842,6 +3868,14 @@ def _read_journal(path, session_id):
                 latest = event[2]
                 series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
             ended = event[1] in TERMINAL_STATES
+    if counted is not None and not ended and last_id > counted[2]:
+        # A reported run's events past its last count are a batch the crash
+        # cut short: set aside, they come again with the reporter's resend.
+        # (Its progress points stay in the series, where the same again
+        # changes nothing.)
+        good, lines, last_id = counted
+        events = collections.deque(e for e in events if e[0] <= last_id)
+        problem = problem or "events past the reporter's last counted batch"
     if header.get("series") is None:
         series.last_id = last_id
         header["series"] = series.state()
@@ -4104,15 +4138,16 @@ class _HTTPError(Exception):
     for a bad /start parameter its name (so a form can show the reason next
     to that field)."""
 
-    def __init__(self, status, message, headers=None, param=None):
+    def __init__(self, status, message, headers=None, param=None, extra=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
         self.param = param
+        self.extra = extra or {}     # more for the JSON body
 
     def body(self):
-        data = {"error": self.message}
+        data = dict(self.extra, error=self.message)
         if self.param is not None:
             data["param"] = self.param
         return data
@@ -4321,8 +4356,18 @@ REPORT_BATCH_EVENTS = 10000        # events in one batch
 REPORT_TITLE_LIMIT = 200           # characters of a reported run's title
 REPORT_COUNT_LIMIT = 1e15          # a reported done or total: the percent made from it stays
                                    # finite
+REPORT_BARS_LIMIT = 8               # nested levels of a reported progress event
 REPORTED_EVENTS = ("progress", "log", "complete", "error", "cancelled")
 REPORT_PATH = re.compile(r"/runs/(%s)/events" % SESSION_ID_PATTERN)
+
+
+def _json_body(body, error):
+    """A request body as JSON; raises error("body", reason) when it is not
+    (100,000 nested brackets are not: the parser's RecursionError)."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error("body", "not valid JSON: %s" % _describe_exception(exc))
 
 
 class _BadReport(ValueError):
@@ -4347,8 +4392,9 @@ def _check_reported_number(field, value, may_be_none=False):
 
 def _reported_bars(field, bars):
     """[label, done, total] levels from a batch's `bars`."""
-    if not isinstance(bars, list) or not bars:
-        raise _BadReport(field, "must be a non-empty list of {label, done, total}")
+    if not isinstance(bars, list) or not 0 < len(bars) <= REPORT_BARS_LIMIT:
+        raise _BadReport(field, "must be a list of 1 to %d {label, done, total}"
+                         % REPORT_BARS_LIMIT)
     levels = []
     for i, bar in enumerate(bars):
         where = "%s[%d]" % (field, i)
@@ -4363,9 +4409,9 @@ def _reported_bars(field, bars):
 
 
 def _reported_call(index, item):
-    """One event of a batch as the call that publishes it: (method name,
-    args, kwargs) on a `Progress`, or ("end", state, fields). Raises
-    BadReport naming the field."""
+    """One event of a batch as what will be published: (name, data) for a
+    progress or log event, its data made as a job's are; (state, fields)
+    for the run's end. Raises BadReport naming the field."""
     where = "events[%d]" % index
     if not isinstance(item, dict):
         raise _BadReport(where, "must be an object with an `event`")
@@ -4374,22 +4420,7 @@ def _reported_call(index, item):
         raise _BadReport(where + ".event", "must be one of %s" % ", ".join(REPORTED_EVENTS))
     fields = {k: v for k, v in item.items() if k != "event"}
     if name == "progress":
-        stage = fields.pop("stage", None)
-        if stage is not None and not isinstance(stage, str):
-            raise _BadReport(where + ".stage", "must be a string")
-        done = fields.pop("done", fields.pop("iteration", None))
-        total = fields.pop("total", None)
-        bars = fields.pop("bars", None)
-        fields.pop("percent", None)      # made here, from done and total
-        clash = sorted(RESERVED_FIELDS.intersection(fields))
-        if clash:
-            raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
-        if bars is not None:
-            return "_report", (None,), {"stage": stage, "fields": fields,
-                                        "bars": _reported_bars(where + ".bars", bars)}
-        return "_report", (_check_reported_number(where + ".done", done),
-                           _check_reported_number(where + ".total", total, True), stage), \
-            {"fields": fields}
+        return name, _reported_progress(where, fields)
     if name == "log":
         message, level = fields.pop("message", None), fields.pop("level", "info")
         stream = fields.pop("stream", None)
@@ -4401,28 +4432,53 @@ def _reported_call(index, item):
             raise _BadReport(where + ".stream", "must be stdout or stderr")
         if fields:
             raise _BadReport("%s.%s" % (where, sorted(fields)[0]), "is not a field of a log event")
-        return "log", (message, level), {"stream": stream} if stream else {}
+        return name, _log_data(message, level, **({"stream": stream} if stream else {}))
     if name == "error" and not isinstance(fields.get("message"), str):
         raise _BadReport(where + ".message", "must be a string: what went wrong")
     if name == "error" and "exit_code" in fields and type(fields["exit_code"]) is not int:
         raise _BadReport(where + ".exit_code", "must be an integer")
-    if name == "error" and "signal" in fields and not isinstance(fields["signal"], str):
-        raise _BadReport(where + ".signal", "must be a string (SIGKILL)")
-    unknown = sorted(set(fields) - ({"message", "exit_code", "signal"} if name == "error"
+    for text in ("signal", "reason"):
+        if name == "error" and text in fields and not isinstance(fields[text], str):
+            raise _BadReport("%s.%s" % (where, text), "must be a string")
+    unknown = sorted(set(fields) - (set(END_FIELDS) | {"message"} if name == "error"
                                     else {"result", "message"}))
     if unknown:
         raise _BadReport("%s.%s" % (where, unknown[0]), "is not a field of a %s event" % name)
-    return "end", (name,), fields
+    return name, fields
+
+
+def _reported_progress(where, fields):
+    """A reported progress event's data, checked whole: what the server
+    makes of it (the percent, the whole run of nested bars) must be
+    strict JSON too, so that a batch that passes never fails to publish."""
+    stage = fields.pop("stage", None)
+    if stage is not None and not isinstance(stage, str):
+        raise _BadReport(where + ".stage", "must be a string")
+    done = fields.pop("done", fields.pop("iteration", None))
+    total = fields.pop("total", None)
+    bars = fields.pop("bars", None)
+    clash = sorted(RESERVED_FIELDS.intersection(fields))
+    if clash:
+        raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
+    if bars is not None:
+        data = _progress_data(None, stage=stage, bars=_reported_bars(where + ".bars", bars),
+                              fields=fields)
+    else:
+        data = _progress_data(_check_reported_number(where + ".done", done),
+                              _check_reported_number(where + ".total", total, True), stage,
+                              fields=fields)
+    for name in ("iteration", "total", "percent"):
+        if data.get(name) is not None and not _is_finite_number(data[name]):
+            raise _BadReport("%s.%s" % (where, "bars" if bars is not None else "total"),
+                             "makes the run's %s %r, not a finite number" % (name, data[name]))
+    return data
 
 
 def _parse_report(body):
-    """(seq or None, [call, ...]) from a POST /runs/<id>/events body:
-    {"seq": N, "events": [...]}, every event checked before any is taken.
-    Raises BadReport."""
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _BadReport("body", "not valid JSON: %s" % exc)
+    """(seq or None, [(name, data), ...]) from a POST /runs/<id>/events
+    body: {"seq": N, "events": [...]}, every event checked, as it will be
+    published, before any is taken. Raises BadReport."""
+    data = _json_body(body, _BadReport)
     if not isinstance(data, dict) or not isinstance(data.get("events"), list):
         raise _BadReport("events", 'send {"events": [...]}: a list of events')
     seq = data.get("seq")
@@ -4433,11 +4489,11 @@ def _parse_report(body):
         raise _BadReport("events", "at most %d in one batch" % REPORT_BATCH_EVENTS)
     calls = [_reported_call(i, item) for i, item in enumerate(items)]
     for i, call in enumerate(calls[:-1]):
-        if call[0] == "end":
+        if call[0] in TERMINAL_STATES:
             raise _BadReport("events[%d]" % (i + 1), "comes after the run's end")
-    for i, call in enumerate(calls):
+    for i, (_, fields) in enumerate(calls):
         try:
-            json_line(call[2])
+            json_line(fields)
         except (TypeError, ValueError) as exc:
             raise _BadReport("events[%d]" % i, "not strict JSON: %s" % exc)
     return seq, calls
@@ -4448,10 +4504,7 @@ def _parse_open_report(body):
     {...}}, both optional. Raises BadReport."""
     if not body:
         return None, {}
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _BadReport("body", "not valid JSON: %s" % exc)
+    data = _json_body(body, _BadReport)
     if not isinstance(data, dict):
         raise _BadReport("body", "must be a JSON object")
     title, params = data.get("title"), data.get("params", {})
@@ -4468,45 +4521,95 @@ def _parse_open_report(body):
     return title, params
 
 
+class _Allowance:
+    """How many events a run may publish one by one: OUTPUT_BURST_LINES at
+    once, refilled at OUTPUT_LINES_PER_S, so that a flood stays well inside
+    the history and the shared queues (journal, Pushpin). The caller
+    serialises its calls."""
+
+    def __init__(self):
+        self.left = OUTPUT_BURST_LINES
+        self.refilled = time.monotonic()
+
+    def take(self, wanted):
+        """How many of `wanted` events may go one by one now."""
+        now = time.monotonic()
+        self.left = min(OUTPUT_BURST_LINES, self.left + (now - self.refilled) * OUTPUT_LINES_PER_S)
+        self.refilled = now
+        allowed = min(wanted, int(self.left))
+        self.left -= allowed
+        return allowed
+
+
+def _joined_log(items):
+    """Log events' data as one event: their lines in order, the most severe level."""
+    data = {"message": "\n".join(item["message"] for item in items),
+            "level": max((item["level"] for item in items), key=LOG_LEVELS.index)}
+    streams = {item.get("stream") for item in items}
+    if len(streams) == 1 and None not in streams:
+        data["stream"] = streams.pop()
+    return data
+
+
 class _Reported:
     """What the server knows of one reported run besides its session: how
     many events it has taken (a batch sent again after a lost answer is
-    not taken twice), when it last heard, and the `Progress` that turns
-    reported events into published ones."""
+    not taken twice), when it last heard, and its allowance: a reporter
+    that floods gets what a flooding --cmd program gets."""
 
-    def __init__(self, session, timeout_s, received=None, on_received=None):
+    def __init__(self, session, timeout_s, received=0, on_received=None):
         self.session = session
         self.on_received = on_received   # the journal keeps the count
-        self.progress = Progress(session)
         self.lock = threading.Lock()     # one batch at a time, in order
-        self.received = received         # None after a restart: the next batch says
+        self.received = received
+        self.allowance = _Allowance()
         self.timeout_s = timeout_s
         self.heard = time.monotonic()
 
     def take(self, seq, calls):
         """Publish the batch's events that are new, in order. Returns how
         many events the run has taken in all, or None when it has ended
-        and there were new ones (cancelled on the page, or silent too long)."""
+        and there were new ones (cancelled on the page, or silent too long).
+        A `seq` past the count is 409 with the count: the reporter sends
+        again from there (a server that crashed lost the end of what it had
+        taken, and its journal says how much it kept)."""
         with self.lock:
             self.heard = time.monotonic()
-            if seq is not None and self.received is not None:
+            if seq is not None:
                 if seq > self.received:
                     raise _HTTPError(409, "events are missing before this batch: the server "
-                                     "has %d, the batch starts at %d" % (self.received, seq))
+                                     "has %d, the batch starts at %d" % (self.received, seq),
+                                     extra={"received": self.received})
                 calls = calls[self.received - seq:]
-            elif seq is not None:
-                self.received = seq
-            self.received = (self.received or 0) + len(calls)
             if calls and self.session.terminal_id is not None:
                 return None
-            for method, args, kwargs in calls:
-                if method == "end":
-                    _end_run(self.session, args[0], kwargs)
-                else:
-                    getattr(self.progress, method)(*args, **kwargs)
+            self._publish(calls)
+            self.received += len(calls)
             if calls and self.on_received is not None:
                 self.on_received(self.session, self.received)
             return self.received
+
+    def _publish(self, calls):
+        """Past the allowance a batch's log lines go as one event, and only
+        its latest progress (progress is state): a flood costs few events."""
+        allowed = self.allowance.take(sum(1 for name, _ in calls if name not in TERMINAL_STATES))
+        held, latest = [], None
+        for name, data in calls:
+            if name in TERMINAL_STATES:
+                break
+            if allowed:
+                allowed -= 1
+                self.session.publish(name, data)
+            elif name == "log":
+                held.append(data)
+            else:
+                latest = data
+        if held:
+            self.session.publish("log", _joined_log(held))
+        if latest is not None:
+            self.session.publish("progress", latest)
+        if calls and calls[-1][0] in TERMINAL_STATES:
+            _end_run(self.session, calls[-1][0], calls[-1][1])
 
     def silent_for(self, now):
         return now - self.heard
@@ -4527,7 +4630,7 @@ class _ReportedRuns:
     def start(self, supervisor):
         self._thread = supervisor.spawn("reporter watch", self._run)
 
-    def add(self, session, received=None):
+    def add(self, session, received=0):
         reported = _Reported(session, self.timeout_s, received, self.on_received)
         with self._lock:
             self._runs[session.id] = reported
@@ -4570,17 +4673,21 @@ class _ReportedRuns:
 class _DeadlineReader(io.RawIOBase):
     """Reads a request from the socket under one deadline for the whole of it,
     so a client that trickles one byte a second is cut off (slowloris); a
-    per-read timeout alone would never fire."""
+    per-read timeout alone would never fire. It holds the socket, not the
+    handler: a cycle between the two would keep every request (its body
+    too) in memory until a full garbage collection, which a served process
+    makes rare (_tune_garbage_collector)."""
 
-    def __init__(self, handler):
-        self._handler = handler
+    def __init__(self, sock):
+        self.sock = sock
+        self.deadline = 0.0     # monotonic; the handler sets it for each request
         self.waiting = True     # False: take only what has arrived (see _Handler.handle)
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
-        sock = self._handler.connection
+        sock = self.sock
         if not self.waiting:
             sock.settimeout(0.0)
             try:
@@ -4589,7 +4696,7 @@ class _DeadlineReader(io.RawIOBase):
                 return None     # nothing yet; BufferedReader.peek then gives b""
             finally:
                 sock.settimeout(WRITE_TIMEOUT_S)
-        remaining = self._handler.deadline - time.monotonic()
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("request not received in time")
         sock.settimeout(remaining)
@@ -4635,10 +4742,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.deadline = time.monotonic() + self.server.request_timeout_s
         self.rfile.close()
-        self.rfile = io.BufferedReader(_DeadlineReader(self))
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection))
+        self.renew_deadline()
         self.connection.settimeout(WRITE_TIMEOUT_S)
+
+    def renew_deadline(self):
+        """A request (a TLS handshake too) must arrive within --request-timeout."""
+        self.deadline = self.rfile.raw.deadline = time.monotonic() + self.server.request_timeout_s
 
     def handle(self):
         """Answer requests until the connection closes. Between requests a
@@ -4705,7 +4816,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.hub.park(self.take_connection(), self.client_address)
 
     def handle_one_request(self):
-        self.deadline = time.monotonic() + self.server.request_timeout_s
+        self.renew_deadline()
         self.request_read = self.responded = False
         super().handle_one_request()
 
@@ -4727,8 +4838,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             method, args = self.route(path)
             if self.command == "POST":
                 self.check_origin()
-            self.body = self.read_body(REPORT_BODY_BYTES if REPORT_PATH.fullmatch(path)
-                                       else MAX_BODY_BYTES)
             if self.command == "OPTIONS":
                 self.send_body(204, b"", None, {"Allow": self.allow})
             else:
@@ -4879,9 +4988,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if origin.strip().lower() not in ("http://" + host, "https://" + host):
             raise _HTTPError(403, "cross-origin request from %r refused" % origin)
 
-    def read_body(self, limit):
+    def read_body(self, limit=MAX_BODY_BYTES):
         """The request body (at most `limit` bytes), read under the request
-        deadline. No Content-Length means no body."""
+        deadline, by a route once it has checked what it can without it (a
+        key, the run): a body no route wants is never read (the connection
+        then closes). No Content-Length means no body."""
         if self.headers.get("Transfer-Encoding"):
             raise _HTTPError(411, "send the body with a Content-Length, not chunked")
         lengths = self.headers.get_all("Content-Length") or []
@@ -4913,8 +5024,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def route_start(self, query):
         sources = [(urllib.parse.parse_qsl(query, keep_blank_values=True), False)]
-        if self.body:
-            sources.append(self.body_params(self.body))
+        body = self.read_body()
+        if body:
+            sources.append(self.body_params(body))
         session = self.server.start_session(_parse_start_params(self.server.job, sources))
         sid = session.id
         self.send_json(201, {"session_id": sid, "stream": "/progress/" + sid,
@@ -5031,14 +5143,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if key and not _grip_signature_valid(self.headers.get("Grip-Sig"), key):
             raise _HTTPError(403, "invalid Grip-Sig")
 
+    def run_for_key(self, session_id, holds_key, refusal):
+        """The run, once the request's Bearer key for it is one `holds_key`
+        takes. These paths let any Authorization header past the access
+        check, so behind a token a wrong key, or a run that is not there,
+        counts as a failed credential, as a wrong token does elsewhere."""
+        session = self.server.registry.get(session_id)
+        if session is not None and holds_key(session, _bearer_credential(
+                self.headers.get("Authorization"))):
+            return session
+        if self.server.access is not None and not self.is_operator():
+            self.server.access.failed(self.client_ip())
+        if session is None:
+            raise _HTTPError(404, "unknown session (it may have expired)")
+        raise _HTTPError(403, refusal)
+
     def route_cancel(self, query, session_id):
-        session = self.find_session(session_id)
-        if not (session.holds_control_key(_bearer_credential(self.headers.get("Authorization")))
-                or self.is_operator()):
-            if self.server.access is not None:    # a guess at the token counts, as anywhere
-                self.server.access.failed(self.client_ip())
-            raise _HTTPError(403, "cancelling a run takes its control key "
-                             "(Authorization: Bearer <control_key>)")
+        session = self.run_for_key(session_id, lambda run, key: run.holds_control_key(key)
+                                   or self.is_operator(),
+                                   "cancelling a run takes its control key "
+                                   "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
             raise _HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
@@ -5065,13 +5189,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """A batch of a reported run's events. The answer says whether the
         run goes on: `cancel` is true once it was cancelled (409 when the
         batch had new events for it)."""
-        session = self.find_session(session_id)
-        if not session.holds_report_key(_bearer_credential(self.headers.get("Authorization"))):
-            if self.server.access is not None:
-                self.server.access.failed(self.client_ip())
-            raise _HTTPError(403, "reporting a run's events takes its report key "
-                             "(Authorization: Bearer <report_key>)")
-        seq, calls = self.parse_report(_parse_report)
+        session = self.run_for_key(session_id, _Session.holds_report_key,
+                                   "reporting a run's events takes its report key "
+                                   "(Authorization: Bearer <report_key>)")
+        seq, calls = self.parse_report(_parse_report, REPORT_BODY_BYTES)
         reported = self.server.reported.get(session_id) or self.server.reported.add(session)
         received = reported.take(seq, calls)
         answer = {"state": session.state, "cancel": session.state == "cancelled",
@@ -5082,13 +5203,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(200, dict(answer, received=received))
 
-    def parse_report(self, parse, may_be_empty=False):
+    def parse_report(self, parse, limit=MAX_BODY_BYTES, may_be_empty=False):
         """A reporter's JSON body through `parse`; 400 naming the field."""
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if (self.body or not may_be_empty) and ctype != "application/json":
+        body = self.read_body(limit)
+        if (body or not may_be_empty) and ctype != "application/json":
             raise _HTTPError(415, "send application/json")
         try:
-            return parse(self.body)
+            return parse(body)
         except _BadReport as exc:
             raise _HTTPError(400, str(exc), param=exc.field)
 
@@ -5604,14 +5726,19 @@ def _client_main(argv):
 REPORT_GATHER_S = 0.02             # a reporter lets events gather this long before a post
 REPORT_BUFFER_EVENTS = 100000      # events a reporter keeps while the server is away;
                                    # past it, the oldest progress goes first (a warning says)
+REPORT_RESEND_S = 10.0             # events the server took are kept this long after: a server
+                                   # that crashed before its journal wrote them gets them again
 REPORT_RETRY_S = (0.5, 30.0)       # a reporter's wait after a failed post: first, longest
 REPORT_FLUSH_S = 60.0              # at the end, how long a reporter tries to deliver the rest
+REPORT_TELL_WAIT_S = 2.0           # a reporter still delivering after this says so
 REPORT_POST_BYTES = 512 * 1024     # a reporter's post at most: under the 1 MB that nginx
                                    # takes by default (client_max_body_size)
 REPORT_HEARTBEAT_S = 2.0           # a quiet reporter posts an empty batch this often: it
                                    # still lives, and hears a Cancel
 TAIL_POLL_S = 0.2                  # --tail: how often the file is looked at for more
+TAIL_ROTATED_QUIET_S = 60.0        # --tail: a file rotated away is read until quiet this long
 WIRE_SKIPPED = ("iteration", "total", "percent", "elapsed_s", "ts")   # the server makes these
+REPORT_EXIT = {"cancelled": 3, "unknown": 4, "interrupted": 130}   # else the program's status
 
 
 def _wire_event(name, data):
@@ -5625,7 +5752,8 @@ def _wire_event(name, data):
     elif name == "log":
         item = {k: v for k, v in data.items() if k in ("message", "level", "stream")}
     else:
-        kept = ("message", "exit_code", "signal") if name == "error" else ("message", "result")
+        kept = ("message", "exit_code", "signal", "reason") if name == "error" \
+            else ("message", "result")
         item = {k: v for k, v in data.items() if k in kept}
     item["event"] = name
     return item
@@ -5645,29 +5773,51 @@ class _BatchRefused(Exception):
         self.index = index
 
 
+class _Resend(Exception):
+    """The server has fewer of the run's events than it took (it crashed
+    before its journal wrote the last ones): send again from `received`."""
+
+    def __init__(self, received):
+        super().__init__("the server has %d events" % received)
+        self.received = received
+
+
+def _transient(status):
+    """A status that a reporter waits out and tries again: a proxy's
+    timeout, a server too busy now, one restarting behind a proxy."""
+    return status in (408, 429) or status >= 500
+
+
 class _Outbox:
     """Stands in for a run's session on the reporting side: `Progress` and
     `_CommandOutput` publish into it as into a run (publish, cancel,
     latest_fields...), and its thread posts what they publish, in order, in
-    batches, to the run it opened with POST /runs. A post that fails is
-    sent again, with the same `seq`, so the server never takes an event
-    twice; meanwhile events wait, at most REPORT_BUFFER_EVENTS."""
+    batches, to the run it opened with POST /runs (opened by that thread
+    when the server cannot be reached at first). A post that fails is sent
+    again, with the same `seq`, so the server never takes an event twice;
+    meanwhile events wait, at most REPORT_BUFFER_EVENTS. Events the server
+    took are kept REPORT_RESEND_S more: a server that crashed before its
+    journal wrote them says how many it has, and gets the rest again."""
 
-    def __init__(self, address, title, params=None):
+    def __init__(self, address, title, params=None, flush_timeout_s=REPORT_FLUSH_S):
         self.address = address
-        self.title, self.params = title, params or {}
+        self.title, self.params = title or "a reported run", params or {}
+        self.flush_timeout_s = flush_timeout_s
         self.id = self.report_key = self.view_key = None
         self.heartbeat_s = REPORT_HEARTBEAT_S
-        self.cancel = threading.Event()   # the server says the run was cancelled
+        self.cancel = threading.Event()   # the server says the run was cancelled (or Ctrl-C)
         self.stop_reason = None
+        self.state = None                 # how the run ended, once it did: its terminal event
         self._latest = {}
         self._changed = threading.Condition()   # guards everything below
-        self._items = collections.deque()       # batch items not yet posted
-        self._sent = 0                          # items the server has taken
+        self._items = collections.deque()       # not yet taken by the server; seq _sent on
+        self._acked = collections.deque()       # (when, item) taken lately, oldest first
+        self._sent = 0                          # events the server has taken
+        self._posting = 0                       # items at the head of _items in a post
         self._ended = False                     # a terminal event was published
         self._done = False                      # the thread has stopped
         self._dropped = 0
-        self._sent_pending = False              # a batch is out, its answer not yet read
+        self._unreachable = False               # the last post could not reach the server
         self._thread = None
         self._connection = None
 
@@ -5677,6 +5827,8 @@ class _Outbox:
         item = _wire_event(name, data)
         json_line(item)        # not strict JSON: TypeError here, as a job's publish raises
         with self._changed:
+            if name in TERMINAL_STATES and self.state is None:
+                self.state = name              # also when the server has ended it already
             if self._ended or self._done:
                 return None
             if name != "log":
@@ -5713,6 +5865,8 @@ class _Outbox:
     def _open(self):
         body = json_line({"title": self.title, "params": self.params}).encode()
         status, answer = self.address.request("POST", "/runs", body, "application/json")
+        if _transient(status):
+            raise _WatchError("cannot reach %s: status %d" % (self.address.base, status))
         if status != 201 or not isinstance(answer, dict):
             reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
             raise _WatchError("the server did not open a run: %s" % reason)
@@ -5729,17 +5883,26 @@ class _Outbox:
         return "%s/%s#session=%s" % (self.address.base, view, self.id)
 
     def close(self, timeout=None):
-        """Wait until every event is posted, at most `timeout` seconds
-        (REPORT_FLUSH_S); True if they were. Then the thread stops."""
-        deadline = time.monotonic() + (REPORT_FLUSH_S if timeout is None else timeout)
+        """Wait until every event is posted, at most `timeout` seconds (the
+        flush timeout), saying so when it takes long; True if they were.
+        Then the thread stops. Ctrl-C meanwhile raises KeyboardInterrupt,
+        as anywhere."""
+        started = time.monotonic()
+        deadline = started + (self.flush_timeout_s if timeout is None else timeout)
+        told = False
         with self._changed:
             self._ended = True
             self._changed.notify()
-            while not self._done and (self._items or self._sent_pending) and \
-                    time.monotonic() < deadline:
+            while not self._done and self._items and time.monotonic() < deadline:
+                if not told and (self._unreachable or
+                                 time.monotonic() - started >= REPORT_TELL_WAIT_S):
+                    told = True
+                    log.warning("sse_demo report: delivering %d events to %s, for up to %.0f s "
+                                "more (Ctrl-C gives up; --flush-timeout)", len(self._items),
+                                self.address.base, deadline - time.monotonic())
                 self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             left, self._done = len(self._items), True
-            self._changed.notify()
+            self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(NOTIFY_TIMEOUT_S)    # at most one post still on its way
         if left:
@@ -5748,13 +5911,14 @@ class _Outbox:
         return not left
 
     def _drop_oldest(self):
-        """The buffer is full: drop its oldest progress event (or line)."""
-        for i, item in enumerate(self._items):
-            if item["event"] == "progress":
+        """The buffer is full: drop its oldest progress event (or line) that
+        is not in the post under way."""
+        for i in range(self._posting, len(self._items)):
+            if self._items[i]["event"] == "progress":
                 del self._items[i]
                 break
         else:
-            self._items.popleft()
+            del self._items[self._posting]
         self._dropped += 1
         if self._dropped == 1 or self._dropped % 10000 == 0:
             log.warning("sse_demo report: the server is away and %d events wait; %d dropped "
@@ -5764,7 +5928,6 @@ class _Outbox:
 
     def _run(self):
         retry = REPORT_RETRY_S[0]
-        failing = False
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -5776,39 +5939,30 @@ class _Outbox:
             except _ReportRefused as exc:
                 if not self.cancel.is_set():
                     log.warning("sse_demo report: %s; reporting stops", exc)
-                with self._changed:
-                    self._items.clear()
                 break
-            except _BatchRefused as exc:
-                log.warning("sse_demo report: %s; that event is dropped", exc)
-                with self._changed:
-                    del self._items[exc.index]
-                    self._sent_pending = False
+            except (_BatchRefused, _Resend) as exc:
+                self._set_back(exc)
                 continue
             except _WatchError as exc:
+                self._set_back(None)
                 if "cannot reach" not in str(exc):
                     log.warning("sse_demo report: %s; reporting stops", exc)
                     break
-                if not failing:
+                if not self._unreachable:
                     log.warning("sse_demo report: %s; trying again, the events wait", exc)
-                failing = True
+                self._unreachable = True
                 self._wait(retry)
                 retry = min(REPORT_RETRY_S[1], retry * 2)
                 continue
-            if failing:
+            if self._unreachable:
                 log.warning("sse_demo report: reached %s again", self.address.base)
-            failing, retry = False, REPORT_RETRY_S[0]
-            with self._changed:
-                for _ in range(posted):
-                    self._items.popleft()
-                self._sent += posted
-                self._sent_pending = False
-                self._changed.notify_all()
+            self._unreachable, retry = False, REPORT_RETRY_S[0]
+            self._taken(posted)
             if answer.get("cancel"):
                 self.cancel.set()
         with self._changed:
             self._done = True
-            self._sent_pending = False
+            self._items.clear()
             self._changed.notify_all()
         if self._connection is not None:
             self._connection.close()
@@ -5829,8 +5983,50 @@ class _Outbox:
         if not self._ended:
             time.sleep(REPORT_GATHER_S)        # let a burst gather into one post
         with self._changed:
-            self._sent_pending = True
-            return list(itertools.islice(self._items, REPORT_BATCH_EVENTS))
+            batch = list(itertools.islice(self._items, REPORT_BATCH_EVENTS))
+            self._posting = len(batch)
+            return batch
+
+    def _taken(self, posted):
+        """The server took the first `posted` items: kept a while, in case
+        it loses them (see _Resend)."""
+        now = time.monotonic()
+        with self._changed:
+            for _ in range(posted):
+                self._acked.append((now, self._items.popleft()))
+            self._sent += posted
+            self._posting = 0
+            while self._acked and (now - self._acked[0][0] > REPORT_RESEND_S or
+                                   len(self._acked) + len(self._items) > REPORT_BUFFER_EVENTS):
+                self._acked.popleft()
+            self._changed.notify_all()
+
+    def _set_back(self, refusal):
+        """After a post that did not go through: drop the one event the
+        server refused, or go back to where the server says it is."""
+        with self._changed:
+            self._posting = 0
+            if isinstance(refusal, _BatchRefused):
+                log.warning("sse_demo report: %s; that event is dropped", refusal)
+                del self._items[refusal.index]
+            elif isinstance(refusal, _Resend):
+                self._resend_from(refusal.received)
+
+    def _resend_from(self, received):
+        """With the lock held: the server has `received` events, fewer than
+        it took; the rest go again, from what is kept of them."""
+        lacking = self._sent - received
+        kept = min(lacking, len(self._acked))
+        for _ in range(kept):
+            self._items.appendleft(self._acked.pop()[1])
+        log.warning("sse_demo report: the server lost %d events it had taken (a crash before "
+                    "it wrote them); sending them again", lacking)
+        if lacking > kept:
+            message = ("sse_demo report: %d events were lost: the server lost them, and the "
+                       "reporter no longer held them" % (lacking - kept))
+            log.warning(message)
+            self._items.appendleft({"event": "log", "message": message, "level": "warning"})
+        self._sent = received
 
     def _wait(self, seconds):
         with self._changed:
@@ -5841,7 +6037,7 @@ class _Outbox:
         """POST the batch, or as much of its start as fits in
         REPORT_POST_BYTES: (the server's answer, events posted). Raises
         WatchError when the server cannot be reached, ReportRefused when it
-        takes no more."""
+        takes no more, Resend when it lost what it had taken."""
         body = json_line({"seq": self._sent, "events": batch}).encode()
         while len(body) > REPORT_POST_BYTES and len(batch) > 1:
             batch = batch[:len(batch) // 2]
@@ -5872,6 +6068,8 @@ class _Outbox:
             if answer.get("cancel"):
                 self.cancel.set()
             raise _ReportRefused("the run has ended on the server (%s)" % answer["state"])
+        if response.status == 409 and type(answer.get("received")) is int:
+            raise _Resend(answer["received"])
         if response.status == 404:
             raise _ReportRefused("the server no longer knows run %s (restarted without "
                                  "--state-dir, or the run expired)" % self.id)
@@ -5879,7 +6077,7 @@ class _Outbox:
         if response.status == 400 and named and int(named.group(1)) < len(batch):
             raise _BatchRefused("the server refused an event: %s" % answer.get("error", ""),
                                 int(named.group(1)))
-        if response.status in (408, 429) or response.status >= 500:
+        if _transient(response.status):
             raise _WatchError("cannot reach %s: status %d" % (self.address.base, response.status))
         raise _ReportRefused("the server refused the events (%d): %s"
                              % (response.status, answer.get("error", "")))
@@ -5894,19 +6092,23 @@ class Reporter:
                 progress(epoch, 10, loss=train_one_epoch())
 
     The run opens on the server (POST /runs) when the block starts, and ends
-    `complete` when it ends, `error` with an exception's message, and
-    `cancelled` on Ctrl-C. Cancel on the page raises `Cancelled` at the
-    next `progress(...)`, which ends the block quietly. Events are posted
-    in batches by a thread of its own, and never block the loop; a server
-    that cannot be reached is tried again, the events kept (at most
-    REPORT_BUFFER_EVENTS), and the end waits up to REPORT_FLUSH_S for them.
+    `complete` when it ends (`sys.exit(0)` too), `error` with an exception's
+    message (or a non-zero `sys.exit`), and `cancelled` on Ctrl-C. Cancel on
+    the page raises `Cancelled` at the next `progress(...)`; it ends the run
+    `cancelled` and goes on out of the block, so that the code after the
+    block does not run as if the job had finished (catch `Cancelled` to go
+    on). `state` says how the run ended. Events are posted in batches by a
+    thread of its own, and never block the loop; a server that cannot be
+    reached is tried again, the events kept (at most REPORT_BUFFER_EVENTS),
+    and the end waits up to `flush_timeout` seconds for them, saying so.
     """
 
-    def __init__(self, url, token=None, title=None, params=None, cafile=None):
+    def __init__(self, url, token=None, title=None, params=None, cafile=None,
+                 flush_timeout=REPORT_FLUSH_S):
         address = _RunAddress(url, token=token or os.environ.get("SSE_DEMO_TOKEN") or None,
                               cafile=cafile)
-        self._outbox = _Outbox(address, title or _program_name(sys.argv or ["python"]),
-                               params)
+        self._outbox = _Outbox(address, title or (sys.argv[0] and _program_name(sys.argv)),
+                               params, flush_timeout)
         self.progress = Progress(self._outbox)
 
     @property
@@ -5914,26 +6116,32 @@ class Reporter:
         """The run's id on the server (None until it is reached)."""
         return self._outbox.id
 
+    @property
+    def state(self):
+        """How the run ended (`complete`, `error`, `cancelled`), or None."""
+        return self._outbox.state
+
     def __enter__(self):
         self._outbox.open()
         return self.progress
 
     def __exit__(self, kind, exc, traceback):
-        if kind is None:
+        if kind is None or kind is SystemExit and exc.code in (None, 0):
             self.end("complete")
-        elif issubclass(kind, Cancelled):
+        elif issubclass(kind, (Cancelled, KeyboardInterrupt)):
             self.end("cancelled")
-            return True
-        elif issubclass(kind, KeyboardInterrupt):
-            self.end("cancelled")
+        elif kind is SystemExit:
+            self.end("error", message="the job exited with status %s" % exc.code,
+                     exit_code=exc.code if type(exc.code) is int else 1)
         else:
             self.end("error", message=_describe_exception(exc))
         return False
 
-    def end(self, state, result=None, message=None):
+    def end(self, state, result=None, message=None, **extra):
         """End the run (`complete`, `error` with a message, `cancelled`) and
         deliver what is left. True if every event reached the server."""
-        extra = {"result": result} if result is not None else {}
+        if result is not None:
+            extra["result"] = result
         if message is not None:
             extra["message"] = message
         _end_run(self._outbox, state, extra)
@@ -5960,7 +6168,7 @@ def _process_alive(identity):
 
 
 def _next_tail_file(current, path):
-    """The file to go on reading after `current` read to its end: the new
+    """The file to go on reading after `current` read to its end: a new
     file at `path` when the old was moved away (logrotate; read from its
     start), `current` rewound when it was cut short (copytruncate), else
     `current`."""
@@ -5991,41 +6199,64 @@ def _open_tail(path, from_start):
     return f
 
 
+class _TailedFile:
+    """A file --tail reads, as a program's output, with a screen of its own:
+    a rotated file's unfinished last line is not glued to the next one's."""
+
+    def __init__(self, f, output):
+        self.f, self.output = f, output
+        self.screen = _OutputScreen()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.grew = time.monotonic()
+
+    def read(self):
+        """Read what is there; True if there was something."""
+        data = self.f.read(OUTPUT_READ_BYTES)
+        if data:
+            self.output.take(self.screen, self.decoder, data, "stdout")
+            self.grew = time.monotonic()
+        return bool(data)
+
+    def close(self):
+        self.output.take(self.screen, self.decoder, b"", "stdout", final=True)
+        self.f.close()
+
+
 def _follow_file(outbox, f, path, process, stop):
     """--tail: FILE's lines (`f`, opened by _open_tail, or None), read as a
-    program's output (tqdm, JSON lines, log), across rotation, until the
-    process exits (then what it wrote last is read), the run is cancelled,
-    or `stop` is set. Returns "exited", "cancelled" or "stopped"."""
+    program's output (tqdm, JSON lines, log), until the process exits (then
+    what it wrote last is read), the run is cancelled, or `stop` is set.
+    Returns "exited", "cancelled" or "stopped". Across rotation, as `tail
+    -F` does: a file moved away is read on while it grows (the job writes
+    to it until it reopens its log), beside the new file at FILE."""
     output = _CommandOutput(outbox)
-    screen, decoder = _OutputScreen(), codecs.getincrementaldecoder("utf-8")("replace")
     while f is None:
         f = _open_tail(path, from_start=True)
         if f is None and stop.wait(TAIL_POLL_S):
             return "stopped"
+    files = [_TailedFile(f, output)]         # the file at FILE last
     try:
         while True:
-            data = f.read(OUTPUT_READ_BYTES)
-            if data:
-                output.take(screen, decoder, data, "stdout")
+            if any([tailed.read() for tailed in files]):
                 continue
             if outbox.cancel.is_set():
                 return "cancelled"
             if process is not None and not _process_alive(process):
-                for data in iter(lambda: f.read(OUTPUT_READ_BYTES), b""):
-                    output.take(screen, decoder, data, "stdout")
+                while any([tailed.read() for tailed in files]):
+                    pass
                 return "exited"
-            following = _next_tail_file(f, path)
-            if following is not f:       # what reached the old file before it moved, first
-                for data in iter(lambda: f.read(OUTPUT_READ_BYTES), b""):
-                    output.take(screen, decoder, data, "stdout")
-                f.close()
-                f = following
-                continue
+            following = _next_tail_file(files[-1].f, path)
+            if following is not files[-1].f:
+                files.append(_TailedFile(following, output))
+            for tailed in files[:-1]:
+                if time.monotonic() - tailed.grew > TAIL_ROTATED_QUIET_S:
+                    files.remove(tailed)
+                    tailed.close()
             if stop.wait(TAIL_POLL_S):
                 return "stopped"
     finally:
-        output.take(screen, decoder, b"", "stdout", final=True)
-        f.close()
+        for tailed in files:
+            tailed.close()
 
 
 def _stop_process(identity, kill_after_s):
@@ -6043,65 +6274,86 @@ def _stop_process(identity, kill_after_s):
             time.sleep(COMMAND_POLL_S)
 
 
-def _run_until_done_or_ctrl_c(name, work):
-    """Run `work()` in a thread of its own while this (the main) thread
-    waits in short joins, so that Ctrl-C reaches it as KeyboardInterrupt:
-    (work's result, or None; True when Ctrl-C came first)."""
-    done = {}
-    worker = threading.Thread(target=lambda: done.update(result=work()), name=name,
-                              daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.5)
-    except KeyboardInterrupt:
-        return worker, None, True
-    return worker, done.get("result"), False
+def _in_a_thread(name, work):
+    """Run `work()` in a thread of its own: (an Event set when it has
+    returned, a dict that then holds its `result`). The main thread waits
+    on the Event, so that Ctrl-C reaches it as KeyboardInterrupt; a
+    Thread.join that Ctrl-C interrupts may take the thread for ended."""
+    done, answer = threading.Event(), {}
+
+    def body():
+        try:
+            answer["result"] = work()
+        finally:
+            done.set()
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return done, answer
+
+
+def _until(done, timeout=None):
+    """Wait for `done` in short waits (Ctrl-C is taken between them)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done.wait(SIGNAL_CHECK_S):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def _report_tail(outbox, f, path, process, kill_after_s):
     """`report URL --tail FILE [--pid PID]`, `f` opened and `process`
     found before the run was: the exit status."""
     stop = threading.Event()
-    follower, how, interrupted = _run_until_done_or_ctrl_c(
-        "tail", lambda: _follow_file(outbox, f, path, process, stop))
-    if interrupted:
+    done, answer = _in_a_thread("tail", lambda: _follow_file(outbox, f, path, process, stop))
+    try:
+        _until(done)
+    except KeyboardInterrupt:
         stop.set()
-        follower.join(5.0)
+        _until(done, 5.0)
         _end_run(outbox, "cancelled", {})
         sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
                          % (path, ", the job goes on" if process else ""))
-        return 130
-    if how == "exited":
-        _end_run(outbox, "complete", {"result": {"pid": process["pid"]}})
-        return 0
+        return REPORT_EXIT["interrupted"]
+    if answer.get("result") == "exited":
+        # Not our child: its exit status cannot be read, and is not guessed.
+        _end_run(outbox, "error", {"message": "process %d ended; its exit status is unknown "
+                                   "(report did not start it)" % process["pid"],
+                                   "reason": "exit status unknown"})
+        sys.stderr.write("process %d ended; its exit status is unknown\n" % process["pid"])
+        return REPORT_EXIT["unknown"]
     if process is not None:
         sys.stderr.write("cancelled on the page: stopping process %d\n" % process["pid"])
         _stop_process(process, kill_after_s)
     else:
         sys.stderr.write("cancelled on the page: no longer following %s (the job was not "
                          "started here, and no --pid names it, so it goes on)\n" % path)
-    return 1
+    return REPORT_EXIT["cancelled"]
 
 
 def _report_program(outbox, command, kill_after_s):
     """`report URL -- PROGRAM ARGS...`: run it here, its output shown and
-    reported as --cmd reads it; the exit status."""
+    reported as --cmd reads it; the exit status. Ctrl-C stops the program
+    as Cancel does (SIGTERM, SIGKILL after --kill-after), and the run ends
+    cancelled; a second Ctrl-C kills it at once."""
     groups = _CommandGroups()
     echo = {name: getattr(stream, "buffer", None) for name, stream in
             (("stdout", sys.stdout), ("stderr", sys.stderr))}
+    done, answer = _in_a_thread(
+        "program", lambda: _run_program(outbox, command, kill_after_s, groups, echo))
     try:
-        worker, status, interrupted = _run_until_done_or_ctrl_c(
-            "program", lambda: _run_program(outbox, command, kill_after_s, groups, echo))
-        if interrupted:
-            outbox.cancel.set()            # the program gets SIGTERM, then --kill-after
-            worker.join(kill_after_s + 2.0)
-            return 130
+        try:
+            _until(done)
+        except KeyboardInterrupt:
+            sys.stderr.write("\nCtrl-C: stopping the program; the run ends cancelled "
+                             "(Ctrl-C again: at once)\n")
+            outbox.cancel.set()
+            _until(done, kill_after_s + 2.0)
+            return REPORT_EXIT["interrupted"]
     finally:
         groups.close()
-    if outbox.cancel.is_set():
+    status = answer.get("result")
+    if outbox.state == "cancelled":
         sys.stderr.write("cancelled on the page: the program was stopped\n")
-        return 1
+        return REPORT_EXIT["cancelled"]
     if status is None:
         return 127                         # it did not start: the error event says why
     return status if status >= 0 else 128 - status
@@ -6109,9 +6361,9 @@ def _report_program(outbox, command, kill_after_s):
 
 def _report_main(argv):
     """`report URL [options] -- PROGRAM ARGS...` or `report URL --tail
-    FILE`. Exit status: the program's (0 when a followed --pid exits), 1
-    cancelled on the page, 2 bad usage or a server that refuses, 130 after
-    Ctrl-C."""
+    FILE`. Exit status: the program's, 3 cancelled on the page, 4 a
+    followed --pid ended with an exit status report cannot know, 2 bad
+    usage or a server that refuses, 130 after Ctrl-C."""
     command = []
     if "--" in argv:
         command = argv[argv.index("--") + 1:]
@@ -6131,6 +6383,9 @@ def _report_main(argv):
     p.add_argument("--title", help="the run's title (default: the program's or file's name)")
     p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="S",
                    help="Cancel: SIGTERM, then SIGKILL after S seconds (default %(default)s)")
+    p.add_argument("--flush-timeout", type=float, default=REPORT_FLUSH_S, metavar="S",
+                   help="at the end, how long to keep trying to deliver events to a server "
+                        "that cannot be reached (default %(default)s)")
     p.add_argument("--token", help="the operator's token (also SSE_DEMO_TOKEN)")
     p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
     args = p.parse_args(argv[1:])
@@ -6138,6 +6393,8 @@ def _report_main(argv):
         p.error("give a program after --, or --tail FILE")
     if (args.pid is not None or args.from_start) and not args.tail:
         p.error("--pid and --from-start go with --tail")
+    if not args.flush_timeout >= 0:
+        p.error("--flush-timeout must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tailed = process = None
     try:
@@ -6150,7 +6407,8 @@ def _report_main(argv):
         address = _RunAddress(args.url, token=args.token or os.environ.get("SSE_DEMO_TOKEN")
                               or None, cafile=args.cacert)
         outbox = _Outbox(address, args.title or (_program_name(command) if command
-                                                 else os.path.basename(args.tail)))
+                                                 else os.path.basename(args.tail)),
+                         flush_timeout_s=args.flush_timeout)
         outbox.open()
     except (_WatchError, OSError) as exc:
         if tailed is not None:
@@ -6159,10 +6417,16 @@ def _report_main(argv):
         return 2
     try:
         if command:
-            return _report_program(outbox, command, args.kill_after)
-        return _report_tail(outbox, tailed, args.tail, process, args.kill_after)
-    finally:
+            status = _report_program(outbox, command, args.kill_after)
+        else:
+            status = _report_tail(outbox, tailed, args.tail, process, args.kill_after)
         outbox.close()
+        return status
+    except KeyboardInterrupt:
+        sys.stderr.write("\nCtrl-C again: stopping at once\n")
+        _end_run(outbox, "cancelled", {})
+        outbox.close(timeout=1.0)
+        return REPORT_EXIT["interrupted"]
 
 
 ###############################################################################
@@ -6257,11 +6521,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
-        self.registry = _Registry(concurrency + max_queue if concurrency else max_sessions,
-                                  session_ttl_s, self.on_publish, self.forget_run,
+        self.registry = _Registry(max_sessions, session_ttl_s, self.on_publish, self.forget_run,
                                   int(max_record_mb * 2 ** 20),
                                   self.journal.note_process if self.journal else lambda s: None,
-                                  self.run_ended)
+                                  self.run_ended,
+                                  concurrency + max_queue if concurrency else None)
         self.page = self.page_csp = None      # index.html, read by start()
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
         self.allowed_hosts.update(h.lower() for h in allowed_hosts)
@@ -6398,10 +6662,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """A run the journal holds that goes on (queued, or reported from
         elsewhere): in the registry again under its own id and keys, its
         held events replayed; its ids go on past its journal's mark."""
+        report_key = header["report_key"] if header.get("reported") else None
         session = self.registry.create(header["title"], header["params"], state,
-                                       header["session_id"], within_limit=False)
+                                       header["session_id"], within_limit=False,
+                                       report_key=report_key)
         session.started_ts = header["started_ts"]
-        for name in ("view_key", "control_key", "report_key"):
+        for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
         session.replay(events)
@@ -6431,15 +6697,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                           header["lines"], self.registry.record_bytes,
                                           session._lock)
         session.series = _Series.from_state(header["series"])
-        self.reported.add(session, header.get("received"))
+        self.reported.add(session, header.get("received", 0))
 
     def open_reported_run(self, title, params):
         """A run that another machine reports: no thread, no slot in the
         queue; it counts toward --max-sessions. With a journal it is on
         disk before POST /runs answers."""
         with self._start_lock:
-            session = self.registry.create(title or "a reported run", params)
-            session.report_key = secrets.token_urlsafe(TOKEN_BYTES)
+            session = self.registry.create(title or "a reported run", params,
+                                           report_key=secrets.token_urlsafe(TOKEN_BYTES))
             if self.journal:
                 self.journal.begin(session)
             self.reported.add(session, received=0)
