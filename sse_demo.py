@@ -122,6 +122,7 @@ import re
 import secrets
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import socketserver
@@ -158,6 +159,7 @@ STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this 
                                    # keepalive intervals is closed
 WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
 WORKER_STOP_GRACE_S = 0.5          # on shutdown, how long cancelled runs get to end
+SIGNAL_CHECK_S = 0.1               # the main thread's longest wait: Ctrl-C is taken between two
 HUB_STOP_TIMEOUT_S = 1.0           # on shutdown, how long the writer gets to end every stream
 RETRY_MS = 2000                    # the client's reconnection delay, sent as `retry:`
 RETRY_AFTER_S = 2                  # Retry-After on 429 and 503
@@ -2351,6 +2353,16 @@ def _progress_data(done, total=None, stage=None, bars=None, fields=None):
     return data
 
 
+def _log_data(message, level, **extra):
+    """A log event's data; a message over LOG_MESSAGE_LIMIT characters is cut."""
+    text = str(message)
+    if len(text) > LOG_MESSAGE_LIMIT:
+        text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
+    data = {"message": text, "level": level}
+    data.update(extra)
+    return data
+
+
 def _check_fields(fields):
     if not RESERVED_FIELDS.isdisjoint(fields):
         clash = sorted(RESERVED_FIELDS.intersection(fields))[0]
@@ -2403,16 +2415,6 @@ class Progress:
         if level not in LOG_LEVELS:
             raise ValueError("log level must be one of %s, not %r" % (", ".join(LOG_LEVELS), level))
         self._session.publish("log", _log_data(message, level, **extra))
-
-
-def _log_data(message, level, **extra):
-    """A log event's data; a message over LOG_MESSAGE_LIMIT characters is cut."""
-    text = str(message)
-    if len(text) > LOG_MESSAGE_LIMIT:
-        text = text[:LOG_MESSAGE_LIMIT] + " [cut: %d characters in all]" % len(text)
-    data = {"message": text, "level": level}
-    data.update(extra)
-    return data
 
 
 def _run_job(session, job, params, pass_cancel):
@@ -2484,6 +2486,8 @@ class JobSpec:
     accepts, the progress fields it declares, and how to start one run.
     GET /job, /start's validation and the page all read this one object."""
 
+    publishes_its_start = False   # the built-in job's first event is its own iteration 0
+
     def __init__(self, name, title, description, params, fields, run, check=None,
                  stop_all=None, kill_now=None, extra=None, stop_grace_s=WORKER_STOP_GRACE_S):
         self.name = name
@@ -2514,10 +2518,14 @@ class JobSpec:
         return thread
 
     def _run_to_its_end(self, session, params):
-        """The run's thread: whatever `run` does (a user's JobSpec may raise,
-        or return without a terminal event), the run ends, with a message
-        that says why, and frees its slot in the queue."""
+        """The run's thread: its first event is progress at iteration 0, so
+        that a client sees at once that the run is live; then whatever
+        `run` does (a user's JobSpec may raise, or return without a terminal
+        event), the run ends, with a message that says why, and frees its
+        slot in the queue."""
         try:
+            if not self.publishes_its_start:
+                session.publish("progress", {"iteration": 0, "total": None})
             self._run(session, params)
         except BaseException as exc:   # a thread has no one to re-raise to
             log.error("run %s failed", session.id, exc_info=True)
@@ -2610,10 +2618,12 @@ def function_job(func):
             raise TypeError("parameter %r: at_most must name a numeric parameter" % name)
     name = getattr(func, "__name__", None) or type(func).__name__
     doc = inspect.cleandoc(getattr(func, "__doc__", None) or "")
-    return JobSpec(name, declared.get("title") or _readable(name),
+    spec = JobSpec(name, declared.get("title") or _readable(name),
                    declared.get("description") or " ".join(doc.split("\n\n")[0].split()),
                    params, _declared_fields(declared.get("fields") or {}),
                    lambda session, values: _run_job(session, func, values, pass_cancel))
+    spec.publishes_its_start = func is simulate_optimisation
+    return spec
 
 
 BUILTIN_JOB = function_job(simulate_optimisation)
@@ -3276,8 +3286,13 @@ def _run_command(session, argv, values, kill_after_s, groups):
 
 def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
     """A JobSpec that runs a program for each run (see `_run_command`),
-    named `title` or after its program (`train.py`, not the template)."""
+    named `title` or after its program (`train.py`, not the template).
+    Raises ValueError for a template it cannot run, a program not found
+    among them: every run would fail the same way."""
     argv, defaults = _parse_command(template)
+    if shutil.which(argv[0]) is None:
+        raise ValueError("--cmd: program not found: %s (not a file, or not executable, or "
+                         "not on PATH)" % argv[0])
     params = {name: _Param(name, default) for name, default in defaults.items()}
     processes = _CommandGroups()
 
@@ -4408,6 +4423,33 @@ def _reported_bars(field, bars):
     return levels
 
 
+def _reported_progress(where, fields):
+    """A reported progress event's data, checked whole: what the server
+    makes of it (the percent, the whole run of nested bars) must be
+    strict JSON too, so that a batch that passes never fails to publish."""
+    stage = fields.pop("stage", None)
+    if stage is not None and not isinstance(stage, str):
+        raise _BadReport(where + ".stage", "must be a string")
+    done = fields.pop("done", fields.pop("iteration", None))
+    total = fields.pop("total", None)
+    bars = fields.pop("bars", None)
+    clash = sorted(RESERVED_FIELDS.intersection(fields))
+    if clash:
+        raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
+    if bars is not None:
+        data = _progress_data(None, stage=stage, bars=_reported_bars(where + ".bars", bars),
+                              fields=fields)
+    else:
+        data = _progress_data(_check_reported_number(where + ".done", done),
+                              _check_reported_number(where + ".total", total, True), stage,
+                              fields=fields)
+    for name in ("iteration", "total", "percent"):
+        if data.get(name) is not None and not _is_finite_number(data[name]):
+            raise _BadReport("%s.%s" % (where, "bars" if bars is not None else "total"),
+                             "makes the run's %s %r, not a finite number" % (name, data[name]))
+    return data
+
+
 def _reported_call(index, item):
     """One event of a batch as what will be published: (name, data) for a
     progress or log event, its data made as a job's are; (state, fields)
@@ -4445,33 +4487,6 @@ def _reported_call(index, item):
     if unknown:
         raise _BadReport("%s.%s" % (where, unknown[0]), "is not a field of a %s event" % name)
     return name, fields
-
-
-def _reported_progress(where, fields):
-    """A reported progress event's data, checked whole: what the server
-    makes of it (the percent, the whole run of nested bars) must be
-    strict JSON too, so that a batch that passes never fails to publish."""
-    stage = fields.pop("stage", None)
-    if stage is not None and not isinstance(stage, str):
-        raise _BadReport(where + ".stage", "must be a string")
-    done = fields.pop("done", fields.pop("iteration", None))
-    total = fields.pop("total", None)
-    bars = fields.pop("bars", None)
-    clash = sorted(RESERVED_FIELDS.intersection(fields))
-    if clash:
-        raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
-    if bars is not None:
-        data = _progress_data(None, stage=stage, bars=_reported_bars(where + ".bars", bars),
-                              fields=fields)
-    else:
-        data = _progress_data(_check_reported_number(where + ".done", done),
-                              _check_reported_number(where + ".total", total, True), stage,
-                              fields=fields)
-    for name in ("iteration", "total", "percent"):
-        if data.get(name) is not None and not _is_finite_number(data[name]):
-            raise _BadReport("%s.%s" % (where, "bars" if bars is not None else "total"),
-                             "makes the run's %s %r, not a finite number" % (name, data[name]))
-    return data
 
 
 def _parse_report(body):
@@ -4828,6 +4843,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ----------------------------------------------------------
 
     def dispatch(self):
+        # A request without a body is read whole once its head is: its
+        # connection stays open for the next. A body no route reads is left
+        # on the wire, and its connection closes (see send_body).
+        self.request_read = not self.headers.get("Transfer-Encoding") and all(
+            length.strip() == "0" for length in self.headers.get_all("Content-Length") or [])
         try:
             if len(self.requestline.split()) == 2:
                 raise _HTTPError(400, "HTTP/0.9 requests are not supported")
@@ -6433,7 +6453,6 @@ def _report_main(argv):
 # The server and the command line
 ###############################################################################
 
-SIGNAL_CHECK_S = 0.1               # the main thread's longest wait while it stops the server
 
 
 def _join_until(thread, deadline):
@@ -7027,9 +7046,9 @@ def _build_parser():
     p.add_argument("--title", metavar="TEXT",
                    help="the job's name on the page and in /job (default: the job's own "
                         "declaration, or the --cmd program's name)")
-    p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="SECONDS",
+    p.add_argument("--kill-after", type=float, metavar="SECONDS",
                    help="with --cmd, Cancel sends SIGTERM to the program's process group, "
-                        "and SIGKILL this long after (default %(default)s)")
+                        "and SIGKILL this long after (default %g)" % DEFAULT_KILL_AFTER_S)
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="requests from this address come through your reverse proxy: the "
                         "lock-out counts the client it names last in X-Forwarded-For; "
@@ -7056,17 +7075,17 @@ def _build_parser():
     p.add_argument("--concurrency", type=int, default=0, metavar="N",
                    help="run at most N runs at once; the others wait in a queue, first in, "
                         "first out (default: no limit but --max-sessions)")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+    p.add_argument("--max-queue", type=int, metavar="N",
                    help="with --concurrency, runs that may wait; more get 429 "
-                        "(default %(default)s)")
+                        "(default %d)" % DEFAULT_MAX_QUEUE)
     p.add_argument("--notify", metavar="URL",
                    help="POST a JSON object to URL when a run ends (retried, never delaying "
                         "a run)")
     p.add_argument("--notify-key", metavar="KEY",
                    help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
-    p.add_argument("--notify-format", choices=NOTIFY_FORMATS, default="json",
+    p.add_argument("--notify-format", choices=NOTIFY_FORMATS,
                    help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
-                        "Mattermost's incoming webhooks (default %(default)s)")
+                        "Mattermost's incoming webhooks (default json)")
     p.add_argument("--report-timeout", type=float, default=DEFAULT_REPORT_TIMEOUT_S,
                    metavar="S", help="a run reported from elsewhere (POST /runs, `sse_demo.py "
                    "report`) that posts nothing for S seconds ends `error` (default "
@@ -7090,6 +7109,14 @@ def _parse_args(argv):
     """The command line, checked; exits 2 with the reason when it is wrong."""
     p = _build_parser()
     args = p.parse_args(argv)
+    for option, needs in (("notify_key", "notify"), ("notify_format", "notify"),
+                          ("kill_after", "cmd"), ("max_queue", "concurrency"),
+                          ("grip_key", "grip")):
+        if getattr(args, option) is not None and not getattr(args, needs):
+            p.error("--%s needs --%s" % tuple(name.replace("_", "-") for name in (option, needs)))
+    args.notify_format = args.notify_format or "json"
+    args.kill_after = DEFAULT_KILL_AFTER_S if args.kill_after is None else args.kill_after
+    args.max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
     for name in ("keepalive", "session_ttl", "request_timeout", "kill_after", "report_timeout"):
         if not getattr(args, name) > 0:
             p.error("--%s must be above 0" % name.replace("_", "-"))
@@ -7103,8 +7130,6 @@ def _parse_args(argv):
         p.error("--base-path must be a plain path such as /jobs")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
-    if (args.notify_key or args.notify_format != "json") and not args.notify:
-        p.error("--notify-key and --notify-format need --notify")
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))

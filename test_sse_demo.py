@@ -2431,11 +2431,34 @@ def test_cmd_killed_by_a_signal_is_an_error_naming_it(make, programs):
     assert events[-1]["json"]["signal"] == "SIGKILL" and "exit_code" not in events[-1]["json"]
 
 
-def test_cmd_program_not_found_ends_the_run_with_an_error(make):
-    srv = command_server(make, "no-such-program-here --flag")
+def test_cmd_program_not_found_is_refused_at_start_and_ends_a_run_that_meets_it(make,
+                                                                              tmp_path):
+    """It started, and failed every run alike, with "program not found"."""
+    status, _, err = Cli("--cmd", "no-such-program-here --flag").finish()
+    assert status == 2 and "Traceback" not in err
+    assert err.strip() == "error: --cmd: program not found: no-such-program-here (not a " \
+        "file, or not executable, or not on PATH)"
+    program = tmp_path / "goes-away"
+    program.write_text("#!/bin/sh\necho hello\n")
+    program.chmod(0o755)
+    srv = command_server(make, str(program))
+    program.unlink()                              # removed while the server runs
     events = watch(srv, start_run(srv)).events()
-    assert names(events) == ["error"]
-    assert events[0]["json"]["message"] == "program not found: no-such-program-here"
+    assert names(events) == ["progress", "error"]
+    assert events[-1]["json"]["message"] == "program not found: %s" % program
+
+
+@pytest.mark.parametrize("options, needs", [
+    (["--kill-after", "3"], "--kill-after needs --cmd"),
+    (["--max-queue", "5"], "--max-queue needs --concurrency"),
+    (["--grip-key", "k"], "--grip-key needs --grip"),
+    (["--notify-key", "k"], "--notify-key needs --notify"),
+    (["--notify-format", "slack"], "--notify-format needs --notify"),
+])
+def test_an_option_without_the_one_it_needs_is_refused(options, needs):
+    """--notify-key alone was refused; these three were taken silently."""
+    status, _, err = Cli(*options).finish()
+    assert status == 2 and err.strip().endswith("error: " + needs), err
 
 
 def first_log_line(stream):
