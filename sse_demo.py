@@ -6537,7 +6537,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         return health
 
     def server_close(self):
-        """End every stream, stop every run, close the listening socket. Call
+        """Close the listening socket, end every stream, stop every run. Call
         shutdown() first (from another thread than serve_forever's).
 
         Streams end first, with the last chunk and no terminal event: the
@@ -6546,6 +6546,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.hub is None:     # binding failed: nothing else was started
             super().server_close()
             return
+        # Refuse new connections now: the runs below may take --kill-after,
+        # and the kernel would queue connections that nobody will answer.
+        self.socket.close()
         self.stopping = True
         self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)

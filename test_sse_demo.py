@@ -1232,6 +1232,25 @@ def test_cli_second_ctrl_c_exits_at_once(tmp_path):
     assert not (tmp_path / "checkpoint").exists()          # killed, as asked
 
 
+def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path):
+    """While the server waits out a --cmd program's --kill-after, a new
+    connection is refused at once, not left in the listening backlog to
+    hang until the server has gone (REVIEW H6)."""
+    cli = start_checkpointing_server(tmp_path, kill_after=30, saving_s=20)
+    try:
+        cli.proc.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            line = cli.proc.stderr.readline()
+            if not line or "Ctrl-C again" in line:
+                break
+        assert "Ctrl-C again" in line                      # it waits for the program
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", cli.port), timeout=TIMEOUT).close()
+    finally:
+        status, took, stderr = cli.stop(signal.SIGINT, timeout=10)
+    assert status == 128 + signal.SIGINT and took < 5.0
+
+
 def test_cli_port_in_use_is_one_line_and_status_1():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
