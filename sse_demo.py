@@ -1056,7 +1056,8 @@ class _RunQueue:
         self._start_run = start_run             # starts a run's worker; raises if it cannot
         self._lock = threading.Lock()           # guards _waiting, _running, _durations, _stopped
         self._starting = threading.RLock()      # runs start one at a time, in the queue's order,
-                                                # outside _lock (a start may wait on the disk)
+                                                # outside _lock (a run's own thread then waits
+                                                # for the journal's disk, under no lock)
         self._waiting = collections.deque()
         self._running = set()
         self._durations = collections.deque(maxlen=ESTIMATE_FROM_RUNS)
@@ -1078,18 +1079,16 @@ class _RunQueue:
                                            or bool(self._waiting))
 
     def submit(self, session):
-        """Start the run now, or queue it. A run that cannot start now raises
-        what start_run raised. The slot is taken under the lock, the run
-        started after it: starting may wait for the journal's disk, and
-        /start, /status and the runs feed must not wait behind that."""
+        """Start the run now, or queue it: True when it waits (the caller
+        then tells it its place, after its own locks: see tell_place). A
+        run that cannot start now raises what start_run raised. The slot is
+        taken under the lock, the run started after it: /start, /status and
+        the runs feed must not wait behind a start."""
         with self._lock:
             if self._is_full() or self._stopped:
                 self._waiting.append(session)
                 session.position = len(self._waiting)
-                # Under the lock, this one: it is told before the run can start.
-                self._announce([(session, session.position,
-                                 self._estimates(session.position)[-1])])
-                return
+                return True
             self._running.add(session)       # its slot, taken now
         with self._starting:
             try:
@@ -1097,6 +1096,19 @@ class _RunQueue:
             except BaseException:
                 self._free(session)
                 raise
+        return False
+
+    def tell_place(self, session):
+        """A run that joined the queue hears its place, unless it has left
+        the queue already. Its `queued` event may wait for the journal's
+        disk (its id mark): never under a lock. A place that a faster
+        thread has bettered, or a run that has started, is dropped by
+        publish()."""
+        with self._lock:
+            if session not in self._waiting:
+                return
+            places = [(session, session.position, self._estimates(session.position)[-1])]
+        self._announce(places)
 
     def _free(self, session):
         with self._lock:
@@ -2482,18 +2494,22 @@ class JobSpec:
         described.update(self.extra)
         return described
 
-    def start(self, session, params):
-        """Run the job for `session` in a thread of its own; returns the thread."""
-        thread = threading.Thread(target=self._run_to_its_end, args=(session, params),
+    def start(self, session, params, first=None):
+        """Run the job for `session` in a thread of its own; returns the
+        thread. That thread calls `first` before the job, if given (a run
+        that leaves the queue waits there for the journal's disk)."""
+        thread = threading.Thread(target=self._run_to_its_end, args=(session, params, first),
                                   name="job-" + session.id[:8], daemon=True)
         thread.start()
         return thread
 
-    def _run_to_its_end(self, session, params):
+    def _run_to_its_end(self, session, params, first=None):
         """The run's thread: whatever `run` does (a user's JobSpec may raise,
         or return without a terminal event), the run ends, with a message
         that says why, and frees its slot in the queue."""
         try:
+            if first is not None:
+                first()
             self._run(session, params)
         except BaseException as exc:   # a thread has no one to re-raise to
             log.error("run %s failed", session.id, exc_info=True)
@@ -3453,12 +3469,14 @@ class _Journal:
         self._thread = supervisor.spawn("journal", self._run)
 
     def begin(self, session):
-        """A run starts: its file, with its first id mark, is written before
-        POST /start answers (the request's thread waits, not the run), so
-        even a crash in its first second leaves a trace of it."""
+        """A run starts: its file, with its first id mark, is queued for the
+        disk. Returns the call that waits until both are written: POST
+        /start makes it after its lock (a stalled disk holds up that request
+        alone) and answers once the run is on disk, so even a crash in its
+        first second leaves a trace of it."""
         self._items.append(("begin", session, None))
         self.guard_ids(session)
-        self.reserve_ids(session, ID_BLOCK, wait=True)
+        return self.reserve_ids(session, ID_BLOCK, wait=False)
 
     def guard_ids(self, session):
         """From now on the run publishes ids only within marks this journal
@@ -3499,22 +3517,29 @@ class _Journal:
         """Write `{"ids": upto}` to the run's file; once it is written to the
         operating system (a crash cannot lose it then), the run may publish
         ids up to `upto`. With `wait`, wait for that (a request thread or
-        the run's own, never the stream writer). A journal that cannot
-        write does not stop the run: it goes on."""
+        the run's own, never the stream writer, and never under a lock);
+        without, returns the call that waits. A journal that cannot write
+        does not stop the run: it goes on."""
         written = threading.Event()
         self._items.append(("ids", session, (upto, written)))
         self._wake.set()
-        if wait:
+
+        def settle():
             self._wait_written(written, "run %s's id mark" % session.id)
             session.id_mark.raise_to(upto)
+        if wait:
+            settle()
+        return settle
 
     def note_running(self, session):
-        """A queued run starts: `{"running": ts}`, written to the operating
-        system before it does, so a restart knows it left the queue."""
+        """A queued run starts: `{"running": ts}`, queued for the disk.
+        Returns the call that waits until the operating system has it: the
+        run's own thread makes it before the job runs, so a restart knows
+        the run left the queue, and no other start waits for this disk."""
         written = threading.Event()
         self._items.append(("running", session, written))
         self._wake.set()
-        self._wait_written(written, "that run %s started" % session.id)
+        return lambda: self._wait_written(written, "that run %s started" % session.id)
 
     def _wait_written(self, written, what):
         if self._stopping or self._thread is None or not self._thread.is_alive():
@@ -6419,7 +6444,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             log.warning("queued run %s cannot run: %s", session.id, exc)
             return _end_run(session, "error", {"message": "its parameters no longer fit the "
                                                "job, which changed while it waited: %s" % exc})
-        self.queue.submit(session)
+        if self.queue.submit(session):
+            self.queue.tell_place(session)
 
     def resume_reported(self, header, events):
         """A run reported from elsewhere goes on after a restart: its record
@@ -6440,23 +6466,24 @@ class SSEServer(http.server.ThreadingHTTPServer):
         with self._start_lock:
             session = self.registry.create(title or "a reported run", params)
             session.report_key = secrets.token_urlsafe(TOKEN_BYTES)
-            if self.journal:
-                self.journal.begin(session)
+            on_disk = self.journal.begin(session) if self.journal else None
             self.reported.add(session, received=0)
+        if on_disk:
+            on_disk()     # after the lock: a stalled disk holds up this request alone
         session.publish("progress", {"iteration": 0, "total": None})   # the stream is live
         return session
 
     def start_session(self, params):
         """Accept a run: it starts now, or waits in the queue. With a journal
-        the run is on disk before /start answers, so it outlives a crash."""
+        the run is on disk before /start answers, so it outlives a crash:
+        admitted under the lock, it waits for the disk after it."""
         with self._start_lock:
             self.queue.check_room()
             state = "queued" if self.queue.would_wait() else "running"
             session = self.registry.create(self.job.title, params, state)
-            if self.journal:
-                self.journal.begin(session)
+            on_disk = self.journal.begin(session) if self.journal else None
             try:
-                self.queue.submit(session)
+                queued = self.queue.submit(session)
             except (_TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
                 self.registry.discard(session)
                 if self.journal:
@@ -6464,6 +6491,10 @@ class SSEServer(http.server.ThreadingHTTPServer):
                 if isinstance(exc, _TooBusy):
                     raise
                 raise _TooBusy(503, "cannot start another run now")
+        if on_disk:
+            on_disk()
+        if queued:
+            self.queue.tell_place(session)
         return session
 
     def on_feed_publish(self, session, event):
@@ -6508,13 +6539,20 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def start_run(self, session):
         """The queue gives the run a slot: it runs from now (called after the
         queue's lock). A run that waited is marked running in its journal,
-        on disk, so a crash from here on ends it interrupted, not queued."""
+        on disk before it is running and its job runs (its own thread waits
+        for that, so no other start does), so a crash from here on ends it
+        interrupted, not queued."""
         if session.cancel.is_set():     # cancelled while it was handed its slot
             return _end_run(session, "cancelled", {})
+        on_disk = None
         if session.state == "queued" and self.journal:
-            self.journal.note_running(session)
-        session.mark_running()
-        session.worker = self.job.start(session, session.params)
+            on_disk = self.journal.note_running(session)
+
+        def first():
+            if on_disk:
+                on_disk()
+            session.mark_running()
+        session.worker = self.job.start(session, session.params, first)
 
     def health(self):
         """What GET /healthz answers: counts, and each part that stopped."""

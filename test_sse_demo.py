@@ -5418,6 +5418,84 @@ def test_a_slow_journal_holds_up_no_request_while_a_queued_run_starts(tmp_path, 
         assert watch(srv, sid).events()[-1]["event"] == "complete"
 
 
+def stall_journal(monkeypatch, journal, kind):
+    """Hold the journal thread (its disk stalled) while an item of `kind`
+    waits to be written: (held, free), Events for "it is held now" and
+    "let it write"."""
+    held, free = threading.Event(), threading.Event()
+    write_queued = journal._write_queued
+
+    def stalled_disk():
+        if any(queued == kind for queued, _, _ in list(journal._items)):
+            held.set()
+            free.wait(3 * TIMEOUT)
+        write_queued()
+    monkeypatch.setattr(journal, "_write_queued", stalled_disk)
+    return held, free
+
+
+def queued_in_journal(journal, kind):
+    return sum(1 for queued, _, _ in list(journal._items) if queued == kind)
+
+
+def test_a_stalled_journal_disk_does_not_make_starts_wait_in_turn(tmp_path, monkeypatch, make):
+    """Each /start answers once its run's first line is on disk, but waits
+    for that after the lock that admits runs: with the disk stalled, a
+    second /start is admitted while the first still waits (REVIEW H4:
+    _start_lock was held across _Journal.begin, up to 5 s each)."""
+    monkeypatch.setattr(sse_demo, "ID_MARK_WAIT_S", 3 * TIMEOUT)
+    srv = make(state_dir=str(tmp_path))
+    journal = srv.server.journal
+    held, free = stall_journal(monkeypatch, journal, "begin")
+    answers = []
+
+    def start():
+        answers.append(request(srv, "POST", "/start", json_body=dict(iterations=2, **FAST)))
+    starts = [threading.Thread(target=start) for _ in range(2)]
+    try:
+        for thread in starts:
+            thread.start()
+        wait_for(held.is_set, what="the journal to stall")
+        wait_for(lambda: queued_in_journal(journal, "begin") == 2,
+                 what="both starts admitted while the disk is stalled")
+        assert answers == []                   # each waits for its own run on disk
+    finally:
+        free.set()
+        for thread in starts:
+            thread.join(TIMEOUT)
+    assert [status for status, _, _ in answers] == [201, 201]
+    for _, _, body in answers:
+        assert watch(srv, json.loads(body)["session_id"]).events()[-1]["event"] == "complete"
+
+
+def test_a_stalled_journal_disk_does_not_make_queued_runs_start_in_turn(tmp_path, monkeypatch,
+                                                                        make):
+    """A queued run's start is on disk before its job runs, but the queue
+    does not wait for that disk under its lock: two runs that leave the
+    queue together are both marked running while the disk is stalled, and
+    neither job runs until it is written (REVIEW H4: the queue's _starting
+    was held across note_running)."""
+    monkeypatch.setattr(sse_demo, "ID_MARK_WAIT_S", 3 * TIMEOUT)
+    srv = make(state_dir=str(tmp_path), concurrency=2)
+    running = [start_run(srv, iterations=1000, tick=0.05) for _ in range(2)]
+    waiting = [start_run(srv, iterations=2, **FAST) for _ in range(2)]
+    journal = srv.server.journal
+    held, free = stall_journal(monkeypatch, journal, "running")
+    try:
+        for sid in running:
+            assert cancel(srv, sid)[0] == 202
+        wait_for(lambda: queued_in_journal(journal, "running") == 2,
+                 what="both queued runs to leave the queue while the disk is stalled")
+        assert held.is_set()
+        for sid in waiting:     # neither is running, nor its job, before that is on disk
+            status = get_json(srv, "/status/" + sid)
+            assert status["state"] == "queued" and status.get("iteration") is None
+    finally:
+        free.set()
+    for sid in waiting:
+        assert watch(srv, sid).events()[-1]["event"] == "complete"
+
+
 def test_healthz_counts_queued_runs_apart_from_running_ones(make):
     srv = make(concurrency=1)
     first = start_run(srv, iterations=1000, tick=0.05)
