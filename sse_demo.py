@@ -5161,18 +5161,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route_log(self, query, session_id):
         """Every log line; with ?follow=1 the answer stays open (chunked) and
         grows until the run ends. A follower holds this thread, as a
-        download does: it is for `curl -N`, not for the page."""
+        download does: it is for `curl -N`, not for the page. It counts as
+        a stream (503 past --max-streams), and holds its thread no longer
+        than its client is there (see send_record)."""
         session = self.find_session(session_id)
         follow = _parse_query(query).get("follow") in ("1", "true")
-        self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
-                         lambda line: _log_text_line(json.loads(line))
-                         if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
-                         else b"", follow)
+        if follow:
+            self.server.hub.reserve(self.connection)
+        try:
+            self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
+                             lambda line: _log_text_line(json.loads(line))
+                             if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
+                             else b"", follow)
+        finally:
+            if follow:
+                self.server.hub.release()
 
     def send_record(self, session, content_type, filename, convert, follow=False):
         """The run's whole record, each export line through `convert`, as a
         chunked attachment: from the journal file for a run read back after a
-        restart, else from memory; with `follow`, until the run ends."""
+        restart, else from memory; with `follow`, until the run ends or the
+        client has gone: a quiet run writes nothing a closed socket could
+        fail, so it looks once a keepalive interval."""
         self.responded = True
         self.send_response(200)
         self.send_header("Content-Type", content_type)
@@ -5203,8 +5213,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not follow or session.record_ended(position) or self.server.stopping:
                 break
             session.wait_for_record(position, self.server.hub.keepalive_s)
+            if self.client_gone():
+                log.debug("log follower %s went away", self.client_address[0])
+                return
         if chunked:
             self.wfile.write(LAST_CHUNK)
+
+    def client_gone(self):
+        """Has the client closed the connection (end of file, or a reset)?
+        Bytes it sent meanwhile are read and dropped, or they would hide
+        its end of file; the connection then closes after this answer."""
+        sock = self.connection
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(65536)
+        except WOULD_BLOCK:
+            return False
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(WRITE_TIMEOUT_S)
+        self.close_connection = True
+        return not data
 
     def route_healthz(self, query):
         health = self.server.health()
@@ -6781,7 +6811,8 @@ def _build_parser():
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                    help="running sessions at once; more get 429 (default %(default)s)")
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, metavar="N",
-                   help="open event streams at once; more get 503 (default %(default)s)")
+                   help="open event streams (and /log?follow=1 followers) at once; more "
+                        "get 503 (default %(default)s)")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                    metavar="SECONDS",
                    help="forget a session this long after it ends (default %(default)s)")

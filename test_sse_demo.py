@@ -33,7 +33,7 @@ import sse_demo
 from conftest import (FAST, HERE, PATH_TOKEN, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli, Running, Stream,
                      cancel, control_key, free_port, get_json, ids, names, page_url, parse_head,
                      png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
-                     start_run, status_of, stop_process, thread_count, wait_for, watch)
+                     start_run, status_of, stop_process, thread_count, fd_count, wait_for, watch)
 
 try:
     import resource
@@ -3291,6 +3291,51 @@ def test_log_follow_grows_until_the_run_ends(make, jobs):
         if line.startswith("20")]
     assert body.count(b"line ") == 40
     stream.close()
+
+
+QUIET = {"iterations": 1000, "tick": 60, "update_every": 1000}   # one progress, then quiet
+
+
+def test_log_followers_count_toward_max_streams(make):
+    """A /log follower holds a thread: it is a stream, within --max-streams
+    (503 past it), not outside every bound (issue 41: any view-key holder
+    could pin a thread each)."""
+    srv = make(max_streams=2)
+    sid = start_run(srv, **QUIET)
+    followers = [Stream(srv, "/log/%s?follow=1" % sid) for _ in range(2)]
+    try:
+        assert [follower.status for follower in followers] == [200, 200]
+        third = Stream(srv, "/log/%s?follow=1" % sid)
+        third.close()
+        assert third.status == 503 and int(third.headers["retry-after"]) > 0
+        status, _, body = request(srv, "GET", "/progress/" + sid)    # the same count
+        assert status == 503 and "too many open streams" in json.loads(body)["error"]
+        assert request(srv, "GET", "/log/" + sid)[0] == 200      # a download is not one
+    finally:
+        for follower in followers:
+            follower.close()
+
+
+def test_a_log_follower_whose_client_has_gone_is_let_go_while_the_run_is_quiet(make):
+    """A follower writes nothing while the run is quiet (a reported run
+    that only heartbeats may never end), so it looks for its client's end
+    of file: its thread and descriptor are given back within a keepalive
+    interval or so, though the run goes on (REVIEW H6: 2,000 followers
+    opened and closed left 2,008 threads). One client sent a stray byte
+    before it closed: that cannot hide its end of file."""
+    srv = make(keepalive_s=0.2)
+    sid = start_run(srv, **QUIET)
+    before, fds = thread_count(), fd_count()
+    followers = [Stream(srv, "/log/%s?follow=1" % sid) for _ in range(3)]
+    assert [follower.status for follower in followers] == [200, 200, 200]
+    wait_for(lambda: thread_count() >= before + 3, what="a thread for each follower")
+    followers[0].sock.sendall(b"x")
+    for follower in followers:
+        follower.close()
+    wait_for(lambda: thread_count() <= before and fd_count() <= fds and
+             srv.server.hub.streams == 0, timeout=3.0,
+             what="the followers' threads and descriptors to be given back")
+    assert status_of(srv, sid) == "running"
 
 
 def test_max_record_mb_thins_progress_then_drops_middle_log_lines_with_a_marker(make, jobs):
