@@ -152,6 +152,8 @@ DEFAULT_PORT = 5000
 DEFAULT_KEEPALIVE_S = 1.0
 DEFAULT_MAX_SESSIONS = 1000        # running sessions; each holds one worker thread
 DEFAULT_MAX_STREAMS = 10000        # open streams; each holds one socket, no thread
+DEFAULT_MAX_PER_ADDRESS = 128      # connections one client address may have in request threads
+                                   # (being read or answered); see SSEServer.process_request
 DEFAULT_SESSION_TTL_S = 600.0      # an ended session is forgotten this long after its end
 DEFAULT_REQUEST_TIMEOUT_S = 10.0   # request line, headers and body must arrive within this
 STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
@@ -4600,6 +4602,7 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, handler):
         self._handler = handler
         self.waiting = True     # False: take only what has arrived (see _Handler.handle)
+        self.ended = False      # the client has closed its side: end of file while waiting
 
     def readable(self):
         return True
@@ -4619,9 +4622,12 @@ class _DeadlineReader(io.RawIOBase):
             raise socket.timeout("request not received in time")
         sock.settimeout(remaining)
         try:
-            return sock.recv_into(buffer)
+            count = sock.recv_into(buffer)
         finally:
             sock.settimeout(WRITE_TIMEOUT_S)
+        if not count:
+            self.ended = True
+        return count
 
 
 HANDED_TO_HUB = threading.local()  # .sock: the TLS connection this handler thread gave the hub
@@ -4733,6 +4739,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.deadline = time.monotonic() + self.server.request_timeout_s
         self.request_read = self.responded = False
         super().handle_one_request()
+
+    def parse_request(self):
+        """The base class takes a head that the end of the connection cut
+        short for a whole one (http.client.parse_headers stops at the end
+        of file as at the blank line): a POST /start whose client went away
+        mid-head would start a run. That is a 400, and nothing is done."""
+        if not super().parse_request():
+            return False
+        if self.rfile.raw.ended:
+            self.send_error(400, "the request head was cut short by the end of the connection")
+            return False
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -6290,7 +6308,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  grip=None, grip_key=None, state_dir=None, trusted_proxies=(), base_path="",
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
                  concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
-                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S):
+                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S,
+                 max_per_address=DEFAULT_MAX_PER_ADDRESS):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -6298,6 +6317,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.tls = None                       # an ssl.SSLContext once started, with certfile
         super().__init__((host, port), _Handler)
         self.request_timeout_s = request_timeout_s
+        self.max_per_address = max_per_address     # 0: no limit
+        self._per_address_lock = threading.Lock()  # guards _per_address
+        self._per_address = {}                     # peer address -> its connections in threads
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
         self.supervisor = _Supervisor()
         self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.resume_connection)
@@ -6391,6 +6413,71 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.tls is not None:
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
+
+    def process_request(self, request, client_address):
+        """A thread of its own answers the connection, unless its address
+        has --max-per-address connections in threads already: then it is
+        refused from this thread (the one that accepted it, or the writer
+        that held it parked). Counted by the peer's address, before any
+        header: a --trusted-proxy speaks for many clients and has no limit.
+        Streams and idle keep-alive connections, which the writer holds
+        without a thread, do not count: --max-streams bounds the streams,
+        and a browser keeps its streams open for as long as a tab is."""
+        address = client_address[0]
+        if not self.take_place(address):
+            return self.refuse(request, address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:          # no thread: "can't start new thread"
+            self.let_go(address)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.let_go(client_address[0])
+
+    def take_place(self, address):
+        """Count one more connection of `address` in a thread; False (and
+        not counted) when it has its --max-per-address."""
+        with self._per_address_lock:
+            count = self._per_address.get(address, 0)
+            if 0 < self.max_per_address <= count and address not in self.trusted_proxies:
+                return False
+            self._per_address[address] = count + 1
+            return True
+
+    def let_go(self, address):
+        with self._per_address_lock:
+            count = self._per_address.pop(address) - 1
+            if count:
+                self._per_address[address] = count
+
+    def refuse(self, sock, address):
+        """503 past --max-per-address, without a thread and without
+        blocking: what has come of the request is read first, so that
+        closing sends the answer rather than a reset (a client still
+        sending its request may get the reset). A TLS connection is closed
+        unanswered: its handshake would need a thread."""
+        log.info("%s has %d connections being answered (--max-per-address): one more "
+                 "refused", address, self.max_per_address)
+        if not _is_tls(sock):
+            body = json_line({"error": "too many connections from your address (limit %d); "
+                              "try again later" % self.max_per_address}).encode() + b"\n"
+            sock.setblocking(False)
+            try:
+                sock.recv(65536)
+            except OSError:
+                pass           # nothing has come yet
+            try:
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\nRetry-After: %d\r\nCache-Control: no-store"
+                          b"\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s"
+                          % (len(body), RETRY_AFTER_S, body))
+            except OSError:
+                pass           # it has gone
+        self.shutdown_request(sock)
 
     def shutdown_request(self, request):
         """After a handler thread: close its connection, unless this thread
@@ -6813,6 +6900,11 @@ def _build_parser():
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, metavar="N",
                    help="open event streams (and /log?follow=1 followers) at once; more "
                         "get 503 (default %(default)s)")
+    p.add_argument("--max-per-address", type=int, default=DEFAULT_MAX_PER_ADDRESS, metavar="N",
+                   help="connections one client address may have being read or answered "
+                        "at once (streams and idle keep-alive ones not counted; a "
+                        "--trusted-proxy has no limit); more get 503; 0: no limit "
+                        "(default %(default)s)")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                    metavar="SECONDS",
                    help="forget a session this long after it ends (default %(default)s)")
@@ -6838,8 +6930,8 @@ def _build_parser():
                         "and SIGKILL this long after (default %(default)s)")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="requests from this address come through your reverse proxy: the "
-                        "lock-out counts the client it names last in X-Forwarded-For; "
-                        "repeatable")
+                        "lock-out counts the client it names last in X-Forwarded-For, and "
+                        "--max-per-address does not limit it; repeatable")
     p.add_argument("--base-path", default="", metavar="PATH",
                    help="the path a reverse proxy serves it under (/jobs), for a proxy that "
                         "does not send X-Forwarded-Prefix: the sign-in returns there")
@@ -6914,8 +7006,9 @@ def _parse_args(argv):
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
-    if args.concurrency < 0:
-        p.error("--concurrency must be 0 (no limit) or more")
+    for name in ("concurrency", "max_per_address"):
+        if getattr(args, name) < 0:
+            p.error("--%s must be 0 (no limit) or more" % name.replace("_", "-"))
     return args
 
 
@@ -6968,7 +7061,8 @@ def main(argv=None):
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
                  max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
-                 notify_format=args.notify_format, report_timeout_s=args.report_timeout)
+                 notify_format=args.notify_format, report_timeout_s=args.report_timeout,
+                 max_per_address=args.max_per_address)
 
 
 if __name__ == "__main__":
