@@ -5181,7 +5181,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         grows until the run ends. A follower holds this thread, as a
         download does: it is for `curl -N`, not for the page. It counts as
         a stream (503 past --max-streams), and holds its thread no longer
-        than its client is there (see send_record)."""
+        than its client is there (see send_record). The writer does not
+        take followers as it takes streams: their lines are made one by
+        one from the record (from the journal's file after a restart), work
+        and disk reads that would hold up every stream, and a text body
+        has no keepalive for it to send."""
         session = self.find_session(session_id)
         follow = _parse_query(query).get("follow") in ("1", "true")
         if follow:
