@@ -153,6 +153,8 @@ DEFAULT_PORT = 5000
 DEFAULT_KEEPALIVE_S = 1.0
 DEFAULT_MAX_SESSIONS = 1000        # running sessions; each holds one worker thread
 DEFAULT_MAX_STREAMS = 10000        # open streams; each holds one socket, no thread
+DEFAULT_MAX_PER_ADDRESS = 128      # connections one client address may have in request threads
+                                   # (being read or answered); see SSEServer.process_request
 DEFAULT_SESSION_TTL_S = 600.0      # an ended session is forgotten this long after its end
 DEFAULT_REQUEST_TIMEOUT_S = 10.0   # request line, headers and body must arrive within this
 STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
@@ -1073,7 +1075,8 @@ class _RunQueue:
         self._start_run = start_run             # starts a run's worker; raises if it cannot
         self._lock = threading.Lock()           # guards _waiting, _running, _durations, _stopped
         self._starting = threading.RLock()      # runs start one at a time, in the queue's order,
-                                                # outside _lock (a start may wait on the disk)
+                                                # outside _lock (a run's own thread then waits
+                                                # for the journal's disk, under no lock)
         self._waiting = collections.deque()
         self._running = set()
         self._durations = collections.deque(maxlen=ESTIMATE_FROM_RUNS)
@@ -1095,18 +1098,16 @@ class _RunQueue:
                                            or bool(self._waiting))
 
     def submit(self, session):
-        """Start the run now, or queue it. A run that cannot start now raises
-        what start_run raised. The slot is taken under the lock, the run
-        started after it: starting may wait for the journal's disk, and
-        /start, /status and the runs feed must not wait behind that."""
+        """Start the run now, or queue it: True when it waits (the caller
+        then tells it its place, after its own locks: see tell_place). A
+        run that cannot start now raises what start_run raised. The slot is
+        taken under the lock, the run started after it: /start, /status and
+        the runs feed must not wait behind a start."""
         with self._lock:
             if self._is_full() or self._stopped:
                 self._waiting.append(session)
                 session.position = len(self._waiting)
-                # Under the lock, this one: it is told before the run can start.
-                self._announce([(session, session.position,
-                                 self._estimates(session.position)[-1])])
-                return
+                return True
             self._running.add(session)       # its slot, taken now
         with self._starting:
             try:
@@ -1114,6 +1115,19 @@ class _RunQueue:
             except BaseException:
                 self._free(session)
                 raise
+        return False
+
+    def tell_place(self, session):
+        """A run that joined the queue hears its place, unless it has left
+        the queue already. Its `queued` event may wait for the journal's
+        disk (its id mark): never under a lock. A place that a faster
+        thread has bettered, or a run that has started, is dropped by
+        publish()."""
+        with self._lock:
+            if session not in self._waiting:
+                return
+            places = [(session, session.position, self._estimates(session.position)[-1])]
+        self._announce(places)
 
     def _free(self, session):
         with self._lock:
@@ -2510,20 +2524,24 @@ class JobSpec:
         described.update(self.extra)
         return described
 
-    def start(self, session, params):
-        """Run the job for `session` in a thread of its own; returns the thread."""
-        thread = threading.Thread(target=self._run_to_its_end, args=(session, params),
+    def start(self, session, params, first=None):
+        """Run the job for `session` in a thread of its own; returns the
+        thread. That thread calls `first` before the job, if given (a run
+        that leaves the queue waits there for the journal's disk)."""
+        thread = threading.Thread(target=self._run_to_its_end, args=(session, params, first),
                                   name="job-" + session.id[:8], daemon=True)
         thread.start()
         return thread
 
-    def _run_to_its_end(self, session, params):
+    def _run_to_its_end(self, session, params, first=None):
         """The run's thread: its first event is progress at iteration 0, so
         that a client sees at once that the run is live; then whatever
         `run` does (a user's JobSpec may raise, or return without a terminal
         event), the run ends, with a message that says why, and frees its
         slot in the queue."""
         try:
+            if first is not None:
+                first()
             if not self.publishes_its_start:
                 session.publish("progress", {"iteration": 0, "total": None})
             self._run(session, params)
@@ -3492,12 +3510,14 @@ class _Journal:
         self._thread = supervisor.spawn("journal", self._run)
 
     def begin(self, session):
-        """A run starts: its file, with its first id mark, is written before
-        POST /start answers (the request's thread waits, not the run), so
-        even a crash in its first second leaves a trace of it."""
+        """A run starts: its file, with its first id mark, is queued for the
+        disk. Returns the call that waits until both are written: POST
+        /start makes it after its lock (a stalled disk holds up that request
+        alone) and answers once the run is on disk, so even a crash in its
+        first second leaves a trace of it."""
         self._items.append(("begin", session, None))
         self.guard_ids(session)
-        self.reserve_ids(session, ID_BLOCK, wait=True)
+        return self.reserve_ids(session, ID_BLOCK, wait=False)
 
     def guard_ids(self, session):
         """From now on the run publishes ids only within marks this journal
@@ -3538,22 +3558,29 @@ class _Journal:
         """Write `{"ids": upto}` to the run's file; once it is written to the
         operating system (a crash cannot lose it then), the run may publish
         ids up to `upto`. With `wait`, wait for that (a request thread or
-        the run's own, never the stream writer). A journal that cannot
-        write does not stop the run: it goes on."""
+        the run's own, never the stream writer, and never under a lock);
+        without, returns the call that waits. A journal that cannot write
+        does not stop the run: it goes on."""
         written = threading.Event()
         self._items.append(("ids", session, (upto, written)))
         self._wake.set()
-        if wait:
+
+        def settle():
             self._wait_written(written, "run %s's id mark" % session.id)
             session.id_mark.raise_to(upto)
+        if wait:
+            settle()
+        return settle
 
     def note_running(self, session):
-        """A queued run starts: `{"running": ts}`, written to the operating
-        system before it does, so a restart knows it left the queue."""
+        """A queued run starts: `{"running": ts}`, queued for the disk.
+        Returns the call that waits until the operating system has it: the
+        run's own thread makes it before the job runs, so a restart knows
+        the run left the queue, and no other start waits for this disk."""
         written = threading.Event()
         self._items.append(("running", session, written))
         self._wake.set()
-        self._wait_written(written, "that run %s started" % session.id)
+        return lambda: self._wait_written(written, "that run %s started" % session.id)
 
     def _wait_written(self, written, what):
         if self._stopping or self._thread is None or not self._thread.is_alive():
@@ -4697,6 +4724,7 @@ class _DeadlineReader(io.RawIOBase):
         self.sock = sock
         self.deadline = 0.0     # monotonic; the handler sets it for each request
         self.waiting = True     # False: take only what has arrived (see _Handler.handle)
+        self.ended = False      # the client has closed its side: end of file while waiting
 
     def readable(self):
         return True
@@ -4716,9 +4744,12 @@ class _DeadlineReader(io.RawIOBase):
             raise socket.timeout("request not received in time")
         sock.settimeout(remaining)
         try:
-            return sock.recv_into(buffer)
+            count = sock.recv_into(buffer)
         finally:
             sock.settimeout(WRITE_TIMEOUT_S)
+        if not count:
+            self.ended = True
+        return count
 
 
 HANDED_TO_HUB = threading.local()  # .sock: the TLS connection this handler thread gave the hub
@@ -4834,6 +4865,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.renew_deadline()
         self.request_read = self.responded = False
         super().handle_one_request()
+
+    def parse_request(self):
+        """The base class takes a head that the end of the connection cut
+        short for a whole one (http.client.parse_headers stops at the end
+        of file as at the blank line): a POST /start whose client went away
+        mid-head would start a run. That is a 400, and nothing is done."""
+        if not super().parse_request():
+            return False
+        if self.rfile.raw.ended:
+            self.send_error(400, "the request head was cut short by the end of the connection")
+            return False
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -5278,18 +5321,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route_log(self, query, session_id):
         """Every log line; with ?follow=1 the answer stays open (chunked) and
         grows until the run ends. A follower holds this thread, as a
-        download does: it is for `curl -N`, not for the page."""
+        download does: it is for `curl -N`, not for the page. It counts as
+        a stream (503 past --max-streams), and holds its thread no longer
+        than its client is there (see send_record). The writer does not
+        take followers as it takes streams: their lines are made one by
+        one from the record (from the journal's file after a restart), work
+        and disk reads that would hold up every stream, and a text body
+        has no keepalive for it to send."""
         session = self.find_session(session_id)
         follow = _parse_query(query).get("follow") in ("1", "true")
-        self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
-                         lambda line: _log_text_line(json.loads(line))
-                         if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
-                         else b"", follow)
+        if follow:
+            self.server.hub.reserve(self.connection)
+        try:
+            self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
+                             lambda line: _log_text_line(json.loads(line))
+                             if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
+                             else b"", follow)
+        finally:
+            if follow:
+                self.server.hub.release()
 
     def send_record(self, session, content_type, filename, convert, follow=False):
         """The run's whole record, each export line through `convert`, as a
         chunked attachment: from the journal file for a run read back after a
-        restart, else from memory; with `follow`, until the run ends."""
+        restart, else from memory; with `follow`, until the run ends or the
+        client has gone: a quiet run writes nothing a closed socket could
+        fail, so it looks once a keepalive interval."""
         self.responded = True
         self.send_response(200)
         self.send_header("Content-Type", content_type)
@@ -5320,8 +5377,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not follow or session.record_ended(position) or self.server.stopping:
                 break
             session.wait_for_record(position, self.server.hub.keepalive_s)
+            if self.client_gone():
+                log.debug("log follower %s went away", self.client_address[0])
+                return
         if chunked:
             self.wfile.write(LAST_CHUNK)
+
+    def client_gone(self):
+        """Has the client closed the connection (end of file, or a reset)?
+        Bytes it sent meanwhile are read and dropped, or they would hide
+        its end of file; the connection then closes after this answer."""
+        sock = self.connection
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(65536)
+        except WOULD_BLOCK:
+            return False
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(WRITE_TIMEOUT_S)
+        self.close_connection = True
+        return not data
 
     def route_healthz(self, query):
         health = self.server.health()
@@ -6518,7 +6595,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  grip=None, grip_key=None, state_dir=None, trusted_proxies=(), base_path="",
                  max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
                  concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
-                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S):
+                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S,
+                 max_per_address=DEFAULT_MAX_PER_ADDRESS):
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
@@ -6526,6 +6604,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.tls = None                       # an ssl.SSLContext once started, with certfile
         super().__init__((host, port), _Handler)
         self.request_timeout_s = request_timeout_s
+        self.max_per_address = max_per_address     # 0: no limit
+        self._per_address_lock = threading.Lock()  # guards _per_address
+        self._per_address = {}                     # peer address -> its connections in threads
         self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
         self.supervisor = _Supervisor()
         self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.resume_connection)
@@ -6620,6 +6701,71 @@ class SSEServer(http.server.ThreadingHTTPServer):
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
+    def process_request(self, request, client_address):
+        """A thread of its own answers the connection, unless its address
+        has --max-per-address connections in threads already: then it is
+        refused from this thread (the one that accepted it, or the writer
+        that held it parked). Counted by the peer's address, before any
+        header: a --trusted-proxy speaks for many clients and has no limit.
+        Streams and idle keep-alive connections, which the writer holds
+        without a thread, do not count: --max-streams bounds the streams,
+        and a browser keeps its streams open for as long as a tab is."""
+        address = client_address[0]
+        if not self.take_place(address):
+            return self.refuse(request, address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:          # no thread: "can't start new thread"
+            self.let_go(address)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.let_go(client_address[0])
+
+    def take_place(self, address):
+        """Count one more connection of `address` in a thread; False (and
+        not counted) when it has its --max-per-address."""
+        with self._per_address_lock:
+            count = self._per_address.get(address, 0)
+            if 0 < self.max_per_address <= count and address not in self.trusted_proxies:
+                return False
+            self._per_address[address] = count + 1
+            return True
+
+    def let_go(self, address):
+        with self._per_address_lock:
+            count = self._per_address.pop(address) - 1
+            if count:
+                self._per_address[address] = count
+
+    def refuse(self, sock, address):
+        """503 past --max-per-address, without a thread and without
+        blocking: what has come of the request is read first, so that
+        closing sends the answer rather than a reset (a client still
+        sending its request may get the reset). A TLS connection is closed
+        unanswered: its handshake would need a thread."""
+        log.info("%s has %d connections being answered (--max-per-address): one more "
+                 "refused", address, self.max_per_address)
+        if not _is_tls(sock):
+            body = json_line({"error": "too many connections from your address (limit %d); "
+                              "try again later" % self.max_per_address}).encode() + b"\n"
+            sock.setblocking(False)
+            try:
+                sock.recv(65536)
+            except OSError:
+                pass           # nothing has come yet
+            try:
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\nRetry-After: %d\r\nCache-Control: no-store"
+                          b"\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n%s"
+                          % (len(body), RETRY_AFTER_S, body))
+            except OSError:
+                pass           # it has gone
+        self.shutdown_request(sock)
+
     def shutdown_request(self, request):
         """After a handler thread: close its connection, unless this thread
         handed it to the hub (_Handler.take_connection)."""
@@ -6704,7 +6850,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             log.warning("queued run %s cannot run: %s", session.id, exc)
             return _end_run(session, "error", {"message": "its parameters no longer fit the "
                                                "job, which changed while it waited: %s" % exc})
-        self.queue.submit(session)
+        if self.queue.submit(session):
+            self.queue.tell_place(session)
 
     def resume_reported(self, header, events):
         """A run reported from elsewhere goes on after a restart: its record
@@ -6725,23 +6872,24 @@ class SSEServer(http.server.ThreadingHTTPServer):
         with self._start_lock:
             session = self.registry.create(title or "a reported run", params,
                                            report_key=secrets.token_urlsafe(TOKEN_BYTES))
-            if self.journal:
-                self.journal.begin(session)
+            on_disk = self.journal.begin(session) if self.journal else None
             self.reported.add(session, received=0)
+        if on_disk:
+            on_disk()     # after the lock: a stalled disk holds up this request alone
         session.publish("progress", {"iteration": 0, "total": None})   # the stream is live
         return session
 
     def start_session(self, params):
         """Accept a run: it starts now, or waits in the queue. With a journal
-        the run is on disk before /start answers, so it outlives a crash."""
+        the run is on disk before /start answers, so it outlives a crash:
+        admitted under the lock, it waits for the disk after it."""
         with self._start_lock:
             self.queue.check_room()
             state = "queued" if self.queue.would_wait() else "running"
             session = self.registry.create(self.job.title, params, state)
-            if self.journal:
-                self.journal.begin(session)
+            on_disk = self.journal.begin(session) if self.journal else None
             try:
-                self.queue.submit(session)
+                queued = self.queue.submit(session)
             except (_TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
                 self.registry.discard(session)
                 if self.journal:
@@ -6749,6 +6897,10 @@ class SSEServer(http.server.ThreadingHTTPServer):
                 if isinstance(exc, _TooBusy):
                     raise
                 raise _TooBusy(503, "cannot start another run now")
+        if on_disk:
+            on_disk()
+        if queued:
+            self.queue.tell_place(session)
         return session
 
     def on_feed_publish(self, session, event):
@@ -6793,13 +6945,20 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def start_run(self, session):
         """The queue gives the run a slot: it runs from now (called after the
         queue's lock). A run that waited is marked running in its journal,
-        on disk, so a crash from here on ends it interrupted, not queued."""
+        on disk before it is running and its job runs (its own thread waits
+        for that, so no other start does), so a crash from here on ends it
+        interrupted, not queued."""
         if session.cancel.is_set():     # cancelled while it was handed its slot
             return _end_run(session, "cancelled", {})
+        on_disk = None
         if session.state == "queued" and self.journal:
-            self.journal.note_running(session)
-        session.mark_running()
-        session.worker = self.job.start(session, session.params)
+            on_disk = self.journal.note_running(session)
+
+        def first():
+            if on_disk:
+                on_disk()
+            session.mark_running()
+        session.worker = self.job.start(session, session.params, first)
 
     def health(self):
         """What GET /healthz answers: counts, and each part that stopped."""
@@ -6822,7 +6981,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         return health
 
     def server_close(self):
-        """End every stream, stop every run, close the listening socket. Call
+        """Close the listening socket, end every stream, stop every run. Call
         shutdown() first (from another thread than serve_forever's).
 
         Streams end first, with the last chunk and no terminal event: the
@@ -6831,6 +6990,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.hub is None:     # binding failed: nothing else was started
             super().server_close()
             return
+        # Refuse new connections now: the runs below may take --kill-after,
+        # and the kernel would queue connections that nobody will answer.
+        self.socket.close()
         self.stopping = True
         self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
@@ -7025,7 +7187,13 @@ def _build_parser():
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
                    help="running sessions at once; more get 429 (default %(default)s)")
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, metavar="N",
-                   help="open event streams at once; more get 503 (default %(default)s)")
+                   help="open event streams (and /log?follow=1 followers) at once; more "
+                        "get 503 (default %(default)s)")
+    p.add_argument("--max-per-address", type=int, default=DEFAULT_MAX_PER_ADDRESS, metavar="N",
+                   help="connections one client address may have being read or answered "
+                        "at once (streams and idle keep-alive ones not counted; a "
+                        "--trusted-proxy has no limit); more get 503; 0: no limit "
+                        "(default %(default)s)")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                    metavar="SECONDS",
                    help="forget a session this long after it ends (default %(default)s)")
@@ -7051,8 +7219,8 @@ def _build_parser():
                         "and SIGKILL this long after (default %g)" % DEFAULT_KILL_AFTER_S)
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="requests from this address come through your reverse proxy: the "
-                        "lock-out counts the client it names last in X-Forwarded-For; "
-                        "repeatable")
+                        "lock-out counts the client it names last in X-Forwarded-For, and "
+                        "--max-per-address does not limit it; repeatable")
     p.add_argument("--base-path", default="", metavar="PATH",
                    help="the path a reverse proxy serves it under (/jobs), for a proxy that "
                         "does not send X-Forwarded-Prefix: the sign-in returns there")
@@ -7133,8 +7301,9 @@ def _parse_args(argv):
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
-    if args.concurrency < 0:
-        p.error("--concurrency must be 0 (no limit) or more")
+    for name in ("concurrency", "max_per_address"):
+        if getattr(args, name) < 0:
+            p.error("--%s must be 0 (no limit) or more" % name.replace("_", "-"))
     return args
 
 
@@ -7187,7 +7356,8 @@ def main(argv=None):
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
                  max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
-                 notify_format=args.notify_format, report_timeout_s=args.report_timeout)
+                 notify_format=args.notify_format, report_timeout_s=args.report_timeout,
+                 max_per_address=args.max_per_address)
 
 
 if __name__ == "__main__":
