@@ -1110,6 +1110,7 @@ class _RunQueue:
                 return False
             place = self._waiting.index(session)
             del self._waiting[place]
+            session.position = None          # PROTOCOL: null for a run not in the queue
             places = self._new_places(place)
         self._announce(places)
         return True
@@ -1178,15 +1179,20 @@ class _RunQueue:
 
     def _estimates(self, count):
         """Estimated starts of the first `count` places, in one pass: each
-        slot frees up in turn, and the run it takes holds it for the mean."""
+        slot frees up in turn, and the run it takes holds it for the mean.
+        Before any run has completed, the running runs' projected durations
+        (elapsed + time left) stand in for the mean."""
         if not self.concurrency:
             return [None] * count
-        mean = sum(self._durations) / len(self._durations) if self._durations else None
+        now = time.monotonic()
+        lefts = [(run, run.time_left()) for run in self._running]
+        durations = self._durations or [now - run.started + left for run, left in lefts
+                                        if left is not None]
+        mean = sum(durations) / len(durations) if durations else None
         free_at = [0.0] * max(0, self.concurrency - len(self._running))
-        for run in self._running:
-            left = run.time_left()
+        for run, left in lefts:
             if left is None and mean is not None:
-                left = max(0.0, mean - (time.monotonic() - run.started))
+                left = max(0.0, mean - (now - run.started))
             free_at.append(float("inf") if left is None else left)
         heapq.heapify(free_at)
         estimates = []

@@ -3455,6 +3455,34 @@ def test_queue_without_history_has_no_estimate(make):
     assert cancel(srv, running)[0] == 202
 
 
+def test_a_cancelled_queued_run_has_no_position_anywhere(make):
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05)
+    waiting = start_run(srv)
+    status, body = cancel(srv, waiting)
+    assert status == 202 and json.loads(body)["position"] is None      # PROTOCOL: null
+    assert get_json(srv, "/status/" + waiting)["position"] is None
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert listed[waiting]["state"] == "cancelled" and listed[waiting]["position"] is None
+    assert cancel(srv, running)[0] == 202
+
+
+def test_every_queued_place_gets_an_estimate_from_a_running_runs_percent(make):
+    """No run has completed yet: the running run's projected duration (from
+    its percent) stands in for the mean, so places 2 and 3 get one too."""
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    waiting = [start_run(srv, iterations=4, tick=0.05) for _ in range(3)]
+    wait_for(lambda: (get_json(srv, "/status/" + running).get("percent") or 0) > 0,
+             what="a percent")
+    estimates = [get_json(srv, "/status/" + sid)["estimated_start_s"] for sid in waiting]
+    assert all(isinstance(e, float) for e in estimates), estimates
+    assert 0 < estimates[0] < estimates[1] < estimates[2] < 3 * 60      # about 50 s each
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert isinstance(listed[waiting[2]]["estimated_start_s"], float)
+    assert cancel(srv, running)[0] == 202
+
+
 def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
     first = journal_server(tmp_path, "--concurrency", "1")
     try:
