@@ -3742,6 +3742,20 @@ def test_watch_exits_0_on_complete_with_plain_lines_when_not_a_terminal(make, cl
     assert 2 < len(lines) < 25
 
 
+def test_watch_counts_each_bar_under_its_label_to_the_end(make, clients, programs):
+    """Nested tqdm bars: each line counts epochs and batches by name, and the
+    last (the inner bar closed) goes on counting epochs: never 14/15 of one
+    unit, then 3/3 of another."""
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("nested_train.py"))
+    status, out, err = clients("watch", page_url(srv), "--run", start_run(srv)).finish()
+    assert status == 0, err
+    lines = [line for line in out.splitlines() if "%" in line]
+    assert len(lines) >= 3
+    assert all(re.search(r"\| Epochs [0-3]/3( · Batches [0-5]/5)? ·", line) for line in lines), lines
+    assert re.match(r"100% \|█{20}\| Epochs 3/3 · ", lines[-1]) and "Batches" not in lines[-1]
+
+
 def test_watch_exits_1_on_error_and_shows_the_message(make, clients):
     srv = make(job=failing_job)
     sid = start_run(srv)
@@ -3852,6 +3866,10 @@ def test_watch_reconnects_across_a_restart_with_state_dir(tmp_path, clients):
         assert status == 0, err
         assert "connection lost" in out and out.splitlines()[-1] == "complete"
         assert get_json(second, "/status/" + ahead)["state"] == "error"     # interrupted
+        listed = {run["session_id"]: run for run in get_json(second, "/runs")["runs"]}
+        assert listed[ahead]["reason"] == "interrupted" and "reason" not in listed[waiting]
+        status, out, _ = clients("watch", "http://127.0.0.1:%d/" % port, "--run", ahead).finish()
+        assert status == 1 and out.splitlines()[-1].startswith("interrupted: the server stopped")
     finally:
         assert second.stop()[0] == 0
 
