@@ -5671,6 +5671,28 @@ def test_browser_the_pages_own_log_lines_keep_their_place_when_the_filter_change
     assert browser.problems() == []
 
 
+def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
+    """A run loaded from /series numbers its series in the server's order
+    (by name); a run watched from its start, in its events' order. The
+    legend of the run watched before must not stay: its colours and dashes
+    would name the wrong lines."""
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    queued = start_run(srv, iterations=5, tick=0.01, update_every=1)
+    same = ("[...document.querySelectorAll('.legend button')].every(b => b.querySelector('path')"
+            ".getAttribute('class') === document.getElementById('line-' + b.dataset.field)"
+            ".getAttribute('class'))")
+    browser.open(page_url(srv) + "#session=" + running)
+    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('.legend button')"
+                     ".length === 2")
+    assert browser.evaluate(same)
+    browser.evaluate("watchRun(%s)" % json.dumps(queued))
+    assert cancel(srv, running)[0] == 202
+    browser.wait_for(STATE + " === 'complete' && document.querySelectorAll('.legend button')"
+                     ".length === 2 && !!document.getElementById('line-dps')")
+    assert browser.evaluate(same)
+
+
 def test_browser_a_hidden_series_keeps_its_legend_text_legible(browser, server):
     """WCAG 2.1 (1.4.3): a hidden series' legend text keeps 4.5:1, so it is
     struck through and dashed, not faded (opacity .5 gave about 3.3:1)."""
