@@ -622,7 +622,7 @@ def start_in_page(browser, **params):
         document.getElementById('start').click(); })()""" % json.dumps(params))
 
 
-STATE = "document.getElementById('status').dataset.state"
+STATE = "state"          # the page's state (its status shows the run's, its indicator the connection's)
 
 
 def png_is_not_blank(path):

@@ -311,10 +311,11 @@ RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of abou
 
 
 def _numeric_fields(data):
-    """The job's own numeric fields of an event: what the chart draws."""
+    """The job's own numeric fields of an event: what the chart draws (not
+    an `error`'s exit_code: END_FIELDS say how a run ended)."""
     return {name: value for name, value in data.items()
-            if name not in RESERVED_FIELDS and not isinstance(value, bool)
-            and isinstance(value, (int, float))}
+            if name not in RESERVED_FIELDS and name not in END_FIELDS
+            and not isinstance(value, bool) and isinstance(value, (int, float))}
 
 
 def _merged_values(ours, theirs):
@@ -857,12 +858,15 @@ class _Session:
         """What /runs lists of this run (never its control key)."""
         with self._lock:
             latest, state, position = self._latest, self.state, self.position
-        return {"session_id": self.id, "title": self.title, "state": state,
-                "started_ts": self.started_ts, "ended_ts": self.ended_ts,
-                "iteration": latest.get("iteration"), "total": latest.get("total"),
-                "percent": latest.get("percent"), "params": self.params, "position": position,
-                "reported": self.report_key is not None,
-                "stream": "/progress/" + self.id, "status": "/status/" + self.id}
+        summary = {"session_id": self.id, "title": self.title, "state": state,
+                   "started_ts": self.started_ts, "ended_ts": self.ended_ts,
+                   "iteration": latest.get("iteration"), "total": latest.get("total"),
+                   "percent": latest.get("percent"), "params": self.params, "position": position,
+                   "reported": self.report_key is not None,
+                   "stream": "/progress/" + self.id, "status": "/status/" + self.id}
+        if state == "error":           # how it failed, for a list that says "interrupted"
+            summary.update((k, latest[k]) for k in END_FIELDS if k in latest)
+        return summary
 
     def events_after(self, event_id, limit):
         """Up to `limit` held events with an id above `event_id`, oldest first.
@@ -1141,6 +1145,7 @@ class _RunQueue:
                 return False
             place = self._waiting.index(session)
             del self._waiting[place]
+            session.position = None          # PROTOCOL: null for a run not in the queue
             places = self._new_places(place)
         self._announce(places)
         return True
@@ -1209,15 +1214,20 @@ class _RunQueue:
 
     def _estimates(self, count):
         """Estimated starts of the first `count` places, in one pass: each
-        slot frees up in turn, and the run it takes holds it for the mean."""
+        slot frees up in turn, and the run it takes holds it for the mean.
+        Before any run has completed, the running runs' projected durations
+        (elapsed + time left) stand in for the mean."""
         if not self.concurrency:
             return [None] * count
-        mean = sum(self._durations) / len(self._durations) if self._durations else None
+        now = time.monotonic()
+        lefts = [(run, run.time_left()) for run in self._running]
+        durations = self._durations or [now - run.started + left for run, left in lefts
+                                        if left is not None]
+        mean = sum(durations) / len(durations) if durations else None
         free_at = [0.0] * max(0, self.concurrency - len(self._running))
-        for run in self._running:
-            left = run.time_left()
+        for run, left in lefts:
             if left is None and mean is not None:
-                left = max(0.0, mean - (time.monotonic() - run.started))
+                left = max(0.0, mean - (now - run.started))
             free_at.append(float("inf") if left is None else left)
         heapq.heapify(free_at)
         estimates = []
@@ -5595,12 +5605,11 @@ def _progress_text(data, labels, fancy=True):
         else:
             bar = "#" * int(filled)
         parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
-    counted = data.get("iteration")
-    if isinstance(counted, (int, float)):
-        total = data.get("total")
-        parts.append("%s/%s" % (_readable_number(counted), _readable_number(total))
-                     if isinstance(total, (int, float)) else _readable_number(counted))
-    words = [data["stage"]] if isinstance(data.get("stage"), str) and data["stage"] else []
+    counts, named = _counts_text(data)
+    if counts:
+        parts.append(counts)
+    stage = data.get("stage")     # shown unless the counts' labels say it already
+    words = [stage] if isinstance(stage, str) and set(stage.split(" · ")) - named else []
     for name, value in data.items():
         if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
                 and not isinstance(value, bool) and len(words) < 5:
@@ -5611,6 +5620,29 @@ def _progress_text(data, labels, fancy=True):
         words.append("ETA " + _readable_seconds(elapsed * (100 - percent) / percent))
     line = " ".join(parts) + "".join(" · " + word for word in words)
     return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
+
+
+def _counts_text(data):
+    """("Epochs 1/2 · Batches 18/20", {labels used}): each level's count
+    under its own label (a nested run's `bars`, else `stage` and
+    iteration/total), so that the unit never changes when an inner bar
+    closes (38/40 batches, then 2/2 epochs)."""
+    bars = data.get("bars")
+    if not (isinstance(bars, list) and bars and all(isinstance(b, dict) for b in bars)):
+        bars = [{"label": data.get("stage"), "done": data.get("iteration"),
+                 "total": data.get("total")}]
+    counts, labels = [], set()
+    for bar in bars:
+        done, total, label = bar.get("done"), bar.get("total"), bar.get("label")
+        if not isinstance(done, (int, float)):
+            continue
+        count = _readable_number(done) + ("/" + _readable_number(total)
+                                          if isinstance(total, (int, float)) else "")
+        if isinstance(label, str) and label:
+            labels.add(label)
+            count = label + " " + count
+        counts.append(count)
+    return " · ".join(counts), labels
 
 
 class _ProgressLine:
@@ -5708,8 +5740,9 @@ def _show_event(screen, name, data):
                                       screen.unicode)
                        + "\ncomplete" + ("" if result is None else ": " + json_line(result)))
         else:
-            screen.end("%s%s" % (name if name == "cancelled" else "failed",
-                                 ": " + str(data["message"]) if data.get("message") else ""))
+            word = "failed" if name == "error" else name
+            word = "interrupted" if data.get("reason") == "interrupted" else word
+            screen.end("%s%s" % (word, ": " + str(data["message"]) if data.get("message") else ""))
         return WATCH_EXIT[name]
     return None
 

@@ -3617,6 +3617,34 @@ def test_queue_without_history_has_no_estimate(make):
     assert cancel(srv, running)[0] == 202
 
 
+def test_a_cancelled_queued_run_has_no_position_anywhere(make):
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05)
+    waiting = start_run(srv)
+    status, body = cancel(srv, waiting)
+    assert status == 202 and json.loads(body)["position"] is None      # PROTOCOL: null
+    assert get_json(srv, "/status/" + waiting)["position"] is None
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert listed[waiting]["state"] == "cancelled" and listed[waiting]["position"] is None
+    assert cancel(srv, running)[0] == 202
+
+
+def test_every_queued_place_gets_an_estimate_from_a_running_runs_percent(make):
+    """No run has completed yet: the running run's projected duration (from
+    its percent) stands in for the mean, so places 2 and 3 get one too."""
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    waiting = [start_run(srv, iterations=4, tick=0.05) for _ in range(3)]
+    wait_for(lambda: (get_json(srv, "/status/" + running).get("percent") or 0) > 0,
+             what="a percent")
+    estimates = [get_json(srv, "/status/" + sid)["estimated_start_s"] for sid in waiting]
+    assert all(isinstance(e, float) for e in estimates), estimates
+    assert 0 < estimates[0] < estimates[1] < estimates[2]     # each waits for the one ahead
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert isinstance(listed[waiting[2]]["estimated_start_s"], float)
+    assert cancel(srv, running)[0] == 202
+
+
 def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
     first = journal_server(tmp_path, "--concurrency", "1")
     try:
@@ -3876,6 +3904,20 @@ def test_watch_exits_0_on_complete_with_plain_lines_when_not_a_terminal(make, cl
     assert 2 < len(lines) < 25
 
 
+def test_watch_counts_each_bar_under_its_label_to_the_end(make, clients, programs):
+    """Nested tqdm bars: each line counts epochs and batches by name, and the
+    last (the inner bar closed) goes on counting epochs: never 14/15 of one
+    unit, then 3/3 of another."""
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("nested_train.py"))
+    status, out, err = clients("watch", page_url(srv), "--run", start_run(srv)).finish()
+    assert status == 0, err
+    lines = [line for line in out.splitlines() if "%" in line]
+    assert len(lines) >= 3
+    assert all(re.search(r"\| Epochs [0-3]/3( · Batches [0-5]/5)?( · |$)", line) for line in lines), lines
+    assert re.match(r"100% \|█{20}\| Epochs 3/3 · ", lines[-1]) and "Batches" not in lines[-1]
+
+
 def test_watch_exits_1_on_error_and_shows_the_message(make, clients):
     srv = make(job=failing_job)
     sid = start_run(srv)
@@ -3986,6 +4028,10 @@ def test_watch_reconnects_across_a_restart_with_state_dir(tmp_path, clients):
         assert status == 0, err
         assert "connection lost" in out and out.splitlines()[-1] == "complete"
         assert get_json(second, "/status/" + ahead)["state"] == "error"     # interrupted
+        listed = {run["session_id"]: run for run in get_json(second, "/runs")["runs"]}
+        assert listed[ahead]["reason"] == "interrupted" and "reason" not in listed[waiting]
+        status, out, _ = clients("watch", "http://127.0.0.1:%d/" % port, "--run", ahead).finish()
+        assert status == 1 and out.splitlines()[-1].startswith("interrupted: the server stopped")
     finally:
         assert second.stop()[0] == 0
 
@@ -4347,6 +4393,7 @@ def test_page_and_server_agree_on_the_contracts_names():
     fields = set(re.findall(r'"(\w+)"', page_constant("STANDARD_FIELDS")))
     assert fields == set(sse_demo.RESERVED_FIELDS)          # the job's own fields are the rest
     assert re.findall(r'"(\w+)"', page_constant("LOG_LEVELS")) == list(sse_demo.LOG_LEVELS)
+    assert re.findall(r'"(\w+)"', page_constant("END_FIELDS")) == list(sse_demo.END_FIELDS)
     with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
         page = f.read()
     assert "#session=(%s)$" % sse_demo.SESSION_ID_PATTERN in page     # the run's id in a link
@@ -4557,7 +4604,8 @@ def test_browser_queued_run_shows_its_position_and_can_be_cancelled_from_the_lis
     browser.open(page_url(srv))
     start_in_page(browser, iterations=5, tick=0.01, update_every=1)
     browser.wait_for(STATE + " === 'queued'")
-    assert browser.element("status").startswith("Queued · position 1 · starts ")
+    assert browser.element("status") == "Queued · position 1"
+    assert browser.element("countdown").startswith("starts ")
     mine = browser.evaluate("sessionId")
     browser.evaluate("pollRuns()")
     browser.wait_for("!!document.querySelector('#runs button[data-cancel]')")
@@ -4704,6 +4752,11 @@ def test_browser_log_numbers_are_never_clipped(browser, server):
     widths = browser.evaluate("[...document.querySelectorAll('#log .id')].map("
                               "s => s.scrollWidth <= s.clientWidth + 1)")
     assert widths and all(widths)
+    browser.call("Emulation.setDeviceMetricsOverride", width=390, height=844,
+                 deviceScaleFactor=1, mobile=True)          # a phone: time and text only
+    widths = browser.evaluate("[...document.querySelectorAll('#log .time')].map("
+                              "s => s.scrollWidth <= s.clientWidth + 1)")
+    assert widths and all(widths)
 
 
 def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
@@ -4770,6 +4823,9 @@ def test_browser_shows_a_run_cut_short_by_a_restart_as_interrupted(browser, tmp_
         assert browser.element("status") == "Interrupted"
         assert "interrupted" in browser.element("message")
         assert browser.evaluate(STATE) != "gone"
+        assert "Reason" not in browser.element("fields")          # the status says how it ended
+        browser.wait_for("document.querySelector('#runs button[aria-current]').textContent"
+                         ".includes(' · interrupted · ')")
     finally:
         assert second.stop()[0] == 0
 
@@ -4878,7 +4934,7 @@ def test_browser_tab_title_follows_percent_and_state(browser, make, jobs):
     srv = make(job=jobs.tuned)
     browser.open(page_url(srv))
     start_in_page(browser, rounds=4, pause=0.6)
-    browser.wait_for("/^(25|50|75) % · Live · Tune the model$/.test(document.title)")
+    browser.wait_for("/^(25|50|75) % · Running · Tune the model$/.test(document.title)")
     browser.wait_for("document.title === 'Complete · Tune the model'")
 
 
@@ -5008,16 +5064,17 @@ def test_browser_inputs_edges_stand_out_from_their_background(browser, server, s
     assert [(name, round(ratio, 2)) for name, ratio in edges if ratio < 3] == []
 
 
-def test_browser_phone_watch_link_shows_progress_first_with_a_readable_chart(
+def test_browser_phone_watch_link_shows_state_then_progress_with_a_readable_chart(
         browser, server, tmp_path):
     sid = start_run(server, iterations=40, tick=0.02, update_every=1)
     browser.call("Emulation.setDeviceMetricsOverride", width=375, height=700,
                  deviceScaleFactor=1, mobile=True)
     browser.open(page_url(server) + "#session=" + sid)
     browser.wait_for(STATE + " === 'complete'")
-    tops = browser.evaluate("['progress-section', 'chart-section', 'run-section', 'runs-section']"
-                            ".map(id => document.getElementById(id).getBoundingClientRect().top)")
-    assert tops[0] < 700 and tops[0] < tops[1] < tops[2] < tops[3]   # progress first, on screen
+    tops = browser.evaluate("['run-section', 'progress-section', 'chart-section', 'params-section',"
+                            " 'runs-section'].map(id => document.getElementById(id)"
+                            ".getBoundingClientRect().top)")
+    assert tops[1] < 700 and tops == sorted(tops)     # its state, its progress, then the form
     sizes = browser.wait_for("(() => { const texts = [...document.querySelectorAll('#chart text')];"
                              " return texts.length > 4 && texts.map(t => t.getBoundingClientRect()"
                              ".height); })()")
@@ -5037,6 +5094,10 @@ def test_browser_failed_program_says_exit_status_briefly_and_its_stderr_below(
     browser.click("start")
     browser.wait_for(STATE + " === 'failed'")
     assert browser.element("status") == "Failed · exit 3"
+    assert "Exit code" not in browser.element("fields")
+    assert "exit_code" not in get_json(srv, "/series/" + browser.evaluate("sessionId"))["fields"]
+    browser.wait_for("document.querySelector('#runs button[aria-current]').textContent"
+                     ".includes(' · failed · exit 3 · ')")
     assert browser.evaluate("document.querySelector('#message p').textContent").endswith(
         "exited with status 3; the last lines of its stderr:")
     assert browser.evaluate("document.querySelector('#message pre').textContent") == \
@@ -5055,8 +5116,8 @@ def test_browser_cancel_shows_cancelling_and_the_coming_kill(browser, make, prog
     browser.wait_for(STATE + " === 'live' && logLines.length > 0")
     browser.click("cancel")
     browser.wait_for(STATE + " === 'cancelling'")
-    assert re.fullmatch(r"Cancelling… · stopping the program; forced in [23] s",
-                        browser.element("status"))
+    assert browser.element("status") == "Cancelling… · stopping the program"
+    assert re.fullmatch(r"forced in [23] s", browser.element("countdown"))
     assert browser.element("cancel", "disabled") is True
     screenshot_sizes(browser, tmp_path, "cancelling")
     browser.wait_for(STATE + " === 'cancelled'", timeout=10)
@@ -5689,13 +5750,13 @@ def test_browser_shows_every_state_a_run_goes_through(browser, make, jobs):
         return text
     browser.open(page_url(srv))
     start_in_page(browser, steps=1000, pause=0.05)
-    shows("live", "Live")                                       # running
+    shows("live", "Running")
     first = browser.evaluate("sessionId")
     waiting = start_run(srv, steps=3, pause=0.05)
     browser.open(page_url(srv) + "#session=" + waiting)
     shows("queued", "Queued")
     browser.open(page_url(srv) + "#session=" + first)
-    shows("live", "Live")
+    shows("live", "Running")
     browser.click("cancel")
     shows("cancelled", "Cancelled")
     browser.open(page_url(srv) + "#session=" + waiting)
@@ -5704,6 +5765,190 @@ def test_browser_shows_every_state_a_run_goes_through(browser, make, jobs):
     text = shows("failed", "Failed")
     assert "the build broke" in browser.evaluate("document.body.innerText"), text
     assert browser.problems() == []
+
+
+def shown_on_first_screen(browser, ids, width, height):
+    """Which of these elements are drawn whole within the first screen of a
+    window this size (the page not scrolled)."""
+    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                 deviceScaleFactor=1, mobile=width < 500)
+    return browser.evaluate("%s.filter(id => { const r = document.getElementById(id)"
+                            ".getBoundingClientRect(); return r.height > 0 && r.top >= 0 && "
+                            "r.bottom <= %d; })" % (json.dumps(ids), height))
+
+
+def test_browser_state_and_buttons_top_the_first_screen_of_a_phone_and_a_desktop(
+        browser, make, tmp_path):
+    """A queued run says "Queued · position 4" first, beside its Cancel; a
+    finished one says Complete: at the top, not below the chart."""
+    srv = make(concurrency=1)
+    ahead = [start_run(srv, iterations=1000, tick=0.05, update_every=1) for _ in range(4)]
+    browser.open(page_url(srv))
+    start_in_page(browser, iterations=5, tick=0.01, update_every=1)
+    browser.wait_for(STATE + " === 'queued' && queuedAt && queuedAt.position === 4")
+    top = ["status", "start", "cancel"]
+    for width, height in ((390, 844), (1280, 800)):
+        assert shown_on_first_screen(browser, top, width, height) == top, (width, height)
+        assert browser.element("status") == "Queued · position 4"
+    screenshot_sizes(browser, tmp_path, "queued-4")
+    for sid in ahead:
+        assert cancel(srv, sid)[0] == 202
+    browser.wait_for(STATE + " === 'complete'")
+    for width, height in ((390, 844), (1280, 800)):
+        assert shown_on_first_screen(browser, ["status", "start"], width, height) == [
+            "status", "start"], (width, height)
+        assert browser.element("status") == "Complete"
+    screenshot_sizes(browser, tmp_path, "complete-at-the-top")
+    assert browser.problems() == []
+
+
+def test_browser_connection_indicator_says_connecting_then_connected(browser, make):
+    """The seed's indicator: "Connecting…" until the stream is up, then
+    "Connected" in green, beside the run's own state; gone once it ended."""
+    srv = make()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    browser.open(page_url(srv) + "#session=" + sid)
+    browser.wait_for(STATE + " === 'live'")
+    assert browser.element("status") == "Running"
+    assert browser.element("connection") == "Connected"
+    assert browser.element("connection", "hidden") is False
+    colours = browser.evaluate("[getComputedStyle(document.getElementById('connection'), '::before')"
+                               ".backgroundColor, getComputedStyle(document.body)"
+                               ".getPropertyValue('--live').trim()]")
+    assert colours[0] == "rgb(30, 142, 62)" and colours[1] == "#1e8e3e"          # green
+    # The stream again from the start (as after a hidden tab): before it is up
+    seen = browser.evaluate("(() => { closeSource(); connect(sessionId); return [document."
+                            "getElementById('status').textContent, document.getElementById("
+                            "'connection').textContent]; })()")
+    assert seen == ["Running", "Connecting…"]
+    browser.wait_for("document.getElementById('connection').textContent === 'Connected'")
+    assert cancel(srv, sid)[0] == 202
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert browser.element("connection", "hidden") is True
+    assert browser.problems() == []
+
+
+def test_browser_log_shows_each_event_unless_the_job_writes_lines_of_its_own(
+        browser, make, jobs):
+    """The seed's "event log showing all SSE messages": the built-in job
+    writes no lines, so its log shows every event as it comes; a job that
+    writes lines gets the CI-like log, progress events on request."""
+    srv = make()
+    browser.open(page_url(srv))
+    start_in_page(browser, iterations=200, tick=0.02, update_every=10)
+    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('#log li.progress')"
+                     ".length >= 3")
+    assert browser.element("log-progress", "checked") is True
+    browser.wait_for(STATE + " === 'complete'")
+    kinds = [line.split()[2] for line in browser.log_lines()]
+    assert kinds[0] == "complete" and kinds.count("progress") == 20     # iterations 0, 10 .. 190
+    other = make(job=jobs.tuned)
+    browser.open(page_url(other))
+    start_in_page(browser, rounds=3)
+    browser.wait_for(STATE + " === 'complete'")
+    lines = browser.log_lines()
+    assert browser.element("log-progress", "checked") is False
+    assert [line.split(None, 3)[3] for line in lines if "#" in line.split()[1]][1:] == [
+        "round 3 of alpha", "round 2 of alpha", "round 1 of alpha", "loading data"]
+    assert browser.evaluate("document.querySelectorAll('#log li.progress').length") == 0
+    assert browser.problems() == []
+
+
+def test_browser_runs_panel_follows_again_after_runs_events_is_refused(browser, make):
+    """An EventSource gives up for good on any answer but 200: the runs
+    panel tries again later (REVIEW round 4, section 6: it froze)."""
+    srv = make(max_streams=1)
+    long_run = start_run(srv, iterations=1000, tick=0.05)
+    taken = watch(srv, long_run)                        # the one stream there is room for
+    wait_for(lambda: srv.server.hub.streams == 1, what="the test's stream")
+    browser.open(page_url(srv))
+    browser.wait_for("!runsSource || runsSource.readyState === EventSource.CLOSED")   # 503
+    taken.close()
+    wait_for(lambda: srv.server.hub.streams == 0, what="room for a stream")
+    sid = start_run(srv, iterations=3, **FAST)
+    browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid,
+                     timeout=2 * TIMEOUT)
+    assert cancel(srv, long_run)[0] == 202
+
+
+def test_browser_queued_countdown_is_not_read_out_every_second(browser, make):
+    """The countdown to a queued run's start goes beside the status, not in
+    its live region (role=status), which a screen reader reads at each
+    change; and the status carries no title that repeats it."""
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    wait_for(lambda: (get_json(srv, "/status/" + running).get("percent") or 0) > 0,
+             what="a percent to go by")
+    browser.open(page_url(srv))
+    start_in_page(browser, iterations=5, tick=0.01, update_every=1)
+    browser.wait_for(STATE + " === 'queued'")
+    browser.evaluate("window.statusChanges = 0; new MutationObserver(() => statusChanges++)"
+                     ".observe(document.getElementById('status'), {childList: true, "
+                     "characterData: true, subtree: true, attributes: true})")
+    browser.wait_for("(window.countdowns = window.countdowns || new Set()).add(document"
+                     ".getElementById('countdown').textContent).size >= 3")
+    assert all(text.startswith("starts in about ") for text in
+               browser.evaluate("[...countdowns]")), browser.evaluate("[...countdowns]")
+    assert browser.evaluate("statusChanges") == 0
+    assert browser.element("status") == "Queued · position 1"
+    assert browser.evaluate("document.getElementById('status').hasAttribute('title')") is False
+    assert cancel(srv, running)[0] == 202
+
+
+def test_browser_the_pages_own_log_lines_keep_their_place_when_the_filter_changes(
+        browser, server):
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=1000, tick=0.05, update_every=1)
+    browser.wait_for(STATE + " === 'live' && seenId > 3")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    before = browser.log_lines(progress=True)
+    assert " #1 progress " in before[-1]            # the oldest; the page's own line came later
+    assert any(line.endswith("info cancel requested: 202") for line in before[:-1])
+    browser.evaluate("(() => { const box = document.getElementById('log-level');"
+                     "box.value = 'info'; box.dispatchEvent(new Event('input')); })()")
+    assert browser.log_lines() == before
+    assert browser.problems() == []
+
+
+def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
+    """A run loaded from /series numbers its series in the server's order
+    (by name); a run watched from its start, in its events' order. The
+    legend of the run watched before must not stay: its colours and dashes
+    would name the wrong lines."""
+    srv = make(concurrency=1)
+    running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    queued = start_run(srv, iterations=5, tick=0.01, update_every=1)
+    same = ("[...document.querySelectorAll('.legend button')].every(b => b.querySelector('path')"
+            ".getAttribute('class') === document.getElementById('line-' + b.dataset.field)"
+            ".getAttribute('class'))")
+    browser.open(page_url(srv) + "#session=" + running)
+    browser.wait_for(STATE + " === 'live' && document.querySelectorAll('.legend button')"
+                     ".length === 2")
+    assert browser.evaluate(same)
+    browser.evaluate("watchRun(%s)" % json.dumps(queued))
+    assert cancel(srv, running)[0] == 202
+    browser.wait_for(STATE + " === 'complete' && document.querySelectorAll('.legend button')"
+                     ".length === 2 && !!document.getElementById('line-dps')")
+    assert browser.evaluate(same)
+
+
+def test_browser_a_hidden_series_keeps_its_legend_text_legible(browser, server):
+    """WCAG 2.1 (1.4.3): a hidden series' legend text keeps 4.5:1, so it is
+    struck through and dashed, not faded (opacity .5 gave about 3.3:1)."""
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=5, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete' && !!document.querySelector('.legend button')")
+    browser.evaluate("document.querySelector('.legend button').click()")
+    browser.wait_for("document.querySelector('.legend button').getAttribute('aria-pressed')"
+                     " === 'false'")
+    seen = browser.evaluate("""(() => {
+      const button = document.querySelector('.legend button');
+      let opacity = 1;
+      for (let e = button.lastChild; e; e = e.parentElement) opacity *= Number(getComputedStyle(e).opacity);
+      return [opacity, getComputedStyle(button).textDecorationLine];
+    })()""")
+    assert seen == [1, "line-through"]
 
 
 def test_many_runs_at_once_each_stream_gets_every_event_in_order(make):
@@ -6349,6 +6594,31 @@ def test_browser_shows_a_reported_run_like_any_other_and_the_operator_cancels_it
     assert browser.element("run-again", "hidden") is True        # its parameters are not the job's
     status, answer = post_events(srv, opened, [{"event": "log", "message": "next line"}])
     assert status == 409 and answer["cancel"] is True
+    assert browser.problems() == []
+
+
+def test_browser_a_reported_run_shows_its_own_fields_and_who_can_cancel_it(
+        browser, make, tmp_path):
+    """On an open server, a page that did not report the run: not the
+    server's job's form or its declared cards (Improvement, DPS), but the
+    run's own fields, and a sentence that says who can cancel it."""
+    srv = make()
+    opened = open_reported(srv, "train on node 7")
+    post_events(srv, opened, [{"event": "progress", "done": 3, "total": 10, "loss": 0.4213}])
+    browser.open(page_url(srv) + "#session=" + opened["session_id"])
+    browser.wait_for("document.getElementById('title').textContent === "
+                     "'train on node 7 (reported)' && latest && latest.loss")
+    browser.wait_for("!document.getElementById('field-improvement_pct')")
+    cards = browser.evaluate("[...document.querySelectorAll('#fields dt')].map(t => t.textContent)")
+    assert cards == ["Loss"]
+    shown = browser.evaluate("['params-section', 'start', 'new-run', 'cancel'].map(id => "
+                             "document.getElementById(id).getClientRects().length > 0)")
+    assert shown == [False, False, True, False]
+    assert browser.element("new-run") == "Start a run of Build optimisation (simulated)"
+    note = browser.element("watching")
+    assert "Ctrl-C" in note and "curl" in note and "only the page that started" not in note
+    assert browser.element("watching", "hidden") is False
+    screenshot_sizes(browser, tmp_path, "reported-open-server")
     assert browser.problems() == []
 
 
