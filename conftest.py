@@ -324,6 +324,14 @@ def ids(events):
     return [int(e["id"]) for e in events]
 
 
+def started(events):
+    """A --job or --cmd run's events after its first, the server's own
+    iteration 0 (the built-in job's is its own, with its total)."""
+    assert events[0]["event"] == "progress", events[0]
+    assert (events[0]["json"]["iteration"], events[0]["json"]["total"]) == (0, None)
+    return events[1:]
+
+
 def names(events):
     return [e["event"] for e in events]
 

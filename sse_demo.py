@@ -3362,8 +3362,9 @@ JOURNAL_FORMAT = "sse_demo-journal"
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".jsonl"
 DAMAGED_SUFFIX = ".damaged"       # a file's unreadable tail, set aside beside it
-JOURNAL_QUEUE_LIMIT = 100000      # events waiting for the disk; past it, progress is dropped,
-JOURNAL_LOG_LIMIT = 1000000       # and past this, log lines too (/healthz counts them)
+JOURNAL_PROGRESS_BYTES = 32 * 2 ** 20   # events waiting for the disk: past this many bytes,
+JOURNAL_QUEUE_BYTES = 256 * 2 ** 20     # progress is not journaled, past this log lines
+                                        # neither (/healthz counts them); a terminal event is
 JOURNAL_PROGRESS_S = 1.0          # a run's progress is written at most this often (the newest),
 JOURNAL_PROGRESS_LINES = 2000     # and half as often after each this many progress lines
 JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
@@ -3499,7 +3500,9 @@ class _Journal:
         self._wake = threading.Event()      # a terminal event or stop: write now
         self._files = {}                    # session id -> _JournalFile
         self.written = 0
+        self._count_lock = threading.Lock() # guards dropped, waiting_bytes (many threads)
         self.dropped = 0
+        self.waiting_bytes = 0              # the events' bytes in _items
         self.error = None                   # the disk's last complaint, while it lasts
         self._stopping = False
         self._thread = None
@@ -3536,18 +3539,22 @@ class _Journal:
 
     def record(self, session, event):
         """Called for every event, under the session's lock: never blocks.
-        A terminal event is never dropped; while the disk is far behind,
-        progress is (past JOURNAL_QUEUE_LIMIT waiting), and past
-        JOURNAL_LOG_LIMIT log lines too, counted in /healthz."""
-        waiting = len(self._items)
-        if not event.terminal and waiting >= JOURNAL_QUEUE_LIMIT and (
-                event.name == "progress" or waiting >= JOURNAL_LOG_LIMIT):
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10000 == 0:
-                log.warning("the journal falls behind the disk: %d events not journaled",
-                            self.dropped)
-            return
-        self._items.append(("event", session, event))
+        The queue is bounded by its bytes, and holds each event as the
+        history does (one copy of its payload). A terminal event is never
+        dropped; while the disk is far behind, progress is (past
+        JOURNAL_PROGRESS_BYTES waiting), and past JOURNAL_QUEUE_BYTES log
+        lines too, counted in /healthz."""
+        held = event.held()
+        with self._count_lock:
+            if not event.terminal and self.waiting_bytes >= (
+                    JOURNAL_PROGRESS_BYTES if event.name == "progress" else JOURNAL_QUEUE_BYTES):
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 10000 == 0:
+                    log.warning("the journal falls behind the disk: %d events not journaled",
+                                self.dropped)
+                return
+            self.waiting_bytes += len(held[2])
+        self._items.append(("event", session, held))
         if event.terminal:
             self._wake.set()
 
@@ -3641,6 +3648,9 @@ class _Journal:
                 elif kind == "received":
                     self._append(session.id, b'{"received":%d}\n' % event)
                 elif kind == "event":
+                    with self._count_lock:
+                        self.waiting_bytes -= len(event[2])
+                    event = _Event.from_held(event)
                     self._write_event(session.id, event, now)
                     if event.terminal:
                         self._append(session.id, _series_line(session))
