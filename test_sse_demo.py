@@ -2048,7 +2048,7 @@ print(json.dumps({"done": 3, "total": 3, "percent": 99, "ts": 1}))
     "chatty.py": """
 import sys
 print("hello from stdout")
-sys.stderr.write("careful: stderr\\n")
+sys.stderr.write("careful: stderr\\nwarning: disk almost full\\nerror: cannot open x\\n")
 sys.stdout.buffer.write(b"bad utf-8: \\xff\\xfe end\\n")
 sys.stdout.buffer.write(b"x" * 70000 + b"\\n")
 """,
@@ -2216,31 +2216,36 @@ def test_cmd_tqdm_lines_are_progress(make, programs):
     half = next(p for p in progress if p["iteration"] == 5) if (5, 10) in frames else None
     assert half is None or (half["percent"], half["rate"]) == (50.0, 10.0)
     assert all(p["stage"] == "train" for p in progress)
-    assert [e["json"]["message"] for e in events if e["event"] == "log"] == ["saved model.bin"]
+    logs = [(e["json"]["stream"], e["json"]["message"]) for e in events if e["event"] == "log"]
+    assert sorted(logs) == [("stderr", "train: 100%|██████████| 10/10 [00:10<00:00, 10.00it/s]"),
+                            ("stdout", "saved model.bin")]       # the bar kept once, as it ended
     assert events[-1]["event"] == "complete"
 
 
 @pytest.mark.parametrize("line, expected", [
     ("train:  45%|████▌     | 45/100 [00:04<00:05, 10.00it/s]",
-     {"desc": "train", "done": 45, "total": 100, "rate": 10.0, "fields": {}}),
+     {"desc": "train", "done": 45, "total": 100, "rate": 10.0, "unit": "it/s", "eta": 5,
+      "fields": {}}),
     ("  0%|          | 0/100 [00:00<?, ?it/s]",
      {"desc": None, "done": 0, "total": 100, "rate": None, "fields": {}}),
     ("Epoch 3: 45/100 [00:04<00:05, 2.50s/it, loss=0.3, acc=91, lr=1e-05, mode=fit]",
-     {"desc": "Epoch 3", "done": 45, "total": 100, "rate": 0.4,
+     {"desc": "Epoch 3", "done": 45, "total": 100, "rate": 0.4, "unit": "it/s",
       "fields": {"loss": 0.3, "acc": 91, "lr": 1e-05}}),
     ("1.2k/3.0k [00:04<00:05, 1.5MB/s]",
-     {"desc": None, "done": 1200, "total": 3000, "rate": 1500000.0, "fields": {}}),
+     {"desc": None, "done": 1200, "total": 3000, "rate": 1500000.0, "unit": "B/s",
+      "fields": {}}),
     ("45it [00:04, 10.00it/s]", {"desc": None, "done": 45, "total": None, "rate": 10.0,
                                  "fields": {}}),
     ("45.0kB [01:02:03, 1.00kB/s]", {"desc": None, "done": 45000, "total": None,
-                                     "rate": 1000.0, "fields": {}}),
+                                     "rate": 1000.0, "unit": "B/s", "eta": None, "fields": {}}),
     ("Tests passed: 45/50", None),
     ("45/100", None),
     ("Epoch 3/10", None),
     ("copied 45/100 files [done]", None),
 ])
 def test_cmd_tqdm_line_shapes(line, expected):
-    assert sse_demo._parse_tqdm(line) == expected
+    bar = sse_demo._parse_tqdm(line)
+    assert (bar and {name: bar[name] for name in expected}) == expected
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -2315,14 +2320,18 @@ def messages_of(events):
 
 @pytest.mark.parametrize("chunk", [1, 7, 65536])
 @pytest.mark.parametrize("shape, progress, messages", [
-    ("default", [("train", i, 4, 25.0 * i) for i in range(5)], []),
-    ("ncols_ascii", [(None, i, 3, round(100.0 * i / 3, 2)) for i in range(4)], []),
+    ("default", [("train", i, 4, 25.0 * i) for i in range(5)],
+     ["train: 100%|██████████| 4/4 [00:00<00:00, 10.00it/s]"]),
+    ("ncols_ascii", [(None, i, 3, round(100.0 * i / 3, 2)) for i in range(4)],
+     ["100%|############| 3/3 [00:00<00:00, 10.00it/s]"]),
     ("unit_scale", [(None, 0, 2000000, 0.0), (None, 1230000, 2000000, 61.5),
-                    (None, 1230000, 2000000, 61.5), (None, 2000000, 2000000, 100.0)], []),
+                    (None, 1230000, 2000000, 61.5), (None, 2000000, 2000000, 100.0)],
+     ["100%|##########| 2.00M/2.00M [00:00<00:00, 7.69GB/s, loss=0.123, lr=1e-5, mode=x]"]),
     ("leave_false", [(None, 0, 10, 0.0), (None, 5, 10, 50.0)], ["after"]),
-    ("no_total", [(None, i, None, None) for i in range(4)], []),
+    ("no_total", [(None, i, None, None) for i in range(4)], ["3it [00:00, 10.00it/s]"]),
     ("counts_that_are_not_bars", [], ["Tests passed: 45/50", "copied 3/4 files"]),
-    ("only_the_clock_moves", [(None, 1, 10, 10.0)], []),
+    ("only_the_clock_moves", [(None, 1, 10, 10.0)],
+     [" 10%|#         | 1/10 [00:03<00:27, 0.33it/s]"]),
 ])
 def test_cmd_tqdm_recordings_read_in_any_chunks(shape, progress, messages, chunk):
     events = read_output(TQDM_RECORDINGS[shape], chunk)
@@ -2343,8 +2352,8 @@ def test_cmd_tqdm_unit_scale_postfix_and_rate_are_numeric_fields():
 @pytest.mark.parametrize("chunk", [1, 13, 200])
 def test_cmd_tqdm_nested_bars_with_write_lines_between_redraws(chunk):
     events = read_output(TQDM_RECORDINGS["nested_write"], chunk)
-    assert messages_of(events) == ["batch %d of epoch %d" % (b, e)
-                                   for e in (0, 1) for b in (0, 1)]
+    assert messages_of(events) == ["batch %d of epoch %d" % (b, e) for e in (0, 1) for b in (0, 1)] \
+        + ["Epochs: 100%|##########| 2/2 [00:00<00:00, 10.00it/s]"]      # kept once, as it ended
     progress = [d for name, d in events if name == "progress"]
     percents = [d["percent"] for d in progress]
     assert percents == sorted(percents) and percents[-1] == 100.0     # never back
@@ -2353,7 +2362,10 @@ def test_cmd_tqdm_nested_bars_with_write_lines_between_redraws(chunk):
     halfway = [d for d in nested if d["bars"][0]["done"] == 1 and d["bars"][1]["done"] == 1]
     assert halfway and halfway[0]["percent"] == 75.0       # (1 + 1/2) / 2
     assert (halfway[0]["iteration"], halfway[0]["total"]) == (3, 4)
-    assert progress[-1]["iteration"] == 2 and "bars" not in progress[-1]   # inner bar gone
+    # The inner bar went away as the outer one ended: the run stays counted in
+    # batches (2 epochs of 2), not in epochs
+    assert (progress[-1]["iteration"], progress[-1]["total"], progress[-1]["percent"]) == (4, 4, 100.0)
+    assert all(d["total"] == 4 for d in progress if "bars" in d and d["bars"][0]["done"])
 
 
 def test_cmd_tqdm_epochs_of_their_own_make_a_whole_run_percent():
@@ -2365,7 +2377,10 @@ def test_cmd_tqdm_epochs_of_their_own_make_a_whole_run_percent():
     assert progress[4]["bars"] == [{"label": "Epoch", "done": 1, "total": 3},
                                    {"label": "Epoch 2/3", "done": 1, "total": 2}]
     assert progress[4]["loss"] == 0.7 and progress[4]["rate"] == 10.0
-    assert messages_of(events) == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+    assert messages_of(events) == [
+        line for k in (1, 2, 3) for line in (
+            "Epoch %d/3: 100%%|##########| 2/2 [00:00<00:00, 10.00it/s, loss=0.%d]" % (k, 8 - k),
+            "epoch %d done" % k)]
 
 
 def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
@@ -2383,7 +2398,8 @@ def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
     finally:
         os.close(write)
         reader.join(5)
-    assert [json.loads(e.json)["iteration"] for e in session.events_after(0, 100)] == list(range(10))
+    assert [json.loads(e.json)["iteration"] for e in session.events_after(0, 100)
+            if e.name == "progress"] == list(range(10))
 
 
 
@@ -2408,7 +2424,10 @@ def test_cmd_output_lines_are_log_events_with_their_stream(make, programs):
     assert by_text["hello from stdout"]["stream"] == "stdout"
     assert by_text["hello from stdout"]["level"] == "info"
     assert by_text["careful: stderr"]["stream"] == "stderr"
-    assert by_text["careful: stderr"]["level"] == "warning"
+    assert by_text["careful: stderr"]["level"] == "info"          # stderr is not a warning
+    assert by_text["warning: disk almost"]["level"] == "warning"
+    assert (by_text["error: cannot open x"]["level"], by_text["error: cannot open x"]["stream"]) \
+        == ("error", "stderr")
     assert "bad utf-8: \ufffd\ufffd end" in [l["message"] for l in logs]
     long_line = [l["message"] for l in logs if l["message"].startswith("xxx")][0]
     assert long_line.endswith(" [line cut: 70000 characters in all]")
@@ -2465,7 +2484,12 @@ def test_cmd_real_tqdm_training_script_reads_right(make, programs):
     moves = [(p["stage"], p["bars"], p.get("loss")) for p in progress]
     assert all(a != b for a, b in zip(moves, moves[1:])) and len(progress) <= 3 * (1 + 2 * 8)
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
-    assert logs == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+    # each epoch's finished bar (stderr) is kept once, in its last state
+    bars = [line for line in logs if line.startswith("Epoch")]
+    assert [line.split(":")[0] for line in bars] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert all("100%" in line and "8/8" in line for line in bars)
+    assert [line for line in logs if line not in bars] == ["epoch 1 done", "epoch 2 done",
+                                                           "epoch 3 done"]
 
 
 def test_cmd_real_tqdm_nested_bars_read_right(make, programs):
@@ -2479,7 +2503,8 @@ def test_cmd_real_tqdm_nested_bars_read_right(make, programs):
     assert nested and nested[0]["bars"][0]["label"] == "Epochs"
     assert nested[0]["bars"][1]["label"] == "Batches" and nested[0]["stage"] == "Epochs · Batches"
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
-    assert logs == ["epoch 0 done", "epoch 1 done", "epoch 2 done"]
+    assert logs[:3] == ["epoch 0 done", "epoch 1 done", "epoch 2 done"]
+    assert len(logs) == 4 and logs[3].startswith("Epochs: 100%|") and "3/3" in logs[3]
 
 
 def test_cmd_output_after_cancel_stays_progress(make, programs):
@@ -5844,7 +5869,8 @@ def test_report_reads_a_program_as_cmd_does_and_ends_as_it_exits(make, clients, 
     for events in (by_cmd, by_report):
         assert set(frames(events)) <= {(i, 10, "train") for i in range(11)}
         assert frames(events)[-1] == (10, 10, "train")
-    assert [e["json"] for e in by_report if e["event"] == "log"][0]["message"] == "saved model.bin"
+    assert [e["json"]["message"] for e in by_report if e["event"] == "log" and
+            e["json"]["stream"] == "stdout"] == ["saved model.bin"]
     assert [e["json"]["result"] for e in (by_cmd[-1], by_report[-1])] == [{"exit_code": 0}] * 2
 
 
@@ -5860,8 +5886,8 @@ def test_report_reads_a_real_tqdm_training_script_as_cmd_does(make, clients, pro
     assert [p["percent"] for p in progress] == sorted(p["percent"] for p in progress)
     mid = [p for p in progress if p["stage"] == "Epoch 2/3" and p["bars"][1]["done"] == 4]
     assert mid and mid[0]["percent"] == 50.0 and isinstance(mid[0]["loss"], float)
-    assert [e["json"]["message"] for e in events if e["event"] == "log"] == \
-        ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+    assert [e["json"]["message"] for e in events if e["event"] == "log" and
+            e["json"]["stream"] == "stdout"] == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
     assert events[-1]["event"] == "complete" and events[-1]["json"]["percent"] == 100.0
 
 
