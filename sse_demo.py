@@ -2934,23 +2934,30 @@ METER_NUMBER = r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
 METER_SIZE = r"(?:[kKMGTPEZY]i?B|B|bytes?|[kKMGTPEZY])(?![A-Za-z])"
 METER_DURATION = r"(?:\d+:\d\d(?::\d\d)?|(?:\d+h ?)?(?:\d+m(?:in)? ?)?\d+(?:\.\d+)? ?(?:ms|s)\b)"
 METER = re.compile(
-    r"(?P<elapsed>(?i:\belapsed(?: time)?|\bin\b|\bspent)\s*:?\s*%(d)s)"
-    r"|(?P<eta>(?:(?i:\beta\b|\bleft\b|\bremaining\b)\s*[:=]?\s*|~)(?P<eta_text>%(d)s))"
-    r"|(?P<rate>(?P<rate_n>%(n)s) ?(?P<rate_unit>[A-Za-z]*)/s(?:ec)?\b)"
+    # tokens that start with a word (each tried only where a word starts)
+    r"(?=[A-Za-z_~])(?<!\w)(?:"
+    r"(?P<elapsed>(?i:elapsed(?: time)?|in|spent)\b\s*:?\s*%(d)s)"
+    r"|(?P<eta>(?:(?i:eta|left|remaining)\b\s*[:=]?\s*|~)(?P<eta_text>%(d)s))"
+    r"|(?P<pair>(?P<name>[A-Za-z_]\w*) ?[:=] *(?P<value>[-+]?%(n)s(?:[eE][-+]?\d+)?)"
+    r" ?(?P<value_unit>%(u)s)?(?![\w:/.%%])))"
+    # tokens that start with a number
+    r"|(?=\d)(?:"
+    r"(?P<rate>(?P<rate_n>%(n)s) ?(?P<rate_unit>[A-Za-z]*)/s(?:ec)?\b)"
     r"|(?P<pace>(?P<pace_n>%(n)s) ?(?P<pace_unit>ms|s)/(?P<pace_per>[A-Za-z]+)\b)"
     r"|(?P<percent>(?<![\w.])(?P<percent_n>\d{1,3}(?:\.\d+)?) ?%%)"
     r"|(?P<count>(?<![=:])(?P<done>%(n)s) ?(?P<done_unit>%(u)s)? ?/ ?(?P<total>%(n)s) ?"
     r"(?P<total_unit>%(u)s)?(?![\w/.-]))"
     r"|(?P<of>(?<!\w)(?P<of_done>\d+) of (?P<of_total>\d+)\b)"
-    r"|(?P<bar>[\[|][#=>\-━╸╺█▉▊▋▌▍▎▏ ]{5,}[\]|]|[━╸╺█▉▊▋▌▍▎▏]{2,}|(?:\.{10} ?)+)"
-    r"|(?P<pair>(?P<name>[A-Za-z_]\w*) ?[:=] *(?P<value>[-+]?%(n)s(?:[eE][-+]?\d+)?)"
-    r" ?(?P<value_unit>%(u)s)?(?![\w:/.%%]))"
     r"|(?P<duration>(?<![\w.])%(d)s)"
-    r"|(?P<size>%(n)s ?%(u)s)"
+    r"|(?P<size>%(n)s ?%(u)s))"
+    # a bar
+    r"|(?P<bar>[\[|][#=>\-━╸╺█▉▊▋▌▍▎▏ ]{5,}[\]|]|[━╸╺█▉▊▋▌▍▎▏]{2,}|(?:\.{10} ?)+)"
     % {"n": METER_NUMBER, "u": METER_SIZE, "d": METER_DURATION})
-# What may make a line progress at all: a chunk without any of these is
-# only log lines, read in bulk (the fast path of _OutputScreen.feed).
-METER_HINT = re.compile(r"\d ?%|\d ?/ ?\d|/s\b|[━█]|\.{10}|\d of \d|\d[A-Za-z]*=")
+# What may make a line ended by a newline progress at all: a read without
+# any of METER_MARKS holds only log lines, taken in bulk (the fast path of
+# _OutputScreen.feed), and a line without METER_HINT is not parsed.
+METER_MARKS = ("%", "/", "━", "█", "..........")
+METER_HINT = re.compile(r"\d ?%|\d ?/ ?\d|[━█]|\.{10}")
 # curl's meter: columns under a two-line header, no unit but its own.
 CURL_METER = re.compile(
     r"\s*(?P<percent>\d{1,3})\s+(?P<total>\S+)\s+\d{1,3}\s+(?P<done>\S+)\s+\d{1,3}\s+\S+\s+"
@@ -3119,6 +3126,7 @@ class _OutputScreen:
         self.dropped = 0          # characters of that text past OUTPUT_LINE_LIMIT
         self.taken = None         # that text, already taken as a bar at the end of a read
         self.redrawn = False      # the current row was drawn over (after a \r)
+        self.back = 0             # characters the cursor stands left of the text's end
         self.bars = {}
         self.drawn = {}           # position -> the text of its bar
         self.cleared = set()      # positions blanked out, still counted until an outer bar moves
@@ -3147,13 +3155,13 @@ class _OutputScreen:
             # Plain output at the home row: whole lines in bulk, and no
             # Python work per line unless the read holds a hint of progress.
             self.text, self.taken = parts.pop(), None
-            if METER_HINT.search(text) is None and not (begun and METER_HINT.search(begun)):
+            if not any(mark in text or mark in begun for mark in METER_MARKS):
                 if parts:
                     lines.extend(parts)
                     self.stage, self.heading = NO_STAGE, None
             else:
                 for part in parts:
-                    bar = self._draw(0, part)
+                    bar = self._draw(0, part) if METER_HINT.search(part) else None
                     self.drawn.pop(0, None)
                     self._end(lines, part, bar)
         else:
@@ -3195,12 +3203,17 @@ class _OutputScreen:
                 self._finish(lines)
                 self.redrawn = True
             elif step[0] == "\x08":
-                self.text = self.text[:-len(step)]
+                self.back = min(len(self.text), self.back + len(step))
             elif self._finish(lines, newline=True) != "line":
                 self.row += 1
         self._add(text[at:])
 
     def _add(self, piece):
+        if self.back and piece:                   # after backspaces: written over
+            at = len(self.text) - self.back
+            self.text = self.text[:at] + piece + self.text[at + len(piece):]
+            self.back = max(0, self.back - len(piece))
+            piece = ""
         room = OUTPUT_LINE_LIMIT - len(self.text)
         if len(piece) > room:
             self.dropped += len(piece) - max(0, room)
@@ -3212,7 +3225,7 @@ class _OutputScreen:
         Returns which ("bar", "blank", "line", "drawn"), or None for no
         text. A \r only ends a draw: a row's last draw ends with its newline."""
         text, dropped, taken, redrawn = self.text, self.dropped, self.taken, self.redrawn
-        self.text, self.dropped, self.taken = "", 0, None
+        self.text, self.dropped, self.taken, self.back = "", 0, None, 0
         if newline:
             self.redrawn = False
         if "\x1b" in text:
@@ -3349,13 +3362,20 @@ LINE_LEVEL = re.compile(
     r"|(?P<warning>\[?(?:WARNING|WARN)\b|[\[<]?(?i:warning|warn)[\]>]?[:!]|\[(?i:warn)\]|W:"
     r"|\w*Warning:))"
     r"|^[a-z]+ (?:(?P<error2>error|ERR!)|(?P<warning2>warn|WARN))\b", re.M)
-LEVEL_HINT = re.compile(r"(?i:err|fatal|critical|panic|warn|traceback|exception|fail)|[EW]:")
+LEVEL_WORDS = ("err", "fatal", "critical", "panic", "warn", "traceback", "exception", "fail")
+
+
+def _level_hint(text):
+    """Whether `text` may hold a level word at all (str's own search: the
+    cheap look at every line of every run)."""
+    lowered = text.lower()
+    return any(word in lowered for word in LEVEL_WORDS) or "E:" in text or "W:" in text
 
 
 def _line_level(text):
     """"error", "warning" or "info": what a line of a program's output says
     it is (the most severe of a message's lines)."""
-    if LEVEL_HINT.search(text) is None:
+    if not _level_hint(text):
         return "info"
     if "\x1b" in text:
         text = OTHER_ESCAPES.sub("", text)
@@ -3478,8 +3498,9 @@ class _CommandOutput:
         if stream == "stderr":
             self.stderr_tail.extend(lines)
         allowed = self._take_allowance(len(lines))
+        leveled = _level_hint("\n".join(lines))   # one look at the read, not one a line
         for line in lines[:allowed]:
-            self._publish_line(line, stream)
+            self._publish_line(line, stream, leveled)
         if len(lines) > allowed:
             joined, latest = [], None
             for line in lines[allowed:]:
@@ -3488,9 +3509,9 @@ class _CommandOutput:
                 else:
                     latest = line                          # only the latest counts
             if latest is not None:
-                self._publish_line(latest, stream)
+                self._publish_line(latest, stream, leveled)
             if joined:
-                self._log("\n".join(joined), stream)
+                self._log("\n".join(joined), stream, leveled)
             # A flood: let the pipe fill before the next read (the program
             # waits on it, not the server), so that each read, and so each
             # event, carries many lines, and the other threads get the GIL.
@@ -3506,7 +3527,7 @@ class _CommandOutput:
             self._allowance -= allowed
             return allowed
 
-    def _publish_line(self, line, stream):
+    def _publish_line(self, line, stream, leveled=True):
         progress = _parse_progress_line(line)
         try:
             if progress is not None:
@@ -3517,12 +3538,13 @@ class _CommandOutput:
                 return
         except (TypeError, ValueError):
             pass    # fields that are not JSON: show the line as it is
-        self._log(line, stream)
+        self._log(line, stream, leveled)
 
-    def _log(self, text, stream):
+    def _log(self, text, stream, leveled=True):
         """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
         lines by the size of one read."""
-        self._session.publish("log", {"message": text, "level": _line_level(text),
+        level = _line_level(text) if leveled else "info"
+        self._session.publish("log", {"message": text, "level": level,
                                       "stream": stream})
 
 
