@@ -2856,7 +2856,7 @@ def test_cmd_real_git_clone_and_pytest_read_right(make, tmp_path):
     progress = [e["json"] for e in events if e["event"] == "progress" and e["json"]["iteration"]]
     assert [p["percent"] for p in progress][-3:] == [33.0, 66.0, 100.0]
     assert progress[-1]["stage"].endswith("test_c FAILED")
-    levels = [(e["json"]["message"].split()[0].rpartition("::")[2], e["json"]["level"])
+    levels = [(re.search(r"::(\w+)", e["json"]["message"]).group(1), e["json"]["level"])
               for e in events if e["event"] == "log" and "::test_" in e["json"]["message"]]
     assert ("test_a", "info") in levels and ("test_c", "error") in levels
     assert all(level == "info" for name, level in levels if name != "test_c")
