@@ -3073,7 +3073,7 @@ def _parse_meter(text, redrawn=False):
         number = METER.search(text)
         done, total = (list(fields.values()) or [0])[0], None
         if number and number.lastgroup == "size":
-            done = _amount(*re.split(r" ?(?=[A-Za-z])", number.group(0), 1))
+            done = _amount(*re.split(r" ?(?=[A-Za-z])", number.group(0), maxsplit=1))
     else:
         return None
     going = total is None or done < total

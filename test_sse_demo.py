@@ -2810,7 +2810,7 @@ def http_payload_server(size, rate):
 @pytest.mark.parametrize("program", ["wget", "wget_dots", "curl"])
 def test_cmd_real_download_tools_read_right(make, tmp_path, program):
     need(program.split("_")[0], shutil.which(program.split("_")[0]))
-    web = http_payload_server(3000000, 2000000)
+    web = http_payload_server(6000000, 2500000)         # 2.4 s: curl's meter is redrawn each second
     try:
         url = "http://127.0.0.1:%d/big.bin" % web.server_address[1]
         target = shlex.quote(str(tmp_path / "big.bin"))
@@ -2854,7 +2854,8 @@ def test_cmd_real_git_clone_and_pytest_read_right(make, tmp_path):
         shlex.quote(sys.executable), shlex.quote(str(tmp_path / "test_t.py"))))
     events = watch(srv, start_run(srv)).events()
     progress = [e["json"] for e in events if e["event"] == "progress" and e["json"]["iteration"]]
-    assert [p["percent"] for p in progress][-3:] == [33.0, 66.0, 100.0]
+    percents = [p["percent"] for p in progress]       # a read may hold two lines: its latest
+    assert percents[-1] == 100.0 and set(percents) <= {33.0, 66.0, 100.0}
     assert progress[-1]["stage"].endswith("test_c FAILED")
     levels = [(re.search(r"::(\w+)", e["json"]["message"]).group(1), e["json"]["level"])
               for e in events if e["event"] == "log" and "::test_" in e["json"]["message"]]
@@ -2983,8 +2984,10 @@ def test_cmd_real_tqdm_nested_bars_read_right(make, programs):
     assert nested and nested[0]["bars"][0]["label"] == "Epochs"
     assert nested[0]["bars"][1]["label"] == "Batches" and nested[0]["stage"] == "Epochs · Batches"
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
-    assert logs[:3] == ["epoch 0 done", "epoch 1 done", "epoch 2 done"]
-    assert len(logs) == 4 and logs[3].startswith("Epochs: 100%|") and "3/3" in logs[3]
+    bars = [line for line in logs if line.startswith("Epochs")]    # on stderr: in any order
+    assert [line for line in logs if line not in bars] == ["epoch 0 done", "epoch 1 done",
+                                                           "epoch 2 done"]
+    assert len(bars) == 1 and bars[0].startswith("Epochs: 100%|") and "3/3" in bars[0]
 
 
 def test_cmd_output_after_cancel_stays_progress(make, programs):
