@@ -2896,11 +2896,13 @@ def _exit_fields(program, status, stderr_tail):
     return fields
 
 
-# What moves a terminal's cursor in a program's output: tqdm redraws its
-# line after a \r, and draws a bar at `position` N with N newlines before it
-# and N cursor-ups (ESC [ A) after it.
-CURSOR = re.compile("\r\n|\r|\n|\x1b\\[([0-9]*)A")
-UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[?[0-9;?]*)$")
+# What moves a terminal's cursor in a program's output: a \r returns to the
+# line's start, so that what follows redraws it; a backspace goes one
+# character back (Keras writes a run of them before its \r). tqdm draws a bar
+# at `position` N with N newlines before it and N cursor-ups (ESC [ A) after
+# it; rich returns and erases the line (\r ESC [ 2K) before each cursor-up.
+CURSOR = re.compile("\r\n|\r?(?:\x1b\\[2K)?\x1b\\[([0-9]*)A|\r|\n|\x08+")
+UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[2K|\x1b\\[?[0-9;?]*)+$")
 OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]")   # other CSI: erase line, cursor on/off...
 
 TQDM_BAR = re.compile(
@@ -2915,18 +2917,21 @@ TQDM_RATE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<prefix>[kMGTPEZY]?)(?P<uni
 
 UNIT_PREFIXES = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
                  "Z": 1e21, "Y": 1e24}
+SCALED_UNITS = ("B", "b", "bit", "bits", "byte", "bytes", "it")   # units a prefix may scale
+DURATION_PARTS = re.compile(r"(\d+(?:\.\d+)?) ?(ms|min|s|m|h)")
 
 
 def _tqdm_rate(text):
-    """tqdm's rate as a number of units per second: "10.00it/s" -> 10.0,
-    "2.50s/it" -> 0.4, "1.2MB/s" -> 1200000.0; None for "?it/s"."""
+    """tqdm's rate as (units per second, unit): "10.00it/s" -> (10.0, "it/s"),
+    "2.50s/it" -> (0.4, "it/s"), "1.2MB/s" -> (1200000.0, "B/s"); None for
+    "?it/s"."""
     match = TQDM_RATE.fullmatch(text)
     if match is None:
         return None
     number = float(match.group("number")) * UNIT_PREFIXES[match.group("prefix")]
     if match.group("unit") == "s" and match.group("per") != "s":
-        return round(1.0 / number, 6) if number else None
-    return number
+        return (round(1.0 / number, 6), match.group("per") + "/s") if number else None
+    return number, (match.group("unit") or "it") + "/s"
 
 
 def _unit_number(text):
@@ -2936,8 +2941,24 @@ def _unit_number(text):
     return int(number) if number.is_integer() else number
 
 
+def _seconds(text):
+    """A clock or a duration as seconds: "1:02:03" 3723, "00:05" 5, "1m 5s"
+    65, "40ms" 0.04; None for anything else ("?", "--:--")."""
+    if ":" in text:
+        seconds = 0
+        for part in text.split(":"):
+            if not part.isdigit():
+                return None
+            seconds = seconds * 60 + int(part)
+        return seconds
+    parts = DURATION_PARTS.findall(text)
+    return sum(float(number) * {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}[unit]
+               for number, unit in parts) if parts else None
+
+
 def _parse_tqdm(text):
-    """A tqdm bar, or None: {"desc", "done", "total", "rate", "fields"}.
+    """A tqdm bar, or None: {"desc", "done", "total", "rate", "unit", "eta",
+    "fields"}.
 
     tqdm's shape, "desc: 45%|####5     | 45/100 [00:04<00:05, 10.00it/s,
     loss=0.1]" or without a total "45it [00:04, 10.00it/s]", is required:
@@ -2957,33 +2978,227 @@ def _parse_tqdm(text):
             number = float(value)
             fields[name.strip()] = int(number) if INTEGER_TEXT.fullmatch(value.strip()) else number
     total = match.group("total")
+    rate = _tqdm_rate(meta[1] if len(meta) > 1 else "") or (None, None)
     return {"desc": (match.group("desc") or "").strip() or None,
             "done": _unit_number(match.group("done")),
             "total": _unit_number(total) if total else None,
-            "rate": _tqdm_rate(meta[1] if len(meta) > 1 else ""), "fields": fields}
+            "rate": rate[0], "unit": rate[1], "eta": _seconds(meta[0].partition("<")[2]),
+            "fields": fields, "nests": True}
+
+
+# Other programs' progress lines, read by what they share (PROTOCOL.md,
+# "--cmd"): a percent, an amount done of a total (`45/100`, `18MiB/57MiB`,
+# `(7 of 200)`), a bar drawn in `#`, `=`, `━`, `█` or wget's dots, a rate
+# (`20.0MB/s`, `40ms/step`), an ETA, and `name: value` or `name=value`
+# numbers; the text before them names the task. One pattern finds them all,
+# left to right; _parse_meter decides whether they add up to progress.
+METER_NUMBER = r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
+METER_SIZE = r"(?:[kKMGTPEZY]i?B|B|bytes?|[kKMGTPEZY])(?![A-Za-z])"
+METER_DURATION = r"(?:\d+:\d\d(?::\d\d)?|(?:\d+h ?)?(?:\d+m(?:in)? ?)?\d+(?:\.\d+)? ?(?:ms|s)\b)"
+METER = re.compile(
+    # tokens that start with a word (each tried only where a word starts)
+    r"(?=[A-Za-z_~])(?<!\w)(?:"
+    r"(?P<elapsed>(?i:elapsed(?: time)?|in|spent)\b\s*:?\s*%(d)s)"
+    r"|(?P<eta>(?:(?i:eta|left|remaining)\b\s*[:=]?\s*|~)(?P<eta_text>%(d)s))"
+    r"|(?P<pair>(?P<name>[A-Za-z_]\w*) ?[:=] *(?P<value>[-+]?%(n)s(?:[eE][-+]?\d+)?)"
+    r" ?(?P<value_unit>%(u)s)?(?![\w:/.%%])))"
+    # tokens that start with a number
+    r"|(?=\d)(?:"
+    r"(?P<rate>(?P<rate_n>%(n)s) ?(?P<rate_unit>[A-Za-z]*)/s(?:ec)?\b)"
+    r"|(?P<pace>(?P<pace_n>%(n)s) ?(?P<pace_unit>ms|s)/(?P<pace_per>[A-Za-z]+)\b)"
+    r"|(?P<percent>(?<![\w.])(?P<percent_n>\d{1,3}(?:\.\d+)?) ?%%)"
+    r"|(?P<count>(?<![=:])(?P<done>%(n)s) ?(?P<done_unit>%(u)s)? ?/ ?(?P<total>%(n)s) ?"
+    r"(?P<total_unit>%(u)s)?(?![\w/.-]))"
+    r"|(?P<of>(?<!\w)(?P<of_done>\d+) of (?P<of_total>\d+)\b)"
+    r"|(?P<duration>(?<![\w.])%(d)s)"
+    r"|(?P<size>%(n)s ?%(u)s))"
+    # a bar
+    r"|(?P<bar>[\[|][#=>\-━╸╺█▉▊▋▌▍▎▏ ]{5,}[\]|]|[━╸╺█▉▊▋▌▍▎▏]{2,}|(?:\.{10} ?)+)"
+    % {"n": METER_NUMBER, "u": METER_SIZE, "d": METER_DURATION})
+# What may make a line ended by a newline progress at all: a read without
+# any of METER_MARKS holds only log lines, taken in bulk (the fast path of
+# _OutputScreen.feed), and a line without METER_HINT is not parsed.
+METER_MARKS = ("%", "/", "━", "█", "..........")
+METER_HINT = re.compile(r"\d ?%|\d ?/ ?\d|[━█]|\.{10}")
+# curl's meter: columns under a two-line header, no unit but its own.
+CURL_METER = re.compile(
+    r"\s*(?P<percent>\d{1,3})\s+(?P<total>\S+)\s+\d{1,3}\s+(?P<done>\S+)\s+\d{1,3}\s+\S+\s+"
+    r"\S+\s+\S+\s+[-:\d]+\s+[-:\d]+\s+(?P<left>[-:\d]+)\s+(?P<rate>\d\S*)")
+# A count on a line of its own ("Epoch 3/10", Keras' heading before its bar)
+# is a log line, and also the outer level of the bar that follows it.
+HEADING = re.compile(r"\s*(?P<label>[A-Za-z][\w .-]*?):?\s*(?P<k>\d+)\s*/\s*(?P<n>\d+)\s*")
+
+
+def _amount(number, unit):
+    """A number as printed, with its size unit, in plain units: "1,234" 1234,
+    "18" "MiB" 18874368, "2.5" "k" 2500."""
+    value = float(number.replace(",", ""))
+    power = "KMGTPEZY".find((unit or "B")[0].upper()) + 1
+    if power:
+        value *= (1024 if unit[1:2] == "i" else 1000) ** power
+    return int(value) if value.is_integer() else value
+
+
+def _meter_rate(number, unit):
+    """A rate as (units per second, unit): "20.0" "MB" 2e7 B/s; a bare "/s" is it/s."""
+    prefix = unit[:2] if unit[1:2] == "i" else unit[:1]
+    if prefix and unit[len(prefix):] in SCALED_UNITS:
+        return _amount(number, prefix + "B"), unit[len(prefix):] + "/s"
+    return _amount(number, ""), (unit or "it") + "/s"
+
+
+def _meter_count(token):
+    """(done, total) of a `45/100`, `18MiB/57MiB` or `7 of 200`, or None for
+    one that is not a count (more done than its total, `1.2/3.4` without a
+    unit: a version, a date)."""
+    if token.lastgroup == "of":
+        done, total = int(token.group("of_done")), int(token.group("of_total"))
+    else:
+        unit = token.group("total_unit") or token.group("done_unit")
+        if not unit and not (token.group("done") + token.group("total")).replace(",", "").isdigit():
+            return None
+        done = _amount(token.group("done"), token.group("done_unit") or unit)
+        total = _amount(token.group("total"), unit)
+    return (done, total) if 0 <= done <= total and total > 0 else None
+
+
+def _pace(token):
+    """"40ms/step" as (25.0, "step/s")."""
+    seconds = float(token.group("pace_n")) * (0.001 if token.group("pace_unit") == "ms" else 1)
+    return (round(1.0 / seconds, 6) if seconds else None), token.group("pace_per") + "/s"
+
+
+def _parse_curl(match):
+    """curl's meter row: % Total % Received % Xferd, speeds, times, current speed."""
+    try:
+        done = _amount(*re.match(r"([\d.]+)(\D*)", match.group("done")).groups())
+        total = _amount(*re.match(r"([\d.]+)(\D*)", match.group("total")).groups())
+        rate = _amount(*re.match(r"([\d.]+)(\D*)", match.group("rate")).groups())
+    except (AttributeError, ValueError):
+        return None
+    if total <= 0:
+        return None
+    return {"desc": None, "done": min(done, total), "total": total, "rate": rate,
+            "unit": "B/s", "eta": _seconds(match.group("left")), "fields": {}}
+
+
+def _parse_meter(text, redrawn=False):
+    """Another program's progress line, or None: the same dict as
+    _parse_tqdm's. `redrawn`: the line is drawn in place (after a \\r),
+    which alone makes a percent, or a rate with its amount, progress (dpkg's
+    "Reading database ... 45%", dd's "... copied, 1 s, 499 MB/s").
+
+    A percent (only one) counts with a bar, an amount of a total, a rate, an
+    ETA or brackets (pytest's "[ 45%]"); an amount of a total without a
+    percent with a bar, a rate, an ETA or brackets at the line's start
+    ("[12/40] Building"). So a count or a percent in prose ("Tests passed:
+    45/50", "Coverage: 85%") stays a log line."""
+    if "\x1b" in text:
+        text = OTHER_ESCAPES.sub("", text)
+    curl = CURL_METER.fullmatch(text)
+    if curl:
+        return _parse_curl(curl)
+    first = percent = count = rate = eta = duration = None
+    percents, bar, bracketed, fields = 0, False, False, {}
+    for token in METER.finditer(text):
+        kind = token.lastgroup
+        if first is None:
+            first = token.start()
+        if kind == "elapsed":
+            continue
+        if kind == "percent":
+            percents += 1
+            percent = float(token.group("percent_n"))
+            bracketed = bracketed or text[token.end():].lstrip().startswith("]")
+        elif kind in ("count", "of") and count is None:
+            count = _meter_count(token)
+            bracketed = bracketed or text[:token.start()].strip() == "["
+        elif kind == "bar":
+            bar = True
+        elif kind in ("rate", "pace") and rate is None:
+            rate = _meter_rate(token.group("rate_n"), token.group("rate_unit")) \
+                if kind == "rate" else _pace(token)
+        elif kind == "eta" and eta is None:
+            eta = _seconds(token.group("eta_text"))
+        elif kind == "duration" and duration is None and (percent, count) != (None, None):
+            duration = _seconds(token.group(0))
+        elif kind == "pair" and token.group("name") not in RESERVED_FIELDS:
+            fields[token.group("name")] = _amount(token.group("value"), token.group("value_unit"))
+    if percents > 1 or (percent or 0) > 100:
+        return None
+    evidence = bar or rate is not None or eta is not None or bracketed
+    if percent is not None and (evidence or count or redrawn):
+        done, total = count or (percent, 100)
+    elif count and evidence:
+        done, total = count
+    elif redrawn and (rate is not None or len(fields) > 1):
+        number = METER.search(text)
+        done, total = (list(fields.values()) or [0])[0], None
+        if number and number.lastgroup == "size":
+            done = _amount(*re.split(r" ?(?=[A-Za-z])", number.group(0), maxsplit=1))
+    else:
+        return None
+    going = total is None or done < total
+    desc = text[:first].strip(" \t:|[(-") if first and total else ""
+    return {"desc": desc if any(c.isalpha() for c in desc) else None,
+            "done": done, "total": total, "rate": (rate or (None, None))[0],
+            "unit": (rate or (None, None))[1], "eta": eta if eta is not None else
+            (duration if going else None), "fields": fields}
+
+
+def _parse_bar(text, redrawn=False):
+    """A progress line of any program: tqdm's (read in full) or another's."""
+    return _parse_tqdm(text) or _parse_meter(text, redrawn)
+
+
+def _fraction(bar):
+    return bar["done"] / bar["total"] if bar["total"] else 0.0
+
+
+def _finished(bar):
+    return bar["total"] is not None and bar["done"] >= bar["total"]
+
+
+NO_STAGE = object()    # the stage of no run of progress lines
 
 
 class _OutputScreen:
-    """A program's output laid out as a terminal would, as far as tqdm
-    needs: text finished by a newline at the home row is a log line; tqdm's
-    bars are kept by position in `bars` ({position: _parse_tqdm(...)}) with
-    `changed` set when one moves.
+    """A program's output laid out as a terminal would, as far as progress
+    bars need: text finished by a newline at the home row is a log line;
+    bars (tqdm's or another program's, see `_parse_bar`) are kept by row in
+    `bars` ({position: bar}) with `changed` set when one moves.
+
+    A line redrawn in place (\\r, backspaces) is one line in its last state:
+    a log line once it ends with a newline, never one per redraw. A
+    progress line that ends is kept once; of a run of ended progress lines
+    of one stage (wget's dots, progressbar2 off a terminal) the first and
+    the last are kept.
 
     A text drawn below the home row is a nested bar if the cursor comes back
     up after it; if the next move is another \\r or \\n, the home row moved
-    down to it instead (a bar closed with leave=True, then the next one).
-    So that first draw waits for the next one; a draw at the home row that
-    ends a read is taken at once (tqdm writes each draw whole)."""
+    down to it instead (a bar closed with leave=True, then the next one),
+    and the rows above it ended. So that first draw waits for the next one,
+    except below a finished bar, or when the program never moved the cursor
+    up (then a newline ends its line at once); a draw at the home row that
+    ends a read is taken at once."""
 
     def __init__(self):
         self.row = 0
         self.text = ""            # drawn on the current row since its last \r or \n
         self.dropped = 0          # characters of that text past OUTPUT_LINE_LIMIT
         self.taken = None         # that text, already taken as a bar at the end of a read
+        self.redrawn = False      # the current row was drawn over (after a \r)
+        self.back = 0             # characters the cursor stands left of the text's end
         self.bars = {}
+        self.drawn = {}           # position -> the text of its bar
         self.cleared = set()      # positions blanked out, still counted until an outer bar moves
         self.carry = ""           # the start of a move that the next read finishes
         self.changed = False
+        self.moved_up = False     # the program draws bars on several rows
+        self.heading = None       # a count on a line of its own, just before (HEADING)
+        self.stage = NO_STAGE     # the stage of the latest ended progress line
+        self.held = None          # the last ended progress line of that stage, not kept yet
+        self.levels = []          # the levels last published, for inner bars that went away
 
     def feed(self, text):
         """Lay out more output; the log lines it finished. A move cut in two
@@ -2994,39 +3209,73 @@ class _OutputScreen:
         if cut:
             text, self.carry = text[:cut.start()], text[cut.start():]
         parts = text.split("\n")
-        parts[0] = self.text + parts[0]
-        if not self.bars and self.row == 0 and not self.dropped and "\r" not in text and \
-                "\x1b" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
-            # Plain output, no bar seen yet: whole lines in bulk, no Python
-            # work per line but for the rare one that could be a bar.
+        begun, parts[0] = self.text, self.text + parts[0]
+        if self.row == 0 and not any("nests" in bar for bar in self.bars.values()) \
+                and len(self.bars) <= 1 and not self.dropped and not self.redrawn \
+                and self.held is None and "\r" not in text and "\x1b" not in text \
+                and "\x08" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
+            # Plain output at the home row: whole lines in bulk, and no
+            # Python work per line unless the read holds a hint of progress.
             self.text, self.taken = parts.pop(), None
-            lines.extend(part for part in parts if "]" not in part or not self._draw(0, part))
+            if not any(mark in text or mark in begun for mark in METER_MARKS):
+                if parts:
+                    lines.extend(parts)
+                    self.stage, self.heading = NO_STAGE, None
+            else:
+                for part in parts:
+                    bar = self._draw(0, part) if METER_HINT.search(part) else None
+                    self.drawn.pop(0, None)
+                    self._end(lines, part, bar)
         else:
-            at = 0
-            for move in CURSOR.finditer(text):
-                self._add(text[at:move.start()])
-                at = move.end()
-                if move.group(0).startswith("\x1b"):
-                    self._finish(lines, up=True)
-                    self.row = max(0, self.row - int(move.group(1) or 1))
-                elif move.group(0) == "\r":
-                    self._finish(lines)
-                elif self._finish(lines, newline=True) != "line":
-                    self.row += 1
-            self._add(text[at:])
-        if self.row == 0 and self.text.rstrip().endswith("]") and self.text != self.taken \
-                and not self.dropped and self._draw(0, self.text):
+            self._lay_out(text, lines)
+        if self.row == 0 and self.text.strip() and self.text != self.taken and not self.dropped \
+                and self._whole(self.text) and self._draw(0, self.text, redrawn=True):
             self.taken = self.text                # a whole draw, at the home row
         return lines
+
+    def _whole(self, text):
+        """Whether a draw that ends a read is whole, not the start of one
+        that the next read finishes: a move comes next, or it ends as
+        tqdm's does, or (drawn over) in a space or a bracket."""
+        return self.carry[:1] == "\r" or text.endswith("]") or \
+            self.redrawn and text[-1] in " )" and "%|" not in text
 
     def close(self):
         """End of output: what is left is finished."""
         lines = []
-        self._add(self.carry)
+        self._lay_out(self.carry, lines)
+        self.carry = ""
         self._finish(lines, newline=True)
+        self._rows_ended(lines, self.row + 1)
+        self._flush(lines)
         return lines
 
+    def _lay_out(self, text, lines):
+        at = 0
+        for move in CURSOR.finditer(text):
+            self._add(text[at:move.start()])
+            at = move.end()
+            step = move.group(0)
+            if step.endswith("A"):
+                self.moved_up = True
+                self._finish(lines, up=True)
+                self.redrawn = False
+                self.row = max(0, self.row - int(move.group(1) or 1))
+            elif step == "\r":
+                self._finish(lines)
+                self.redrawn = True
+            elif step[0] == "\x08":
+                self.back = min(len(self.text), self.back + len(step))
+            elif self._finish(lines, newline=True) != "line":
+                self.row += 1
+        self._add(text[at:])
+
     def _add(self, piece):
+        if self.back and piece:                   # after backspaces: written over
+            at = len(self.text) - self.back
+            self.text = self.text[:at] + piece + self.text[at + len(piece):]
+            self.back = max(0, self.back - len(piece))
+            piece = ""
         room = OUTPUT_LINE_LIMIT - len(self.text)
         if len(piece) > room:
             self.dropped += len(piece) - max(0, room)
@@ -3035,65 +3284,112 @@ class _OutputScreen:
 
     def _finish(self, lines, up=False, newline=False):
         """The current row's text is done: a bar, a blank, or a log line.
-        Returns which ("bar", "blank", "line"), or None for no text."""
-        text, dropped, taken = self.text, self.dropped, self.taken
-        self.text, self.dropped, self.taken = "", 0, None
-        if not text:
-            return None
+        Returns which ("bar", "blank", "line", "drawn"), or None for no
+        text. A \r only ends a draw: a row's last draw ends with its newline."""
+        text, dropped, taken, redrawn = self.text, self.dropped, self.taken, self.redrawn
+        self.text, self.dropped, self.taken, self.back = "", 0, None, 0
+        if newline:
+            self.redrawn = False
         if "\x1b" in text:
             text = OTHER_ESCAPES.sub("", text)
         if not text.strip():
+            if not text and newline and redrawn and self.row == 0 and 0 in self.drawn:
+                self._end(lines, self.drawn.pop(0), self.bars.get(0))   # "45%\r", then "\n"
+                return "line"
+            if not text:
+                return None
             # A bar closed with leave=False, or tqdm.write() clearing every
             # bar before it redraws them: the bar still counts until one
             # outside it moves on, so the percent never dips in between.
             if self.row in self.bars:
                 self.cleared.add(self.row)
+            self.drawn.pop(self.row, None)
             return "blank"
         if self.row > 0 and not up:
-            self.row = 0                        # the home row moved down to here
-        if text == taken and self.row == 0:
-            return "bar"
-        if not dropped and self._draw(self.row, text):
+            self._rows_ended(lines, self.row)   # the home row moved down to here
+            self.row = 0
+        bar = self.bars.get(0) if text == taken and self.row == 0 else \
+            None if dropped else self._draw(self.row, text, redrawn or not newline)
+        if newline and self.row == 0:
+            if bar is None or _finished(bar) or not (self.moved_up or "nests" in bar):
+                self.drawn.pop(0, None)
+            if bar is not None and 0 not in self.drawn:
+                self._end(lines, text, bar)                     # this line ended
+                return "line"
+        if bar is not None:
             return "bar"
         if dropped:
             text += " [line cut: %d characters in all]" % (len(text) + dropped)
-        if newline or self.row == 0:
-            lines.append(text)
+        if newline:
+            self._end(lines, text, None)
+            return "line"
+        if self.row == 0:
+            self.drawn[0] = text                  # drawn, not ended: kept if it ends
+            return "drawn"
         return "line"
 
-    def _draw(self, position, text):
-        bar = _parse_tqdm(text)
+    def _rows_ended(self, lines, below):
+        """The rows above `below` scrolled up, ended: keep their last draws."""
+        for position in sorted(p for p in self.drawn if p < below):
+            text = self.drawn.pop(position)
+            if position not in self.cleared:
+                self._end(lines, text, self.bars.get(position))
+
+    def _end(self, lines, text, bar):
+        """A line ended: a log line, or (`bar`) a progress line, kept as
+        the class says."""
+        if bar is not None:
+            stage = bar["desc"], METER.sub("", OTHER_ESCAPES.sub("", text)).strip()   # not its numbers
+            if stage == self.stage:
+                self.held = text                  # the same run: its latest
+                return
+            self._flush(lines)
+            self.stage = stage
+        elif text.strip():
+            self._flush(lines)
+            self.stage = NO_STAGE
+            self.heading = HEADING.fullmatch(text) if "/" in text else None
+        lines.append(text)
+
+    def _flush(self, lines):
+        if self.held is not None:
+            lines.append(self.held)
+            self.held = None
+
+    def _draw(self, position, text, redrawn=False):
+        bar = _parse_bar(text, redrawn)
         if bar is None:
-            return False
+            return None
         self.cleared.discard(position)
+        self.drawn[position] = text
         if self.bars.get(position) != bar:
             self.bars[position] = bar
             self.changed = True
             for inner in [p for p in self.cleared if p > position]:
                 del self.bars[inner]
                 self.cleared.discard(inner)
-        return True
+        return bar
 
 
 DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
 
 
-def _bars_levels(bars):
-    """[label, done, total] levels, fields and rate from tqdm bars on screen,
-    outermost first. A lone bar whose description holds its own count
-    ("Epoch 3/10") is the inner level of that count: epoch 3 is running,
-    2 are done."""
+def _bars_levels(bars, heading=None):
+    """[label, done, total] levels, fields and innermost bar from the bars
+    on screen, outermost first. A lone bar under a heading ("Epoch 3/10",
+    Keras), or whose description holds its own count, is the inner level of
+    that count: epoch 3 is running, 2 are done."""
     if not bars:
         return [], {}, None
     levels = [[bar["desc"], bar["done"], bar["total"]] for bar in bars]
     fields = {}
     for bar in bars:
         fields.update(bar["fields"])
-    counted = DESCRIBED_COUNT.match(bars[0]["desc"] or "")
+    counted = heading or DESCRIBED_COUNT.match(bars[0]["desc"] or "")
     if counted and int(counted.group("n")) > 0 and len(bars) == 1:
         k, n = int(counted.group("k")), int(counted.group("n"))
         levels.insert(0, [counted.group("label").strip(" :-") or None, max(0, min(k, n) - 1), n])
-    return levels, fields, bars[-1]["rate"]
+    return levels, fields, bars[-1]
 
 
 def _parse_progress_line(line):
@@ -3112,6 +3408,43 @@ def _parse_progress_line(line):
     fields = {k: v for k, v in data.items()
               if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
     return done, total if _is_finite_number(total) else None, fields
+
+
+# A line's level from what it says, not from the stream it came on: most
+# programs write progress and chatter to stderr. A level word among a line's
+# first four words, as log formats put it ("ERROR", "error:", "[warn]",
+# "npm warn", "E:" of apt, gcc's "file.c:3: warning:"), a traceback or an
+# exception's line; INFO or DEBUG first says info.
+LINE_LEVEL = re.compile(
+    r"^(?:\S+\s+){0,3}?(?:"
+    r"(?P<info>\[?(?:INFO|DEBUG|NOTICE|TRACE)\b)"
+    r"|(?P<error>\[?(?:ERROR|FATAL|CRITICAL|PANIC|FAILED|ERR!)(?![\w-])"
+    r"|[\[<]?(?i:error|fatal|critical|panic)(?:\[\w+\])?[\]>]?[:!]|\[(?i:error|fatal)\]|E:"
+    r"|Traceback \(most recent call last\)|\w*(?:Error|Exception):|Failed to\b)"
+    r"|(?P<warning>\[?(?:WARNING|WARN)\b|[\[<]?(?i:warning|warn)[\]>]?[:!]|\[(?i:warn)\]|W:"
+    r"|\w*Warning:))"
+    r"|^[a-z]+ (?:(?P<error2>error|ERR!)|(?P<warning2>warn|WARN))\b", re.M)
+LEVEL_WORDS = ("err", "fatal", "critical", "panic", "warn", "traceback", "exception", "fail")
+
+
+def _level_hint(text):
+    """Whether `text` may hold a level word at all (str's own search: the
+    cheap look at every line of every run)."""
+    lowered = text.lower()
+    return any(word in lowered for word in LEVEL_WORDS) or "E:" in text or "W:" in text
+
+
+def _line_level(text):
+    """"error", "warning" or "info": what a line of a program's output says
+    it is (the most severe of a message's lines)."""
+    if not _level_hint(text):
+        return "info"
+    if "\x1b" in text:
+        text = OTHER_ESCAPES.sub("", text)
+    found = {match.lastgroup for match in LINE_LEVEL.finditer(text)}
+    if found & {"error", "error2"}:
+        return "error"
+    return "warning" if found & {"warning", "warning2"} else "info"
 
 
 class _CommandOutput:
@@ -3180,22 +3513,40 @@ class _CommandOutput:
         self._publish_lines(lines, stream)
         if screen.changed:
             screen.changed = False
-            self._publish_bars(screen.bars)
+            self._publish_bars(screen)
 
-    def _publish_bars(self, bars):
-        """One progress event for the bars on screen, outermost first."""
-        drawn = [bars[p] for p in sorted(bars)]
-        levels, fields, rate = _bars_levels(drawn)
+    def _publish_bars(self, screen):
+        """One progress event for the bars on `screen`, outermost first.
+
+        Inner bars that went away while an outer one moved on (tqdm's
+        leave=False at an epoch's end) count as restarted, so that the
+        whole run keeps its unit (the innermost step) and its rate; the rate
+        and its unit are the innermost bar's, and the ETA only that of a
+        bar that is the whole run."""
+        drawn = [screen.bars[p] for p in sorted(screen.bars)]
+        if len(drawn) > 1 and not all("nests" in bar for bar in drawn):
+            drawn = [min(drawn, key=_fraction)]    # side by side (rich's tasks): the slowest
+        heading = screen.heading if len(drawn) == 1 else None
+        levels, fields, inner = _bars_levels(drawn, heading)
         if not levels:
             return
-        stage = " · ".join(bar["desc"] for bar in drawn[-2:] if bar["desc"]) or None
+        known = screen.levels
+        if len(levels) < len(known) and \
+                [label for label, _, _ in known[:len(levels)]] == [l[0] for l in levels]:
+            levels += [[label, 0, total] for label, _, total in known[len(levels):]]
+            inner = None                  # the outer bar's own rate is not the run's
+        screen.levels = levels
+        stage = " · ".join(([heading.group(0).strip()] if heading else []) +
+                           [bar["desc"] for bar in drawn[-2:] if bar["desc"]]) or None
         shown = (stage, [tuple(level) for level in levels], sorted(fields.items()))
         with self._lock:
             if shown == self._shown:
-                return                    # only tqdm's clock moved
+                return                    # only the clock moved
             self._shown = shown
-        if rate is not None:
-            fields["rate"] = rate
+        if inner is not None and inner["rate"] is not None:
+            fields["rate"], fields["rate_unit"] = inner["rate"], inner["unit"]
+        if len(levels) == 1 and inner is not None and inner["eta"] is not None:
+            fields["eta_s"] = inner["eta"]
         try:
             if len(levels) == 1:
                 self._progress._report(levels[0][1], levels[0][2], stage, fields=fields)
@@ -3209,8 +3560,9 @@ class _CommandOutput:
         if stream == "stderr":
             self.stderr_tail.extend(lines)
         allowed = self._take_allowance(len(lines))
+        leveled = _level_hint("\n".join(lines))   # one look at the read, not one a line
         for line in lines[:allowed]:
-            self._publish_line(line, stream)
+            self._publish_line(line, stream, leveled)
         if len(lines) > allowed:
             joined, latest = [], None
             for line in lines[allowed:]:
@@ -3219,9 +3571,9 @@ class _CommandOutput:
                 else:
                     latest = line                          # only the latest counts
             if latest is not None:
-                self._publish_line(latest, stream)
+                self._publish_line(latest, stream, leveled)
             if joined:
-                self._log("\n".join(joined), stream)
+                self._log("\n".join(joined), stream, leveled)
             # A flood: let the pipe fill before the next read (the program
             # waits on it, not the server), so that each read, and so each
             # event, carries many lines, and the other threads get the GIL.
@@ -3237,7 +3589,7 @@ class _CommandOutput:
             self._allowance -= allowed
             return allowed
 
-    def _publish_line(self, line, stream):
+    def _publish_line(self, line, stream, leveled=True):
         progress = _parse_progress_line(line)
         try:
             if progress is not None:
@@ -3248,13 +3600,14 @@ class _CommandOutput:
                 return
         except (TypeError, ValueError):
             pass    # fields that are not JSON: show the line as it is
-        self._log(line, stream)
+        self._log(line, stream, leveled)
 
-    def _log(self, text, stream):
+    def _log(self, text, stream, leveled=True):
         """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
         lines by the size of one read."""
-        level = "warning" if stream == "stderr" else "info"
-        self._session.publish("log", {"message": text, "level": level, "stream": stream})
+        level = _line_level(text) if leveled else "info"
+        self._session.publish("log", {"message": text, "level": level,
+                                      "stream": stream})
 
 
 def _run_program(session, command, kill_after_s, groups, echo=None):
