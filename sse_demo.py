@@ -111,6 +111,7 @@ import http.server
 import importlib
 import inspect
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -4230,63 +4231,111 @@ def _is_ip_literal(name):
 # Access: the operator's token and view keys, when others can reach the server
 ###############################################################################
 
-TOKEN_COOKIE = "sse_demo_token"
+TOKEN_COOKIE = "sse_demo_%d"       # the sign-in cookie, named after the server's port: a
+                                   # browser sends a host's cookies to every port of it
+TOKEN_MIN_BITS = 128               # a given token must be able to hold this much (_check_token)
+TOKEN_CHARACTERS = ((r"[a-z]", 26), (r"[A-Z]", 26), (r"[0-9]", 10), (r"[^A-Za-z0-9]", 33))
+OPERATOR_TOKEN_BYTES = 32          # a token the server makes: 256 bits, 43 characters
 FAILURES_ALLOWED = 10              # failed credentials from one address within a minute;
-FAILURE_WINDOW_S = 60.0            # past that, it gets 429 for LOCKOUT_S whatever it sends
-LOCKOUT_S = 60.0
-SECRET_IN_URL = re.compile(r"\b(token|view|feed)=[^&\s\"]*")
+FAILURE_WINDOW_S = 60.0            # from the next on, it gets 429 for LOCKOUT_S, unless it
+LOCKOUT_S = 60.0                   # carries a right credential
+ADDRESSES_KEPT = 10000             # past this many, the lock-out forgets quiet addresses
+SECRET_NAMES = ("token", "view", "feed")   # query parameters that carry a credential
+QUERY = re.compile(r"(?<=\?)[^\s\"]*")    # a logged request target's query
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
 
 
+def _check_token(token):
+    """Refuse a token too short to hold TOKEN_MIN_BITS: its length times
+    the bits of one character of the classes it uses (a-z, A-Z, 0-9, the
+    rest of printable ASCII). How it was made the server cannot know; this
+    refuses what cannot be strong. Raises ValueError."""
+    pool = sum(size for pattern, size in TOKEN_CHARACTERS if re.search(pattern, token))
+    bits = len(token) * math.log2(max(pool, 1))
+    if bits < TOKEN_MIN_BITS:
+        raise ValueError("the token is too weak: %d characters like these hold at most %d "
+                         "bits, and a token needs %d; make one with python3 -c 'import "
+                         "secrets; print(secrets.token_urlsafe())'"
+                         % (len(token), bits, TOKEN_MIN_BITS))
+
+
 class _Access:
     """The operator's token and a lock-out for addresses that keep failing.
     The token arrives as `Authorization: Bearer <token>` (scripts) or as the
-    cookie that `GET /?token=` sets (browsers); it is compared in constant
-    time and never logged."""
+    sign-in cookie that `GET /?token=` sets (browsers); it is compared in
+    constant time and never logged.
 
-    def __init__(self, token):
+    The cookie is not the token: a browser sends a host's cookies to every
+    port of it. It is an HMAC of the token under the cookie's name (which
+    holds the port): only this server takes it, and it cannot be turned
+    back into the token or used as one.
+
+    The lock-out never refuses a right credential: anyone who shares the
+    operator's address (loopback, a proxy, an SSH tunnel) could otherwise
+    keep the operator out with eleven requests a minute. So a locked-out
+    guesser still learns which guess is right, and what makes guessing
+    hopeless is the token's strength (at least TOKEN_MIN_BITS, checked at
+    start; the server's own has 256): at a million guesses a second, 2**128
+    takes 10**25 years. The lock-out answers the rest of a failing
+    address's requests cheaply, with one warning in the log."""
+
+    def __init__(self, token, port):
+        _check_token(token)
         self.token = token
+        self.cookie_name = TOKEN_COOKIE % port
+        mac = hmac.new(token.encode(), self.cookie_name.encode(), hashlib.sha256).digest()
+        self.cookie = base64.urlsafe_b64encode(mac).decode().rstrip("=")
         self._lock = threading.Lock()    # guards _failures, _locked
         self._failures = {}              # address -> deque of monotonic failure times
         self._locked = {}                # address -> monotonic time its lock-out ends
 
-    def holds_token(self, value):
+    def holds_token(self, value, cookie=False):
+        """Is `value` the token (with `cookie`: the sign-in cookie)?"""
+        secret = self.cookie if cookie else self.token
         return value is not None and hmac.compare_digest(value.encode("utf-8", "replace"),
-                                                         self.token.encode())
+                                                         secret.encode())
 
     def locked_out(self, address):
         with self._lock:
-            until = self._locked.get(address)
-            if until is not None and until <= time.monotonic():
-                del self._locked[address]
-                until = None
-            return until is not None
+            return self._locked.get(address, 0.0) > time.monotonic()
 
     def failed(self, address):
-        """Count a wrong or missing credential; lock the address out past
-        FAILURES_ALLOWED within FAILURE_WINDOW_S."""
+        """Count a wrong or missing credential from `address`. True when the
+        address is locked out: from its FAILURES_ALLOWED + 1st failure within
+        FAILURE_WINDOW_S on, for LOCKOUT_S (meanwhile nothing more counts)."""
         now = time.monotonic()
         with self._lock:
+            if self._locked.get(address, 0.0) > now:
+                return True
             recent = self._failures.setdefault(address, collections.deque())
             recent.append(now)
-            while recent and recent[0] <= now - FAILURE_WINDOW_S:
+            while recent[0] <= now - FAILURE_WINDOW_S:
                 recent.popleft()
-            if len(recent) > FAILURES_ALLOWED:
+            locked = len(recent) > FAILURES_ALLOWED
+            if locked:
                 self._locked[address] = now + LOCKOUT_S
-                log.warning("%s: %d failed credentials within a minute; locked out for %d s",
-                            address, len(recent), LOCKOUT_S)
                 del self._failures[address]
-            if len(self._failures) > 10000:      # bounded: forget quiet addresses
-                for quiet in [a for a, times in self._failures.items()
-                              if times[-1] <= now - FAILURE_WINDOW_S]:
-                    del self._failures[quiet]
+                log.warning("%s: %d failed credentials within a minute; only a right one is "
+                            "taken from it for %d s", address, len(recent), LOCKOUT_S)
+            if len(self._failures) + len(self._locked) > ADDRESSES_KEPT:   # forget quiet ones
+                self._failures = {a: times for a, times in self._failures.items()
+                                  if times[-1] > now - FAILURE_WINDOW_S}
+                self._locked = {a: until for a, until in self._locked.items() if until > now}
+            return locked
 
 
 def _without_secrets(text):
-    """A request line fit for a log: `token=` and `view=` values as ***."""
-    return SECRET_IN_URL.sub(r"\1=***", text)
+    """A request line fit for a log: the value of each query parameter whose
+    name, decoded as the server decodes it (`%74oken` is `token`), is a
+    credential's shows as ***."""
+    def masked(pair):
+        name, equals, _ = pair.partition("=")
+        secret = equals and urllib.parse.unquote_plus(name).strip().lower() in SECRET_NAMES
+        return name + "=***" if secret else pair
+    return QUERY.sub(lambda query: "".join(map(masked, re.split(r"([&;])", query.group()))),
+                     text)
 
 
 def _cookie_value(header, name):
@@ -4296,6 +4345,17 @@ def _cookie_value(header, name):
         if equals and key == name:
             return value
     return None
+
+
+def _normal_ip(text):
+    """An IP address in one spelling, an IPv4-mapped IPv6 address as its IPv4
+    (a dual-stack socket sees 127.0.0.1 as ::ffff:127.0.0.1); None when
+    `text` is not one."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def _public_host(address):
@@ -4777,27 +4837,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "--allow-host to serve it" % _host_name(hosts[0]))
 
     def check_access(self, path, query):
-        """With a token: every path but /healthz needs the operator's
-        credential (a /cancel also takes the run's control key, checked by
-        route_cancel). GET /?token= signs a browser in. True when this
+        """With a token: every path but /healthz needs a credential: the
+        operator's, a view key where it reaches, Pushpin's feed key; a
+        /cancel or a report may carry its run's own key, which its route
+        checks. GET /?token= signs a browser in. A right credential is
+        served even from a locked-out address (see _Access). True when this
         answered the request itself."""
         access = self.server.access
         if access is None or path == "/healthz":    # counts only: open even when locked out
             return False
-        address = self.client_ip()
-        if access.locked_out(address):
-            raise _HTTPError(429, "too many failed credentials from this address; try again "
-                             "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
         given = _parse_query(query)
-        offered = given.get("token") if path == "/" else None
-        if offered is not None and self.command in ("GET", "HEAD"):
-            if access.holds_token(offered):
-                self.sign_in()
-                return True
-            access.failed(address)
-            self.send_sign_in_page()
+        page = path == "/" and self.command in ("GET", "HEAD")
+        offered = given.get("token") if page else None
+        if offered is not None and access.holds_token(offered):
+            self.sign_in()
             return True
-        if self.is_operator():
+        if offered is None and self.is_operator():
             return False
         if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
                 self.headers.get("Authorization"):
@@ -4809,13 +4864,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
                 feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
             return False      # Pushpin's own request for the runs list it holds
-        access.failed(address)
-        if path == "/" and self.command in ("GET", "HEAD"):
-            self.send_sign_in_page()
+        # The page, or the job it loads first, asked for with no credential
+        # at all: how a sign-in begins, not a guess, so not counted.
+        quiet = path in VIEWER_PAGES and self.command in ("GET", "HEAD") and not (
+            offered or view_key or self.headers.get("Authorization") or self.cookie())
+        address = self.client_ip()
+        locked = access.locked_out(address) if quiet else access.failed(address)
+        if page:
+            self.send_sign_in_page(429 if locked else 401)
             return True
-        raise _HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
-                         "or open /?token=<token> in a browser",
-                         {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
+        self.refuse(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
+                    "or open /?token=<token> in a browser",
+                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
+
+    def refuse(self, status, message, headers=None, locked=None):
+        """Refuse a wrong or missing credential: 429 while the client's
+        address is locked out (`locked`; None: count this failure first)."""
+        if locked is None:
+            access = self.server.access
+            locked = access is not None and access.failed(self.client_ip())
+        if locked:
+            raise _HTTPError(429, "too many failed credentials from this address: for a "
+                             "minute only a right one is taken",
+                             {"Retry-After": str(int(LOCKOUT_S))})
+        raise _HTTPError(status, message, headers)
 
     def viewer_admitted(self, path, key):
         """A view key lets its holder watch its own run and load the page:
@@ -4843,17 +4915,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         if access.holds_token(_bearer_credential(self.headers.get("Authorization"))):
             return True
-        return access.holds_token(_cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
+        return access.holds_token(self.cookie(), cookie=True)
+
+    def cookie(self):
+        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
+        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
+        return _cookie_value("; ".join(self.headers.get_all("Cookie") or []),
+                             self.server.access.cookie_name)
 
     def sign_in(self):
-        """The token was right: set the cookie and send the browser to the
-        page (/, or behind a proxy under a path, that path), so the token
-        leaves the address bar and the history."""
+        """The token was right: set the sign-in cookie (see _Access) for the
+        path the server is served under (/, or behind a proxy, its path), and
+        send the browser to the page there, so the token leaves the address
+        bar and the history. `Secure` under TLS, ours or a proxy's."""
+        prefix, access = self.forwarded_prefix(), self.server.access
+        secure = self.server.tls or \
+            (self.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
         self.send_body(303, b"", None, {
-            "Location": self.forwarded_prefix() + "/", "Cache-Control": "no-store",
-            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/%s"
-                          % (TOKEN_COOKIE, self.server.access.token,
-                             "; Secure" if self.server.tls else "")})
+            "Location": prefix + "/", "Cache-Control": "no-store",
+            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
+                          % (access.cookie_name, access.cookie, prefix or "/",
+                             "; Secure" if secure else "")})
 
     def forwarded_prefix(self):
         """The path a reverse proxy serves this server under, from its
@@ -4863,11 +4945,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         prefix = (self.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
         return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
 
-    def send_sign_in_page(self):
-        """401 with the page: it finds /job refused and offers a sign-in form."""
-        self.send_body(401, self.server.page or b"sign in", "text/html; charset=utf-8", {
-            "Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-store",
-            "WWW-Authenticate": 'Bearer realm="sse_demo"'})
+    def send_sign_in_page(self, status):
+        """The page, 401 (it finds /job refused and offers a sign-in form) or
+        429 while the address is locked out (it says so)."""
+        self.send_body(status, self.server.page or b"sign in", "text/html; charset=utf-8", dict(
+            {"Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-store"},
+            **({"Retry-After": str(int(LOCKOUT_S))} if status == 429
+               else {"WWW-Authenticate": 'Bearer realm="sse_demo"'})))
 
     def check_origin(self):
         """Cross-site request protection: a browser names the page that sent a
@@ -5016,8 +5100,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         verifies), the address that proxy put last in X-Forwarded-For.
         Anyone else's X-Forwarded-For is ignored: a client cannot pick the
         address its failures count against."""
-        peer = self.client_address[0]
-        forwarded = (self.headers.get("X-Forwarded-For") or "").split(",")[-1].strip()
+        peer = _normal_ip(self.client_address[0]) or self.client_address[0]
+        # Several header lines are one list, in order (RFC 9110, section 5.3):
+        # a proxy that adds a line of its own (HAProxy) adds it last.
+        forwarded = _normal_ip(
+            ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")[-1])
         if forwarded and (peer in self.server.trusted_proxies or (
                 self.server.grip_key and "Grip-Sig" in self.headers
                 and _grip_signature_valid(self.headers["Grip-Sig"], self.server.grip_key))):
@@ -5035,10 +5122,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         session = self.find_session(session_id)
         if not (session.holds_control_key(_bearer_credential(self.headers.get("Authorization")))
                 or self.is_operator()):
-            if self.server.access is not None:    # a guess at the token counts, as anywhere
-                self.server.access.failed(self.client_ip())
-            raise _HTTPError(403, "cancelling a run takes its control key "
-                             "(Authorization: Bearer <control_key>)")
+            self.refuse(403, "cancelling a run takes its control key "
+                        "(Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
             raise _HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
@@ -5067,10 +5152,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         batch had new events for it)."""
         session = self.find_session(session_id)
         if not session.holds_report_key(_bearer_credential(self.headers.get("Authorization"))):
-            if self.server.access is not None:
-                self.server.access.failed(self.client_ip())
-            raise _HTTPError(403, "reporting a run's events takes its report key "
-                             "(Authorization: Bearer <report_key>)")
+            self.refuse(403, "reporting a run's events takes its report key "
+                        "(Authorization: Bearer <report_key>)")
         seq, calls = self.parse_report(_parse_report)
         reported = self.server.reported.get(session_id) or self.server.reported.add(session)
         received = reported.take(seq, calls)
@@ -6268,10 +6351,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
-        self.access = _Access(token) if token else None
+        self.access = _Access(token, self.server_address[1]) if token else None
         self.grip = _GripPublisher(grip) if grip else None
         self.grip_key = grip_key
-        self.trusted_proxies = frozenset(trusted_proxies)
+        self.trusted_proxies = frozenset(map(_normal_ip, trusted_proxies))
+        if None in self.trusted_proxies:
+            raise ValueError("a trusted proxy is an IP address: %r" % (trusted_proxies,))
         self.base_path = base_path.rstrip("/")   # where a proxy serves it, if it cannot say
         if self.hub.max_streams < max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
@@ -6643,9 +6728,12 @@ def _is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
-def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
+def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, show_token=False, **options):
     """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
-    Returns the exit status."""
+    With a token, it prints a sign-in URL, with the token in it only when
+    `show_token` (the command line made it: one given in a file or the
+    environment stays out of the terminal and its scroll-back). Returns the
+    exit status."""
     _raise_open_file_limit()
     try:
         server = make_server(host, port, job=job, **options)
@@ -6665,7 +6753,9 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     requested, restore = _install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     if server.access is not None:
-        print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
+        print("Sign in: %s?token=%s" % (server.url, server.access.token) if show_token
+              else "Sign in: %s with the token you gave (it is not printed)" % server.url,
+              flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
@@ -6703,26 +6793,37 @@ def _load_job(spec):
         raise ValueError("%s: %s" % (spec, exc))
 
 
+def _given_secret(path, variable, option, what):
+    """A secret from the file `path`'s first line (named `option` in errors),
+    else from the environment variable `variable`, else None: neither shows
+    in `ps` as an argument does. Raises ValueError for a file that cannot
+    be read or holds none."""
+    if not path:
+        return os.environ.get(variable, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError("%s %s cannot be read: %s" % (option, path, exc))
+    if not secret:
+        raise ValueError("%s %s holds no %s on its first line" % (option, path, what))
+    return secret
+
+
 def _access_token(args):
-    """The operator's token: --token-file's first line, SSE_DEMO_TOKEN, or a
-    new one whenever others can reach the server (a non-loopback address,
-    or a proxy in front: --allow-host, --grip), unless --no-auth. Raises
-    ValueError for a token file that cannot be read or is empty."""
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError("--token-file %s cannot be read: %s" % (args.token_file, exc))
-        if not token:
-            raise ValueError("--token-file %s holds no token on its first line" % args.token_file)
-        return token
-    if os.environ.get("SSE_DEMO_TOKEN", "").strip():
-        return os.environ["SSE_DEMO_TOKEN"].strip()
+    """(the operator's token, whether the server made it): --token-file's
+    first line, SSE_DEMO_TOKEN, or a new one whenever others can reach the
+    server (a non-loopback address, or a proxy in front: --allow-host,
+    --grip), unless --no-auth; (None, False) without one. Raises ValueError
+    for a token file that cannot be read or is empty, or a weak token."""
+    token = _given_secret(args.token_file, "SSE_DEMO_TOKEN", "--token-file", "token")
+    if token:
+        _check_token(token)
+        return token, False
     reachable = not _is_loopback(args.host) or args.allow_host or args.grip
     if reachable and not args.no_auth:
-        return secrets.token_urlsafe(TOKEN_BYTES)
-    return None
+        return secrets.token_urlsafe(OPERATOR_TOKEN_BYTES), True
+    return None, False
 
 
 def _build_parser():
@@ -6774,9 +6875,13 @@ def _build_parser():
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
-    p.add_argument("--grip-key", metavar="KEY",
-                   help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
-                        "to come through Pushpin")
+    grip_key = p.add_mutually_exclusive_group()
+    grip_key.add_argument("--grip-key", metavar="KEY",
+                          help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
+                               "to come through Pushpin (visible in ps: prefer the next two)")
+    grip_key.add_argument("--grip-key-file", metavar="FILE",
+                          help="--grip-key from this file's first line (also: "
+                               "SSE_DEMO_GRIP_KEY)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="also journal every event under DIR, and read the runs back after a "
                         "restart (a run the restart cut short ends with an error saying so)")
@@ -6796,8 +6901,13 @@ def _build_parser():
     p.add_argument("--notify", metavar="URL",
                    help="POST a JSON object to URL when a run ends (retried, never delaying "
                         "a run)")
-    p.add_argument("--notify-key", metavar="KEY",
-                   help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
+    notify_key = p.add_mutually_exclusive_group()
+    notify_key.add_argument("--notify-key", metavar="KEY",
+                            help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of "
+                                 "the body> (visible in ps: prefer the next two)")
+    notify_key.add_argument("--notify-key-file", metavar="FILE",
+                            help="--notify-key from this file's first line (also: "
+                                 "SSE_DEMO_NOTIFY_KEY)")
     p.add_argument("--notify-format", choices=NOTIFY_FORMATS, default="json",
                    help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
                         "Mattermost's incoming webhooks (default %(default)s)")
@@ -6837,8 +6947,12 @@ def _parse_args(argv):
         p.error("--base-path must be a plain path such as /jobs")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
-    if (args.notify_key or args.notify_format != "json") and not args.notify:
+    if (args.notify_key or args.notify_key_file or args.notify_format != "json") \
+            and not args.notify:
         p.error("--notify-key and --notify-format need --notify")
+    for address in args.trusted_proxy:
+        if _normal_ip(address) is None:
+            p.error("--trusted-proxy %s is not an IP address" % address)
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
@@ -6873,7 +6987,11 @@ def main(argv=None):
             _Notifier.check_url(args.notify)
         if args.state_dir:
             _Journal.prepare(args.state_dir)
-        token = _access_token(args)
+        token, made = _access_token(args)
+        notify_key = args.notify_key or _given_secret(
+            args.notify_key_file, "SSE_DEMO_NOTIFY_KEY", "--notify-key-file", "key")
+        grip_key = args.grip_key or _given_secret(
+            args.grip_key_file, "SSE_DEMO_GRIP_KEY", "--grip-key-file", "key")
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
@@ -6891,12 +7009,13 @@ def main(argv=None):
     return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
-                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
+                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=grip_key,
                  trusted_proxies=args.trusted_proxy, base_path=args.base_path,
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
-                 max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
-                 notify_format=args.notify_format, report_timeout_s=args.report_timeout)
+                 max_queue=args.max_queue, notify=args.notify, notify_key=notify_key,
+                 notify_format=args.notify_format, report_timeout_s=args.report_timeout,
+                 show_token=made)
 
 
 if __name__ == "__main__":
