@@ -3974,8 +3974,10 @@ class _Notifier:
     shape Slack's and Mattermost's incoming webhooks take."""
 
     def __init__(self, url, key=None, body_format="json"):
-        self.url = url
-        self._parts = self.check_url(url)
+        self._parts = parts = self.check_url(url)
+        # For the log: without user:password@ and the query, either of
+        # which may hold the receiver's secret.
+        self.shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path)
         self.key = key
         self.body_format = body_format
         self._lock = threading.Lock()        # guards _due
@@ -4059,7 +4061,7 @@ class _Notifier:
             else:
                 self.delivered += 1
                 if self._failing:
-                    log.warning("--notify: %s answers again", self.url)
+                    log.warning("--notify: %s answers again", self.shown)
                     self._failing = False
 
     def _deliver(self, body):
@@ -4085,7 +4087,7 @@ class _Notifier:
     def _retry(self, attempt, body, exc):
         if not self._failing:
             log.warning("--notify: %s failed (%s); retrying, and logging nothing more until "
-                        "it answers", self.url, exc)
+                        "it answers", self.shown, exc)
             self._failing = True
         if attempt > len(NOTIFY_RETRIES_S) or self._stopping:
             self.failed += 1

@@ -3662,6 +3662,64 @@ def test_notify_reaches_the_readmes_receiver(make):
         stop_process(hook)
 
 
+def test_notify_logs_its_receiver_without_its_credentials(make, receiver, caplog):
+    """A failing receiver is named in the log without the user:password@ and
+    the query of its URL (issue 41, 6)."""
+    hook = receiver(failures=100)
+    url = hook.url.replace("http://", "http://alice:pass-word@").replace("?x=1", "?key=k-e-y")
+    srv = make(notify=url)
+    with caplog.at_level("WARNING", logger="sse_demo"):
+        watch(srv, start_run(srv, iterations=1, **FAST)).events()
+        hook.wait_for(1)
+        wait_for(lambda: any("--notify" in r.getMessage() for r in caplog.records),
+                 what="the failure logged")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "http://127.0.0.1:%d/hook failed" % hook.server.server_address[1] in text
+    assert "pass-word" not in text and "k-e-y" not in text and "alice" not in text
+
+
+def test_cli_keys_from_a_file_or_the_environment_stay_out_of_ps(receiver, tmp_path):
+    """--notify-key and --grip-key are visible to every user in `ps`: each
+    has a file option and an environment variable too (issue 41, 6)."""
+    hook = receiver()
+    (tmp_path / "notify-key").write_text("notify-secret\n")
+    (tmp_path / "grip-key").write_text("grip-secret\n")
+    for args, env in [(["--notify-key-file", str(tmp_path / "notify-key"),
+                        "--grip-key-file", str(tmp_path / "grip-key")], {}),
+                      ([], {"SSE_DEMO_NOTIFY_KEY": "notify-secret",
+                            "SSE_DEMO_GRIP_KEY": "grip-secret"})]:
+        cli = Cli("--notify", hook.url, *args, extra_env=dict(env, SSE_DEMO_TOKEN=TOKEN))
+        try:
+            with open("/proc/%d/cmdline" % cli.proc.pid, "rb") as f:
+                assert b"secret" not in f.read()
+            signed = {"Grip-Sig": grip_sig("grip-secret"), "Authorization": "Bearer no"}
+            for n in range(sse_demo.FAILURES_ALLOWED + 1):     # Pushpin names the client:
+                status = request(cli, "GET", "/job",           # the key was taken
+                                 headers=dict(signed, **{"X-Forwarded-For": "192.0.2.7"}))[0]
+            assert status == 429
+            assert request(cli, "GET", "/job",
+                           headers=dict(signed, **{"X-Forwarded-For": "192.0.2.8"}))[0] == 401
+            delivered = len(hook.bodies)
+            status, _, body = request(cli, "POST", "/start?iterations=1&tick=0",
+                                      headers={"Authorization": "Bearer " + TOKEN})
+            assert status == 201
+            hook.wait_for(delivered + 1)
+            expected = hmac.new(b"notify-secret", hook.bodies[delivered], hashlib.sha256)
+            assert hook.headers[delivered]["X-SSE-Demo-Signature"] == \
+                "sha256=" + expected.hexdigest()
+        finally:
+            assert cli.stop()[0] == 0
+
+
+def grip_sig(key, claims=None):
+    """A Grip-Sig as Pushpin signs it: a JWT (HS256) that expires in an hour."""
+    def encoded(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    head = encoded(b'{"alg":"HS256","typ":"JWT"}') + "." + encoded(
+        claims or json.dumps({"iss": "pushpin", "exp": int(time.time()) + 3600}).encode())
+    return head + "." + encoded(hmac.new(key.encode(), head.encode(), hashlib.sha256).digest())
+
+
 def test_cli_notify_checks_its_url():
     status, _, err = Cli("--notify", "ftp://example").finish()
     assert status == 2 and "--notify wants" in err
@@ -4233,6 +4291,23 @@ def test_tokens_never_reach_the_log(make, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "GET /?token=*** " in text and "view=***" in text
     assert TOKEN not in text and "a-wrong-one" not in text and "some-view-key" not in text
+
+
+def test_secrets_never_reach_the_log_in_any_encoding(make, caplog):
+    """The server decodes a parameter's name (`%74oken` is `token`), so the
+    log must too (issue 41, 6)."""
+    srv = make(token=TOKEN)
+    run = start_guarded_run(srv)
+    paths = ["/?%74oken=" + TOKEN, "/?t%6Fken=secret-1", "/?x=1&%74oken=secret-2",
+             "/status/%s?%%76iew=%s" % (run["session_id"], run["view_key"]),
+             "/runs/events?%66eed=secret-3", "/a=b?token=secret-4", "/?view=secret-5;token=x"]
+    with caplog.at_level("INFO", logger="sse_demo"):
+        statuses = [request(srv, "GET", path)[0] for path in paths]
+    assert statuses[0] == 303 and statuses[3] == 200        # the server read them so
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "%74oken=***" in text and "%76iew=***" in text
+    for secret in [TOKEN, run["view_key"]] + ["secret-%d" % n for n in range(1, 6)]:
+        assert secret not in text, secret
 
 
 ###############################################################################
