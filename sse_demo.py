@@ -5327,6 +5327,19 @@ WATCH_READ_TIMEOUT_S = 30.0        # no byte (not even a keepalive) this long: r
 WATCH_RETRY_MAX_S = 10.0           # reconnection back-off, from 0.5 s doubling to this
 WATCH_GIVE_UP_S = 300.0            # unreachable this long in a row: exit 2
 BAR_WIDTH = 20
+# What a run may write to the watcher's terminal: SGR colours (ESC [ ... m,
+# what the page shows too). Every other control character, escape sequence
+# (OSC 52 sets the clipboard, OSC 0 the title, OSC 8 makes links, DCS asks
+# the terminal to answer) and C1 control (\x9b is an 8-bit CSI) is shown
+# escaped.
+TERMINAL_CONTROL = re.compile(r"(\x1b\[[0-9;:]*m)|[\x00-\x1f\x7f-\x9f]")
+
+
+def _terminal_text(text, keep="\n\t"):
+    """`text` safe to write to a terminal: SGR colours and `keep` pass, any
+    other control character is shown as \\xNN."""
+    return TERMINAL_CONTROL.sub(lambda m: m.group(1) or (
+        m.group() if m.group() in keep else "\\x%02x" % ord(m.group())), text)
 
 
 class _WatchError(Exception):
@@ -5495,11 +5508,11 @@ class _ProgressLine:
 
     def log(self, text):
         self._clear()
-        self.out.write(text + "\n")
+        self.out.write(_terminal_text(text) + "\n")
         self._redraw()
 
     def progress(self, data):
-        line = _progress_text(data, self.labels, self.unicode)
+        line = _terminal_text(_progress_text(data, self.labels, self.unicode), keep="")
         if self.terminal:
             self.shown = line
             self._redraw()
@@ -5515,7 +5528,7 @@ class _ProgressLine:
     def end(self, text):
         self._clear()
         self.shown = ""
-        self.out.write(text + "\n")
+        self.out.write(_terminal_text(text) + "\n")
         self.out.flush()
 
     def _clear(self):
@@ -5593,7 +5606,7 @@ def _watch_run(address, out=sys.stdout, is_terminal=None):
     job = job if isinstance(job, dict) else {}
     labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
               if isinstance(f, dict) and "name" in f}
-    out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
+    out.write(_terminal_text("%s · run %s\n" % (job.get("title", "sse_demo"), address.run)))
     screen = _ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
     last_id, delay, failing_since = None, 0.5, None
     while True:
@@ -5634,10 +5647,11 @@ def _start_remote(address, params, out=sys.stdout):
         reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
         raise _WatchError("the server did not start the run: %s" % reason)
     run = answer["session_id"]
-    out.write("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X POST -H "
-              "'Authorization: Bearer %s' %s/cancel/%s\n" % (
-                  run, address.base, "?view=" + answer["view_key"] if address.token else "",
-                  run, answer["control_key"], address.base, run))
+    out.write(_terminal_text("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X "
+                             "POST -H 'Authorization: Bearer %s' %s/cancel/%s\n" % (
+                                 run, address.base, "?view=" + answer["view_key"]
+                                 if address.token else "", run, answer["control_key"],
+                                 address.base, run)))
     out.flush()
     return run
 
@@ -5669,7 +5683,7 @@ def _client_main(argv):
                 return 0
         return _watch_run(address)
     except _WatchError as exc:
-        sys.stderr.write("error: %s\n" % exc)
+        sys.stderr.write("error: %s\n" % _terminal_text(str(exc)))
         return 2
     except KeyboardInterrupt:
         sys.stdout.write("\nstopped watching; the run goes on on the server\n")

@@ -3791,6 +3791,33 @@ def test_watch_exits_0_on_complete_with_plain_lines_when_not_a_terminal(make, cl
     assert 2 < len(lines) < 25
 
 
+def test_watch_shows_a_runs_escape_sequences_escaped_but_its_colours(make, clients):
+    """What a run writes reaches the watcher's terminal: only SGR colours (as
+    the page shows them) pass; OSC 52 (the clipboard), OSC 0 (the title),
+    OSC 8 (links), DCS, an 8-bit CSI, clear-screen and a bare CR are shown
+    escaped, visibly (issue 41, 7)."""
+    srv = make()
+    run = json.loads(request(srv, "POST", "/runs", json_body={"title": "hostile"})[2])
+    hostile = ["\x1b]52;c;cm0gLXJmIH4=\x07", "\x1b]0;owned\x07", "\x1bP+q544e\x1b\\",
+               "\x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\", "\x9b2J",
+               "\x1b[2J\x1b[H", "fake\rline"]
+    events = [{"event": "log", "message": "\x1b[31mred\x1b[0m " + text} for text in hostile]
+    events += [{"event": "progress", "done": 1, "total": 2, "stage": "\x1b]0;stage\x07"},
+               {"event": "error", "message": "\x1b]52;c;eA==\x07 boom"}]
+    status, _, body = request(srv, "POST", "/runs/%s/events" % run["session_id"],
+                              json_body={"seq": 0, "events": events},
+                              headers={"Authorization": "Bearer " + run["report_key"]})
+    assert status == 200, body
+    status, out, err = clients("watch", page_url(srv) + "#session=" + run["session_id"]).finish()
+    assert status == 1, err
+    assert "\x1b" not in re.sub(r"\x1b\[[0-9;]*m", "", out)      # no escape but colours
+    assert "\x9b" not in out and "\r" not in out
+    assert out.count("\x1b[31mred\x1b[0m ") == len(hostile)
+    for text in hostile + ["\x1b]0;stage\x07", "\x1b]52;c;eA==\x07 boom"]:
+        shown = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda c: "\\x%02x" % ord(c.group()), text)
+        assert shown in out, shown
+
+
 def test_watch_exits_1_on_error_and_shows_the_message(make, clients):
     srv = make(job=failing_job)
     sid = start_run(srv)
