@@ -2658,24 +2658,53 @@ def _parse_command(template):
 
 def _fill_command(argv, params):
     """The argv of one run: each placeholder replaced inside its own argument,
-    so a value can never add an argument or reach a shell. A string value
-    cannot start an argument with `-` (it would become an option)."""
+    so a value can never add an argument or reach a shell. An argument the
+    template does not start with `-` cannot start with one once filled (the
+    program would read it as an option): checked on the argument as it will
+    be passed, so neither `{a=x}{b=y}` with `a` empty nor a number (`-5`)
+    slips past."""
     filled = []
     for arg in argv:
+        given = []      # (name, text) of each placeholder in the argument, in order
+
         def replacement(match):
             text = match.group(0)
             if text in ("{{", "}}"):
                 return text[0]
             name = match.group(1).partition("=")[0]
             value = params[name]
-            if isinstance(value, str) and value.startswith("-") and match.start() == 0:
-                raise BadParam(name, "%s cannot start with '-' here: the program would read "
-                                     "it as an option" % name)
             if "\0" in str(value):
                 raise BadParam(name, "%s cannot hold a NUL character" % name)
-            return json.dumps(value) if isinstance(value, bool) else str(value)
+            given.append((name, json.dumps(value) if isinstance(value, bool) else str(value)))
+            return given[-1][1]
         filled.append(PLACEHOLDER.sub(replacement, arg))
+        if filled[-1].startswith("-") and not arg.startswith("-"):
+            name = next(name for name, text in given if text)
+            raise BadParam(name, "%s cannot start with '-' here: the program would read it "
+                                 "as an option" % name)
     return filled
+
+
+SCRIPT_RUNNERS = re.compile(r"(ba|da|z|k|mk|a|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*")
+
+
+def _script_placeholder(argv):
+    """The first placeholder inside the script that the template's shell (or
+    Python) runs with -c, or None: there a value is code that runs, not data.
+    Reads the options before the script as `bash -euo pipefail -c` has them."""
+    if not SCRIPT_RUNNERS.fullmatch(os.path.basename(argv[0])):
+        return None
+    args = iter(argv[1:])
+    for arg in args:
+        if not re.fullmatch(r"[-+][A-Za-z]+", arg):
+            return None                   # a script file (or --): no -c
+        if arg[-1] in "oOW":
+            next(args, None)              # its argument: -o pipefail, -W error
+        elif arg[0] == "-" and "c" in arg:
+            names = [m.group(1).partition("=")[0]
+                     for m in PLACEHOLDER.finditer(next(args, "")) if m.group(1)]
+            return names[0] if names else None
+    return None
 
 
 INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
@@ -3255,6 +3284,12 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
     """A JobSpec that runs a program for each run (see `_run_command`),
     named `title` or after its program (`train.py`, not the template)."""
     argv, defaults = _parse_command(template)
+    in_script = _script_placeholder(argv)
+    if in_script:
+        log.warning("warning: --cmd puts {%s} inside the script that %s runs with -c, where "
+                    "a run's value is code that runs: pass it as an argument instead (%s -c "
+                    "'... \"$1\" ...' %s {%s=...})", in_script, argv[0], argv[0], argv[0],
+                    in_script)
     params = {name: _Param(name, default) for name, default in defaults.items()}
     processes = _CommandGroups()
 

@@ -2169,6 +2169,40 @@ def test_cmd_value_is_exactly_one_argument_and_never_reaches_a_shell(make, progr
     assert not os.path.exists("pwned") and not (tmp_path / "pwned").exists()
 
 
+def test_cmd_checks_an_argument_as_it_will_be_passed(make, programs):
+    """An argument the template does not start with `-` never starts with one
+    once filled: not after an empty value before it, not from a number
+    (issue 41, 8)."""
+    srv = command_server(make, programs("argv.py", "{c=x}{d=y} {n=1} --n={n=1}"))
+    for params, name in [({"c": "", "d": "--output=/tmp/x"}, "d"), ({"n": -5}, "n"),
+                         ({"c": "-rf"}, "c")]:
+        status, _, body = request(srv, "POST", "/start", json_body=params)
+        answer = json.loads(body)
+        assert (status, answer.get("param")) == (400, name), answer
+        assert "option" in answer["error"]
+    events = watch(srv, start_run(srv, c="", d="out", n=5)).events()
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert json.loads(logs[0]) == ["out", "5", "--n=5"]
+
+
+@pytest.mark.parametrize("template, warned", [
+    ("sh -c 'echo {x=1}'", "x"), ("bash -euo pipefail -c 'make {target=all}'", "target"),
+    ("python3 -c 'print({n=1})'", "n"), ("sh -c 'echo \"$1\"' sh {x=1}", None),
+    ("python3 train.py -c {config=a.yaml}", None)])
+def test_cmd_warns_at_start_of_a_placeholder_in_a_shells_script(template, warned):
+    """`sh -c 'echo {x=1}'`: a value in the script is code that runs, whatever
+    the quoting; the server says so at start (issue 41, 8)."""
+    cli = Cli("--cmd", template)
+    try:
+        assert cli.port, cli.first_line              # it starts all the same
+    finally:
+        _, _, err = cli.stop()
+    if warned:
+        assert "warning: --cmd puts {%s} inside the script" % warned in err, err
+    else:
+        assert "warning" not in err, err
+
+
 def test_cmd_program_gets_no_stdin_unbuffered_output_and_our_cwd_and_env(make, programs,
                                                                          monkeypatch):
     monkeypatch.setenv("SSE_DEMO_TEST_MARKER", "inherited")
