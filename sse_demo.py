@@ -2742,6 +2742,8 @@ for group in groups:
 
 
 HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
+PROCESS_MARK = "SSE_DEMO_RUN_MARK"   # a random value in a program's environment (see
+                                     # _end_leftover_group)
 
 
 def _kill_group(pid, signum):
@@ -3230,10 +3232,12 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
     events, stop it on cancel, and end the run with exactly one terminal
     event from its exit status, which it returns (None when it did not
     start). `session` may stand in for one (`sse_demo.py report`)."""
+    mark = secrets.token_urlsafe(TOKEN_BYTES)     # proves after a crash that we started it
     try:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **{PROCESS_MARK: mark}),
+            start_new_session=hasattr(os, "killpg"))
     except FileNotFoundError:
         return _end_run(session, "error", {"message": "program not found: %s" % command[0]})
     except OSError as exc:
@@ -3245,7 +3249,7 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
                                 name="output-" + session.id[:8])
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
     try:
-        session.note_process(_process_identity(process.pid))
+        session.note_process(dict(_process_identity(process.pid), mark=mark))
         for reader in readers:
             reader.start()
     except Exception as exc:    # a reader thread that cannot start: nothing may be left
@@ -3307,14 +3311,22 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
 
 def _end_leftover_group(identity):
     """After a crash: kill the process group of a run's program if its
-    leader still runs and is the same process (start time and boot match,
-    so not a pid the system gave to another). True if it did."""
+    leader still runs and is provably the one the server started: the same
+    pid, start time and boot, and the random mark the server gave it in its
+    environment, which /proc/<pid>/environ shows only to its own user and
+    root. The rest any process can read of any other, so without the mark a
+    journal planted in the state directory, or a pid recycled after a
+    reboot, could name an unrelated group. True if it killed it."""
     if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
         return False
-    pid = identity.get("pid")
-    if not isinstance(pid, int) or pid <= 1 or _process_identity(pid) != identity:
+    pid, mark = identity.get("pid"), identity.get("mark")
+    if not isinstance(pid, int) or pid <= 1 or not isinstance(mark, str) or \
+            dict(_process_identity(pid), mark=mark) != identity:
         return False
     try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            if ("%s=%s" % (PROCESS_MARK, mark)).encode() not in f.read().split(b"\0"):
+                return False
         if os.getpgid(pid) != pid:
             return False
         os.killpg(pid, HARD_KILL)

@@ -2684,6 +2684,31 @@ def test_cmd_restart_ends_a_program_that_outlived_the_server_and_its_guard(progr
             os.kill(grandchild, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
+def test_a_planted_journal_cannot_make_a_restart_kill_an_unrelated_group(tmp_path):
+    """A journal's process names a group the server did not start (its pid,
+    start time and boot any process can read): the restart leaves it be;
+    only the random mark the server gave its own program in its environment
+    proves a group its own (issue 41, 12)."""
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                              env=dict(os.environ, SSE_DEMO_RUN_MARK="the-real-mark"))
+    try:
+        identity = sse_demo._process_identity(victim.pid)
+        for n, planted in enumerate([identity, dict(identity, mark="a-guess"),
+                                     dict(identity, mark="the-real-mark")]):
+            sid = "planted%d" % n
+            header = {"format": "sse_demo-journal", "version": 1, "session_id": sid,
+                      "title": "t", "params": {}, "started_ts": time.time()}
+            (tmp_path / (sid + ".jsonl")).write_text(
+                json.dumps(header) + "\n" + json.dumps({"process": planted}) + "\n")
+            Running(state_dir=str(tmp_path)).stop()    # the journal is read at start
+            if n < 2:
+                assert victim.poll() is None, planted
+        assert victim.wait(TIMEOUT) == -signal.SIGKILL    # the mark is proof
+    finally:
+        stop_process(victim)
+
+
 def test_cmd_run_whose_output_reader_cannot_start_ends_error_and_leaves_nothing(
         make, programs, monkeypatch):
     srv = command_server(make, programs("stubborn.py"))
