@@ -3482,6 +3482,7 @@ class _Journal:
         self.written = 0
         self.dropped = 0
         self.error = None                   # the disk's last complaint, while it lasts
+        self._turn_failed = False           # something failed in this turn of writes
         self._stopping = False
         self._thread = None
         self._supervisor = None
@@ -3621,7 +3622,6 @@ class _Journal:
                 else:
                     self._delete(session.id)
                 touched.add(session.id)
-                self._healthy()
             except OSError as exc:
                 self._failed(exc)
             except Exception:
@@ -3635,6 +3635,9 @@ class _Journal:
             written.set()
         for name in ended:
             self._close(name)
+        if touched and not self._turn_failed:
+            self._healthy()       # only a turn that reached the disk whole says so
+        self._turn_failed = False
 
     def _file(self, name):
         entry = self._files.get(name)
@@ -3694,6 +3697,10 @@ class _Journal:
         _delete_journal(self.directory, name)
 
     def _failed(self, exc):
+        """The disk refused: said once per outage (an outage fails every
+        turn, and a write into the file's buffer may pass where its flush
+        then fails)."""
+        self._turn_failed = True
         if self.error is None:
             log.error("cannot write the journal in %s (%s); serving from memory",
                       self.directory, exc.strerror or exc)
@@ -6671,11 +6678,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         failure = self.hub.failure()
         if failure is not None:
             stopped.setdefault("stream writer", failure)
-        health = {"ok": not stopped, "sessions": sessions, "running": running,
+        problems = ["the %s has stopped: %s" % item for item in sorted(stopped.items())]
+        if self.journal and self.journal.error is not None:
+            problems.append("the journal cannot write: " + self.journal.error)
+        health = {"ok": not problems, "sessions": sessions, "running": running,
                   "queued": queued, "streams": self.hub.streams}
-        if stopped:
-            health["error"] = "; ".join("the %s has stopped: %s" % item
-                                        for item in sorted(stopped.items()))
+        if problems:
+            health["error"] = "; ".join(problems)
         if self.grip:
             health["grip"] = self.grip.stats()
         if self.journal:

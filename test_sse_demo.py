@@ -2846,6 +2846,43 @@ def journal_server(state_dir, *args, port=None):
     return Cli("--keepalive", "0.2", "--state-dir", str(state_dir), *(extra + args))
 
 
+CHATTY = """
+import time
+for n in range(400):
+    print("line %d " % n + "x" * 100, flush=True)
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.skipif(resource is None, reason="needs the resource module")
+def test_a_journal_that_cannot_write_is_unhealthy_and_said_once(tmp_path):
+    """The disk refuses the journal's writes (here: RLIMIT_FSIZE, a file size
+    limit any user may set on a process, past which write() fails with
+    EFBIG as it fails with ENOSPC on a full disk): /healthz says so, and
+    the log says it once for the outage, not once per turn (issue 41, 12:
+    ok true, and 107 lines in 7 s)."""
+    (tmp_path / "chatty.py").write_text(CHATTY)
+    state = tmp_path / "state"
+    cli = Cli("--state-dir", str(state), "--cmd", "%s %s" % (
+        shlex.quote(sys.executable), shlex.quote(str(tmp_path / "chatty.py"))),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)))
+    try:
+        sid = start_run(cli)
+        def unhealthy():
+            status, _, body = request(cli, "GET", "/healthz")
+            return status == 503 and json.loads(body)
+        health = wait_for(unhealthy, what="/healthz to say the journal cannot write")
+        assert health["ok"] is False and "journal cannot write" in health["error"]
+        events = watch(cli, sid).events()             # the run goes on, served from memory
+        assert events[-1]["event"] == "complete" and len(events) > 400
+        assert request(cli, "GET", "/healthz")[0] == 503
+    finally:
+        status, _, err = cli.stop()
+    assert status == 0
+    assert err.count("cannot write the journal") == 1, err
+    assert "can be written again" not in err, err
+
+
 def journal_lines(state_dir, sid, series=False):
     """The journal's header and events (not its id marks, nor a --cmd run's
     process line); with `series`, the series line after a terminal event too."""
