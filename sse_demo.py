@@ -3996,10 +3996,21 @@ def _session_read_back(header, events, path, on_publish):
 # Notifications: a POST to --notify URL when a run ends
 ###############################################################################
 
-NOTIFY_TIMEOUT_S = 10.0            # one delivery gives up
+NOTIFY_TIMEOUT_S = 10.0            # one delivery, whole, gives up
 NOTIFY_RETRIES_S = (1.0, 5.0, 30.0)   # waits before the 2nd, 3rd and 4th attempt
 NOTIFY_QUEUE_LIMIT = 1000          # notifications waiting; past it, new ones are dropped
 NOTIFY_FORMATS = ("json", "slack")
+
+
+def _shut_down(conn):
+    """Shut an HTTP connection's socket from another thread: a read blocked
+    on it ends at once. (socket.socket's own shutdown: an SSLSocket's would
+    also drop its TLS state under the reading thread.)"""
+    if conn.sock is not None:
+        try:
+            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass       # already closed
 
 
 def _notify_text(body):
@@ -4128,12 +4139,20 @@ class _Notifier:
         if self.key:
             headers["X-SSE-Demo-Signature"] = "sha256=" + hmac.new(
                 self.key.encode(), body, hashlib.sha256).hexdigest()
+        # The timeout bounds each wait for a byte; a receiver that trickles
+        # its answer would hold this, the only notifier thread, for ever.
+        # So the socket is shut at NOTIFY_TIMEOUT_S, which ends any read.
+        watchdog = threading.Timer(NOTIFY_TIMEOUT_S, _shut_down, (conn,))
+        watchdog.daemon, watchdog.name = True, "notifier-watchdog"
+        watchdog.start()
         try:
             conn.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
                          body=body, headers=headers)
             response = conn.getresponse()
             response.read()
         finally:
+            watchdog.cancel()
+            watchdog.join()       # it does not shut a socket that close() gave back
             conn.close()
         if not 200 <= response.status < 300:
             raise OSError("it answered %d" % response.status)

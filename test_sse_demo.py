@@ -3604,11 +3604,13 @@ def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
 ###############################################################################
 
 class Receiver:
-    """A webhook receiver on loopback: records each POST; answers the first
-    `failures` with 500, or (with `hang`) accepts and never answers."""
+    """A webhook receiver on loopback: records each POST (and when it came);
+    answers the first `failures` with 500, or (with `hang`) accepts and
+    never answers, or (with `trickle`) answers 204 a byte every `trickle` s."""
 
-    def __init__(self, failures=0, hang=False):
+    def __init__(self, failures=0, hang=False, trickle=0):
         self.bodies, self.headers, self.failures, self.hang = [], [], failures, hang
+        self.times, self.trickle = [], trickle
         self.arrived = threading.Condition()
         receiver = self
 
@@ -3618,10 +3620,21 @@ class Receiver:
                 with receiver.arrived:
                     receiver.bodies.append(body)
                     receiver.headers.append(dict(self.headers))
+                    receiver.times.append(time.monotonic())
                     receiver.arrived.notify_all()
                     failing = len(receiver.bodies) <= receiver.failures
                 if receiver.hang:
                     receiver.release.wait(TIMEOUT)
+                for byte in b"HTTP/1.0 204 No Content\r\n\r\n" if receiver.trickle else b"":
+                    if receiver.release.wait(receiver.trickle):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:    # the server gave up on it
+                        return
+                if receiver.trickle:
+                    return
                 self.send_response(500 if failing else 204)
                 self.end_headers()
 
@@ -3728,6 +3741,21 @@ def test_notify_receiver_that_hangs_delays_no_run(make, receiver):
     assert watch(srv, first).events()[-1]["event"] == "complete"
     hook.wait_for(1)                                   # the receiver holds the first one...
     assert watch(srv, second).events()[-1]["event"] == "complete"   # ...and the queue goes on
+    assert srv.server.notifier.stats()["delivered"] == 0
+
+
+def test_notify_gives_a_trickling_receiver_one_limit_for_the_whole_delivery(
+        make, receiver, monkeypatch):
+    """NOTIFY_TIMEOUT_S bounds the whole delivery, not each read: a receiver
+    that answers a byte every 0.3 s (each well inside the limit, 8 s in all)
+    no longer holds the only notifier thread (issue 41, 12)."""
+    monkeypatch.setattr(sse_demo, "NOTIFY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(sse_demo, "NOTIFY_RETRIES_S", (0.05, 60.0, 60.0))
+    hook = receiver(trickle=0.3)
+    srv = make(notify=hook.url)
+    watch(srv, start_run(srv, iterations=1, **FAST)).events()
+    hook.wait_for(2)                          # given up at 1 s, so tried again
+    assert hook.times[1] - hook.times[0] < 3.0
     assert srv.server.notifier.stats()["delivered"] == 0
 
 
