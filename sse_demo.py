@@ -213,6 +213,16 @@ RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts",
 json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
+def _json_value(text):
+    """json.loads, where JSON nested too deeply for the parser (a
+    RecursionError, from about a thousand levels) is a ValueError like any
+    other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply")
+
+
 def _frame_event(event_id, name, data_json):
     """An event's fields around its data, already encoded as one JSON line."""
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data_json)
@@ -2160,7 +2170,9 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
 
 
 def _grip_signature_valid(token, key):
-    """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired."""
+    """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired.
+    Its claims are read only once the signature holds: before, they are
+    anyone's."""
     try:
         if not token:
             return False
@@ -2168,10 +2180,12 @@ def _grip_signature_valid(token, key):
         expected = hmac.new(key.encode(), (header + "." + claims).encode(),
                             hashlib.sha256).digest()
         given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-        data = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
-    except (ValueError, TypeError):
+        if not hmac.compare_digest(expected, given):
+            return False
+        data = _json_value(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+        return float(data.get("exp", 0)) > time.time()
+    except (ValueError, TypeError, AttributeError):
         return False
-    return hmac.compare_digest(expected, given) and float(data.get("exp", 0)) > time.time()
 
 
 ###############################################################################
@@ -3794,7 +3808,7 @@ def _read_series_line(line):
     """The series written after a terminal event, or None (a journal of an
     older version, or one cut short there: the events rebuilt it)."""
     try:
-        state = json.loads(line.decode("utf-8"))["series"]
+        state = _json_value(line.decode("utf-8"))["series"]
         _Series.from_state(state)
         return state
     except (ValueError, KeyError, TypeError):
@@ -3806,7 +3820,7 @@ def _read_history_line(line, events):
     `events` (the last ones read, the terminal one last) in id order. A
     line cut short adds nothing: the run keeps the events its file has."""
     try:
-        held = [(e["id"], e["event"], e["data"]) for e in json.loads(line.decode())["history"]]
+        held = [(e["id"], e["event"], e["data"]) for e in _json_value(line.decode())["history"]]
         if not all(type(i) is int and name == "progress" and isinstance(data, dict)
                    for i, name, data in held):
             return events
@@ -3821,7 +3835,7 @@ def _read_history_line(line, events):
 
 def _read_journal_header(line):
     try:
-        header = json.loads(line.decode("utf-8"))
+        header = _json_value(line.decode("utf-8"))
     except ValueError:
         raise ValueError("its first line is not a journal header")
     if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
@@ -3871,7 +3885,7 @@ def _read_journal(path, session_id):
             try:
                 if not line.endswith(b"\n"):
                     raise ValueError("cut short")
-                record = json.loads(line.decode("utf-8"))
+                record = _json_value(line.decode("utf-8"))
                 note = next(iter(record), None) if isinstance(record, dict) and \
                     len(record) == 1 else None
                 if note in NOTES and NOTES[note](record[note]):
@@ -4555,7 +4569,7 @@ def _parse_report(body):
     {"seq": N, "events": [...]}, every event checked before any is taken.
     Raises BadReport."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = _json_value(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _BadReport("body", "not valid JSON: %s" % exc)
     if not isinstance(data, dict) or not isinstance(data.get("events"), list):
@@ -4584,7 +4598,7 @@ def _parse_open_report(body):
     if not body:
         return None, {}
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = _json_value(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _BadReport("body", "not valid JSON: %s" % exc)
     if not isinstance(data, dict):
@@ -5086,7 +5100,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if ctype == "application/json":
             try:
-                data = json.loads(body.decode("utf-8"))
+                data = _json_value(body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise _HTTPError(400, "the body is not valid JSON: %s" % exc)
             if not isinstance(data, dict):
@@ -5476,7 +5490,7 @@ class _RunAddress:
         finally:
             conn.close()
         try:
-            return response.status, json.loads(raw.decode("utf-8"))
+            return response.status, _json_value(raw.decode("utf-8"))
         except ValueError:
             return response.status, None
 
@@ -5634,7 +5648,7 @@ def _follow_stream(address, last_id):
             raise ConnectionError("the server answered %d" % response.status)
         for name, event_id, data in _read_sse(response):
             try:
-                fields = json.loads(data)
+                fields = _json_value(data)
             except ValueError:
                 fields = {}
             yield name, event_id, fields if isinstance(fields, dict) else {}

@@ -3255,10 +3255,11 @@ def test_journal_failing_later_is_reported_and_the_server_goes_on(make, tmp_path
         for _ in range(2):
             sid = start_run(srv, iterations=3, **FAST)
             assert watch(srv, sid).events()[-1]["event"] == "complete"
-        wait_for(lambda: get_json(srv, "/healthz")["journal"]["ok"] is False,
+        wait_for(lambda: json.loads(request(srv, "GET", "/healthz")[2])["journal"]["ok"] is False,
                  what="healthz to report it")
-    health = get_json(srv, "/healthz")
-    assert health["ok"] is True and health["journal"]["error"]
+    status, _, body = request(srv, "GET", "/healthz")       # the server goes on, and says
+    health = json.loads(body)                                # it has no journal now
+    assert status == 503 and health["ok"] is False and health["journal"]["error"]
     assert len([r for r in caplog.records if "cannot write the journal" in r.getMessage()]) == 1
 
 
@@ -6096,6 +6097,86 @@ def test_opening_a_reported_run_with_a_bad_body_is_400_naming_the_field(server, 
                                 headers={"Content-Type": "application/json"})
     assert status == 400 and json.loads(answer)["param"] == field, answer
     assert request(server, "GET", "/runs")[0] == 200          # the list is whole
+
+
+def deep(levels):
+    return b"[" * levels + b"]" * levels
+
+
+def test_json_nested_too_deeply_is_a_400_wherever_a_body_is_read(make, caplog):
+    """json.loads raises RecursionError past about a thousand levels: that was
+    a 500 with a traceback in the log; now it is bad JSON like any other
+    (issue 41, 12). 30,000 levels fit the 64 KiB bodies; a batch takes the
+    probe's 100,000."""
+    srv = make()
+    opened = open_reported(srv)
+    with caplog.at_level("ERROR", logger="sse_demo"):
+        answers = [post_events(srv, opened, None, body=deep(100000))]
+        for path in ("/start", "/runs"):
+            status, _, body = request(srv, "POST", path, body=deep(30000),
+                                      headers={"Content-Type": "application/json"})
+            answers.append((status, json.loads(body)))
+    for status, answer in answers:
+        assert status == 400 and "nested too deeply" in answer["error"], answer
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert post_events(srv, opened, [{"event": "log", "message": "after"}])[0] == 200
+
+
+def test_a_grip_sig_is_read_only_once_its_signature_holds(make):
+    """Deep claims under a wrong signature: an unsigned request, not a 500
+    (its claims were decoded before the signature was checked)."""
+    srv = make(token=TOKEN, grip_key="the-key")
+    forged = grip_sig("not-the-key", deep(20000))
+    status, _, body = request(srv, "GET", "/job", headers={"Grip-Sig": forged,
+                                                          "X-Forwarded-For": "192.0.2.1"})
+    assert status == 401, body
+
+
+def test_a_journal_line_nested_too_deeply_is_damage_not_a_failed_start(tmp_path):
+    """A journal that is corrupt never stops the server from starting
+    (CONTRACT): a line nested too deeply is a damaged line."""
+    header = {"format": "sse_demo-journal", "version": 1, "session_id": "deep", "title": "t",
+              "params": {}, "started_ts": time.time()}
+    (tmp_path / "deep.jsonl").write_bytes(json.dumps(header).encode() + b"\n" + deep(100000)
+                                          + b"\n")
+    (tmp_path / "deeper.jsonl").write_bytes(deep(100000) + b"\n")
+    srv = Running(state_dir=str(tmp_path))
+    try:
+        status = get_json(srv, "/status/deep")
+        assert status["state"] == "error" and "interrupted" in status["message"]
+        assert (tmp_path / "deep.jsonl.damaged").exists()
+        assert request(srv, "GET", "/status/deeper")[0] == 404
+    finally:
+        srv.stop()
+
+
+def test_watch_takes_an_event_nested_too_deeply_as_bad_json(clients):
+    """A server (or something posing as one) that streams deep JSON: `watch`
+    goes on, no traceback."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            stream = self.path.startswith("/progress/")
+            body = (b"event: log\ndata: " + deep(100000) + b"\n\nevent: complete\ndata: {}\n\n"
+                    if stream else b"{}")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=fake.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, out, err = clients("watch", "http://127.0.0.1:%d/#session=x"
+                                   % fake.server_address[1]).finish()
+    finally:
+        fake.shutdown()
+        fake.server_close()
+        thread.join(TIMEOUT)
+    assert status == 0 and "Traceback" not in err, err
 
 
 def test_a_reported_batch_needs_json_and_may_be_large_but_bounded(server):
