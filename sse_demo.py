@@ -1266,10 +1266,15 @@ class _RunsFeed:
             self._wake.set()
 
     def forget(self, session):
-        """A run has expired: the panel drops it."""
+        """A run has expired: the panel drops it. Told only while a stream
+        follows the list: a page that follows it later reads GET /runs
+        first, so ids kept for nobody would only grow (a server no page
+        watches: CI, an API)."""
+        followed = self._is_followed(self.session)
         with self._lock:
             self._changed.pop(session.id, None)
-            self._gone.add(session.id)
+            if followed:
+                self._gone.add(session.id)
         self._wake.set()
 
     def stop(self):

@@ -1857,6 +1857,18 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
     assert sid in gone and before in gone                        # and drops expired runs
 
 
+def test_the_runs_feed_keeps_no_expired_ids_while_nobody_follows_it(make):
+    """A server no page watches (CI, an API) forgets its expired runs for
+    good: the feed keeps no list of them for a page that may never come
+    (issue 41, 12; REVIEW H5). A page that comes reads GET /runs."""
+    srv = make(session_ttl_s=0.1)
+    for _ in range(5):
+        watch(srv, start_run(srv, iterations=1, **FAST)).events()
+    wait_for(lambda: get_json(srv, "/healthz")["sessions"] == 0, what="the runs to expire")
+    assert srv.server.feed._gone == set()
+    assert get_json(srv, "/runs")["runs"] == []
+
+
 def test_runs_events_resume_after_the_last_event_id(make):
     srv = make()
     feed = Stream(srv, "/runs/events")
