@@ -4411,13 +4411,14 @@ class _Access:
             if locked:
                 self._locked[address] = now + LOCKOUT_S
                 del self._failures[address]
-                log.warning("%s: %d failed credentials within a minute; only a right one is "
-                            "taken from it for %d s", address, len(recent), LOCKOUT_S)
             if len(self._failures) + len(self._locked) > ADDRESSES_KEPT:   # forget quiet ones
                 self._failures = {a: times for a, times in self._failures.items()
                                   if times[-1] > now - FAILURE_WINDOW_S}
                 self._locked = {a: until for a, until in self._locked.items() if until > now}
-            return locked
+        if locked:      # the log's I/O after the lock, which every request may need
+            log.warning("%s: %d failed credentials within a minute; only a right one is "
+                        "taken from it for %d s", address, FAILURES_ALLOWED + 1, LOCKOUT_S)
+        return locked
 
 
 def _without_secrets(text):
@@ -4942,7 +4943,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         given = _parse_query(query)
         page = path == "/" and self.command in ("GET", "HEAD")
-        offered = given.get("token") if page else None
+        offered = given.get("token") or None if page else None    # ?token= is none
         if offered is not None and access.holds_token(offered):
             self.sign_in()
             return True
@@ -6913,6 +6914,9 @@ def _given_secret(path, variable, option, what):
     try:
         with open(path, encoding="utf-8") as f:
             secret = f.readline().strip()
+            if os.fstat(f.fileno()).st_mode & 0o077 and os.name == "posix":
+                log.warning("warning: %s %s can be read by other users (chmod 600 %s)",
+                            option, path, path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError("%s %s cannot be read: %s" % (option, path, exc))
     if not secret:

@@ -1357,6 +1357,18 @@ def test_cli_token_from_the_environment_or_a_file_is_never_printed(tmp_path):
     assert status == 2 and "exclude" in err
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_cli_warns_of_a_secret_file_other_users_can_read(tmp_path):
+    """EDGES 7: a secret in a file others can read is no secret."""
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    for mode, warned in [(0o644, True), (0o600, False)]:
+        os.chmod(str(path), mode)
+        cli = Cli("--token-file", str(path))
+        _, _, err = cli.stop()
+        assert ("can be read by other users (chmod 600 %s)" % path in err) is warned, err
+
+
 @pytest.mark.parametrize("token", ["hunter2", "a" * 27, "0123456789" * 3 + "01234567",
                                    "abcdef0123456789" + "abcdef0123456789"[:8]])
 def test_cli_refuses_a_token_too_weak_to_outlast_guessing(tmp_path, token):
@@ -4287,6 +4299,7 @@ def test_the_sign_in_cookie_is_not_the_token_and_stays_on_this_servers_path(make
         assert name == "sse_demo_%d" % srv.port
         assert attributes == "HttpOnly; SameSite=Strict; Path=" + prefix
     assert request(srv, "GET", "/runs", headers={"Cookie": cookie})[0] == 200
+    assert request(srv, "GET", "/?token=", headers={"Cookie": cookie})[0] == 200   # no token
     for server, credential in [(other, {"Cookie": "sse_demo_%d=%s" % (other.port, value)}),
                                (srv, {"Authorization": "Bearer " + value}),
                                (srv, {"Cookie": "%s=%s" % (name, TOKEN)}),
