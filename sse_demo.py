@@ -6940,6 +6940,16 @@ def _access_token(args):
     return None, False
 
 
+def _add_key_options(parser, option, variable, what):
+    """`option KEY`, or `option-file FILE` (its first line), not both; the
+    environment variable `variable` serves too (see _given_secret)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(option, metavar="KEY", help="%s (every user sees it in ps: prefer "
+                       "%s-file or %s)" % (what, option, variable))
+    group.add_argument(option + "-file", metavar="FILE",
+                       help="%s from this file's first line" % option)
+
+
 def _build_parser():
     p = argparse.ArgumentParser(
         prog="sse_demo.py",
@@ -6989,13 +6999,9 @@ def _build_parser():
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
-    grip_key = p.add_mutually_exclusive_group()
-    grip_key.add_argument("--grip-key", metavar="KEY",
-                          help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
-                               "to come through Pushpin (visible in ps: prefer the next two)")
-    grip_key.add_argument("--grip-key-file", metavar="FILE",
-                          help="--grip-key from this file's first line (also: "
-                               "SSE_DEMO_GRIP_KEY)")
+    _add_key_options(p, "--grip-key", "SSE_DEMO_GRIP_KEY",
+                     "Pushpin's sig_key: verify the Grip-Sig of requests that claim to come "
+                     "through Pushpin")
     p.add_argument("--state-dir", metavar="DIR",
                    help="also journal every event under DIR, and read the runs back after a "
                         "restart (a run the restart cut short ends with an error saying so)")
@@ -7015,13 +7021,8 @@ def _build_parser():
     p.add_argument("--notify", metavar="URL",
                    help="POST a JSON object to URL when a run ends (retried, never delaying "
                         "a run)")
-    notify_key = p.add_mutually_exclusive_group()
-    notify_key.add_argument("--notify-key", metavar="KEY",
-                            help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of "
-                                 "the body> (visible in ps: prefer the next two)")
-    notify_key.add_argument("--notify-key-file", metavar="FILE",
-                            help="--notify-key from this file's first line (also: "
-                                 "SSE_DEMO_NOTIFY_KEY)")
+    _add_key_options(p, "--notify-key", "SSE_DEMO_NOTIFY_KEY",
+                     "sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
     p.add_argument("--notify-format", choices=NOTIFY_FORMATS, default="json",
                    help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
                         "Mattermost's incoming webhooks (default %(default)s)")
