@@ -45,10 +45,10 @@ FAST = {"tick": 0, "update_every": 1}
 class Running:
     """A server serving in a thread; stop() ends both and checks it did."""
 
-    def __init__(self, port=0, **options):
+    def __init__(self, port=0, host="127.0.0.1", **options):
         options.setdefault("keepalive_s", 0.2)
         options.setdefault("request_timeout_s", 3.0)
-        self.server = sse_demo.make_server("127.0.0.1", port, **options)
+        self.server = sse_demo.make_server(host, port, **options)
         self.client_tls = None      # with certfile: a client context that trusts it
         if options.get("certfile"):
             self.client_tls = ssl.create_default_context(cafile=options["certfile"])

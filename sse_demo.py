@@ -111,6 +111,7 @@ import http.server
 import importlib
 import inspect
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -214,6 +215,16 @@ RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts",
 # `data:` line always suffices. One encoder for all: json.dumps() with options
 # builds a new encoder per call.
 json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _json_value(text):
+    """json.loads, where JSON nested too deeply for the parser (a
+    RecursionError, from about a thousand levels) is a ValueError like any
+    other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply")
 
 
 def _frame_event(event_id, name, data_json):
@@ -1296,10 +1307,15 @@ class _RunsFeed:
             self._wake.set()
 
     def forget(self, session):
-        """A run has expired: the panel drops it."""
+        """A run has expired: the panel drops it. Told only while a stream
+        follows the list: a page that follows it later reads GET /runs
+        first, so ids kept for nobody would only grow (a server no page
+        watches: CI, an API)."""
+        followed = self._is_followed(self.session)
         with self._lock:
             self._changed.pop(session.id, None)
-            self._gone.add(session.id)
+            if followed:
+                self._gone.add(session.id)
         self._wake.set()
 
     def stop(self):
@@ -2200,7 +2216,9 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
 
 
 def _grip_signature_valid(token, key):
-    """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired."""
+    """Check Pushpin's Grip-Sig: a JWT signed with HS256 that has not expired.
+    Its claims are read only once the signature holds: before, they are
+    anyone's."""
     try:
         if not token:
             return False
@@ -2208,10 +2226,12 @@ def _grip_signature_valid(token, key):
         expected = hmac.new(key.encode(), (header + "." + claims).encode(),
                             hashlib.sha256).digest()
         given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-        data = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
-    except (ValueError, TypeError):
+        if not hmac.compare_digest(expected, given):
+            return False
+        data = _json_value(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+        return float(data.get("exp", 0)) > time.time()
+    except (ValueError, TypeError, AttributeError):
         return False
-    return hmac.compare_digest(expected, given) and float(data.get("exp", 0)) > time.time()
 
 
 ###############################################################################
@@ -2719,24 +2739,53 @@ def _parse_command(template):
 
 def _fill_command(argv, params):
     """The argv of one run: each placeholder replaced inside its own argument,
-    so a value can never add an argument or reach a shell. A string value
-    cannot start an argument with `-` (it would become an option)."""
+    so a value can never add an argument or reach a shell. An argument the
+    template does not start with `-` cannot start with one once filled (the
+    program would read it as an option): checked on the argument as it will
+    be passed, so neither `{a=x}{b=y}` with `a` empty nor a number (`-5`)
+    slips past."""
     filled = []
     for arg in argv:
+        given = []      # (name, text) of each placeholder in the argument, in order
+
         def replacement(match):
             text = match.group(0)
             if text in ("{{", "}}"):
                 return text[0]
             name = match.group(1).partition("=")[0]
             value = params[name]
-            if isinstance(value, str) and value.startswith("-") and match.start() == 0:
-                raise BadParam(name, "%s cannot start with '-' here: the program would read "
-                                     "it as an option" % name)
             if "\0" in str(value):
                 raise BadParam(name, "%s cannot hold a NUL character" % name)
-            return json.dumps(value) if isinstance(value, bool) else str(value)
+            given.append((name, json.dumps(value) if isinstance(value, bool) else str(value)))
+            return given[-1][1]
         filled.append(PLACEHOLDER.sub(replacement, arg))
+        if filled[-1].startswith("-") and not arg.startswith("-"):
+            name = next(name for name, text in given if text)
+            raise BadParam(name, "%s cannot start with '-' here: the program would read it "
+                                 "as an option" % name)
     return filled
+
+
+SCRIPT_RUNNERS = re.compile(r"(ba|da|z|k|mk|a|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*")
+
+
+def _script_placeholder(argv):
+    """The first placeholder inside the script that the template's shell (or
+    Python) runs with -c, or None: there a value is code that runs, not data.
+    Reads the options before the script as `bash -euo pipefail -c` has them."""
+    if not SCRIPT_RUNNERS.fullmatch(os.path.basename(argv[0])):
+        return None
+    args = iter(argv[1:])
+    for arg in args:
+        if not re.fullmatch(r"[-+][A-Za-z]+", arg):
+            return None                   # a script file (or --): no -c
+        if arg[-1] in "oOW":
+            next(args, None)              # its argument: -o pipefail, -W error
+        elif arg[0] == "-" and "c" in arg:
+            names = [m.group(1).partition("=")[0]
+                     for m in PLACEHOLDER.finditer(next(args, "")) if m.group(1)]
+            return names[0] if names else None
+    return None
 
 
 INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
@@ -2774,6 +2823,8 @@ for group in groups:
 
 
 HARD_KILL = getattr(signal, "SIGKILL", signal.SIGTERM)   # Windows has no SIGKILL
+PROCESS_MARK = "SSE_DEMO_RUN_MARK"   # a random value in a program's environment (see
+                                     # _end_leftover_group)
 
 
 def _kill_group(pid, signum):
@@ -3615,10 +3666,12 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
     events, stop it on cancel, and end the run with exactly one terminal
     event from its exit status, which it returns (None when it did not
     start). `session` may stand in for one (`sse_demo.py report`)."""
+    mark = secrets.token_urlsafe(TOKEN_BYTES)     # proves after a crash that we started it
     try:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=hasattr(os, "killpg"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **{PROCESS_MARK: mark}),
+            start_new_session=hasattr(os, "killpg"))
     except FileNotFoundError:
         return _end_run(session, "error", {"message": "program not found: %s" % command[0]})
     except OSError as exc:
@@ -3630,7 +3683,7 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
                                 name="output-%d" % process.pid)
                for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
     try:
-        session.note_process(_process_identity(process.pid))
+        session.note_process(dict(_process_identity(process.pid), mark=mark))
         for reader in readers:
             reader.start()
     except Exception as exc:    # a reader thread that cannot start: nothing may be left
@@ -3674,6 +3727,12 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
     if shutil.which(argv[0]) is None:
         raise ValueError("--cmd: program not found: %s (not a file, or not executable, or "
                          "not on PATH)" % argv[0])
+    in_script = _script_placeholder(argv)
+    if in_script:
+        log.warning("warning: --cmd puts {%s} inside the script that %s runs with -c, where "
+                    "a run's value is code that runs: pass it as an argument instead (%s -c "
+                    "'... \"$1\" ...' %s {%s=...})", in_script, argv[0], argv[0], argv[0],
+                    in_script)
     params = {name: _Param(name, default) for name, default in defaults.items()}
     processes = _CommandGroups()
 
@@ -3691,14 +3750,22 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
 
 def _end_leftover_group(identity):
     """After a crash: kill the process group of a run's program if its
-    leader still runs and is the same process (start time and boot match,
-    so not a pid the system gave to another). True if it did."""
+    leader still runs and is provably the one the server started: the same
+    pid, start time and boot, and the random mark the server gave it in its
+    environment, which /proc/<pid>/environ shows only to its own user and
+    root. The rest any process can read of any other, so without the mark a
+    journal planted in the state directory, or a pid recycled after a
+    reboot, could name an unrelated group. True if it killed it."""
     if not isinstance(identity, dict) or "start" not in identity or not hasattr(os, "killpg"):
         return False
-    pid = identity.get("pid")
-    if not isinstance(pid, int) or pid <= 1 or _process_identity(pid) != identity:
+    pid, mark = identity.get("pid"), identity.get("mark")
+    if not isinstance(pid, int) or pid <= 1 or not isinstance(mark, str) or \
+            dict(_process_identity(pid), mark=mark) != identity:
         return False
     try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            if ("%s=%s" % (PROCESS_MARK, mark)).encode() not in f.read().split(b"\0"):
+                return False
         if os.getpgid(pid) != pid:
             return False
         os.killpg(pid, HARD_KILL)
@@ -3857,6 +3924,7 @@ class _Journal:
         self.dropped = 0
         self.waiting_bytes = 0              # the events' bytes in _items
         self.error = None                   # the disk's last complaint, while it lasts
+        self._turn_failed = False           # something failed in this turn of writes
         self._stopping = False
         self._thread = None
         self._supervisor = None
@@ -4012,7 +4080,6 @@ class _Journal:
                 else:
                     self._delete(session.id)
                 touched.add(session.id)
-                self._healthy()
             except OSError as exc:
                 self._failed(exc)
             except Exception:
@@ -4026,6 +4093,9 @@ class _Journal:
             written.set()
         for name in ended:
             self._close(name)
+        if touched and not self._turn_failed:
+            self._healthy()       # only a turn that reached the disk whole says so
+        self._turn_failed = False
 
     def _file(self, name):
         entry = self._files.get(name)
@@ -4085,6 +4155,10 @@ class _Journal:
         _delete_journal(self.directory, name)
 
     def _failed(self, exc):
+        """The disk refused: said once per outage (an outage fails every
+        turn, and a write into the file's buffer may pass where its flush
+        then fails)."""
+        self._turn_failed = True
         if self.error is None:
             log.error("cannot write the journal in %s (%s); serving from memory",
                       self.directory, exc.strerror or exc)
@@ -4178,7 +4252,7 @@ def _read_series_line(line):
     """The series written after a terminal event, or None (a journal of an
     older version, or one cut short there: the events rebuilt it)."""
     try:
-        state = json.loads(line.decode("utf-8"))["series"]
+        state = _json_value(line.decode("utf-8"))["series"]
         _Series.from_state(state)
         return state
     except (ValueError, KeyError, TypeError):
@@ -4190,7 +4264,7 @@ def _read_history_line(line, events):
     `events` (the last ones read, the terminal one last) in id order. A
     line cut short adds nothing: the run keeps the events its file has."""
     try:
-        held = [(e["id"], e["event"], e["data"]) for e in json.loads(line.decode())["history"]]
+        held = [(e["id"], e["event"], e["data"]) for e in _json_value(line.decode())["history"]]
         if not all(type(i) is int and name == "progress" and isinstance(data, dict)
                    for i, name, data in held):
             return events
@@ -4205,7 +4279,7 @@ def _read_history_line(line, events):
 
 def _read_journal_header(line):
     try:
-        header = json.loads(line.decode("utf-8"))
+        header = _json_value(line.decode("utf-8"))
     except ValueError:
         raise ValueError("its first line is not a journal header")
     if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
@@ -4255,7 +4329,7 @@ def _read_journal(path, session_id):
             try:
                 if not line.endswith(b"\n"):
                     raise ValueError("cut short")
-                record = json.loads(line.decode("utf-8"))
+                record = _json_value(line.decode("utf-8"))
                 note = next(iter(record), None) if isinstance(record, dict) and \
                     len(record) == 1 else None
                 if note in NOTES and NOTES[note](record[note]):
@@ -4390,10 +4464,21 @@ def _session_read_back(header, events, path, on_publish):
 # Notifications: a POST to --notify URL when a run ends
 ###############################################################################
 
-NOTIFY_TIMEOUT_S = 10.0            # one delivery gives up
+NOTIFY_TIMEOUT_S = 10.0            # one delivery, whole, gives up
 NOTIFY_RETRIES_S = (1.0, 5.0, 30.0)   # waits before the 2nd, 3rd and 4th attempt
 NOTIFY_QUEUE_LIMIT = 1000          # notifications waiting; past it, new ones are dropped
 NOTIFY_FORMATS = ("json", "slack")
+
+
+def _shut_down(conn):
+    """Shut an HTTP connection's socket from another thread: a read blocked
+    on it ends at once. (socket.socket's own shutdown: an SSLSocket's would
+    also drop its TLS state under the reading thread.)"""
+    if conn.sock is not None:
+        try:
+            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass       # already closed
 
 
 def _notify_text(body):
@@ -4422,8 +4507,10 @@ class _Notifier:
     shape Slack's and Mattermost's incoming webhooks take."""
 
     def __init__(self, url, key=None, body_format="json"):
-        self.url = url
-        self._parts = self.check_url(url)
+        self._parts = parts = self.check_url(url)
+        # For the log: without user:password@ and the query, either of
+        # which may hold the receiver's secret.
+        self.shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path)
         self.key = key
         self.body_format = body_format
         self._lock = threading.Lock()        # guards _due
@@ -4507,7 +4594,7 @@ class _Notifier:
             else:
                 self.delivered += 1
                 if self._failing:
-                    log.warning("--notify: %s answers again", self.url)
+                    log.warning("--notify: %s answers again", self.shown)
                     self._failing = False
 
     def _deliver(self, body):
@@ -4520,12 +4607,20 @@ class _Notifier:
         if self.key:
             headers["X-SSE-Demo-Signature"] = "sha256=" + hmac.new(
                 self.key.encode(), body, hashlib.sha256).hexdigest()
+        # The timeout bounds each wait for a byte; a receiver that trickles
+        # its answer would hold this, the only notifier thread, for ever.
+        # So the socket is shut at NOTIFY_TIMEOUT_S, which ends any read.
+        watchdog = threading.Timer(NOTIFY_TIMEOUT_S, _shut_down, (conn,))
+        watchdog.daemon, watchdog.name = True, "notifier-watchdog"
+        watchdog.start()
         try:
             conn.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
                          body=body, headers=headers)
             response = conn.getresponse()
             response.read()
         finally:
+            watchdog.cancel()
+            watchdog.join()       # it does not shut a socket that close() gave back
             conn.close()
         if not 200 <= response.status < 300:
             raise OSError("it answered %d" % response.status)
@@ -4533,7 +4628,7 @@ class _Notifier:
     def _retry(self, attempt, body, exc):
         if not self._failing:
             log.warning("--notify: %s failed (%s); retrying, and logging nothing more until "
-                        "it answers", self.url, exc)
+                        "it answers", self.shown, exc)
             self._failing = True
         if attempt > len(NOTIFY_RETRIES_S) or self._stopping:
             self.failed += 1
@@ -4680,63 +4775,112 @@ def _is_ip_literal(name):
 # Access: the operator's token and view keys, when others can reach the server
 ###############################################################################
 
-TOKEN_COOKIE = "sse_demo_token"
+TOKEN_COOKIE = "sse_demo_%d"       # the sign-in cookie, named after the server's port: a
+                                   # browser sends a host's cookies to every port of it
+TOKEN_MIN_BITS = 128               # a given token must be able to hold this much (_check_token)
+TOKEN_CHARACTERS = ((r"[a-z]", 26), (r"[A-Z]", 26), (r"[0-9]", 10), (r"[^A-Za-z0-9]", 33))
+OPERATOR_TOKEN_BYTES = 32          # a token the server makes: 256 bits, 43 characters
 FAILURES_ALLOWED = 10              # failed credentials from one address within a minute;
-FAILURE_WINDOW_S = 60.0            # past that, it gets 429 for LOCKOUT_S whatever it sends
-LOCKOUT_S = 60.0
-SECRET_IN_URL = re.compile(r"\b(token|view|feed)=[^&\s\"]*")
+FAILURE_WINDOW_S = 60.0            # from the next on, it gets 429 for LOCKOUT_S, unless it
+LOCKOUT_S = 60.0                   # carries a right credential
+ADDRESSES_KEPT = 10000             # past this many, the lock-out forgets quiet addresses
+SECRET_NAMES = ("token", "view", "feed")   # query parameters that carry a credential
+QUERY = re.compile(r"(?<=\?)[^\s\"]*")    # a logged request target's query
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
 
 
+def _check_token(token):
+    """Refuse a token too short to hold TOKEN_MIN_BITS: its length times
+    the bits of one character of the classes it uses (a-z, A-Z, 0-9, the
+    rest of printable ASCII). How it was made the server cannot know; this
+    refuses what cannot be strong. Raises ValueError."""
+    pool = sum(size for pattern, size in TOKEN_CHARACTERS if re.search(pattern, token))
+    bits = len(token) * math.log2(max(pool, 1))
+    if bits < TOKEN_MIN_BITS:
+        raise ValueError("the token is too weak: %d characters like these hold at most %d "
+                         "bits, and a token needs %d; make one with python3 -c 'import "
+                         "secrets; print(secrets.token_urlsafe())'"
+                         % (len(token), bits, TOKEN_MIN_BITS))
+
+
 class _Access:
     """The operator's token and a lock-out for addresses that keep failing.
     The token arrives as `Authorization: Bearer <token>` (scripts) or as the
-    cookie that `GET /?token=` sets (browsers); it is compared in constant
-    time and never logged."""
+    sign-in cookie that `GET /?token=` sets (browsers); it is compared in
+    constant time and never logged.
 
-    def __init__(self, token):
+    The cookie is not the token: a browser sends a host's cookies to every
+    port of it. It is an HMAC of the token under the cookie's name (which
+    holds the port): only this server takes it, and it cannot be turned
+    back into the token or used as one.
+
+    The lock-out never refuses a right credential: anyone who shares the
+    operator's address (loopback, a proxy, an SSH tunnel) could otherwise
+    keep the operator out with eleven requests a minute. So a locked-out
+    guesser still learns which guess is right, and what makes guessing
+    hopeless is the token's strength (at least TOKEN_MIN_BITS, checked at
+    start; the server's own has 256): at a million guesses a second, 2**128
+    takes 10**25 years. The lock-out answers the rest of a failing
+    address's requests cheaply, with one warning in the log."""
+
+    def __init__(self, token, port):
+        _check_token(token)
         self.token = token
+        self.cookie_name = TOKEN_COOKIE % port
+        mac = hmac.new(token.encode(), self.cookie_name.encode(), hashlib.sha256).digest()
+        self.cookie = base64.urlsafe_b64encode(mac).decode().rstrip("=")
         self._lock = threading.Lock()    # guards _failures, _locked
         self._failures = {}              # address -> deque of monotonic failure times
         self._locked = {}                # address -> monotonic time its lock-out ends
 
-    def holds_token(self, value):
+    def holds_token(self, value, cookie=False):
+        """Is `value` the token (with `cookie`: the sign-in cookie)?"""
+        secret = self.cookie if cookie else self.token
         return value is not None and hmac.compare_digest(value.encode("utf-8", "replace"),
-                                                         self.token.encode())
+                                                         secret.encode())
 
     def locked_out(self, address):
         with self._lock:
-            until = self._locked.get(address)
-            if until is not None and until <= time.monotonic():
-                del self._locked[address]
-                until = None
-            return until is not None
+            return self._locked.get(address, 0.0) > time.monotonic()
 
     def failed(self, address):
-        """Count a wrong or missing credential; lock the address out past
-        FAILURES_ALLOWED within FAILURE_WINDOW_S."""
+        """Count a wrong or missing credential from `address`. True when the
+        address is locked out: from its FAILURES_ALLOWED + 1st failure within
+        FAILURE_WINDOW_S on, for LOCKOUT_S (meanwhile nothing more counts)."""
         now = time.monotonic()
         with self._lock:
+            if self._locked.get(address, 0.0) > now:
+                return True
             recent = self._failures.setdefault(address, collections.deque())
             recent.append(now)
-            while recent and recent[0] <= now - FAILURE_WINDOW_S:
+            while recent[0] <= now - FAILURE_WINDOW_S:
                 recent.popleft()
-            if len(recent) > FAILURES_ALLOWED:
+            locked = len(recent) > FAILURES_ALLOWED
+            if locked:
                 self._locked[address] = now + LOCKOUT_S
-                log.warning("%s: %d failed credentials within a minute; locked out for %d s",
-                            address, len(recent), LOCKOUT_S)
                 del self._failures[address]
-            if len(self._failures) > 10000:      # bounded: forget quiet addresses
-                for quiet in [a for a, times in self._failures.items()
-                              if times[-1] <= now - FAILURE_WINDOW_S]:
-                    del self._failures[quiet]
+            if len(self._failures) + len(self._locked) > ADDRESSES_KEPT:   # forget quiet ones
+                self._failures = {a: times for a, times in self._failures.items()
+                                  if times[-1] > now - FAILURE_WINDOW_S}
+                self._locked = {a: until for a, until in self._locked.items() if until > now}
+        if locked:      # the log's I/O after the lock, which every request may need
+            log.warning("%s: %d failed credentials within a minute; only a right one is "
+                        "taken from it for %d s", address, FAILURES_ALLOWED + 1, LOCKOUT_S)
+        return locked
 
 
 def _without_secrets(text):
-    """A request line fit for a log: `token=` and `view=` values as ***."""
-    return SECRET_IN_URL.sub(r"\1=***", text)
+    """A request line fit for a log: the value of each query parameter whose
+    name, decoded as the server decodes it (`%74oken` is `token`), is a
+    credential's shows as ***."""
+    def masked(pair):
+        name, equals, _ = pair.partition("=")
+        secret = equals and urllib.parse.unquote_plus(name).strip().lower() in SECRET_NAMES
+        return name + "=***" if secret else pair
+    return QUERY.sub(lambda query: "".join(map(masked, re.split(r"([&;])", query.group()))),
+                     text)
 
 
 def _cookie_value(header, name):
@@ -4746,6 +4890,17 @@ def _cookie_value(header, name):
         if equals and key == name:
             return value
     return None
+
+
+def _normal_ip(text):
+    """An IP address in one spelling, an IPv4-mapped IPv6 address as its IPv4
+    (a dual-stack socket sees 127.0.0.1 as ::ffff:127.0.0.1); None when
+    `text` is not one."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return str(getattr(address, "ipv4_mapped", None) or address)
 
 
 def _public_host(address):
@@ -4777,12 +4932,11 @@ REPORT_PATH = re.compile(r"/runs/(%s)/events" % SESSION_ID_PATTERN)
 
 
 def _json_body(body, error):
-    """A request body as JSON; raises error("body", reason) when it is not
-    (100,000 nested brackets are not: the parser's RecursionError)."""
+    """A request body as JSON; raises error("body", reason) when it is not."""
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error("body", "not valid JSON: %s" % _describe_exception(exc))
+        return _json_value(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise error("body", "not valid JSON: %s" % exc)
 
 
 class _BadReport(ValueError):
@@ -5322,27 +5476,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "--allow-host to serve it" % _host_name(hosts[0]))
 
     def check_access(self, path, query):
-        """With a token: every path but /healthz needs the operator's
-        credential (a /cancel also takes the run's control key, checked by
-        route_cancel). GET /?token= signs a browser in. True when this
+        """With a token: every path but /healthz needs a credential: the
+        operator's, a view key where it reaches, Pushpin's feed key; a
+        /cancel or a report may carry its run's own key, which its route
+        checks. GET /?token= signs a browser in. A right credential is
+        served even from a locked-out address (see _Access). True when this
         answered the request itself."""
         access = self.server.access
         if access is None or path == "/healthz":    # counts only: open even when locked out
             return False
-        address = self.client_ip()
-        if access.locked_out(address):
-            raise _HTTPError(429, "too many failed credentials from this address; try again "
-                             "in a minute", {"Retry-After": str(int(LOCKOUT_S))})
         given = _parse_query(query)
-        offered = given.get("token") if path == "/" else None
-        if offered is not None and self.command in ("GET", "HEAD"):
-            if access.holds_token(offered):
-                self.sign_in()
-                return True
-            access.failed(address)
-            self.send_sign_in_page()
+        page = path == "/" and self.command in ("GET", "HEAD")
+        offered = given.get("token") or None if page else None    # ?token= is none
+        if offered is not None and access.holds_token(offered):
+            self.sign_in()
             return True
-        if self.is_operator():
+        if offered is None and self.is_operator():
             return False
         if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
                 self.headers.get("Authorization"):
@@ -5354,13 +5503,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
                 feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
             return False      # Pushpin's own request for the runs list it holds
-        access.failed(address)
-        if path == "/" and self.command in ("GET", "HEAD"):
-            self.send_sign_in_page()
+        # The page, or the job it loads first, asked for with no credential
+        # at all: how a sign-in begins, not a guess, so not counted.
+        quiet = path in VIEWER_PAGES and self.command in ("GET", "HEAD") and not (
+            offered or view_key or self.headers.get("Authorization") or self.cookie())
+        address = self.client_ip()
+        locked = access.locked_out(address) if quiet else access.failed(address)
+        if page:
+            self.send_sign_in_page(429 if locked else 401)
             return True
-        raise _HTTPError(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
-                         "or open /?token=<token> in a browser",
-                         {"WWW-Authenticate": 'Bearer realm="sse_demo"'})
+        self.refuse(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
+                    "or open /?token=<token> in a browser",
+                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
+
+    def refuse(self, status, message, headers=None, locked=None):
+        """Refuse a wrong or missing credential: 429 while the client's
+        address is locked out (`locked`; None: count this failure first)."""
+        if locked is None:
+            access = self.server.access
+            locked = access is not None and access.failed(self.client_ip())
+        if locked:
+            raise _HTTPError(429, "too many failed credentials from this address: for a "
+                             "minute only a right one is taken",
+                             {"Retry-After": str(int(LOCKOUT_S))})
+        raise _HTTPError(status, message, headers)
 
     def viewer_admitted(self, path, key):
         """A view key lets its holder watch its own run and load the page:
@@ -5388,17 +5554,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         if access.holds_token(_bearer_credential(self.headers.get("Authorization"))):
             return True
-        return access.holds_token(_cookie_value(self.headers.get("Cookie"), TOKEN_COOKIE))
+        return access.holds_token(self.cookie(), cookie=True)
+
+    def cookie(self):
+        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
+        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
+        return _cookie_value("; ".join(self.headers.get_all("Cookie") or []),
+                             self.server.access.cookie_name)
 
     def sign_in(self):
-        """The token was right: set the cookie and send the browser to the
-        page (/, or behind a proxy under a path, that path), so the token
-        leaves the address bar and the history."""
+        """The token was right: set the sign-in cookie (see _Access) for the
+        path the server is served under (/, or behind a proxy, its path), and
+        send the browser to the page there, so the token leaves the address
+        bar and the history. `Secure` under TLS, ours or a proxy's."""
+        prefix, access = self.forwarded_prefix(), self.server.access
+        secure = self.server.tls or \
+            (self.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
         self.send_body(303, b"", None, {
-            "Location": self.forwarded_prefix() + "/", "Cache-Control": "no-store",
-            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=/%s"
-                          % (TOKEN_COOKIE, self.server.access.token,
-                             "; Secure" if self.server.tls else "")})
+            "Location": prefix + "/", "Cache-Control": "no-store",
+            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
+                          % (access.cookie_name, access.cookie, prefix or "/",
+                             "; Secure" if secure else "")})
 
     def forwarded_prefix(self):
         """The path a reverse proxy serves this server under, from its
@@ -5408,11 +5584,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         prefix = (self.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
         return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
 
-    def send_sign_in_page(self):
-        """401 with the page: it finds /job refused and offers a sign-in form."""
-        self.send_body(401, self.server.page or b"sign in", "text/html; charset=utf-8", {
-            "Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-store",
-            "WWW-Authenticate": 'Bearer realm="sse_demo"'})
+    def send_sign_in_page(self, status):
+        """The page, 401 (it finds /job refused and offers a sign-in form) or
+        429 while the address is locked out (it says so)."""
+        self.send_body(status, self.server.page or b"sign in", "text/html; charset=utf-8", dict(
+            {"Content-Security-Policy": self.server.page_csp, "Cache-Control": "no-store"},
+            **({"Retry-After": str(int(LOCKOUT_S))} if status == 429
+               else {"WWW-Authenticate": 'Bearer realm="sse_demo"'})))
 
     def check_origin(self):
         """Cross-site request protection: a browser names the page that sent a
@@ -5475,7 +5653,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if ctype == "application/json":
             try:
-                data = json.loads(body.decode("utf-8"))
+                data = _json_value(body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise _HTTPError(400, "the body is not valid JSON: %s" % exc)
             if not isinstance(data, dict):
@@ -5564,8 +5742,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         verifies), the address that proxy put last in X-Forwarded-For.
         Anyone else's X-Forwarded-For is ignored: a client cannot pick the
         address its failures count against."""
-        peer = self.client_address[0]
-        forwarded = (self.headers.get("X-Forwarded-For") or "").split(",")[-1].strip()
+        peer = _normal_ip(self.client_address[0]) or self.client_address[0]
+        # Several header lines are one list, in order (RFC 9110, section 5.3):
+        # a proxy that adds a line of its own (HAProxy) adds it last.
+        forwarded = _normal_ip(
+            ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")[-1])
         if forwarded and (peer in self.server.trusted_proxies or (
                 self.server.grip_key and "Grip-Sig" in self.headers
                 and _grip_signature_valid(self.headers["Grip-Sig"], self.server.grip_key))):
@@ -5588,11 +5769,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if session is not None and holds_key(session, _bearer_credential(
                 self.headers.get("Authorization"))):
             return session
-        if self.server.access is not None and not self.is_operator():
-            self.server.access.failed(self.client_ip())
         if session is None:
-            raise _HTTPError(404, "unknown session (it may have expired)")
-        raise _HTTPError(403, refusal)
+            status, refusal = 404, "unknown session (it may have expired)"
+        else:
+            status = 403
+        if self.is_operator():
+            raise _HTTPError(status, refusal)
+        self.refuse(status, refusal)
 
     def route_cancel(self, query, session_id):
         session = self.run_for_key(session_id, lambda run, key: run.holds_control_key(key)
@@ -5834,6 +6017,19 @@ WATCH_READ_TIMEOUT_S = 30.0        # no byte (not even a keepalive) this long: r
 WATCH_RETRY_MAX_S = 10.0           # reconnection back-off, from 0.5 s doubling to this
 WATCH_GIVE_UP_S = 300.0            # unreachable this long in a row: exit 2
 BAR_WIDTH = 20
+# What a run may write to the watcher's terminal: SGR colours (ESC [ ... m,
+# what the page shows too). Every other control character, escape sequence
+# (OSC 52 sets the clipboard, OSC 0 the title, OSC 8 makes links, DCS asks
+# the terminal to answer) and C1 control (\x9b is an 8-bit CSI) is shown
+# escaped.
+TERMINAL_CONTROL = re.compile(r"(\x1b\[[0-9;:]*m)|[\x00-\x1f\x7f-\x9f]")
+
+
+def _terminal_text(text, keep="\n\t"):
+    """`text` safe to write to a terminal: SGR colours and `keep` pass, any
+    other control character is shown as \\xNN."""
+    return TERMINAL_CONTROL.sub(lambda m: m.group(1) or (
+        m.group() if m.group() in keep else "\\x%02x" % ord(m.group())), text)
 
 
 class _WatchError(Exception):
@@ -5897,7 +6093,7 @@ class _RunAddress:
         finally:
             conn.close()
         try:
-            return response.status, json.loads(raw.decode("utf-8"))
+            return response.status, _json_value(raw.decode("utf-8"))
         except ValueError:
             return response.status, None
 
@@ -6024,11 +6220,11 @@ class _ProgressLine:
 
     def log(self, text):
         self._clear()
-        self.out.write(text + "\n")
+        self.out.write(_terminal_text(text) + "\n")
         self._redraw()
 
     def progress(self, data):
-        line = _progress_text(data, self.labels, self.unicode)
+        line = _terminal_text(_progress_text(data, self.labels, self.unicode), keep="")
         if self.terminal:
             self.shown = line
             self._redraw()
@@ -6044,7 +6240,7 @@ class _ProgressLine:
     def end(self, text):
         self._clear()
         self.shown = ""
-        self.out.write(text + "\n")
+        self.out.write(_terminal_text(text) + "\n")
         self.out.flush()
 
     def _clear(self):
@@ -6077,7 +6273,7 @@ def _follow_stream(address, last_id):
             raise ConnectionError("the server answered %d" % response.status)
         for name, event_id, data in _read_sse(response):
             try:
-                fields = json.loads(data)
+                fields = _json_value(data)
             except ValueError:
                 fields = {}
             yield name, event_id, fields if isinstance(fields, dict) else {}
@@ -6123,7 +6319,7 @@ def _watch_run(address, out=sys.stdout, is_terminal=None):
     job = job if isinstance(job, dict) else {}
     labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
               if isinstance(f, dict) and "name" in f}
-    out.write("%s · run %s\n" % (job.get("title", "sse_demo"), address.run))
+    out.write(_terminal_text("%s · run %s\n" % (job.get("title", "sse_demo"), address.run)))
     screen = _ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
     last_id, delay, failing_since = None, 0.5, None
     while True:
@@ -6164,10 +6360,11 @@ def _start_remote(address, params, out=sys.stdout):
         reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
         raise _WatchError("the server did not start the run: %s" % reason)
     run = answer["session_id"]
-    out.write("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X POST -H "
-              "'Authorization: Bearer %s' %s/cancel/%s\n" % (
-                  run, address.base, "?view=" + answer["view_key"] if address.token else "",
-                  run, answer["control_key"], address.base, run))
+    out.write(_terminal_text("started run %s\n  watch:  %s/%s#session=%s\n  cancel: curl -X "
+                             "POST -H 'Authorization: Bearer %s' %s/cancel/%s\n" % (
+                                 run, address.base, "?view=" + answer["view_key"]
+                                 if address.token else "", run, answer["control_key"],
+                                 address.base, run)))
     out.flush()
     return run
 
@@ -6199,7 +6396,7 @@ def _client_main(argv):
                 return 0
         return _watch_run(address)
     except _WatchError as exc:
-        sys.stderr.write("error: %s\n" % exc)
+        sys.stderr.write("error: %s\n" % _terminal_text(str(exc)))
         return 2
     except KeyboardInterrupt:
         sys.stdout.write("\nstopped watching; the run goes on on the server\n")
@@ -7028,10 +7225,12 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
-        self.access = _Access(token) if token else None
+        self.access = _Access(token, self.server_address[1]) if token else None
         self.grip = _GripPublisher(grip) if grip else None
         self.grip_key = grip_key
-        self.trusted_proxies = frozenset(trusted_proxies)
+        self.trusted_proxies = frozenset(map(_normal_ip, trusted_proxies))
+        if None in self.trusted_proxies:
+            raise ValueError("a trusted proxy is an IP address: %r" % (trusted_proxies,))
         self.base_path = base_path.rstrip("/")   # where a proxy serves it, if it cannot say
         if self.hub.max_streams < max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
@@ -7363,11 +7562,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         failure = self.hub.failure()
         if failure is not None:
             stopped.setdefault("stream writer", failure)
-        health = {"ok": not stopped, "sessions": sessions, "running": running,
+        problems = ["the %s has stopped: %s" % item for item in sorted(stopped.items())]
+        if self.journal and self.journal.error is not None:
+            problems.append("the journal cannot write: " + self.journal.error)
+        health = {"ok": not problems, "sessions": sessions, "running": running,
                   "queued": queued, "streams": self.hub.streams}
-        if stopped:
-            health["error"] = "; ".join("the %s has stopped: %s" % item
-                                        for item in sorted(stopped.items()))
+        if problems:
+            health["error"] = "; ".join(problems)
         if self.grip:
             health["grip"] = self.grip.stats()
         if self.journal:
@@ -7486,9 +7687,12 @@ def _is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
-def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
+def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, show_token=False, **options):
     """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
-    Returns the exit status."""
+    With a token, it prints a sign-in URL, with the token in it only when
+    `show_token` (the command line made it: one given in a file or the
+    environment stays out of the terminal and its scroll-back). Returns the
+    exit status."""
     _raise_open_file_limit()
     try:
         server = make_server(host, port, job=job, **options)
@@ -7508,7 +7712,9 @@ def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     requested, restore = _install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     if server.access is not None:
-        print("Sign in: %s?token=%s" % (server.url, server.access.token), flush=True)
+        print("Sign in: %s?token=%s" % (server.url, server.access.token) if show_token
+              else "Sign in: %s with the token you gave (it is not printed)" % server.url,
+              flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
@@ -7546,26 +7752,50 @@ def _load_job(spec):
         raise ValueError("%s: %s" % (spec, exc))
 
 
+def _given_secret(path, variable, option, what):
+    """A secret from the file `path`'s first line (named `option` in errors),
+    else from the environment variable `variable`, else None: neither shows
+    in `ps` as an argument does. Raises ValueError for a file that cannot
+    be read or holds none."""
+    if not path:
+        return os.environ.get(variable, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+            if os.fstat(f.fileno()).st_mode & 0o077 and os.name == "posix":
+                log.warning("warning: %s %s can be read by other users (chmod 600 %s)",
+                            option, path, path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError("%s %s cannot be read: %s" % (option, path, exc))
+    if not secret:
+        raise ValueError("%s %s holds no %s on its first line" % (option, path, what))
+    return secret
+
+
 def _access_token(args):
-    """The operator's token: --token-file's first line, SSE_DEMO_TOKEN, or a
-    new one whenever others can reach the server (a non-loopback address,
-    or a proxy in front: --allow-host, --grip), unless --no-auth. Raises
-    ValueError for a token file that cannot be read or is empty."""
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError("--token-file %s cannot be read: %s" % (args.token_file, exc))
-        if not token:
-            raise ValueError("--token-file %s holds no token on its first line" % args.token_file)
-        return token
-    if os.environ.get("SSE_DEMO_TOKEN", "").strip():
-        return os.environ["SSE_DEMO_TOKEN"].strip()
+    """(the operator's token, whether the server made it): --token-file's
+    first line, SSE_DEMO_TOKEN, or a new one whenever others can reach the
+    server (a non-loopback address, or a proxy in front: --allow-host,
+    --grip), unless --no-auth; (None, False) without one. Raises ValueError
+    for a token file that cannot be read or is empty, or a weak token."""
+    token = _given_secret(args.token_file, "SSE_DEMO_TOKEN", "--token-file", "token")
+    if token:
+        _check_token(token)
+        return token, False
     reachable = not _is_loopback(args.host) or args.allow_host or args.grip
     if reachable and not args.no_auth:
-        return secrets.token_urlsafe(TOKEN_BYTES)
-    return None
+        return secrets.token_urlsafe(OPERATOR_TOKEN_BYTES), True
+    return None, False
+
+
+def _add_key_options(parser, option, variable, what):
+    """`option KEY`, or `option-file FILE` (its first line), not both; the
+    environment variable `variable` serves too (see _given_secret)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(option, metavar="KEY", help="%s (every user sees it in ps: prefer "
+                       "%s-file or %s)" % (what, option, variable))
+    group.add_argument(option + "-file", metavar="FILE",
+                       help="%s from this file's first line" % option)
 
 
 def _build_parser():
@@ -7623,9 +7853,9 @@ def _build_parser():
     p.add_argument("--grip", metavar="URL",
                    help="publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it")
-    p.add_argument("--grip-key", metavar="KEY",
-                   help="Pushpin's sig_key: verify the Grip-Sig of requests that claim "
-                        "to come through Pushpin")
+    _add_key_options(p, "--grip-key", "SSE_DEMO_GRIP_KEY",
+                     "Pushpin's sig_key: verify the Grip-Sig of requests that claim to come "
+                     "through Pushpin")
     p.add_argument("--state-dir", metavar="DIR",
                    help="also journal every event under DIR, and read the runs back after a "
                         "restart (a run the restart cut short ends with an error saying so)")
@@ -7645,8 +7875,8 @@ def _build_parser():
     p.add_argument("--notify", metavar="URL",
                    help="POST a JSON object to URL when a run ends (retried, never delaying "
                         "a run)")
-    p.add_argument("--notify-key", metavar="KEY",
-                   help="sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
+    _add_key_options(p, "--notify-key", "SSE_DEMO_NOTIFY_KEY",
+                     "sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
     p.add_argument("--notify-format", choices=NOTIFY_FORMATS,
                    help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
                         "Mattermost's incoming webhooks (default json)")
@@ -7673,7 +7903,8 @@ def _parse_args(argv):
     """The command line, checked; exits 2 with the reason when it is wrong."""
     p = _build_parser()
     args = p.parse_args(argv)
-    for option, needs in (("notify_key", "notify"), ("notify_format", "notify"),
+    for option, needs in (("notify_key", "notify"), ("notify_key_file", "notify"),
+                          ("notify_format", "notify"),
                           ("kill_after", "cmd"), ("max_queue", "concurrency"),
                           ("grip_key", "grip")):
         if getattr(args, option) is not None and not getattr(args, needs):
@@ -7694,6 +7925,9 @@ def _parse_args(argv):
         p.error("--base-path must be a plain path such as /jobs")
     if args.keyfile and not args.certfile:
         p.error("--keyfile needs --certfile")
+    for address in args.trusted_proxy:
+        if _normal_ip(address) is None:
+            p.error("--trusted-proxy %s is not an IP address" % address)
     for name in ("max_sessions", "max_streams", "max_queue"):
         if getattr(args, name) < 1:
             p.error("--%s must be at least 1" % name.replace("_", "-"))
@@ -7729,7 +7963,11 @@ def main(argv=None):
             _Notifier.check_url(args.notify)
         if args.state_dir:
             _Journal.prepare(args.state_dir)
-        token = _access_token(args)
+        token, made = _access_token(args)
+        notify_key = args.notify_key or _given_secret(
+            args.notify_key_file, "SSE_DEMO_NOTIFY_KEY", "--notify-key-file", "key")
+        grip_key = args.grip_key or _given_secret(
+            args.grip_key_file, "SSE_DEMO_GRIP_KEY", "--grip-key-file", "key")
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
@@ -7747,13 +7985,13 @@ def main(argv=None):
     return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
                  max_sessions=args.max_sessions, max_streams=args.max_streams,
                  session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
-                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=args.grip_key,
+                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=grip_key,
                  trusted_proxies=args.trusted_proxy, base_path=args.base_path,
                  state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
                  certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
-                 max_queue=args.max_queue, notify=args.notify, notify_key=args.notify_key,
+                 max_queue=args.max_queue, notify=args.notify, notify_key=notify_key,
                  notify_format=args.notify_format, report_timeout_s=args.report_timeout,
-                 max_per_address=args.max_per_address)
+                 max_per_address=args.max_per_address, show_token=made)
 
 
 if __name__ == "__main__":
