@@ -205,6 +205,13 @@ TERMINAL_STATES = frozenset(("complete", "cancelled", "error"))   # event name =
 EVENT_NAMES = TERMINAL_STATES | {"queued", "progress", "log"}
 RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
                              "message", "level", "stream", "stage", "bars"))
+# How an `error` came, as data the page reads (not its English): a program's
+# `exit_code` or `signal`, and `reason: "interrupted"` when the server stopped.
+END_FIELDS = ("exit_code", "signal", "reason")
+# A run's pace as its program tells it: the rate's unit (batch/s) and its own
+# time left. A job may send them; they go with the rate and the time left.
+PACE_FIELDS = ("rate_unit", "eta_s")
+NOT_CHARTED = RESERVED_FIELDS.union(END_FIELDS, PACE_FIELDS)   # the rest are the job's fields
 
 
 ###############################################################################
@@ -322,10 +329,8 @@ RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of abou
 
 
 def _numeric_fields(data):
-    """The job's own numeric fields of an event: what the chart draws (not
-    an `error`'s exit_code: END_FIELDS say how a run ended)."""
-    return {name: value for name, value in data.items()
-            if name not in RESERVED_FIELDS and name not in END_FIELDS
+    """The job's own numeric fields of an event: what the chart draws."""
+    return {name: value for name, value in data.items() if name not in NOT_CHARTED
             and not isinstance(value, bool) and isinstance(value, (int, float))}
 
 
@@ -588,9 +593,6 @@ def _log_text_line(record):
 ###############################################################################
 
 EVENT_ONLY_FIELDS = ("elapsed_s", "ts", "message", "result")   # of one event, not of the run
-# How an `error` came, as data the page reads (not its English): a program's
-# `exit_code` or `signal`, and `reason: "interrupted"` when the server stopped.
-END_FIELDS = ("exit_code", "signal", "reason")
 
 
 def _lasting_fields(data):
@@ -929,6 +931,9 @@ def _end_run(session, name, extra):
     if name == "complete" and fields.get("total"):
         fields["iteration"] = fields["total"]
         fields["percent"] = 100.0
+        if isinstance(fields.get("bars"), list):     # every level is done, not one restarted
+            fields["bars"] = [dict(bar, done=bar["total"]) if bar.get("total") else bar
+                              for bar in fields["bars"]]
     fields.update(extra)
     try:
         session.publish(name, fields)
@@ -6152,35 +6157,6 @@ def _readable_seconds(seconds):
     return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
 
 
-def _progress_text(data, labels, fancy=True):
-    """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
-    `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
-    parts = []
-    percent = data.get("percent")
-    if isinstance(percent, (int, float)):
-        filled = BAR_WIDTH * min(100.0, max(0.0, percent)) / 100.0
-        if fancy:
-            bar = "█" * int(filled) + (" ▏▎▍▌▋▊▉"[int((filled % 1) * 8)] if filled < BAR_WIDTH else "")
-        else:
-            bar = "#" * int(filled)
-        parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
-    counts, named = _counts_text(data)
-    if counts:
-        parts.append(counts)
-    stage = data.get("stage")     # shown unless the counts' labels say it already
-    words = [stage] if isinstance(stage, str) and set(stage.split(" · ")) - named else []
-    for name, value in data.items():
-        if name not in RESERVED_FIELDS and isinstance(value, (int, float)) \
-                and not isinstance(value, bool) and len(words) < 5:
-            label, unit = labels.get(name, (name, None))
-            words.append("%s %s%s" % (label, _readable_number(value), " " + unit if unit else ""))
-    elapsed = data.get("elapsed_s")
-    if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
-        words.append("ETA " + _readable_seconds(elapsed * (100 - percent) / percent))
-    line = " ".join(parts) + "".join(" · " + word for word in words)
-    return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
-
-
 def _counts_text(data):
     """("Epochs 1/2 · Batches 18/20", {labels used}): each level's count
     under its own label (a nested run's `bars`, else `stage` and
@@ -6202,6 +6178,35 @@ def _counts_text(data):
             count = label + " " + count
         counts.append(count)
     return " · ".join(counts), labels
+
+
+def _progress_text(data, labels, fancy=True):
+    """" 45% |█████████▏          | 270/600 · Epoch 3/10 · DPS 10,523 · ETA 33 s";
+    `labels` is {field: (label, unit)} from GET /job; not `fancy`: ASCII only."""
+    parts = []
+    percent = data.get("percent")
+    if isinstance(percent, (int, float)):
+        filled = BAR_WIDTH * min(100.0, max(0.0, percent)) / 100.0
+        if fancy:
+            bar = "█" * int(filled) + (" ▏▎▍▌▋▊▉"[int((filled % 1) * 8)] if filled < BAR_WIDTH else "")
+        else:
+            bar = "#" * int(filled)
+        parts.append("%3d%% |%s|" % (percent, bar.ljust(BAR_WIDTH)[:BAR_WIDTH]))
+    counts, named = _counts_text(data)
+    if counts:
+        parts.append(counts)
+    stage = data.get("stage")     # shown unless the counts' labels say it already
+    words = [stage] if isinstance(stage, str) and set(stage.split(" · ")) - named else []
+    for name, value in data.items():
+        if name not in NOT_CHARTED and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and len(words) < 5:
+            label, unit = labels.get(name, (name, None))
+            words.append("%s %s%s" % (label, _readable_number(value), " " + unit if unit else ""))
+    elapsed = data.get("elapsed_s")
+    if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
+        words.append("ETA " + _readable_seconds(elapsed * (100 - percent) / percent))
+    line = " ".join(parts) + "".join(" · " + word for word in words)
+    return line if fancy else line.replace(" · ", " | ").encode("ascii", "replace").decode()
 
 
 class _ProgressLine:
