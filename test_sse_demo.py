@@ -5876,7 +5876,7 @@ def test_browser_runs_a_new_job_with_cards_chart_result_and_logs(browser, make, 
                               "p => p.getAttribute('stroke-dasharray'))")
     assert len(set(dashes)) == 2                                # told apart without colour
     lines = browser.log_lines(progress=True)
-    assert any(re.search(r"#1 info loading data$", line) for line in lines)
+    assert any(re.search(r"#2 info loading data$", line) for line in lines)
     assert any(re.search(r"#\d+ warning round 6 of beta run$", line) for line in lines)
     assert any(re.search(r"iteration 6/6 · best score 52.5 pts · loss 0.167$", line) for line in lines)
     assert browser.evaluate("document.title").startswith("Complete · Tune the model")
