@@ -102,6 +102,7 @@ import argparse
 import base64
 import codecs
 import collections
+import dataclasses
 import gc
 import hashlib
 import heapq
@@ -145,19 +146,10 @@ log = logging.getLogger("sse_demo")
 # Configuration
 ###############################################################################
 
-# The server-wide settings and the command line's defaults. A section's own
-# constants (the journal's, a --cmd program's output limits...) open that
-# section, next to the code they tune.
+# The tunables that are not options (the options, with their defaults, are
+# `Options`, by the server). A section's own constants (the journal's, a --cmd
+# program's output limits...) open that section, next to the code they tune.
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5000
-DEFAULT_KEEPALIVE_S = 1.0
-DEFAULT_MAX_SESSIONS = 1000        # running sessions; each holds one worker thread
-DEFAULT_MAX_STREAMS = 10000        # open streams; each holds one socket, no thread
-DEFAULT_MAX_PER_ADDRESS = 128      # connections one client address may have in request threads
-                                   # (being read or answered); see SSEServer.process_request
-DEFAULT_SESSION_TTL_S = 600.0      # an ended session is forgotten this long after its end
-DEFAULT_REQUEST_TIMEOUT_S = 10.0   # request line, headers and body must arrive within this
 STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
                                    # keepalive intervals is closed
 WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
@@ -192,7 +184,6 @@ GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
                                    # often: a stream whose tail was lost still ends soon
 
-DEFAULT_MAX_QUEUE = 1000           # runs waiting for a slot under --concurrency
 ESTIMATE_FROM_RUNS = 20            # a queued run's estimated start: the mean of these many
                                    # last completed runs
 TOKEN_BYTES = 16                   # session ids and control keys: 128 random bits
@@ -323,7 +314,6 @@ SERIES_BUCKETS = 4096              # buckets a run's series keeps; past it, pair
 SERIES_POINTS_DEFAULT = 1000       # GET /series?points=N: default, and its bounds
 SERIES_POINTS_MIN = 10
 SERIES_POINTS_MAX = 5000
-DEFAULT_MAX_RECORD_MB = 16.0       # a run's record in memory (--max-record-mb)
 RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
 RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of about this size
 
@@ -651,7 +641,7 @@ class _Session:
     """
 
     def __init__(self, session_id, title, params, on_publish, on_end,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
+                 record_bytes=16 * 2 ** 20, on_process=lambda session: None,
                  state="running", history_bytes=None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
@@ -966,7 +956,7 @@ class _Registry:
     sessions after their time to live, and cancels all on shutdown."""
 
     def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
-                 record_bytes=DEFAULT_MAX_RECORD_MB * 2 ** 20, on_process=lambda session: None,
+                 record_bytes=16 * 2 ** 20, on_process=lambda session: None,
                  on_end=lambda session: None, job_limit=None):
         self.max_sessions = max_sessions  # runs going on at once, reported ones included,
         self.job_limit = job_limit        # unless a queue bounds the server's own: then this
@@ -4924,7 +4914,6 @@ def _public_host(address):
 # curl): the server runs nothing for it; it takes the events the reporter
 # posts, checks them as it checks a job's, and serves them like any run's.
 
-DEFAULT_REPORT_TIMEOUT_S = 300.0   # a reported run that hears nothing this long ends `error`
 REPORT_WATCH_S = 0.5               # how often silent reporters are looked for
 REPORT_BODY_BYTES = 4 * 2 ** 20    # one batch of events (other requests: MAX_BODY_BYTES)
 REPORT_BATCH_EVENTS = 10000        # events in one batch
@@ -5327,7 +5316,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def renew_deadline(self):
         """A request (a TLS handshake too) must arrive within --request-timeout."""
-        self.deadline = self.rfile.raw.deadline = time.monotonic() + self.server.request_timeout_s
+        self.deadline = self.rfile.raw.deadline = time.monotonic() + self.server.options.request_timeout_s
 
     def handle(self):
         """Answer requests until the connection closes. Between requests a
@@ -5753,15 +5742,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         forwarded = _normal_ip(
             ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")[-1])
         if forwarded and (peer in self.server.trusted_proxies or (
-                self.server.grip_key and "Grip-Sig" in self.headers
-                and _grip_signature_valid(self.headers["Grip-Sig"], self.server.grip_key))):
+                self.server.options.grip_key and "Grip-Sig" in self.headers
+                and _grip_signature_valid(self.headers["Grip-Sig"], self.server.options.grip_key))):
             return forwarded
         return peer
 
     def check_grip_signature(self):
         """With a key configured, a request that claims to come through
         Pushpin must carry a valid Grip-Sig."""
-        key = self.server.grip_key
+        key = self.server.options.grip_key
         if key and not _grip_signature_valid(self.headers.get("Grip-Sig"), key):
             raise _HTTPError(403, "invalid Grip-Sig")
 
@@ -7178,6 +7167,111 @@ def _read_page():
         return None
 
 
+def _option(default, help, flag=None, metavar=None, least=None, above=None, needs=None,
+            many=False, choices=None, secret=None):
+    """A field of Options, with what the command line needs of it: its flag
+    (default `--name`), metavar and help; the least value it takes (`least`,
+    or more than `above`); the option it needs (`needs`: given without it,
+    it is refused); `many`: repeatable; `secret`: the environment variable
+    that may hold it, and a `FLAG-file` option beside it (`ps` shows
+    arguments, not files or the environment)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, flag=flag, metavar=metavar, least=least, above=above, needs=needs,
+        many=many, choices=choices, secret=secret))
+
+
+@dataclasses.dataclass
+class Options:
+    """Every setting of the server, with its default and its help. The
+    command line is made from these fields (`_build_parser`), `serve()` and
+    `make_server()` take them by name, and the server takes them whole: a
+    new option is one field here, and its use."""
+
+    host: str = _option("127.0.0.1", "address to listen on (default %(default)s: this "
+                        "machine only)")
+    port: int = _option(5000, "port to listen on; 0 picks a free one (default %(default)s)")
+    keepalive_s: float = _option(1.0, "send a keepalive comment when a stream has been quiet "
+                                 "this long (default %(default)s)", "--keepalive", "SECONDS",
+                                 above=0)
+    max_sessions: int = _option(1000, "runs going on at once, reported ones included; more "
+                                "get 429 (default %(default)s)", metavar="N", least=1)
+    max_streams: int = _option(10000, "open event streams (and /log?follow=1 followers) at "
+                               "once; more get 503 (default %(default)s)", metavar="N", least=1)
+    max_per_address: int = _option(128, "connections one client address may have being read "
+                                   "or answered at once (streams and idle keep-alive ones not "
+                                   "counted; a --trusted-proxy has no limit); more get 503; 0: "
+                                   "no limit (default %(default)s)", metavar="N", least=0)
+    session_ttl_s: float = _option(600.0, "forget a run this long after it ends (default "
+                                   "%(default)s)", "--session-ttl", "SECONDS", above=0)
+    request_timeout_s: float = _option(10.0, "a request must arrive whole within this; also "
+                                       "how long an idle connection is kept (default "
+                                       "%(default)s)", "--request-timeout", "SECONDS", above=0)
+    allowed_hosts: tuple = _option((), "also answer requests for this host name (behind a "
+                                   "proxy or on a network); repeatable", "--allow-host", "NAME",
+                                   many=True)
+    trusted_proxies: tuple = _option((), "requests from this IP address come through your "
+                                     "reverse proxy: the lock-out counts the client it names "
+                                     "last in X-Forwarded-For, and --max-per-address does not "
+                                     "limit it; repeatable", "--trusted-proxy", "ADDRESS",
+                                     many=True)
+    base_path: str = _option("", "the path a reverse proxy serves it under (/jobs), for a "
+                             "proxy that does not send X-Forwarded-Prefix: the sign-in "
+                             "returns there", metavar="PATH")
+    concurrency: int = _option(0, "run at most N runs at once; the others wait in a queue, "
+                               "first in, first out (default: no limit but --max-sessions)",
+                               metavar="N", least=0)
+    max_queue: int = _option(1000, "with --concurrency, runs that may wait; more get 429 "
+                             "(default %(default)s)", metavar="N", least=1, needs="concurrency")
+    state_dir: str = _option(None, "also journal every event under DIR, and read the runs "
+                             "back after a restart (a run the restart cut short ends with an "
+                             "error saying so)", metavar="DIR")
+    max_record_mb: float = _option(16.0, "memory for each run's whole record (GET /log, "
+                                   "/export); past it, progress events are thinned, then log "
+                                   "lines from the middle of the run dropped (default "
+                                   "%(default)s)", metavar="MB", above=0)
+    report_timeout_s: float = _option(300.0, "a run reported from elsewhere (POST /runs, "
+                                      "`sse_demo.py report`) that posts nothing for S seconds "
+                                      "ends `error` (default %(default)s)", "--report-timeout",
+                                      "S", above=0)
+    grip: str = _option(None, "publish events to Pushpin's publish endpoint (e.g. "
+                        "http://127.0.0.1:5561) and let it hold streams that come through it",
+                        metavar="URL")
+    grip_key: str = _option(None, "Pushpin's sig_key: verify the Grip-Sig of requests that "
+                            "claim to come through Pushpin", metavar="KEY", needs="grip",
+                            secret="SSE_DEMO_GRIP_KEY")
+    notify: str = _option(None, "POST a JSON object to URL when a run ends (retried, never "
+                          "delaying a run)", metavar="URL")
+    notify_key: str = _option(None, "sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC "
+                              "of the body>", metavar="KEY", needs="notify",
+                              secret="SSE_DEMO_NOTIFY_KEY")
+    notify_format: str = _option("json", "json: the run's fields; slack: {\"text\": ...}, for "
+                                 "Slack's and Mattermost's incoming webhooks (default "
+                                 "%(default)s)", needs="notify", choices=("json", "slack"))
+    certfile: str = _option(None, "serve HTTPS (TLS 1.2 or newer) with this PEM certificate "
+                            "chain", metavar="FILE")
+    keyfile: str = _option(None, "the certificate's private key, when --certfile does not "
+                           "hold it", metavar="FILE", needs="certfile")
+    token: str = None      # the operator's: not an option of its own (see _access_token)
+
+    def check(self):
+        """Raises ValueError, naming the option, for a value it cannot take."""
+        for field in dataclasses.fields(self):
+            value, rule = getattr(self, field.name), field.metadata
+            named = "--" + (rule.get("flag") or field.name).lstrip("-").replace("_", "-")
+            if rule.get("least") is not None and value < rule["least"]:
+                raise ValueError("%s must be %s" % (named, "at least 1" if rule["least"]
+                                                   else "0 (no limit) or more"))
+            if rule.get("above") is not None and not value > rule["above"]:
+                raise ValueError("%s must be above %d" % (named, rule["above"]))
+        if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
+            raise ValueError("--base-path must be a plain path such as /jobs")
+        for address in self.trusted_proxies:
+            if _normal_ip(address) is None:
+                raise ValueError("--trusted-proxy %s is not an IP address" % address)
+        if self.token is not None:
+            _check_token(self.token)
+
+
 class SSEServer(http.server.ThreadingHTTPServer):
     """The HTTP server, its sessions and its stream writer."""
 
@@ -7186,61 +7280,52 @@ class SSEServer(http.server.ThreadingHTTPServer):
     hub = None        # until the socket is bound
     stopping = False  # server_close() has begun: /log followers end
 
-    def __init__(self, host, port, job=None, keepalive_s=DEFAULT_KEEPALIVE_S,
-                 max_sessions=DEFAULT_MAX_SESSIONS, max_streams=DEFAULT_MAX_STREAMS,
-                 session_ttl_s=DEFAULT_SESSION_TTL_S,
-                 request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S, allowed_hosts=(),
-                 grip=None, grip_key=None, state_dir=None, trusted_proxies=(), base_path="",
-                 max_record_mb=DEFAULT_MAX_RECORD_MB, token=None, certfile=None, keyfile=None,
-                 concurrency=0, max_queue=DEFAULT_MAX_QUEUE, notify=None, notify_key=None,
-                 notify_format="json", report_timeout_s=DEFAULT_REPORT_TIMEOUT_S,
-                 max_per_address=DEFAULT_MAX_PER_ADDRESS):
+    def __init__(self, options, job=None):
+        """Bind, as `options` say (an Options, checked: ValueError names an
+        option it cannot take); `start()` does the rest."""
+        options.check()
+        self.options = o = options
+        host, port = o.host, o.port
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
-        self.certfile, self.keyfile = certfile, keyfile
         self.tls = None                       # an ssl.SSLContext once started, with certfile
         super().__init__((host, port), _Handler)
-        self.request_timeout_s = request_timeout_s
-        self.max_per_address = max_per_address     # 0: no limit
         self._per_address_lock = threading.Lock()  # guards _per_address
         self._per_address = {}                     # peer address -> its connections in threads
-        self.state_dir, self.session_ttl_s = state_dir, session_ttl_s
         self.supervisor = _Supervisor()
-        self.hub = _StreamHub(keepalive_s, request_timeout_s, max_streams, self.resume_connection)
-        self.journal = _Journal(state_dir) if state_dir else None
-        self.queue = _RunQueue(concurrency, max_queue, self.start_run)
-        self.reported = _ReportedRuns(report_timeout_s,
+        self.hub = _StreamHub(o.keepalive_s, o.request_timeout_s, o.max_streams,
+                              self.resume_connection)
+        self.journal = _Journal(o.state_dir) if o.state_dir else None
+        self.queue = _RunQueue(o.concurrency, o.max_queue, self.start_run)
+        self.reported = _ReportedRuns(o.report_timeout_s,
                                       self.journal.note_received if self.journal else None)
-        self.notifier = _Notifier(notify, notify_key, notify_format) if notify else None
+        self.notifier = _Notifier(o.notify, o.notify_key, o.notify_format) if o.notify else None
         self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
                               self.on_feed_publish,
                               lambda session: self.grip is not None or self.hub.followed(session))
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
-        self.registry = _Registry(max_sessions, session_ttl_s, self.on_publish, self.forget_run,
-                                  int(max_record_mb * 2 ** 20),
+        self.registry = _Registry(o.max_sessions, o.session_ttl_s, self.on_publish,
+                                  self.forget_run, int(o.max_record_mb * 2 ** 20),
                                   self.journal.note_process if self.journal else lambda s: None,
                                   self.run_ended,
-                                  concurrency + max_queue if concurrency else None)
+                                  o.concurrency + o.max_queue if o.concurrency else None)
         self.page = self.page_csp = None      # index.html, read by start()
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
-        self.allowed_hosts.update(h.lower() for h in allowed_hosts)
+        self.allowed_hosts.update(h.lower() for h in o.allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
-        self.access = _Access(token, self.server_address[1]) if token else None
-        self.grip = _GripPublisher(grip) if grip else None
-        self.grip_key = grip_key
-        self.trusted_proxies = frozenset(map(_normal_ip, trusted_proxies))
-        if None in self.trusted_proxies:
-            raise ValueError("a trusted proxy is an IP address: %r" % (trusted_proxies,))
-        self.base_path = base_path.rstrip("/")   # where a proxy serves it, if it cannot say
-        if self.hub.max_streams < max_streams:
+        self.access = _Access(o.token, self.server_address[1]) if o.token else None
+        self.grip = _GripPublisher(o.grip) if o.grip else None
+        self.trusted_proxies = frozenset(map(_normal_ip, o.trusted_proxies))
+        self.base_path = o.base_path.rstrip("/")   # where a proxy serves it, if it cannot say
+        if self.hub.max_streams < o.max_streams:
             log.warning("this platform's selector is select(), which watches at most %d "
                         "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
-                        max_streams, self.hub.max_streams)
+                        o.max_streams, self.hub.max_streams)
 
     started = False
 
@@ -7251,15 +7336,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
         certificate cannot be used: then close the server."""
         if self.started:
             return
-        if self.state_dir:
-            _Journal.prepare(self.state_dir)
-        if self.certfile:
-            self.tls = _tls_context(self.certfile, self.keyfile)
+        o = self.options
+        if o.state_dir:
+            _Journal.prepare(o.state_dir)
+        if o.certfile:
+            self.tls = _tls_context(o.certfile, o.keyfile)
         self.page = _read_page()
         self.page_csp = _csp_for(self.page or b"")
         self.started = True
         if self.journal:
-            ended, waiting, reported = self.restore_runs(self.state_dir, self.session_ttl_s)
+            ended, waiting, reported = self.restore_runs(o.state_dir, o.session_ttl_s)
             self.registry.restore(ended)
             for session in ended if self.grip else ():
                 self.grip.all_offered(session)
@@ -7330,7 +7416,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         not counted) when it has its --max-per-address."""
         with self._per_address_lock:
             count = self._per_address.get(address, 0)
-            if 0 < self.max_per_address <= count and address not in self.trusted_proxies:
+            if 0 < self.options.max_per_address <= count and address not in self.trusted_proxies:
                 return False
             self._per_address[address] = count + 1
             return True
@@ -7348,10 +7434,10 @@ class SSEServer(http.server.ThreadingHTTPServer):
         sending its request may get the reset). A TLS connection is closed
         unanswered: its handshake would need a thread."""
         log.info("%s has %d connections being answered (--max-per-address): one more "
-                 "refused", address, self.max_per_address)
+                 "refused", address, self.options.max_per_address)
         if not _is_tls(sock):
             body = json_line({"error": "too many connections from your address (limit %d); "
-                              "try again later" % self.max_per_address}).encode() + b"\n"
+                              "try again later" % self.options.max_per_address}).encode() + b"\n"
             sock.setblocking(False)
             try:
                 sock.recv(65536)
@@ -7459,7 +7545,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         and its silence counts from now."""
         session = self.take_back(header, events, "running")
         session.started = time.monotonic() - max(0.0, time.time() - header["started_ts"])
-        session.record = _ContinuedRecord(_journal_path(self.state_dir, session.id),
+        session.record = _ContinuedRecord(_journal_path(self.options.state_dir, session.id),
                                           header["lines"], self.registry.record_bytes,
                                           session._lock)
         session.series = _Series.from_state(header["series"])
@@ -7624,13 +7710,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
         super().server_close()
 
 
-def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, job=None, **options):
+def make_server(host="127.0.0.1", port=5000, job=None, **options):
     """A bound server that does nothing yet: `start()` it (OSError when
     `state_dir` or the certificate cannot be used), run `serve_forever()` in
     a thread, and `shutdown()` then `server_close()` to stop it. `job` is a
-    callable (see the module docstring); the options are SSEServer's keyword
-    arguments."""
-    return SSEServer(host, port, job=job, **options)
+    callable (see the module docstring); the options are Options' fields
+    (TypeError names one that is not, ValueError a value it cannot take)."""
+    return SSEServer(Options(host=host, port=port, **options), job)
 
 
 def _install_stop_signals(on_exit_now=lambda: None):
@@ -7692,7 +7778,7 @@ def _is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
-def serve(job=None, host=DEFAULT_HOST, port=DEFAULT_PORT, show_token=False, **options):
+def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
     """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
     With a token, it prints a sign-in URL, with the token in it only when
     `show_token` (the command line made it: one given in a file or the
@@ -7777,7 +7863,7 @@ def _given_secret(path, variable, option, what):
     return secret
 
 
-def _access_token(args):
+def _access_token(args, options):
     """(the operator's token, whether the server made it): --token-file's
     first line, SSE_DEMO_TOKEN, or a new one whenever others can reach the
     server (a non-loopback address, or a proxy in front: --allow-host,
@@ -7787,54 +7873,39 @@ def _access_token(args):
     if token:
         _check_token(token)
         return token, False
-    reachable = not _is_loopback(args.host) or args.allow_host or args.grip
+    reachable = not _is_loopback(options.host) or options.allowed_hosts or options.grip
     if reachable and not args.no_auth:
         return secrets.token_urlsafe(OPERATOR_TOKEN_BYTES), True
     return None, False
 
 
-def _add_key_options(parser, option, variable, what):
-    """`option KEY`, or `option-file FILE` (its first line), not both; the
-    environment variable `variable` serves too (see _given_secret)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(option, metavar="KEY", help="%s (every user sees it in ps: prefer "
-                       "%s-file or %s)" % (what, option, variable))
-    group.add_argument(option + "-file", metavar="FILE",
-                       help="%s from this file's first line" % option)
-
-
 def _build_parser():
+    """The command line: Options' fields, then what belongs to the command
+    line alone (the job, the token, logging)."""
     p = argparse.ArgumentParser(
         prog="sse_demo.py",
         description="Stream the progress of long-running jobs to a browser with "
                     "Server-Sent Events.")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help="port to listen on; 0 picks a free one (default %(default)s)")
-    p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S, metavar="SECONDS",
-                   help="send a keepalive comment when a stream has been quiet this long "
-                        "(default %(default)s)")
-    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
-                   help="running sessions at once; more get 429 (default %(default)s)")
-    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS, metavar="N",
-                   help="open event streams (and /log?follow=1 followers) at once; more "
-                        "get 503 (default %(default)s)")
-    p.add_argument("--max-per-address", type=int, default=DEFAULT_MAX_PER_ADDRESS, metavar="N",
-                   help="connections one client address may have being read or answered "
-                        "at once (streams and idle keep-alive ones not counted; a "
-                        "--trusted-proxy has no limit); more get 503; 0: no limit "
-                        "(default %(default)s)")
-    p.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
-                   metavar="SECONDS",
-                   help="forget a session this long after it ends (default %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-                   metavar="SECONDS",
-                   help="a request must arrive whole within this; also how long an idle "
-                        "connection is kept (default %(default)s)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests for this host name (behind a proxy or on "
-                        "a network); repeatable")
+    for field in dataclasses.fields(Options):
+        rule = field.metadata
+        if not rule:
+            continue
+        flag = rule["flag"] or "--" + field.name.replace("_", "-")
+        named = dict(dest=field.name, metavar=rule["metavar"], choices=rule["choices"],
+                     help=rule["help"].replace("%(default)s", str(field.default)))
+        if rule["many"]:
+            named["action"] = "append"
+        elif field.default is not None:
+            named["type"] = type(field.default)   # None when not given: see _options
+        if rule["secret"]:      # KEY, or a file that holds it: ps shows every argument
+            group = p.add_mutually_exclusive_group()
+            named["help"] += " (every user sees it in ps: prefer %s-file or %s)" % (
+                flag, rule["secret"])
+            group.add_argument(flag, **named)
+            group.add_argument(flag + "-file", dest=field.name + "_file", metavar="FILE",
+                               help="%s from this file's first line" % flag)
+        else:
+            p.add_argument(flag, **named)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--job", metavar="MODULE:CALLABLE",
                        help="run this function for each start instead of the simulation")
@@ -7848,22 +7919,6 @@ def _build_parser():
     p.add_argument("--kill-after", type=float, metavar="SECONDS",
                    help="with --cmd, Cancel sends SIGTERM to the program's process group, "
                         "and SIGKILL this long after (default %g)" % DEFAULT_KILL_AFTER_S)
-    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
-                   help="requests from this address come through your reverse proxy: the "
-                        "lock-out counts the client it names last in X-Forwarded-For, and "
-                        "--max-per-address does not limit it; repeatable")
-    p.add_argument("--base-path", default="", metavar="PATH",
-                   help="the path a reverse proxy serves it under (/jobs), for a proxy that "
-                        "does not send X-Forwarded-Prefix: the sign-in returns there")
-    p.add_argument("--grip", metavar="URL",
-                   help="publish events to Pushpin's publish endpoint (e.g. "
-                        "http://127.0.0.1:5561) and let it hold streams that come through it")
-    _add_key_options(p, "--grip-key", "SSE_DEMO_GRIP_KEY",
-                     "Pushpin's sig_key: verify the Grip-Sig of requests that claim to come "
-                     "through Pushpin")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="also journal every event under DIR, and read the runs back after a "
-                        "restart (a run the restart cut short ends with an error saying so)")
     p.add_argument("--token-file", metavar="FILE",
                    help="the sign-in token is this file's first line (also: SSE_DEMO_TOKEN); "
                         "off loopback, or behind --allow-host or --grip, the server makes "
@@ -7871,132 +7926,88 @@ def _build_parser():
     p.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback address with no token, open to anyone who "
                         "can reach it (a warning says so)")
-    p.add_argument("--concurrency", type=int, default=0, metavar="N",
-                   help="run at most N runs at once; the others wait in a queue, first in, "
-                        "first out (default: no limit but --max-sessions)")
-    p.add_argument("--max-queue", type=int, metavar="N",
-                   help="with --concurrency, runs that may wait; more get 429 "
-                        "(default %d)" % DEFAULT_MAX_QUEUE)
-    p.add_argument("--notify", metavar="URL",
-                   help="POST a JSON object to URL when a run ends (retried, never delaying "
-                        "a run)")
-    _add_key_options(p, "--notify-key", "SSE_DEMO_NOTIFY_KEY",
-                     "sign --notify bodies: X-SSE-Demo-Signature: sha256=<HMAC of the body>")
-    p.add_argument("--notify-format", choices=NOTIFY_FORMATS,
-                   help="json: the run's fields; slack: {\"text\": ...}, for Slack's and "
-                        "Mattermost's incoming webhooks (default json)")
-    p.add_argument("--report-timeout", type=float, default=DEFAULT_REPORT_TIMEOUT_S,
-                   metavar="S", help="a run reported from elsewhere (POST /runs, `sse_demo.py "
-                   "report`) that posts nothing for S seconds ends `error` (default "
-                   "%(default)s)")
-    p.add_argument("--certfile", metavar="FILE",
-                   help="serve HTTPS (TLS 1.2 or newer) with this PEM certificate chain")
-    p.add_argument("--keyfile", metavar="FILE",
-                   help="the certificate's private key, when --certfile does not hold it")
-    p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB, metavar="MB",
-                   help="memory for each run's whole record (GET /log, /export); past it, "
-                        "progress events are thinned, then log lines from the middle of "
-                        "the run dropped (default %(default)s)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"],
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="least severe message to log (default %(default)s)")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
 
 
-def _parse_args(argv):
-    """The command line, checked; exits 2 with the reason when it is wrong."""
-    p = _build_parser()
-    args = p.parse_args(argv)
-    for option, needs in (("notify_key", "notify"), ("notify_key_file", "notify"),
-                          ("notify_format", "notify"),
-                          ("kill_after", "cmd"), ("max_queue", "concurrency"),
-                          ("grip_key", "grip")):
-        if getattr(args, option) is not None and not getattr(args, needs):
-            p.error("--%s needs --%s" % tuple(name.replace("_", "-") for name in (option, needs)))
-    args.notify_format = args.notify_format or "json"
-    args.kill_after = DEFAULT_KILL_AFTER_S if args.kill_after is None else args.kill_after
-    args.max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
-    for name in ("keepalive", "session_ttl", "request_timeout", "kill_after", "report_timeout"):
-        if not getattr(args, name) > 0:
-            p.error("--%s must be above 0" % name.replace("_", "-"))
+def _options(args):
+    """(Options from the command line, whether the server made its token).
+    Raises ValueError naming an option it cannot take."""
+    given = {}
+    for field in dataclasses.fields(Options):
+        rule, value = field.metadata, getattr(args, field.name, None)
+        flag = rule.get("flag") or "--" + field.name.replace("_", "-")
+        if rule.get("needs") and (value is not None or getattr(args, field.name + "_file", None))\
+                and getattr(args, rule["needs"]) is None:
+            raise ValueError("%s needs --%s" % (flag, rule["needs"]))
+        if rule.get("secret"):
+            value = value or _given_secret(getattr(args, field.name + "_file"), rule["secret"],
+                                           flag + "-file", "key")
+        if value is not None:
+            given[field.name] = value
+    if args.kill_after is not None and not args.cmd:
+        raise ValueError("--kill-after needs --cmd")
     if args.no_auth and (args.token_file or os.environ.get("SSE_DEMO_TOKEN")):
-        p.error("--no-auth and a token (--token-file or SSE_DEMO_TOKEN) exclude each other")
+        raise ValueError("--no-auth and a token (--token-file or SSE_DEMO_TOKEN) exclude "
+                         "each other")
     if args.title is not None and not args.title.strip():
-        p.error("--title must not be empty")
-    if not args.max_record_mb > 0:
-        p.error("--max-record-mb must be above 0")
-    if not FORWARDED_PREFIX.fullmatch(args.base_path.rstrip("/")):
-        p.error("--base-path must be a plain path such as /jobs")
-    if args.keyfile and not args.certfile:
-        p.error("--keyfile needs --certfile")
-    for address in args.trusted_proxy:
-        if _normal_ip(address) is None:
-            p.error("--trusted-proxy %s is not an IP address" % address)
-    for name in ("max_sessions", "max_streams", "max_queue"):
-        if getattr(args, name) < 1:
-            p.error("--%s must be at least 1" % name.replace("_", "-"))
-    for name in ("concurrency", "max_per_address"):
-        if getattr(args, name) < 0:
-            p.error("--%s must be 0 (no limit) or more" % name.replace("_", "-"))
-    return args
+        raise ValueError("--title must not be empty")
+    options = Options(**given)
+    options.token, made = _access_token(args, options)
+    options.check()
+    return options, made
 
 
 def main(argv=None):
     """`python sse_demo.py [options]` serves; `python sse_demo.py watch|start
-    URL ...` is the terminal client. Returns the exit status."""
+    URL ...` is the terminal client, `report URL ...` the reporting one.
+    Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("watch", "start"):
         return _client_main(argv)
     if argv and argv[0] == "report":
         return _report_main(argv)
-    args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    job = None
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.job:
-            job = _load_job(args.job)
-            job.title = args.title or job.title
-        elif args.cmd is not None:
-            job = command_job(args.cmd, args.kill_after, args.title)
-        elif args.title:
-            job = function_job(simulate_optimisation)    # the built-in job, renamed
-            job.title = args.title
-        if args.grip:
-            _GripPublisher.check_url(args.grip)
-        if args.notify:
-            _Notifier.check_url(args.notify)
-        if args.state_dir:
-            _Journal.prepare(args.state_dir)
-        token, made = _access_token(args)
-        notify_key = args.notify_key or _given_secret(
-            args.notify_key_file, "SSE_DEMO_NOTIFY_KEY", "--notify-key-file", "key")
-        grip_key = args.grip_key or _given_secret(
-            args.grip_key_file, "SSE_DEMO_GRIP_KEY", "--grip-key-file", "key")
+        options, made = _options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    try:
+        job = _job_of(args)
+        if options.grip:
+            _GripPublisher.check_url(options.grip)
+        if options.notify:
+            _Notifier.check_url(options.notify)
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
-    except OSError as exc:
-        log.error("error: --state-dir %s cannot be used: %s", args.state_dir,
-                  exc.strerror or exc)
-        return 2
-    if args.certfile:
+    for option, path, check in (   # before binding; an ssl.SSLError is an OSError
+            ("--state-dir", options.state_dir, _Journal.prepare),
+            ("--certfile", options.certfile, lambda path: _tls_context(path, options.keyfile))):
         try:
-            _tls_context(args.certfile, args.keyfile)
-        except OSError as exc:     # ssl.SSLError is one
-            log.error("error: --certfile %s cannot be used: %s", args.certfile,
-                      exc.strerror or exc)
+            if path:
+                check(path)
+        except OSError as exc:
+            log.error("error: %s %s cannot be used: %s", option, path, exc.strerror or exc)
             return 2
-    return serve(job=job, host=args.host, port=args.port, keepalive_s=args.keepalive,
-                 max_sessions=args.max_sessions, max_streams=args.max_streams,
-                 session_ttl_s=args.session_ttl, request_timeout_s=args.request_timeout,
-                 allowed_hosts=args.allow_host, grip=args.grip, grip_key=grip_key,
-                 trusted_proxies=args.trusted_proxy, base_path=args.base_path,
-                 state_dir=args.state_dir, max_record_mb=args.max_record_mb, token=token,
-                 certfile=args.certfile, keyfile=args.keyfile, concurrency=args.concurrency,
-                 max_queue=args.max_queue, notify=args.notify, notify_key=notify_key,
-                 notify_format=args.notify_format, report_timeout_s=args.report_timeout,
-                 max_per_address=args.max_per_address, show_token=made)
+    return serve(job=job, show_token=made, **dataclasses.asdict(options))
+
+
+def _job_of(args):
+    """The job the command line names: --job, --cmd, or the built-in one
+    (renamed by --title). Raises ValueError with the reason."""
+    if args.job:
+        job = _load_job(args.job)
+    elif args.cmd is not None:
+        return command_job(args.cmd, args.kill_after or DEFAULT_KILL_AFTER_S, args.title)
+    else:
+        job = function_job(simulate_optimisation)
+    job.title = args.title or job.title
+    return job
 
 
 if __name__ == "__main__":

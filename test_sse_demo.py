@@ -4535,7 +4535,8 @@ def test_cli_keys_from_a_file_or_the_environment_stay_out_of_ps(receiver, tmp_pa
                         "--grip-key-file", str(tmp_path / "grip-key")], {}),
                       ([], {"SSE_DEMO_NOTIFY_KEY": "notify-secret",
                             "SSE_DEMO_GRIP_KEY": "grip-secret"})]:
-        cli = Cli("--notify", hook.url, *args, extra_env=dict(env, SSE_DEMO_TOKEN=TOKEN))
+        cli = Cli("--notify", hook.url, "--grip", "http://127.0.0.1:%d" % free_port(), *args,
+                  extra_env=dict(env, SSE_DEMO_TOKEN=TOKEN))
         try:
             with open("/proc/%d/cmdline" % cli.proc.pid, "rb") as f:
                 assert b"secret" not in f.read()
