@@ -630,7 +630,30 @@ class _CancelFlag:
         return self._set
 
 
-class _Session:
+class _RunSink:
+    """What a run's events are published into, as the job's `Progress`, a
+    program's output reader (`_CommandOutput`) and its runner
+    (`_run_program`) use it: the server's run (`_Session`), or on a
+    reporting machine the `_Outbox` that posts them to one. Written down,
+    because the reporter's stand-in once died on a member it lacked."""
+
+    cancel = None          # a flag: is_set(), wait(timeout), set()
+    stop_reason = None     # why the server, not a user, stops the run
+
+    def publish(self, name, data):
+        """Publish an event; it (or None once the run has ended). Raises
+        TypeError, naming the field, for data that is not strict JSON."""
+        raise NotImplementedError
+
+    def latest_fields(self):
+        """The run's latest progress fields, without one event's stamps."""
+        raise NotImplementedError
+
+    def note_process(self, identity):
+        """A program started for the run (see _process_identity)."""
+
+
+class _Session(_RunSink):
     """One run: its events, its state, its cancel flag and its control key.
 
     Any thread may publish (a job's own threads, a command's output readers):
@@ -6472,7 +6495,7 @@ def _transient(status):
     return status in (408, 429) or status >= 500
 
 
-class _Outbox:
+class _Outbox(_RunSink):
     """Stands in for a run's session on the reporting side: `Progress` and
     `_CommandOutput` publish into it as into a run (publish, cancel,
     latest_fields...), and its thread posts what they publish, in order, in
@@ -6490,7 +6513,6 @@ class _Outbox:
         self.id = self.report_key = self.view_key = None
         self.heartbeat_s = REPORT_HEARTBEAT_S
         self.cancel = threading.Event()   # the server says the run was cancelled (or Ctrl-C)
-        self.stop_reason = None
         self.state = None                 # how the run ended, once it did: its terminal event
         self._latest = {}
         self._changed = threading.Condition()   # guards everything below
@@ -6527,9 +6549,6 @@ class _Outbox:
     def latest_fields(self):
         with self._changed:
             return _lasting_fields(self._latest)
-
-    def note_process(self, identity):
-        pass
 
     # -- opening, closing ------------------------------------------------------
 
@@ -7167,17 +7186,19 @@ def _read_page():
         return None
 
 
-def _option(default, help, flag=None, metavar=None, least=None, above=None, needs=None,
-            many=False, choices=None, secret=None):
+OPTION_RULES = dict(flag=None, metavar=None, least=None, above=None, needs=None, many=False,
+                    choices=None, secret=None)
+
+
+def _option(default, help, flag=None, metavar=None, **rules):
     """A field of Options, with what the command line needs of it: its flag
-    (default `--name`), metavar and help; the least value it takes (`least`,
-    or more than `above`); the option it needs (`needs`: given without it,
-    it is refused); `many`: repeatable; `secret`: the environment variable
-    that may hold it, and a `FLAG-file` option beside it (`ps` shows
-    arguments, not files or the environment)."""
+    (default `--name`), metavar and help, and `rules`: the least value it
+    takes (`least`, or more than `above`); the option it `needs` (given
+    without it, it is refused); `many`: repeatable; `secret`: the
+    environment variable that may hold it, and a `FLAG-file` option beside
+    it (`ps` shows arguments, not files or the environment)."""
     return dataclasses.field(default=default, metadata=dict(
-        help=help, flag=flag, metavar=metavar, least=least, above=above, needs=needs,
-        many=many, choices=choices, secret=secret))
+        OPTION_RULES, help=help, flag=flag, metavar=metavar, **rules))
 
 
 @dataclasses.dataclass
