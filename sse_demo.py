@@ -4889,6 +4889,172 @@ class _Access:
         return locked
 
 
+class _Gate:
+    """Every access decision about a request, in one place, so that the
+    handler only speaks HTTP: its Host (DNS rebinding), its Origin (a POST
+    from another site's page), and behind a token its credential: the
+    operator's token or sign-in cookie, a view key where it reaches, the runs
+    feed's key for Pushpin, a run's own control or report key (its route
+    checks which); the lock-out, and the client's address that it counts."""
+
+    ALLOW, SIGN_IN = "allow", "sign in"
+
+    def __init__(self, server):
+        self.server = server
+        self.access = server.access      # None: no token, every path open
+
+    def admit(self, request, path, query):
+        """ALLOW; SIGN_IN (a right ?token= on the page: set the cookie); 401
+        or 429 for the page itself (which then offers a sign-in, or says why
+        not); or raises HTTPError: 400 or 403 for its Host, 401, 403 or 429
+        for its credential."""
+        self._check_host(request)
+        access = self.access
+        if access is None or path == "/healthz":    # counts only: open even when locked out
+            return self.ALLOW
+        given = _parse_query(query)
+        page = path == "/" and request.command in ("GET", "HEAD")
+        offered = given.get("token") or None if page else None    # ?token= is none
+        if offered is not None and access.holds_token(offered):
+            return self.SIGN_IN
+        if offered is None and self.operator(request):
+            return self.ALLOW
+        if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
+                request.headers.get("Authorization"):
+            return self.ALLOW     # perhaps the run's control or report key: the route decides
+        view_key, feed_key = given.get("view"), given.get("feed")
+        if view_key is not None and self._viewer_admitted(request, path, view_key):
+            return self.ALLOW
+        if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
+                feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
+            return self.ALLOW     # Pushpin's own request for the runs list it holds
+        # The page, or the job it loads first, asked for with no credential
+        # at all: how a sign-in begins, not a guess, so not counted.
+        quiet = path in VIEWER_PAGES and request.command in ("GET", "HEAD") and not (
+            offered or view_key or request.headers.get("Authorization") or self._cookie(request))
+        address = self.client_ip(request)
+        locked = access.locked_out(address) if quiet else access.failed(address)
+        if page:
+            return 429 if locked else 401
+        self.refuse(request, 401, "this server needs a sign-in: send Authorization: Bearer "
+                    "<token>, or open /?token=<token> in a browser",
+                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
+
+    def refuse(self, request, status, message, headers=None, locked=None):
+        """Refuse a wrong or missing credential: 429 while the client's
+        address is locked out (`locked`; None: count this failure first)."""
+        if locked is None:
+            locked = self.access is not None and self.access.failed(self.client_ip(request))
+        if locked:
+            raise _HTTPError(429, "too many failed credentials from this address: for a "
+                             "minute only a right one is taken",
+                             {"Retry-After": str(int(LOCKOUT_S))})
+        raise _HTTPError(status, message, headers)
+
+    def operator(self, request):
+        """Does the request carry the operator's token (header or cookie)?
+        Without a token there is no operator: a run's control key alone
+        cancels it."""
+        access = self.access
+        if access is None:
+            return False
+        if access.holds_token(_bearer_credential(request.headers.get("Authorization"))):
+            return True
+        return access.holds_token(self._cookie(request), cookie=True)
+
+    def sign_in_headers(self, request):
+        """The token was right: the sign-in cookie (see _Access) for the path
+        the server is served under (/, or behind a proxy, its path), and the
+        page there to go to, so the token leaves the address bar and the
+        history. `Secure` under TLS, ours or a proxy's."""
+        prefix = self.forwarded_prefix(request)
+        secure = self.server.tls or \
+            (request.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
+        return {"Location": prefix + "/", "Cache-Control": "no-store",
+                "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
+                              % (self.access.cookie_name, self.access.cookie, prefix or "/",
+                                 "; Secure" if secure else "")}
+
+    def forwarded_prefix(self, request):
+        """The path a reverse proxy serves this server under, from its
+        X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
+        /jobs;`), else --base-path, else "". Only a plain path is taken: a
+        redirect built from it stays on this site, whoever sent the header."""
+        prefix = (request.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
+        return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
+
+    def check_origin(self, request):
+        """Cross-site request protection: a browser names the page that sent a
+        POST; only the server's own page may start or cancel a run."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        host = (request.headers.get("Host") or "").strip().lower()
+        if origin.strip().lower() not in ("http://" + host, "https://" + host):
+            raise _HTTPError(403, "cross-origin request from %r refused" % origin)
+
+    def check_grip_signature(self, request):
+        """With a key configured, a request that claims to come through
+        Pushpin must carry a valid Grip-Sig."""
+        key = self.server.options.grip_key
+        if key and not _grip_signature_valid(request.headers.get("Grip-Sig"), key):
+            raise _HTTPError(403, "invalid Grip-Sig")
+
+    def client_ip(self, request):
+        """The client's address, which the lock-out counts: the peer's; or,
+        when the peer is a proxy the server trusts (a --trusted-proxy
+        address, or Pushpin proving itself with a Grip-Sig that --grip-key
+        verifies), the address that proxy put last in X-Forwarded-For.
+        Anyone else's X-Forwarded-For is ignored: a client cannot pick the
+        address its failures count against."""
+        peer = _normal_ip(request.client_address[0]) or request.client_address[0]
+        # Several header lines are one list, in order (RFC 9110, section 5.3):
+        # a proxy that adds a line of its own (HAProxy) adds it last.
+        headers, key = request.headers, self.server.options.grip_key
+        forwarded = _normal_ip(",".join(headers.get_all("X-Forwarded-For") or []).split(",")[-1])
+        if forwarded and (peer in self.server.trusted_proxies or (
+                key and "Grip-Sig" in headers and _grip_signature_valid(headers["Grip-Sig"], key))):
+            return forwarded
+        return peer
+
+    def _check_host(self, request):
+        """DNS-rebinding protection: a hostile page that points its own name at
+        127.0.0.1 still sends its own name as Host."""
+        hosts = request.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise _HTTPError(400, "more than one Host header")
+        if not hosts:
+            if request.request_version == "HTTP/1.0":
+                return
+            raise _HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
+        if not self.server.host_allowed(_host_name(hosts[0])):
+            raise _HTTPError(403, "host %r is not allowed; start the server with "
+                             "--allow-host to serve it" % _host_name(hosts[0]))
+
+    def _viewer_admitted(self, request, path, key):
+        """A view key lets its holder watch its own run and load the page:
+        True there; 403 for a right key on any other path or run; False
+        (a failure, answered 401) for a key that is no run's."""
+        registry, reading = self.server.registry, request.command in ("GET", "HEAD")
+        match = VIEWABLE_PATH.fullmatch(path)
+        if match and reading:
+            session = registry.get(match.group(1))
+            if session is not None and session.holds_view_key(key):
+                return True
+        if registry.viewed_by(key) is None:
+            return False
+        if path in VIEWER_PAGES and reading:
+            return True
+        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
+                         "operator's token")
+
+    def _cookie(self, request):
+        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
+        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
+        return _cookie_value("; ".join(request.headers.get_all("Cookie") or []),
+                             self.access.cookie_name)
+
+
 def _without_secrets(text):
     """A request line fit for a log: the value of each query parameter whose
     name, decoded as the server decodes it (`%74oken` is `token`), is a
@@ -5438,13 +5604,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             if len(self.requestline.split()) == 2:
                 raise _HTTPError(400, "HTTP/0.9 requests are not supported")
-            self.check_host()
             path, _, query = self.path.partition("?")
-            if self.check_access(path, query):
-                return
+            verdict = self.server.gate.admit(self, path, query)
+            if verdict is _Gate.SIGN_IN:
+                return self.send_body(303, b"", None, self.server.gate.sign_in_headers(self))
+            if verdict is not _Gate.ALLOW:
+                return self.send_sign_in_page(verdict)
             method, args = self.route(path)
             if self.command == "POST":
-                self.check_origin()
+                self.server.gate.check_origin(self)
             if self.command == "OPTIONS":
                 self.send_body(204, b"", None, {"Allow": self.allow})
             else:
@@ -5478,129 +5646,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return getattr(self, "route_" + methods[self.command]), match.groups()
         raise _HTTPError(404, "not found")
 
-    def check_host(self):
-        """DNS-rebinding protection: a hostile page that points its own name at
-        127.0.0.1 still sends its own name as Host."""
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1:
-            raise _HTTPError(400, "more than one Host header")
-        if not hosts:
-            if self.request_version == "HTTP/1.0":
-                return
-            raise _HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
-        if not self.server.host_allowed(_host_name(hosts[0])):
-            raise _HTTPError(403, "host %r is not allowed; start the server with "
-                             "--allow-host to serve it" % _host_name(hosts[0]))
-
-    def check_access(self, path, query):
-        """With a token: every path but /healthz needs a credential: the
-        operator's, a view key where it reaches, Pushpin's feed key; a
-        /cancel or a report may carry its run's own key, which its route
-        checks. GET /?token= signs a browser in. A right credential is
-        served even from a locked-out address (see _Access). True when this
-        answered the request itself."""
-        access = self.server.access
-        if access is None or path == "/healthz":    # counts only: open even when locked out
-            return False
-        given = _parse_query(query)
-        page = path == "/" and self.command in ("GET", "HEAD")
-        offered = given.get("token") or None if page else None    # ?token= is none
-        if offered is not None and access.holds_token(offered):
-            self.sign_in()
-            return True
-        if offered is None and self.is_operator():
-            return False
-        if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
-                self.headers.get("Authorization"):
-            return False      # perhaps the run's control or report key: the route decides
-        view_key = given.get("view")
-        if view_key is not None and self.viewer_admitted(path, view_key):
-            return False
-        feed_key = given.get("feed")
-        if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
-                feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
-            return False      # Pushpin's own request for the runs list it holds
-        # The page, or the job it loads first, asked for with no credential
-        # at all: how a sign-in begins, not a guess, so not counted.
-        quiet = path in VIEWER_PAGES and self.command in ("GET", "HEAD") and not (
-            offered or view_key or self.headers.get("Authorization") or self.cookie())
-        address = self.client_ip()
-        locked = access.locked_out(address) if quiet else access.failed(address)
-        if page:
-            self.send_sign_in_page(429 if locked else 401)
-            return True
-        self.refuse(401, "this server needs a sign-in: send Authorization: Bearer <token>, "
-                    "or open /?token=<token> in a browser",
-                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
-
-    def refuse(self, status, message, headers=None, locked=None):
-        """Refuse a wrong or missing credential: 429 while the client's
-        address is locked out (`locked`; None: count this failure first)."""
-        if locked is None:
-            access = self.server.access
-            locked = access is not None and access.failed(self.client_ip())
-        if locked:
-            raise _HTTPError(429, "too many failed credentials from this address: for a "
-                             "minute only a right one is taken",
-                             {"Retry-After": str(int(LOCKOUT_S))})
-        raise _HTTPError(status, message, headers)
-
-    def viewer_admitted(self, path, key):
-        """A view key lets its holder watch its own run and load the page:
-        True there; 403 for a right key on any other path or run; False
-        (a failure, answered 401) for a key that is no run's."""
-        match = VIEWABLE_PATH.fullmatch(path)
-        if match and self.command in ("GET", "HEAD"):
-            session = self.server.registry.get(match.group(1))
-            if session is not None and session.holds_view_key(key):
-                return True
-        viewed = self.server.registry.viewed_by(key)
-        if viewed is None:
-            return False
-        if path in VIEWER_PAGES and self.command in ("GET", "HEAD"):
-            return True
-        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
-                         "operator's token")
-
-    def is_operator(self):
-        """Does the request carry the operator's token (header or cookie)?
-        Without a token there is no operator: a run's control key alone
-        cancels it."""
-        access = self.server.access
-        if access is None:
-            return False
-        if access.holds_token(_bearer_credential(self.headers.get("Authorization"))):
-            return True
-        return access.holds_token(self.cookie(), cookie=True)
-
-    def cookie(self):
-        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
-        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
-        return _cookie_value("; ".join(self.headers.get_all("Cookie") or []),
-                             self.server.access.cookie_name)
-
-    def sign_in(self):
-        """The token was right: set the sign-in cookie (see _Access) for the
-        path the server is served under (/, or behind a proxy, its path), and
-        send the browser to the page there, so the token leaves the address
-        bar and the history. `Secure` under TLS, ours or a proxy's."""
-        prefix, access = self.forwarded_prefix(), self.server.access
-        secure = self.server.tls or \
-            (self.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
-        self.send_body(303, b"", None, {
-            "Location": prefix + "/", "Cache-Control": "no-store",
-            "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
-                          % (access.cookie_name, access.cookie, prefix or "/",
-                             "; Secure" if secure else "")})
-
-    def forwarded_prefix(self):
-        """The path a reverse proxy serves this server under, from its
-        X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
-        /jobs;`), else --base-path, else "". Only a plain path is taken: a
-        redirect built from it stays on this site, whoever sent the header."""
-        prefix = (self.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
-        return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
-
     def send_sign_in_page(self, status):
         """The page, 401 (it finds /job refused and offers a sign-in form) or
         429 while the address is locked out (it says so)."""
@@ -5609,15 +5654,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             **({"Retry-After": str(int(LOCKOUT_S))} if status == 429
                else {"WWW-Authenticate": 'Bearer realm="sse_demo"'})))
 
-    def check_origin(self):
-        """Cross-site request protection: a browser names the page that sent a
-        POST; only the server's own page may start or cancel a run."""
-        origin = self.headers.get("Origin")
-        if origin is None:
-            return
-        host = (self.headers.get("Host") or "").strip().lower()
-        if origin.strip().lower() not in ("http://" + host, "https://" + host):
-            raise _HTTPError(403, "cross-origin request from %r refused" % origin)
+    def is_operator(self):
+        return self.server.gate.operator(self)
 
     def read_body(self, limit=MAX_BODY_BYTES):
         """The request body (at most `limit` bytes), read under the request
@@ -5699,7 +5737,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         request came through it (its own later requests carry
         `link_query`), else written by the hub."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
-            self.check_grip_signature()
+            self.server.gate.check_grip_signature(self)
             body, headers = _grip_hold(session, last_id, self.server.grip.offered(session),
                                        self.headers.get("Grip-Last"),
                                        self.server.hub.keepalive_s, link_query, path)
@@ -5752,31 +5790,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         sock.setblocking(False)
         return sock
 
-    def client_ip(self):
-        """The client's address, which the lock-out counts: the peer's; or,
-        when the peer is a proxy the server trusts (a --trusted-proxy
-        address, or Pushpin proving itself with a Grip-Sig that --grip-key
-        verifies), the address that proxy put last in X-Forwarded-For.
-        Anyone else's X-Forwarded-For is ignored: a client cannot pick the
-        address its failures count against."""
-        peer = _normal_ip(self.client_address[0]) or self.client_address[0]
-        # Several header lines are one list, in order (RFC 9110, section 5.3):
-        # a proxy that adds a line of its own (HAProxy) adds it last.
-        forwarded = _normal_ip(
-            ",".join(self.headers.get_all("X-Forwarded-For") or []).split(",")[-1])
-        if forwarded and (peer in self.server.trusted_proxies or (
-                self.server.options.grip_key and "Grip-Sig" in self.headers
-                and _grip_signature_valid(self.headers["Grip-Sig"], self.server.options.grip_key))):
-            return forwarded
-        return peer
-
-    def check_grip_signature(self):
-        """With a key configured, a request that claims to come through
-        Pushpin must carry a valid Grip-Sig."""
-        key = self.server.options.grip_key
-        if key and not _grip_signature_valid(self.headers.get("Grip-Sig"), key):
-            raise _HTTPError(403, "invalid Grip-Sig")
-
     def run_for_key(self, session_id, holds_key, refusal):
         """The run, once the request's Bearer key for it is one `holds_key`
         takes. These paths let any Authorization header past the access
@@ -5792,7 +5805,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status = 403
         if self.is_operator():
             raise _HTTPError(status, refusal)
-        self.refuse(status, refusal)
+        self.server.gate.refuse(self, status, refusal)
 
     def route_cancel(self, query, session_id):
         session = self.run_for_key(session_id, lambda run, key: run.holds_control_key(key)
@@ -7340,6 +7353,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
         self.access = _Access(o.token, self.server_address[1]) if o.token else None
+        self.gate = _Gate(self)
         self.grip = _GripPublisher(o.grip) if o.grip else None
         self.trusted_proxies = frozenset(map(_normal_ip, o.trusted_proxies))
         self.base_path = o.base_path.rstrip("/")   # where a proxy serves it, if it cannot say
