@@ -5466,9 +5466,12 @@ HANDED_TO_HUB = threading.local()  # .sock: the TLS connection this handler thre
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Answers every path in PROTOCOL.md; a stream's socket goes to the hub
-    once its response head is written."""
+class _HTTPExchange(http.server.BaseHTTPRequestHandler):
+    """A connection's life, and HTTP as the server speaks it: each request
+    under one deadline (a TLS handshake too), keep-alive between requests
+    in the hub rather than in a thread, the socket handed to the hub for a
+    stream, a body read only when a route asks for it, and every answer
+    (errors too) with a JSON or given body. `_Handler` adds the routes."""
 
     protocol_version = "HTTP/1.1"
     # Errors about a request line too broken to carry a version still get a
@@ -5476,22 +5479,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"
     server_version = "sse_demo/" + __version__
     disable_nagle_algorithm = True     # an event is small and must leave at once
-
-    ROUTES = (
-        (re.compile(r"/"), {"GET": "page", "HEAD": "page"}),
-        (re.compile(r"/start"), {"POST": "start"}),
-        (re.compile(r"/progress/(%s)" % SESSION_ID_PATTERN), {"GET": "stream"}),
-        (re.compile(r"/cancel/(%s)" % SESSION_ID_PATTERN), {"POST": "cancel"}),
-        (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
-        (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
-        (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs", "POST": "open_reported"}),
-        (re.compile(r"/runs/events"), {"GET": "runs_events"}),
-        (REPORT_PATH, {"POST": "report"}),
-        (re.compile(r"/series/(%s)" % SESSION_ID_PATTERN), {"GET": "series", "HEAD": "series"}),
-        (re.compile(r"/log/(%s)" % SESSION_ID_PATTERN), {"GET": "log"}),
-        (re.compile(r"/export/(%s)" % SESSION_ID_PATTERN), {"GET": "export"}),
-        (re.compile(r"/healthz"), {"GET": "healthz", "HEAD": "healthz"}),
-    )
 
     request_read = False    # the whole request, body included, has been read
     responded = False       # a response head has gone out
@@ -5588,6 +5575,107 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
+    def take_connection(self):
+        """The connection, non-blocking, for the hub: the HTTP server lets go
+        of it. A plain socket leaves the server's socket object (which then
+        closes nothing); a TLS socket carries its session, so it stays whole
+        and this thread is marked as having handed it on, so that it does not
+        close it on its way out (SSEServer.shutdown_request). The mark is the
+        thread's, not the socket's: the hub may hand the socket back to a new
+        thread before this one has finished."""
+        if _is_tls(self.connection):
+            sock = self.connection
+            HANDED_TO_HUB.sock = sock
+        else:
+            sock = socket.socket(fileno=self.connection.detach())
+        sock.setblocking(False)
+        return sock
+
+    def read_body(self, limit=MAX_BODY_BYTES):
+        """The request body (at most `limit` bytes), read under the request
+        deadline, by a route once it has checked what it can without it (a
+        key, the run): a body no route wants is never read (the connection
+        then closes). No Content-Length means no body."""
+        if self.headers.get("Transfer-Encoding"):
+            raise _HTTPError(411, "send the body with a Content-Length, not chunked")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            self.request_read = True
+            return b""
+        if len(set(lengths)) > 1 or not DECIMAL.fullmatch(lengths[0].strip()):
+            raise _HTTPError(400, "Content-Length must be one non-negative integer")
+        length = int(lengths[0])
+        if length > limit:
+            raise _HTTPError(413, "request body over %d bytes" % limit)
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:
+            raise _HTTPError(408, "request body not received in time")
+        if len(body) < length:
+            raise _HTTPError(400, "request body shorter than its Content-Length")
+        self.request_read = True
+        return body
+
+    def send_json(self, status, data, headers=None):
+        extra = {"Cache-Control": "no-store"}
+        extra.update(headers or {})
+        self.send_body(status, json_line(data).encode() + b"\n", "application/json", extra)
+
+    def send_body(self, status, body, content_type, headers=None):
+        self.responded = True
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status != 204:
+            self.send_header("Content-Length", str(len(body)))
+        if not self.request_read:
+            self.send_header("Connection", "close")   # an unread body is still on the wire
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None, headers=None):
+        """Every error, the base class's own 400/414/431/501 included, is JSON."""
+        if message is None:
+            message = self.responses.get(code, ("error",))[0]
+        self.send_json(code, {"error": message}, headers)
+
+    def version_string(self):
+        return self.server_version
+
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def log_message(self, format, *args):
+        log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
+                 _without_secrets(format % args))
+
+
+class _Handler(_HTTPExchange):
+    """Answers every path in PROTOCOL.md, as the routes below say; a
+    stream's socket goes to the hub once its response head is written."""
+
+    ROUTES = (
+        (re.compile(r"/"), {"GET": "page", "HEAD": "page"}),
+        (re.compile(r"/start"), {"POST": "start"}),
+        (re.compile(r"/progress/(%s)" % SESSION_ID_PATTERN), {"GET": "stream"}),
+        (re.compile(r"/cancel/(%s)" % SESSION_ID_PATTERN), {"POST": "cancel"}),
+        (re.compile(r"/status/(%s)" % SESSION_ID_PATTERN), {"GET": "status", "HEAD": "status"}),
+        (re.compile(r"/job"), {"GET": "job", "HEAD": "job"}),
+        (re.compile(r"/runs"), {"GET": "runs", "HEAD": "runs", "POST": "open_reported"}),
+        (re.compile(r"/runs/events"), {"GET": "runs_events"}),
+        (REPORT_PATH, {"POST": "report"}),
+        (re.compile(r"/series/(%s)" % SESSION_ID_PATTERN), {"GET": "series", "HEAD": "series"}),
+        (re.compile(r"/log/(%s)" % SESSION_ID_PATTERN), {"GET": "log"}),
+        (re.compile(r"/export/(%s)" % SESSION_ID_PATTERN), {"GET": "export"}),
+        (re.compile(r"/healthz"), {"GET": "healthz", "HEAD": "healthz"}),
+    )
+
     def do_GET(self):
         self.dispatch()
 
@@ -5656,31 +5744,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def is_operator(self):
         return self.server.gate.operator(self)
-
-    def read_body(self, limit=MAX_BODY_BYTES):
-        """The request body (at most `limit` bytes), read under the request
-        deadline, by a route once it has checked what it can without it (a
-        key, the run): a body no route wants is never read (the connection
-        then closes). No Content-Length means no body."""
-        if self.headers.get("Transfer-Encoding"):
-            raise _HTTPError(411, "send the body with a Content-Length, not chunked")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            self.request_read = True
-            return b""
-        if len(set(lengths)) > 1 or not DECIMAL.fullmatch(lengths[0].strip()):
-            raise _HTTPError(400, "Content-Length must be one non-negative integer")
-        length = int(lengths[0])
-        if length > limit:
-            raise _HTTPError(413, "request body over %d bytes" % limit)
-        try:
-            body = self.rfile.read(length)
-        except socket.timeout:
-            raise _HTTPError(408, "request body not received in time")
-        if len(body) < length:
-            raise _HTTPError(400, "request body shorter than its Content-Length")
-        self.request_read = True
-        return body
 
     # -- routes ---------------------------------------------------------------
 
@@ -5773,22 +5836,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # HTTP clients do not pipeline behind a stream.
         return _Connection(self.take_connection(), self.client_address, session, last_id,
                            chunked, keep_alive)
-
-    def take_connection(self):
-        """The connection, non-blocking, for the hub: the HTTP server lets go
-        of it. A plain socket leaves the server's socket object (which then
-        closes nothing); a TLS socket carries its session, so it stays whole
-        and this thread is marked as having handed it on, so that it does not
-        close it on its way out (SSEServer.shutdown_request). The mark is the
-        thread's, not the socket's: the hub may hand the socket back to a new
-        thread before this one has finished."""
-        if _is_tls(self.connection):
-            sock = self.connection
-            HANDED_TO_HUB.sock = sock
-        else:
-            sock = socket.socket(fileno=self.connection.detach())
-        sock.setblocking(False)
-        return sock
 
     def run_for_key(self, session_id, holds_key, refusal):
         """The run, once the request's Bearer key for it is one `holds_key`
@@ -5996,46 +6043,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(404, "unknown session (it may have expired)")
         return session
 
-    # -- responses --------------------------------------------------------------
-
-    def send_json(self, status, data, headers=None):
-        extra = {"Cache-Control": "no-store"}
-        extra.update(headers or {})
-        self.send_body(status, json_line(data).encode() + b"\n", "application/json", extra)
-
-    def send_body(self, status, body, content_type, headers=None):
-        self.responded = True
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if status != 204:
-            self.send_header("Content-Length", str(len(body)))
-        if not self.request_read:
-            self.send_header("Connection", "close")   # an unread body is still on the wire
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None, headers=None):
-        """Every error, the base class's own 400/414/431/501 included, is JSON."""
-        if message is None:
-            message = self.responses.get(code, ("error",))[0]
-        self.send_json(code, {"error": message}, headers)
-
-    def version_string(self):
-        return self.server_version
-
-    def end_headers(self):
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        super().end_headers()
-
-    def log_message(self, format, *args):
-        log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
-                 _without_secrets(format % args))
 
 
 ###############################################################################
