@@ -4889,172 +4889,6 @@ class _Access:
         return locked
 
 
-class _Gate:
-    """Every access decision about a request, in one place, so that the
-    handler only speaks HTTP: its Host (DNS rebinding), its Origin (a POST
-    from another site's page), and behind a token its credential: the
-    operator's token or sign-in cookie, a view key where it reaches, the runs
-    feed's key for Pushpin, a run's own control or report key (its route
-    checks which); the lock-out, and the client's address that it counts."""
-
-    ALLOW, SIGN_IN = "allow", "sign in"
-
-    def __init__(self, server):
-        self.server = server
-        self.access = server.access      # None: no token, every path open
-
-    def admit(self, request, path, query):
-        """ALLOW; SIGN_IN (a right ?token= on the page: set the cookie); 401
-        or 429 for the page itself (which then offers a sign-in, or says why
-        not); or raises HTTPError: 400 or 403 for its Host, 401, 403 or 429
-        for its credential."""
-        self._check_host(request)
-        access = self.access
-        if access is None or path == "/healthz":    # counts only: open even when locked out
-            return self.ALLOW
-        given = _parse_query(query)
-        page = path == "/" and request.command in ("GET", "HEAD")
-        offered = given.get("token") or None if page else None    # ?token= is none
-        if offered is not None and access.holds_token(offered):
-            return self.SIGN_IN
-        if offered is None and self.operator(request):
-            return self.ALLOW
-        if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
-                request.headers.get("Authorization"):
-            return self.ALLOW     # perhaps the run's control or report key: the route decides
-        view_key, feed_key = given.get("view"), given.get("feed")
-        if view_key is not None and self._viewer_admitted(request, path, view_key):
-            return self.ALLOW
-        if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
-                feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
-            return self.ALLOW     # Pushpin's own request for the runs list it holds
-        # The page, or the job it loads first, asked for with no credential
-        # at all: how a sign-in begins, not a guess, so not counted.
-        quiet = path in VIEWER_PAGES and request.command in ("GET", "HEAD") and not (
-            offered or view_key or request.headers.get("Authorization") or self._cookie(request))
-        address = self.client_ip(request)
-        locked = access.locked_out(address) if quiet else access.failed(address)
-        if page:
-            return 429 if locked else 401
-        self.refuse(request, 401, "this server needs a sign-in: send Authorization: Bearer "
-                    "<token>, or open /?token=<token> in a browser",
-                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
-
-    def refuse(self, request, status, message, headers=None, locked=None):
-        """Refuse a wrong or missing credential: 429 while the client's
-        address is locked out (`locked`; None: count this failure first)."""
-        if locked is None:
-            locked = self.access is not None and self.access.failed(self.client_ip(request))
-        if locked:
-            raise _HTTPError(429, "too many failed credentials from this address: for a "
-                             "minute only a right one is taken",
-                             {"Retry-After": str(int(LOCKOUT_S))})
-        raise _HTTPError(status, message, headers)
-
-    def operator(self, request):
-        """Does the request carry the operator's token (header or cookie)?
-        Without a token there is no operator: a run's control key alone
-        cancels it."""
-        access = self.access
-        if access is None:
-            return False
-        if access.holds_token(_bearer_credential(request.headers.get("Authorization"))):
-            return True
-        return access.holds_token(self._cookie(request), cookie=True)
-
-    def sign_in_headers(self, request):
-        """The token was right: the sign-in cookie (see _Access) for the path
-        the server is served under (/, or behind a proxy, its path), and the
-        page there to go to, so the token leaves the address bar and the
-        history. `Secure` under TLS, ours or a proxy's."""
-        prefix = self.forwarded_prefix(request)
-        secure = self.server.tls or \
-            (request.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
-        return {"Location": prefix + "/", "Cache-Control": "no-store",
-                "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
-                              % (self.access.cookie_name, self.access.cookie, prefix or "/",
-                                 "; Secure" if secure else "")}
-
-    def forwarded_prefix(self, request):
-        """The path a reverse proxy serves this server under, from its
-        X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
-        /jobs;`), else --base-path, else "". Only a plain path is taken: a
-        redirect built from it stays on this site, whoever sent the header."""
-        prefix = (request.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
-        return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
-
-    def check_origin(self, request):
-        """Cross-site request protection: a browser names the page that sent a
-        POST; only the server's own page may start or cancel a run."""
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return
-        host = (request.headers.get("Host") or "").strip().lower()
-        if origin.strip().lower() not in ("http://" + host, "https://" + host):
-            raise _HTTPError(403, "cross-origin request from %r refused" % origin)
-
-    def check_grip_signature(self, request):
-        """With a key configured, a request that claims to come through
-        Pushpin must carry a valid Grip-Sig."""
-        key = self.server.options.grip_key
-        if key and not _grip_signature_valid(request.headers.get("Grip-Sig"), key):
-            raise _HTTPError(403, "invalid Grip-Sig")
-
-    def client_ip(self, request):
-        """The client's address, which the lock-out counts: the peer's; or,
-        when the peer is a proxy the server trusts (a --trusted-proxy
-        address, or Pushpin proving itself with a Grip-Sig that --grip-key
-        verifies), the address that proxy put last in X-Forwarded-For.
-        Anyone else's X-Forwarded-For is ignored: a client cannot pick the
-        address its failures count against."""
-        peer = _normal_ip(request.client_address[0]) or request.client_address[0]
-        # Several header lines are one list, in order (RFC 9110, section 5.3):
-        # a proxy that adds a line of its own (HAProxy) adds it last.
-        headers, key = request.headers, self.server.options.grip_key
-        forwarded = _normal_ip(",".join(headers.get_all("X-Forwarded-For") or []).split(",")[-1])
-        if forwarded and (peer in self.server.trusted_proxies or (
-                key and "Grip-Sig" in headers and _grip_signature_valid(headers["Grip-Sig"], key))):
-            return forwarded
-        return peer
-
-    def _check_host(self, request):
-        """DNS-rebinding protection: a hostile page that points its own name at
-        127.0.0.1 still sends its own name as Host."""
-        hosts = request.headers.get_all("Host") or []
-        if len(hosts) > 1:
-            raise _HTTPError(400, "more than one Host header")
-        if not hosts:
-            if request.request_version == "HTTP/1.0":
-                return
-            raise _HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
-        if not self.server.host_allowed(_host_name(hosts[0])):
-            raise _HTTPError(403, "host %r is not allowed; start the server with "
-                             "--allow-host to serve it" % _host_name(hosts[0]))
-
-    def _viewer_admitted(self, request, path, key):
-        """A view key lets its holder watch its own run and load the page:
-        True there; 403 for a right key on any other path or run; False
-        (a failure, answered 401) for a key that is no run's."""
-        registry, reading = self.server.registry, request.command in ("GET", "HEAD")
-        match = VIEWABLE_PATH.fullmatch(path)
-        if match and reading:
-            session = registry.get(match.group(1))
-            if session is not None and session.holds_view_key(key):
-                return True
-        if registry.viewed_by(key) is None:
-            return False
-        if path in VIEWER_PAGES and reading:
-            return True
-        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
-                         "operator's token")
-
-    def _cookie(self, request):
-        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
-        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
-        return _cookie_value("; ".join(request.headers.get_all("Cookie") or []),
-                             self.access.cookie_name)
-
-
 def _without_secrets(text):
     """A request line fit for a log: the value of each query parameter whose
     name, decoded as the server decodes it (`%74oken` is `token`), is a
@@ -5421,6 +5255,172 @@ class _ReportedRuns:
 ###############################################################################
 # The HTTP handler
 ###############################################################################
+
+class _Gate:
+    """Every access decision about a request, in one place, so that the
+    handler only speaks HTTP: its Host (DNS rebinding), its Origin (a POST
+    from another site's page), and behind a token its credential: the
+    operator's token or sign-in cookie, a view key where it reaches, the runs
+    feed's key for Pushpin, a run's own control or report key (its route
+    checks which); the lock-out, and the client's address that it counts."""
+
+    ALLOW, SIGN_IN = "allow", "sign in"
+
+    def __init__(self, server):
+        self.server = server
+        self.access = server.access      # None: no token, every path open
+
+    def admit(self, request, path, query):
+        """ALLOW; SIGN_IN (a right ?token= on the page: set the cookie); 401
+        or 429 for the page itself (which then offers a sign-in, or says why
+        not); or raises HTTPError: 400 or 403 for its Host, 401, 403 or 429
+        for its credential."""
+        self._check_host(request)
+        access = self.access
+        if access is None or path == "/healthz":    # counts only: open even when locked out
+            return self.ALLOW
+        given = _parse_query(query)
+        page = path == "/" and request.command in ("GET", "HEAD")
+        offered = given.get("token") or None if page else None    # ?token= is none
+        if offered is not None and access.holds_token(offered):
+            return self.SIGN_IN
+        if offered is None and self.operator(request):
+            return self.ALLOW
+        if (path.startswith("/cancel/") or REPORT_PATH.fullmatch(path)) and \
+                request.headers.get("Authorization"):
+            return self.ALLOW     # perhaps the run's control or report key: the route decides
+        view_key, feed_key = given.get("view"), given.get("feed")
+        if view_key is not None and self._viewer_admitted(request, path, view_key):
+            return self.ALLOW
+        if path == "/runs/events" and feed_key is not None and hmac.compare_digest(
+                feed_key.encode("utf-8", "replace"), self.server.feed.key.encode()):
+            return self.ALLOW     # Pushpin's own request for the runs list it holds
+        # The page, or the job it loads first, asked for with no credential
+        # at all: how a sign-in begins, not a guess, so not counted.
+        quiet = path in VIEWER_PAGES and request.command in ("GET", "HEAD") and not (
+            offered or view_key or request.headers.get("Authorization") or self._cookie(request))
+        address = self.client_ip(request)
+        locked = access.locked_out(address) if quiet else access.failed(address)
+        if page:
+            return 429 if locked else 401
+        self.refuse(request, 401, "this server needs a sign-in: send Authorization: Bearer "
+                    "<token>, or open /?token=<token> in a browser",
+                    {"WWW-Authenticate": 'Bearer realm="sse_demo"'}, locked)
+
+    def refuse(self, request, status, message, headers=None, locked=None):
+        """Refuse a wrong or missing credential: 429 while the client's
+        address is locked out (`locked`; None: count this failure first)."""
+        if locked is None:
+            locked = self.access is not None and self.access.failed(self.client_ip(request))
+        if locked:
+            raise _HTTPError(429, "too many failed credentials from this address: for a "
+                             "minute only a right one is taken",
+                             {"Retry-After": str(int(LOCKOUT_S))})
+        raise _HTTPError(status, message, headers)
+
+    def operator(self, request):
+        """Does the request carry the operator's token (header or cookie)?
+        Without a token there is no operator: a run's control key alone
+        cancels it."""
+        access = self.access
+        if access is None:
+            return False
+        if access.holds_token(_bearer_credential(request.headers.get("Authorization"))):
+            return True
+        return access.holds_token(self._cookie(request), cookie=True)
+
+    def sign_in_headers(self, request):
+        """The token was right: the sign-in cookie (see _Access) for the path
+        the server is served under (/, or behind a proxy, its path), and the
+        page there to go to, so the token leaves the address bar and the
+        history. `Secure` under TLS, ours or a proxy's."""
+        prefix = self.forwarded_prefix(request)
+        secure = self.server.tls or \
+            (request.headers.get("X-Forwarded-Proto") or "").strip().lower() == "https"
+        return {"Location": prefix + "/", "Cache-Control": "no-store",
+                "Set-Cookie": "%s=%s; HttpOnly; SameSite=Strict; Path=%s%s"
+                              % (self.access.cookie_name, self.access.cookie, prefix or "/",
+                                 "; Secure" if secure else "")}
+
+    def forwarded_prefix(self, request):
+        """The path a reverse proxy serves this server under, from its
+        X-Forwarded-Prefix (nginx: `proxy_set_header X-Forwarded-Prefix
+        /jobs;`), else --base-path, else "". Only a plain path is taken: a
+        redirect built from it stays on this site, whoever sent the header."""
+        prefix = (request.headers.get("X-Forwarded-Prefix") or "").rstrip("/")
+        return prefix if prefix and FORWARDED_PREFIX.fullmatch(prefix) else self.server.base_path
+
+    def check_origin(self, request):
+        """Cross-site request protection: a browser names the page that sent a
+        POST; only the server's own page may start or cancel a run."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        host = (request.headers.get("Host") or "").strip().lower()
+        if origin.strip().lower() not in ("http://" + host, "https://" + host):
+            raise _HTTPError(403, "cross-origin request from %r refused" % origin)
+
+    def check_grip_signature(self, request):
+        """With a key configured, a request that claims to come through
+        Pushpin must carry a valid Grip-Sig."""
+        key = self.server.options.grip_key
+        if key and not _grip_signature_valid(request.headers.get("Grip-Sig"), key):
+            raise _HTTPError(403, "invalid Grip-Sig")
+
+    def client_ip(self, request):
+        """The client's address, which the lock-out counts: the peer's; or,
+        when the peer is a proxy the server trusts (a --trusted-proxy
+        address, or Pushpin proving itself with a Grip-Sig that --grip-key
+        verifies), the address that proxy put last in X-Forwarded-For.
+        Anyone else's X-Forwarded-For is ignored: a client cannot pick the
+        address its failures count against."""
+        peer = _normal_ip(request.client_address[0]) or request.client_address[0]
+        # Several header lines are one list, in order (RFC 9110, section 5.3):
+        # a proxy that adds a line of its own (HAProxy) adds it last.
+        headers, key = request.headers, self.server.options.grip_key
+        forwarded = _normal_ip(",".join(headers.get_all("X-Forwarded-For") or []).split(",")[-1])
+        if forwarded and (peer in self.server.trusted_proxies or (
+                key and "Grip-Sig" in headers and _grip_signature_valid(headers["Grip-Sig"], key))):
+            return forwarded
+        return peer
+
+    def _check_host(self, request):
+        """DNS-rebinding protection: a hostile page that points its own name at
+        127.0.0.1 still sends its own name as Host."""
+        hosts = request.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise _HTTPError(400, "more than one Host header")
+        if not hosts:
+            if request.request_version == "HTTP/1.0":
+                return
+            raise _HTTPError(400, "missing Host header (RFC 9112, section 3.2)")
+        if not self.server.host_allowed(_host_name(hosts[0])):
+            raise _HTTPError(403, "host %r is not allowed; start the server with "
+                             "--allow-host to serve it" % _host_name(hosts[0]))
+
+    def _viewer_admitted(self, request, path, key):
+        """A view key lets its holder watch its own run and load the page:
+        True there; 403 for a right key on any other path or run; False
+        (a failure, answered 401) for a key that is no run's."""
+        registry, reading = self.server.registry, request.command in ("GET", "HEAD")
+        match = VIEWABLE_PATH.fullmatch(path)
+        if match and reading:
+            session = registry.get(match.group(1))
+            if session is not None and session.holds_view_key(key):
+                return True
+        if registry.viewed_by(key) is None:
+            return False
+        if path in VIEWER_PAGES and reading:
+            return True
+        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
+                         "operator's token")
+
+    def _cookie(self, request):
+        """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
+        cookies as several Cookie lines (RFC 9113, section 8.2.3)."""
+        return _cookie_value("; ".join(request.headers.get_all("Cookie") or []),
+                             self.access.cookie_name)
+
 
 class _DeadlineReader(io.RawIOBase):
     """Reads a request from the socket under one deadline for the whole of it,
