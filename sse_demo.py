@@ -8002,6 +8002,19 @@ def _options(args):
     return options, made
 
 
+def _job_of(args):
+    """The job the command line names: --job, --cmd, or the built-in one
+    (renamed by --title). Raises ValueError with the reason."""
+    if args.job:
+        job = _load_job(args.job)
+    elif args.cmd is not None:
+        return command_job(args.cmd, args.kill_after or DEFAULT_KILL_AFTER_S, args.title)
+    else:
+        job = function_job(simulate_optimisation)
+    job.title = args.title or job.title
+    return job
+
+
 def main(argv=None):
     """`python sse_demo.py [options]` serves; `python sse_demo.py watch|start
     URL ...` is the terminal client, `report URL ...` the reporting one.
@@ -8037,19 +8050,6 @@ def main(argv=None):
             log.error("error: %s %s cannot be used: %s", option, path, exc.strerror or exc)
             return 2
     return serve(job=job, show_token=made, **dataclasses.asdict(options))
-
-
-def _job_of(args):
-    """The job the command line names: --job, --cmd, or the built-in one
-    (renamed by --title). Raises ValueError with the reason."""
-    if args.job:
-        job = _load_job(args.job)
-    elif args.cmd is not None:
-        return command_job(args.cmd, args.kill_after or DEFAULT_KILL_AFTER_S, args.title)
-    else:
-        job = function_job(simulate_optimisation)
-    job.title = args.title or job.title
-    return job
 
 
 if __name__ == "__main__":
