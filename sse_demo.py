@@ -7313,101 +7313,15 @@ class Options:
             _check_token(self.token)
 
 
-class SSEServer(http.server.ThreadingHTTPServer):
-    """The HTTP server, its sessions and its stream writer."""
+class _SocketServer(http.server.ThreadingHTTPServer):
+    """The sockets: binding (no DNS look-up), accepting (TLS's handshake
+    left to the connection's own thread), a thread per request within
+    --max-per-address, connections the hub parked coming back, and errors
+    of clients that went away kept out of stderr. SSEServer adds the runs."""
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
-    hub = None        # until the socket is bound
-    stopping = False  # server_close() has begun: /log followers end
-
-    def __init__(self, options, job=None):
-        """Bind, as `options` say (an Options, checked: ValueError names an
-        option it cannot take); `start()` does the rest."""
-        options.check()
-        self.options = o = options
-        host, port = o.host, o.port
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
-        self.tls = None                       # an ssl.SSLContext once started, with certfile
-        super().__init__((host, port), _Handler)
-        self._per_address_lock = threading.Lock()  # guards _per_address
-        self._per_address = {}                     # peer address -> its connections in threads
-        self.supervisor = _Supervisor()
-        self.hub = _StreamHub(o.keepalive_s, o.request_timeout_s, o.max_streams,
-                              self.resume_connection)
-        self.journal = _Journal(o.state_dir) if o.state_dir else None
-        self.queue = _RunQueue(o.concurrency, o.max_queue, self.start_run)
-        self.reported = _ReportedRuns(o.report_timeout_s,
-                                      self.journal.note_received if self.journal else None)
-        self.notifier = _Notifier(o.notify, o.notify_key, o.notify_format) if o.notify else None
-        self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
-                              self.on_feed_publish,
-                              lambda session: self.grip is not None or self.hub.followed(session))
-        self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
-        # With a queue, --max-queue limits the runs that wait and --concurrency
-        # those that run; --max-sessions is for a server without a queue.
-        self.registry = _Registry(o.max_sessions, o.session_ttl_s, self.on_publish,
-                                  self.forget_run, int(o.max_record_mb * 2 ** 20),
-                                  self.journal.note_process if self.journal else lambda s: None,
-                                  self.run_ended,
-                                  o.concurrency + o.max_queue if o.concurrency else None)
-        self.page = self.page_csp = None      # index.html, read by start()
-        self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
-        self.allowed_hosts.update(h.lower() for h in o.allowed_hosts)
-        self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
-        if self.wildcard:
-            self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
-        self.access = _Access(o.token, self.server_address[1]) if o.token else None
-        self.gate = _Gate(self)
-        self.grip = _GripPublisher(o.grip) if o.grip else None
-        self.trusted_proxies = frozenset(map(_normal_ip, o.trusted_proxies))
-        self.base_path = o.base_path.rstrip("/")   # where a proxy serves it, if it cannot say
-        if self.hub.max_streams < o.max_streams:
-            log.warning("this platform's selector is select(), which watches at most %d "
-                        "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
-                        o.max_streams, self.hub.max_streams)
-
-    started = False
-
-    def start(self):
-        """Read the page, the certificate and the journal's runs, and start
-        the background threads; then serve_forever(). (The constructor only
-        binds.) Raises OSError (ssl.SSLError is one) when --state-dir or the
-        certificate cannot be used: then close the server."""
-        if self.started:
-            return
-        o = self.options
-        if o.state_dir:
-            _Journal.prepare(o.state_dir)
-        if o.certfile:
-            self.tls = _tls_context(o.certfile, o.keyfile)
-        self.page = _read_page()
-        self.page_csp = _csp_for(self.page or b"")
-        self.started = True
-        if self.journal:
-            ended, waiting, reported = self.restore_runs(o.state_dir, o.session_ttl_s)
-            self.registry.restore(ended)
-            for session in ended if self.grip else ():
-                self.grip.all_offered(session)
-            self.journal.start(self.supervisor)
-            for header, events in waiting:
-                self.requeue(header, events)
-            for header, events in reported:
-                self.resume_reported(header, events)
-        self.reported.start(self.supervisor)
-        if self.grip:
-            self.grip.start(self.supervisor)
-        if self.notifier:
-            self.notifier.start(self.supervisor)
-        self.feed.start(self.supervisor)
-        self.hub.start(self.supervisor)
-
-    def serve_forever(self, poll_interval=0.5):
-        """Serve until shutdown(); start()s the server first if need be."""
-        self.start()
-        super().serve_forever(poll_interval)
+    tls = None        # an ssl.SSLContext once started, with --certfile
 
     def handle_error(self, request, client_address):
         """socketserver calls this for an exception that escaped the handler
@@ -7523,6 +7437,101 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """The bound address, localhost or an --allow-host name; on a wildcard
         address any IP literal (an IP is not a name an attacker can rebind)."""
         return name in self.allowed_hosts or (self.wildcard and _is_ip_literal(name))
+
+
+
+class SSEServer(_SocketServer):
+    """The HTTP server, its sessions and its stream writer."""
+
+    hub = None        # until the socket is bound
+    stopping = False  # server_close() has begun: /log followers end
+
+    def __init__(self, options, job=None):
+        """Bind, as `options` say (an Options, checked: ValueError names an
+        option it cannot take); `start()` does the rest."""
+        options.check()
+        self.options = o = options
+        host, port = o.host, o.port
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.job = job if isinstance(job, JobSpec) else (function_job(job) if job else BUILTIN_JOB)
+        super().__init__((host, port), _Handler)
+        self._per_address_lock = threading.Lock()  # guards _per_address
+        self._per_address = {}                     # peer address -> its connections in threads
+        self.supervisor = _Supervisor()
+        self.hub = _StreamHub(o.keepalive_s, o.request_timeout_s, o.max_streams,
+                              self.resume_connection)
+        self.journal = _Journal(o.state_dir) if o.state_dir else None
+        self.queue = _RunQueue(o.concurrency, o.max_queue, self.start_run)
+        self.reported = _ReportedRuns(o.report_timeout_s,
+                                      self.journal.note_received if self.journal else None)
+        self.notifier = _Notifier(o.notify, o.notify_key, o.notify_format) if o.notify else None
+        self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
+                              self.on_feed_publish,
+                              lambda session: self.grip is not None or self.hub.followed(session))
+        self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
+        # With a queue, --max-queue limits the runs that wait and --concurrency
+        # those that run; --max-sessions is for a server without a queue.
+        self.registry = _Registry(o.max_sessions, o.session_ttl_s, self.on_publish,
+                                  self.forget_run, int(o.max_record_mb * 2 ** 20),
+                                  self.journal.note_process if self.journal else lambda s: None,
+                                  self.run_ended,
+                                  o.concurrency + o.max_queue if o.concurrency else None)
+        self.page = self.page_csp = None      # index.html, read by start()
+        self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
+        self.allowed_hosts.update(h.lower() for h in o.allowed_hosts)
+        self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
+        if self.wildcard:
+            self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
+        self.access = _Access(o.token, self.server_address[1]) if o.token else None
+        self.gate = _Gate(self)
+        self.grip = _GripPublisher(o.grip) if o.grip else None
+        self.trusted_proxies = frozenset(map(_normal_ip, o.trusted_proxies))
+        self.base_path = o.base_path.rstrip("/")   # where a proxy serves it, if it cannot say
+        if self.hub.max_streams < o.max_streams:
+            log.warning("this platform's selector is select(), which watches at most %d "
+                        "sockets: --max-streams lowered from %d to %d", self.hub.capacity,
+                        o.max_streams, self.hub.max_streams)
+
+    started = False
+
+    def start(self):
+        """Read the page, the certificate and the journal's runs, and start
+        the background threads; then serve_forever(). (The constructor only
+        binds.) Raises OSError (ssl.SSLError is one) when --state-dir or the
+        certificate cannot be used: then close the server."""
+        if self.started:
+            return
+        o = self.options
+        if o.state_dir:
+            _Journal.prepare(o.state_dir)
+        if o.certfile:
+            self.tls = _tls_context(o.certfile, o.keyfile)
+        self.page = _read_page()
+        self.page_csp = _csp_for(self.page or b"")
+        self.started = True
+        if self.journal:
+            ended, waiting, reported = self.restore_runs(o.state_dir, o.session_ttl_s)
+            self.registry.restore(ended)
+            for session in ended if self.grip else ():
+                self.grip.all_offered(session)
+            self.journal.start(self.supervisor)
+            for header, events in waiting:
+                self.requeue(header, events)
+            for header, events in reported:
+                self.resume_reported(header, events)
+        self.reported.start(self.supervisor)
+        if self.grip:
+            self.grip.start(self.supervisor)
+        if self.notifier:
+            self.notifier.start(self.supervisor)
+        self.feed.start(self.supervisor)
+        self.hub.start(self.supervisor)
+
+    def serve_forever(self, poll_interval=0.5):
+        """Serve until shutdown(); start()s the server first if need be."""
+        self.start()
+        super().serve_forever(poll_interval)
 
     def on_publish(self, session, event):
         """Every event of every run, under its run's lock: tell the writer,
