@@ -311,6 +311,7 @@ class _Event:
 ###############################################################################
 
 SERIES_BUCKETS = 4096              # buckets a run's series keeps; past it, pairs merge
+SERIES_FIELDS = 64                 # fields a run's series charts; later new ones are not
 SERIES_POINTS_DEFAULT = 1000       # GET /series?points=N: default, and its bounds
 SERIES_POINTS_MIN = 10
 SERIES_POINTS_MAX = 5000
@@ -392,7 +393,8 @@ class _Series:
                 row += (value, value, value)
             self.buckets[index] = tuple(row)
             return
-        slots = [(3 * self._slot(name), value) for name, value in fields.items()]
+        slots = [(3 * self._slot(name), value) for name, value in fields.items()
+                 if name in self._slots or len(self.names) < SERIES_FIELDS]
         bucket = bucket or (iteration,)
         values = list(bucket[1:]) + [None] * (3 * len(self.names) - len(bucket) + 1)
         for k, value in slots:
@@ -2265,11 +2267,16 @@ class BadParam(ValueError):
         self.param = param
 
 
-class Cancelled(BaseException):
+class Cancelled(SystemExit):
     """Raised by `progress(...)` after POST /cancel, to unwind the job.
 
-    A BaseException, like asyncio.CancelledError, so that a job's own
-    `except Exception:` does not swallow it."""
+    Not an Exception, like asyncio.CancelledError, so that a job's own
+    `except Exception:` does not swallow it; a SystemExit with status 3, so
+    that a script whose `Reporter` block it leaves ends there, quietly, with
+    the status `watch` and `report` give a cancelled run."""
+
+    def __init__(self):
+        super().__init__(3)
 
 
 def describe_job(title=None, params=None, fields=None):
@@ -2935,7 +2942,7 @@ def _wait_or_cancel(process, cancel, kill_after_s):
     while True:
         try:
             process.wait(COMMAND_POLL_S)
-            return False
+            return cancel.is_set()      # it may have been killed since the flag was set
         except subprocess.TimeoutExpired:
             pass
         if cancel.is_set():
@@ -3674,9 +3681,10 @@ class _CommandOutput:
     def _log(self, text, stream, leveled=True):
         """A log event, bounded already: a line by OUTPUT_LINE_LIMIT, joined
         lines by the size of one read."""
-        level = _line_level(text) if leveled else "info"
-        self._session.publish("log", {"message": text, "level": level,
-                                      "stream": stream})
+        data = {"message": text, "level": _line_level(text) if leveled else "info"}
+        if stream:                  # (a file --tail follows is neither stream)
+            data["stream"] = stream
+        self._session.publish("log", data)
 
 
 def _run_program(session, command, kill_after_s, groups, echo=None):
@@ -3802,7 +3810,8 @@ JOURNAL_SUFFIX = ".jsonl"
 DAMAGED_SUFFIX = ".damaged"       # a file's unreadable tail, set aside beside it
 JOURNAL_PROGRESS_BYTES = 32 * 2 ** 20   # events waiting for the disk: past this many bytes,
 JOURNAL_QUEUE_BYTES = 256 * 2 ** 20     # progress is not journaled, past this log lines
-                                        # neither (/healthz counts them); a terminal event is
+JOURNAL_RUN_BYTES = 16 * 2 ** 20        # neither (nor past this many of their own run's);
+                                        # a terminal event always is
 JOURNAL_PROGRESS_S = 1.0          # a run's progress is written at most this often (the newest),
 JOURNAL_PROGRESS_LINES = 2000     # and half as often after each this many progress lines
 JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
@@ -3896,6 +3905,15 @@ def _journal_header(session):
             + "\n").encode()
 
 
+def _skipped_line(count):
+    """Where the journal left out a run's log lines (its disk was behind):
+    a marker /log and /export show, as a record's own marker of lines
+    dropped."""
+    return _export_line(None, "log", json_line({
+        "message": "%d log lines were not journaled here: the disk fell behind" % count,
+        "level": "warning", "ts": time.time()}).encode())
+
+
 def _journal_line(event):
     return _export_line(event.id, event.name, event.json)
 
@@ -3940,7 +3958,9 @@ class _Journal:
         self.written = 0
         self._count_lock = threading.Lock() # guards dropped, waiting_bytes (many threads)
         self.dropped = 0
-        self.waiting_bytes = 0              # the events' bytes in _items
+        self.waiting_bytes = 0              # the events' bytes in _items,
+        self._run_bytes = collections.Counter()   # and each run's (session id -> bytes)
+        self._skipped = collections.Counter()     # session id -> log lines not journaled
         self.error = None                   # the disk's last complaint, while it lasts
         self._turn_failed = False           # something failed in this turn of writes
         self._stopping = False
@@ -3981,18 +4001,23 @@ class _Journal:
         The queue is bounded by its bytes, and holds each event as the
         history does (one copy of its payload). A terminal event is never
         dropped; while the disk is far behind, progress is (past
-        JOURNAL_PROGRESS_BYTES waiting), and past JOURNAL_QUEUE_BYTES log
-        lines too, counted in /healthz."""
-        held = event.held()
+        JOURNAL_PROGRESS_BYTES waiting), and log lines past
+        JOURNAL_QUEUE_BYTES, or past JOURNAL_RUN_BYTES of their own run (a
+        flood costs its own run lines, not another's), counted in /healthz
+        and said in the run's file where they would have been."""
+        held, name = event.held(), session.id
         with self._count_lock:
-            if not event.terminal and self.waiting_bytes >= (
-                    JOURNAL_PROGRESS_BYTES if event.name == "progress" else JOURNAL_QUEUE_BYTES):
+            if not event.terminal and (self.waiting_bytes >= (
+                    JOURNAL_PROGRESS_BYTES if event.name == "progress" else JOURNAL_QUEUE_BYTES)
+                    or self._run_bytes[name] >= JOURNAL_RUN_BYTES):
                 self.dropped += 1
+                self._skipped[name] += event.name == "log"
                 if self.dropped == 1 or self.dropped % 10000 == 0:
                     log.warning("the journal falls behind the disk: %d events not journaled",
                                 self.dropped)
                 return
             self.waiting_bytes += len(held[2])
+            self._run_bytes[name] += len(held[2])
         self._items.append(("event", session, held))
         if event.terminal:
             self._wake.set()
@@ -4038,6 +4063,15 @@ class _Journal:
         self._wake.set()
         return lambda: self._wait_written(written, "that run %s started" % session.id)
 
+    def sync(self, session):
+        """Wait until what is queued for the run is written to the operating
+        system (a reported run's end: its reporter stops once answered, and
+        could not send it again after a crash)."""
+        written = threading.Event()
+        self._items.append(("sync", session, written))
+        self._wake.set()
+        self._wait_written(written, "run %s's end" % session.id)
+
     def _wait_written(self, written, what):
         if self._stopping or self._thread is None or not self._thread.is_alive():
             return    # nobody to write it (shutting down): the run goes on
@@ -4077,6 +4111,9 @@ class _Journal:
                     self._append(session.id, b'{"ids":%d}\n' % event[0])
                 elif kind == "begin":
                     self._append(session.id, _journal_header(session))
+                elif kind == "sync":
+                    marks.append((None, (0, event)))
+                    continue
                 elif kind == "running":
                     marks.append((None, (0, event)))
                     self._append(session.id, (json_line({"running": time.time()})
@@ -4089,6 +4126,12 @@ class _Journal:
                 elif kind == "event":
                     with self._count_lock:
                         self.waiting_bytes -= len(event[2])
+                        self._run_bytes[session.id] -= len(event[2])
+                        if not self._run_bytes[session.id]:
+                            del self._run_bytes[session.id]
+                        skipped = self._skipped.pop(session.id, 0)
+                    if skipped:
+                        self._append(session.id, _skipped_line(skipped))
                     event = _Event.from_held(event)
                     self._write_event(session.id, event, now)
                     if event.terminal:
@@ -4803,7 +4846,7 @@ FAILURE_WINDOW_S = 60.0            # from the next on, it gets 429 for LOCKOUT_S
 LOCKOUT_S = 60.0                   # carries a right credential
 ADDRESSES_KEPT = 10000             # past this many, the lock-out forgets quiet addresses
 SECRET_NAMES = ("token", "view", "feed")   # query parameters that carry a credential
-QUERY = re.compile(r"(?<=\?)[^\s\"]*")    # a logged request target's query
+QUERY = re.compile(r"(?<=\?)\S*")         # a logged request target's query (up to a space)
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
@@ -4938,12 +4981,18 @@ def _public_host(address):
 # posts, checks them as it checks a job's, and serves them like any run's.
 
 REPORT_WATCH_S = 0.5               # how often silent reporters are looked for
+REPORT_JOIN_S = 0.25               # past its allowance, a reported run's lines go together
+                                   # this often
 REPORT_BODY_BYTES = 4 * 2 ** 20    # one batch of events (other requests: MAX_BODY_BYTES)
 REPORT_BATCH_EVENTS = 10000        # events in one batch
 REPORT_TITLE_LIMIT = 200           # characters of a reported run's title
 REPORT_COUNT_LIMIT = 1e15          # a reported done or total: the percent made from it stays
                                    # finite
 REPORT_BARS_LIMIT = 8               # nested levels of a reported progress event
+REPORT_FIELDS = 100                # fields of a reported progress event
+REPORT_EVENT_BYTES = 64 * 1024     # a reported progress event's JSON, or a result (a message
+                                   # is cut at LOG_MESSAGE_LIMIT instead): a run's history
+                                   # then holds at most 1,000 events of about that
 REPORTED_EVENTS = ("progress", "log", "complete", "error", "cancelled")
 REPORT_PATH = re.compile(r"/runs/(%s)/events" % SESSION_ID_PATTERN)
 
@@ -5007,6 +5056,8 @@ def _reported_progress(where, fields):
     clash = sorted(RESERVED_FIELDS.intersection(fields))
     if clash:
         raise _BadReport("%s.%s" % (where, clash[0]), "is a name the server sets")
+    if len(fields) > REPORT_FIELDS:
+        raise _BadReport(where, "has %d fields: at most %d" % (len(fields), REPORT_FIELDS))
     if bars is not None:
         data = _progress_data(None, stage=stage, bars=_reported_bars(where + ".bars", bars),
                               fields=fields)
@@ -5057,6 +5108,8 @@ def _reported_call(index, item):
                                     else {"result", "message"}))
     if unknown:
         raise _BadReport("%s.%s" % (where, unknown[0]), "is not a field of a %s event" % name)
+    if isinstance(fields.get("message"), str):
+        fields["message"] = _log_data(fields["message"], "error")["message"]
     return name, fields
 
 
@@ -5077,11 +5130,14 @@ def _parse_report(body):
     for i, call in enumerate(calls[:-1]):
         if call[0] in TERMINAL_STATES:
             raise _BadReport("events[%d]" % (i + 1), "comes after the run's end")
-    for i, (_, fields) in enumerate(calls):
+    for i, (name, fields) in enumerate(calls):
         try:
-            json_line(fields)
+            size = len(json_line(fields))
         except (TypeError, ValueError) as exc:
             raise _BadReport("events[%d]" % i, "not strict JSON: %s" % exc)
+        if size > REPORT_EVENT_BYTES and (name == "progress" or "result" in fields):
+            raise _BadReport("events[%d]" % i, "is %d bytes: at most %d (send a long text "
+                             "as a message, which is cut instead)" % (size, REPORT_EVENT_BYTES))
     return seq, calls
 
 
@@ -5127,14 +5183,23 @@ class _Allowance:
         return allowed
 
 
-def _joined_log(items):
-    """Log events' data as one event: their lines in order, the most severe level."""
-    data = {"message": "\n".join(item["message"] for item in items),
-            "level": max((item["level"] for item in items), key=LOG_LEVELS.index)}
-    streams = {item.get("stream") for item in items}
-    if len(streams) == 1 and None not in streams:
-        data["stream"] = streams.pop()
-    return data
+def _joined_logs(items):
+    """Log events' data as few events: their lines in order, in messages of
+    at most LOG_MESSAGE_LIMIT characters, each with its most severe level."""
+    pieces, piece, size = [], [], 0
+    for item in items:
+        if piece and size + len(item["message"]) > LOG_MESSAGE_LIMIT:
+            pieces.append(piece)
+            piece, size = [], 0
+        piece.append(item)
+        size += len(item["message"]) + 1
+    for piece in pieces + [piece]:
+        data = {"message": "\n".join(item["message"] for item in piece),
+                "level": max((item["level"] for item in piece), key=LOG_LEVELS.index)}
+        streams = {item.get("stream") for item in piece}
+        if len(streams) == 1 and None not in streams:
+            data["stream"] = streams.pop()
+        yield data
 
 
 class _Reported:
@@ -5149,6 +5214,8 @@ class _Reported:
         self.lock = threading.Lock()     # one batch at a time, in order
         self.received = received
         self.allowance = _Allowance()
+        self.held, self.latest = [], None  # past the allowance: log lines, progress waiting
+        self.flushed = time.monotonic()
         self.timeout_s = timeout_s
         self.heard = time.monotonic()
 
@@ -5176,26 +5243,32 @@ class _Reported:
             return self.received
 
     def _publish(self, calls):
-        """Past the allowance a batch's log lines go as one event, and only
-        its latest progress (progress is state): a flood costs few events."""
-        allowed = self.allowance.take(sum(1 for name, _ in calls if name not in TERMINAL_STATES))
-        held, latest = [], None
+        """Publish what the allowance lets go one by one; past it, the run's
+        log lines wait and go together, and only its latest progress
+        (progress is state), at most every REPORT_JOIN_S: a reporter that
+        floods costs few events, however it splits its batches."""
         for name, data in calls:
             if name in TERMINAL_STATES:
-                break
-            if allowed:
-                allowed -= 1
+                self.flush()
+                _end_run(self.session, name, data)
+            elif not self.held and self.latest is None and self.allowance.take(1):
                 self.session.publish(name, data)
             elif name == "log":
-                held.append(data)
+                self.held.append(data)
             else:
-                latest = data
-        if held:
-            self.session.publish("log", _joined_log(held))
+                self.latest = data
+        if time.monotonic() - self.flushed >= REPORT_JOIN_S:
+            self.flush()
+
+    def flush(self):
+        """Publish what waits (the reporter watch calls it too: a reporter
+        that goes quiet after a flood still has its lines shown)."""
+        held, latest, self.held, self.latest = self.held, self.latest, [], None
+        self.flushed = time.monotonic()
+        for data in _joined_logs(held) if held else ():
+            self.session.publish("log", data)
         if latest is not None:
             self.session.publish("progress", latest)
-        if calls and calls[-1][0] in TERMINAL_STATES:
-            _end_run(self.session, calls[-1][0], calls[-1][1])
 
     def silent_for(self, now):
         return now - self.heard
@@ -5240,11 +5313,16 @@ class _ReportedRuns:
             self._runs.pop(session.id, None)
 
     def end_silent(self, now):
-        """End each run whose reporter has said nothing for its timeout."""
+        """End each run whose reporter has said nothing for its timeout;
+        publish what waits past a flooding reporter's allowance."""
         with self._lock:
-            silent = [reported for reported in self._runs.values()
-                      if reported.session.terminal_id is None
-                      and reported.silent_for(now) > reported.timeout_s]
+            going = [reported for reported in self._runs.values()
+                     if reported.session.terminal_id is None]
+        for reported in going:
+            if reported.held or reported.latest is not None:
+                with reported.lock:
+                    reported.flush()
+        silent = [reported for reported in going if reported.silent_for(now) > reported.timeout_s]
         for reported in silent:
             log.warning("run %s: its reporter went silent", reported.session.id)
             _end_run(reported.session, "error", {
@@ -5412,8 +5490,8 @@ class _Gate:
             return False
         if path in VIEWER_PAGES and reading:
             return True
-        raise _HTTPError(403, "a view key lets its holder watch one run; this needs the "
-                         "operator's token")
+        raise _HTTPError(403, "a view key watches its own run only (this is another run, or "
+                         "not watching); the rest needs the operator's token")
 
     def _cookie(self, request):
         """The sign-in cookie's value, or None. An HTTP/2 proxy may pass the
@@ -5652,8 +5730,11 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
         super().end_headers()
 
     def log_message(self, format, *args):
-        log.info("%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
-                 _without_secrets(format % args))
+        """An access-log line (a reporter's posts, several a second, at debug)."""
+        level = logging.DEBUG if REPORT_PATH.search(self.path or "") and \
+            self.command == "POST" else logging.INFO
+        log.log(level, "%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
+                _without_secrets(format % args))
 
 
 class _Handler(_HTTPExchange):
@@ -5891,6 +5972,8 @@ class _Handler(_HTTPExchange):
         seq, calls = self.parse_report(_parse_report, REPORT_BODY_BYTES)
         reported = self.server.reported.get(session_id) or self.server.reported.add(session)
         received = reported.take(seq, calls)
+        if session.terminal_id is not None and self.server.journal and received is not None:
+            self.server.journal.sync(session)      # the end is on disk before it is answered
         answer = {"state": session.state, "cancel": session.state == "cancelled",
                   "last_event_id": session.last_id}
         if received is None:
@@ -6049,7 +6132,8 @@ class _Handler(_HTTPExchange):
 # The terminal client: `sse_demo.py watch URL` and `sse_demo.py start URL`
 ###############################################################################
 
-WATCH_EXIT = {"complete": 0, "error": 1, "cancelled": 3}   # and 2: bad usage, unreachable
+WATCH_EXIT = {"complete": 0, "error": 1, "cancelled": 3,   # and 2: bad usage, unreachable
+              "exit status unknown": 4}                   # an error's `reason`, as `report`
 WATCH_READ_TIMEOUT_S = 30.0        # no byte (not even a keepalive) this long: reconnect
 WATCH_RETRY_MAX_S = 10.0           # reconnection back-off, from 0.5 s doubling to this
 WATCH_GIVE_UP_S = 300.0            # unreachable this long in a row: exit 2
@@ -6071,6 +6155,11 @@ def _terminal_text(text, keep="\n\t"):
 
 class _WatchError(Exception):
     """Bad usage or a server that cannot be reached: exit status 2."""
+
+
+class _Unreachable(_WatchError):
+    """The server cannot be reached, or answers that it cannot take a
+    request now (408, 429, 5xx): a reporter waits and tries again."""
 
 
 class _RunAddress:
@@ -6115,9 +6204,9 @@ class _RunAddress:
         headers.update(extra or {})
         return headers
 
-    def request(self, method, path, body=None, content_type=None):
-        """(status, parsed JSON or None). Raises WatchError when unreachable."""
-        conn = self.connection(NOTIFY_TIMEOUT_S)
+    def request(self, method, path, body=None, content_type=None, timeout=NOTIFY_TIMEOUT_S):
+        """(status, parsed JSON or None). Raises Unreachable."""
+        conn = self.connection(timeout)
         headers = self.headers({"Accept": "application/json"})
         if content_type:
             headers["Content-Type"] = content_type
@@ -6126,7 +6215,7 @@ class _RunAddress:
             response = conn.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise _WatchError("cannot reach %s: %s" % (self.base, exc))
+            raise _Unreachable("cannot reach %s: %s" % (self.base, exc))
         finally:
             conn.close()
         try:
@@ -6233,6 +6322,8 @@ def _progress_text(data, labels, fancy=True):
         if name not in NOT_CHARTED and isinstance(value, (int, float)) \
                 and not isinstance(value, bool) and len(words) < 5:
             label, unit = labels.get(name, (name, None))
+            if name == "rate" and isinstance(data.get("rate_unit"), str):
+                unit = data["rate_unit"]        # a program's rate, in its own unit
             words.append("%s %s%s" % (label, _readable_number(value), " " + unit if unit else ""))
     elapsed = data.get("elapsed_s")
     if isinstance(percent, (int, float)) and 0 < percent < 100 and isinstance(elapsed, (int, float)):
@@ -6321,7 +6412,9 @@ def _follow_stream(address, last_id):
 def _show_event(screen, name, data):
     """Draw one event; the exit status once the run has ended, else None."""
     if name == "progress":
-        screen.progress(data)
+        if data.get("iteration") or data.get("total") is not None or \
+                set(data) - NOT_CHARTED - {"stage", "bars"}:
+            screen.progress(data)       # not the bare iteration 0 a run begins with
     elif name == "log":
         level = data.get("level", "info")
         screen.log(("" if level == "info" else level + ": ") + str(data.get("message", "")))
@@ -6336,9 +6429,10 @@ def _show_event(screen, name, data):
                                       screen.unicode)
                        + "\ncomplete" + ("" if result is None else ": " + json_line(result)))
         else:
-            word = "failed" if name == "error" else name
-            word = "interrupted" if data.get("reason") == "interrupted" else word
+            word = {"error": "failed", "cancelled": "cancelled", "interrupted": "interrupted",
+                    "exit status unknown": "ended"}[data.get("reason") or name]
             screen.end("%s%s" % (word, ": " + str(data["message"]) if data.get("message") else ""))
+            return WATCH_EXIT.get(data.get("reason"), WATCH_EXIT[name])
         return WATCH_EXIT[name]
     return None
 
@@ -6349,14 +6443,17 @@ def _watch_run(address, out=sys.stdout, is_terminal=None):
     0 complete, 1 error, 3 cancelled; raises WatchError (2)."""
     if address.run is None:
         raise _WatchError("which run? give a watch link, a /progress/<id> URL, or --run ID")
-    status, job = address.request("GET", "/job")
-    if status in (401, 403):
+    status, run = address.request("GET", "/status/" + address.run)
+    if status in (401, 403, 429):
         raise _WatchError("the server refused (%d): give --token or SSE_DEMO_TOKEN, or a watch "
                           "link with its view key" % status)
-    job = job if isinstance(job, dict) else {}
+    if status == 404:
+        raise _WatchError("the server has no run %s (it may have expired)" % address.run)
+    run = run if isinstance(run, dict) else {}
+    job = {} if run.get("reported") else (address.request("GET", "/job")[1] or {})
     labels = {f["name"]: (f.get("label", f["name"]), f.get("unit")) for f in job.get("fields", [])
               if isinstance(f, dict) and "name" in f}
-    out.write(_terminal_text("%s · run %s\n" % (job.get("title", "sse_demo"), address.run)))
+    out.write(_terminal_text("%s · run %s\n" % (run.get("title", "sse_demo"), address.run)))
     screen = _ProgressLine(out, labels, out.isatty() if is_terminal is None else is_terminal)
     last_id, delay, failing_since = None, 0.5, None
     while True:
@@ -6418,21 +6515,20 @@ def _client_main(argv):
         p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="a parameter of the run; repeatable")
         p.add_argument("--watch", action="store_true", help="then follow it to its end")
-    p.add_argument("--token", help="the operator's token (also SSE_DEMO_TOKEN)")
-    p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
+    _add_token_options(p)
     args = p.parse_args(argv[1:])
     for stream in (sys.stdout, sys.stderr):   # a title or a log line the console cannot show
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     try:
-        address = _RunAddress(args.url, getattr(args, "run", None),
-                              args.token or os.environ.get("SSE_DEMO_TOKEN") or None, args.cacert)
+        address = _RunAddress(args.url, getattr(args, "run", None), _given_token(args),
+                              args.cacert)
         if argv[0] == "start":
             address.run = _start_remote(address, args.param)
             if not args.watch:
                 return 0
         return _watch_run(address)
-    except _WatchError as exc:
+    except (_WatchError, ValueError) as exc:
         sys.stderr.write("error: %s\n" % _terminal_text(str(exc)))
         return 2
     except KeyboardInterrupt:
@@ -6458,20 +6554,27 @@ REPORT_RESEND_S = 10.0             # events the server took are kept this long a
 REPORT_RETRY_S = (0.5, 30.0)       # a reporter's wait after a failed post: first, longest
 REPORT_FLUSH_S = 60.0              # at the end, how long a reporter tries to deliver the rest
 REPORT_TELL_WAIT_S = 2.0           # a reporter still delivering after this says so
+REPORT_BUFFER_BYTES = 64 * 2 ** 20  # and their bytes at most
 REPORT_POST_BYTES = 512 * 1024     # a reporter's post at most: under the 1 MB that nginx
                                    # takes by default (client_max_body_size)
 REPORT_HEARTBEAT_S = 2.0           # a quiet reporter posts an empty batch this often: it
                                    # still lives, and hears a Cancel
+REPORT_OPEN_WAIT_S = 3.0           # report's first POST /runs, before the job starts: a server
+                                   # that does not answer by then is tried again by the thread
 TAIL_POLL_S = 0.2                  # --tail: how often the file is looked at for more
 TAIL_ROTATED_QUIET_S = 60.0        # --tail: a file rotated away is read until quiet this long
 WIRE_SKIPPED = ("iteration", "total", "percent", "elapsed_s", "ts")   # the server makes these
-REPORT_EXIT = {"cancelled": 3, "unknown": 4, "interrupted": 130}   # else the program's status
+REPORT_EXIT = {"cancelled": 3, "unknown": 4}   # else the program's; 128 + a signal that stops it
 
 
 def _wire_event(name, data):
     """A published event, as Progress and a program's output make it, as an
-    item of a batch (see _reported_call): the server makes the stamps, the
-    percent and a terminal event's progress fields again."""
+    item of a batch (see _reported_call), encoded: the server makes the
+    stamps, the percent and a terminal event's progress fields again. A
+    message is cut as the server would (LOG_MESSAGE_LIMIT); an event still
+    over REPORT_EVENT_BYTES raises ValueError (a result is replaced by a
+    note: the run must still end). TypeError for one that is not strict
+    JSON, as a job's publish raises."""
     if name == "progress":
         item = {k: v for k, v in data.items() if k not in WIRE_SKIPPED}
         if "bars" not in data:
@@ -6482,8 +6585,15 @@ def _wire_event(name, data):
         kept = ("message", "exit_code", "signal", "reason") if name == "error" \
             else ("message", "result")
         item = {k: v for k, v in data.items() if k in kept}
-    item["event"] = name
-    return item
+    if isinstance(item.get("message"), str):
+        item["message"] = _log_data(item["message"], "info")["message"]
+    encoded = json_line(dict({"event": name}, **item))
+    if len(encoded) > REPORT_EVENT_BYTES and "result" in item:
+        item["result"] = "(a result of %d bytes, too large to report)" % len(encoded)
+        encoded = json_line(dict({"event": name}, **item))
+    if len(encoded) > REPORT_EVENT_BYTES and name == "progress":
+        raise ValueError("an event of %d bytes, over %d" % (len(encoded), REPORT_EVENT_BYTES))
+    return encoded
 
 
 class _ReportRefused(Exception):
@@ -6522,12 +6632,15 @@ class _Outbox(_RunSink):
     batches, to the run it opened with POST /runs (opened by that thread
     when the server cannot be reached at first). A post that fails is sent
     again, with the same `seq`, so the server never takes an event twice;
-    meanwhile events wait, at most REPORT_BUFFER_EVENTS. Events the server
+    meanwhile events wait, at most REPORT_BUFFER_EVENTS and
+    REPORT_BUFFER_BYTES. Events the server
     took are kept REPORT_RESEND_S more: a server that crashed before its
     journal wrote them says how many it has, and gets the rest again."""
 
-    def __init__(self, address, title, params=None, flush_timeout_s=REPORT_FLUSH_S):
+    def __init__(self, address, title, params=None, flush_timeout_s=REPORT_FLUSH_S,
+                 who="sse_demo report"):
         self.address = address
+        self.who = who                    # what its messages begin with
         self.title, self.params = title or "a reported run", params or {}
         self.flush_timeout_s = flush_timeout_s
         self.id = self.report_key = self.view_key = None
@@ -6536,7 +6649,8 @@ class _Outbox(_RunSink):
         self.state = None                 # how the run ended, once it did: its terminal event
         self._latest = {}
         self._changed = threading.Condition()   # guards everything below
-        self._items = collections.deque()       # not yet taken by the server; seq _sent on
+        self._items = collections.deque()       # not yet taken by the server; seq _sent on;
+        self._bytes = 0                         # each an event's JSON, and their length
         self._acked = collections.deque()       # (when, item) taken lately, oldest first
         self._sent = 0                          # events the server has taken
         self._posting = 0                       # items at the head of _items in a post
@@ -6550,8 +6664,11 @@ class _Outbox(_RunSink):
     # -- what Progress and _CommandOutput call, as on a session ---------------
 
     def publish(self, name, data):
-        item = _wire_event(name, data)
-        json_line(item)        # not strict JSON: TypeError here, as a job's publish raises
+        try:
+            item = _wire_event(name, data)
+        except ValueError as exc:      # one progress event too large: that one goes
+            log.warning("%s: %s is not reported: %s", self.who, name, exc)
+            return None
         with self._changed:
             if name in TERMINAL_STATES and self.state is None:
                 self.state = name              # also when the server has ended it already
@@ -6559,9 +6676,11 @@ class _Outbox(_RunSink):
                 return None
             if name != "log":
                 self._latest = data
-            if len(self._items) >= REPORT_BUFFER_EVENTS:
+            while self._items and (len(self._items) >= REPORT_BUFFER_EVENTS or
+                                   self._bytes + len(item) > REPORT_BUFFER_BYTES):
                 self._drop_oldest()
             self._items.append(item)
+            self._bytes += len(item)
             self._ended = name in TERMINAL_STATES
             self._changed.notify()
         return item
@@ -6577,27 +6696,28 @@ class _Outbox(_RunSink):
         token); a server that cannot be reached yet is tried again by the
         thread, and the events wait."""
         try:
-            self._open()
-        except _WatchError as exc:
-            if "cannot reach" not in str(exc):
-                raise
-            log.warning("sse_demo report: %s; trying again, the events wait", exc)
+            self._open(REPORT_OPEN_WAIT_S)
+        except _Unreachable as exc:
+            log.warning("%s: %s; trying again, the events wait", self.who, exc)
         self._thread = threading.Thread(target=self._run, name="reporter", daemon=True)
         self._thread.start()
 
-    def _open(self):
+    def _open(self, timeout=NOTIFY_TIMEOUT_S):
         body = json_line({"title": self.title, "params": self.params}).encode()
-        status, answer = self.address.request("POST", "/runs", body, "application/json")
+        status, answer = self.address.request("POST", "/runs", body, "application/json", timeout)
+        reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
         if _transient(status):
-            raise _WatchError("cannot reach %s: status %d" % (self.address.base, status))
+            raise _Unreachable("the server answered %d (%s)" % (status, reason))
+        if status == 401:
+            raise _WatchError("the server needs the operator's token: give --token-file, "
+                              "--token or SSE_DEMO_TOKEN (from Python: Reporter(token=...))")
         if status != 201 or not isinstance(answer, dict):
-            reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
             raise _WatchError("the server did not open a run: %s" % reason)
         self.id, self.report_key = answer["session_id"], answer["report_key"]
         self.view_key = answer.get("view_key")
         self.heartbeat_s = min(REPORT_HEARTBEAT_S, answer.get("report_timeout_s", 300) / 3)
         self.address.run = self.id
-        log.warning("sse_demo report: run %s\n  watch:  %s\n  cancel: curl -X POST -H "
+        log.warning(self.who + ": run %s\n  watch:  %s\n  cancel: curl -X POST -H "
                     "'Authorization: Bearer %s' %s/cancel/%s", self.id, self.watch_url(),
                     answer["control_key"], self.address.base, self.id)
 
@@ -6620,16 +6740,18 @@ class _Outbox(_RunSink):
                 if not told and (self._unreachable or
                                  time.monotonic() - started >= REPORT_TELL_WAIT_S):
                     told = True
-                    log.warning("sse_demo report: delivering %d events to %s, for up to %.0f s "
-                                "more (Ctrl-C gives up; --flush-timeout)", len(self._items),
-                                self.address.base, deadline - time.monotonic())
+                    log.warning(self.who + ": delivering %d events to %s, for up to %.0f s "
+                                "more (Ctrl-C gives up; %s)", len(self._items),
+                                self.address.base, deadline - time.monotonic(),
+                                "--flush-timeout" if self.who.endswith("report")
+                                else "flush_timeout=")
                 self._changed.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             left, self._done = len(self._items), True
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(NOTIFY_TIMEOUT_S)    # at most one post still on its way
         if left:
-            log.warning("sse_demo report: %d events could not be delivered to %s",
+            log.warning(self.who + ": %d events could not be delivered to %s",
                         left, self.address.base)
         return not left
 
@@ -6637,14 +6759,15 @@ class _Outbox(_RunSink):
         """The buffer is full: drop its oldest progress event (or line) that
         is not in the post under way."""
         for i in range(self._posting, len(self._items)):
-            if self._items[i]["event"] == "progress":
-                del self._items[i]
+            if self._items[i].startswith('{"event":"progress"'):
                 break
         else:
-            del self._items[self._posting]
+            i = self._posting
+        self._bytes -= len(self._items[i])
+        del self._items[i]
         self._dropped += 1
         if self._dropped == 1 or self._dropped % 10000 == 0:
-            log.warning("sse_demo report: the server is away and %d events wait; %d dropped "
+            log.warning(self.who + ": the server is away and %d events wait; %d dropped "
                         "so far, oldest progress first", REPORT_BUFFER_EVENTS, self._dropped)
 
     # -- the thread that posts ---------------------------------------------------
@@ -6661,24 +6784,24 @@ class _Outbox(_RunSink):
                 answer, posted = self._post(batch)
             except _ReportRefused as exc:
                 if not self.cancel.is_set():
-                    log.warning("sse_demo report: %s; reporting stops", exc)
+                    log.warning(self.who + ": %s; reporting stops", exc)
                 break
             except (_BatchRefused, _Resend) as exc:
                 self._set_back(exc)
                 continue
             except _WatchError as exc:
                 self._set_back(None)
-                if "cannot reach" not in str(exc):
-                    log.warning("sse_demo report: %s; reporting stops", exc)
+                if not isinstance(exc, _Unreachable):
+                    log.warning("%s: %s; reporting stops", self.who, exc)
                     break
                 if not self._unreachable:
-                    log.warning("sse_demo report: %s; trying again, the events wait", exc)
+                    log.warning(self.who + ": %s; trying again, the events wait", exc)
                 self._unreachable = True
                 self._wait(retry)
                 retry = min(REPORT_RETRY_S[1], retry * 2)
                 continue
             if self._unreachable:
-                log.warning("sse_demo report: reached %s again", self.address.base)
+                log.warning(self.who + ": reached %s again", self.address.base)
             self._unreachable, retry = False, REPORT_RETRY_S[0]
             self._taken(posted)
             if answer.get("cancel"):
@@ -6716,7 +6839,9 @@ class _Outbox(_RunSink):
         now = time.monotonic()
         with self._changed:
             for _ in range(posted):
-                self._acked.append((now, self._items.popleft()))
+                item = self._items.popleft()
+                self._bytes -= len(item)
+                self._acked.append((now, item))
             self._sent += posted
             self._posting = 0
             while self._acked and (now - self._acked[0][0] > REPORT_RESEND_S or
@@ -6730,7 +6855,8 @@ class _Outbox(_RunSink):
         with self._changed:
             self._posting = 0
             if isinstance(refusal, _BatchRefused):
-                log.warning("sse_demo report: %s; that event is dropped", refusal)
+                log.warning(self.who + ": %s; that event is dropped", refusal)
+                self._bytes -= len(self._items[refusal.index])
                 del self._items[refusal.index]
             elif isinstance(refusal, _Resend):
                 self._resend_from(refusal.received)
@@ -6741,14 +6867,17 @@ class _Outbox(_RunSink):
         lacking = self._sent - received
         kept = min(lacking, len(self._acked))
         for _ in range(kept):
-            self._items.appendleft(self._acked.pop()[1])
-        log.warning("sse_demo report: the server lost %d events it had taken (a crash before "
+            item = self._acked.pop()[1]
+            self._items.appendleft(item)
+            self._bytes += len(item)
+        log.warning(self.who + ": the server lost %d events it had taken (a crash before "
                     "it wrote them); sending them again", lacking)
         if lacking > kept:
             message = ("sse_demo report: %d events were lost: the server lost them, and the "
                        "reporter no longer held them" % (lacking - kept))
             log.warning(message)
-            self._items.appendleft({"event": "log", "message": message, "level": "warning"})
+            self._items.appendleft(json_line({"event": "log", "message": message,
+                                              "level": "warning"}))
         self._sent = received
 
     def _wait(self, seconds):
@@ -6761,10 +6890,14 @@ class _Outbox(_RunSink):
         REPORT_POST_BYTES: (the server's answer, events posted). Raises
         WatchError when the server cannot be reached, ReportRefused when it
         takes no more, Resend when it lost what it had taken."""
-        body = json_line({"seq": self._sent, "events": batch}).encode()
-        while len(body) > REPORT_POST_BYTES and len(batch) > 1:
-            batch = batch[:len(batch) // 2]
-            body = json_line({"seq": self._sent, "events": batch}).encode()
+        size, taken = 0, 0
+        for item in batch:          # each under REPORT_EVENT_BYTES: at least one fits
+            size += len(item) + 1
+            if taken and size > REPORT_POST_BYTES - 64:
+                break
+            taken += 1
+        batch = batch[:taken]
+        body = ('{"seq":%d,"events":[%s]}' % (self._sent, ",".join(batch))).encode()
         headers = {"Authorization": "Bearer " + self.report_key,
                    "Content-Type": "application/json", "Accept": "application/json"}
         try:
@@ -6778,7 +6911,7 @@ class _Outbox(_RunSink):
             if self._connection is not None:
                 self._connection.close()
             self._connection = None
-            raise _WatchError("cannot reach %s: %s" % (self.address.base, exc))
+            raise _Unreachable("cannot reach %s: %s" % (self.address.base, exc))
         try:
             answer = json.loads(raw.decode("utf-8"))
         except ValueError:
@@ -6801,7 +6934,8 @@ class _Outbox(_RunSink):
             raise _BatchRefused("the server refused an event: %s" % answer.get("error", ""),
                                 int(named.group(1)))
         if _transient(response.status):
-            raise _WatchError("cannot reach %s: status %d" % (self.address.base, response.status))
+            raise _Unreachable("the server answered %d (%s)" % (response.status,
+                                                                answer.get("error", "")))
         raise _ReportRefused("the server refused the events (%d): %s"
                              % (response.status, answer.get("error", "")))
 
@@ -6831,7 +6965,7 @@ class Reporter:
         address = _RunAddress(url, token=token or os.environ.get("SSE_DEMO_TOKEN") or None,
                               cafile=cafile)
         self._outbox = _Outbox(address, title or (sys.argv[0] and _program_name(sys.argv)),
-                               params, flush_timeout)
+                               params, flush_timeout, who="sse_demo Reporter")
         self.progress = Progress(self._outbox)
 
     @property
@@ -6845,7 +6979,12 @@ class Reporter:
         return self._outbox.state
 
     def __enter__(self):
-        self._outbox.open()
+        """Opens the run; PermissionError when the server refuses to (the
+        token), with its reason."""
+        try:
+            self._outbox.open()
+        except _WatchError as exc:
+            raise PermissionError(str(exc)) from None
         return self.progress
 
     def __exit__(self, kind, exc, traceback):
@@ -6936,12 +7075,12 @@ class _TailedFile:
         """Read what is there; True if there was something."""
         data = self.f.read(OUTPUT_READ_BYTES)
         if data:
-            self.output.take(self.screen, self.decoder, data, "stdout")
+            self.output.take(self.screen, self.decoder, data, None)
             self.grew = time.monotonic()
         return bool(data)
 
     def close(self):
-        self.output.take(self.screen, self.decoder, b"", "stdout", final=True)
+        self.output.take(self.screen, self.decoder, b"", None, final=True)
         self.f.close()
 
 
@@ -6967,6 +7106,11 @@ def _follow_file(outbox, f, path, process, stop):
             if process is not None and not _process_alive(process):
                 while any([tailed.read() for tailed in files]):
                     pass
+                following = _next_tail_file(files[-1].f, path)   # a rotation just before
+                if following is not files[-1].f:
+                    files.append(_TailedFile(following, output))
+                    while files[-1].read():
+                        pass
                 return "exited"
             following = _next_tail_file(files[-1].f, path)
             if following is not files[-1].f:
@@ -7035,7 +7179,7 @@ def _report_tail(outbox, f, path, process, kill_after_s):
         _end_run(outbox, "cancelled", {})
         sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
                          % (path, ", the job goes on" if process else ""))
-        return REPORT_EXIT["interrupted"]
+        return 128 + _interrupt.signal
     if answer.get("result") == "exited":
         # Not our child: its exit status cannot be read, and is not guessed.
         _end_run(outbox, "error", {"message": "process %d ended; its exit status is unknown "
@@ -7066,31 +7210,24 @@ def _report_program(outbox, command, kill_after_s):
         try:
             _until(done)
         except KeyboardInterrupt:
-            sys.stderr.write("\nCtrl-C: stopping the program; the run ends cancelled "
-                             "(Ctrl-C again: at once)\n")
+            sys.stderr.write("\n%s: stopping the program; the run ends cancelled "
+                             "(Ctrl-C again: at once)\n" % _interrupt.name())
             outbox.cancel.set()
             _until(done, kill_after_s + 2.0)
-            return REPORT_EXIT["interrupted"]
+            return 128 + _interrupt.signal
     finally:
         groups.close()
     status = answer.get("result")
     if outbox.state == "cancelled":
-        sys.stderr.write("cancelled on the page: the program was stopped\n")
+        sys.stderr.write("cancelled on the server (its page, or the cancel curl): the program "
+                         "was stopped\n")
         return REPORT_EXIT["cancelled"]
     if status is None:
         return 127                         # it did not start: the error event says why
     return status if status >= 0 else 128 - status
 
 
-def _report_main(argv):
-    """`report URL [options] -- PROGRAM ARGS...` or `report URL --tail
-    FILE`. Exit status: the program's, 3 cancelled on the page, 4 a
-    followed --pid ended with an exit status report cannot know, 2 bad
-    usage or a server that refuses, 130 after Ctrl-C."""
-    command = []
-    if "--" in argv:
-        command = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+def _report_parser():
     p = argparse.ArgumentParser(
         prog="sse_demo.py report", usage="%(prog)s URL [options] -- PROGRAM [ARGS...]\n"
         "       %(prog)s URL --tail FILE [--pid PID] [options]",
@@ -7109,9 +7246,41 @@ def _report_main(argv):
     p.add_argument("--flush-timeout", type=float, default=REPORT_FLUSH_S, metavar="S",
                    help="at the end, how long to keep trying to deliver events to a server "
                         "that cannot be reached (default %(default)s)")
-    p.add_argument("--token", help="the operator's token (also SSE_DEMO_TOKEN)")
+    _add_token_options(p)
+    return p
+
+
+def _add_token_options(p):
+    """--token-file and --token (SSE_DEMO_TOKEN too), and --cacert: how a
+    client reaches a server behind a token, over TLS."""
+    p.add_argument("--token-file", metavar="FILE", help="the operator's token: this file's "
+                   "first line (also SSE_DEMO_TOKEN)")
+    p.add_argument("--token", help="the operator's token (every user sees it in ps: prefer "
+                                   "--token-file or SSE_DEMO_TOKEN)")
     p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
-    args = p.parse_args(argv[1:])
+
+
+def _given_token(args):
+    return args.token or _given_secret(args.token_file, "SSE_DEMO_TOKEN", "--token-file",
+                                       "token")
+
+
+def _report_main(argv):
+    """`report URL [options] -- PROGRAM ARGS...` or `report URL --tail
+    FILE`. Exit status: the program's (whether or not the server could be
+    reached: it says so), 3 cancelled on the server, 4 a followed --pid
+    ended with an exit status report cannot know, 2 bad usage or a server
+    that refuses, 127 a program not found, 130 (143) after Ctrl-C
+    (SIGTERM): the run then ends cancelled."""
+    command = []
+    if "--" in argv:
+        command = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = _report_parser()
+    args, extra = p.parse_known_args(argv[1:])
+    if extra:
+        p.error("unrecognized arguments: %s (a program goes after --: report URL -- PROGRAM "
+                "ARGS...)" % " ".join(extra))
     if bool(command) == bool(args.tail):
         p.error("give a program after --, or --tail FILE")
     if (args.pid is not None or args.from_start) and not args.tail:
@@ -7119,6 +7288,10 @@ def _report_main(argv):
     if not args.flush_timeout >= 0:
         p.error("--flush-timeout must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if command and shutil.which(command[0]) is None:
+        sys.stderr.write("error: program not found: %s\n" % command[0])
+        return 127
+    signal.signal(signal.SIGTERM, _interrupt)       # as Ctrl-C: `timeout`, Slurm, kill
     tailed = process = None
     try:
         if args.pid is not None:
@@ -7126,18 +7299,31 @@ def _report_main(argv):
             if not _process_alive(process):
                 raise _WatchError("no process %d runs here" % args.pid)
         if args.tail:          # its end is where the run starts reading, whenever that is
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args.tail))):
+                raise _WatchError("no folder %s for --tail" % os.path.dirname(args.tail))
             tailed = _open_tail(args.tail, args.from_start)
-        address = _RunAddress(args.url, token=args.token or os.environ.get("SSE_DEMO_TOKEN")
-                              or None, cafile=args.cacert)
+            if tailed is None:
+                log.warning("sse_demo report: %s is not there yet; waiting for it", args.tail)
+        address = _RunAddress(args.url, token=_given_token(args), cafile=args.cacert)
         outbox = _Outbox(address, args.title or (_program_name(command) if command
                                                  else os.path.basename(args.tail)),
                          flush_timeout_s=args.flush_timeout)
         outbox.open()
-    except (_WatchError, OSError) as exc:
+    except (_WatchError, OSError, ValueError) as exc:
         if tailed is not None:
             tailed.close()
         sys.stderr.write("error: %s\n" % exc)
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstopped before the run opened\n")
+        return 128 + _interrupt.signal
+    return _report_and_deliver(outbox, command, args, tailed, process)
+
+
+def _report_and_deliver(outbox, command, args, tailed, process):
+    """The job reported, then what is left delivered; Ctrl-C at any stage
+    ends it at once, saying what it gives up."""
+    status = None
     try:
         if command:
             status = _report_program(outbox, command, args.kill_after)
@@ -7146,10 +7332,24 @@ def _report_main(argv):
         outbox.close()
         return status
     except KeyboardInterrupt:
-        sys.stderr.write("\nCtrl-C again: stopping at once\n")
+        sys.stderr.write("\n%s%s: stopping at once; what is not delivered yet is given up\n"
+                         % (_interrupt.name(), " again" if status is None else ""))
         _end_run(outbox, "cancelled", {})
-        outbox.close(timeout=1.0)
-        return REPORT_EXIT["interrupted"]
+        try:
+            outbox.close(timeout=1.0)
+        except KeyboardInterrupt:
+            pass
+        return 128 + _interrupt.signal
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C is: KeyboardInterrupt in the main thread."""
+    _interrupt.signal = signum
+    raise KeyboardInterrupt
+
+
+_interrupt.signal = signal.SIGINT
+_interrupt.name = lambda: "Ctrl-C" if _interrupt.signal == signal.SIGINT else "SIGTERM"
 
 
 ###############################################################################
@@ -7302,8 +7502,9 @@ class Options:
             if rule.get("least") is not None and value < rule["least"]:
                 raise ValueError("%s must be %s" % (named, "at least 1" if rule["least"]
                                                    else "0 (no limit) or more"))
-            if rule.get("above") is not None and not value > rule["above"]:
-                raise ValueError("%s must be above %d" % (named, rule["above"]))
+            if rule.get("above") is not None and not (value > rule["above"] and
+                                                      _is_finite_number(value)):
+                raise ValueError("%s must be a number above %d" % (named, rule["above"]))
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
             raise ValueError("--base-path must be a plain path such as /jobs")
         for address in self.trusted_proxies:
@@ -7352,7 +7553,7 @@ class _SocketServer(http.server.ThreadingHTTPServer):
         Streams and idle keep-alive connections, which the writer holds
         without a thread, do not count: --max-streams bounds the streams,
         and a browser keeps its streams open for as long as a tab is."""
-        address = client_address[0]
+        address = _normal_ip(client_address[0]) or client_address[0]   # as --trusted-proxy
         if not self.take_place(address):
             return self.refuse(request, address)
         try:
@@ -7365,7 +7566,7 @@ class _SocketServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.let_go(client_address[0])
+            self.let_go(_normal_ip(client_address[0]) or client_address[0])
 
     def take_place(self, address):
         """Count one more connection of `address` in a thread; False (and
@@ -7555,9 +7756,10 @@ class SSEServer(_SocketServer):
             restored.append(_session_read_back(header, events,
                                                _journal_path(state_dir, header["session_id"]),
                                                self.on_publish))
-        if restored or waiting:
-            log.info("%d runs read back from the journal in %s, %d of them still queued",
-                     len(restored) + len(waiting), state_dir, len(waiting))
+        if restored or waiting or reported:
+            log.info("%d runs read back from the journal in %s: %d still queued, %d reported "
+                     "from elsewhere and going on", len(restored) + len(waiting) + len(reported),
+                     state_dir, len(waiting), len(reported))
         return restored, sorted(waiting, key=lambda run: run[0]["started_ts"]), reported
 
     def take_back(self, header, events, state):
@@ -7857,6 +8059,8 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
         print("Sign in: %s?token=%s" % (server.url, server.access.token) if show_token
               else "Sign in: %s with the token you gave (it is not printed)" % server.url,
               flush=True)
+        if server.options.allowed_hosts:
+            print("  (through your proxy: its own address, with the same ?token=)", flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
     try:
@@ -7936,7 +8140,10 @@ def _build_parser():
     p = argparse.ArgumentParser(
         prog="sse_demo.py",
         description="Stream the progress of long-running jobs to a browser with "
-                    "Server-Sent Events.")
+                    "Server-Sent Events.",
+        epilog="Clients of a server: `sse_demo.py watch URL` (a run in a terminal), `start "
+               "URL`, and `report URL -- PROGRAM` or `report URL --tail FILE` (a run "
+               "elsewhere); each has its own --help.")
     for field in dataclasses.fields(Options):
         rule = field.metadata
         if not rule:

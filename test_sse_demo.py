@@ -5195,13 +5195,14 @@ def test_secrets_never_reach_the_log_in_any_encoding(make, caplog):
     run = start_guarded_run(srv)
     paths = ["/?%74oken=" + TOKEN, "/?t%6Fken=secret-1", "/?x=1&%74oken=secret-2",
              "/status/%s?%%76iew=%s" % (run["session_id"], run["view_key"]),
-             "/runs/events?%66eed=secret-3", "/a=b?token=secret-4", "/?view=secret-5;token=x"]
+             "/runs/events?%66eed=secret-3", "/a=b?token=secret-4", "/?view=secret-5;token=x",
+             '/?x="&token=secret-6']          # a raw quote ended the masking (adversary)
     with caplog.at_level("INFO", logger="sse_demo"):
         statuses = [request(srv, "GET", path)[0] for path in paths]
     assert statuses[0] == 303 and statuses[3] == 200        # the server read them so
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "%74oken=***" in text and "%76iew=***" in text
-    for secret in [TOKEN, run["view_key"]] + ["secret-%d" % n for n in range(1, 6)]:
+    for secret in [TOKEN, run["view_key"]] + ["secret-%d" % n for n in range(1, 7)]:
         assert secret not in text, secret
 
 
@@ -7457,7 +7458,7 @@ def test_cancel_on_the_page_stops_the_reported_program(make, clients, reported_p
                    only_run(srv, operator)["session_id"], what="progress from the program")
     assert cancel(srv, sid, key=TOKEN)[0] == 202
     status, _, err = reporter.finish()
-    assert status == 3 and "cancelled on the page" in err     # as `watch` exits
+    assert status == 3 and "cancelled on the server" in err     # as `watch` exits
     assert process_gone(pid)
     assert get_json(srv, "/status/" + sid, operator)["state"] == "cancelled"
 
@@ -7502,7 +7503,7 @@ def test_report_tail_follows_a_file_across_rotation_until_its_process_exits(
         reporter = clients("report", page_url(srv), "--tail", str(path), "--from-start",
                            "--pid", str(writer.pid))
         sid = only_run(srv)["session_id"]
-        wait_for(lambda: log_lines(srv, sid) == ["[stdout] line 0"], what="line 0")
+        wait_for(lambda: log_lines(srv, sid) == ["line 0"], what="line 0")
         go.touch()
         writer.wait(TIMEOUT)
         status, _, err = reporter.finish()
@@ -7511,7 +7512,7 @@ def test_report_tail_follows_a_file_across_rotation_until_its_process_exits(
             each.stop()
     assert status == 4, err                     # its exit status is not ours to know
     assert (tmp_path / "job.out.1").exists()                       # it did rotate
-    assert log_lines(srv, sid) == ["[stdout] line %d" % i for i in range(40)]
+    assert log_lines(srv, sid) == ["line %d" % i for i in range(40)]
     assert only_run(srv)["title"] == "job.out"
 
 
@@ -7523,7 +7524,7 @@ def test_report_tail_from_the_end_and_ctrl_c_ends_the_run_cancelled(make, client
     sid = only_run(srv)["session_id"]
     with path.open("a") as f:
         f.write("new line\n")
-    wait_for(lambda: log_lines(srv, sid) == ["[stdout] new line"], what="the new line")
+    wait_for(lambda: log_lines(srv, sid) == ["new line"], what="the new line")
     reporter.proc.send_signal(signal.SIGINT)
     status, _, err = reporter.finish()
     assert status == 130 and "stopped following" in err
@@ -7813,14 +7814,19 @@ def test_a_second_ctrl_c_on_report_kills_a_stubborn_program_at_once(make, client
     pid = int(reporter.proc.stdout.readline())
     sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
                    only_run(srv)["session_id"], what="progress from the program")
+    said = []                                    # its stderr, read as it comes
+    reading = threading.Thread(target=lambda: said.extend(reporter.proc.stderr), daemon=True)
+    reading.start()
     reporter.proc.send_signal(signal.SIGINT)
-    wait_for(lambda: reporter.proc.stderr.readline().startswith("Ctrl-C: stopping"),
+    wait_for(lambda: any(line.startswith("Ctrl-C: stopping") for line in said),
              what="the first Ctrl-C taken")
     reporter.proc.send_signal(signal.SIGINT)
-    status, _, err = reporter.finish()           # within TIMEOUT, not --kill-after's 60 s
+    status = reporter.proc.wait(TIMEOUT)         # within TIMEOUT, not --kill-after's 60 s
+    reading.join(TIMEOUT)
+    err = "".join(said)
     assert status == 130 and "Ctrl-C again: stopping at once" in err
     assert "Traceback" not in err and process_gone(pid)
-    assert status_of(srv, sid) == "cancelled"
+    assert get_json(srv, "/status/" + sid)["state"] == "cancelled", get_json(srv, "/status/" + sid)
 
 
 def test_report_tail_says_the_exit_status_is_unknown_never_complete(make, clients,
@@ -7838,7 +7844,7 @@ def test_report_tail_says_the_exit_status_is_unknown_never_complete(make, client
         reporter = clients("report", page_url(srv), "--tail", str(path), "--from-start",
                            "--pid", str(job.pid))
         sid = only_run(srv)["session_id"]
-        wait_for(lambda: log_lines(srv, sid) == ["[stdout] epoch 1 of 3"], what="its line")
+        wait_for(lambda: log_lines(srv, sid) == ["epoch 1 of 3"], what="its line")
         go.touch()
         assert job.wait(TIMEOUT) == 3
         status, _, err = reporter.finish()
@@ -7848,7 +7854,7 @@ def test_report_tail_says_the_exit_status_is_unknown_never_complete(make, client
     end = watch(srv, sid).events()[-1]
     assert end["event"] == "error" and end["json"]["reason"] == "exit status unknown"
     assert "unknown" in end["json"]["message"] and end["json"].get("percent") != 100.0
-    assert log_lines(srv, sid)[-1] == "[stdout] CUDA out of memory"
+    assert log_lines(srv, sid)[-1] == "CUDA out of memory"
 
 
 def test_report_tail_reads_a_rotated_file_while_its_job_still_writes_to_it(
@@ -7878,8 +7884,8 @@ def test_report_tail_reads_a_rotated_file_while_its_job_still_writes_to_it(
         for each in writers:
             each.stop()
     assert status == 4, err
-    lines = ["[stdout] line %d" % i for i in range(30)]
-    assert log_lines(srv, sid) == lines[:10] + ["[stdout] rotated"] + lines[10:]
+    lines = ["line %d" % i for i in range(30)]
+    assert log_lines(srv, sid) == lines[:10] + ["rotated"] + lines[10:]
 
 
 def test_report_says_how_long_it_waits_for_a_server_gone_at_the_end(make, clients,
@@ -8002,3 +8008,275 @@ def test_the_journal_queue_is_bounded_by_its_bytes(tmp_path, monkeypatch, make):
         free.set()
     wait_for(lambda: b'"event":"complete"' in (tmp_path / (opened["session_id"] + ".jsonl"))
              .read_bytes(), what="the terminal event on disk")
+
+
+###############################################################################
+# Reported runs and clients, as a newcomer and an adversary met them
+###############################################################################
+
+def test_sigterm_on_report_ends_the_run_cancelled(make, clients, reported_programs):
+    """`timeout`, Slurm and `kill` send SIGTERM: the program was killed and
+    the run stayed `running` until --report-timeout."""
+    srv = make()
+    reporter = clients("report", page_url(srv), "--", *reported_programs("ticks.py"))
+    pid = int(reporter.proc.stdout.readline())
+    sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
+                   only_run(srv)["session_id"], what="progress from the program")
+    reporter.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: status_of(srv, sid) == "cancelled", timeout=5.0, what="the run's end")
+    status, _, err = reporter.finish()
+    assert status == 143 and "SIGTERM: stopping the program" in err and "Traceback" not in err
+    assert process_gone(pid)
+
+
+def test_a_client_without_the_token_is_told_how_to_give_it(make, clients, reported_programs):
+    srv = make(token=TOKEN)
+    status, _, err = clients("report", page_url(srv), "--",
+                             *reported_programs("slow_lines.py", 1, 0)).finish()
+    assert status == 2 and "--token-file" in err and "SSE_DEMO_TOKEN" in err, err
+    with pytest.raises(PermissionError) as refused:        # not a private exception
+        with sse_demo.Reporter(page_url(srv)):
+            pass
+    assert "Reporter(token=...)" in str(refused.value)
+
+
+def test_report_refuses_a_program_it_cannot_find_before_opening_a_run(make, clients):
+    srv = make()
+    status, _, err = clients("report", page_url(srv), "--", "no-such-program-here").finish()
+    assert status == 127 and err.strip() == "error: program not found: no-such-program-here"
+    status, _, err = clients("report", page_url(srv), sys.executable, "-c", "pass").finish()
+    assert status == 2 and "a program goes after --" in err
+    assert get_json(srv, "/runs")["runs"] == []
+
+
+def test_watch_heads_a_reported_run_with_its_own_title_and_its_rate_unit(make, clients):
+    """It showed the server's job title and labels, and a bare `0` line for
+    the run's first event; an unknown run printed the job's header first."""
+    srv = make()
+    opened = open_reported(srv, title="train resnet")
+    post_events(srv, opened, [{"event": "progress", "done": 1, "total": 2, "rate": 3.5,
+                               "rate_unit": "batch/s"}, {"event": "complete"}], seq=0)
+    status, out, err = clients("watch", page_url(srv), "--run", opened["session_id"]).finish()
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "train resnet · run " + opened["session_id"]
+    assert "0" not in lines[1:] and any("rate 3.5 batch/s" in line for line in lines), lines
+    status, out, err = clients("watch", page_url(srv), "--run", "x" * 22).finish()
+    assert status == 2 and out == "" and "has no run" in err
+
+
+def test_watch_says_an_exit_status_nobody_can_know_and_exits_4(make, clients):
+    srv = make()
+    opened = open_reported(srv)
+    post_events(srv, opened, [{"event": "error", "message": "process 7 ended; its exit "
+                               "status is unknown", "reason": "exit status unknown"}], seq=0)
+    status, out, _ = clients("watch", page_url(srv), "--run", opened["session_id"]).finish()
+    assert status == 4 and out.splitlines()[-1].startswith("ended: process 7 ended")
+
+
+def test_report_tail_in_a_missing_folder_is_refused_and_a_missing_file_awaited(
+        make, clients, tmp_path):
+    srv = make()
+    status, _, err = clients("report", page_url(srv), "--tail",
+                             str(tmp_path / "no" / "job.out")).finish()
+    assert status == 2 and "no folder" in err
+    path = tmp_path / "later.out"
+    reporter = clients("report", page_url(srv), "--tail", str(path))
+    sid = only_run(srv)["session_id"]
+    path.write_text("it came\n")
+    wait_for(lambda: log_lines(srv, sid) == ["it came"], what="the file's line")
+    reporter.proc.send_signal(signal.SIGINT)
+    status, _, err = reporter.finish()
+    assert status == 130 and "is not there yet; waiting for it" in err
+
+
+def test_ctrl_c_before_the_run_opens_is_said_without_a_traceback(clients, reported_programs):
+    """A server that takes the connection and never answers: Ctrl-C while
+    report waits to open the run gave a KeyboardInterrupt traceback."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        reporter = clients("report", "http://127.0.0.1:%d/" % mute.getsockname()[1],
+                           "--", *reported_programs("slow_lines.py", 1, 0))
+        held = mute.accept()[0]                     # report's POST /runs, never answered
+        try:
+            reporter.proc.send_signal(signal.SIGINT)
+            status, _, err = reporter.finish()
+        finally:
+            held.close()
+    assert status == 130 and "stopped before the run opened" in err and "Traceback" not in err
+
+
+def test_an_uncaught_cancel_ends_a_reporter_script_quietly_with_status_3(make, tmp_path):
+    srv = make(token=TOKEN)
+    script = tmp_path / "loop.py"
+    script.write_text("import sys, time\nsys.path.insert(0, %r)\nimport sse_demo\n"
+                      "with sse_demo.Reporter(sys.argv[1], token=%r, title='loop') as progress:\n"
+                      "    for step in range(1000):\n"
+                      "        progress(step, 1000)\n"
+                      "        time.sleep(0.01)\n"
+                      "print('after the block')\n" % (HERE, TOKEN))
+    loop = subprocess.Popen([sys.executable, str(script), page_url(srv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        operator = {"Authorization": "Bearer " + TOKEN}
+        sid = wait_for(lambda: (only_run(srv, operator)["iteration"] or 0) >= 2 and
+                       only_run(srv, operator)["session_id"], what="the loop's progress")
+        assert cancel(srv, sid, key=TOKEN)[0] == 202
+        out, err = loop.communicate(timeout=TIMEOUT)
+    finally:
+        stop_process(loop)
+    assert loop.returncode == 3 and out == "" and "Traceback" not in err, err
+
+
+def test_a_trusted_proxy_on_a_dual_stack_server_has_no_per_address_limit(make):
+    """The server saw the proxy as ::ffff:127.0.0.1 and limited it."""
+    with open("/proc/sys/net/ipv6/bindv6only") as f:
+        if f.read().strip() != "0":
+            pytest.skip("IPv6 sockets here take no IPv4 connection")
+    srv = make(host="::", trusted_proxies=["127.0.0.1"], max_per_address=2,
+               request_timeout_s=5.0)
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+            for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")        # half sent: a thread each
+        wait_for(lambda: sum(srv.server._per_address.values()) == 4, what="4 in threads")
+        assert request(srv, "GET", "/healthz")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize("option", ["--report-timeout", "--request-timeout", "--keepalive"])
+def test_an_infinite_time_is_refused_at_start(option):
+    """`inf` and 1e400 started a server whose every request then failed."""
+    for value in ("inf", "1e400", "nan"):
+        status, _, err = Cli(option, value).finish()
+        assert status == 2 and "must be a number above 0" in err and "Traceback" not in err
+
+
+def test_a_runs_series_and_its_events_are_bounded(server):
+    """One event of 320,000 fields made every new bucket hold them all: GBs
+    (adversary). A run charts at most SERIES_FIELDS fields; a reported event
+    holds at most REPORT_FIELDS fields and REPORT_EVENT_BYTES bytes."""
+    opened = open_reported(server)
+    many = dict({"done": 0}, **{"f%d" % i: i for i in range(sse_demo.REPORT_FIELDS + 1)})
+    status, answer = post_events(server, opened, [dict(many, event="progress")], seq=0)
+    assert (status, answer["param"]) == (400, "events[0]") and "at most 100" in answer["error"]
+    big = {"event": "progress", "done": 0, "text": "x" * sse_demo.REPORT_EVENT_BYTES}
+    status, answer = post_events(server, opened, [big], seq=0)
+    assert (status, answer["param"]) == (400, "events[0]") and "bytes" in answer["error"]
+    batch = [{"event": "progress", "done": step,
+              **{"f%d_%d" % (step, i): i for i in range(50)}} for step in range(4)]
+    assert post_events(server, opened, batch, seq=0)[0] == 200
+    charted = get_json(server, "/series/" + opened["session_id"])["fields"]
+    assert len(charted) == sse_demo.SERIES_FIELDS
+
+
+def test_the_allowance_holds_however_a_reporter_splits_its_batches(make):
+    """It was counted per batch: one-event batches published them all."""
+    srv = make()
+    opened = open_reported(srv)
+    for i in range(600):
+        assert post_events(srv, opened, [{"event": "log", "message": "line %d" % i}],
+                           seq=i)[0] == 200
+    assert post_events(srv, opened, [{"event": "complete"}], seq=600)[0] == 200
+    events = watch(srv, opened["session_id"]).events()
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert len(logs) < 300 and "\n".join(logs).split("\n") == ["line %d" % i for i in range(600)]
+
+
+def test_a_flooding_run_costs_only_its_own_journal_lines(tmp_path, monkeypatch, make):
+    """With the disk behind, a flooding run's lines filled the shared queue
+    and another run lost its own, with no mark of it (adversary)."""
+    monkeypatch.setattr(sse_demo, "JOURNAL_RUN_BYTES", 30000)
+    srv = make(state_dir=str(tmp_path))
+    journal = srv.server.journal
+    flood, victim = open_reported(srv, title="flood"), open_reported(srv, title="victim")
+    held, free = stall_journal(monkeypatch, journal, "event")
+    try:
+        lines = [{"event": "log", "message": "%03d " % i + "x" * 996} for i in range(100)]
+        assert post_events(srv, flood, lines, seq=0)[0] == 200
+        wait_for(held.is_set, what="the journal to stall")
+        assert post_events(srv, victim, [{"event": "log", "message": "victim's line"}],
+                           seq=0)[0] == 200
+        for opened, seq in ((flood, 100), (victim, 1)):
+            assert post_events(srv, opened, [{"event": "complete"}], seq=seq)[0] == 200
+    finally:
+        free.set()
+    for opened in (flood, victim):
+        wait_for(lambda: b'"event":"complete"' in (tmp_path / (opened["session_id"] + ".jsonl"))
+                 .read_bytes(), what="the run's end on disk")
+    srv.stop()
+    again = make(state_dir=str(tmp_path))
+    assert log_lines(again, victim["session_id"]) == ["victim's line"]
+    flooded = log_lines(again, flood["session_id"])
+    assert len(flooded) < 100 and any("were not journaled here" in line for line in flooded)
+
+
+def test_a_reported_runs_end_is_on_disk_before_it_is_answered(tmp_path, monkeypatch, make):
+    """The reporter stops once its end is answered, and cannot send it again:
+    a crash in the moment after lost it (adversary: 9 of 20)."""
+    srv = make(state_dir=str(tmp_path))
+    opened = open_reported(srv)
+    held, free = stall_journal(monkeypatch, srv.server.journal, "event")
+    answers = []
+    ending = threading.Thread(target=lambda: answers.append(
+        post_events(srv, opened, [{"event": "complete"}], seq=0)))
+    try:
+        ending.start()
+        wait_for(held.is_set, what="the journal to stall")
+        assert answers == []                         # not answered while not on disk
+    finally:
+        free.set()
+        ending.join(TIMEOUT)
+    assert answers[0][0] == 200
+
+
+def test_a_reporter_drops_an_event_too_large_and_goes_on(make, caplog):
+    """A 5 MB field (or message) was 413 and stalled the reporter for good."""
+    caplog.set_level("WARNING", logger="sse_demo")
+    srv = make()
+    reporter = sse_demo.Reporter(page_url(srv), title="big")
+    with pytest.raises(RuntimeError):
+        with reporter as progress:
+            progress(1, 3, blob="x" * 5 * 2 ** 20)
+            progress.log("after the big one")
+            raise RuntimeError("y" * 5 * 2 ** 20)
+    events = watch(srv, reporter.run_id).events()
+    assert [e["json"]["message"] for e in events if e["event"] == "log"] == ["after the big one"]
+    assert events[-1]["event"] == "error" and len(events[-1]["json"]["message"]) < 70000
+    assert "progress is not reported: an event of" in caplog.text
+
+
+def test_a_reporters_buffer_is_bounded_by_its_bytes(monkeypatch, caplog):
+    monkeypatch.setattr(sse_demo, "REPORT_BUFFER_BYTES", 100000)
+    caplog.set_level("WARNING", logger="sse_demo")
+    reporter = sse_demo.Reporter("http://127.0.0.1:%d/" % free_port(), flush_timeout=0)
+    with reporter as progress:
+        for step in range(50):
+            progress.log("%02d " % step + "x" * 9997)
+        assert reporter._outbox._bytes <= 100000
+    assert "dropped so far" in caplog.text
+
+
+def test_report_tail_reads_a_file_rotated_just_before_its_job_exits(make, clients, tmp_path):
+    srv = make()
+    path = tmp_path / "job.out"
+    path.write_text("line 0\n")
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reporter = clients("report", page_url(srv), "--tail", str(path), "--from-start",
+                           "--pid", str(job.pid))
+        sid = only_run(srv)["session_id"]
+        wait_for(lambda: log_lines(srv, sid) == ["line 0"], what="line 0")
+        os.rename(str(path), str(path) + ".1")
+        path.write_text("line 1\n")                # then the job ends at once
+        stop_process(job)
+        status, _, err = reporter.finish()
+    finally:
+        stop_process(job)
+    assert status == 4, err
+    assert log_lines(srv, sid) == ["line 0", "line 1"]
