@@ -572,20 +572,47 @@ class _Record:
         return (_export_line_of(kept) for _, kept in items), self.end
 
 
+# The export lines /log shows: log events (and markers of lines dropped), and
+# the run's end.
+LOG_TEXT_EVENTS = re.compile(rb'\{"id":[0-9a-z]*,"event":"(?:log|complete|cancelled|error)"')
+
+
 def _log_text_line(record):
     """One /log line from an export record: ISO 8601 UTC time with
-    milliseconds, level, [stream], message; further lines indented by two."""
+    milliseconds, level, [stream], message; further lines indented by two.
+    The terminal event's line has its name for a level and says how the run
+    stood (_end_text), as the page's log does."""
     data = record["data"]
     stamp = data.get("ts")
     when = "-"
     if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
         seconds, millis = divmod(int(stamp * 1000), 1000)
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
-    parts = [when, str(data.get("level", "info"))]
-    if data.get("stream"):
-        parts.append("[%s]" % data["stream"])
-    message = str(data.get("message", "")).replace("\r\n", "\n").replace("\n", "\n  ")
+    if record["event"] != "log":
+        parts, message = [when, record["event"]], _end_text(data)
+    else:
+        parts, message = [when, str(data.get("level", "info"))], data.get("message", "")
+        if data.get("stream"):
+            parts.append("[%s]" % data["stream"])
+    message = str(message).replace("\r\n", "\n").replace("\n", "\n  ")
     return (" ".join(parts) + " " + message + "\n").encode("utf-8", "replace")
+
+
+def _end_text(data):
+    """A terminal event's data as /log says it, parts joined by " · ": the
+    stage, `iteration I/T` (`iteration I` without a total), each of the job's
+    fields as `name value`, `result R`, then the message; values in JSON."""
+    parts = [data["stage"]] if isinstance(data.get("stage"), str) else []
+    if data.get("iteration") is not None:
+        parts.append("iteration " + json_line(data["iteration"]) + (
+            "" if data.get("total") is None else "/" + json_line(data["total"])))
+    parts += [name + " " + json_line(value) for name, value in data.items()
+              if name not in NOT_CHARTED]
+    if "result" in data:
+        parts.append("result " + json_line(data["result"]))
+    if data.get("message") is not None:
+        parts.append(str(data["message"]))
+    return " · ".join(parts)
 
 
 ###############################################################################
@@ -600,6 +627,22 @@ def _lasting_fields(data):
     message and result): what a terminal event carries over from the latest
     progress."""
     return {k: v for k, v in data.items() if k not in EVENT_ONLY_FIELDS}
+
+
+def _latest_after(latest, data):
+    """A run's latest fields once an event brings `data`: the standard ones
+    (iteration, total, percent, stage, bars, eta_s...) are this event's, and
+    each of the job's own fields keeps its latest value until a newer value
+    of it comes, so a progress() without fields blanks no card, /status or
+    terminal event. `rate_unit` goes with `rate`. `data` itself when it
+    brings every job field there is (the usual case: no copy)."""
+    kept = {k: v for k, v in latest.items() if k not in data and k not in NOT_CHARTED}
+    if not kept:
+        return data
+    if "rate" in kept and "rate_unit" in latest:
+        kept["rate_unit"] = latest["rate_unit"]
+    kept.update(data)
+    return kept
 
 
 class _CancelFlag:
@@ -772,7 +815,7 @@ class _Session:
         if event.name == "queued":
             pass      # its place in the queue: not a progress field, not a point
         elif event.name != "log":
-            self._latest = data
+            self._latest = _latest_after(self._latest, data)
             self.series.add(event.id, data.get("iteration"), _numeric_fields(data))
         else:
             self.series.last_id = event.id
@@ -833,13 +876,15 @@ class _Session:
         """Is `key` this run's view key? Compared in constant time."""
         return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
 
-    def replay(self, events):
+    def replay(self, events, latest=None):
         """Events read back from the journal, (id, name, data) oldest first:
         into the history and the series, not the record (that stays on
-        disk). A terminal one ends the run as it ended then."""
+        disk). A terminal one ends the run as it ended then. `latest`: the
+        fields of the whole journal, where one may be older than `events`."""
         with self._lock:
             for event_id, name, data in events:
                 self._keep(_Event(event_id, name, data), data, record=False)
+            self._latest = _latest_after(latest or {}, self._latest)
             if events and events[-1][1] in TERMINAL_STATES:
                 self.terminal_id, self.state = self.last_id, events[-1][1]
                 self.ended_ts = events[-1][2].get("ts", time.time())
@@ -853,7 +898,8 @@ class _Session:
             self.last_id = max(self.last_id, event_id)
 
     def latest_fields(self):
-        """The last published event's progress fields, without its stamps."""
+        """The run's latest progress fields (see _latest_after), without the
+        last event's stamps."""
         with self._lock:
             return _lasting_fields(self._latest)
 
@@ -3620,14 +3666,15 @@ class _CommandOutput:
         for line in lines[:allowed]:
             self._publish_line(line, stream, leveled)
         if len(lines) > allowed:
-            joined, latest = [], None
+            joined, latest, carried = [], None, {}
             for line in lines[allowed:]:
-                if _parse_progress_line(line) is None:
+                progress = _parse_progress_line(line)
+                if progress is None:
                     joined.append(line)
-                else:
-                    latest = line                          # only the latest counts
+                else:       # only the latest counts, with each field's latest value
+                    latest, carried = line, _latest_after(carried, progress[2])
             if latest is not None:
-                self._publish_line(latest, stream, leveled)
+                self._publish_line(latest, stream, leveled, carried)
             if joined:
                 self._log("\n".join(joined), stream, leveled)
             # A flood: let the pipe fill before the next read (the program
@@ -3645,17 +3692,21 @@ class _CommandOutput:
             self._allowance -= allowed
             return allowed
 
-    def _publish_line(self, line, stream, leveled=True):
+    def _publish_line(self, line, stream, leveled=True, carried=None):
+        """A progress event, or else a log event, of one line; `carried`:
+        the fields of the progress lines a flood left out before it (their
+        latest values), which the event brings too when they are JSON."""
         progress = _parse_progress_line(line)
-        try:
-            if progress is not None:
-                done, total, fields = progress
-                stage = fields.pop("stage", None)
-                self._progress._report(done, total, stage if isinstance(stage, str) else None,
-                                       fields=fields)
-                return
-        except (TypeError, ValueError):
-            pass    # fields that are not JSON: show the line as it is
+        if progress is not None:
+            done, total, fields = progress
+            stage = fields.pop("stage", None)
+            for fields in (_latest_after(carried or {}, fields), fields):
+                try:
+                    self._progress._report(done, total, stage if isinstance(stage, str)
+                                           else None, fields=fields)
+                    return
+                except (TypeError, ValueError):
+                    pass    # fields that are not JSON: then the line as it is
         self._log(line, stream, leveled)
 
     def _log(self, text, stream, leveled=True):
@@ -4359,7 +4410,7 @@ def _read_journal(path, session_id):
             last_id, lines, good = event[0], lines + 1, good + len(line)
             only_queued = only_queued and event[1] == "queued"
             if event[1] not in ("log", "queued"):
-                latest = event[2]
+                latest = _latest_after(latest, event[2])
                 series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
             ended = event[1] in TERMINAL_STATES
     if counted is not None and not ended and last_id > counted[2]:
@@ -5165,7 +5216,8 @@ class _Reported:
 
     def _publish(self, calls):
         """Past the allowance a batch's log lines go as one event, and only
-        its latest progress (progress is state): a flood costs few events."""
+        its latest progress (progress is state), with the latest value of
+        each field the progress left out brought: a flood costs few events."""
         allowed = self.allowance.take(sum(1 for name, _ in calls if name not in TERMINAL_STATES))
         held, latest = [], None
         for name, data in calls:
@@ -5177,7 +5229,7 @@ class _Reported:
             elif name == "log":
                 held.append(data)
             else:
-                latest = data
+                latest = _latest_after(latest or {}, data)
         if held:
             self.session.publish("log", _joined_log(held))
         if latest is not None:
@@ -5880,15 +5932,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          lambda line: line)
 
     def route_log(self, query, session_id):
-        """Every log line; with ?follow=1 the answer stays open (chunked) and
-        grows until the run ends. A follower holds this thread, as a
-        download does: it is for `curl -N`, not for the page. It counts as
-        a stream (503 past --max-streams), and holds its thread no longer
-        than its client is there (see send_record). The writer does not
-        take followers as it takes streams: their lines are made one by
-        one from the record (from the journal's file after a restart), work
-        and disk reads that would hold up every stream, and a text body
-        has no keepalive for it to send."""
+        """Every log line, then a line for the run's end; with ?follow=1 the
+        answer stays open (chunked) and grows until the run ends. A follower
+        holds this thread, as a download does: it is for `curl -N`, not for
+        the page. It counts as a stream (503 past --max-streams), and holds
+        its thread no longer than its client is there (see send_record).
+        The writer does not take followers as it takes streams: their lines
+        are made one by one from the record (from the journal's file after
+        a restart), work and disk reads that would hold up every stream,
+        and a text body has no keepalive for it to send."""
         session = self.find_session(session_id)
         follow = _parse_query(query).get("follow") in ("1", "true")
         if follow:
@@ -5896,8 +5948,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
                              lambda line: _log_text_line(json.loads(line))
-                             if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
-                             else b"", follow)
+                             if LOG_TEXT_EVENTS.match(line) else b"", follow)
         finally:
             if follow:
                 self.server.hub.release()
@@ -7435,7 +7486,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
-        session.replay(events)
+        session.replay(events, header.get("latest"))
         session.skip_ids(header.get("ids", 0))
         self.journal.guard_ids(session)
         return session

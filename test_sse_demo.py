@@ -1645,6 +1645,22 @@ def chatty(progress, steps=3000, every=3, spike_at=-1, pause=0.0, cancel=None):
             progress.log("line %d\\nits second line" % i)
         if pause and cancel.wait(pause):
             return None
+
+
+def sparse(progress, steps=4, filler=0, hold=0.0, cancel=None):
+    """Fields only now and then, as in README's pattern: a progress()
+    without fields right after one with them (and `filler` more of them)."""
+    progress(1, steps, loss=0.5, acc=0.9, rate=3.0, rate_unit="batch/s", eta_s=9.0)
+    for _ in range(filler + 1):
+        progress(2, steps)
+    if hold and cancel.wait(hold):
+        return None
+    progress(3, steps, loss=0.25)
+    progress(4, steps)
+
+
+sparse.sse_job = {"title": "Sparse fields", "params": {},
+                  "fields": {"loss": {"label": "Loss"}, "acc": {"label": "Accuracy"}}}
 '''
 
 
@@ -2259,6 +2275,21 @@ import sys
 out = sys.stdout
 for i in range(int(sys.argv[1])):
     out.write("line %d of the flood\\n" % i)
+""",
+    "fails_with_fields.py": """
+import json, sys
+print(json.dumps({"done": 2, "total": 5, "stage": "Epoch 1/2", "loss": 0.5}), flush=True)
+print(json.dumps({"done": 3, "total": 5, "stage": "Epoch 1/2"}), flush=True)
+sys.stderr.write("Traceback (most recent call last):\\nValueError: bad batch\\n")
+sys.exit(3)
+""",
+    # A flood of JSON progress lines, in one write: past the allowance each
+    # read is thinned to its latest line, and loss comes on one line only.
+    "sparse_json.py": """
+import json, sys
+lines = [{"done": i, "total": 1500} for i in range(1501)]
+lines[1000]["loss"] = 0.125
+sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
 """,
 }
 
@@ -3608,6 +3639,37 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
         assert len(journal_lines(tmp_path, sid)) - 1 == len(journaled) + 1   # added once only
 
 
+def test_journal_ends_a_killed_run_with_each_fields_latest_value(tmp_path):
+    """A run cut short by a crash ends with the fields it had: loss came
+    before the last progress the journal kept, which has none."""
+    program, go = tmp_path / "sparse.py", tmp_path / "go"
+    # Its line with loss, then (after `go`) one without, again and again: the
+    # journal keeps a run's progress once a second.
+    program.write_text("import json, os, sys, time\n"
+                       "for _ in range(300):\n"
+                       "    later = os.path.exists(sys.argv[1])\n"
+                       "    line = {'done': 2, 'total': 4} if later else {'done': 1, 'total': 4, "
+                       "'loss': 0.5}\n"
+                       "    print(json.dumps(line), flush=True)\n"
+                       "    time.sleep(0.2)\n")
+    command = " ".join(shlex.quote(str(part)) for part in (sys.executable, program, go))
+    first = journal_server(tmp_path / "state", "--cmd", command)
+    sid = start_run(first)
+    kept = lambda: [line.get("data", {}) for line in journal_lines(tmp_path / "state", sid)[1:]]
+    wait_for(lambda: any(data.get("loss") == 0.5 for data in kept()), what="loss journaled")
+    go.touch()
+    wait_for(lambda: kept()[-1].get("iteration") == 2, what="iteration 2 journaled")
+    first.stop(signal.SIGKILL)
+    second = journal_server(tmp_path / "state", "--cmd", command, port=first.port)
+    try:
+        end = watch(second, sid).events()[-1]
+        assert end["event"] == "error" and end["json"]["reason"] == "interrupted"
+        assert (end["json"]["iteration"], end["json"]["loss"]) == (2, 0.5)
+        assert get_json(second, "/status/" + sid)["loss"] == 0.5
+    finally:
+        assert second.stop()[0] == 0
+
+
 def test_journal_ids_never_go_back_after_a_crash(tmp_path):
     """A client saw events the journal had not written yet (it writes once
     a second); after kill -9 and a restart its Last-Event-ID is past what
@@ -3944,8 +4006,14 @@ def test_without_state_dir_nothing_is_written(tmp_path):
 # A run's whole record: /series, /log, /export, --max-record-mb
 ###############################################################################
 
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (info|warning|error) "
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (info|warning|error|complete|cancelled) "
                       r"(\[(stdout|stderr)\] )?(.*)")
+
+
+def log_stamp(ts):
+    """A /log line's time: ISO 8601 UTC with milliseconds."""
+    seconds, millis = divmod(int(ts * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
 
 
 def finished_run(srv, **params):
@@ -3959,11 +4027,12 @@ def finished_run(srv, **params):
 
 
 def log_messages(srv, sid):
-    """GET /log: the messages, each with its indented further lines joined back."""
+    """GET /log: the messages, each with its indented further lines joined
+    back, without the line for the run's end (which comes last, once)."""
     status, headers, body = request(srv, "GET", "/log/" + sid)
     assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8"
     assert headers["Content-Disposition"] == 'attachment; filename="%s.log"' % sid
-    messages = []
+    messages, levels = [], []
     for line in body.decode().split("\n")[:-1]:
         if line.startswith("  "):
             messages[-1] += "\n" + line[2:]
@@ -3971,7 +4040,10 @@ def log_messages(srv, sid):
         match = LOG_LINE.fullmatch(line)
         assert match, line
         messages.append(match.group(4))
-    return messages
+        levels.append(match.group(1))
+    assert levels[-1] in ("complete", "cancelled", "error")
+    assert "complete" not in levels[:-1] and "cancelled" not in levels[:-1]
+    return messages[:-1]
 
 
 def test_series_covers_the_whole_run_in_equal_buckets_with_its_spike(make, jobs):
@@ -4122,6 +4194,81 @@ def test_log_export_and_series_after_a_restart_read_the_journal(tmp_path, jobs):
         assert max(series["fields"]["loss"]["max"]) == 1000.0
     finally:
         second.stop()
+
+
+def test_log_ends_with_a_line_for_the_runs_end_byte_for_byte(make):
+    """GET /log of a job that writes no lines of its own (the built-in one)
+    holds what the page's log says of it: how the run ended, one line
+    (PROTOCOL.md, "A run's whole record"). It was empty."""
+    srv = make()
+    sid, events = finished_run(srv, iterations=3, tick=0, update_every=1)
+    end = events[-1]["json"]
+    assert request(srv, "GET", "/log/" + sid)[2] == (
+        "%s complete iteration 3/3 · improvement_pct %s · dps %s\n" % (
+            log_stamp(end["ts"]), json.dumps(end["improvement_pct"]), json.dumps(end["dps"]))
+    ).encode()
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    watch(srv, sid).next_block(time.monotonic() + TIMEOUT)
+    assert cancel(srv, sid)[0] == 202
+    end = watch(srv, sid).events()[-1]["json"]
+    assert request(srv, "GET", "/log/" + sid)[2] == (
+        "%s cancelled iteration %d/1000 · improvement_pct %s · dps %s\n" % (
+            log_stamp(end["ts"]), end["iteration"], json.dumps(end["improvement_pct"]),
+            json.dumps(end["dps"]))).encode()
+
+
+def test_log_of_a_failed_program_ends_with_its_stage_fields_and_whole_message(make, programs):
+    """The end's line: the stage, the iteration, the run's fields (loss from
+    an earlier event), then the message, its further lines indented."""
+    srv = command_server(make, programs("fails_with_fields.py"))
+    sid, events = finished_run(srv)
+    exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
+    lines = ["%s error [stderr] %s\n" % (log_stamp(e["data"]["ts"]), e["data"]["message"])
+             for e in exported if e["event"] == "log"]
+    assert len(lines) == 2
+    lines.append("%s error Epoch 1/2 · iteration 3/5 · loss 0.5 · fails_with_fields.py exited "
+                 "with status 3; the last lines of its stderr:\n  Traceback (most recent call "
+                 "last):\n  ValueError: bad batch\n" % log_stamp(events[-1]["json"]["ts"]))
+    assert request(srv, "GET", "/log/" + sid)[2] == "".join(lines).encode()
+
+
+def test_status_and_the_runs_end_keep_each_fields_latest_value(make, jobs):
+    """A progress() without fields (README's pattern) blanks no field: /status
+    and the terminal event keep each of the job's fields at its latest value
+    until a newer one comes. iteration, total, percent and eta_s are the
+    latest event's; rate_unit goes with rate."""
+    srv = make(job=jobs.sparse)
+    sid = start_run(srv, hold=30)
+    wait_for(lambda: get_json(srv, "/status/" + sid).get("iteration") == 2, what="iteration 2")
+    status = get_json(srv, "/status/" + sid)
+    assert {name: status.get(name) for name in ("iteration", "total", "percent", "loss", "acc",
+                                                "rate", "rate_unit", "eta_s")} == {
+        "iteration": 2, "total": 4, "percent": 50.0, "loss": 0.5, "acc": 0.9, "rate": 3.0,
+        "rate_unit": "batch/s", "eta_s": None}
+    assert cancel(srv, sid)[0] == 202
+    end = watch(srv, sid).events()[-1]
+    assert end["event"] == "cancelled" and (end["json"]["loss"], end["json"]["acc"]) == (0.5, 0.9)
+    sid, events = finished_run(srv)
+    end = events[-1]["json"]
+    assert events[-1]["event"] == "complete" and "eta_s" not in end
+    assert (end["iteration"], end["loss"], end["acc"], end["rate_unit"]) == (4, 0.25, 0.9, "batch/s")
+    status = get_json(srv, "/status/" + sid)
+    assert (status["state"], status["loss"], status["acc"]) == ("complete", 0.25, 0.9)
+
+
+def test_cmd_flood_thinned_to_its_latest_line_keeps_each_fields_latest_value(make, programs):
+    """Past the output allowance a read's progress lines are thinned to its
+    latest (PROTOCOL.md, "--cmd"): /export has fewer progress events than
+    lines, but a field that only a thinned line brought still reaches
+    /status, the end and /export, at its latest value."""
+    srv = command_server(make, programs("sparse_json.py"))
+    sid, events = finished_run(srv)
+    assert events[-1]["event"] == "complete" and events[-1]["json"]["loss"] == 0.125
+    assert get_json(srv, "/status/" + sid)["loss"] == 0.125
+    exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
+    progress = [e["data"] for e in exported if e["event"] == "progress"]
+    assert len(progress) < 1000 and progress[-1]["iteration"] == 1500            # thinned
+    assert [data["loss"] for data in progress if "loss" in data] == [0.125]
 
 
 ###############################################################################
@@ -5876,7 +6023,7 @@ def test_browser_runs_a_new_job_with_cards_chart_result_and_logs(browser, make, 
                               "p => p.getAttribute('stroke-dasharray'))")
     assert len(set(dashes)) == 2                                # told apart without colour
     lines = browser.log_lines(progress=True)
-    assert any(re.search(r"#1 info loading data$", line) for line in lines)
+    assert any(re.search(r"#\d+ info loading data$", line) for line in lines)
     assert any(re.search(r"#\d+ warning round 6 of beta run$", line) for line in lines)
     assert any(re.search(r"iteration 6/6 · best score 52.5 pts · loss 0.167$", line) for line in lines)
     assert browser.evaluate("document.title").startswith("Complete · Tune the model")
@@ -7055,7 +7202,8 @@ def test_a_reported_run_takes_its_events_in_order_once_and_streams_them_like_any
     run = get_json(srv, "/runs")["runs"][0]
     assert (run["title"], run["state"], run["reported"]) == ("train on node 7", "complete", True)
     _, _, log_text = request(srv, "GET", "/log/" + sid)
-    assert log_text.decode().endswith(" warning checkpoint saved\n")
+    assert log_text.decode().endswith(" warning checkpoint saved\n%s complete iteration 30/30 · "
+                                      'loss 0.5 · result {"auc":0.9}\n' % log_stamp(end["ts"]))
 
 
 def test_a_reported_single_bar_gives_the_runs_position(make):
@@ -7280,10 +7428,37 @@ def test_a_reported_run_goes_on_after_a_restart_and_takes_no_batch_twice(make, t
         ["line %d" % i for i in range(6)]
     assert events[-1]["event"] == "complete" and ids(events) == sorted(set(ids(events)))
     _, _, log_text = request(second, "GET", "/log/" + sid)
-    assert [line.split(" info ")[1] for line in log_text.decode().splitlines()] == \
+    assert [line.split(" info ")[1] for line in log_text.decode().splitlines()[:-1]] == \
         ["line %d" % i for i in range(6)]
+    assert log_text.decode().splitlines()[-1].split(" ")[1] == "complete"
     _, _, export = request(second, "GET", "/export/" + sid)
     assert [json.loads(line)["event"] for line in export.decode().splitlines()][-1] == "complete"
+
+
+def test_a_reported_run_keeps_each_fields_latest_value_past_a_flood_and_a_restart(
+        make, tmp_path, monkeypatch):
+    """What thins a reported run's events keeps each field's latest value: a
+    restart reads back only the last 1,000 events (loss is older), and past
+    the allowance a batch publishes only its latest progress (acc came on
+    an earlier one)."""
+    monkeypatch.setattr(sse_demo, "OUTPUT_BURST_LINES", 2000)
+    monkeypatch.setattr(sse_demo, "JOURNAL_PROGRESS_S", 0)    # every progress journaled
+    state = str(tmp_path / "state")
+    first = make(state_dir=state)
+    opened = open_reported(first)
+    sid = opened["session_id"]
+    batch = [{"event": "progress", "done": 1, "total": 4, "loss": 0.5}] + \
+        [{"event": "log", "message": "line %d" % i} for i in range(1100)] + \
+        [{"event": "progress", "done": 2, "total": 4}]
+    assert post_events(first, opened, batch)[0] == 200
+    first.stop()
+    second = make(state_dir=state)
+    assert get_json(second, "/status/" + sid).get("loss") == 0.5
+    flood = [{"event": "progress", "done": 3, "total": 4} for _ in range(2100)]
+    flood[2050]["acc"] = 0.75
+    assert post_events(second, opened, flood + [{"event": "complete"}])[0] == 200
+    end = watch(second, sid).events()[-1]["json"]
+    assert (end.get("loss"), end.get("acc")) == (0.5, 0.75)
 
 
 REPORTED_PROGRAMS = {
@@ -7383,8 +7558,16 @@ def only_run(srv, headers=None):
 
 
 def log_lines(srv, sid):
+    """GET /log: each line after its time and level; once the run has
+    ended, without its last line (the run's end) and that line's own."""
+    ended = status_of(srv, sid) not in ("queued", "running")
     _, _, body = request(srv, "GET", "/log/" + sid)
-    return [line.split(" ", 2)[2] for line in body.decode().splitlines()]
+    lines = body.decode().splitlines()
+    if ended:
+        end = max(i for i, line in enumerate(lines) if not line.startswith("  "))
+        assert lines[end].split(" ")[1] in ("complete", "cancelled", "error"), lines[end]
+        lines = lines[:end]
+    return [line.split(" ", 2)[2] for line in lines]
 
 
 def test_report_reads_a_program_as_cmd_does_and_ends_as_it_exits(make, clients, programs):
