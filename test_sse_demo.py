@@ -5528,6 +5528,74 @@ def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_char
     assert browser.problems() == [] and late.problems() == []
 
 
+CARDS = ("['loss', 'acc', 'rate'].map(name => (document.getElementById('field-' + name) || {})"
+         ".textContent).join(' | ')")
+
+
+def test_browser_cards_keep_each_fields_latest_value_live_late_and_after_the_end(
+        browser, make, jobs, tmp_path):
+    """A progress() without fields right after one with them (README's
+    pattern) blanks no card: not on the page that watches, not on one
+    opened while the run holds (the stream's history no longer has loss:
+    /status has), not on one opened after the end ("Loss –" before). A
+    single point's legend says its value."""
+    srv = make(job=jobs.sparse)
+    browser.open(page_url(srv))
+    start_in_page(browser, filler=1200, hold=30)
+    sid = browser.wait_for("sessionId")
+    browser.wait_for("document.getElementById('iteration').textContent === '2 / 4'")
+    browser.wait_for(CARDS + " === '0.5 | 0.9 | 3 batch/s'")
+    late = browser.new_page()
+    late.open(page_url(srv) + "#session=" + sid)
+    late.wait_for(STATE + " === 'live' && chart.loaded && seenId > 1000")
+    late.wait_for(CARDS + " === '0.5 | 0.9 | 3 batch/s'")
+    late.wait_for("document.querySelector('#legend [data-field=loss]').textContent === 'Loss: 0.5'")
+    browser.click("cancel")
+    late.wait_for(STATE + " === 'cancelled'")
+    assert late.evaluate(CARDS) == "0.5 | 0.9 | 3 batch/s"
+    start_in_page(browser, filler=0, hold=0)                 # it ends at once
+    browser.wait_for(STATE + " === 'complete' && sessionId !== %s" % json.dumps(sid))
+    ended = late.new_page()
+    ended.open(page_url(srv) + "#session=" + browser.evaluate("sessionId"))
+    ended.wait_for(STATE + " === 'complete' && unshownLines.length === 0")
+    assert ended.evaluate(CARDS) == browser.evaluate(CARDS) == "0.25 | 0.9 | 3 batch/s"
+    assert ended.element("iteration") == "4 / 4"
+    screenshot_sizes(ended, tmp_path, "cards-after-the-end")
+    assert browser.problems() == [] and late.problems() == [] and ended.problems() == []
+
+
+def test_browser_a_flat_line_reads_its_value_not_a_range_and_says_where_progress_is(
+        browser, server, tmp_path):
+    """One value all run (the built-in job of one iteration: improvement 0,
+    one DPS) is that value in the legend and on the axis, not a padded range
+    ("8,906 – 10,885.2" for 9,895.6). The log shows each event and its end;
+    "Download log" is the end's line, and the page says the progress events
+    are in "Download data"."""
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=1, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete' && chart.loaded && chartDrawnAt > 0")
+    browser.wait_for("!dirty.has('chart')")
+    dps = get_json(server, "/status/" + browser.evaluate("sessionId"))["dps"]
+    shown = browser.evaluate("formatNumber(%r)" % dps)
+    assert browser.evaluate("[...document.querySelectorAll('#legend button')].map("
+                            "b => b.textContent)") == ["DPS: " + shown, "Improvement: 0 %"]
+    assert browser.element("axis-dps-value") == shown
+    assert browser.element("axis-improvement_pct-value") == "0 %"
+    assert browser.evaluate("document.getElementById('axis-dps-max')") is None
+    note = browser.element("log-note")
+    assert "Download log" in note and "progress events" in note and "Download data" in note
+    downloaded = browser.evaluate("fetch(document.getElementById('download-log').href)"
+                                  ".then(r => r.text())")
+    assert re.fullmatch(r"\S+ complete iteration 1/1 · improvement_pct 0(\.0)? · dps %s\n"
+                        % re.escape(json.dumps(dps)), downloaded)
+    assert browser.log_lines()[0].endswith(
+        "complete iteration 1/1 · improvement 0 % · dps " + shown)
+    screenshot_sizes(browser, tmp_path, "flat-line")
+    browser.click("log-progress")                           # progress events hidden: no note
+    browser.wait_for("document.getElementById('log-note').textContent === ''")
+    assert browser.problems() == []
+
+
 def test_browser_cancel_is_answered_promptly_at_5000_events_per_second(browser, server):
     browser.open(page_url(server))
     start_in_page(browser, iterations=500000, tick=0.0002, update_every=1)
