@@ -2288,7 +2288,7 @@ sys.exit(3)
     "sparse_json.py": """
 import json, sys
 lines = [{"done": i, "total": 1500} for i in range(1501)]
-lines[1000]["loss"] = 0.125
+lines[1000]["loss"] = float(sys.argv[1])
 sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
 """,
 }
@@ -4256,19 +4256,24 @@ def test_status_and_the_runs_end_keep_each_fields_latest_value(make, jobs):
     assert (status["state"], status["loss"], status["acc"]) == ("complete", 0.25, 0.9)
 
 
-def test_cmd_flood_thinned_to_its_latest_line_keeps_each_fields_latest_value(make, programs):
+@pytest.mark.parametrize("loss, kept", [("0.125", [0.125]), ("nan", [])])
+def test_cmd_flood_thinned_to_its_latest_line_keeps_each_fields_latest_value(
+        make, programs, loss, kept):
     """Past the output allowance a read's progress lines are thinned to its
     latest (PROTOCOL.md, "--cmd"): /export has fewer progress events than
     lines, but a field that only a thinned line brought still reaches
-    /status, the end and /export, at its latest value."""
-    srv = command_server(make, programs("sparse_json.py"))
+    /status, the end and /export, at its latest value. One that is not
+    JSON (NaN) is left out, and the latest line is still progress."""
+    srv = command_server(make, programs("sparse_json.py", loss))
     sid, events = finished_run(srv)
-    assert events[-1]["event"] == "complete" and events[-1]["json"]["loss"] == 0.125
-    assert get_json(srv, "/status/" + sid)["loss"] == 0.125
+    assert events[-1]["event"] == "complete" and events[-1]["json"].get("loss") == next(
+        iter(kept), None)
+    assert get_json(srv, "/status/" + sid).get("loss") == next(iter(kept), None)
     exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
     progress = [e["data"] for e in exported if e["event"] == "progress"]
     assert len(progress) < 1000 and progress[-1]["iteration"] == 1500            # thinned
-    assert [data["loss"] for data in progress if "loss" in data] == [0.125]
+    assert [data["loss"] for data in progress if "loss" in data] == kept
+    assert "log" not in [e["event"] for e in exported]
 
 
 ###############################################################################
