@@ -326,6 +326,9 @@ SERIES_POINTS_MAX = 5000
 DEFAULT_MAX_RECORD_MB = 16.0       # a run's record in memory (--max-record-mb)
 RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
 RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of about this size
+# The export lines /log shows: log events (and markers of lines dropped), and
+# the run's end.
+LOG_TEXT_EVENTS = re.compile(rb'\{"id":[0-9a-z]*,"event":"(?:log|complete|cancelled|error)"')
 
 
 def _numeric_fields(data):
@@ -572,11 +575,6 @@ class _Record:
         return (_export_line_of(kept) for _, kept in items), self.end
 
 
-# The export lines /log shows: log events (and markers of lines dropped), and
-# the run's end.
-LOG_TEXT_EVENTS = re.compile(rb'\{"id":[0-9a-z]*,"event":"(?:log|complete|cancelled|error)"')
-
-
 def _log_text_line(record):
     """One /log line from an export record: ISO 8601 UTC time with
     milliseconds, level, [stream], message; further lines indented by two.
@@ -634,15 +632,15 @@ def _latest_after(latest, data):
     (iteration, total, percent, stage, bars, eta_s...) are this event's, and
     each of the job's own fields keeps its latest value until a newer value
     of it comes, so a progress() without fields blanks no card, /status or
-    terminal event. `rate_unit` goes with `rate`. `data` itself when it
-    brings every job field there is (the usual case: no copy)."""
-    kept = {k: v for k, v in latest.items() if k not in data and k not in NOT_CHARTED}
-    if not kept:
-        return data
-    if "rate" in kept and "rate_unit" in latest:
-        kept["rate_unit"] = latest["rate_unit"]
-    kept.update(data)
-    return kept
+    terminal event. `rate_unit` goes with `rate`. Changes and returns
+    `latest`, in a time that does not grow with its fields (a program may
+    name a new field in every line)."""
+    for name in NOT_CHARTED:
+        if name in latest and name not in data and not (
+                name == "rate_unit" and "rate" in latest and "rate" not in data):
+            del latest[name]
+    latest.update(data)
+    return latest
 
 
 class _CancelFlag:
@@ -884,7 +882,7 @@ class _Session:
         with self._lock:
             for event_id, name, data in events:
                 self._keep(_Event(event_id, name, data), data, record=False)
-            self._latest = _latest_after(latest or {}, self._latest)
+            self._latest = _latest_after(dict(latest or {}), self._latest)
             if events and events[-1][1] in TERMINAL_STATES:
                 self.terminal_id, self.state = self.last_id, events[-1][1]
                 self.ended_ts = events[-1][2].get("ts", time.time())
@@ -915,8 +913,10 @@ class _Session:
 
     def summary(self):
         """What /runs lists of this run (never its control key)."""
-        with self._lock:
-            latest, state, position = self._latest, self.state, self.position
+        with self._lock:      # _latest changes in place
+            latest = {k: self._latest[k] for k in ("iteration", "total", "percent") + END_FIELDS
+                      if k in self._latest}
+            state, position = self.state, self.position
         summary = {"session_id": self.id, "title": self.title, "state": state,
                    "started_ts": self.started_ts, "ended_ts": self.ended_ts,
                    "iteration": latest.get("iteration"), "total": latest.get("total"),
