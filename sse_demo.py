@@ -5216,8 +5216,8 @@ class _Reported:
 
     def _publish(self, calls):
         """Past the allowance a batch's log lines go as one event, and only
-        its latest progress (progress is state), with the latest value of
-        each field the progress left out brought: a flood costs few events."""
+        its latest progress (progress is state), bringing the latest value of
+        each field the others had: a flood costs few events."""
         allowed = self.allowance.take(sum(1 for name, _ in calls if name not in TERMINAL_STATES))
         held, latest = [], None
         for name, data in calls:
@@ -5932,15 +5932,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          lambda line: line)
 
     def route_log(self, query, session_id):
-        """Every log line, then a line for the run's end; with ?follow=1 the
-        answer stays open (chunked) and grows until the run ends. A follower
-        holds this thread, as a download does: it is for `curl -N`, not for
-        the page. It counts as a stream (503 past --max-streams), and holds
-        its thread no longer than its client is there (see send_record).
-        The writer does not take followers as it takes streams: their lines
-        are made one by one from the record (from the journal's file after
-        a restart), work and disk reads that would hold up every stream,
-        and a text body has no keepalive for it to send."""
+        """Every log line, then the run's end; with ?follow=1 the answer stays open (chunked) and
+        grows until the run ends. A follower holds this thread, as a
+        download does: it is for `curl -N`, not for the page. It counts as
+        a stream (503 past --max-streams), and holds its thread no longer
+        than its client is there (see send_record). The writer does not
+        take followers as it takes streams: their lines are made one by
+        one from the record (from the journal's file after a restart), work
+        and disk reads that would hold up every stream, and a text body
+        has no keepalive for it to send."""
         session = self.find_session(session_id)
         follow = _parse_query(query).get("follow") in ("1", "true")
         if follow:
