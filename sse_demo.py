@@ -317,6 +317,9 @@ SERIES_POINTS_MIN = 10
 SERIES_POINTS_MAX = 5000
 RECORD_ITEM_OVERHEAD = 100         # bytes a kept event costs beyond its JSON line
 RECORD_PIECE_BYTES = 65536         # /log and /export are sent in pieces of about this size
+# The export lines /log shows: log events (and markers of lines dropped), and
+# the run's end.
+LOG_TEXT_EVENTS = re.compile(rb'\{"id":[0-9a-z]*,"event":"log"')   # what /log shows
 
 
 def _numeric_fields(data):
@@ -594,6 +597,22 @@ def _lasting_fields(data):
     return {k: v for k, v in data.items() if k not in EVENT_ONLY_FIELDS}
 
 
+def _latest_after(latest, data):
+    """A run's latest fields once an event brings `data`: the standard ones
+    (iteration, total, percent, stage, bars, eta_s...) are this event's, and
+    each of the job's own fields keeps its latest value until a newer value
+    of it comes, so a progress() without fields blanks no card, /status or
+    terminal event. `rate_unit` goes with `rate`. Changes and returns
+    `latest`, in a time that does not grow with its fields (a program may
+    name a new field in every line)."""
+    for name in NOT_CHARTED:
+        if name in latest and name not in data and not (
+                name == "rate_unit" and "rate" in latest and "rate" not in data):
+            del latest[name]
+    latest.update(data)
+    return latest
+
+
 class _CancelFlag:
     """A run's cancel flag: `is_set()`, `set()` and `wait(timeout)`, as on
     the threading.Event a job may be handed, at a fraction of the cost of
@@ -787,7 +806,7 @@ class _Session(_RunSink):
         if event.name == "queued":
             pass      # its place in the queue: not a progress field, not a point
         elif event.name != "log":
-            self._latest = data
+            self._latest = _latest_after(self._latest, data)
             self.series.add(event.id, data.get("iteration"), _numeric_fields(data))
         else:
             self.series.last_id = event.id
@@ -848,13 +867,15 @@ class _Session(_RunSink):
         """Is `key` this run's view key? Compared in constant time."""
         return hmac.compare_digest(key.encode("utf-8", "replace"), self.view_key.encode())
 
-    def replay(self, events):
+    def replay(self, events, latest=None):
         """Events read back from the journal, (id, name, data) oldest first:
         into the history and the series, not the record (that stays on
-        disk). A terminal one ends the run as it ended then."""
+        disk). A terminal one ends the run as it ended then. `latest`: the
+        fields of the whole journal, where one may be older than `events`."""
         with self._lock:
             for event_id, name, data in events:
                 self._keep(_Event(event_id, name, data), data, record=False)
+            self._latest = _latest_after(dict(latest or {}), self._latest)
             if events and events[-1][1] in TERMINAL_STATES:
                 self.terminal_id, self.state = self.last_id, events[-1][1]
                 self.ended_ts = events[-1][2].get("ts", time.time())
@@ -868,7 +889,8 @@ class _Session(_RunSink):
             self.last_id = max(self.last_id, event_id)
 
     def latest_fields(self):
-        """The last published event's progress fields, without its stamps."""
+        """The run's latest progress fields (see _latest_after), without the
+        last event's stamps."""
         with self._lock:
             return _lasting_fields(self._latest)
 
@@ -884,8 +906,10 @@ class _Session(_RunSink):
 
     def summary(self):
         """What /runs lists of this run (never its control key)."""
-        with self._lock:
-            latest, state, position = self._latest, self.state, self.position
+        with self._lock:      # _latest changes in place
+            latest = {k: self._latest[k] for k in ("iteration", "total", "percent") + END_FIELDS
+                      if k in self._latest}
+            state, position = self.state, self.position
         summary = {"session_id": self.id, "title": self.title, "state": state,
                    "started_ts": self.started_ts, "ended_ts": self.ended_ts,
                    "iteration": latest.get("iteration"), "total": latest.get("total"),
@@ -3640,14 +3664,15 @@ class _CommandOutput:
         for line in lines[:allowed]:
             self._publish_line(line, stream, leveled)
         if len(lines) > allowed:
-            joined, latest = [], None
+            joined, latest, carried = [], None, {}
             for line in lines[allowed:]:
-                if _parse_progress_line(line) is None:
+                progress = _parse_progress_line(line)
+                if progress is None:
                     joined.append(line)
-                else:
-                    latest = line                          # only the latest counts
+                else:       # only the latest counts, with each field's latest value
+                    latest, carried = line, _latest_after(carried, progress[2])
             if latest is not None:
-                self._publish_line(latest, stream, leveled)
+                self._publish_line(latest, stream, leveled, carried)
             if joined:
                 self._log("\n".join(joined), stream, leveled)
             # A flood: let the pipe fill before the next read (the program
@@ -3665,17 +3690,21 @@ class _CommandOutput:
             self._allowance -= allowed
             return allowed
 
-    def _publish_line(self, line, stream, leveled=True):
+    def _publish_line(self, line, stream, leveled=True, carried=None):
+        """A progress event, or else a log event, of one line; `carried`:
+        the fields of the progress lines a flood left out before it (their
+        latest values), which the event brings too when they are JSON."""
         progress = _parse_progress_line(line)
-        try:
-            if progress is not None:
-                done, total, fields = progress
-                stage = fields.pop("stage", None)
-                self._progress._report(done, total, stage if isinstance(stage, str) else None,
-                                       fields=fields)
-                return
-        except (TypeError, ValueError):
-            pass    # fields that are not JSON: show the line as it is
+        if progress is not None:
+            done, total, fields = progress
+            stage = fields.pop("stage", None)
+            for fields in (_latest_after(carried or {}, fields), fields):
+                try:
+                    self._progress._report(done, total, stage if isinstance(stage, str)
+                                           else None, fields=fields)
+                    return
+                except (TypeError, ValueError):
+                    pass    # fields that are not JSON: then the line as it is
         self._log(line, stream, leveled)
 
     def _log(self, text, stream, leveled=True):
@@ -4415,7 +4444,7 @@ def _read_journal(path, session_id):
             last_id, lines, good = event[0], lines + 1, good + len(line)
             only_queued = only_queued and event[1] == "queued"
             if event[1] not in ("log", "queued"):
-                latest = event[2]
+                latest = _latest_after(latest, event[2])
                 series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
             ended = event[1] in TERMINAL_STATES
     if counted is not None and not ended and last_id > counted[2]:
@@ -5245,8 +5274,9 @@ class _Reported:
     def _publish(self, calls):
         """Publish what the allowance lets go one by one; past it, the run's
         log lines wait and go together, and only its latest progress
-        (progress is state), at most every REPORT_JOIN_S: a reporter that
-        floods costs few events, however it splits its batches."""
+        (progress is state, and it brings the latest value of each field the
+        others had), at most every REPORT_JOIN_S: a reporter that floods
+        costs few events, however it splits its batches."""
         for name, data in calls:
             if name in TERMINAL_STATES:
                 self.flush()
@@ -5256,7 +5286,7 @@ class _Reported:
             elif name == "log":
                 self.held.append(data)
             else:
-                self.latest = data
+                self.latest = _latest_after(self.latest or {}, data)
         if time.monotonic() - self.flushed >= REPORT_JOIN_S:
             self.flush()
 
@@ -6035,7 +6065,8 @@ class _Handler(_HTTPExchange):
                          lambda line: line)
 
     def route_log(self, query, session_id):
-        """Every log line; with ?follow=1 the answer stays open (chunked) and
+        """Every log line (CONTRACT.md: log events only; the page says where
+        the rest is); with ?follow=1 the answer stays open (chunked) and
         grows until the run ends. A follower holds this thread, as a
         download does: it is for `curl -N`, not for the page. It counts as
         a stream (503 past --max-streams), and holds its thread no longer
@@ -6051,8 +6082,7 @@ class _Handler(_HTTPExchange):
         try:
             self.send_record(session, "text/plain; charset=utf-8", session_id + ".log",
                              lambda line: _log_text_line(json.loads(line))
-                             if line.startswith(b'{"id":') and b',"event":"log"' in line[:40]
-                             else b"", follow)
+                             if LOG_TEXT_EVENTS.match(line) else b"", follow)
         finally:
             if follow:
                 self.server.hub.release()
@@ -7774,7 +7804,7 @@ class SSEServer(_SocketServer):
         for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
-        session.replay(events)
+        session.replay(events, header.get("latest"))
         session.skip_ids(header.get("ids", 0))
         self.journal.guard_ids(session)
         return session

@@ -1645,6 +1645,22 @@ def chatty(progress, steps=3000, every=3, spike_at=-1, pause=0.0, cancel=None):
             progress.log("line %d\\nits second line" % i)
         if pause and cancel.wait(pause):
             return None
+
+
+def sparse(progress, steps=4, filler=0, hold=0.0, cancel=None):
+    """Fields only now and then, as in README's pattern: a progress()
+    without fields right after one with them (and `filler` more of them)."""
+    progress(1, steps, loss=0.5, acc=0.9, rate=3.0, rate_unit="batch/s", eta_s=9.0)
+    for _ in range(filler + 1):
+        progress(2, steps)
+    if hold and cancel.wait(hold):
+        return None
+    progress(3, steps, loss=0.25)
+    progress(4, steps)
+
+
+sparse.sse_job = {"title": "Sparse fields", "params": {},
+                  "fields": {"loss": {"label": "Loss"}, "acc": {"label": "Accuracy"}}}
 '''
 
 
@@ -2259,6 +2275,21 @@ import sys
 out = sys.stdout
 for i in range(int(sys.argv[1])):
     out.write("line %d of the flood\\n" % i)
+""",
+    "fails_with_fields.py": """
+import json, sys
+print(json.dumps({"done": 2, "total": 5, "stage": "Epoch 1/2", "loss": 0.5}), flush=True)
+print(json.dumps({"done": 3, "total": 5, "stage": "Epoch 1/2"}), flush=True)
+sys.stderr.write("Traceback (most recent call last):\\nValueError: bad batch\\n")
+sys.exit(3)
+""",
+    # A flood of JSON progress lines, in one write: past the allowance each
+    # read is thinned to its latest line, and loss comes on one line only.
+    "sparse_json.py": """
+import json, sys
+lines = [{"done": i, "total": 1500} for i in range(1501)]
+lines[1000]["loss"] = float(sys.argv[1])
+sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
 """,
 }
 
@@ -3608,6 +3639,37 @@ def test_journal_ends_a_killed_run_as_interrupted_once(tmp_path):
         assert len(journal_lines(tmp_path, sid)) - 1 == len(journaled) + 1   # added once only
 
 
+def test_journal_ends_a_killed_run_with_each_fields_latest_value(tmp_path):
+    """A run cut short by a crash ends with the fields it had: loss came
+    before the last progress the journal kept, which has none."""
+    program, go = tmp_path / "sparse.py", tmp_path / "go"
+    # Its line with loss, then (after `go`) one without, again and again: the
+    # journal keeps a run's progress once a second.
+    program.write_text("import json, os, sys, time\n"
+                       "for _ in range(300):\n"
+                       "    later = os.path.exists(sys.argv[1])\n"
+                       "    line = {'done': 2, 'total': 4} if later else {'done': 1, 'total': 4, "
+                       "'loss': 0.5}\n"
+                       "    print(json.dumps(line), flush=True)\n"
+                       "    time.sleep(0.2)\n")
+    command = " ".join(shlex.quote(str(part)) for part in (sys.executable, program, go))
+    first = journal_server(tmp_path / "state", "--cmd", command)
+    sid = start_run(first)
+    kept = lambda: [line.get("data", {}) for line in journal_lines(tmp_path / "state", sid)[1:]]
+    wait_for(lambda: any(data.get("loss") == 0.5 for data in kept()), what="loss journaled")
+    go.touch()
+    wait_for(lambda: kept()[-1].get("iteration") == 2, what="iteration 2 journaled")
+    first.stop(signal.SIGKILL)
+    second = journal_server(tmp_path / "state", "--cmd", command, port=first.port)
+    try:
+        end = watch(second, sid).events()[-1]
+        assert end["event"] == "error" and end["json"]["reason"] == "interrupted"
+        assert (end["json"]["iteration"], end["json"]["loss"]) == (2, 0.5)
+        assert get_json(second, "/status/" + sid)["loss"] == 0.5
+    finally:
+        assert second.stop()[0] == 0
+
+
 def test_journal_ids_never_go_back_after_a_crash(tmp_path):
     """A client saw events the journal had not written yet (it writes once
     a second); after kill -9 and a restart its Last-Event-ID is past what
@@ -3948,6 +4010,12 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (info|warning|err
                       r"(\[(stdout|stderr)\] )?(.*)")
 
 
+def log_stamp(ts):
+    """A /log line's time: ISO 8601 UTC with milliseconds."""
+    seconds, millis = divmod(int(ts * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+
+
 def finished_run(srv, **params):
     """Start a run, wait for its end, then read its stream (only what the
     history holds by then): (session id, events)."""
@@ -4122,6 +4190,67 @@ def test_log_export_and_series_after_a_restart_read_the_journal(tmp_path, jobs):
         assert max(series["fields"]["loss"]["max"]) == 1000.0
     finally:
         second.stop()
+
+
+def test_log_holds_the_jobs_log_lines_and_nothing_else_byte_for_byte(make, programs):
+    """GET /log is every log event and nothing else (CONTRACT.md): the
+    built-in job, which writes no lines, gives an empty body, and the page
+    says where the rest is ("Download data"); a failed program's lines are
+    its own, without a line for its end."""
+    srv = make()
+    sid, _ = finished_run(srv, iterations=3, tick=0, update_every=1)
+    assert request(srv, "GET", "/log/" + sid)[2] == b""
+    srv = command_server(make, programs("fails_with_fields.py"))
+    sid, events = finished_run(srv)
+    exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
+    lines = ["%s error [stderr] %s\n" % (log_stamp(e["data"]["ts"]), e["data"]["message"])
+             for e in exported if e["event"] == "log"]
+    assert len(lines) == 2 and events[-1]["event"] == "error"
+    assert request(srv, "GET", "/log/" + sid)[2] == "".join(lines).encode()
+
+
+def test_status_and_the_runs_end_keep_each_fields_latest_value(make, jobs):
+    """A progress() without fields (README's pattern) blanks no field: /status
+    and the terminal event keep each of the job's fields at its latest value
+    until a newer one comes. iteration, total, percent and eta_s are the
+    latest event's; rate_unit goes with rate."""
+    srv = make(job=jobs.sparse)
+    sid = start_run(srv, hold=30)
+    wait_for(lambda: get_json(srv, "/status/" + sid).get("iteration") == 2, what="iteration 2")
+    status = get_json(srv, "/status/" + sid)
+    assert {name: status.get(name) for name in ("iteration", "total", "percent", "loss", "acc",
+                                                "rate", "rate_unit", "eta_s")} == {
+        "iteration": 2, "total": 4, "percent": 50.0, "loss": 0.5, "acc": 0.9, "rate": 3.0,
+        "rate_unit": "batch/s", "eta_s": None}
+    assert cancel(srv, sid)[0] == 202
+    end = watch(srv, sid).events()[-1]
+    assert end["event"] == "cancelled" and (end["json"]["loss"], end["json"]["acc"]) == (0.5, 0.9)
+    sid, events = finished_run(srv)
+    end = events[-1]["json"]
+    assert events[-1]["event"] == "complete" and "eta_s" not in end
+    assert (end["iteration"], end["loss"], end["acc"], end["rate_unit"]) == (4, 0.25, 0.9, "batch/s")
+    status = get_json(srv, "/status/" + sid)
+    assert (status["state"], status["loss"], status["acc"]) == ("complete", 0.25, 0.9)
+
+
+@pytest.mark.parametrize("loss, kept", [("0.125", [0.125]), ("nan", [])])
+def test_cmd_flood_thinned_to_its_latest_line_keeps_each_fields_latest_value(
+        make, programs, loss, kept):
+    """Past the output allowance a read's progress lines are thinned to its
+    latest (PROTOCOL.md, "--cmd"): /export has fewer progress events than
+    lines, but a field that only a thinned line brought still reaches
+    /status, the end and /export, at its latest value. One that is not
+    JSON (NaN) is left out, and the latest line is still progress."""
+    srv = command_server(make, programs("sparse_json.py", loss))
+    sid, events = finished_run(srv)
+    assert events[-1]["event"] == "complete" and events[-1]["json"].get("loss") == next(
+        iter(kept), None)
+    assert get_json(srv, "/status/" + sid).get("loss") == next(iter(kept), None)
+    exported = [json.loads(line) for line in request(srv, "GET", "/export/" + sid)[2].splitlines()]
+    progress = [e["data"] for e in exported if e["event"] == "progress"]
+    assert len(progress) < 1000 and progress[-1]["iteration"] == 1500            # thinned
+    assert [data["loss"] for data in progress if "loss" in data] == kept
+    assert "log" not in [e["event"] for e in exported]
 
 
 ###############################################################################
@@ -5381,6 +5510,74 @@ def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_char
     assert firsts[0] == 0 and firsts[-1] // width == 3000 // width     # the whole run
     assert len(firsts) <= 500
     assert browser.problems() == [] and late.problems() == []
+
+
+CARDS = ("['loss', 'acc', 'rate'].map(name => (document.getElementById('field-' + name) || {})"
+         ".textContent).join(' | ')")
+
+
+def test_browser_cards_keep_each_fields_latest_value_live_late_and_after_the_end(
+        browser, make, jobs, tmp_path):
+    """A progress() without fields right after one with them (README's
+    pattern) blanks no card: not on the page that watches, not on one
+    opened while the run holds (the stream's history no longer has loss:
+    /status has), not on one opened after the end ("Loss –" before). A
+    single point's legend says its value."""
+    srv = make(job=jobs.sparse)
+    browser.open(page_url(srv))
+    start_in_page(browser, filler=1200, hold=30)
+    sid = browser.wait_for("sessionId")
+    browser.wait_for("document.getElementById('iteration').textContent === '2 / 4'")
+    browser.wait_for(CARDS + " === '0.5 | 0.9 | 3 batch/s'")
+    late = browser.new_page()
+    late.open(page_url(srv) + "#session=" + sid)
+    late.wait_for(STATE + " === 'live' && chart.loaded && seenId > 1000")
+    late.wait_for(CARDS + " === '0.5 | 0.9 | 3 batch/s'")
+    late.wait_for("(document.querySelector('#legend [data-field=loss]') || {}).textContent "
+                  "=== 'Loss: 0.5'")                           # a single point: its value
+    browser.click("cancel")
+    late.wait_for(STATE + " === 'cancelled'")
+    assert late.evaluate(CARDS) == "0.5 | 0.9 | 3 batch/s"
+    start_in_page(browser, filler=0, hold=0)                 # it ends at once
+    browser.wait_for(STATE + " === 'complete' && sessionId !== %s" % json.dumps(sid))
+    ended = late.new_page()
+    ended.open(page_url(srv) + "#session=" + browser.evaluate("sessionId"))
+    ended.wait_for(STATE + " === 'complete' && unshownLines.length === 0")
+    assert ended.evaluate(CARDS) == browser.evaluate(CARDS) == "0.25 | 0.9 | 3 batch/s"
+    assert ended.element("iteration") == "4 / 4"
+    screenshot_sizes(ended, tmp_path, "cards-after-the-end")
+    assert browser.problems() == [] and late.problems() == [] and ended.problems() == []
+
+
+def test_browser_a_flat_line_reads_its_value_not_a_range_and_says_where_progress_is(
+        browser, server, tmp_path):
+    """One value all run (the built-in job of one iteration: improvement 0,
+    one DPS) is that value in the legend and on the axis, not a padded range
+    ("8,906 – 10,885.2" for 9,895.6). The log shows each event and its end;
+    "Download log" has the job's own lines (none here), and the page says
+    the progress events and the end are in "Download data"."""
+    browser.open(page_url(server))
+    start_in_page(browser, iterations=1, tick=0, update_every=1)
+    browser.wait_for(STATE + " === 'complete' && chart.loaded && !dirty.has('chart')")   # drawn
+    dps = get_json(server, "/status/" + browser.evaluate("sessionId"))["dps"]
+    shown = browser.evaluate("formatNumber(%r)" % dps)
+    assert sorted(browser.evaluate("[...document.querySelectorAll('#legend button')].map("
+                                   "b => b.textContent)")) == ["DPS: " + shown, "Improvement: 0 %"]
+    assert browser.element("axis-dps-value") == shown
+    assert browser.element("axis-improvement_pct-value") == "0 %"
+    assert browser.evaluate("document.getElementById('axis-dps-max')") is None
+    note = browser.element("log-note")
+    assert "Download log" in note and "progress events" in note and "Download data" in note
+    assert "the run's end" in note
+    downloaded = browser.evaluate("fetch(document.getElementById('download-log').href)"
+                                  ".then(r => r.text())")
+    assert downloaded == ""
+    assert browser.log_lines()[0].endswith(
+        "complete iteration 1/1 · improvement 0 % · dps " + shown)
+    screenshot_sizes(browser, tmp_path, "flat-line")
+    browser.click("log-progress")                           # progress events hidden: no note
+    browser.wait_for("document.getElementById('log-note').textContent === ''")
+    assert browser.problems() == []
 
 
 def test_browser_cancel_is_answered_promptly_at_5000_events_per_second(browser, server):
@@ -7288,6 +7485,32 @@ def test_a_reported_run_goes_on_after_a_restart_and_takes_no_batch_twice(make, t
     assert [json.loads(line)["event"] for line in export.decode().splitlines()][-1] == "complete"
 
 
+def test_a_reported_run_keeps_each_fields_latest_value_past_a_flood_and_a_restart(
+        make, tmp_path, monkeypatch):
+    """What thins a reported run's events keeps each field's latest value: a
+    restart reads back only the last 1,000 events (loss is older), and past
+    the allowance a batch publishes only its latest progress (acc came on
+    an earlier one)."""
+    monkeypatch.setattr(sse_demo, "OUTPUT_BURST_LINES", 2000)
+    monkeypatch.setattr(sse_demo, "JOURNAL_PROGRESS_S", 0)    # every progress journaled
+    state = str(tmp_path / "state")
+    first = make(state_dir=state)
+    opened = open_reported(first)
+    sid = opened["session_id"]
+    batch = [{"event": "progress", "done": 1, "total": 4, "loss": 0.5}] + \
+        [{"event": "log", "message": "line %d" % i} for i in range(1100)] + \
+        [{"event": "progress", "done": 2, "total": 4}]
+    assert post_events(first, opened, batch)[0] == 200
+    first.stop()
+    second = make(state_dir=state)
+    assert get_json(second, "/status/" + sid).get("loss") == 0.5
+    flood = [{"event": "progress", "done": 3, "total": 4} for _ in range(2100)]
+    flood[2050]["acc"] = 0.75
+    assert post_events(second, opened, flood + [{"event": "complete"}])[0] == 200
+    end = watch(second, sid).events()[-1]["json"]
+    assert (end.get("loss"), end.get("acc")) == (0.5, 0.75)
+
+
 REPORTED_PROGRAMS = {
     "ticks.py": """
 import json, os, sys, time
@@ -7385,6 +7608,7 @@ def only_run(srv, headers=None):
 
 
 def log_lines(srv, sid):
+    """GET /log: each line after its time and level."""
     _, _, body = request(srv, "GET", "/log/" + sid)
     return [line.split(" ", 2)[2] for line in body.decode().splitlines()]
 
