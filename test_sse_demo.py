@@ -8399,8 +8399,10 @@ def test_a_runs_series_and_its_events_are_bounded(server):
     assert len(charted) == sse_demo.SERIES_FIELDS
 
 
-def test_the_allowance_holds_however_a_reporter_splits_its_batches(make):
+def test_the_allowance_holds_however_a_reporter_splits_its_batches(make, monkeypatch):
     """It was counted per batch: one-event batches published them all."""
+    monkeypatch.setattr(sse_demo, "OUTPUT_BURST_LINES", 50)
+    monkeypatch.setattr(sse_demo, "OUTPUT_LINES_PER_S", 1)
     srv = make()
     opened = open_reported(srv)
     for i in range(600):
@@ -8409,7 +8411,7 @@ def test_the_allowance_holds_however_a_reporter_splits_its_batches(make):
     assert post_events(srv, opened, [{"event": "complete"}], seq=600)[0] == 200
     events = watch(srv, opened["session_id"]).events()
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
-    assert len(logs) < 300 and "\n".join(logs).split("\n") == ["line %d" % i for i in range(600)]
+    assert len(logs) < 150 and "\n".join(logs).split("\n") == ["line %d" % i for i in range(600)]
 
 
 def test_a_flooding_run_costs_only_its_own_journal_lines(tmp_path, monkeypatch, make):
