@@ -1804,9 +1804,12 @@ def test_cli_job_errors_exit_2_with_one_line(tmp_path, spec, words):
 
 
 def test_serve_blocks_like_main_and_stops_on_sigterm(tmp_path):
-    (tmp_path / "mybuild.py").write_text(JOBS_MODULE)
-    code = ("import sys; sys.path[:0] = [%r, %r]; import sse_demo, mybuild; "
-            "sys.exit(sse_demo.serve(job=mybuild.counting, port=0))" % (HERE, str(tmp_path)))
+    """Its job module has a name of its own, first on the path: a user's
+    `mybuild.py` beside sse_demo.py (README's example) made it fail."""
+    (tmp_path / "sse_demo_test_jobs.py").write_text(JOBS_MODULE)
+    code = ("import sys; sys.path[:0] = [%r, %r]; import sse_demo, sse_demo_test_jobs; "
+            "sys.exit(sse_demo.serve(job=sse_demo_test_jobs.counting, port=0))"
+            % (str(tmp_path), HERE))
     cli = Cli(code=code)
     assert cli.port, cli.first_line
     events = Stream(cli, "/progress/" + start_run(cli, steps=2)).events()
