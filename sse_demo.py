@@ -3182,22 +3182,10 @@ def _parse_curl(match):
             "unit": "B/s", "eta": _seconds(match.group("left")), "fields": {}}
 
 
-def _parse_meter(text, redrawn=False):
-    """Another program's progress line, or None: the same dict as
-    _parse_tqdm's. `redrawn`: the line is drawn in place (after a \\r),
-    which alone makes a percent, or a rate with its amount, progress (dpkg's
-    "Reading database ... 45%", dd's "... copied, 1 s, 499 MB/s").
-
-    A percent (only one) counts with a bar, an amount of a total, a rate, an
-    ETA or brackets (pytest's "[ 45%]"); an amount of a total without a
-    percent with a bar, a rate, an ETA or brackets at the line's start
-    ("[12/40] Building"). So a count or a percent in prose ("Tests passed:
-    45/50", "Coverage: 85%") stays a log line."""
-    if "\x1b" in text:
-        text = OTHER_ESCAPES.sub("", text)
-    curl = CURL_METER.fullmatch(text)
-    if curl:
-        return _parse_curl(curl)
+def _meter_tokens(text):
+    """What METER finds in a line, left to right: (where the first token
+    starts, the percent, the count, the rate, the ETA, a duration, how many
+    percents, a bar, bracketed, {name: value})."""
     first = percent = count = rate = eta = duration = None
     percents, bar, bracketed, fields = 0, False, False, {}
     for token in METER.finditer(text):
@@ -3224,6 +3212,27 @@ def _parse_meter(text, redrawn=False):
             duration = _seconds(token.group(0))
         elif kind == "pair" and token.group("name") not in RESERVED_FIELDS:
             fields[token.group("name")] = _amount(token.group("value"), token.group("value_unit"))
+    return first, percent, count, rate, eta, duration, percents, bar, bracketed, fields
+
+
+def _parse_meter(text, redrawn=False):
+    """Another program's progress line, or None: the same dict as
+    _parse_tqdm's. `redrawn`: the line is drawn in place (after a \\r),
+    which alone makes a percent, or a rate with its amount, progress (dpkg's
+    "Reading database ... 45%", dd's "... copied, 1 s, 499 MB/s").
+
+    A percent (only one) counts with a bar, an amount of a total, a rate, an
+    ETA or brackets (pytest's "[ 45%]"); an amount of a total without a
+    percent with a bar, a rate, an ETA or brackets at the line's start
+    ("[12/40] Building"). So a count or a percent in prose ("Tests passed:
+    45/50", "Coverage: 85%") stays a log line."""
+    if "\x1b" in text:
+        text = OTHER_ESCAPES.sub("", text)
+    curl = CURL_METER.fullmatch(text)
+    if curl:
+        return _parse_curl(curl)
+    first, percent, count, rate, eta, duration, percents, bar, bracketed, fields = \
+        _meter_tokens(text)
     if percents > 1 or (percent or 0) > 100:
         return None
     evidence = bar or rate is not None or eta is not None or bracketed
@@ -4389,14 +4398,34 @@ NOTES = {"process": lambda value: True,                   # --cmd: its program
          "ids": lambda value: type(value) is int}         # the id mark
 
 
+def _journal_entry(line, last_id):
+    """One line after a journal's header: ("note", name, value); ("marker",
+    None, None), a marker of log lines left out (shown, not an event); or
+    ("event", None, (id, name, data)). Raises ValueError, KeyError or
+    TypeError for a damaged one."""
+    if not line.endswith(b"\n"):
+        raise ValueError("cut short")
+    record = _json_value(line.decode("utf-8"))
+    note = next(iter(record), None) if isinstance(record, dict) and len(record) == 1 else None
+    if note in NOTES and NOTES[note](record[note]):
+        return "note", note, record[note]
+    event = (record["id"], record["event"], record["data"])
+    if event[0] is None and event[1] == "log" and isinstance(event[2], dict):
+        return "marker", None, None
+    if type(event[0]) is not int or event[0] <= last_id or \
+            not isinstance(event[2], dict) or event[1] not in EVENT_NAMES:
+        raise ValueError("not an event")
+    return "event", None, event
+
+
 def _read_journal(path, session_id):
     """(header, events, bytes that were good, the first problem or None),
     read line by line: `events` holds the last HISTORY_LIMIT, (id, name,
     data) each. The header gains what the lines after it said: `ids`,
     `running`, `process`, `series` (written after the run's end, or rebuilt
-    from its progress), `latest` (the last progress data), `lines` (its
-    export lines) and `only_queued`. Raises ValueError when the file is not
-    a journal of that run that this version can read."""
+    from its progress), `latest` (the latest fields), `lines` (its export
+    lines) and `only_queued`. Raises ValueError when the file is not a
+    journal of that run that this version can read."""
     events = collections.deque(maxlen=HISTORY_LIMIT)
     series, latest, lines, only_queued, last_id = _Series(), {}, 0, True, 0
     problem, ended, counted = None, False, None
@@ -4417,32 +4446,21 @@ def _read_journal(path, session_id):
                 good += 1
                 continue
             try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("cut short")
-                record = _json_value(line.decode("utf-8"))
-                note = next(iter(record), None) if isinstance(record, dict) and \
-                    len(record) == 1 else None
-                if note in NOTES and NOTES[note](record[note]):
-                    header[note] = max(header.get("ids", 0), record[note]) if note == "ids" \
-                        else record[note]
-                    good += len(line)
-                    if note == "received":
-                        counted = (good, lines, last_id)
-                    continue
-                event = (record["id"], record["event"], record["data"])
-                if event[0] is None and event[1] == "log" and isinstance(event[2], dict):
-                    lines += 1           # a marker of log lines dropped: shown, not an event
-                    good += len(line)
-                    continue
-                if type(event[0]) is not int or event[0] <= last_id or \
-                        not isinstance(event[2], dict) or event[1] not in EVENT_NAMES:
-                    raise ValueError("not an event")
+                kind, note, event = _journal_entry(line, last_id)
             except (ValueError, KeyError, TypeError) as exc:
                 problem = "line %d is damaged (%s)" % (number, exc)
                 break
+            good += len(line)
+            if kind == "note":
+                header[note] = max(header.get("ids", 0), event) if note == "ids" else event
+                if note == "received":
+                    counted = (good, lines, last_id)
+                continue
+            lines += 1
+            if kind == "marker":
+                continue
             events.append(event)
-            last_id, lines, good = event[0], lines + 1, good + len(line)
-            only_queued = only_queued and event[1] == "queued"
+            last_id, only_queued = event[0], only_queued and event[1] == "queued"
             if event[1] not in ("log", "queued"):
                 latest = _latest_after(latest, event[2])
                 series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
@@ -6533,6 +6551,41 @@ def _start_remote(address, params, out=sys.stdout):
     return run
 
 
+def _given_secret(path, variable, option, what):
+    """A secret from the file `path`'s first line (named `option` in errors),
+    else from the environment variable `variable`, else None: neither shows
+    in `ps` as an argument does. Raises ValueError for a file that cannot
+    be read or holds none."""
+    if not path:
+        return os.environ.get(variable, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+            if os.fstat(f.fileno()).st_mode & 0o077 and os.name == "posix":
+                log.warning("warning: %s %s can be read by other users (chmod 600 %s)",
+                            option, path, path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError("%s %s cannot be read: %s" % (option, path, exc))
+    if not secret:
+        raise ValueError("%s %s holds no %s on its first line" % (option, path, what))
+    return secret
+
+
+def _add_token_options(p):
+    """--token-file and --token (SSE_DEMO_TOKEN too), and --cacert: how a
+    client reaches a server behind a token, over TLS."""
+    p.add_argument("--token-file", metavar="FILE", help="the operator's token: this file's "
+                   "first line (also SSE_DEMO_TOKEN)")
+    p.add_argument("--token", help="the operator's token (every user sees it in ps: prefer "
+                                   "--token-file or SSE_DEMO_TOKEN)")
+    p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
+
+
+def _given_token(args):
+    return args.token or _given_secret(args.token_file, "SSE_DEMO_TOKEN", "--token-file",
+                                       "token")
+
+
 def _client_main(argv):
     """`watch URL` and `start URL`: exit status 0, 1, 3 as the run ended, 2
     for bad usage or a server that cannot be reached, 130 after Ctrl-C."""
@@ -7196,6 +7249,26 @@ def _until(done, timeout=None):
     return True
 
 
+class _Interrupt:
+    """SIGTERM taken as Ctrl-C is (`timeout`, Slurm and `kill` send it):
+    KeyboardInterrupt in the main thread; `signal` says which came."""
+
+    signal = signal.SIGINT
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.signal = signum
+        raise KeyboardInterrupt
+
+    @classmethod
+    def name(cls):
+        return "Ctrl-C" if cls.signal == signal.SIGINT else "SIGTERM"
+
+    @classmethod
+    def status(cls):
+        return 128 + cls.signal
+
+
 def _report_tail(outbox, f, path, process, kill_after_s):
     """`report URL --tail FILE [--pid PID]`, `f` opened and `process`
     found before the run was: the exit status."""
@@ -7209,7 +7282,7 @@ def _report_tail(outbox, f, path, process, kill_after_s):
         _end_run(outbox, "cancelled", {})
         sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
                          % (path, ", the job goes on" if process else ""))
-        return 128 + _interrupt.signal
+        return _Interrupt.status()
     if answer.get("result") == "exited":
         # Not our child: its exit status cannot be read, and is not guessed.
         _end_run(outbox, "error", {"message": "process %d ended; its exit status is unknown "
@@ -7241,10 +7314,10 @@ def _report_program(outbox, command, kill_after_s):
             _until(done)
         except KeyboardInterrupt:
             sys.stderr.write("\n%s: stopping the program; the run ends cancelled "
-                             "(Ctrl-C again: at once)\n" % _interrupt.name())
+                             "(Ctrl-C again: at once)\n" % _Interrupt.name())
             outbox.cancel.set()
             _until(done, kill_after_s + 2.0)
-            return 128 + _interrupt.signal
+            return _Interrupt.status()
     finally:
         groups.close()
     status = answer.get("result")
@@ -7280,19 +7353,26 @@ def _report_parser():
     return p
 
 
-def _add_token_options(p):
-    """--token-file and --token (SSE_DEMO_TOKEN too), and --cacert: how a
-    client reaches a server behind a token, over TLS."""
-    p.add_argument("--token-file", metavar="FILE", help="the operator's token: this file's "
-                   "first line (also SSE_DEMO_TOKEN)")
-    p.add_argument("--token", help="the operator's token (every user sees it in ps: prefer "
-                                   "--token-file or SSE_DEMO_TOKEN)")
-    p.add_argument("--cacert", metavar="FILE", help="trust this certificate (https)")
-
-
-def _given_token(args):
-    return args.token or _given_secret(args.token_file, "SSE_DEMO_TOKEN", "--token-file",
-                                       "token")
+def _report_and_deliver(outbox, command, args, tailed, process):
+    """The job reported, then what is left delivered; Ctrl-C at any stage
+    ends it at once, saying what it gives up."""
+    status = None
+    try:
+        if command:
+            status = _report_program(outbox, command, args.kill_after)
+        else:
+            status = _report_tail(outbox, tailed, args.tail, process, args.kill_after)
+        outbox.close()
+        return status
+    except KeyboardInterrupt:
+        sys.stderr.write("\n%s%s: stopping at once; what is not delivered yet is given up\n"
+                         % (_Interrupt.name(), " again" if status is None else ""))
+        _end_run(outbox, "cancelled", {})
+        try:
+            outbox.close(timeout=1.0)
+        except KeyboardInterrupt:
+            pass
+        return _Interrupt.status()
 
 
 def _report_main(argv):
@@ -7321,7 +7401,7 @@ def _report_main(argv):
     if command and shutil.which(command[0]) is None:
         sys.stderr.write("error: program not found: %s\n" % command[0])
         return 127
-    signal.signal(signal.SIGTERM, _interrupt)       # as Ctrl-C: `timeout`, Slurm, kill
+    signal.signal(signal.SIGTERM, _Interrupt.handler)       # as Ctrl-C: `timeout`, Slurm, kill
     tailed = process = None
     try:
         if args.pid is not None:
@@ -7346,40 +7426,8 @@ def _report_main(argv):
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\nstopped before the run opened\n")
-        return 128 + _interrupt.signal
+        return _Interrupt.status()
     return _report_and_deliver(outbox, command, args, tailed, process)
-
-
-def _report_and_deliver(outbox, command, args, tailed, process):
-    """The job reported, then what is left delivered; Ctrl-C at any stage
-    ends it at once, saying what it gives up."""
-    status = None
-    try:
-        if command:
-            status = _report_program(outbox, command, args.kill_after)
-        else:
-            status = _report_tail(outbox, tailed, args.tail, process, args.kill_after)
-        outbox.close()
-        return status
-    except KeyboardInterrupt:
-        sys.stderr.write("\n%s%s: stopping at once; what is not delivered yet is given up\n"
-                         % (_interrupt.name(), " again" if status is None else ""))
-        _end_run(outbox, "cancelled", {})
-        try:
-            outbox.close(timeout=1.0)
-        except KeyboardInterrupt:
-            pass
-        return 128 + _interrupt.signal
-
-
-def _interrupt(signum, frame):
-    """SIGTERM as Ctrl-C is: KeyboardInterrupt in the main thread."""
-    _interrupt.signal = signum
-    raise KeyboardInterrupt
-
-
-_interrupt.signal = signal.SIGINT
-_interrupt.name = lambda: "Ctrl-C" if _interrupt.signal == signal.SIGINT else "SIGTERM"
 
 
 ###############################################################################
@@ -8126,26 +8174,6 @@ def _load_job(spec):
         return function_job(target)
     except TypeError as exc:
         raise ValueError("%s: %s" % (spec, exc))
-
-
-def _given_secret(path, variable, option, what):
-    """A secret from the file `path`'s first line (named `option` in errors),
-    else from the environment variable `variable`, else None: neither shows
-    in `ps` as an argument does. Raises ValueError for a file that cannot
-    be read or holds none."""
-    if not path:
-        return os.environ.get(variable, "").strip() or None
-    try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.readline().strip()
-            if os.fstat(f.fileno()).st_mode & 0o077 and os.name == "posix":
-                log.warning("warning: %s %s can be read by other users (chmod 600 %s)",
-                            option, path, path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError("%s %s cannot be read: %s" % (option, path, exc))
-    if not secret:
-        raise ValueError("%s %s holds no %s on its first line" % (option, path, what))
-    return secret
 
 
 def _access_token(args, options):
