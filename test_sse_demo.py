@@ -7653,10 +7653,15 @@ def test_report_reads_a_real_tqdm_training_script_as_cmd_does(make, clients, pro
     progress = [e["json"] for e in events if e["event"] == "progress"][1:]    # past iteration 0
     assert {p["stage"] for p in progress} == {"Epoch 1/3", "Epoch 2/3", "Epoch 3/3"}
     assert [p["percent"] for p in progress] == sorted(p["percent"] for p in progress)
-    mid = [p for p in progress if p["stage"] == "Epoch 2/3" and p["bars"][1]["done"] == 4]
-    assert mid and mid[0]["percent"] == 50.0 and isinstance(mid[0]["loss"], float)
+    # Each frame's percent is the whole run's (any frame: under load, a
+    # redraw read together with the next is rightly not an event of its own).
+    mid = [p for p in progress if p["stage"] == "Epoch 2/3" and len(p.get("bars", ())) == 2]
+    assert mid and all(p["percent"] == round(100 * (1 + p["bars"][1]["done"] / 8) / 3, 2)
+                       for p in mid), mid
+    assert any(isinstance(p.get("loss"), float) for p in mid)
     assert [e["json"]["message"] for e in events if e["event"] == "log" and
-            e["json"]["stream"] == "stdout"] == ["epoch 1 done", "epoch 2 done", "epoch 3 done"]
+            e["json"].get("stream") == "stdout"] == ["epoch 1 done", "epoch 2 done",
+                                                     "epoch 3 done"]
     assert events[-1]["event"] == "complete" and events[-1]["json"]["percent"] == 100.0
 
 
