@@ -94,7 +94,7 @@ collector to run less often (``_tune_garbage_collector``).
 """
 
 __version__ = "1.0.0"
-__all__ = ["serve", "make_server", "main", "describe_job", "Cancelled", "BadParam",
+__all__ = ["serve", "make_server", "Options", "main", "describe_job", "Cancelled", "BadParam",
            "function_job", "command_job", "SSEServer", "JobSpec", "Progress", "Bar",
            "simulate_optimisation", "Reporter"]
 
@@ -5779,7 +5779,7 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """An access-log line (a reporter's posts, several a second, at debug)."""
-        level = logging.DEBUG if REPORT_PATH.search(self.path or "") and \
+        level = logging.DEBUG if REPORT_PATH.search(getattr(self, "path", "")) and \
             self.command == "POST" else logging.INFO
         log.log(level, "%s - - [%s] %s", self.address_string(), self.log_date_time_string(),
                 _without_secrets(format % args))

@@ -4325,8 +4325,11 @@ def test_queue_runs_at_most_n_at_once_first_in_first_out(make):
         assert watch(srv, sid).events()[-1]["event"] == "complete"
     assert len(RUN_TIMES) == 8
     assert most_at_once(RUN_TIMES) == 2                   # two at a time, never three
-    order = [tag for tag, _, _ in sorted(RUN_TIMES, key=lambda run: run[1])]
-    assert order[2:] == list(range(2, 8))                 # the queue: first in, first out
+    # The queue: first in, first out. Two runs given slots in one moment
+    # start their jobs in threads of their own, in either order by a hair.
+    started = {tag: start for tag, start, _ in RUN_TIMES}
+    assert all(started[later] > started[earlier] - 0.02
+               for earlier in range(2, 8) for later in range(earlier + 1, 8)), started
 
 
 def test_queued_run_hears_its_position_then_runs(make):
