@@ -70,7 +70,8 @@ Threads, and what each owns
   idle stream costs no thread, and an event no thread wake-up per viewer.
   When events come faster than one a millisecond (hundreds of runs at
   once), it lets them gather that long between turns, so that one wake-up
-  writes several.
+  writes several. A page's stream also carries the runs list and is paced
+  (its progress coalesced to one write every 20 ms): see _Connection.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -1820,9 +1821,12 @@ class _StreamHub:
         self._serving = sub
         while not sub.closed:
             if not sub.pending:
-                if not self._has_news(sub) or not self._due(sub):
+                # _has_news, inline: this is every subscriber's path for every event
+                if sub.cursor >= sub.session.last_id and (
+                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id) or \
+                        sub.paced_until is not None and not self._due(sub):
                     break   # caught up (a later event comes with a notify), or paced
-                batch = self._next_batch(sub, {} if batches is None else batches)
+                batch = self._batch_for(sub, {} if batches is None else batches)
                 if not batch[0]:
                     break
                 sub.pending, sub.cursor, sub.feed_cursor = batch
@@ -1843,15 +1847,15 @@ class _StreamHub:
         write; sooner once its run has ended (Cancel shows at once), or when
         half the history has come since (it skips no more than an unpaced
         stream). When not, its timer is set for then."""
-        if sub.paced_until is None or sub.cursor < sub.paced_from or \
-                time.monotonic() >= sub.paced_until or sub.session.terminal_id is not None or \
+        if sub.cursor < sub.paced_from or time.monotonic() >= sub.paced_until or \
+                sub.session.terminal_id is not None or \
                 sub.session.last_id - sub.cursor >= HISTORY_LIMIT // 2:
             return True
         if sub.due is None or sub.due > sub.paced_until:
             self._timers.arm(sub, sub.paced_until)
         return False
 
-    def _next_batch(self, sub, batches):
+    def _batch_for(self, sub, batches):
         """(bytes, cursor, feed cursor): the next events for `sub`, shared by
         the subscribers at the same place in `batches`. A paced stream past
         its history takes all the history holds past its cursor, of which
@@ -1859,8 +1863,9 @@ class _StreamHub:
         the runs list takes its events first (the run's terminal chunk ends
         the body)."""
         paced = sub.paced_until is not None and sub.cursor >= sub.paced_from
-        key = (sub.cursor, sub.feed_cursor, sub.feed is not None, sub.chunked, paced)
-        if key not in batches:
+        key = (sub.cursor, sub.chunked, sub.feed, sub.feed_cursor, paced)
+        batch = batches.get(key)
+        if batch is None:
             held = sub.session.held_after(sub.cursor, HISTORY_LIMIT if paced else CATCH_UP_BATCH)
             cursor = held[-1][0] if held else sub.cursor
             feed_cursor = sub.feed_cursor
@@ -1871,8 +1876,8 @@ class _StreamHub:
                     _coalesced(held) if paced else held)
             elif paced:
                 held = _coalesced(held)
-            batches[key] = (sub.frames(held), cursor, feed_cursor)
-        return batches[key]
+            batch = batches[key] = (sub.frames(held), cursor, feed_cursor)
+        return batch
 
     def _idless(self, held):
         """A runs list event as a run's stream carries it: without its `id:`
