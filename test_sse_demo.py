@@ -489,6 +489,18 @@ def test_a_stream_with_runs_1_carries_the_runs_list_without_ids_and_ends_with_it
     assert len([p for p in encoded if p.startswith(b"event: runs\n")]) == len(told)
 
 
+@pytest.mark.parametrize("query", ["runs=2&pace=yes", "runs=&pace=%00", "pace=0&runs=0",
+                                   "runs=0&runs=1&pace=%E2%9C%93"])
+def test_a_pages_stream_options_are_1_or_true_and_anything_else_is_the_plain_stream(
+        server, query):
+    sid = start_run(server, iterations=3, **FAST)
+    plain = watch(server, sid)
+    plain.events()
+    odd = Stream(server, "/progress/%s?%s" % (sid, query))
+    odd.events()
+    assert odd.status == 200 and odd.raw_body == plain.raw_body
+
+
 def test_a_stream_with_runs_1_resumes_after_a_dropped_connection_byte_for_byte(make):
     srv = make()
     sid = start_run(srv, iterations=60, tick=0.02, update_every=1)
@@ -5790,8 +5802,13 @@ def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth
     for window in windows:
         seen = window.evaluate("seenId")
         window.wait_for("%s === 'live' && seenId > %d" % (STATE, seen), timeout=5)
-        assert window.problems() == []
-    for sid in sids + [newcomer]:
+    # A run that ends ends its stream; its page follows the runs list alone
+    assert cancel(srv, sids[0])[0] == 202
+    windows[0].wait_for(STATE + " === 'cancelled' && runsSource !== null && source === null")
+    later = start_run(srv, iterations=100000, tick=0.05, update_every=1)
+    windows[0].wait_for("runItems.has(%s)" % json.dumps(later), timeout=5)
+    assert srv.server.hub.streams == 6 and all(window.problems() == [] for window in windows)
+    for sid in sids + [newcomer, later]:
         cancel(srv, sid)
 
 
