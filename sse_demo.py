@@ -194,6 +194,7 @@ GRIP_INTERVAL_S = 0.1              # at most one publish this often; a run's eve
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
                                    # often: a stream whose tail was lost still ends soon
+GRIP_RUNS_CHANNEL = "runs-without-ids"   # the runs list as a page's run stream carries it
 
 DEFAULT_MAX_QUEUE = 1000           # runs waiting for a slot under --concurrency
 ESTIMATE_FROM_RUNS = 20            # a queued run's estimated start: the mean of these many
@@ -250,6 +251,13 @@ def _encode_event(event_id, name, data):
 def _encode_chunk(payload):
     """One HTTP/1.1 chunk (RFC 9112, section 7.1): size in hex, CRLF, data, CRLF."""
     return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _without_id(sse):
+    """An event's SSE bytes without their `id:` line: a client's last event
+    id stays as it was (WHATWG HTML, "Server-sent events": an event with
+    no id field leaves it). How a run's stream carries the runs list."""
+    return sse[sse.index(b"\n") + 1:]
 
 
 RETRY = b"retry: %d\n\n" % RETRY_MS
@@ -1880,14 +1888,12 @@ class _StreamHub:
         return batch
 
     def _idless(self, held):
-        """A runs list event as a run's stream carries it: without its `id:`
-        line, so that the page's last event id stays its run's (WHATWG HTML,
-        "Server-sent events": an event with no id field leaves it as it
-        was). Made once per event: the writer keeps the last few."""
+        """A runs list event as a run's stream carries it (_without_id).
+        Made once per event: the writer keeps the last few."""
         chunk = self._idless_chunks.get(held[0])
         if chunk is None:
-            sse = _Event.from_held(held).sse
-            chunk = self._idless_chunks[held[0]] = _encode_chunk(sse[sse.index(b"\n") + 1:])
+            chunk = _encode_chunk(_without_id(_Event.from_held(held).sse))
+            self._idless_chunks[held[0]] = chunk
             if len(self._idless_chunks) > CATCH_UP_BATCH:
                 del self._idless_chunks[next(iter(self._idless_chunks))]
         return (held[0], held[1], chunk)
@@ -2115,7 +2121,8 @@ def _merge_items(items):
         merged = runs.setdefault(item["channel"], [])
         last = merged[-1]["formats"]["http-stream"] if merged else {}
         this = item["formats"]["http-stream"]
-        if "content" in last and "content" in this and item.get("prev-id") == merged[-1]["id"]:
+        if "content" in last and "content" in this and "prev-id" in item and \
+                item["prev-id"] == merged[-1].get("id"):
             merged[-1] = dict(merged[-1], id=item["id"],
                               formats={"http-stream": {"content": last["content"] + this["content"]}})
         else:
@@ -2178,13 +2185,18 @@ class _GripPublisher:
         with self._offered_lock:
             self._offered[session_id] = max(self._offered.get(session_id, 0), event_id)
 
-    def queue_event(self, session, event):
+    def queue_event(self, session, event, bare_channel=None):
         """Queue the event's item (and, after the terminal one, a close), as
-        (session, event id, item): once it is sent, it counts as offered."""
+        (session, event id, item): once it is sent, it counts as offered.
+        With `bare_channel`, also one there without its id (_without_id),
+        which Pushpin passes on unchecked: the runs list on pages' streams."""
         # Event 1's prev-id is 0, the one a join before any event holds with.
         item = {"channel": session.id, "id": str(event.id), "prev-id": str(event.id - 1),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
         items = [item]
+        if bare_channel:
+            items.append({"channel": bare_channel, "formats": {
+                "http-stream": {"content": _without_id(event.sse).decode()}}})
         if event.terminal:    # the close is in the id sequence too, or Pushpin sees a gap
             items.append({"channel": session.id, "id": "%d-close" % event.id,
                           "prev-id": str(event.id),
@@ -2267,7 +2279,7 @@ class _GripPublisher:
 
 
 def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
-               path=None):
+               path=None, runs=False):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
@@ -2277,7 +2289,9 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
     answered whole, without a hold, so the stream ends. Pushpin's own
     requests carry none of the client's headers: behind a token, the link
     carries a key in its query (`link_query`: the run's view key, which
-    reaches that run only), and Pushpin keeps Grip-* headers to itself."""
+    reaches that run only), and Pushpin keeps Grip-* headers to itself.
+    With `runs`, the hold takes the runs list's changes too, without ids
+    (GRIP_RUNS_CHANNEL; PROTOCOL.md, "A page's stream")."""
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
@@ -2297,7 +2311,8 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
         # With no event yet, 0: the prev-id event 1's item carries.
         prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
-        headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
+        headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id) + (
+            ", " + GRIP_RUNS_CHANNEL if runs else "")
         headers["Grip-Link"] = "<%s%s>; rel=next; timeout=%d" % (
             path or "/progress/" + session.id, "?" + link_query if link_query else "",
             GRIP_LINK_TIMEOUT_S)
@@ -5780,13 +5795,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def serve_stream(self, session, last_id, link_query, path=None, feed=None, paced=False):
         """Stream `session`'s events after `last_id`: held by Pushpin when the
         request came through it (its own later requests carry
-        `link_query`; it holds one channel, unpaced), else written by the
-        hub, with the runs `feed`'s events from now on, `paced` or not."""
+        `link_query`; unpaced), else written by the hub; with the runs
+        `feed`'s events from now on, `paced` or not."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.check_grip_signature()
             body, headers = _grip_hold(session, last_id, self.server.grip.offered(session),
                                        self.headers.get("Grip-Last"),
-                                       self.server.hub.keepalive_s, link_query, path)
+                                       self.server.hub.keepalive_s, link_query, path,
+                                       runs=feed is not None)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
@@ -7604,10 +7620,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         return session
 
     def on_feed_publish(self, session, event):
-        """The runs list's stream goes out as a run's does, Pushpin included."""
+        """The runs list's stream goes out as a run's does, Pushpin included
+        (also without ids, for pages' run streams)."""
         self.hub.notify(session)
         if self.grip:
-            self.grip.queue_event(session, event)
+            self.grip.queue_event(session, event, GRIP_RUNS_CHANNEL)
 
     def forget_run(self, session):
         """A run has expired: its journal goes, the runs panel drops it, and

@@ -6468,6 +6468,26 @@ def test_pushpin_holds_the_stream_not_the_server(pushpin):
     assert grip["published"] >= 1 and grip["failed"] == 0
 
 
+def test_pushpin_holds_a_pages_stream_with_the_runs_list_without_ids(pushpin):
+    """runs=1 through Pushpin: the hold takes the runs list's channel of
+    id-less events too, so a page behind Pushpin also holds one
+    connection; the run's events and ids are the plain stream's."""
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=30, tick=0.1, update_every=1)
+    page, plain = Stream(proxy, "/progress/%s?runs=1" % sid), watch(proxy, sid)
+    page.next_block(time.monotonic() + TIMEOUT)
+    other = start_run(proxy, iterations=2, **FAST)
+    plain.events(timeout=15)
+    page.blocks(timeout=15)
+    events, runs = run_blocks(page)
+    assert page.ended and upstream.server.hub.streams == 0
+    assert [b.split(b"\n")[0] for b in events] == [b"id: %d" % i for i in range(1, 32)]
+    assert [b.split(b"\n")[:2] for b in events] == [b.split(b"\n")[:2] for b in run_blocks(plain)[0]]
+    named = {run["session_id"] for block in runs
+             for run in json.loads(block.split(b"data: ", 1)[1])["runs"]}
+    assert other in named and not any(b"\nid:" in block for block in runs)
+
+
 def test_pushpin_passes_the_token_and_the_view_key_to_the_server(pushpin_with_token):
     proxy, upstream = pushpin_with_token
     operator = {"Authorization": "Bearer " + PUSHPIN_TOKEN}
