@@ -515,6 +515,9 @@ def test_a_stream_with_runs_1_resumes_after_a_dropped_connection_byte_for_byte(m
     resumed.blocks()
     assert run_blocks(resumed)[0] == run_blocks(plain)[0]
     assert run_blocks(resumed)[0][0].startswith(b"id: %d\n" % (int(block["id"]) + 1))
+    hub = srv.server.hub          # every stream let go, the runs list no longer followed
+    wait_for(lambda: hub.streams == 0 and not hub.followed(srv.server.feed.session),
+             what="the streams to be let go")
 
 
 ###############################################################################
