@@ -484,10 +484,12 @@ class Browser:
             raise AssertionError("%s failed: %s" % (method, answer["error"]))
         return answer["result"]
 
-    def new_page(self, isolated=False):
+    def new_page(self, isolated=False, window=False):
         """A tab; `isolated` gives it a browser context of its own (its own
-        storage and cookies: another person's browser)."""
-        options = {}
+        storage and cookies: another person's browser); `window` a window of
+        its own, so that it stays visible beside the others (a new tab in
+        the same window hides the one before)."""
+        options = {"newWindow": True} if window else {}
         if isolated:
             options["browserContextId"] = self.call("Target.createBrowserContext")[
                 "browserContextId"]

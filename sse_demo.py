@@ -70,7 +70,8 @@ Threads, and what each owns
   idle stream costs no thread, and an event no thread wake-up per viewer.
   When events come faster than one a millisecond (hundreds of runs at
   once), it lets them gather that long between turns, so that one wake-up
-  writes several.
+  writes several. A page's stream also carries the runs list and is paced
+  (its progress coalesced to one write every 20 ms): see _Connection.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -164,6 +165,8 @@ LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
 WRITER_GATHER_S = 0.001            # when events come faster than one per this, the writer
                                    # lets them gather this long between turns (_StreamHub._turn)
+PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
+                                   # this often, its progress events coalesced (_StreamHub._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
@@ -183,6 +186,7 @@ GRIP_INTERVAL_S = 0.1              # at most one publish this often; a run's eve
 GRIP_TIMEOUT_S = 3.0               # one publish request gives up
 GRIP_LINK_TIMEOUT_S = 10           # Pushpin asks for what a quiet held stream missed this
                                    # often: a stream whose tail was lost still ends soon
+GRIP_RUNS_CHANNEL = "runs-without-ids"   # the runs list as a page's run stream carries it
 
 ESTIMATE_FROM_RUNS = 20            # a queued run's estimated start: the mean of these many
                                    # last completed runs
@@ -238,6 +242,13 @@ def _encode_event(event_id, name, data):
 def _encode_chunk(payload):
     """One HTTP/1.1 chunk (RFC 9112, section 7.1): size in hex, CRLF, data, CRLF."""
     return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _without_id(sse):
+    """An event's SSE bytes without their `id:` line: a client's last event
+    id stays as it was (WHATWG HTML, "Server-sent events": an event with
+    no id field leaves it). How a run's stream carries the runs list."""
+    return sse[sse.index(b"\n") + 1:]
 
 
 RETRY = b"retry: %d\n\n" % RETRY_MS
@@ -1449,6 +1460,15 @@ def _is_tls(sock):
     return ssl is not None and isinstance(sock, ssl.SSLSocket)
 
 
+def _coalesced(held):
+    """What a paced stream sends of a batch of held events: all but the
+    progress events that the batch's newest one stands for (it says where
+    the run is now); a log line, a place in the queue and the terminal
+    event are each news of their own, and keep their order."""
+    newest = next((event for event in reversed(held) if event[1] == "progress"), None)
+    return [event for event in held if event[1] != "progress" or event is newest]
+
+
 class _Connection:
     """A socket the writer thread holds: a subscriber's open stream (how far
     it has got), or a parked keep-alive connection.
@@ -1457,11 +1477,18 @@ class _Connection:
     its socket has not accepted yet. Owned by the writer thread. An `idle`
     one is parked, waiting for its next request: its stream has ended, or it
     never had one (`session` is None).
+
+    A page's stream may also carry the runs list (`?runs=1`): `feed` is then
+    the runs feed's session and `feed_cursor` how far it has got there; and
+    it may be paced (`?pace=1`): past `paced_from` (the run's last event when
+    it opened; the history goes as on any stream), `paced_until` is when it
+    may next be written (see _StreamHub._due).
     """
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
                  "pending", "last_write", "blocked_since", "idle", "closed",
-                 "reading", "writing", "due", "tls", "tls_wants_read")
+                 "reading", "writing", "due", "tls", "tls_wants_read",
+                 "feed", "feed_cursor", "paced_from", "paced_until")
 
     def __init__(self, sock, address, session, cursor, chunked, keep_alive):
         self.sock = sock
@@ -1480,6 +1507,10 @@ class _Connection:
         self.due = None             # when its timer fires; other heap entries are stale
         self.tls = _is_tls(sock)
         self.tls_wants_read = False  # a TLS send waits for the peer's bytes, not for room
+        self.feed = None
+        self.feed_cursor = 0
+        self.paced_from = 0
+        self.paced_until = None      # None: not paced
 
     def frames(self, held):
         """Held events' bytes for this stream: their chunks, or for HTTP/1.0
@@ -1650,6 +1681,7 @@ class _StreamHub:
         self._last_events_turn = 0.0         # when a turn last wrote events (see _turn)
         self._gathering = False              # the next select is a pause while events gather
         self._by_session = {}                # session -> {subscriber: None}
+        self._idless_chunks = {}             # runs feed event id -> its chunk without id (_idless)
         self._timers = _Timers()
         self._stopping = False
         self._thread = None
@@ -1813,7 +1845,9 @@ class _StreamHub:
         return wrote
 
     def _add(self, sub):
-        self._by_session.setdefault(sub.session, {})[sub] = None
+        for session in (sub.session, sub.feed):
+            if session is not None:
+                self._by_session.setdefault(session, {})[sub] = None
         self._update_selector(sub, reading=True, writing=False)
         self._timers.arm(sub, sub.last_write + self.keepalive_s)
         self._flush(sub)
@@ -1824,31 +1858,84 @@ class _StreamHub:
         earlier batch catches up when its socket has room."""
         batches = {}
         for sub in list(self._by_session.get(session, ())):
-            if sub.pending or sub.closed:
-                continue
-            key = (sub.cursor, sub.chunked)
-            if key not in batches:
-                held = session.held_after(sub.cursor, CATCH_UP_BATCH)
-                batches[key] = (sub.frames(held), held[-1][0] if held else sub.cursor)
-            sub.pending, sub.cursor = batches[key]
-            self._flush(sub)
+            if not sub.pending and not sub.closed:
+                self._flush(sub, batches)
 
-    def _flush(self, sub):
+    def _flush(self, sub, batches=None):
         """Send what the socket accepts: pending bytes, then held events past
-        the cursor. Ends the stream once the terminal event is out."""
+        the cursors (when a paced stream is due). Ends the stream once the
+        terminal event is out."""
         self._serving = sub
         while not sub.closed:
             if not sub.pending:
-                if sub.cursor >= sub.session.last_id:
-                    break   # caught up; a later event comes with a notify
-                held = sub.session.held_after(sub.cursor, CATCH_UP_BATCH)
-                if not held:
+                # _has_news, inline: this is every subscriber's path for every event
+                if sub.cursor >= sub.session.last_id and (
+                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id) or \
+                        sub.paced_until is not None and not self._due(sub):
+                    break   # caught up (a later event comes with a notify), or paced
+                batch = self._batch_for(sub, {} if batches is None else batches)
+                if not batch[0]:
                     break
-                sub.pending, sub.cursor = sub.frames(held), held[-1][0]
+                sub.pending, sub.cursor, sub.feed_cursor = batch
+                if sub.paced_until is not None:
+                    sub.paced_until = time.monotonic() + PACED_WRITE_S
             if not self._send(sub):
                 return
         if not sub.closed and not sub.idle and sub.has_terminal():
             self._end_stream(sub)
+
+    @staticmethod
+    def _has_news(sub):
+        return sub.cursor < sub.session.last_id or (
+            sub.feed is not None and sub.feed_cursor < sub.feed.last_id)
+
+    def _due(self, sub):
+        """May a paced stream be written now? PACED_WRITE_S after its last
+        write; sooner once its run has ended (Cancel shows at once), or when
+        half the history has come since (it skips no more than an unpaced
+        stream). When not, its timer is set for then."""
+        if sub.cursor < sub.paced_from or time.monotonic() >= sub.paced_until or \
+                sub.session.terminal_id is not None or \
+                sub.session.last_id - sub.cursor >= HISTORY_LIMIT // 2:
+            return True
+        if sub.due is None or sub.due > sub.paced_until:
+            self._timers.arm(sub, sub.paced_until)
+        return False
+
+    def _batch_for(self, sub, batches):
+        """(bytes, cursor, feed cursor): the next events for `sub`, shared by
+        the subscribers at the same place in `batches`. A paced stream past
+        its history takes all the history holds past its cursor, of which
+        only the newest progress event (_coalesced); a stream that carries
+        the runs list takes its events first (the run's terminal chunk ends
+        the body)."""
+        paced = sub.paced_until is not None and sub.cursor >= sub.paced_from
+        key = (sub.cursor, sub.chunked, sub.feed, sub.feed_cursor, paced)
+        batch = batches.get(key)
+        if batch is None:
+            held = sub.session.held_after(sub.cursor, HISTORY_LIMIT if paced else CATCH_UP_BATCH)
+            cursor = held[-1][0] if held else sub.cursor
+            feed_cursor = sub.feed_cursor
+            if sub.feed is not None:
+                news = sub.feed.held_after(sub.feed_cursor, CATCH_UP_BATCH)
+                feed_cursor = news[-1][0] if news else feed_cursor
+                held = [self._idless(event) for event in news] + (
+                    _coalesced(held) if paced else held)
+            elif paced:
+                held = _coalesced(held)
+            batch = batches[key] = (sub.frames(held), cursor, feed_cursor)
+        return batch
+
+    def _idless(self, held):
+        """A runs list event as a run's stream carries it (_without_id).
+        Made once per event: the writer keeps the last few."""
+        chunk = self._idless_chunks.get(held[0])
+        if chunk is None:
+            chunk = _encode_chunk(_without_id(_Event.from_held(held).sse))
+            self._idless_chunks[held[0]] = chunk
+            if len(self._idless_chunks) > CATCH_UP_BATCH:
+                del self._idless_chunks[next(iter(self._idless_chunks))]
+        return (held[0], held[1], chunk)
 
     def _send(self, sub):
         """Non-blocking sends until the socket is full; True when all of
@@ -1959,11 +2046,12 @@ class _StreamHub:
 
     def _forget(self, sub):
         """Stop counting a stream (once) and drop it from its session."""
-        subs = self._by_session.get(sub.session)
-        if subs is not None and sub in subs:
-            del subs[sub]
-            if not subs:
-                del self._by_session[sub.session]
+        if sub in self._by_session.get(sub.session, ()):
+            for session in (sub.session, sub.feed):
+                subs = self._by_session.get(session, {})
+                subs.pop(sub, None)
+                if not subs:
+                    self._by_session.pop(session, None)
             self.release()
 
     def _close(self, sub, reason=None, end_body=False):
@@ -2018,6 +2106,10 @@ class _StreamHub:
                 self._close(sub, "idle")
                 return None
             return sub.last_write + self.idle_timeout_s
+        if not sub.pending and self._has_news(sub):
+            self._flush(sub)                 # a paced stream's pause is over
+            if sub.closed or sub.idle:
+                return None
         if sub.pending:
             if now - sub.blocked_since >= self.stuck_s:
                 self._close(sub, "its socket accepted nothing for %.1f s" % self.stuck_s)
@@ -2030,8 +2122,8 @@ class _StreamHub:
                 return None
             if sub.pending:
                 return sub.blocked_since + self.stuck_s
-            return now + self.keepalive_s
-        return sub.last_write + self.keepalive_s
+        due = sub.last_write + self.keepalive_s
+        return min(due, sub.paced_until) if self._has_news(sub) and sub.paced_until else due
 
     def _close_everything(self):
         """Shutdown: each stream gets what it can take of the end of its body
@@ -2068,7 +2160,8 @@ def _merge_items(items):
         merged = runs.setdefault(item["channel"], [])
         last = merged[-1]["formats"]["http-stream"] if merged else {}
         this = item["formats"]["http-stream"]
-        if "content" in last and "content" in this and item.get("prev-id") == merged[-1]["id"]:
+        if "content" in last and "content" in this and "prev-id" in item and \
+                item["prev-id"] == merged[-1].get("id"):
             merged[-1] = dict(merged[-1], id=item["id"],
                               formats={"http-stream": {"content": last["content"] + this["content"]}})
         else:
@@ -2131,13 +2224,18 @@ class _GripPublisher:
         with self._offered_lock:
             self._offered[session_id] = max(self._offered.get(session_id, 0), event_id)
 
-    def queue_event(self, session, event):
+    def queue_event(self, session, event, bare_channel=None):
         """Queue the event's item (and, after the terminal one, a close), as
-        (session, event id, item): once it is sent, it counts as offered."""
+        (session, event id, item): once it is sent, it counts as offered.
+        With `bare_channel`, also one there without its id (_without_id),
+        which Pushpin passes on unchecked: the runs list on pages' streams."""
         # Event 1's prev-id is 0, the one a join before any event holds with.
         item = {"channel": session.id, "id": str(event.id), "prev-id": str(event.id - 1),
                 "formats": {"http-stream": {"content": event.sse.decode()}}}
         items = [item]
+        if bare_channel:
+            items.append({"channel": bare_channel, "formats": {
+                "http-stream": {"content": _without_id(event.sse).decode()}}})
         if event.terminal:    # the close is in the id sequence too, or Pushpin sees a gap
             items.append({"channel": session.id, "id": "%d-close" % event.id,
                           "prev-id": str(event.id),
@@ -2220,7 +2318,7 @@ class _GripPublisher:
 
 
 def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=None,
-               path=None):
+               path=None, runs=False):
     """The answer to a stream request that came through Pushpin: (body,
     headers). The body is the history the client is missing, up to the last
     event offered to Pushpin; the headers tell Pushpin to hold the stream on
@@ -2230,7 +2328,9 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
     answered whole, without a hold, so the stream ends. Pushpin's own
     requests carry none of the client's headers: behind a token, the link
     carries a key in its query (`link_query`: the run's view key, which
-    reaches that run only), and Pushpin keeps Grip-* headers to itself."""
+    reaches that run only), and Pushpin keeps Grip-* headers to itself.
+    With `runs`, the hold takes the runs list's changes too, without ids
+    (GRIP_RUNS_CHANNEL; PROTOCOL.md, "A page's stream")."""
     recovering = re.search(r"last-id=([0-9]+)", grip_last or "")
     if recovering:
         last_id = int(recovering.group(1))
@@ -2250,7 +2350,8 @@ def _grip_hold(session, last_id, offered_id, grip_last, keepalive_s, link_query=
         # With no event yet, 0: the prev-id event 1's item carries.
         prev_id = events[-1].id if events else (last_id or 0)
         headers["Grip-Hold"] = "stream"
-        headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id)
+        headers["Grip-Channel"] = "%s; prev-id=%d" % (session.id, prev_id) + (
+            ", " + GRIP_RUNS_CHANNEL if runs else "")
         headers["Grip-Link"] = "<%s%s>; rel=next; timeout=%d" % (
             path or "/progress/" + session.id, "?" + link_query if link_query else "",
             GRIP_LINK_TIMEOUT_S)
@@ -5915,24 +6016,35 @@ class _Handler(_HTTPExchange):
         raise _HTTPError(415, "send application/json or application/x-www-form-urlencoded")
 
     def route_stream(self, query, session_id):
+        """A run's stream. A page asks for two more things (PROTOCOL.md, "A
+        page's stream"): `runs=1`, the runs list's changes on the same
+        connection (a browser has six a server), and `pace=1`, progress
+        coalesced to what it can draw."""
         session = self.find_session(session_id)
+        given = _parse_query(query)
+        feed = self.server.feed.session if given.get("runs") in ("1", "true") else None
+        if feed is not None and self.server.access is not None and not self.is_operator():
+            raise _HTTPError(403, "the runs list (runs=1) needs the operator's token")
         last_id = session.resume_after(
-            _parse_last_event_id(self.headers.get("Last-Event-ID"), _parse_query(query)))
+            _parse_last_event_id(self.headers.get("Last-Event-ID"), given))
         if last_id is None:
             self.send_body(204, b"", None)   # EventSource stops reconnecting on 204
             return
         self.serve_stream(session, last_id,
-                          "view=" + session.view_key if self.server.access else None)
+                          "view=" + session.view_key if self.server.access else None,
+                          feed=feed, paced=given.get("pace") in ("1", "true"))
 
-    def serve_stream(self, session, last_id, link_query, path=None):
+    def serve_stream(self, session, last_id, link_query, path=None, feed=None, paced=False):
         """Stream `session`'s events after `last_id`: held by Pushpin when the
         request came through it (its own later requests carry
-        `link_query`), else written by the hub."""
+        `link_query`; unpaced), else written by the hub; with the runs
+        `feed`'s events from now on, `paced` or not."""
         if self.server.grip and "Grip-Sig" in self.headers:    # it came through Pushpin
             self.server.gate.check_grip_signature(self)
             body, headers = _grip_hold(session, last_id, self.server.grip.offered(session),
                                        self.headers.get("Grip-Last"),
-                                       self.server.hub.keepalive_s, link_query, path)
+                                       self.server.hub.keepalive_s, link_query, path,
+                                       runs=feed is not None)
             self.send_body(200, body, "text/event-stream", headers)
             return
         hub = self.server.hub
@@ -5942,6 +6054,10 @@ class _Handler(_HTTPExchange):
         except BaseException:
             hub.release()
             raise
+        if feed is not None:
+            sub.feed, sub.feed_cursor = feed, feed.last_id
+        if paced:
+            sub.paced_from, sub.paced_until = session.last_id, 0.0
         hub.attach(sub)
 
     def open_stream(self, session, last_id):
@@ -7921,10 +8037,11 @@ class SSEServer(_SocketServer):
         return session
 
     def on_feed_publish(self, session, event):
-        """The runs list's stream goes out as a run's does, Pushpin included."""
+        """The runs list's stream goes out as a run's does, Pushpin included
+        (also without ids, for pages' run streams)."""
         self.hub.notify(session)
         if self.grip:
-            self.grip.queue_event(session, event)
+            self.grip.queue_event(session, event, GRIP_RUNS_CHANNEL)
 
     def forget_run(self, session):
         """A run has expired: its journal goes, the runs panel drops it, and

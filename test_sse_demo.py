@@ -389,6 +389,138 @@ def test_fan_out_every_subscriber_gets_every_event(server):
 
 
 ###############################################################################
+# A page's stream: the runs list on it, its progress paced (issue 42, 6 and 7)
+###############################################################################
+
+def run_blocks(stream):
+    """The SSE blocks of a stream's body that carry an id (the run's
+    events), byte for byte, and its `runs` events (which carry none)."""
+    blocks = stream.raw_body.split(b"\n\n")
+    return ([b for b in blocks if b.startswith(b"id: ")],
+            [b for b in blocks if b.startswith(b"event: runs\n")])
+
+
+def test_a_paced_stream_sends_the_history_then_the_newest_progress_of_each_write(make):
+    """pace=1 (the page's): what the run held when the stream opened comes
+    as on any stream; then each write carries every log line but only the
+    newest progress event, so a page gets at most one a PACED_WRITE_S
+    whatever the run's rate. A watcher without it still gets every event."""
+    go, total = threading.Event(), 900       # the whole run fits in the history
+
+    def burst(progress, cancel=None):
+        for i in range(5):
+            progress(i, total)
+        go.wait(TIMEOUT)
+        for i in range(5, total):
+            progress(i, total)
+            if i % 50 == 0:
+                progress.log("line %d" % i)
+        cancel.wait(TIMEOUT)
+    srv = make(job=burst)
+    sid = start_run(srv)
+    wait_for(lambda: get_json(srv, "/status/" + sid).get("iteration") == 4, what="the history")
+    paced, every = watch(srv, sid + "?pace=1"), watch(srv, sid)
+    go.set()
+    wait_for(lambda: get_json(srv, "/status/" + sid).get("iteration") == total - 1,
+             what="the burst")
+    assert cancel(srv, sid)[0] == 202
+    got, all_events = paced.events(), every.events()
+    assert ids(all_events) == list(range(1, len(all_events) + 1))
+    assert ids(got)[:6] == [1, 2, 3, 4, 5, 6] and ids(got) == sorted(set(ids(got)))
+    assert [e["id"] for e in got if e["event"] == "log"] == \
+        [e["id"] for e in all_events if e["event"] == "log"]
+    live = [e for e in got[6:] if e["event"] == "progress"]
+    assert live[-1]["json"]["iteration"] == total - 1 and got[-1]["event"] == "cancelled"
+    span = live[-1]["json"]["ts"] - all_events[6]["json"]["ts"]
+    writes = span / sse_demo.PACED_WRITE_S + total / (sse_demo.HISTORY_LIMIT // 2) + 2
+    assert len(live) <= writes, "%d progress events in %.3f s" % (len(live), span)
+
+
+def test_a_paced_stream_writes_before_its_history_would_lose_a_log_line(make, monkeypatch):
+    """A paced stream waits between writes, but not past half the history:
+    a log line is never skipped for the pace."""
+    monkeypatch.setattr(sse_demo, "PACED_WRITE_S", 60.0)
+    lines = 3 * sse_demo.HISTORY_LIMIT
+
+    def chatty(progress, cancel=None):
+        for i in range(lines):
+            progress.log("line %d" % i)
+            if i % 50 == 0:
+                cancel.wait(0.005)
+        cancel.wait(TIMEOUT)
+    srv = make(job=chatty)
+    sid = start_run(srv)
+    paced = watch(srv, sid + "?pace=1")
+    wait_for(lambda: srv.server.registry.get(sid).last_id > lines, what="every line")
+    assert cancel(srv, sid)[0] == 202
+    messages = [e["json"]["message"] for e in paced.events() if e["event"] == "log"]
+    assert messages == ["line %d" % i for i in range(lines)]
+
+
+def test_a_stream_with_runs_1_carries_the_runs_list_without_ids_and_ends_with_its_run(
+        make, monkeypatch):
+    """runs=1 (the page's): the runs list's changes on the run's own
+    stream, so a page holds one connection. They carry no id, so the last
+    event id stays the run's; each is encoded once for every stream that
+    carries it; the run's events are the plain stream's, byte for byte,
+    and the body ends with its terminal event."""
+    encoded = []
+    real = sse_demo._encode_chunk
+    monkeypatch.setattr(sse_demo, "_encode_chunk",
+                        lambda payload: encoded.append(payload) or real(payload))
+    srv = make()
+    sid = start_run(srv, iterations=100, tick=0.02, update_every=1)
+    pages = [Stream(srv, "/progress/%s?runs=1" % sid) for _ in range(3)]
+    plain = watch(srv, sid)
+    other = start_run(srv, iterations=2, **FAST)
+    plain.events()
+    ours, theirs = run_blocks(plain)
+    told = set()
+    for page in pages:
+        page.blocks()
+        assert page.ended
+        events, runs = run_blocks(page)
+        assert events == ours and events[-1].startswith(b"id: 101\nevent: complete\n")
+        assert runs and not any(b"\nid:" in block for block in runs)
+        told |= set(runs)
+    named = {run["session_id"] for block in told
+             for run in json.loads(block.split(b"data: ", 1)[1])["runs"]}
+    assert {sid, other} <= named and theirs == []
+    assert len([p for p in encoded if p.startswith(b"event: runs\n")]) == len(told)
+
+
+@pytest.mark.parametrize("query", ["runs=2&pace=yes", "runs=&pace=%00", "pace=0&runs=0",
+                                   "runs=0&runs=1&pace=%E2%9C%93"])
+def test_a_pages_stream_options_are_1_or_true_and_anything_else_is_the_plain_stream(
+        server, query):
+    sid = start_run(server, iterations=3, **FAST)
+    plain = watch(server, sid)
+    plain.events()
+    odd = Stream(server, "/progress/%s?%s" % (sid, query))
+    odd.events()
+    assert odd.status == 200 and odd.raw_body == plain.raw_body
+
+
+def test_a_stream_with_runs_1_resumes_after_a_dropped_connection_byte_for_byte(make):
+    srv = make()
+    sid = start_run(srv, iterations=60, tick=0.02, update_every=1)
+    first = Stream(srv, "/progress/%s?runs=1" % sid)
+    deadline = time.monotonic() + TIMEOUT
+    block = next(b for b in iter(lambda: first.next_block(deadline), None)
+                 if int(b.get("id", 0)) >= 10)
+    first.close()                                # the connection drops
+    resumed = Stream(srv, "/progress/%s?runs=1" % sid, {"Last-Event-ID": block["id"]})
+    plain = watch(srv, sid, {"Last-Event-ID": block["id"]})
+    plain.events()
+    resumed.blocks()
+    assert run_blocks(resumed)[0] == run_blocks(plain)[0]
+    assert run_blocks(resumed)[0][0].startswith(b"id: %d\n" % (int(block["id"]) + 1))
+    hub = srv.server.hub          # every stream let go, the runs list no longer followed
+    wait_for(lambda: hub.streams == 0 and not hub.followed(srv.server.feed.session),
+             what="the streams to be let go")
+
+
+###############################################################################
 # Cancel, job errors, slow subscribers
 ###############################################################################
 
@@ -2044,6 +2176,11 @@ def test_runs_events_need_the_operator(guarded):
     assert request(srv, "GET", "/runs/events")[0] == 401
     key = get_json(srv, "/status/" + sid, headers={"Authorization": "Bearer " + TOKEN})["view_key"]
     assert request(srv, "GET", "/runs/events?view=" + key)[0] == 403
+    # A run's stream carries the runs list for the operator only (runs=1)
+    assert request(srv, "GET", "/progress/%s?runs=1&view=%s" % (sid, key))[0] == 403
+    assert request(srv, "GET", "/progress/%s?pace=1&view=%s" % (sid, key))[0] == 200
+    assert request(srv, "GET", "/progress/%s?runs=1" % sid,
+                   headers={"Authorization": "Bearer " + TOKEN})[0] == 200
 
 
 def test_runs_lists_at_most_one_hundred(make):
@@ -5498,11 +5635,14 @@ CHART_STATE = ("JSON.stringify([chart.width, [...chart.fields.entries()].map("
                "([name, line]) => [name, chartPoints(line)])])")
 
 
+@pytest.mark.parametrize("iterations, tick", [(3000, 0.001), (60000, 0.00005)])
 def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_chart(
-        browser, server):
+        browser, server, iterations, tick):
+    """At 1,000 and 20,000 events a second: the page's paced stream skips
+    progress events, and its chart catches up from GET /series (issue 42, 6)."""
     browser.open(page_url(server))
-    start_in_page(browser, iterations=3000, tick=0.001, update_every=1)
-    browser.wait_for(STATE + " === 'complete'")
+    start_in_page(browser, iterations=iterations, tick=tick, update_every=1)
+    browser.wait_for(STATE + " === 'complete' && chart.loaded")
     sid = browser.evaluate("sessionId")
     watched = json.loads(browser.evaluate(CHART_STATE))
     late = browser.new_page()
@@ -5513,7 +5653,7 @@ def test_browser_a_watched_long_run_and_one_opened_at_its_end_draw_the_same_char
     width, fields = opened
     assert width >= 8 and dict(fields).keys() == {"improvement_pct", "dps"}
     firsts = [point[0] for point in dict(fields)["dps"]]
-    assert firsts[0] == 0 and firsts[-1] // width == 3000 // width     # the whole run
+    assert firsts[0] == 0 and firsts[-1] // width == iterations // width     # the whole run
     assert len(firsts) <= 500
     assert browser.problems() == [] and late.problems() == []
 
@@ -5842,6 +5982,44 @@ def test_browser_ten_tabs_each_watching_a_run_all_load_and_go_live(browser, make
         cancel(srv, sid)
 
 
+def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth_page(
+        browser, make):
+    """Chromium opens at most six connections to a server per browser
+    profile. A watching page held two (its run's stream and the runs
+    list's), so a fourth window in view never loaded, not even GET /. Now
+    a page holds one: five windows in view each watch a live run and a
+    sixth page still loads; each runs panel and each run stay live (issue
+    42, 7). (A sixth watching window would take the last connection: the
+    pages' requests, Cancel among them, would then wait for a stream to end.)"""
+    srv = make(keepalive_s=1.0)
+    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
+    windows = []
+    for sid in sids:
+        window = browser.browser.new_page(window=True)
+        window.open(page_url(srv) + "#session=" + sid)
+        window.wait_for(STATE + " === 'live' && seenId > 0 && runItems.has(%s)"
+                        % json.dumps(sid), timeout=5)
+        windows.append(window)
+    sixth = browser.browser.new_page(window=True)
+    sixth.open(page_url(srv))
+    assert srv.server.hub.streams == 6      # one a page: five runs' streams, one runs list
+    newcomer = start_run(srv, iterations=100000, tick=0.05, update_every=1)
+    for window in windows + [sixth]:
+        assert window.evaluate("document.visibilityState") == "visible"
+        window.wait_for("runItems.has(%s)" % json.dumps(newcomer), timeout=5)
+    for window in windows:
+        seen = window.evaluate("seenId")
+        window.wait_for("%s === 'live' && seenId > %d" % (STATE, seen), timeout=5)
+    # A run that ends ends its stream; its page follows the runs list alone
+    assert cancel(srv, sids[0])[0] == 202
+    windows[0].wait_for(STATE + " === 'cancelled' && runsSource !== null && source === null")
+    later = start_run(srv, iterations=100000, tick=0.05, update_every=1)
+    windows[0].wait_for("runItems.has(%s)" % json.dumps(later), timeout=5)
+    assert srv.server.hub.streams == 6 and all(window.problems() == [] for window in windows)
+    for sid in sids + [newcomer, later]:
+        cancel(srv, sid)
+
+
 def test_browser_notifies_when_its_run_ends_in_a_hidden_tab(browser, make):
     srv = make()
     browser.open(page_url(srv))
@@ -5889,7 +6067,8 @@ def test_browser_run_to_completion_logs_every_event(browser, server):
     assert browser.evaluate(STATE) == "idle"
     assert browser.element("title") == "Build optimisation (simulated)"
     assert browser.element("start") == "Start"
-    start_in_page(browser, iterations=5, tick=0.05, update_every=1)
+    # Events further apart than the page's paced stream is written (pace=1)
+    start_in_page(browser, iterations=5, tick=0.1, update_every=1)
     browser.wait_for(STATE + " === 'complete'")
     assert browser.element("bar", "value") == 100
     assert browser.element("iteration") == "5 / 5"
@@ -5906,8 +6085,9 @@ def test_browser_run_to_completion_logs_every_event(browser, server):
 
 
 def test_browser_log_numbers_are_never_clipped(browser, server):
-    browser.open(page_url(server))
-    start_in_page(browser, iterations=40, tick=0, update_every=1)
+    sid = start_run(server, iterations=40, **FAST)     # a run's history: every event, unpaced
+    watch(server, sid).events()
+    browser.open(page_url(server) + "#session=" + sid)
     browser.wait_for(STATE + " === 'complete'")
     numbers = [number for number, _, _ in event_lines(browser)]
     assert numbers == list(range(41, 0, -1))
@@ -5943,9 +6123,10 @@ def test_browser_that_joins_a_run_again_mid_run_shows_each_event_once(browser, s
     start_in_page(browser, iterations=30, tick=0.05, update_every=1)
     browser.wait_for(STATE + " === 'live' && seenId > 3")
     again(browser)
-    browser.wait_for(STATE + " === 'complete'")
+    browser.wait_for(STATE + " === 'complete' && chart.loaded")
     numbers = [number for number, _, _ in event_lines(browser)]
-    assert numbers == list(range(31, 0, -1))                    # from id 1, each once
+    # From id 1 (the history), each at most once (the live part is paced)
+    assert numbers == sorted(set(numbers), reverse=True) and numbers[::len(numbers) - 1] == [31, 1]
     points = chart_path(browser, "dps")
     assert points.count("M") + points.count("L") == 31         # every event drawn
     assert browser.problems() == []
@@ -6493,6 +6674,26 @@ def test_pushpin_holds_the_stream_not_the_server(pushpin):
     assert stream.ended
     grip = get_json(upstream, "/healthz")["grip"]     # events were merged into fewer items
     assert grip["published"] >= 1 and grip["failed"] == 0
+
+
+def test_pushpin_holds_a_pages_stream_with_the_runs_list_without_ids(pushpin):
+    """runs=1 through Pushpin: the hold takes the runs list's channel of
+    id-less events too, so a page behind Pushpin also holds one
+    connection; the run's events and ids are the plain stream's."""
+    proxy, upstream = pushpin
+    sid = start_run(proxy, iterations=30, tick=0.1, update_every=1)
+    page, plain = Stream(proxy, "/progress/%s?runs=1" % sid), watch(proxy, sid)
+    page.next_block(time.monotonic() + TIMEOUT)
+    other = start_run(proxy, iterations=2, **FAST)
+    plain.events(timeout=15)
+    page.blocks(timeout=15)
+    events, runs = run_blocks(page)
+    assert page.ended and upstream.server.hub.streams == 0
+    assert [b.split(b"\n")[0] for b in events] == [b"id: %d" % i for i in range(1, 32)]
+    assert [b.split(b"\n")[:2] for b in events] == [b.split(b"\n")[:2] for b in run_blocks(plain)[0]]
+    named = {run["session_id"] for block in runs
+             for run in json.loads(block.split(b"data: ", 1)[1])["runs"]}
+    assert other in named and not any(b"\nid:" in block for block in runs)
 
 
 def test_pushpin_passes_the_token_and_the_view_key_to_the_server(pushpin_with_token):

@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """How well the page keeps up: frame gaps in headless Chromium while a run
 streams at a given event rate, how long a Cancel click takes to cancel the
-run on the server, and how long a page opened on a finished run takes to
-draw it.
+run on the server and to show on the page, and how long a page opened on a
+finished run takes to draw it.
 
-    python3 bench/page_frames.py                      # 100, 1000 and 5000 events/s
+    python3 bench/page_frames.py                      # 100 to 20,000 events/s, and "max"
     python3 bench/page_frames.py --rates 1000 --seconds 10
+    python3 bench/page_frames.py --logs 2             # every 2nd event a log line
     python3 bench/page_frames.py --checkout /tmp/old  # another checkout's server and page
+
+A rate runs the built-in job with `tick` = 1/rate and `update_every=1`;
+"max" with `tick=0`, as fast as it goes. With `--logs N` the server runs
+`flood` below instead (`--job page_frames:flood`), which publishes at the
+rate with every Nth event a log line.
 
 Needs Debian's `chromium` and pytest (it drives the browser with the tests'
 DevTools driver in conftest.py). Everything stays on loopback.
@@ -23,7 +29,18 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from conftest import Browser, find_browser, free_port, stop_process   # noqa: E402
+
+def flood(progress, rate=20000, seconds=60, log_every=2, cancel=None):
+    """Publish `rate` events a second for `seconds`: progress events with a
+    field, and every `log_every`th a log line instead."""
+    total, started = int(rate * seconds), time.monotonic()
+    for i in range(total):
+        if i % log_every == 0:
+            progress.log("line %d: the quick brown fox jumps over the lazy dog" % i)
+        else:
+            progress(i, total, loss=1.0 / (i + 1))
+        if cancel.wait(max(0.0, started + (i + 1) / rate - time.monotonic())):
+            return None
 
 RECORD_FRAMES = """(() => {
     window.benchGaps = [];
@@ -61,17 +78,20 @@ def wait(page, expression, timeout=30.0, step=0.01):
     raise RuntimeError("timed out waiting for " + expression)
 
 
-def measure_rate(page, base, rate, seconds):
-    """Start a run at `rate` events/s from the page, record frame gaps for
-    `seconds`, then click Cancel and time it."""
+def measure_rate(page, base, rate, seconds, logs):
+    """Start a run at `rate` events/s ("max": as fast as it goes) from the
+    page, record frame gaps for `seconds`, then click Cancel and time it."""
+    if logs:
+        params = {"rate": rate, "seconds": seconds * 4, "log_every": logs}
+    else:
+        params = {"iterations": int((rate if rate != "max" else 100000) * seconds * 4),
+                  "tick": 0 if rate == "max" else 1.0 / rate, "update_every": 1}
     page.call("Page.navigate", url=base + "/")
-    wait(page, "document.readyState === 'complete' && !!document.getElementById('param-tick')")
+    wait(page, "document.readyState === 'complete' && document.body.dataset.job === 'loaded'")
     page.evaluate(RECORD_FRAMES)
     page.evaluate("""(() => {
-        document.getElementById('param-iterations').value = %d;
-        document.getElementById('param-tick').value = %r;
-        document.getElementById('param-update_every').value = 1;
-        document.getElementById('start').click(); })()""" % (int(rate * seconds * 4), 1.0 / rate))
+        for (const [name, value] of Object.entries(%s)) document.getElementById('param-' + name).value = value;
+        document.getElementById('start').click(); })()""" % json.dumps(params))
     sid = wait(page, "(/#session=([A-Za-z0-9_-]+)/.exec(location.hash) || [])[1]")
     started = time.monotonic()
     page.evaluate("window.benchGaps = []")
@@ -126,9 +146,13 @@ def measure_open(page, base, events):
 
 
 def main():
+    # Here, not at the top: the server imports this file for `flood`
+    from conftest import Browser, find_browser, free_port, stop_process
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="100,1000,5000")
+    parser.add_argument("--rates", default="100,1000,5000,20000,max")
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--logs", type=int, default=0, metavar="N",
+                        help="run `flood`: every Nth event a log line")
     parser.add_argument("--checkout", default=os.path.dirname(HERE),
                         help="the folder whose sse_demo.py and index.html to measure")
     parser.add_argument("--json", help="also write the results here")
@@ -137,9 +161,10 @@ def main():
     if not executable:
         sys.exit("needs Debian's chromium")
     port = free_port()
+    job = ["--job", "page_frames:flood"] if args.logs else []
     server = subprocess.Popen([sys.executable, os.path.join(args.checkout, "sse_demo.py"),
-                               "--port", str(port), "--log-level", "warning"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--log-level", "warning"] + job,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     base = "http://127.0.0.1:%d" % port
     browser = Browser(executable)
     results = {"rates": [], "open ms": []}
@@ -153,13 +178,15 @@ def main():
         page = browser.new_page()
         page.call("Emulation.setDeviceMetricsOverride", width=1280, height=800,
                   deviceScaleFactor=1, mobile=False)
-        for rate in [float(r) for r in args.rates.split(",")]:
-            results["rates"].append(measure_rate(page, base, rate, args.seconds))
+        for rate in args.rates.split(","):
+            rate = rate if rate == "max" else float(rate)
+            results["rates"].append(measure_rate(page, base, rate, args.seconds, args.logs))
             print(json.dumps(results["rates"][-1]), flush=True)
-        for _ in range(3):
+        for _ in range(0 if args.logs else 3):
             results["open ms"].append(measure_open(page, base, 1000))
-        print(json.dumps({"open a 1,000-event run, ms": results["open ms"],
-                          "median": statistics.median(results["open ms"])}), flush=True)
+        if results["open ms"]:
+            print(json.dumps({"open a 1,000-event run, ms": results["open ms"],
+                              "median": statistics.median(results["open ms"])}), flush=True)
     finally:
         browser.close()
         stop_process(server)
