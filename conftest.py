@@ -141,19 +141,27 @@ def wait_for(condition, timeout=TIMEOUT, what="condition"):
 
 
 def raw_exchange(srv, data, timeout=TIMEOUT):
-    """Send raw bytes, read until the server closes: the whole answer."""
+    """Send raw bytes, read until the server closes, or until one whole
+    answer with a Content-Length has come (the connection may stay open for
+    the next request): the answer."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as sock:
         sock.sendall(data)
-        chunks, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        received, deadline = b"", time.monotonic() + timeout
+        while time.monotonic() < deadline and not _one_whole_answer(received):
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-        return b"".join(chunks)
+            received += chunk
+        return received
+
+
+def _one_whole_answer(received):
+    head, sep, body = received.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)\r?$", head)
+    return bool(sep and length) and len(body) >= int(length.group(1))
 
 
 def parse_head(raw):

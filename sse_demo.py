@@ -685,6 +685,39 @@ class _RunSink:
         """A program started for the run (see _process_identity)."""
 
 
+class _RunListener:
+    """What reacts to runs: the stream writer, the runs feed, the Pushpin
+    publisher, the journal, the notifier, the queue and the reported runs
+    each keep their own state of a run, and hear of it through these
+    methods (no-ops here), called for every run by the run and by the
+    registry. The rule for all, stated once: `event` is called under the
+    run's lock, in id order, so it must never block, never wait for a lock
+    that a publishing thread could hold, and never publish."""
+
+    def event(self, session, event):
+        """A run published `event` (under the run's lock)."""
+
+    def process(self, session, identity):
+        """A run's program started (--cmd; see _process_identity)."""
+
+    def ended(self, session):
+        """A run's terminal event is out (after its lock)."""
+
+    def forgotten(self, session):
+        """A run has expired: whatever is kept for it goes."""
+
+
+class _Listeners:
+    """Listeners of runs, each method's in a list of its own, of the ones
+    that define it: an event costs a call per listener that wants it."""
+
+    def __init__(self, listeners):
+        for method in ("event", "process", "ended", "forgotten"):
+            setattr(self, method, [getattr(listener, method) for listener in listeners
+                                   if getattr(type(listener), method)
+                                   is not getattr(_RunListener, method)])
+
+
 class _Session(_RunSink):
     """One run: its events, its state, its cancel flag and its control key.
 
@@ -695,8 +728,7 @@ class _Session(_RunSink):
     safe in CPython (one reference load) and at worst one event stale.
     """
 
-    def __init__(self, session_id, title, params, on_publish, on_end,
-                 record_bytes=16 * 2 ** 20, on_process=lambda session: None,
+    def __init__(self, session_id, title, params, listeners, record_bytes=16 * 2 ** 20,
                  state="running", history_bytes=None):
         self.id = session_id
         self.control_key = secrets.token_urlsafe(TOKEN_BYTES)
@@ -709,8 +741,7 @@ class _Session(_RunSink):
         self.started_ts = time.time()     # from here; this is when it was accepted
         self.ended_at = None          # monotonic time of the terminal event
         self.ended_ts = None
-        self._on_publish = on_publish
-        self._on_end = on_end
+        self._listeners = listeners   # a _Listeners: who hears of its events and its end
         self._lock = threading.Lock()  # guards history, last_id, terminal_id, state, latest,
                                        # series and record
         self._history = collections.deque(maxlen=HISTORY_LIMIT)
@@ -726,8 +757,6 @@ class _Session(_RunSink):
         self._latest = {}             # the latest progress (or terminal) event's data
         self.worker = None            # the thread running the job
         self.stop_reason = None       # set when the server, not a user, stops the run
-        self.process = None           # --cmd: the program's identity (see _process_identity)
-        self._on_process = on_process
         self.id_mark = None           # with a journal: the mark its ids stay within (IdMark)
         self.ids_may_pass_end = False  # clients may hold ids past its end (see resume_after)
 
@@ -764,7 +793,8 @@ class _Session(_RunSink):
                 if self.id_mark is None or self.id_mark.covers(self.last_id + 1):
                     event = self._append(name, data)
         if event.terminal:
-            self._on_end(self)
+            for tell in self._listeners.ended:
+                tell(self)
         return event
 
     def _append(self, name, data):
@@ -779,16 +809,17 @@ class _Session(_RunSink):
             self.state = name
             self.ended_at = time.monotonic()
             self.ended_ts = data["ts"]
-        # Inside the lock, so that Pushpin gets the events in id order
-        # whichever threads publish them.
-        self._on_publish(self, event)
+        # Inside the lock, so that the writer, Pushpin and the journal get
+        # the events in id order whichever threads publish them.
+        for tell in self._listeners.event:
+            tell(self, event)
         return event
 
     def note_process(self, identity):
         """--cmd: the run's program started (the journal keeps it, so a
         restart after a crash can end it)."""
-        self.process = identity
-        self._on_process(self)
+        for tell in self._listeners.process:
+            tell(self, identity)
 
     def time_left(self):
         """Seconds until the run ends, from its latest percent; None before it
@@ -1011,21 +1042,18 @@ class _TooBusy(Exception):
         self.status = status
 
 
-class _Registry:
+class _Registry(_RunListener):
     """Every known session: creates within the cap, looks up, forgets ended
-    sessions after their time to live, and cancels all on shutdown."""
+    sessions after their time to live, and cancels all on shutdown. Its
+    runs tell `listeners` (and first the registry itself, of their end)."""
 
-    def __init__(self, max_sessions, session_ttl_s, on_publish, on_forget=lambda session: None,
-                 record_bytes=16 * 2 ** 20, on_process=lambda session: None,
-                 on_end=lambda session: None, job_limit=None):
+    def __init__(self, max_sessions, session_ttl_s, listeners, record_bytes=16 * 2 ** 20,
+                 job_limit=None):
         self.max_sessions = max_sessions  # runs going on at once, reported ones included,
         self.job_limit = job_limit        # unless a queue bounds the server's own: then this
-        self._on_end = on_end            # after a run's terminal event: the queue moves on
         self.record_bytes = record_bytes
-        self._on_process = on_process
         self.session_ttl_s = session_ttl_s
-        self._on_publish = on_publish
-        self._on_forget = on_forget      # an expired session's journal goes too
+        self.listeners = _Listeners([self] + list(listeners))
         self._lock = threading.Lock()    # guards _sessions, _ended, _running, _reported
         self._sessions = {}
         self._ended = collections.deque()  # sessions in the order they ended
@@ -1047,9 +1075,8 @@ class _Registry:
             if within_limit and counted >= limit:
                 raise _TooBusy(429, "too many running sessions (limit %d); try again later"
                                % limit)
-            session = _Session(session_id or _new_session_id(), title, params,
-                               self._on_publish, self._session_ended, self.record_bytes,
-                               self._on_process, state)
+            session = _Session(session_id or _new_session_id(), title, params, self.listeners,
+                               self.record_bytes, state)
             session.report_key = report_key
             self._sessions[session.id] = session
             self._count(session, 1)
@@ -1101,12 +1128,11 @@ class _Registry:
                 found = session
         return found
 
-    def _session_ended(self, session):
+    def ended(self, session):
         with self._lock:
             if session.id in self._sessions:
                 self._count(session, -1)
                 self._ended.append(session)
-        self._on_end(session)
 
     def _expire(self):
         """Forget ended sessions past their TTL. Called with the lock held, on
@@ -1115,7 +1141,8 @@ class _Registry:
         while self._ended and self._ended[0].ended_at <= cutoff:
             session = self._ended.popleft()
             self._sessions.pop(session.id, None)
-            self._on_forget(session)
+            for tell in self.listeners.forgotten:     # (none may block: the lock is held)
+                tell(session)
 
     def restore(self, sessions):
         """Take in ended sessions read back from the journal, oldest first."""
@@ -1131,7 +1158,7 @@ class _Registry:
 # The queue: at most N runs at once (--concurrency), the rest first in, first out
 ###############################################################################
 
-class _RunQueue:
+class _RunQueue(_RunListener):
     """Which runs run. Without a limit every run starts at once. With
     --concurrency N at most N run; the others wait in order, and each hears
     of its place: a `queued` event (its position) when it joins and whenever
@@ -1216,7 +1243,7 @@ class _RunQueue:
         self._announce(places)
         return True
 
-    def finished(self, session):
+    def ended(self, session):
         """A run has ended: its slot goes to the next in line, started after
         the lock (see submit). A run that cannot start ends `error` (its end
         comes back here, and the slot goes on down the line)."""
@@ -1314,12 +1341,13 @@ class _RunQueue:
 # The runs list, pushed: GET /runs/events
 ###############################################################################
 
+RUNS_FEED_ID = "runs"              # the runs list's own session: no run's id is this short
 RUNS_FEED_INTERVAL_S = 0.25        # the runs list's changes go out at most this often
 RUNS_FEED_HISTORY_BYTES = 2 ** 20  # what the feed holds for a returning page: a page reads
                                    # GET /runs whenever it (re)connects, so little is needed
 
 
-class _RunsFeed:
+class _RunsFeed(_RunListener):
     """The runs panel's stream. Every event of every run marks that run
     changed; one thread publishes, at most every RUNS_FEED_INTERVAL_S, a
     `runs` event with the changed runs' entries (as GET /runs gives them)
@@ -1331,8 +1359,8 @@ class _RunsFeed:
     interval), and a stream that starts publishes them first, so hundreds
     of busy runs describe themselves only for a page that shows them."""
 
-    def __init__(self, describe, on_publish, followed):
-        self.session = _Session("runs", "runs", {}, on_publish, lambda session: None,
+    def __init__(self, describe, listeners, followed):
+        self.session = _Session(RUNS_FEED_ID, "runs", {}, listeners,
                                 record_bytes=0, history_bytes=RUNS_FEED_HISTORY_BYTES)
         self._describe = describe           # session -> its entry in the runs list
         self._is_followed = followed        # session -> whether a stream follows it now
@@ -1350,7 +1378,7 @@ class _RunsFeed:
     def start(self, supervisor):
         self._thread = supervisor.spawn("runs feed", self._run)
 
-    def touch(self, session):
+    def event(self, session, event):
         """A run published an event (any thread, never blocks). A run already
         marked changed costs one look-up: the thread describes it as it is
         when it publishes, so this event is in what it tells."""
@@ -1361,7 +1389,7 @@ class _RunsFeed:
         if not self._wake.is_set():
             self._wake.set()
 
-    def forget(self, session):
+    def forgotten(self, session):
         """A run has expired: the panel drops it. Told only while a stream
         follows the list: a page that follows it later reads GET /runs
         first, so ids kept for nobody would only grow (a server no page
@@ -1652,7 +1680,7 @@ def _selector_capacity(selector):
     return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
-class _StreamHub:
+class _StreamHub(_RunListener):
     """The one thread that writes every stream: the loop.
 
     Other threads only call `attach`, `park`, `notify`, `reserve`/`release`
@@ -1741,7 +1769,7 @@ class _StreamHub:
         the writer's own map, at worst a turn out of date)."""
         return session in self._by_session
 
-    def notify(self, session):
+    def event(self, session, event):
         """A session has new events. Coalesced: the inbox holds a session at
         most once, so a fast job can never grow it past the session count."""
         self._inbox.post(("events", session), once=session)
@@ -2169,7 +2197,7 @@ def _merge_items(items):
     return [item for merged in runs.values() for item in merged]
 
 
-class _GripPublisher:
+class _GripPublisher(_RunListener):
     """Publishes every event to Pushpin as an `http-stream` item on the
     session's channel, from one thread with a bounded queue, so that a slow or
     absent Pushpin never blocks a job. At most one publish request goes out
@@ -2216,13 +2244,18 @@ class _GripPublisher:
         restart): nothing of it waits for the publisher."""
         self._mark_offered(session.id, session.last_id)
 
-    def forget(self, session):
+    def forgotten(self, session):
         with self._offered_lock:
             self._offered.pop(session.id, None)
 
     def _mark_offered(self, session_id, event_id):
         with self._offered_lock:
             self._offered[session_id] = max(self._offered.get(session_id, 0), event_id)
+
+    def event(self, session, event):
+        """Every event of every run, and the runs list's, its own way too."""
+        self.queue_event(session, event,
+                         GRIP_RUNS_CHANNEL if session.id == RUNS_FEED_ID else None)
 
     def queue_event(self, session, event, bare_channel=None):
         """Queue the event's item (and, after the terminal one, a close), as
@@ -4077,7 +4110,7 @@ class _JournalFile:
         return now - self.progress_at >= JOURNAL_PROGRESS_S * 2 ** doublings
 
 
-class _Journal:
+class _Journal(_RunListener):
     """Every event of every run, appended to `DIR/<session id>.jsonl` (one
     JSON object a line: a header, then {"id", "event", "data"} per event) by
     one thread of its own, so a job or the stream writer never waits for the
@@ -4135,8 +4168,8 @@ class _Journal:
         has written."""
         session.id_mark = _IdMark(self, session)
 
-    def record(self, session, event):
-        """Called for every event, under the session's lock: never blocks.
+    def event(self, session, event):
+        """Every event, under the session's lock: never blocks.
         The queue is bounded by its bytes, and holds each event as the
         history does (one copy of its payload). A terminal event is never
         dropped; while the disk is far behind, progress is (past
@@ -4161,12 +4194,12 @@ class _Journal:
         if event.terminal:
             self._wake.set()
 
-    def forget(self, session):
+    def forgotten(self, session):
         self._items.append(("forget", session, None))
 
-    def note_process(self, session):
+    def process(self, session, identity):
         """A run's program started: written with the next flush."""
-        self._items.append(("process", session, None))
+        self._items.append(("process", session, identity))
 
     def note_received(self, session, count):
         """A reported run has taken `count` events in all (after them in the
@@ -4258,7 +4291,7 @@ class _Journal:
                     self._append(session.id, (json_line({"running": time.time()})
                                               + "\n").encode())
                 elif kind == "process":
-                    self._append(session.id, (json_line({"process": session.process})
+                    self._append(session.id, (json_line({"process": event})
                                               + "\n").encode())
                 elif kind == "received":
                     self._append(session.id, b'{"received":%d}\n' % event)
@@ -4649,13 +4682,12 @@ def _load_journal(directory, session_ttl_s):
     return runs
 
 
-def _session_read_back(header, events, path, on_publish):
+def _session_read_back(header, events, path, listeners):
     """A run rebuilt from its journal: its history and series from `events`
     (the last of them terminal), its record left on disk at `path`, and its
     view key kept, so watch links outlive a restart (and a reported run's
     report key: its reporter's late post hears that the run has ended)."""
-    session = _Session(header["session_id"], header["title"], header["params"], on_publish,
-                       lambda session: None)
+    session = _Session(header["session_id"], header["title"], header["params"], listeners)
     session.started_ts = header["started_ts"]
     for name in ("view_key", "report_key"):
         if isinstance(header.get(name), str):
@@ -4703,7 +4735,7 @@ def _notify_text(body):
     return "%s: %s%s" % (body["title"], outcome, took)
 
 
-class _Notifier:
+class _Notifier(_RunListener):
     """Tells a URL that a run ended, from one thread of its own: a run's end
     only appends to a queue, so a receiver that is slow or down never delays
     a run or a stream. A failed delivery (an error status, a refused
@@ -4743,7 +4775,7 @@ class _Notifier:
     def start(self, supervisor):
         self._thread = supervisor.spawn("notifier", self._run)
 
-    def run_ended(self, session):
+    def ended(self, session):
         """Called by a run's terminal event (any thread): never blocks."""
         body = json_line(self.body_for(session)).encode()
         with self._lock:
@@ -5423,7 +5455,7 @@ class _Reported:
         return now - self.heard
 
 
-class _ReportedRuns:
+class _ReportedRuns(_RunListener):
     """Every reported run that goes on, and the thread that ends one whose
     reporter has gone silent for --report-timeout."""
 
@@ -5457,7 +5489,7 @@ class _ReportedRuns:
         while not self._stop.wait(REPORT_WATCH_S):
             self.end_silent(time.monotonic())
 
-    def forget(self, session):
+    def forgotten(self, session):
         with self._lock:
             self._runs.pop(session.id, None)
 
@@ -7861,16 +7893,18 @@ class SSEServer(_SocketServer):
         self.reported = _ReportedRuns(o.report_timeout_s,
                                       self.journal.note_received if self.journal else None)
         self.notifier = _Notifier(o.notify, o.notify_key, o.notify_format) if o.notify else None
+        self.grip = _GripPublisher(o.grip) if o.grip else None
         self.feed = _RunsFeed(lambda session: self.describe_run(session, with_view_key=True),
-                              self.on_feed_publish,
+                              _Listeners([part for part in (self.hub, self.grip) if part]),
                               lambda session: self.grip is not None or self.hub.followed(session))
         self._start_lock = threading.Lock()   # one /start at a time: admission, journal, queue
+        # Every part that reacts to runs, in one list: see _RunListener.
+        self.listeners = [part for part in (self.hub, self.feed, self.grip, self.journal,
+                                            self.notifier, self.queue, self.reported) if part]
         # With a queue, --max-queue limits the runs that wait and --concurrency
         # those that run; --max-sessions is for a server without a queue.
-        self.registry = _Registry(o.max_sessions, o.session_ttl_s, self.on_publish,
-                                  self.forget_run, int(o.max_record_mb * 2 ** 20),
-                                  self.journal.note_process if self.journal else lambda s: None,
-                                  self.run_ended,
+        self.registry = _Registry(o.max_sessions, o.session_ttl_s, self.listeners,
+                                  int(o.max_record_mb * 2 ** 20),
                                   o.concurrency + o.max_queue if o.concurrency else None)
         self.page = self.page_csp = None      # index.html, read by start()
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
@@ -7880,7 +7914,6 @@ class SSEServer(_SocketServer):
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
         self.access = _Access(o.token, self.server_address[1]) if o.token else None
         self.gate = _Gate(self)
-        self.grip = _GripPublisher(o.grip) if o.grip else None
         self.trusted_proxies = frozenset(map(_normal_ip, o.trusted_proxies))
         self.base_path = o.base_path.rstrip("/")   # where a proxy serves it, if it cannot say
         if self.hub.max_streams < o.max_streams:
@@ -7928,16 +7961,6 @@ class SSEServer(_SocketServer):
         self.start()
         super().serve_forever(poll_interval)
 
-    def on_publish(self, session, event):
-        """Every event of every run, under its run's lock: tell the writer,
-        the runs feed, Pushpin and the journal, none of which blocks."""
-        self.hub.notify(session)
-        self.feed.touch(session)
-        if self.grip:
-            self.grip.queue_event(session, event)
-        if self.journal:
-            self.journal.record(session, event)
-
     def restore_runs(self, state_dir, session_ttl_s):
         """The runs the journal holds: ended sessions; the runs that were
         waiting in the queue, to queue again in their order; and the runs
@@ -7949,7 +7972,7 @@ class SSEServer(_SocketServer):
                 continue
             restored.append(_session_read_back(header, events,
                                                _journal_path(state_dir, header["session_id"]),
-                                               self.on_publish))
+                                               self.registry.listeners))
         if restored or waiting or reported:
             log.info("%d runs read back from the journal in %s: %d still queued, %d reported "
                      "from elsewhere and going on", len(restored) + len(waiting) + len(reported),
@@ -8026,7 +8049,7 @@ class SSEServer(_SocketServer):
             except (_TooBusy, RuntimeError) as exc:   # RuntimeError: "can't start new thread"
                 self.registry.discard(session)
                 if self.journal:
-                    self.journal.forget(session)
+                    self.journal.forgotten(session)
                 if isinstance(exc, _TooBusy):
                     raise
                 raise _TooBusy(503, "cannot start another run now")
@@ -8035,23 +8058,6 @@ class SSEServer(_SocketServer):
         if queued:
             self.queue.tell_place(session)
         return session
-
-    def on_feed_publish(self, session, event):
-        """The runs list's stream goes out as a run's does, Pushpin included
-        (also without ids, for pages' run streams)."""
-        self.hub.notify(session)
-        if self.grip:
-            self.grip.queue_event(session, event, GRIP_RUNS_CHANNEL)
-
-    def forget_run(self, session):
-        """A run has expired: its journal goes, the runs panel drops it, and
-        the Pushpin publisher its count."""
-        if self.journal:
-            self.journal.forget(session)
-        if self.grip:
-            self.grip.forget(session)
-        self.feed.forget(session)
-        self.reported.forget(session)
 
     def describe_run(self, session, with_view_key):
         """A run's entry in /runs and /runs/events."""
@@ -8068,13 +8074,6 @@ class SSEServer(_SocketServer):
         if with_view_key and self.access is not None:
             extras["view_key"] = session.view_key
         return extras
-
-    def run_ended(self, session):
-        """A run's terminal event is out: its slot goes to the next in line,
-        and --notify hears of it."""
-        self.queue.finished(session)
-        if self.notifier:
-            self.notifier.run_ended(session)
 
     def start_run(self, session):
         """The queue gives the run a slot: it runs from now (called after the

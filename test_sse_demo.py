@@ -41,6 +41,8 @@ try:
 except ImportError:     # not on Windows
     resource = None
 
+NO_LISTENERS = sse_demo._Listeners([])     # a run nobody hears of: for a run tested alone
+
 ###############################################################################
 # Event encoding: data in, exact bytes out
 ###############################################################################
@@ -1265,7 +1267,7 @@ def test_writer_that_cannot_go_on_says_so_and_refuses_streams(make, caplog):
         raise OSError("injected: the selector is broken")
     with caplog.at_level("ERROR", logger="sse_demo"):
         srv.server.hub._selector.select = broken_select
-        srv.server.hub.notify(srv.server.registry.get(sid))      # wake it
+        srv.server.hub.event(srv.server.registry.get(sid), None)   # wake it
         wait_for(lambda: request(srv, "GET", "/healthz")[0] == 503, what="healthz to say")
     health = json.loads(request(srv, "GET", "/healthz")[2])
     assert health["ok"] is False and "stream writer has stopped" in health["error"]
@@ -2673,7 +2675,7 @@ class Trickle(io.RawIOBase):
 
 def read_output(text, chunk):
     """What the --cmd reader makes of a program's stderr: (name, data) events."""
-    session = sse_demo._Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("r" * 22, "t", {}, NO_LISTENERS)
     output = sse_demo._CommandOutput(session)
     output.read(io.BufferedReader(Trickle(text.encode(), chunk)), "stderr")
     return [(e.name, json.loads(e.json.decode())) for e in session.events_after(0, 100000)]
@@ -2755,7 +2757,7 @@ def test_cmd_tqdm_epochs_of_their_own_make_a_whole_run_percent():
 
 def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
     text = TQDM_RECORDINGS["a_long_redraw_without_newline"]
-    session = sse_demo._Session("r" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("r" * 22, "t", {}, NO_LISTENERS)
     output = sse_demo._CommandOutput(session)
     read, write = os.pipe()
     reader = threading.Thread(target=output.read, args=(os.fdopen(read, "rb"), "stderr"))
@@ -3911,7 +3913,7 @@ def test_publishers_racing_at_an_id_mark_neither_deadlock_nor_pass_it():
             if wait:
                 granted.append(upto)
                 session.id_mark.raise_to(upto)
-    session = sse_demo._Session("R" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("R" * 22, "t", {}, NO_LISTENERS)
     session.id_mark = sse_demo._IdMark(Journal, session)
     past_the_mark = []
 
@@ -4426,7 +4428,7 @@ def test_what_a_run_holds_is_not_tracked_by_the_garbage_collector():
     """Hundreds of runs hold hundreds of thousands of events, buckets and
     record lines: tracked, they made every full collection a pause of a
     third of a second for every stream (BENCHMARKS.md)."""
-    session = sse_demo._Session("T" * 22, "t", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("T" * 22, "t", {}, NO_LISTENERS)
     for i in range(50):
         session.publish("progress", {"iteration": i, "total": 50, "loss": 1.0 / (i + 1)})
         session.publish("log", {"message": "step %d" % i, "level": "info"})
@@ -4438,7 +4440,7 @@ def test_what_a_run_holds_is_not_tracked_by_the_garbage_collector():
 
 
 def test_events_after_an_id_gap_are_found_wherever_the_reader_is():
-    session = sse_demo._Session("G" * 22, "title", {}, lambda s, e: None, lambda s: None,
+    session = sse_demo._Session("G" * 22, "title", {}, NO_LISTENERS,
                                 state="queued")
     session.replay([(1, "queued", {"position": 2, "ts": 1.0})])
     session.skip_ids(1000)
@@ -6563,7 +6565,7 @@ def body_ids(body):
 def grip_session():
     """A session with its first event; the tests say how far Pushpin was
     offered its events (GripPublisher.offered, in the server)."""
-    session = sse_demo._Session("S" * 22, "title", {}, lambda s, e: None, lambda s: None)
+    session = sse_demo._Session("S" * 22, "title", {}, NO_LISTENERS)
     session.publish("progress", {"iteration": 0, "total": 2})
     return session
 
@@ -6643,7 +6645,7 @@ def test_grip_event_dropped_on_a_full_queue_is_no_longer_waited_for(monkeypatch)
     monkeypatch.setattr(sse_demo, "GRIP_TIMEOUT_S", TIMEOUT)
     publisher = sse_demo._GripPublisher("http://127.0.0.1:%d" % silent.getsockname()[1])
     publisher.start(sse_demo._Supervisor())
-    session = sse_demo._Session("S" * 22, "title", {}, publisher.queue_event, lambda s: None)
+    session = sse_demo._Session("S" * 22, "title", {}, sse_demo._Listeners([publisher]))
     conn = None
     try:
         session.publish("progress", {"iteration": 0, "total": 9})
