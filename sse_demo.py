@@ -5577,6 +5577,23 @@ class _Gate:
                              {"Retry-After": str(int(LOCKOUT_S))})
         raise _HTTPError(status, message, headers)
 
+    def run_for_key(self, request, session_id, holds_key, refusal):
+        """The run, once the request's Bearer key for it is one `holds_key`
+        takes. These paths let any Authorization header past the access
+        check, so behind a token a wrong key, or a run that is not there,
+        counts as a failed credential, as a wrong token does elsewhere."""
+        session = self.server.registry.get(session_id)
+        if session is not None and holds_key(session, _bearer_credential(
+                request.headers.get("Authorization"))):
+            return session
+        if session is None:
+            status, refusal = 404, "unknown session (it may have expired)"
+        else:
+            status = 403
+        if self.operator(request):
+            raise _HTTPError(status, refusal)
+        self.refuse(request, status, refusal)
+
     def operator(self, request):
         """Does the request carry the operator's token (header or cookie)?
         Without a token there is no operator: a run's control key alone
@@ -5875,6 +5892,106 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
         self.request_read = True
         return body
 
+    def open_stream(self, session, last_id):
+        """Write the response head and `retry:`, then take the socket from the
+        HTTP server so the hub can write the stream."""
+        chunked = self.request_version != "HTTP/1.0"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(_encode_chunk(RETRY) if chunked else RETRY)
+        keep_alive = chunked and not self.close_connection
+        self.close_connection = True   # this thread is done with the connection
+        # A pipelined request already in rfile's buffer would be lost here;
+        # HTTP clients do not pipeline behind a stream.
+        return _Connection(self.take_connection(), self.client_address, session, last_id,
+                           chunked, keep_alive)
+
+    def send_record(self, session, content_type, filename, convert, follow=False):
+        """The run's whole record, each export line through `convert`, as a
+        chunked attachment: from the journal file for a run read back after a
+        restart, else from memory; with `follow`, until the run ends or the
+        client has gone: a quiet run writes nothing a closed socket could
+        fail, so it looks once a keepalive interval."""
+        self.responded = True
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Disposition", 'attachment; filename="%s"' % filename)
+        self.send_header("Cache-Control", "no-store")
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        frame = _encode_chunk if chunked else (lambda data: data)
+        position = 0
+        while True:
+            lines, position = session.record_lines(position)
+            batch, size = [], 0
+            for line in lines:       # in pieces: a journal's file can be larger than memory
+                piece = convert(line)
+                batch.append(piece)
+                size += len(piece)
+                if size >= RECORD_PIECE_BYTES:
+                    self.wfile.write(frame(b"".join(batch)))
+                    batch, size = [], 0
+            if size:
+                self.wfile.write(frame(b"".join(batch)))
+            if not follow or session.record_ended(position) or self.server.stopping:
+                break
+            session.wait_for_record(position, self.server.hub.keepalive_s)
+            if self.client_gone():
+                log.debug("log follower %s went away", self.client_address[0])
+                return
+        if chunked:
+            self.wfile.write(LAST_CHUNK)
+
+    def client_gone(self):
+        """Has the client closed the connection (end of file, or a reset)?
+        Bytes it sent meanwhile are read and dropped, or they would hide
+        its end of file; the connection then closes after this answer."""
+        sock = self.connection
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(65536)
+        except WOULD_BLOCK:
+            return False
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(WRITE_TIMEOUT_S)
+        self.close_connection = True
+        return not data
+
+    def body_params(self, body):
+        """(name, value) pairs from a JSON object or a URL-encoded form."""
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                data = _json_value(body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise _HTTPError(400, "the body is not valid JSON: %s" % exc)
+            if not isinstance(data, dict):
+                raise _HTTPError(400, "the JSON body must be an object")
+            return list(data.items()), True
+        if ctype == "application/x-www-form-urlencoded":
+            try:
+                text = body.decode("ascii")
+            except UnicodeDecodeError:
+                raise _HTTPError(400, "a URL-encoded body must be ASCII")
+            return urllib.parse.parse_qsl(text, keep_blank_values=True), False
+        raise _HTTPError(415, "send application/json or application/x-www-form-urlencoded")
+
     def send_json(self, status, data, headers=None):
         extra = {"Cache-Control": "no-store"}
         extra.update(headers or {})
@@ -6028,25 +6145,6 @@ class _Handler(_HTTPExchange):
                              "control_key": session.control_key, "view_key": session.view_key},
                        {"Location": "/status/" + sid})
 
-    def body_params(self, body):
-        """(name, value) pairs from a JSON object or a URL-encoded form."""
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype == "application/json":
-            try:
-                data = _json_value(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise _HTTPError(400, "the body is not valid JSON: %s" % exc)
-            if not isinstance(data, dict):
-                raise _HTTPError(400, "the JSON body must be an object")
-            return list(data.items()), True
-        if ctype == "application/x-www-form-urlencoded":
-            try:
-                text = body.decode("ascii")
-            except UnicodeDecodeError:
-                raise _HTTPError(400, "a URL-encoded body must be ASCII")
-            return urllib.parse.parse_qsl(text, keep_blank_values=True), False
-        raise _HTTPError(415, "send application/json or application/x-www-form-urlencoded")
-
     def route_stream(self, query, session_id):
         """A run's stream. A page asks for two more things (PROTOCOL.md, "A
         page's stream"): `runs=1`, the runs list's changes on the same
@@ -6092,50 +6190,10 @@ class _Handler(_HTTPExchange):
             sub.paced_from, sub.paced_until = session.last_id, 0.0
         hub.attach(sub)
 
-    def open_stream(self, session, last_id):
-        """Write the response head and `retry:`, then take the socket from the
-        HTTP server so the hub can write the stream."""
-        chunked = self.request_version != "HTTP/1.0"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(_encode_chunk(RETRY) if chunked else RETRY)
-        keep_alive = chunked and not self.close_connection
-        self.close_connection = True   # this thread is done with the connection
-        # A pipelined request already in rfile's buffer would be lost here;
-        # HTTP clients do not pipeline behind a stream.
-        return _Connection(self.take_connection(), self.client_address, session, last_id,
-                           chunked, keep_alive)
-
-    def run_for_key(self, session_id, holds_key, refusal):
-        """The run, once the request's Bearer key for it is one `holds_key`
-        takes. These paths let any Authorization header past the access
-        check, so behind a token a wrong key, or a run that is not there,
-        counts as a failed credential, as a wrong token does elsewhere."""
-        session = self.server.registry.get(session_id)
-        if session is not None and holds_key(session, _bearer_credential(
-                self.headers.get("Authorization"))):
-            return session
-        if session is None:
-            status, refusal = 404, "unknown session (it may have expired)"
-        else:
-            status = 403
-        if self.is_operator():
-            raise _HTTPError(status, refusal)
-        self.server.gate.refuse(self, status, refusal)
-
     def route_cancel(self, query, session_id):
-        session = self.run_for_key(session_id, lambda run, key: run.holds_control_key(key)
-                                   or self.is_operator(),
-                                   "cancelling a run takes its control key "
-                                   "(Authorization: Bearer <control_key>)")
+        session = self.server.gate.run_for_key(
+            self, session_id, lambda run, key: run.holds_control_key(key) or self.is_operator(),
+            "cancelling a run takes its control key (Authorization: Bearer <control_key>)")
         if session.terminal_id is not None:
             raise _HTTPError(409, "session has already ended (%s)" % session.state)
         session.cancel.set()
@@ -6162,9 +6220,9 @@ class _Handler(_HTTPExchange):
         """A batch of a reported run's events. The answer says whether the
         run goes on: `cancel` is true once it was cancelled (409 when the
         batch had new events for it)."""
-        session = self.run_for_key(session_id, _Session.holds_report_key,
-                                   "reporting a run's events takes its report key "
-                                   "(Authorization: Bearer <report_key>)")
+        session = self.server.gate.run_for_key(
+            self, session_id, _Session.holds_report_key,
+            "reporting a run's events takes its report key (Authorization: Bearer <report_key>)")
         seq, calls = self.parse_report(_parse_report, REPORT_BODY_BYTES)
         reported = self.server.reported.get(session_id) or self.server.reported.add(session)
         received = reported.take(seq, calls)
@@ -6252,65 +6310,6 @@ class _Handler(_HTTPExchange):
         finally:
             if follow:
                 self.server.hub.release()
-
-    def send_record(self, session, content_type, filename, convert, follow=False):
-        """The run's whole record, each export line through `convert`, as a
-        chunked attachment: from the journal file for a run read back after a
-        restart, else from memory; with `follow`, until the run ends or the
-        client has gone: a quiet run writes nothing a closed socket could
-        fail, so it looks once a keepalive interval."""
-        self.responded = True
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Disposition", 'attachment; filename="%s"' % filename)
-        self.send_header("Cache-Control", "no-store")
-        chunked = self.request_version != "HTTP/1.0"
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        frame = _encode_chunk if chunked else (lambda data: data)
-        position = 0
-        while True:
-            lines, position = session.record_lines(position)
-            batch, size = [], 0
-            for line in lines:       # in pieces: a journal's file can be larger than memory
-                piece = convert(line)
-                batch.append(piece)
-                size += len(piece)
-                if size >= RECORD_PIECE_BYTES:
-                    self.wfile.write(frame(b"".join(batch)))
-                    batch, size = [], 0
-            if size:
-                self.wfile.write(frame(b"".join(batch)))
-            if not follow or session.record_ended(position) or self.server.stopping:
-                break
-            session.wait_for_record(position, self.server.hub.keepalive_s)
-            if self.client_gone():
-                log.debug("log follower %s went away", self.client_address[0])
-                return
-        if chunked:
-            self.wfile.write(LAST_CHUNK)
-
-    def client_gone(self):
-        """Has the client closed the connection (end of file, or a reset)?
-        Bytes it sent meanwhile are read and dropped, or they would hide
-        its end of file; the connection then closes after this answer."""
-        sock = self.connection
-        sock.settimeout(0.0)
-        try:
-            data = sock.recv(65536)
-        except WOULD_BLOCK:
-            return False
-        except OSError:
-            data = b""
-        finally:
-            sock.settimeout(WRITE_TIMEOUT_S)
-        self.close_connection = True
-        return not data
 
     def route_healthz(self, query):
         health = self.server.health()
