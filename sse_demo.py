@@ -198,11 +198,14 @@ LOG_LEVELS = ("info", "warning", "error")
 SESSION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 TERMINAL_STATES = frozenset(("complete", "cancelled", "error"))   # event name = state
 EVENT_NAMES = TERMINAL_STATES | {"queued", "progress", "log"}
-RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
-                             "message", "level", "stream", "stage", "bars"))
 # How an `error` came, as data the page reads (not its English): a program's
 # `exit_code` or `signal`, and `reason: "interrupted"` when the server stopped.
 END_FIELDS = ("exit_code", "signal", "reason")
+# Names the server sets: an event's own, /status's (which holds the latest
+# progress fields beside them) and an end's. A run's field never takes one.
+RESERVED_FIELDS = frozenset(("iteration", "total", "percent", "elapsed_s", "ts", "result",
+                             "message", "level", "stream", "stage", "bars", "session_id",
+                             "state", "params", "position", "title", "reported") + END_FIELDS)
 # A run's pace as its program tells it: the rate's unit (batch/s) and its own
 # time left. A job may send them; they go with the rate and the time left.
 PACE_FIELDS = ("rate_unit", "eta_s")
@@ -2568,8 +2571,8 @@ def _progress_data(done, total=None, stage=None, bars=None, fields=None):
     [label, done, total] levels, outermost first."""
     if bars is None:
         data = {"iteration": done, "total": total}
-        if total:
-            data["percent"] = round(100.0 * done / total, 2)
+        if total and total > 0:           # 150 of 100 is 100 %, -5 of -10 no percent
+            data["percent"] = round(100.0 * min(max(done / total, 0.0), 1.0), 2)
     else:
         data = _whole_run(bars)
         data["bars"] = [{"label": label or "", "done": d, "total": t} for label, d, t in bars]
@@ -3137,7 +3140,10 @@ def _exit_fields(program, status, stderr_tail):
 # it; rich returns and erases the line (\r ESC [ 2K) before each cursor-up.
 CURSOR = re.compile("\r\n|\r?(?:\x1b\\[2K)?\x1b\\[([0-9]*)A|\r|\n|\x08+")
 UNFINISHED_MOVE = re.compile("(?:\r|\x1b\\[2K|\x1b\\[?[0-9;?]*)+$")
-OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]")   # other CSI: erase line, cursor on/off...
+# Other escapes: CSI (erase line, cursor on/off, colours), OSC (a title, a
+# link) and DCS, APC, PM and SOS strings. A log line keeps SGR's colours.
+OTHER_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-~]|\x1b[]P^_X][^\x07\x1b]*(?:\x07|\x1b\\\\)?")
+LOG_ESCAPES = re.compile("\x1b\\[[0-9;?]*[ -/]*[@-ln-~]|\x1b[]P^_X][^\x07\x1b]*(?:\x07|\x1b\\\\)?")
 
 TQDM_BAR = re.compile(
     r"(?:(?P<desc>.*?):)?\s*"
@@ -3234,6 +3240,7 @@ METER = re.compile(
     r"(?=[A-Za-z_~])(?<!\w)(?:"
     r"(?P<elapsed>(?i:elapsed(?: time)?|in|spent)\b\s*:?\s*%(d)s)"
     r"|(?P<eta>(?:(?i:eta|left|remaining)\b\s*[:=]?\s*|~)(?P<eta_text>%(d)s))"
+    r"|(?P<named_percent>(?P<percent_name>[A-Za-z_]\w*)=(?P<percent_value>\d+(?:\.\d+)?) ?%%)"
     r"|(?P<pair>(?P<name>[A-Za-z_]\w*) ?[:=] *(?P<value>[-+]?%(n)s(?:[eE][-+]?\d+)?)"
     r" ?(?P<value_unit>%(u)s)?(?![\w:/.%%])))"
     # tokens that start with a number
@@ -3241,7 +3248,7 @@ METER = re.compile(
     r"(?P<rate>(?P<rate_n>%(n)s) ?(?P<rate_unit>[A-Za-z]*)/s(?:ec)?\b)"
     r"|(?P<pace>(?P<pace_n>%(n)s) ?(?P<pace_unit>ms|s)/(?P<pace_per>[A-Za-z]+)\b)"
     r"|(?P<percent>(?<![\w.])(?P<percent_n>\d{1,3}(?:\.\d+)?) ?%%)"
-    r"|(?P<count>(?<![=:])(?P<done>%(n)s) ?(?P<done_unit>%(u)s)? ?/ ?(?P<total>%(n)s) ?"
+    r"|(?P<count>(?<![=:/])(?P<done>%(n)s) ?(?P<done_unit>%(u)s)? ?/ ?(?P<total>%(n)s) ?"
     r"(?P<total_unit>%(u)s)?(?![\w/.-]))"
     r"|(?P<of>(?<!\w)(?P<of_done>\d+) of (?P<of_total>\d+)\b)"
     r"|(?P<duration>(?<![\w.])%(d)s)"
@@ -3302,12 +3309,16 @@ def _pace(token):
     return (round(1.0 / seconds, 6) if seconds else None), token.group("pace_per") + "/s"
 
 
+def _curl_amount(text):
+    """curl's "57.2M": its k, M and G are 1024's powers."""
+    number, unit = re.match(r"([\d.]+)(\D?)$", text).groups()
+    return round(_amount(number, unit and unit + "iB"))
+
+
 def _parse_curl(match):
     """curl's meter row: % Total % Received % Xferd, speeds, times, current speed."""
     try:
-        done = _amount(*re.match(r"([\d.]+)(\D*)", match.group("done")).groups())
-        total = _amount(*re.match(r"([\d.]+)(\D*)", match.group("total")).groups())
-        rate = _amount(*re.match(r"([\d.]+)(\D*)", match.group("rate")).groups())
+        done, total, rate = (_curl_amount(match.group(name)) for name in ("done", "total", "rate"))
     except (AttributeError, ValueError):
         return None
     if total <= 0:
@@ -3342,10 +3353,14 @@ def _meter_tokens(text):
                 if kind == "rate" else _pace(token)
         elif kind == "eta" and eta is None:
             eta = _seconds(token.group("eta_text"))
+        elif kind == "duration" and text[token.end():token.end() + 1] == "<":
+            continue                              # [elapsed<left, rate] (tqdm's shape)
         elif kind == "duration" and duration is None and (percent, count) != (None, None):
             duration = _seconds(token.group(0))
         elif kind == "pair" and token.group("name") not in RESERVED_FIELDS:
             fields[token.group("name")] = _amount(token.group("value"), token.group("value_unit"))
+        elif kind == "named_percent" and token.group("percent_name") not in RESERVED_FIELDS:
+            fields[token.group("percent_name")] = _amount(token.group("percent_value"), "")
     return first, percent, count, rate, eta, duration, percents, bar, bracketed, fields
 
 
@@ -3355,13 +3370,17 @@ def _parse_meter(text, redrawn=False):
     which alone makes a percent, or a rate with its amount, progress (dpkg's
     "Reading database ... 45%", dd's "... copied, 1 s, 499 MB/s").
 
-    A percent (only one) counts with a bar, an amount of a total, a rate, an
-    ETA or brackets (pytest's "[ 45%]"); an amount of a total without a
-    percent with a bar, a rate, an ETA or brackets at the line's start
-    ("[12/40] Building"). So a count or a percent in prose ("Tests passed:
-    45/50", "Coverage: 85%") stays a log line."""
+    A percent (only one) counts with a bar, a rate, an ETA or brackets
+    (pytest's "[ 45%]"); an amount of a total without a percent with a
+    bar, a rate, an ETA or brackets at the line's start ("[12/40]
+    Building"), or as a line's heading with fields of its own ("Epoch
+    3/10: loss=0.31 acc=62%": a `record`, each one kept in the log). So a
+    count or a percent in prose ("Tests passed: 45/50 (90%)", "Coverage:
+    85%") and a JSON object stay log lines."""
     if "\x1b" in text:
         text = OTHER_ESCAPES.sub("", text)
+    if text.lstrip().startswith("{") and text.rstrip().endswith("}"):
+        return None           # a JSON log line's numbers are not a meter
     curl = CURL_METER.fullmatch(text)
     if curl:
         return _parse_curl(curl)
@@ -3370,9 +3389,10 @@ def _parse_meter(text, redrawn=False):
     if percents > 1 or (percent or 0) > 100:
         return None
     evidence = bar or rate is not None or eta is not None or bracketed
-    if percent is not None and (evidence or count or redrawn):
+    record = count and fields and percent is None and not evidence and HEADING.match(text)
+    if percent is not None and (evidence or redrawn):
         done, total = count or (percent, 100)
-    elif count and evidence:
+    elif count and (evidence or record):
         done, total = count
     elif redrawn and (rate is not None or len(fields) > 1):
         number = METER.search(text)
@@ -3386,7 +3406,7 @@ def _parse_meter(text, redrawn=False):
     return {"desc": desc if any(c.isalpha() for c in desc) else None,
             "done": done, "total": total, "rate": (rate or (None, None))[0],
             "unit": (rate or (None, None))[1], "eta": eta if eta is not None else
-            (duration if going else None), "fields": fields}
+            (duration if going else None), "fields": fields, "record": bool(record)}
 
 
 def _parse_bar(text, redrawn=False):
@@ -3415,7 +3435,7 @@ class _OutputScreen:
     a log line once it ends with a newline, never one per redraw. A
     progress line that ends is kept once; of a run of ended progress lines
     of one stage (wget's dots, progressbar2 off a terminal) the first and
-    the last are kept.
+    the last are kept, but every record ("Epoch 3/10: loss=0.31").
 
     A text drawn below the home row is a nested bar if the cursor comes back
     up after it; if the next move is another \\r or \\n, the home row moved
@@ -3441,6 +3461,7 @@ class _OutputScreen:
         self.heading = None       # a count on a line of its own, just before (HEADING)
         self.stage = NO_STAGE     # the stage of the latest ended progress line
         self.held = None          # the last ended progress line of that stage, not kept yet
+        self.shape = None         # the latest ended progress line without its numbers
         self.levels = []          # the levels last published, for inner bars that went away
 
     def feed(self, text):
@@ -3466,7 +3487,8 @@ class _OutputScreen:
                     self.stage, self.heading = NO_STAGE, None
             else:
                 for part in parts:
-                    bar = self._draw(0, part) if METER_HINT.search(part) else None
+                    like = self._like_last_bar(part)
+                    bar = self._draw(0, part, like) if like or METER_HINT.search(part) else None
                     self.drawn.pop(0, None)
                     self._end(lines, part, bar)
         else:
@@ -3534,7 +3556,7 @@ class _OutputScreen:
         if newline:
             self.redrawn = False
         if "\x1b" in text:
-            text = OTHER_ESCAPES.sub("", text)
+            text = LOG_ESCAPES.sub("", text)
         if not text.strip():
             if not text and newline and redrawn and self.row == 0 and 0 in self.drawn:
                 self._end(lines, self.drawn.pop(0), self.bars.get(0))   # "45%\r", then "\n"
@@ -3551,8 +3573,8 @@ class _OutputScreen:
         if self.row > 0 and not up:
             self._rows_ended(lines, self.row)   # the home row moved down to here
             self.row = 0
-        bar = self.bars.get(0) if text == taken and self.row == 0 else \
-            None if dropped else self._draw(self.row, text, redrawn or not newline)
+        bar = self.bars.get(0) if text == taken and self.row == 0 else None if dropped else \
+            self._draw(self.row, text, redrawn or not newline or self._like_last_bar(text))
         if newline and self.row == 0:
             if bar is None or _finished(bar) or not (self.moved_up or "nests" in bar):
                 self.drawn.pop(0, None)
@@ -3581,8 +3603,9 @@ class _OutputScreen:
     def _end(self, lines, text, bar):
         """A line ended: a log line, or (`bar`) a progress line, kept as
         the class says."""
-        if bar is not None:
+        if bar is not None and not bar.get("record"):
             stage = bar["desc"], METER.sub("", OTHER_ESCAPES.sub("", text)).strip()   # not its numbers
+            self.shape = stage[1]
             if stage == self.stage:
                 self.held = text                  # the same run: its latest
                 return
@@ -3591,8 +3614,15 @@ class _OutputScreen:
         elif text.strip():
             self._flush(lines)
             self.stage = NO_STAGE
-            self.heading = HEADING.fullmatch(text) if "/" in text else None
+            self.heading = HEADING.fullmatch(text) if bar is None and "/" in text else None
         lines.append(text)
+
+    def _like_last_bar(self, text):
+        """Whether a line is shaped as the latest progress line that ended
+        (its words without its numbers): dd's closing "... copied, 7.5 s,
+        418 MB/s" after its redraws is that bar's last state."""
+        return self.shape is not None and ("/s" in text or "%" in text) and \
+            METER.sub("", OTHER_ESCAPES.sub("", text)).strip() == self.shape
 
     def _flush(self, lines):
         if self.held is not None:
@@ -3657,9 +3687,10 @@ def _parse_progress_line(line):
 # programs write progress and chatter to stderr. A level word among a line's
 # first four words, as log formats put it ("ERROR", "error:", "[warn]",
 # "npm warn", "E:" of apt, gcc's "file.c:3: warning:"), a traceback or an
-# exception's line; INFO or DEBUG first says info.
+# exception's line, indented or not (pytest's warnings summary); INFO or DEBUG
+# first says info.
 LINE_LEVEL = re.compile(
-    r"^(?:\S+\s+){0,3}?(?:"
+    r"^\s*(?:\S+\s+){0,3}?(?:"
     r"(?P<info>\[?(?:INFO|DEBUG|NOTICE|TRACE)\b)"
     r"|(?P<error>\[?(?:ERROR|FATAL|CRITICAL|PANIC|FAILED|ERR!)(?![\w-])"
     r"|[\[<]?(?i:error|fatal|critical|panic)(?:\[\w+\])?[\]>]?[:!]|\[(?i:error|fatal)\]|E:"

@@ -930,6 +930,7 @@ def test_connections_past_the_per_address_bound_get_503_without_a_thread(make):
     sid = start_run(srv, **QUIET)
     streams = [watch(srv, sid) for _ in range(3)]
     wait_for(lambda: srv.server.hub.streams == 3, what="three streams, held by the writer")
+    wait_for(lambda: not srv.server._per_address, what="the streams' threads let go")
     before, fds = set(threading.enumerate()), fd_count()
     half = [half_sent_request(srv) for _ in range(2)]
     try:
@@ -2427,6 +2428,17 @@ sys.exit(3)
 """,
     # A flood of JSON progress lines, in one write: past the allowance each
     # read is thinned to its latest line, and loss comes on one line only.
+    "training_log.py": """
+import json, sys
+print("2026/01/31 12:30:01 download 45% complete")
+print(json.dumps({"ts": "12:30", "frac": "3/4", "pct": "50%", "msg": "processed shard"}))
+for epoch in range(1, 11):
+    print("Epoch %d/10: loss=%.3f val_acc=%.1f%%" % (epoch, 1.0 / epoch, 50 + epoch))
+print("Coverage: 85% (170/200 lines)")
+print(json.dumps({"done": 10, "total": 10, "state": "complete", "session_id": "x",
+                  "position": 3, "exit_code": 7, "title": "pwn", "loss": 0.05}))
+sys.stdout.write("\\x1b]0;title\\x07\\x1b[31mred\\x1b[0m \\x1bPqsixel\\x1b\\\\done\\n")
+""",
     "sparse_json.py": """
 import json, sys
 lines = [{"done": i, "total": 1500} for i in range(1501)]
@@ -3017,8 +3029,8 @@ def replay(make, programs, tmp_path, name):
 # name: (the last progress event's iteration, total, stage, rate_unit, its
 # other fields; whether some event had eta_s; at most this many log lines)
 RECORDED_READING = {
-    "curl": (57200000, 57200000, None, "B/s", {}, True, 3),
-    "dd": (2944401408, None, None, "B/s", {}, False, 4),
+    "curl": (59978547, 59978547, None, "B/s", {}, True, 3),        # its 57.2M: MiB
+    "dd": (3145728000, None, None, "B/s", {}, False, 4),     # its closing line
     "rsync_progress2": (100, 100, None, "B/s", {}, True, 1),
     "pip_download": (30000000, 30000000, None, "B/s", {}, True, 6),
     "alive": (60, 60, "Crunching", "it/s", {}, False, 2),
@@ -3057,6 +3069,9 @@ def test_cmd_reads_the_progress_of_programs_nobody_wrote_for_it(make, programs, 
     assert {l["level"] for l in logs} <= {"info", "warning", "error"}
 
 
+SGR = re.compile("\x1b\\[[0-9;]*m")
+
+
 @pytest.mark.parametrize("name, kept, lines", [
     ("git_clone", ["Receiving objects: 100% (604/604), 8.84 MiB | 28.56 MiB/s, done.",
                    "Resolving deltas: 100% (202/202), done."], 7),
@@ -3071,7 +3086,7 @@ def test_cmd_reads_the_progress_of_programs_nobody_wrote_for_it(make, programs, 
 def test_cmd_a_redrawn_line_is_one_log_line_in_its_last_state(make, programs, tmp_path, name,
                                                                kept, lines):
     _, logs = replay(make, programs, tmp_path, name)
-    messages = [l["message"] for l in logs]
+    messages = [SGR.sub("", l["message"]) for l in logs]      # colours kept: the page shows them
     assert all(messages.count(line) == 1 for line in kept)
     assert len(messages) == lines         # a redraw, or a line of a run of them, is no log line
 
@@ -3097,6 +3112,7 @@ def test_cmd_levels_come_from_what_a_line_says_not_from_stderr(make, programs, t
     ("INFO: retrying after ERROR", "info"), ("test_error_handling PASSED", "info"),
     ("Errors: 0", "info"), ("debconf: delaying package configuration", "info"),
     ("Receiving objects:  45% (265/589)", "info"), ("curl: (7) Failed to connect", "error"),
+    ("  /tmp/t/test_a.py:12: DeprecationWarning: old", "warning"),   # pytest's summary, indented
 ])
 def test_cmd_line_level_table(line, level):
     assert sse_demo._line_level(line) == level
@@ -3106,7 +3122,9 @@ def test_cmd_line_level_table(line, level):
     "Tests passed: 45/50", "copied 3/10 files", "released on 2024/12/06", "upgrade 1.2/3.4",
     "Coverage: 85%", "12/06 03:18:35 [NOTICE] Downloading 1 item(s)", "Epoch 3/10",
     "consecutive B-frames:  3.0%  0.0% 21.0% 76.0%", "id=3 took 5ms", "ratio 150% of the limit",
-    "(xfr#4, to-chk=0/7)",
+    "(xfr#4, to-chk=0/7)", "Coverage: 85% (170/200 lines)", "Tests passed: 45/50 (90%)",
+    "Disk usage: 45% (4.5G/10G)", "9/11 memorial, 20 %", "2026/01/31 12:30:01 download 45% complete",
+    '{"ts": "12:30", "frac": "3/4", "pct": "50%", "eta": "1s", "bar": "[#####     ]"}',
 ])
 def test_cmd_counts_and_percents_in_prose_are_not_progress(line):
     assert sse_demo._parse_bar(line) is None
@@ -3125,9 +3143,11 @@ def test_cmd_counts_and_percents_in_prose_are_not_progress(line):
     ("Copying files  [####----------]   35%  00:00:01", 35, 100, "Copying files", None, 1),
     ("1.2GiB 0:00:12 [ 100MiB/s] [=====>      ] 45% ETA 0:00:15", 45, 100, None,
      (104857600, "B/s"), 15),                                       # pv, nobody named it
+    ("Ticks 95%|████████▌| 95/100 [01:38<00:05, 0.97 ticks/s]", 95, 100, "Ticks",
+     (0.97, "ticks/s"), 5),                                 # enlighten: the time left after <
 ])
 def test_cmd_progress_lines_of_any_program(line, done, total, desc, rate, eta):
-    bar = sse_demo._parse_meter(line)
+    bar = sse_demo._parse_meter(line, redrawn=line.startswith("remote:"))   # git's, after a \r
     assert (bar["done"], bar["total"], bar["desc"]) == (done, total, desc)
     assert (bar["rate"] and (bar["rate"], bar["unit"])) == (rate or None)
     assert bar["eta"] == eta
@@ -3358,6 +3378,36 @@ def test_cmd_real_tqdm_nested_bars_read_right(make, programs):
     assert [line for line in logs if line not in bars] == ["epoch 0 done", "epoch 1 done",
                                                            "epoch 2 done"]
     assert len(bars) == 1 and bars[0].startswith("Epochs: 100%|") and "3/3" in bars[0]
+
+
+def test_cmd_a_training_log_keeps_every_record_and_prose_stays_log(make, programs):
+    srv = command_server(make, programs("training_log.py"))
+    sid = start_run(srv)
+    events = watch(srv, sid).events()
+    assert events[-1]["event"] == "complete" and events[-1]["json"]["result"] == {"exit_code": 0}
+    progress = [e["json"] for e in events if e["event"] == "progress" and e["json"]["iteration"]]
+    # an epoch's line is progress with its fields (val_acc's percent is a field; the
+    # lines of one read are one event)...
+    epochs = [p for p in progress if p.get("stage") == "Epoch"]
+    assert epochs and all(p["total"] == 10 and p["val_acc"] == 50 + p["iteration"] and
+                          p["loss"] == round(1.0 / p["iteration"], 3) for p in epochs)
+    # ...and a record kept in the log, every one; prose and JSON log lines stay log
+    status, _, body = request(srv, "GET", "/log/" + sid)
+    lines = [line.split(" ", 2)[2] for line in body.decode().splitlines()]
+    assert status == 200 and lines[:2] == [
+        "[stdout] 2026/01/31 12:30:01 download 45% complete",
+        '[stdout] {"ts": "12:30", "frac": "3/4", "pct": "50%", "msg": "processed shard"}']
+    assert lines[2:12] == ["[stdout] Epoch %d/10: loss=%.3f val_acc=%.1f%%"
+                           % (k, 1.0 / k, 50 + k) for k in range(1, 11)]
+    assert lines[12] == "[stdout] Coverage: 85% (170/200 lines)"
+    # names the server sets are never a run's fields
+    last = progress[-1]
+    assert last["loss"] == 0.05 and not {"state", "session_id", "position", "exit_code",
+                                         "title"} & set(last)
+    ended = get_json(srv, "/status/" + sid)
+    assert (ended["session_id"], ended["state"], "exit_code" in ended) == (sid, "complete", False)
+    # a title (OSC) and a DCS string are dropped, colours (SGR) kept
+    assert lines[13] == "[stdout] \x1b[31mred\x1b[0m done"
 
 
 def test_cmd_output_after_cancel_stays_progress(make, programs):
@@ -5598,7 +5648,8 @@ def page_constant(name):
 
 def test_page_and_server_agree_on_the_contracts_names():
     fields = set(re.findall(r'"(\w+)"', page_constant("STANDARD_FIELDS")))
-    assert fields == sse_demo.RESERVED_FIELDS.union(sse_demo.PACE_FIELDS)   # the job's: the rest
+    assert fields.union(sse_demo.END_FIELDS) == \
+        sse_demo.RESERVED_FIELDS.union(sse_demo.PACE_FIELDS)   # the job's: the rest
     assert re.findall(r'"(\w+)"', page_constant("LOG_LEVELS")) == list(sse_demo.LOG_LEVELS)
     assert re.findall(r'"(\w+)"', page_constant("END_FIELDS")) == list(sse_demo.END_FIELDS)
     with open(os.path.join(HERE, "index.html"), encoding="utf-8") as f:
@@ -8212,10 +8263,11 @@ def test_report_runs_its_program_while_the_server_is_down_and_reports_when_it_co
 
 
 @pytest.mark.parametrize("event, field", [
-    ({"event": "progress", "done": 1e15, "total": 1e-300}, "events[1].total"),
     ({"event": "progress", "bars": [{"label": "level", "done": 1.0, "total": 1e15}] * 21},
      "events[1].bars"),
     ({"event": "progress", "done": 1, "total": 2, "percent": 50}, "events[1].percent"),
+    ({"event": "progress", "done": 1, "total": 2, "exit_code": 7}, "events[1].exit_code"),
+    ({"event": "progress", "done": 1, "total": 2, "state": "complete"}, "events[1].state"),
 ])
 def test_a_batch_that_passes_the_check_publishes_whole(server, event, field):
     """REVIEW B3: the check passed these, publishing failed (500, a
