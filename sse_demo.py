@@ -2952,13 +2952,13 @@ def _fill_command(argv, params):
     return filled
 
 
-SCRIPT_RUNNERS = re.compile(r"(ba|da|z|k|mk|a|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*")
+SCRIPT_RUNNERS = re.compile(r"(ba|da|z|k|mk|a|c|tc|fi)?sh|python[0-9.]*|pypy[0-9.]*|script")
 
 
-def _script_placeholder(argv):
-    """The first placeholder inside the script that the template's shell (or
-    Python) runs with -c, or None: there a value is code that runs, not data.
-    Reads the options before the script as `bash -euo pipefail -c` has them."""
+def _dash_c_script(argv):
+    """The script that a shell, Python or util-linux's `script` runs with
+    -c, as the template has it, or None. Reads the options before it as
+    `bash -euo pipefail -c` and `script -qefc` have them."""
     if not SCRIPT_RUNNERS.fullmatch(os.path.basename(argv[0])):
         return None
     args = iter(argv[1:])
@@ -2968,10 +2968,16 @@ def _script_placeholder(argv):
         if arg[-1] in "oOW":
             next(args, None)              # its argument: -o pipefail, -W error
         elif arg[0] == "-" and "c" in arg:
-            names = [m.group(1).partition("=")[0]
-                     for m in PLACEHOLDER.finditer(next(args, "")) if m.group(1)]
-            return names[0] if names else None
+            return next(args, "")
     return None
+
+
+def _script_placeholder(argv):
+    """The first placeholder inside the script that the template's shell (or
+    Python) runs with -c, or None: there a value is code that runs, not data."""
+    names = [m.group(1).partition("=")[0]
+             for m in PLACEHOLDER.finditer(_dash_c_script(argv) or "") if m.group(1)]
+    return names[0] if names else None
 
 
 INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|php|Rscript|"
@@ -2980,16 +2986,37 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
 
 def _program_name(argv):
     """What a command runs, as a person would name it: `python3 train.py`
-    is train.py, `python -m pkg.train` is pkg.train, `make all` is make."""
-    if INTERPRETERS.fullmatch(os.path.basename(argv[0])):
+    is train.py, `python -m pkg.train` is pkg.train, `make all` is make,
+    `sh -c 'cd src && make'` and `script -qefc "python3 train.py"` what
+    their command line runs last."""
+    program = os.path.basename(argv[0])
+    script = _dash_c_script(argv)
+    if script is not None:                # Python's -c is code: named after Python
+        return (not program.startswith(("python", "pypy")) and _command_line_name(script)) or \
+            program
+    if INTERPRETERS.fullmatch(program):
         args = iter(argv[1:])
         for arg in args:
             if arg == "-m":
-                return next(args, argv[0])
+                return next(args, program)
             if not arg.startswith("-") and not PLACEHOLDER.search(arg) and \
                     arg not in ("run", "exec"):
                 return os.path.basename(arg)
-    return os.path.basename(argv[0])
+    return program
+
+
+def _command_line_name(line):
+    """The program a shell's command line runs last (`stty cols 120;
+    python3 train.py` is train.py; `pv big > /dev/null` is pv), or None."""
+    last = [part for part in re.split(r";|&&|\|\||\n", line) if part.strip()][-1:]
+    try:
+        words = shlex.split(last[0].split("|")[0]) if last else []
+    except ValueError:
+        return None
+    words = list(itertools.dropwhile(lambda word: re.match(r"\w+=", word), words))
+    if words[:1] in (["exec"], ["env"]):
+        words = words[1:]
+    return _program_name(words) if words else None
 
 
 GUARD_EXIT_S = 2.0
@@ -3615,6 +3642,8 @@ class _OutputScreen:
             self._flush(lines)
             self.stage = NO_STAGE
             self.heading = HEADING.fullmatch(text) if bar is None and "/" in text else None
+            if self.heading:
+                self.bars.clear()     # the bar above it ended: its count is the last epoch's
         lines.append(text)
 
     def _like_last_bar(self, text):

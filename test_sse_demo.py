@@ -2519,7 +2519,8 @@ def test_cmd_checks_an_argument_as_it_will_be_passed(make, programs):
 @pytest.mark.parametrize("template, warned", [
     ("sh -c 'echo {x=1}'", "x"), ("bash -euo pipefail -c 'make {target=all}'", "target"),
     ("python3 -c 'print({n=1})'", "n"), ("sh -c 'echo \"$1\"' sh {x=1}", None),
-    ("python3 train.py -c {config=a.yaml}", None)])
+    ("python3 train.py -c {config=a.yaml}", None),
+    ("script -qefc 'python3 t.py {n=1}' /dev/null", "n")])
 def test_cmd_warns_at_start_of_a_placeholder_in_a_shells_script(template, warned):
     """`sh -c 'echo {x=1}'`: a value in the script is code that runs, whatever
     the quoting; the server says so at start (issue 41, 8)."""
@@ -3015,10 +3016,11 @@ RECORDED_OUTPUTS = {
 }
 
 
-def replay(make, programs, tmp_path, name):
-    """A server whose --cmd writes a recording as it came; its run's events."""
+def replay(make, programs, tmp_path, name, chunks=None):
+    """A server whose --cmd writes a recording as it came (or in `chunks`);
+    its run's events."""
     path = tmp_path / (name + ".json")
-    path.write_text(json.dumps(RECORDED_OUTPUTS[name]), encoding="utf-8")
+    path.write_text(json.dumps(chunks or RECORDED_OUTPUTS[name]), encoding="utf-8")
     srv = command_server(make, programs("replay.py", shlex.quote(str(path))))
     events = watch(srv, start_run(srv)).events()
     assert events[-1]["event"] == "complete"
@@ -3067,6 +3069,18 @@ def test_cmd_reads_the_progress_of_programs_nobody_wrote_for_it(make, programs, 
         assert percents == sorted(percents)
     assert 0 < len(logs) <= most_logs                   # redraws are no log lines
     assert {l["level"] for l in logs} <= {"info", "warning", "error"}
+
+
+def test_cmd_keras_percent_never_goes_back_when_a_heading_shares_a_read_with_a_bar(
+        make, programs, tmp_path):
+    """Epoch 2's heading in the read that ends epoch 1's bar (as a pipe may
+    deliver them) counted that full bar as epoch 2's: 50 %, then 25.5 %."""
+    chunks = list(RECORDED_OUTPUTS["keras"])
+    at = chunks.index(("stdout", "Epoch 2/4\n"))
+    chunks[at - 1:at + 1] = [("stdout", chunks[at - 1][1] + chunks[at][1])]
+    progress, _ = replay(make, programs, tmp_path, "keras", chunks)
+    percents = [p["percent"] for p in progress if "percent" in p]
+    assert len(percents) > 5 and percents == sorted(percents), percents
 
 
 SGR = re.compile("\x1b\\[[0-9;]*m")
@@ -3457,6 +3471,12 @@ def test_cmd_job_is_named_after_its_program_or_its_title(make, programs):
     assert sse_demo.command_job("python3 train.py --epochs {epochs=10}").title == "train.py"
     assert sse_demo.command_job("python -u -m pkg.train {x=1}").title == "pkg.train"
     assert sse_demo.command_job("make -j4 all").title == "make"
+    # a shell's or script's command line: what it runs last, not its last word
+    assert sse_demo.command_job("sh -c 'pv {file=big} > /dev/null'").title == "pv"
+    assert sse_demo.command_job('script -qefc "stty cols 120; python3 t.py" /dev/null').title \
+        == "t.py"
+    assert sse_demo.command_job("bash -euo pipefail -c 'cd src && make all'").title == "make"
+    assert sse_demo.command_job("python3 -c 'print(1)'").title == "python3"
     assert sse_demo.command_job("bash build.sh", title="Nightly build").title == "Nightly build"
     cli = Cli("--cmd", programs("argv.py", "{x=1}"), "--title", "Argument echo")
     try:
