@@ -8300,19 +8300,23 @@ def test_a_batch_that_passes_the_check_publishes_whole(server, event, field):
     assert log_lines(server, opened["session_id"]) == []
 
 
-def test_ctrl_c_on_report_stops_the_program_and_ends_the_run_cancelled(make, clients,
-                                                                        reported_programs):
+@pytest.mark.parametrize("signum, status, said", [
+    (signal.SIGINT, 130, "the run ends cancelled"),
+    (signal.SIGTERM, 143, "SIGTERM: stopping the program")])
+def test_ctrl_c_or_sigterm_on_report_stops_the_program_and_ends_the_run_cancelled(
+        make, clients, reported_programs, signum, status, said):
     """Ctrl-C left the run `running` until --report-timeout (a Thread.join
-    that Ctrl-C interrupts took the program's thread for ended)."""
+    that Ctrl-C interrupts took the program's thread for ended); SIGTERM
+    (`timeout`, Slurm, `kill`) killed the program, the run stayed `running`."""
     srv = make()
     reporter = clients("report", page_url(srv), "--", *reported_programs("ticks.py"))
     pid = int(reporter.proc.stdout.readline())
     sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
                    only_run(srv)["session_id"], what="progress from the program")
-    reporter.proc.send_signal(signal.SIGINT)
+    reporter.proc.send_signal(signum)
     wait_for(lambda: status_of(srv, sid) == "cancelled", timeout=5.0, what="the run's end")
-    status, _, err = reporter.finish()
-    assert status == 130 and "the run ends cancelled" in err and "Traceback" not in err
+    exit_status, _, err = reporter.finish()
+    assert exit_status == status and said in err and "Traceback" not in err
     assert process_gone(pid)
 
 
@@ -8523,21 +8527,6 @@ def test_the_journal_queue_is_bounded_by_its_bytes(tmp_path, monkeypatch, make):
 ###############################################################################
 # Reported runs and clients, as a newcomer and an adversary met them
 ###############################################################################
-
-def test_sigterm_on_report_ends_the_run_cancelled(make, clients, reported_programs):
-    """`timeout`, Slurm and `kill` send SIGTERM: the program was killed and
-    the run stayed `running` until --report-timeout."""
-    srv = make()
-    reporter = clients("report", page_url(srv), "--", *reported_programs("ticks.py"))
-    pid = int(reporter.proc.stdout.readline())
-    sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
-                   only_run(srv)["session_id"], what="progress from the program")
-    reporter.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: status_of(srv, sid) == "cancelled", timeout=5.0, what="the run's end")
-    status, _, err = reporter.finish()
-    assert status == 143 and "SIGTERM: stopping the program" in err and "Traceback" not in err
-    assert process_gone(pid)
-
 
 def test_a_client_without_the_token_is_told_how_to_give_it(make, clients, reported_programs):
     srv = make(token=TOKEN)
