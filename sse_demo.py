@@ -2717,9 +2717,9 @@ class JobSpec:
     GET /job, /start's validation and the page all read this one object."""
 
     publishes_its_start = False   # the built-in job's first event is its own iteration 0
+    stop_grace_s = WORKER_STOP_GRACE_S   # how long a run stopped at shutdown may take to end
 
-    def __init__(self, name, title, description, params, fields, run, check=None,
-                 stop_all=None, kill_now=None, extra=None, stop_grace_s=WORKER_STOP_GRACE_S):
+    def __init__(self, name, title, description, params, fields, run, check=None):
         self.name = name
         self.title = title
         self.description = description
@@ -2727,18 +2727,18 @@ class JobSpec:
         self.fields = fields      # [{"name", "label", "unit"?}]
         self._run = run           # run(session, params), in the run's worker thread
         self.check = check or (lambda params: None)   # raises BadParam for bad values
-        self.stop_all = stop_all or (lambda: None)    # kills what runs may have left
-        self.kill_now = kill_now or self.stop_all      # the same, from a signal handler
-        self.extra = extra or {}  # more for GET /job (a command's kill_after_s)
-        self.stop_grace_s = stop_grace_s   # how long a run stopped at shutdown may take to end
 
     def describe(self):
         """What GET /job answers."""
-        described = {"name": self.name, "title": self.title, "description": self.description,
-                     "params": [p.describe() for p in self.params.values()],
-                     "fields": self.fields}
-        described.update(self.extra)
-        return described
+        return {"name": self.name, "title": self.title, "description": self.description,
+                "params": [p.describe() for p in self.params.values()], "fields": self.fields}
+
+    def stop_all(self):
+        """Kill what runs may have left (a command's programs), at shutdown."""
+
+    def kill_now(self):
+        """The same, from a signal handler."""
+        self.stop_all()
 
     def start(self, session, params, first=None):
         """Run the job for `session` in a thread of its own; returns the
@@ -3976,12 +3976,42 @@ def _run_command(session, argv, values, kill_after_s, groups):
     return _run_program(session, _fill_command(argv, values), kill_after_s, groups)
 
 
-def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
+class _CommandJob(JobSpec):
     """A JobSpec that runs a program for each run (see `_run_command`),
-    named `title` or after its program (`train.py`, not the template).
-    Raises ValueError for a template it cannot run, a program not found
-    among them: every run would fail the same way."""
-    argv, defaults = _parse_command(template)
+    named `title` or after its program (`train.py`, not the template). It
+    gives a run stopped at shutdown its --kill-after, and kills every
+    program's group when the server stops."""
+
+    def __init__(self, template, kill_after_s, title):
+        argv, defaults = _parse_command(template)
+        self._groups = _CommandGroups()
+
+        def run(session, values):
+            _run_command(session, argv, values, kill_after_s, self._groups)
+        name = _program_name(argv)
+        super().__init__(name, title or name, "Runs `%s` for each run; its output is the log, "
+                         "its progress lines the progress." % template,
+                         {name: _Param(name, default) for name, default in defaults.items()},
+                         [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
+                         check=lambda values: _fill_command(argv, values))
+        self.kill_after_s = kill_after_s
+        self.stop_grace_s = kill_after_s + WORKER_STOP_GRACE_S
+
+    def describe(self):
+        return dict(super().describe(), kill_after_s=self.kill_after_s)
+
+    def stop_all(self):
+        self._groups.close()
+
+    def kill_now(self):
+        self._groups.kill_all()
+
+
+def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
+    """The job that runs `template` (see _CommandJob). Raises ValueError for
+    a template it cannot run, a program not found among them: every run
+    would fail the same way."""
+    argv, _ = _parse_command(template)
     if shutil.which(argv[0]) is None:
         raise ValueError("--cmd: program not found: %s (not a file, or not executable, or "
                          "not on PATH)" % argv[0])
@@ -3991,19 +4021,7 @@ def command_job(template, kill_after_s=DEFAULT_KILL_AFTER_S, title=None):
                     "a run's value is code that runs: pass it as an argument instead (%s -c "
                     "'... \"$1\" ...' %s {%s=...})", in_script, argv[0], argv[0], argv[0],
                     in_script)
-    params = {name: _Param(name, default) for name, default in defaults.items()}
-    processes = _CommandGroups()
-
-    def run(session, values):
-        _run_command(session, argv, values, kill_after_s, processes)
-    name = _program_name(argv)
-    return JobSpec(name, title or name, "Runs `%s` for each run; its output is the log, its "
-                   "progress lines the progress." % template, params,
-                   [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
-                   check=lambda values: _fill_command(argv, values), stop_all=processes.close,
-                   kill_now=processes.kill_all,
-                   extra={"kill_after_s": kill_after_s},
-                   stop_grace_s=kill_after_s + WORKER_STOP_GRACE_S)
+    return _CommandJob(template, kill_after_s, title)
 
 
 def _end_leftover_group(identity):

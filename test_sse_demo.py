@@ -3415,9 +3415,9 @@ def test_cmd_a_training_log_keeps_every_record_and_prose_stays_log(make, program
                            % (k, 1.0 / k, 50 + k) for k in range(1, 11)]
     assert lines[12] == "[stdout] Coverage: 85% (170/200 lines)"
     # names the server sets are never a run's fields
-    last = progress[-1]
-    assert last["loss"] == 0.05 and not {"state", "session_id", "position", "exit_code",
-                                         "title"} & set(last)
+    (mine,) = [p for p in progress if p.get("loss") == 0.05]
+    assert mine["iteration"] == 10 and not {"state", "session_id", "position", "exit_code",
+                                            "title"} & set(mine)
     ended = get_json(srv, "/status/" + sid)
     assert (ended["session_id"], ended["state"], "exit_code" in ended) == (sid, "complete", False)
     # a title (OSC) and a DCS string are dropped, colours (SGR) kept
