@@ -6941,9 +6941,9 @@ class _Outbox(_RunSink):
     when the server cannot be reached at first). A post that fails is sent
     again, with the same `seq`, so the server never takes an event twice;
     meanwhile events wait, at most REPORT_BUFFER_EVENTS and
-    REPORT_BUFFER_BYTES. Events the server
-    took are kept REPORT_RESEND_S more: a server that crashed before its
-    journal wrote them says how many it has, and gets the rest again."""
+    REPORT_BUFFER_BYTES. Events the server took are kept REPORT_RESEND_S
+    more: a server that crashed before its journal wrote them says how many
+    it has, and gets the rest again."""
 
     def __init__(self, address, title, params=None, flush_timeout_s=REPORT_FLUSH_S,
                  who="sse_demo report"):
@@ -7198,14 +7198,7 @@ class _Outbox(_RunSink):
         REPORT_POST_BYTES: (the server's answer, events posted). Raises
         WatchError when the server cannot be reached, ReportRefused when it
         takes no more, Resend when it lost what it had taken."""
-        size, taken = 0, 0
-        for item in batch:          # each under REPORT_EVENT_BYTES: at least one fits
-            size += len(item) + 1
-            if taken and size > REPORT_POST_BYTES - 64:
-                break
-            taken += 1
-        batch = batch[:taken]
-        body = ('{"seq":%d,"events":[%s]}' % (self._sent, ",".join(batch))).encode()
+        body, posted = _batch_body(self._sent, batch)
         headers = {"Authorization": "Bearer " + self.report_key,
                    "Content-Type": "application/json", "Accept": "application/json"}
         try:
@@ -7220,14 +7213,9 @@ class _Outbox(_RunSink):
                 self._connection.close()
             self._connection = None
             raise _Unreachable("cannot reach %s: %s" % (self.address.base, exc))
-        try:
-            answer = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            answer = {}
-        if not isinstance(answer, dict):
-            answer = {}
+        answer = _json_object(raw)
         if response.status == 200:
-            return answer, len(batch)
+            return answer, posted
         if response.status == 409 and "state" in answer:
             if answer.get("cancel"):
                 self.cancel.set()
@@ -7238,7 +7226,7 @@ class _Outbox(_RunSink):
             raise _ReportRefused("the server no longer knows run %s (restarted without "
                                  "--state-dir, or the run expired)" % self.id)
         named = re.match(r"events\[(\d+)\]", str(answer.get("param", "")))
-        if response.status == 400 and named and int(named.group(1)) < len(batch):
+        if response.status == 400 and named and int(named.group(1)) < posted:
             raise _BatchRefused("the server refused an event: %s" % answer.get("error", ""),
                                 int(named.group(1)))
         if _transient(response.status):
@@ -7246,6 +7234,28 @@ class _Outbox(_RunSink):
                                                                 answer.get("error", "")))
         raise _ReportRefused("the server refused the events (%d): %s"
                              % (response.status, answer.get("error", "")))
+
+
+def _batch_body(seq, batch):
+    """A POST /runs/<id>/events body of as many of `batch`'s events (JSON
+    texts) as fit in REPORT_POST_BYTES, and how many: at least one (each
+    is under REPORT_EVENT_BYTES)."""
+    size, taken = 0, 0
+    for item in batch:
+        size += len(item) + 1
+        if taken and size > REPORT_POST_BYTES - 64:
+            break
+        taken += 1
+    return ('{"seq":%d,"events":[%s]}' % (seq, ",".join(batch[:taken]))).encode(), taken
+
+
+def _json_object(raw):
+    """A server's JSON answer as a dict; {} for anything else."""
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 class Reporter:
