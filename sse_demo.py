@@ -3057,6 +3057,19 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
                           r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
 
 
+def _last_command(line):
+    """The words of the command that a shell's command line runs last
+    (`stty cols 120; python3 train.py`: python3 train.py; of a pipeline, its
+    first), without its variables and `exec`; [] when there is none."""
+    last = [part for part in re.split(r";|&&|\|\||\n", line) if part.strip()][-1:]
+    try:
+        words = shlex.split(last[0].split("|")[0]) if last else []
+    except ValueError:
+        return []
+    words = list(itertools.dropwhile(lambda word: re.match(r"\w+=", word), words))
+    return words[1:] if words[:1] in (["exec"], ["env"]) else words
+
+
 def _program_name(argv):
     """What a command runs, as a person would name it: `python3 train.py`
     is train.py, `python -m pkg.train` is pkg.train, `make all` is make,
@@ -3065,8 +3078,8 @@ def _program_name(argv):
     program = os.path.basename(argv[0])
     script = _dash_c_script(argv)
     if script is not None:                # Python's -c is code: named after Python
-        return (not program.startswith(("python", "pypy")) and _command_line_name(script)) or \
-            program
+        words = [] if program.startswith(("python", "pypy")) else _last_command(script)
+        return _program_name(words) if words else program
     if INTERPRETERS.fullmatch(program):
         args = iter(argv[1:])
         for arg in args:
@@ -3076,20 +3089,6 @@ def _program_name(argv):
                     arg not in ("run", "exec"):
                 return os.path.basename(arg)
     return program
-
-
-def _command_line_name(line):
-    """The program a shell's command line runs last (`stty cols 120;
-    python3 train.py` is train.py; `pv big > /dev/null` is pv), or None."""
-    last = [part for part in re.split(r";|&&|\|\||\n", line) if part.strip()][-1:]
-    try:
-        words = shlex.split(last[0].split("|")[0]) if last else []
-    except ValueError:
-        return None
-    words = list(itertools.dropwhile(lambda word: re.match(r"\w+=", word), words))
-    if words[:1] in (["exec"], ["env"]):
-        words = words[1:]
-    return _program_name(words) if words else None
 
 
 GUARD_EXIT_S = 2.0
@@ -7006,6 +7005,28 @@ def _transient(status):
     return status in (408, 429) or status >= 500
 
 
+def _batch_body(seq, batch):
+    """A POST /runs/<id>/events body of as many of `batch`'s events (JSON
+    texts) as fit in REPORT_POST_BYTES, and how many: at least one (each
+    is under REPORT_EVENT_BYTES)."""
+    size, taken = 0, 0
+    for item in batch:
+        size += len(item) + 1
+        if taken and size > REPORT_POST_BYTES - 64:
+            break
+        taken += 1
+    return ('{"seq":%d,"events":[%s]}' % (seq, ",".join(batch[:taken]))).encode(), taken
+
+
+def _json_object(raw):
+    """A server's JSON answer as a dict; {} for anything else."""
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
 class _Outbox(_RunSink):
     """Stands in for a run's session on the reporting side: `Progress` and
     `_CommandOutput` publish into it as into a run (publish, cancel,
@@ -7307,28 +7328,6 @@ class _Outbox(_RunSink):
                                                                 answer.get("error", "")))
         raise _ReportRefused("the server refused the events (%d): %s"
                              % (response.status, answer.get("error", "")))
-
-
-def _batch_body(seq, batch):
-    """A POST /runs/<id>/events body of as many of `batch`'s events (JSON
-    texts) as fit in REPORT_POST_BYTES, and how many: at least one (each
-    is under REPORT_EVENT_BYTES)."""
-    size, taken = 0, 0
-    for item in batch:
-        size += len(item) + 1
-        if taken and size > REPORT_POST_BYTES - 64:
-            break
-        taken += 1
-    return ('{"seq":%d,"events":[%s]}' % (seq, ",".join(batch[:taken]))).encode(), taken
-
-
-def _json_object(raw):
-    """A server's JSON answer as a dict; {} for anything else."""
-    try:
-        answer = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
 
 
 class Reporter:
