@@ -2433,6 +2433,20 @@ lines = [{"done": i, "total": 1500} for i in range(1501)]
 lines[1000]["loss"] = float(sys.argv[1])
 sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
 """,
+    # A log at `rate` lines a second for `seconds`, then a flood of `flood`
+    # lines in one write with an error among them, as /tmp logs go
+    "steady_log.py": """
+import sys, time
+rate, seconds, flood = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+started, i = time.monotonic(), 0
+while time.monotonic() - started < seconds:
+    i += 1
+    print("12:00:00 INFO line %d of a steady log" % i, flush=True)
+    time.sleep(max(0, started + i / rate - time.monotonic()))
+lines = ["INFO line %d of the flood" % k for k in range(flood)]
+lines[-100] = "ERROR: disk full at line %d" % (flood - 100)
+sys.stdout.write("\\n".join(lines) + "\\nthe last line\\n")
+""",
 }
 
 
@@ -5770,6 +5784,77 @@ def test_browser_log_holds_still_while_scrolled_back_and_jumps_to_the_newest(
     assert browser.element("log-jump", "hidden") is True
 
 
+SCROLLED_AWAY = ("(() => { const log = document.getElementById('log');"
+                 "return log.scrollHeight - log.scrollTop - log.clientHeight; })()")
+
+
+def test_browser_log_follows_a_flood_and_holds_a_thousand_lines_not_events(
+        browser, make, programs):
+    """A program's flood comes as log events of many lines each (past 200 a
+    second the server joins a read's lines). Such a line grew once laid out
+    and moved the log's bottom away, and the log stopped following though
+    nobody scrolled; and the page kept 1,000 events of up to a thousand
+    lines each (a list 310,000 px high)."""
+    srv = command_server(make, programs("steady_log.py", "{rate=1000} {seconds=3} {flood=5000}"))
+    browser.open(page_url(srv))
+    browser.evaluate("document.getElementById('log-section').scrollIntoView(); window.paused = 0;"
+                     "new MutationObserver(() => { if (!document.getElementById('log-jump')"
+                     ".hidden) paused++; }).observe(document.getElementById('log-jump'),"
+                     "{attributes: true})")
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'", timeout=15)
+    assert browser.evaluate("[paused, following]") == [0, True]
+    lines = [line.split(None, 3) for line in browser.log_lines()]     # time, id, kind, text
+    assert lines[0][2] == "complete" and lines[1][3].endswith("the last line")
+    held = sum(len(line[3].split("\n")) for line in lines[1:])
+    assert 900 <= held <= 1000, held
+    assert browser.evaluate(SCROLLED_AWAY) < 30        # the newest line in view
+    assert browser.problems() == []
+
+
+def test_browser_log_shows_each_line_of_a_joined_event_at_its_own_level(
+        browser, make, programs):
+    """A joined event's level is its most severe line's: the page showed
+    all of its lines as errors for one "ERROR: disk full" among them."""
+    srv = command_server(make, programs("steady_log.py", "0 0 {flood=3000}"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'")
+    errors = [line for line in browser.log_lines() if line.split()[2] == "error"]
+    assert [line.split(None, 3)[3] for line in errors] == ["ERROR: disk full at line 2900"]
+    status, _, body = request(srv, "GET", "/export/" + browser.evaluate("sessionId"))
+    joined = [json.loads(line)["data"] for line in body.splitlines()
+              if b"disk full" in line]                     # one event: its level, "error"
+    assert status == 200 and len(joined) == 1 and joined[0]["level"] == "error"
+    assert joined[0]["message"].count("\n") > 100
+    assert browser.evaluate("logLines.filter(line => line.lines > 100).every(line => "
+                            "line.level === 'info')")
+    browser.evaluate("document.getElementById('log-level').value = 'error';"
+                     "document.getElementById('log-level').dispatchEvent(new Event('input'))")
+    browser.wait_for("document.querySelectorAll('#log li').length === 1")
+    assert browser.log_lines()[0].endswith("error ERROR: disk full at line 2900")
+    assert browser.problems() == []
+
+
+LEVEL_LINES = [
+    "INFO line 3 fine", "ERROR: disk full at line 4999", "npm warn deprecated inflight@1.0.6",
+    "E: Unable to locate package x", "W: Some index files failed to download",
+    "fatal: not a git repository", "foo.c:3:5: error: expected ';'",
+    "Traceback (most recent call last):", "ValueError: bad value", "[Error] boom", "<warn> x",
+    "2024-01-01 12:00:00,123 WARNING root: low disk", "INFO: retrying after ERROR",
+    "test_error_handling PASSED", "Errors: 0", "curl: (7) Failed to connect", "npm ERR! code E404",
+    "a b c d ERROR too far", "\x1b[31mERROR\x1b[0m: red", "UserWarning: x", "[ERROR-x] no",
+]
+
+
+def test_page_reads_a_lines_level_as_the_server_does(browser, server):
+    """The page colours each line of a joined event by its own level: the
+    server's LINE_LEVEL, written again in the page's script."""
+    browser.open(page_url(server))
+    assert browser.evaluate("%s.map(lineLevel)" % json.dumps(LEVEL_LINES)) == [
+        sse_demo._line_level(line) for line in LEVEL_LINES]
+
+
 def test_browser_log_shows_ansi_colours_and_html_as_text_and_filters(browser, make, jobs):
     srv = make(job=jobs.colourful)
     browser.open(page_url(srv))
@@ -6110,6 +6195,9 @@ def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
     browser.click("cancel")
     browser.wait_for(STATE + " === 'cancelled'")
     assert browser.element("cancel", "disabled") is True
+    browser.wait_for("unshownLines.length === 0")       # "cancelled" fits its column
+    assert browser.evaluate("[...document.querySelectorAll('#log .level')].every("
+                            "s => s.scrollWidth <= s.clientWidth + 1)")
     assert browser.problems() == []
 
 
