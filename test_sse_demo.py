@@ -2433,6 +2433,14 @@ lines = [{"done": i, "total": 1500} for i in range(1501)]
 lines[1000]["loss"] = float(sys.argv[1])
 sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
 """,
+    # dd's or curl's numbers: bytes by the hundred million, a rate in B/s
+    "transfer.py": """
+import json, time
+for k in range(1, 7):
+    print(json.dumps({"done": 227540992 * k, "total": 1401946112, "rate": 30600000 + 20000 * k,
+                      "rate_unit": "B/s", "size": 305000000 * k}), flush=True)
+    time.sleep(0.05)
+""",
     # A log at `rate` lines a second for `seconds`, then a flood of `flood`
     # lines in one write with an error among them, as /tmp logs go
     "steady_log.py": """
@@ -5855,6 +5863,44 @@ def test_page_reads_a_lines_level_as_the_server_does(browser, server):
         sse_demo._line_level(line) for line in LEVEL_LINES]
 
 
+NUMBERS_WHOLE = """(() => {      // each word of the card on one line
+    const value = document.getElementById('iteration'), text = value.firstChild;
+    return [...value.textContent.matchAll(/\\S+/g)].every((word) => {
+        const range = document.createRange();
+        range.setStart(text, word.index); range.setEnd(text, word.index + word[0].length);
+        return range.getClientRects().length === 1; }); })()"""
+LABELS_INSIDE = ("[...document.querySelectorAll('#chart text')].every(t => t.getBBox().x >= 0 && "
+                 "t.getBBox().x + t.getBBox().width <= document.getElementById('chart')"
+                 ".viewBox.baseVal.width)")
+
+
+def test_browser_a_programs_rate_unit_and_large_numbers_read_whole(
+        browser, make, programs, tmp_path):
+    """The card said the run's rate_unit, the chart and the log "it/s" (the
+    rate --cmd declares); bytes read as 30,600,000 B/s; the value axis cut
+    "1,830,000,000" to "30,000,000"; a narrow card broke "227,540,992"."""
+    srv = command_server(make, programs("transfer.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete' && chart.loaded && !dirty.has('chart')")
+    assert browser.element("field-rate") == "30.7 MB/s"
+    assert browser.evaluate("document.querySelector('#legend [data-field=rate]').textContent") == \
+        "Rate: 30.6 MB/s – 30.7 MB/s"
+    assert browser.element("axis-rate-max") == "30.7 MB/s"
+    assert "rate 30.7 MB/s · size 1,830,000,000" in browser.log_lines(progress=True)[1]
+    assert "it/s" not in browser.evaluate("document.body.innerText")
+    assert browser.evaluate("formatValue(83600, 'bits/s')") == "83.6 kbits/s"
+    for width, height in ((1280, 900), (390, 844)):
+        browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                     deviceScaleFactor=1, mobile=width < 500)
+        browser.wait_for("chartWidth < %d && !dirty.has('chart')" % width)
+        assert browser.element("iteration") == "1,401,946,112 / 1,401,946,112"
+        assert browser.evaluate(NUMBERS_WHOLE), width
+        assert browser.evaluate(LABELS_INSIDE), width
+        keep_screenshot(browser, tmp_path, "bytes", width, height)
+    assert browser.problems() == []
+
+
 def test_browser_log_shows_ansi_colours_and_html_as_text_and_filters(browser, make, jobs):
     srv = make(job=jobs.colourful)
     browser.open(page_url(srv))
@@ -6435,20 +6481,27 @@ def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
     assert browser.problems() == []
 
 
+def keep_screenshot(browser, tmp_path, name, width, height):
+    """A screenshot at the size the page has now, checked for content;
+    SSE_DEMO_SCREENSHOTS=DIR keeps a copy to look at."""
+    path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
+    browser.screenshot(path, width, height)
+    keep = os.environ.get("SSE_DEMO_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(path, keep)
+    got_width, got_height, variety = png_is_not_blank(path)
+    assert (got_width, got_height) == (width, height)
+    assert os.path.getsize(path) > 10000 and variety > 8
+    assert browser.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scroll
+    return path
+
+
 def screenshot_sizes(browser, tmp_path, name):
     """Screenshots at a desktop and a phone size, checked for size and
     content; SSE_DEMO_SCREENSHOTS=DIR keeps a copy to look at."""
-    keep = os.environ.get("SSE_DEMO_SCREENSHOTS")
     for width, height in ((1280, 800), (375, 700)):
-        path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
-        browser.screenshot(path, width, height)
-        if keep:
-            os.makedirs(keep, exist_ok=True)
-            shutil.copy(path, keep)
-        got_width, got_height, variety = png_is_not_blank(path)
-        assert (got_width, got_height) == (width, height)
-        assert os.path.getsize(path) > 10000 and variety > 8
-        assert browser.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scroll
+        path = keep_screenshot(browser, tmp_path, name, width, height)
     return path
 
 
