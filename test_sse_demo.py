@@ -6666,6 +6666,26 @@ def test_browser_nested_tqdm_shows_stage_and_every_bar(browser, make, programs, 
     assert browser.problems() == []
 
 
+def test_browser_a_nested_bar_without_a_label_is_named_by_what_it_counts(
+        browser, make, programs, tmp_path):
+    """Keras' bar of steps within an epoch has no label: the page called it
+    "Level 2"."""
+    path = tmp_path / "keras.json"
+    path.write_text(json.dumps(RECORDED_OUTPUTS["keras"]), encoding="utf-8")
+    srv = command_server(make, programs("replay.py", shlex.quote(str(path))))
+    browser.open(page_url(srv))
+    browser.evaluate("window.labelsSeen = new Set(); new MutationObserver(() => { for (const s of "
+                     "document.querySelectorAll('#bars span:first-child')) labelsSeen.add("
+                     "s.textContent); }).observe(document.getElementById('bars'), {childList: "
+                     "true, characterData: true, subtree: true})")
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.evaluate("[...labelsSeen].sort()") == ["Epoch", "steps"]
+    assert browser.evaluate("[unitNoun('batch/s'), unitNoun('it/s'), unitNoun('bits/s'), "
+                            "unitNoun(undefined)]") == ["batches", "iterations", "bits", ""]
+    assert browser.problems() == []
+
+
 REMAINING_SEEN = ("window.remainingSeen = new Set(); new MutationObserver(() => remainingSeen.add("
                   "document.getElementById('remaining').textContent)).observe(document."
                   "getElementById('remaining'), {childList: true, characterData: true, subtree: true})")
