@@ -2458,6 +2458,15 @@ for epoch in tqdm(range(3), desc="Epochs", unit="epoch"):
         time.sleep(0.03)
         bar.set_postfix(loss=round(1.0 / (epoch * 25 + b + 1), 4))
 """,
+    # ffmpeg's fields, as JSON: in its order, not by name; two come at the end
+    "ffmpeg_like.py": """
+import json, time
+for k in range(1, 6):
+    print(json.dumps({"done": 30 * k, "frame": 30 * k, "fps": 25 + k, "q": 29, "size": 256 * k}),
+          flush=True)
+    time.sleep(0.05)
+print(json.dumps({"done": 180, "frame": 180, "fps": 30, "q": -1, "Lsize": 305, "bitrate": 83.6}))
+""",
     # dd's or curl's numbers: bytes by the hundred million, a rate in B/s
     "transfer.py": """
 import json, time
@@ -7498,11 +7507,37 @@ def test_browser_the_pages_own_log_lines_keep_their_place_when_the_filter_change
     assert browser.problems() == []
 
 
+FIELD_ORDER = ("[[...document.querySelectorAll('#legend button')].map(b => b.dataset.field + ' ' + "
+               "b.querySelector('path').getAttribute('class') + ' ' + b.querySelector('path')"
+               ".getAttribute('stroke-dasharray')), [...document.querySelectorAll('#chart path.series')]"
+               ".map(p => p.id + ' ' + p.getAttribute('class')), [...document.querySelectorAll("
+               "'#fields dt')].map(t => t.textContent)]")
+
+
+def test_browser_a_page_that_watched_and_one_opened_later_order_and_colour_fields_alike(
+        browser, make, programs):
+    """The chart's panels, their colours and the cards came in the order
+    fields arrived: a page that watched the run had its events' order, one
+    opened after the end GET /series's (by name) or /status's."""
+    srv = command_server(make, programs("ffmpeg_like.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    drawn = STATE + " === 'complete' && chart.loaded && !dirty.has('chart') && unshownLines.length === 0"
+    browser.wait_for(drawn)
+    late = browser.new_page()
+    late.open(page_url(srv) + "#session=" + browser.evaluate("sessionId"))
+    late.wait_for(drawn)
+    watched = browser.evaluate(FIELD_ORDER)
+    assert late.evaluate(FIELD_ORDER) == watched
+    assert watched[2] == ["Rate", "Bitrate", "Fps", "Frame", "Lsize", "Q", "Size"]   # declared first
+    assert [line.split()[0] for line in watched[1]] == [
+        "line-bitrate", "line-fps", "line-frame", "line-Lsize", "line-q", "line-size"]
+    assert browser.problems() == [] and late.problems() == []
+
+
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
-    """A run loaded from /series numbers its series in the server's order
-    (by name); a run watched from its start, in its events' order. The
-    legend of the run watched before must not stay: its colours and dashes
-    would name the wrong lines."""
+    """The legend of the run watched before must not stay: its colours and
+    dashes would name the wrong lines."""
     srv = make(concurrency=1)
     running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     queued = start_run(srv, iterations=5, tick=0.01, update_every=1)
