@@ -6187,6 +6187,38 @@ def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth
         cancel(srv, sid)
 
 
+def test_browser_a_page_whose_requests_wait_for_a_connection_says_why(browser, make, tmp_path):
+    """Five windows in view each watch a run, a sixth page follows the runs
+    list: the browser's six connections to the server are taken, and the
+    sixth page's Start waited, greyed out, with no word of why (issue 42)."""
+    srv = make(keepalive_s=1.0)
+    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
+    windows = []
+    for sid in sids:
+        window = browser.browser.new_page(window=True)
+        window.open(page_url(srv) + "#session=" + sid)
+        window.wait_for(STATE + " === 'live' && seenId > 0", timeout=5)
+        windows.append(window)
+    sixth = browser.browser.new_page(window=True)
+    sixth.open(page_url(srv))
+    sixth.wait_for("runsSource && runsSource.readyState === EventSource.OPEN")
+    assert sixth.element("waiting", "hidden") is True
+    sixth.click("start")
+    sixth.wait_for("!document.getElementById('waiting').hidden", timeout=6)
+    assert "six connections" in sixth.element("waiting") and sixth.element("start", "disabled")
+    keep_screenshot(sixth, tmp_path, "waiting", 390, 844)
+    windows[1].evaluate("keepKey(sessionId, %s)" % json.dumps(control_key(sids[1])))
+    windows[1].click("cancel")                                  # "Cancelling…" for 30 s
+    windows[1].wait_for("!document.getElementById('waiting').hidden", timeout=6)
+    windows[0].call("Page.navigate", url="about:blank")          # one window closes
+    sixth.wait_for(STATE + " === 'live' && document.getElementById('waiting').hidden")
+    windows[1].wait_for(STATE + " === 'cancelled' && document.getElementById('waiting').hidden")
+    assert sixth.problems() == [] and windows[1].problems() == []
+    assert cancel(srv, sixth.evaluate("sessionId"), key=sixth.evaluate("keyFor(sessionId)"))[0] == 202
+    for sid in sids:
+        cancel(srv, sid)
+
+
 def test_browser_notifies_when_its_run_ends_in_a_hidden_tab(browser, make):
     srv = make()
     browser.open(page_url(srv))
