@@ -142,7 +142,7 @@ def measure_rate(page, base, rate, seconds, logs, flood=False):
     except (RuntimeError, AssertionError):   # the page did not catch up within the limit
         shown_after = None
     page.evaluate("window.benchStop = true")
-    return {"rate": rate, "published/s": round(published), "frames": len(gaps),
+    return {"rate": rate, "published/s": None if flood else round(published), "frames": len(gaps),
             "p50 ms": round(percentile(gaps, 0.5), 1), "p95 ms": round(percentile(gaps, 0.95), 1),
             "max ms": round(max(gaps) if gaps else float("nan"), 1),
             "gaps > 100 ms": sum(1 for g in gaps if g > 100),
