@@ -6724,6 +6724,11 @@ def test_browser_a_nested_bar_without_a_label_is_named_by_what_it_counts(
     assert browser.evaluate("[...labelsSeen].sort()") == ["Epoch", "steps"]
     assert browser.evaluate("[unitNoun('batch/s'), unitNoun('it/s'), unitNoun('bits/s'), "
                             "unitNoun(undefined)]") == ["batches", "", "bits", ""]
+    browser.evaluate("latest.rate_unit = 'it/s'; drawBars([{label: 'Epoch', done: 1, total: 2}, "
+                     "{label: '', done: 1, total: 3}])")           # named by nothing, but named
+    assert browser.evaluate("[...document.querySelectorAll('#bars span:first-child')].map(s => "
+                            "[s.textContent, s.getAttribute('aria-label')])") == [
+        ["Epoch", None], ["", "Level 2"]]
     assert browser.problems() == []
 
 
