@@ -6149,6 +6149,20 @@ def test_browser_ten_tabs_each_watching_a_run_all_load_and_go_live(browser, make
         cancel(srv, sid)
 
 
+def five_windows_watching(browser, srv):
+    """Five windows side by side, each watching a live run of its own: (the
+    runs' ids, the windows)."""
+    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
+    windows = []
+    for sid in sids:
+        window = browser.browser.new_page(window=True)
+        window.open(page_url(srv) + "#session=" + sid)
+        window.wait_for(STATE + " === 'live' && seenId > 0 && runItems.has(%s)"
+                        % json.dumps(sid), timeout=5)
+        windows.append(window)
+    return sids, windows
+
+
 def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth_page(
         browser, make):
     """Chromium opens at most six connections to a server per browser
@@ -6159,14 +6173,7 @@ def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth
     42, 7). (A sixth watching window would take the last connection: the
     pages' requests, Cancel among them, would then wait for a stream to end.)"""
     srv = make(keepalive_s=1.0)
-    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
-    windows = []
-    for sid in sids:
-        window = browser.browser.new_page(window=True)
-        window.open(page_url(srv) + "#session=" + sid)
-        window.wait_for(STATE + " === 'live' && seenId > 0 && runItems.has(%s)"
-                        % json.dumps(sid), timeout=5)
-        windows.append(window)
+    sids, windows = five_windows_watching(browser, srv)
     sixth = browser.browser.new_page(window=True)
     sixth.open(page_url(srv))               # loaded; its runs list's stream opens next
     wait_for(lambda: srv.server.hub.streams == 6, what="one stream a page: five runs', one runs list")
@@ -6192,13 +6199,7 @@ def test_browser_a_page_whose_requests_wait_for_a_connection_says_why(browser, m
     list: the browser's six connections to the server are taken, and the
     sixth page's Start waited, greyed out, with no word of why (issue 42)."""
     srv = make(keepalive_s=1.0)
-    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
-    windows = []
-    for sid in sids:
-        window = browser.browser.new_page(window=True)
-        window.open(page_url(srv) + "#session=" + sid)
-        window.wait_for(STATE + " === 'live' && seenId > 0", timeout=5)
-        windows.append(window)
+    sids, windows = five_windows_watching(browser, srv)
     sixth = browser.browser.new_page(window=True)
     sixth.open(page_url(srv))
     sixth.wait_for("runsSource && runsSource.readyState === EventSource.OPEN")
