@@ -1735,8 +1735,8 @@ def optimize_build(progress, generations=3):
 
 def colourful(progress, pause=0.15):
     """Log lines with ANSI escapes, HTML and levels, a pause between each."""
-    lines = [("\\x1b[31mred\\x1b[0m plain \\x1b[1;92mbold green\\x1b[0m\\x1b[2K\\x1b]0;t\\x07 end",
-              "info"),
+    lines = [("\\x1b[31mred\\x1b[0m plain \\x1b[1;92mbold green\\x1b[0m\\x1b[2K\\x1b]0;t\\x07"
+              "\\x1bP+q544e\\x1b\\\\\\x9b31m end", "info"),      # a DCS query, an 8-bit CSI
              ("<script>window.injected = 1</script><b>not bold</b>", "info"),
              ("disk almost full", "warning"),
              ("a failure here", "error")]
@@ -5957,6 +5957,7 @@ LEVEL_LINES = [
     "2024-01-01 12:00:00,123 WARNING root: low disk", "INFO: retrying after ERROR",
     "test_error_handling PASSED", "Errors: 0", "curl: (7) Failed to connect", "npm ERR! code E404",
     "a b c d ERROR too far", "\x1b[31mERROR\x1b[0m: red", "UserWarning: x", "[ERROR-x] no",
+    "  /t/test_a.py:12: DeprecationWarning: old",
 ]
 
 
