@@ -1767,8 +1767,8 @@ def optimize_build(progress, generations=3):
 
 def colourful(progress, pause=0.15):
     """Log lines with ANSI escapes, HTML and levels, a pause between each."""
-    lines = [("\\x1b[31mred\\x1b[0m plain \\x1b[1;92mbold green\\x1b[0m\\x1b[2K\\x1b]0;t\\x07 end",
-              "info"),
+    lines = [("\\x1b[31mred\\x1b[0m plain \\x1b[1;92mbold green\\x1b[0m\\x1b[2K\\x1b]0;t\\x07"
+              "\\x1bP+q544e\\x1b\\\\\\x9b31m end", "info"),      # a DCS query, an 8-bit CSI
              ("<script>window.injected = 1</script><b>not bold</b>", "info"),
              ("disk almost full", "warning"),
              ("a failure here", "error")]
@@ -2476,6 +2476,62 @@ import json, sys
 lines = [{"done": i, "total": 1500} for i in range(1501)]
 lines[1000]["loss"] = float(sys.argv[1])
 sys.stdout.write("".join(json.dumps(line) + "\\n" for line in lines))
+""",
+    # A bar of batches, then one of bytes, whose first line has no rate and no ETA
+    "two_bars.py": """
+import time
+from tqdm import tqdm
+with tqdm(total=30, desc="train", unit="batch", mininterval=0) as bar:
+    for i in range(30):
+        time.sleep(0.02)
+        bar.update(1)
+with tqdm(total=300 * 1024 * 1024, desc="upload", unit="B", unit_scale=True, mininterval=0) as bar:
+    time.sleep(0.5)
+    for i in range(6):
+        time.sleep(0.05)
+        bar.update(50 * 1024 * 1024)
+""",
+    # Nested bars, a postfix set every batch: tqdm redraws the same count
+    # for it, and the count itself moves on at most every 0.1 s
+    "tqdm_postfix.py": """
+import time
+from tqdm import tqdm
+for epoch in tqdm(range(3), desc="Epochs", unit="epoch"):
+    bar = tqdm(range(25), desc="Epoch %d/3" % (epoch + 1), unit="batch", leave=False)
+    for b in bar:
+        time.sleep(0.03)
+        bar.set_postfix(loss=round(1.0 / (epoch * 25 + b + 1), 4))
+""",
+    # ffmpeg's fields, as JSON: in its order, not by name; two come at the end
+    "ffmpeg_like.py": """
+import json, time
+for k in range(1, 6):
+    print(json.dumps({"done": 30 * k, "frame": 30 * k, "fps": 25 + k, "q": 29, "size": 256 * k}),
+          flush=True)
+    time.sleep(0.05)
+print(json.dumps({"done": 180, "frame": 180, "fps": 30, "q": -1, "Lsize": 305, "bitrate": 83.6}))
+""",
+    # dd's or curl's numbers: bytes by the hundred million, a rate in B/s
+    "transfer.py": """
+import json, time
+for k in range(1, 7):
+    print(json.dumps({"done": 227540992 * k, "total": 1401946112, "rate": 30600000 + 20000 * k,
+                      "rate_unit": "B/s", "size": 305000000 * k}), flush=True)
+    time.sleep(0.05)
+""",
+    # A log at `rate` lines a second for `seconds`, then a flood of `flood`
+    # lines in one write with an error among them, as /tmp logs go
+    "steady_log.py": """
+import sys, time
+rate, seconds, flood = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+started, i = time.monotonic(), 0
+while time.monotonic() - started < seconds:
+    i += 1
+    print("12:00:00 INFO line %d of a steady log" % i, flush=True)
+    time.sleep(max(0, started + i / rate - time.monotonic()))
+lines = ["INFO line %d of the flood" % k for k in range(flood)]
+lines[-100] = "ERROR: disk full at line %d" % (flood - 100)
+sys.stdout.write("\\n".join(lines) + "\\nthe last line\\n")
 """,
 }
 
@@ -5873,6 +5929,116 @@ def test_browser_log_holds_still_while_scrolled_back_and_jumps_to_the_newest(
     assert browser.element("log-jump", "hidden") is True
 
 
+SCROLLED_AWAY = ("(() => { const log = document.getElementById('log');"
+                 "return log.scrollHeight - log.scrollTop - log.clientHeight; })()")
+
+
+def test_browser_log_follows_a_flood_and_holds_a_thousand_lines_not_events(
+        browser, make, programs):
+    """A program's flood comes as log events of many lines each (past 200 a
+    second the server joins a read's lines). Such a line grew once laid out
+    and moved the log's bottom away, and the log stopped following though
+    nobody scrolled; and the page kept 1,000 events of up to a thousand
+    lines each (a list 310,000 px high)."""
+    srv = command_server(make, programs("steady_log.py", "{rate=1000} {seconds=3} {flood=5000}"))
+    browser.open(page_url(srv))
+    browser.evaluate("document.getElementById('log-section').scrollIntoView(); window.paused = 0;"
+                     "new MutationObserver(() => { if (!document.getElementById('log-jump')"
+                     ".hidden) paused++; }).observe(document.getElementById('log-jump'),"
+                     "{attributes: true})")
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'", timeout=15)
+    assert browser.evaluate("[paused, following]") == [0, True]
+    lines = [line.split(None, 3) for line in browser.log_lines()]     # time, id, kind, text
+    assert lines[0][2] == "complete" and lines[1][3].endswith("the last line")
+    held = sum(len(line[3].split("\n")) for line in lines[1:])
+    assert 900 <= held <= 1000, held
+    assert browser.evaluate(SCROLLED_AWAY) < 30        # the newest line in view
+    assert browser.problems() == []
+
+
+def test_browser_log_shows_each_line_of_a_joined_event_at_its_own_level(
+        browser, make, programs):
+    """A joined event's level is its most severe line's: the page showed
+    all of its lines as errors for one "ERROR: disk full" among them."""
+    srv = command_server(make, programs("steady_log.py", "0 0 {flood=3000}"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'")
+    errors = [line for line in browser.log_lines() if line.split()[2] == "error"]
+    assert [line.split(None, 3)[3] for line in errors] == ["ERROR: disk full at line 2900"]
+    status, _, body = request(srv, "GET", "/export/" + browser.evaluate("sessionId"))
+    joined = [json.loads(line)["data"] for line in body.splitlines()
+              if b"disk full" in line]                     # one event: its level, "error"
+    assert status == 200 and len(joined) == 1 and joined[0]["level"] == "error"
+    assert joined[0]["message"].count("\n") > 100
+    assert browser.evaluate("logLines.filter(line => line.lines > 100).every(line => "
+                            "line.level === 'info')")
+    browser.evaluate("document.getElementById('log-level').value = 'error';"
+                     "document.getElementById('log-level').dispatchEvent(new Event('input'))")
+    browser.wait_for("document.querySelectorAll('#log li').length === 1")
+    assert browser.log_lines()[0].endswith("error ERROR: disk full at line 2900")
+    assert browser.problems() == []
+
+
+LEVEL_LINES = [
+    "INFO line 3 fine", "ERROR: disk full at line 4999", "npm warn deprecated inflight@1.0.6",
+    "E: Unable to locate package x", "W: Some index files failed to download",
+    "fatal: not a git repository", "foo.c:3:5: error: expected ';'",
+    "Traceback (most recent call last):", "ValueError: bad value", "[Error] boom", "<warn> x",
+    "2024-01-01 12:00:00,123 WARNING root: low disk", "INFO: retrying after ERROR",
+    "test_error_handling PASSED", "Errors: 0", "curl: (7) Failed to connect", "npm ERR! code E404",
+    "a b c d ERROR too far", "\x1b[31mERROR\x1b[0m: red", "UserWarning: x", "[ERROR-x] no",
+    "  /t/test_a.py:12: DeprecationWarning: old",
+]
+
+
+def test_page_reads_a_lines_level_as_the_server_does(browser, server):
+    """The page colours each line of a joined event by its own level: the
+    server's LINE_LEVEL, written again in the page's script."""
+    browser.open(page_url(server))
+    assert browser.evaluate("%s.map(lineLevel)" % json.dumps(LEVEL_LINES)) == [
+        sse_demo._line_level(line) for line in LEVEL_LINES]
+
+
+NUMBERS_WHOLE = """(() => {      // each word of the card on one line
+    const value = document.getElementById('iteration'), text = value.firstChild;
+    return [...value.textContent.matchAll(/\\S+/g)].every((word) => {
+        const range = document.createRange();
+        range.setStart(text, word.index); range.setEnd(text, word.index + word[0].length);
+        return range.getClientRects().length === 1; }); })()"""
+LABELS_INSIDE = ("[...document.querySelectorAll('#chart text')].every(t => t.getBBox().x >= 0 && "
+                 "t.getBBox().x + t.getBBox().width <= document.getElementById('chart')"
+                 ".viewBox.baseVal.width)")
+
+
+def test_browser_a_programs_rate_unit_and_large_numbers_read_whole(
+        browser, make, programs, tmp_path):
+    """The card said the run's rate_unit, the chart and the log "it/s" (the
+    rate --cmd declares); bytes read as 30,600,000 B/s; the value axis cut
+    "1,830,000,000" to "30,000,000"; a narrow card broke "227,540,992"."""
+    srv = command_server(make, programs("transfer.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete' && chart.loaded && !dirty.has('chart')")
+    assert browser.element("field-rate") == "30.7 MB/s"
+    assert browser.evaluate("document.querySelector('#legend [data-field=rate]').textContent") == \
+        "Rate: 30.6 MB/s – 30.7 MB/s"
+    assert browser.element("axis-rate-max") == "30.7 MB/s"
+    assert "rate 30.7 MB/s · size 1,830,000,000" in browser.log_lines(progress=True)[1]
+    assert "it/s" not in browser.evaluate("document.body.innerText")
+    assert browser.evaluate("formatValue(83600, 'bits/s')") == "83.6 kbits/s"
+    for width, height in ((1280, 900), (390, 844)):
+        browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                     deviceScaleFactor=1, mobile=width < 500)
+        browser.wait_for("chartWidth < %d && !dirty.has('chart')" % width)
+        assert browser.element("iteration") == "1,401,946,112 / 1,401,946,112"
+        assert browser.evaluate(NUMBERS_WHOLE), width
+        assert browser.evaluate(LABELS_INSIDE), width
+        keep_screenshot(browser, tmp_path, "bytes", width, height)
+    assert browser.problems() == []
+
+
 def test_browser_log_shows_ansi_colours_and_html_as_text_and_filters(browser, make, jobs):
     srv = make(job=jobs.colourful)
     browser.open(page_url(srv))
@@ -6087,6 +6253,20 @@ def test_browser_ten_tabs_each_watching_a_run_all_load_and_go_live(browser, make
         cancel(srv, sid)
 
 
+def five_windows_watching(browser, srv):
+    """Five windows side by side, each watching a live run of its own: (the
+    runs' ids, the windows)."""
+    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
+    windows = []
+    for sid in sids:
+        window = browser.browser.new_page(window=True)
+        window.open(page_url(srv) + "#session=" + sid)
+        window.wait_for(STATE + " === 'live' && seenId > 0 && runItems.has(%s)"
+                        % json.dumps(sid), timeout=5)
+        windows.append(window)
+    return sids, windows
+
+
 def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth_page(
         browser, make):
     """Chromium opens at most six connections to a server per browser
@@ -6097,17 +6277,10 @@ def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth
     42, 7). (A sixth watching window would take the last connection: the
     pages' requests, Cancel among them, would then wait for a stream to end.)"""
     srv = make(keepalive_s=1.0)
-    sids = [start_run(srv, iterations=100000, tick=0.05, update_every=1) for _ in range(5)]
-    windows = []
-    for sid in sids:
-        window = browser.browser.new_page(window=True)
-        window.open(page_url(srv) + "#session=" + sid)
-        window.wait_for(STATE + " === 'live' && seenId > 0 && runItems.has(%s)"
-                        % json.dumps(sid), timeout=5)
-        windows.append(window)
+    sids, windows = five_windows_watching(browser, srv)
     sixth = browser.browser.new_page(window=True)
-    sixth.open(page_url(srv))
-    assert srv.server.hub.streams == 6      # one a page: five runs' streams, one runs list
+    sixth.open(page_url(srv))               # loaded; its runs list's stream opens next
+    wait_for(lambda: srv.server.hub.streams == 6, what="one stream a page: five runs', one runs list")
     newcomer = start_run(srv, iterations=100000, tick=0.05, update_every=1)
     for window in windows + [sixth]:
         assert window.evaluate("document.visibilityState") == "visible"
@@ -6122,6 +6295,32 @@ def test_browser_five_windows_each_watching_a_run_leave_a_connection_for_a_sixth
     windows[0].wait_for("runItems.has(%s)" % json.dumps(later), timeout=5)
     assert srv.server.hub.streams == 6 and all(window.problems() == [] for window in windows)
     for sid in sids + [newcomer, later]:
+        cancel(srv, sid)
+
+
+def test_browser_a_page_whose_requests_wait_for_a_connection_says_why(browser, make, tmp_path):
+    """Five windows in view each watch a run, a sixth page follows the runs
+    list: the browser's six connections to the server are taken, and the
+    sixth page's Start waited, greyed out, with no word of why (issue 42)."""
+    srv = make(keepalive_s=1.0)
+    sids, windows = five_windows_watching(browser, srv)
+    sixth = browser.browser.new_page(window=True)
+    sixth.open(page_url(srv))
+    sixth.wait_for("runsSource && runsSource.readyState === EventSource.OPEN")
+    assert sixth.element("waiting", "hidden") is True
+    sixth.click("start")
+    sixth.wait_for("!document.getElementById('waiting').hidden", timeout=6)
+    assert "six connections" in sixth.element("waiting") and sixth.element("start", "disabled")
+    keep_screenshot(sixth, tmp_path, "waiting", 390, 844)
+    windows[1].evaluate("keepKey(sessionId, %s)" % json.dumps(control_key(sids[1])))
+    windows[1].click("cancel")                                  # "Cancelling…" for 30 s
+    windows[1].wait_for("!document.getElementById('waiting').hidden", timeout=6)
+    windows[0].call("Page.navigate", url="about:blank")          # one window closes
+    sixth.wait_for(STATE + " === 'live' && document.getElementById('waiting').hidden")
+    windows[1].wait_for(STATE + " === 'cancelled' && document.getElementById('waiting').hidden")
+    assert sixth.problems() == [] and windows[1].problems() == []
+    assert cancel(srv, sixth.evaluate("sessionId"), key=sixth.evaluate("keyFor(sessionId)"))[0] == 202
+    for sid in sids:
         cancel(srv, sid)
 
 
@@ -6213,6 +6412,9 @@ def test_browser_cancel_ends_in_cancelled_and_disables_itself(browser, server):
     browser.click("cancel")
     browser.wait_for(STATE + " === 'cancelled'")
     assert browser.element("cancel", "disabled") is True
+    browser.wait_for("unshownLines.length === 0")       # "cancelled" fits its column
+    assert browser.evaluate("[...document.querySelectorAll('#log .level')].every("
+                            "s => s.scrollWidth <= s.clientWidth + 1)")
     assert browser.problems() == []
 
 
@@ -6450,20 +6652,27 @@ def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
     assert browser.problems() == []
 
 
+def keep_screenshot(browser, tmp_path, name, width, height):
+    """A screenshot at the size the page has now, checked for content;
+    SSE_DEMO_SCREENSHOTS=DIR keeps a copy to look at."""
+    path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
+    browser.screenshot(path, width, height)
+    keep = os.environ.get("SSE_DEMO_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(path, keep)
+    got_width, got_height, variety = png_is_not_blank(path)
+    assert (got_width, got_height) == (width, height)
+    assert os.path.getsize(path) > 10000 and variety > 8
+    assert browser.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scroll
+    return path
+
+
 def screenshot_sizes(browser, tmp_path, name):
     """Screenshots at a desktop and a phone size, checked for size and
     content; SSE_DEMO_SCREENSHOTS=DIR keeps a copy to look at."""
-    keep = os.environ.get("SSE_DEMO_SCREENSHOTS")
     for width, height in ((1280, 800), (375, 700)):
-        path = str(tmp_path / ("%s-%dx%d.png" % (name, width, height)))
-        browser.screenshot(path, width, height)
-        if keep:
-            os.makedirs(keep, exist_ok=True)
-            shutil.copy(path, keep)
-        got_width, got_height, variety = png_is_not_blank(path)
-        assert (got_width, got_height) == (width, height)
-        assert os.path.getsize(path) > 10000 and variety > 8
-        assert browser.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scroll
+        path = keep_screenshot(browser, tmp_path, name, width, height)
     return path
 
 
@@ -6600,6 +6809,67 @@ def test_browser_nested_tqdm_shows_stage_and_every_bar(browser, make, programs, 
     screenshot_sizes(browser, tmp_path, "nested")
     browser.wait_for(STATE + " === 'complete'", timeout=15)
     assert browser.element("bar", "value") == 100
+    assert browser.problems() == []
+
+
+def test_browser_a_nested_bar_without_a_label_is_named_by_what_it_counts(
+        browser, make, programs, tmp_path):
+    """Keras' bar of steps within an epoch has no label: the page called it
+    "Level 2"."""
+    path = tmp_path / "keras.json"
+    path.write_text(json.dumps(RECORDED_OUTPUTS["keras"]), encoding="utf-8")
+    srv = command_server(make, programs("replay.py", shlex.quote(str(path))))
+    browser.open(page_url(srv))
+    browser.evaluate("window.labelsSeen = new Set(); new MutationObserver(() => { for (const s of "
+                     "document.querySelectorAll('#bars span:first-child')) labelsSeen.add("
+                     "s.textContent); }).observe(document.getElementById('bars'), {childList: "
+                     "true, characterData: true, subtree: true})")
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.evaluate("[...labelsSeen].sort()") == ["Epoch", "steps"]
+    assert browser.evaluate("[unitNoun('batch/s'), unitNoun('it/s'), unitNoun('bits/s'), "
+                            "unitNoun(undefined)]") == ["batches", "", "bits", ""]
+    browser.evaluate("latest.rate_unit = 'it/s'; drawBars([{label: 'Epoch', done: 1, total: 2}, "
+                     "{label: '', done: 1, total: 3}])")           # named by nothing, but named
+    assert browser.evaluate("[...document.querySelectorAll('#bars span:first-child')].map(s => "
+                            "[s.textContent, s.getAttribute('aria-label')])") == [
+        ["Epoch", None], ["", "Level 2"]]
+    assert browser.problems() == []
+
+
+REMAINING_SEEN = ("window.remainingSeen = new Set(); new MutationObserver(() => remainingSeen.add("
+                  "document.getElementById('remaining').textContent)).observe(document."
+                  "getElementById('remaining'), {childList: true, characterData: true, subtree: true})")
+
+
+def test_browser_time_left_starts_again_with_a_new_bar_in_other_units(browser, make, programs):
+    """A second bar, of bytes, started with no ETA of its own: the page's
+    estimate applied the batches' rate to 315 million bytes ("4166 h 40 min")."""
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("two_bars.py"))
+    browser.open(page_url(srv))
+    browser.evaluate(REMAINING_SEEN)
+    browser.click("start")
+    browser.wait_for("latest && latest.stage === 'upload'")
+    browser.wait_for(STATE + " === 'complete'")
+    seen = browser.evaluate("[...remainingSeen]")
+    assert not [text for text in seen if " h " in text or " min" in text], seen
+    assert "–" in seen                      # the new bar's time left unknown at first
+    assert browser.problems() == []
+
+
+def test_browser_time_left_counts_only_events_that_move_the_run_on(browser, make, programs):
+    """tqdm redraws the same count when only its postfix changed: the page
+    measured its rate from those redraws' time, 3x too high ("Remaining
+    2 s" at 3.75 % of a 6.8 s run)."""
+    pytest.importorskip("tqdm", reason="the tqdm package is not installed (pip install tqdm)")
+    srv = command_server(make, programs("tqdm_postfix.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for("latest && latest.percent > 50 && estimate && estimate.rate > 0")
+    rate, tqdms = browser.evaluate("[estimate.rate, latest.rate]")    # batches: the run's steps
+    assert 0.6 < rate / tqdms < 1.6, (rate, tqdms)
+    browser.wait_for(STATE + " === 'complete'")
     assert browser.problems() == []
 
 
@@ -7379,11 +7649,37 @@ def test_browser_the_pages_own_log_lines_keep_their_place_when_the_filter_change
     assert browser.problems() == []
 
 
+FIELD_ORDER = ("[[...document.querySelectorAll('#legend button')].map(b => b.dataset.field + ' ' + "
+               "b.querySelector('path').getAttribute('class') + ' ' + b.querySelector('path')"
+               ".getAttribute('stroke-dasharray')), [...document.querySelectorAll('#chart path.series')]"
+               ".map(p => p.id + ' ' + p.getAttribute('class')), [...document.querySelectorAll("
+               "'#fields dt')].map(t => t.textContent)]")
+
+
+def test_browser_a_page_that_watched_and_one_opened_later_order_and_colour_fields_alike(
+        browser, make, programs):
+    """The chart's panels, their colours and the cards came in the order
+    fields arrived: a page that watched the run had its events' order, one
+    opened after the end GET /series's (by name) or /status's."""
+    srv = command_server(make, programs("ffmpeg_like.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    drawn = STATE + " === 'complete' && chart.loaded && !dirty.has('chart') && unshownLines.length === 0"
+    browser.wait_for(drawn)
+    late = browser.new_page()
+    late.open(page_url(srv) + "#session=" + browser.evaluate("sessionId"))
+    late.wait_for(drawn)
+    watched = browser.evaluate(FIELD_ORDER)
+    assert late.evaluate(FIELD_ORDER) == watched
+    assert watched[2] == ["Rate", "Bitrate", "Fps", "Frame", "Lsize", "Q", "Size"]   # declared first
+    assert [line.split()[0] for line in watched[1]] == [
+        "line-bitrate", "line-fps", "line-frame", "line-Lsize", "line-q", "line-size"]
+    assert browser.problems() == [] and late.problems() == []
+
+
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
-    """A run loaded from /series numbers its series in the server's order
-    (by name); a run watched from its start, in its events' order. The
-    legend of the run watched before must not stay: its colours and dashes
-    would name the wrong lines."""
+    """The legend of the run watched before must not stay: its colours and
+    dashes would name the wrong lines."""
     srv = make(concurrency=1)
     running = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     queued = start_run(srv, iterations=5, tick=0.01, update_every=1)

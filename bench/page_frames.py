@@ -7,12 +7,16 @@ finished run takes to draw it.
     python3 bench/page_frames.py                      # 100 to 20,000 events/s, and "max"
     python3 bench/page_frames.py --rates 1000 --seconds 10
     python3 bench/page_frames.py --logs 2             # every 2nd event a log line
+    python3 bench/page_frames.py --log-flood --rates 1000,max --seconds 15
     python3 bench/page_frames.py --checkout /tmp/old  # another checkout's server and page
 
 A rate runs the built-in job with `tick` = 1/rate and `update_every=1`;
 "max" with `tick=0`, as fast as it goes. With `--logs N` the server runs
 `flood` below instead (`--job page_frames:flood`), which publishes at the
-rate with every Nth event a log line.
+rate with every Nth event a log line. With `--log-flood` it runs a program
+(`--cmd`, this file's `print_lines`) that writes `rate` lines a second
+("max": 5,000 at a time, as fast as it goes), which the server joins into
+log events of many lines each, as it does any program's flood.
 
 Needs Debian's `chromium` and pytest (it drives the browser with the tests'
 DevTools driver in conftest.py). Everything stays on loopback.
@@ -41,6 +45,21 @@ def flood(progress, rate=20000, seconds=60, log_every=2, cancel=None):
             progress(i, total, loss=1.0 / (i + 1))
         if cancel.wait(max(0.0, started + (i + 1) / rate - time.monotonic())):
             return None
+
+def print_lines(rate, seconds):
+    """--log-flood's program: a log format's lines, `rate` a second ("max":
+    5,000 a write, as fast as it goes), for `seconds`."""
+    line = "%s INFO worker-%d handled request %d in %d ms status=200\n"
+    started, written = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        batch = 5000 if rate == "max" else 1
+        sys.stdout.write("".join(line % (time.strftime("%H:%M:%S"), k % 8, k, k % 97)
+                                 for k in range(written, written + batch)))
+        sys.stdout.flush()
+        written += batch
+        if rate != "max":
+            time.sleep(max(0.0, started + written / float(rate) - time.monotonic()))
+
 
 RECORD_FRAMES = """(() => {
     window.benchGaps = [];
@@ -78,10 +97,12 @@ def wait(page, expression, timeout=30.0, step=0.01):
     raise RuntimeError("timed out waiting for " + expression)
 
 
-def measure_rate(page, base, rate, seconds, logs):
+def measure_rate(page, base, rate, seconds, logs, flood=False):
     """Start a run at `rate` events/s ("max": as fast as it goes) from the
     page, record frame gaps for `seconds`, then click Cancel and time it."""
-    if logs:
+    if flood:
+        params = {"rate": rate, "seconds": seconds * 4}
+    elif logs:
         params = {"rate": rate, "seconds": seconds * 4, "log_every": logs}
     else:
         params = {"iterations": int((rate if rate != "max" else 100000) * seconds * 4),
@@ -93,6 +114,8 @@ def measure_rate(page, base, rate, seconds, logs):
         for (const [name, value] of Object.entries(%s)) document.getElementById('param-' + name).value = value;
         document.getElementById('start').click(); })()""" % json.dumps(params))
     sid = wait(page, "(/#session=([A-Za-z0-9_-]+)/.exec(location.hash) || [])[1]")
+    if flood:       # the log in view, as whoever watches a flood has it
+        page.evaluate("document.getElementById('log-section').scrollIntoView()")
     started = time.monotonic()
     page.evaluate("window.benchGaps = []")
     time.sleep(seconds)
@@ -101,7 +124,7 @@ def measure_rate(page, base, rate, seconds, logs):
     published = status.get("iteration", 0) / max(1e-9, time.monotonic() - started)
     shown = page.evaluate("seenId")
     # The click goes through Chromium's input pipeline, like a person's.
-    box = page.evaluate("(() => { const r = document.getElementById('cancel')"
+    box = page.evaluate("(() => { window.scrollTo(0, 0); const r = document.getElementById('cancel')"
                         ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
     clicked = time.monotonic()
     for kind in ("mousePressed", "mouseReleased"):
@@ -119,7 +142,7 @@ def measure_rate(page, base, rate, seconds, logs):
     except (RuntimeError, AssertionError):   # the page did not catch up within the limit
         shown_after = None
     page.evaluate("window.benchStop = true")
-    return {"rate": rate, "published/s": round(published), "frames": len(gaps),
+    return {"rate": rate, "published/s": None if flood else round(published), "frames": len(gaps),
             "p50 ms": round(percentile(gaps, 0.5), 1), "p95 ms": round(percentile(gaps, 0.95), 1),
             "max ms": round(max(gaps) if gaps else float("nan"), 1),
             "gaps > 100 ms": sum(1 for g in gaps if g > 100),
@@ -153,6 +176,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--logs", type=int, default=0, metavar="N",
                         help="run `flood`: every Nth event a log line")
+    parser.add_argument("--log-flood", action="store_true",
+                        help="a program that writes RATE lines a second (see print_lines)")
     parser.add_argument("--checkout", default=os.path.dirname(HERE),
                         help="the folder whose sse_demo.py and index.html to measure")
     parser.add_argument("--json", help="also write the results here")
@@ -162,6 +187,8 @@ def main():
         sys.exit("needs Debian's chromium")
     port = free_port()
     job = ["--job", "page_frames:flood"] if args.logs else []
+    if args.log_flood:
+        job = ["--cmd", "%s %s --print-lines {rate=max} {seconds=60}" % (sys.executable, os.path.abspath(__file__))]
     server = subprocess.Popen([sys.executable, os.path.join(args.checkout, "sse_demo.py"),
                                "--port", str(port), "--log-level", "warning"] + job,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
@@ -180,9 +207,10 @@ def main():
                   deviceScaleFactor=1, mobile=False)
         for rate in args.rates.split(","):
             rate = rate if rate == "max" else float(rate)
-            results["rates"].append(measure_rate(page, base, rate, args.seconds, args.logs))
+            results["rates"].append(measure_rate(page, base, rate, args.seconds, args.logs,
+                                                 args.log_flood))
             print(json.dumps(results["rates"][-1]), flush=True)
-        for _ in range(0 if args.logs else 3):
+        for _ in range(0 if args.logs or args.log_flood else 3):
             results["open ms"].append(measure_open(page, base, 1000))
         if results["open ms"]:
             print(json.dumps({"open a 1,000-event run, ms": results["open ms"],
@@ -196,4 +224,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--print-lines"]:
+        print_lines(sys.argv[2] if sys.argv[2] == "max" else float(sys.argv[2]), float(sys.argv[3]))
+    else:
+        main()
