@@ -171,7 +171,8 @@ CATCH_UP_BATCH = 64                # events joined into one send for a lagging s
 WRITER_GATHER_S = 0.001            # when events come faster than one per this, the writer
                                    # lets them gather this long between turns (_StreamHub._turn)
 DIRECT_STREAMS = 8                 # a run with at most this many streams is written by the
-                                   # thread that publishes (_StreamHub.event); past it, the
+                                   # thread that publishes (_StreamHub.published); past it,
+                                   # or a stream written less than WRITER_GATHER_S ago, by the
                                    # writer's one pass
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
                                    # this often, its progress events coalesced (_StreamHub._due)
@@ -1521,7 +1522,7 @@ class _Connection:
 
     `cursor` is the id of the last event queued for it; `pending` the bytes
     its socket has not accepted yet. Owned by the writer thread, which a
-    publishing thread may stand in for (see _StreamHub.event). An `idle`
+    publishing thread may stand in for (see _StreamHub.published). An `idle`
     one is parked, waiting for its next request: its stream has ended, or it
     never had one (`session` is None).
 
@@ -1704,11 +1705,11 @@ class _StreamHub(_RunListener):
     """The one thread that writes every stream that cannot take an event at
     once: the loop.
 
-    Other threads only call `attach`, `park`, `event`, `reserve`/`release`
+    Other threads only call `attach`, `park`, `published`, `reserve`/`release`
     and `stop`: they post work to the `_Inbox`, which wakes the writer.
     Everything else here belongs to the writer thread, with one exception:
     the thread that publishes an event writes it itself to a stream that can
-    take it now (`event`), as nginx and Go's net/http write from the thread
+    take it now (`published`), as nginx and Go's net/http write from the thread
     that has the bytes; whichever thread writes a stream holds its `lock`,
     and the publisher only ever tries it, so it never waits. The writer
     writes everything else: a stream that lags, a full socket, the
@@ -1817,9 +1818,13 @@ class _StreamHub(_RunListener):
         tried: if the writer holds it, the writer writes. So does it what the
         socket does not take (left `pending`), and an event that comes here
         before the one ahead of it (its cursor says so): the order on the
-        wire is always the ids'."""
+        wire is always the ids'. A stream written less than WRITER_GATHER_S
+        ago is the writer's too: a job that publishes faster than that would
+        otherwise pay a send per event per stream, where the writer joins
+        what gathered into one send."""
         if sub.cursor != event.id - 1 or sub.feed is not None or sub.paced_until is not None \
-                or sub.tls or not sub.lock.acquire(False):
+                or sub.tls or time.monotonic() - sub.last_write < WRITER_GATHER_S \
+                or not sub.lock.acquire(False):
             return sub.cursor >= event.id and sub.feed is None
         try:
             if sub.cursor != event.id - 1 or sub.pending or sub.closed or sub.idle:
