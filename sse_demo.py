@@ -72,10 +72,14 @@ Threads, and what each owns
   writes it itself to each stream of its run that can take it now (caught
   up, its socket with room; a run with at most 8 streams), as nginx and
   Go's net/http write from the thread that has the bytes, and hands the
-  writer only what would block, the rest of a run's streams and the end of
-  a body. When events still come to it faster than one a millisecond, it
-  lets them gather that long between turns, so that one wake-up writes
-  several. A page's stream also carries the runs list and is paced (its
+  writer only what would block, the rest of a run's streams, a stream
+  written less than a millisecond ago and the end of a body. When events
+  still come to it faster than one a millisecond, it lets them gather that
+  long between turns, so that one wake-up writes several (one send for
+  many events, where the publisher would pay one each). The publisher
+  reads the writer's map of streams without a lock of its own: CPython
+  makes that look-up and its copy atomic (the interpreter lock, or in a
+  free-threaded build the dict's own), and at worst it is a turn old. A page's stream also carries the runs list and is paced (its
   progress coalesced to one write every 20 ms): see _Connection.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
@@ -1800,9 +1804,10 @@ class _StreamHub(_RunListener):
         (after the run's lock: no socket is written under it), to each of its
         streams that can take it whole now, so an event costs no hand-off to
         the writer, no wake-up and no wait. The writer is told of the rest:
-        a stream that lags or has this event already on its way, every event
-        of a run with more than DIRECT_STREAMS streams (one pass of its own,
-        one encoding), and a terminal event (it ends the bodies). Coalesced:
+        a stream that lags, was written less than WRITER_GATHER_S ago, or
+        has this event already on its way, every event of a run with more
+        than DIRECT_STREAMS streams (one pass of its own, one encoding), and
+        a terminal event (it ends the bodies). Coalesced:
         the inbox holds a session at most once, so a fast job can never grow
         it past the session count."""
         subs = self._by_session.get(session)       # the writer's map: a look-up
