@@ -68,10 +68,19 @@ Threads, and what each owns
   without blocking, sends keepalives, closes stuck readers, and resumes a
   parked connection in the HTTP server when its next request arrives. So an
   idle stream costs no thread, and an event no thread wake-up per viewer.
-  When events come faster than one a millisecond (hundreds of runs at
-  once), it lets them gather that long between turns, so that one wake-up
-  writes several. A page's stream also carries the runs list and is paced
-  (its progress coalesced to one write every 20 ms): see _Connection.
+  One exception, the common case: the thread that publishes an event
+  writes it itself to each stream of its run that can take it now (caught
+  up, its socket with room; a run with at most 8 streams), as nginx and
+  Go's net/http write from the thread that has the bytes, and hands the
+  writer only what would block, the rest of a run's streams, a stream
+  written less than a millisecond ago and the end of a body. When events
+  still come to it faster than one a millisecond, it lets them gather that
+  long between turns, so that one wake-up writes several (one send for
+  many events, where the publisher would pay one each). The publisher
+  reads the writer's map of streams without a lock of its own: CPython
+  makes that look-up and its copy atomic (the interpreter lock, or in a
+  free-threaded build the dict's own), and at worst it is a turn old. A page's stream also carries the runs list and is paced (its
+  progress coalesced to one write every 20 ms): see _Connection.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -165,6 +174,10 @@ LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
 WRITER_GATHER_S = 0.001            # when events come faster than one per this, the writer
                                    # lets them gather this long between turns (_StreamHub._turn)
+DIRECT_STREAMS = 8                 # a run with at most this many streams is written by the
+                                   # thread that publishes (_StreamHub.published); past it,
+                                   # or a stream written less than WRITER_GATHER_S ago, by the
+                                   # writer's one pass
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
                                    # this often, its progress events coalesced (_StreamHub._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
@@ -700,6 +713,11 @@ class _RunListener:
     def event(self, session, event):
         """A run published `event` (under the run's lock)."""
 
+    def published(self, session, event):
+        """The same, after the run's lock, by the thread that published it:
+        events of one run may come here out of id order (two threads
+        publishing). Never blocks."""
+
     def process(self, session, identity):
         """A run's program started (--cmd; see _process_identity)."""
 
@@ -715,7 +733,7 @@ class _Listeners:
     that define it: an event costs a call per listener that wants it."""
 
     def __init__(self, listeners):
-        for method in ("event", "process", "ended", "forgotten"):
+        for method in ("event", "published", "process", "ended", "forgotten"):
             setattr(self, method, [getattr(listener, method) for listener in listeners
                                    if getattr(type(listener), method)
                                    is not getattr(_RunListener, method)])
@@ -795,6 +813,8 @@ class _Session(_RunSink):
                 # since: then wait for the next mark, outside the lock.
                 if self.id_mark is None or self.id_mark.covers(self.last_id + 1):
                     event = self._append(name, data)
+        for tell in self._listeners.published:
+            tell(self, event)
         if event.terminal:
             for tell in self._listeners.ended:
                 tell(self)
@@ -1505,7 +1525,8 @@ class _Connection:
     it has got), or a parked keep-alive connection.
 
     `cursor` is the id of the last event queued for it; `pending` the bytes
-    its socket has not accepted yet. Owned by the writer thread. An `idle`
+    its socket has not accepted yet. Owned by the writer thread, which a
+    publishing thread may stand in for (see _StreamHub.published). An `idle`
     one is parked, waiting for its next request: its stream has ended, or it
     never had one (`session` is None).
 
@@ -1519,7 +1540,7 @@ class _Connection:
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
                  "pending", "last_write", "blocked_since", "idle", "closed",
                  "reading", "writing", "due", "tls", "tls_wants_read",
-                 "feed", "feed_cursor", "paced_from", "paced_until")
+                 "feed", "feed_cursor", "paced_from", "paced_until", "lock")
 
     def __init__(self, sock, address, session, cursor, chunked, keep_alive):
         self.sock = sock
@@ -1542,6 +1563,7 @@ class _Connection:
         self.feed_cursor = 0
         self.paced_from = 0
         self.paced_until = None      # None: not paced
+        self.lock = threading.Lock()   # held by whichever thread writes it (_StreamHub)
 
     def frames(self, held):
         """Held events' bytes for this stream: their chunks, or for HTTP/1.0
@@ -1684,13 +1706,18 @@ def _selector_capacity(selector):
 
 
 class _StreamHub(_RunListener):
-    """The one thread that writes every stream: the loop.
+    """The one thread that writes every stream that cannot take an event at
+    once: the loop.
 
-    Other threads only call `attach`, `park`, `notify`, `reserve`/`release`
+    Other threads only call `attach`, `park`, `published`, `reserve`/`release`
     and `stop`: they post work to the `_Inbox`, which wakes the writer.
-    Everything else here belongs to the writer thread, so it needs no lock:
-    a subscriber's socket has exactly one writer, which also writes its
-    keepalives (its `_Timers`).
+    Everything else here belongs to the writer thread, with one exception:
+    the thread that publishes an event writes it itself to a stream that can
+    take it now (`published`), as nginx and Go's net/http write from the thread
+    that has the bytes; whichever thread writes a stream holds its `lock`,
+    and the publisher only ever tries it, so it never waits. The writer
+    writes everything else: a stream that lags, a full socket, the
+    keepalives (its `_Timers`), the end of a body.
     """
 
     def __init__(self, keepalive_s, idle_timeout_s, max_streams, resume_connection):
@@ -1772,10 +1799,59 @@ class _StreamHub(_RunListener):
         the writer's own map, at worst a turn out of date)."""
         return session in self._by_session
 
-    def event(self, session, event):
-        """A session has new events. Coalesced: the inbox holds a session at
-        most once, so a fast job can never grow it past the session count."""
-        self._inbox.post(("events", session), once=session)
+    def published(self, session, event):
+        """A session has a new event: written here, by the publishing thread
+        (after the run's lock: no socket is written under it), to each of its
+        streams that can take it whole now, so an event costs no hand-off to
+        the writer, no wake-up and no wait. The writer is told of the rest:
+        a stream that lags, was written less than WRITER_GATHER_S ago, or
+        has this event already on its way, every event of a run with more
+        than DIRECT_STREAMS streams (one pass of its own, one encoding), and
+        a terminal event (it ends the bodies). Coalesced:
+        the inbox holds a session at most once, so a fast job can never grow
+        it past the session count."""
+        subs = self._by_session.get(session)       # the writer's map: a look-up
+        if subs is None or len(subs) > DIRECT_STREAMS or event.terminal or \
+                not all([self._write_now(sub, event) for sub in list(subs)]):
+            self._inbox.post(("events", session), once=session)
+
+    @staticmethod
+    def _write_now(sub, event):
+        """Send `event` to `sub` from the publishing thread, if it is the
+        stream's next and nothing waits ahead of it; True when all of it
+        went (or the stream needs nothing of it). The stream's lock is only
+        tried: if the writer holds it, the writer writes. So does it what the
+        socket does not take (left `pending`), and an event that comes here
+        before the one ahead of it (its cursor says so): the order on the
+        wire is always the ids'. A stream written less than WRITER_GATHER_S
+        ago is the writer's too: a job that publishes faster than that would
+        otherwise pay a send per event per stream, where the writer joins
+        what gathered into one send."""
+        if sub.cursor != event.id - 1 or sub.feed is not None or sub.paced_until is not None \
+                or sub.tls or time.monotonic() - sub.last_write < WRITER_GATHER_S \
+                or not sub.lock.acquire(False):
+            return sub.cursor >= event.id and sub.feed is None
+        try:
+            if sub.cursor != event.id - 1 or sub.pending or sub.closed or sub.idle:
+                return sub.cursor >= event.id
+            data = event.chunk if sub.chunked else event.sse
+            try:
+                sent = sub.sock.send(data)
+            except WOULD_BLOCK:
+                sent = 0
+            except Exception:             # OSError, or worse: never the publisher's
+                return False              # problem; the writer meets it too, and closes it
+            sub.cursor = event.id
+            now = time.monotonic()
+            if sent:
+                sub.last_write = now
+            if sent == len(data):
+                return True
+            sub.pending = memoryview(data)[sent:]
+            sub.blocked_since = now
+            return False
+        finally:
+            sub.lock.release()
 
     def stop(self, timeout):
         """End every stream (with the terminal chunk) and the writer thread."""
@@ -1845,7 +1921,8 @@ class _StreamHub(_RunListener):
                   " serving %s" % sub.address[0] if sub else "", exc_info=True)
         if sub is not None:
             try:
-                self._close(sub, "the writer failed serving it")
+                with sub.lock:
+                    self._close(sub, "the writer failed serving it")
             except Exception:
                 log.debug("closing it failed too", exc_info=True)
         if failures >= WRITER_MAX_FAILURES:
@@ -1876,21 +1953,24 @@ class _StreamHub(_RunListener):
         return wrote
 
     def _add(self, sub):
-        for session in (sub.session, sub.feed):
-            if session is not None:
-                self._by_session.setdefault(session, {})[sub] = None
-        self._update_selector(sub, reading=True, writing=False)
-        self._timers.arm(sub, sub.last_write + self.keepalive_s)
-        self._flush(sub)
+        with sub.lock:
+            for session in (sub.session, sub.feed):
+                if session is not None:
+                    self._by_session.setdefault(session, {})[sub] = None
+            self._update_selector(sub, reading=True, writing=False)
+            self._timers.arm(sub, sub.last_write + self.keepalive_s)
+            self._flush(sub)
 
     def _write_new_events(self, session):
         """Write a session's new events to its subscribers. Subscribers at the
         same place share one encoded batch; a subscriber still sending an
-        earlier batch catches up when its socket has room."""
+        earlier batch catches up when its socket has room (or now, when a
+        publishing thread left it bytes it could not send)."""
         batches = {}
         for sub in list(self._by_session.get(session, ())):
-            if not sub.pending and not sub.closed:
-                self._flush(sub, batches)
+            with sub.lock:
+                if not sub.closed and not (sub.pending and sub.writing):
+                    self._flush(sub, batches)
 
     def _flush(self, sub, batches=None):
         """Send what the socket accepts: pending bytes, then held events past
@@ -2008,10 +2088,11 @@ class _StreamHub(_RunListener):
         return False
 
     def _on_ready(self, sub, mask):
-        if mask & selectors.EVENT_READ:
-            self._on_readable(sub)
-        if mask & selectors.EVENT_WRITE and not sub.closed:
-            self._flush(sub)
+        with sub.lock:
+            if mask & selectors.EVENT_READ:
+                self._on_readable(sub)
+            if mask & selectors.EVENT_WRITE and not sub.closed:
+                self._flush(sub)
 
     def _on_readable(self, sub):
         """End of file means the client has gone. Bytes mean its next request:
@@ -2126,7 +2207,8 @@ class _StreamHub(_RunListener):
         now = time.monotonic()
         for sub in self._timers.fired(now):
             self._serving = sub
-            due = self._on_timer(sub, now)
+            with sub.lock:
+                due = self._on_timer(sub, now)
             if due is not None:
                 self._timers.arm(sub, due)
 
@@ -2161,9 +2243,10 @@ class _StreamHub(_RunListener):
         without blocking, then every connection closes."""
         for subs in list(self._by_session.values()):
             for sub in list(subs):
-                if not sub.closed:
-                    self._flush(sub)
-                self._close(sub, end_body=True)
+                with sub.lock:
+                    if not sub.closed:
+                        self._flush(sub)
+                    self._close(sub, end_body=True)
         for sub in self._timers.subscribers():
             self._close(sub)   # idle keep-alive connections
         self._work.extend(self._inbox.close())

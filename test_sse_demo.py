@@ -1223,6 +1223,38 @@ def subscribers_of(srv, sid, count):
                     list(hub._by_session[session]), what="%d subscribers" % count)
 
 
+def test_a_caught_up_stream_gets_its_events_from_the_publishing_thread(make):
+    """Issue 44: an event went to the writer thread, which woke (or waited
+    up to 1 ms for more) to write it. Now the thread that publishes writes
+    it to a stream that can take it at once; with the writer thread held,
+    a lone stream still gets its run's events live, in order."""
+    srv = make(keepalive_s=30.0)
+    sid = start_run(srv, iterations=2000, tick=0.005, update_every=1)
+    stream = watch(srv, sid)
+    deadline = time.monotonic() + TIMEOUT
+    first = next(b for b in (stream.next_block(deadline) for _ in range(5)) if "id" in b)
+    hub = srv.server.hub
+    real_select, entered, gate = hub._selector.select, threading.Event(), threading.Event()
+
+    def held_select(timeout=None):
+        entered.set()
+        gate.wait(TIMEOUT)
+        return real_select(0)
+    hub._selector.select = held_select
+    try:
+        hub._inbox.post(("wake", None))              # its next turn waits at the gate
+        assert entered.wait(TIMEOUT), "the writer did not come round"
+        deadline = time.monotonic() + 5.0
+        got = [stream.next_block(deadline) for _ in range(30)]
+        assert [int(b["id"]) for b in got] == list(range(int(first["id"]) + 1,
+                                                         int(first["id"]) + 31))
+    finally:
+        hub._selector.select = real_select
+        gate.set()
+    assert cancel(srv, sid)[0] == 202
+    assert names(stream.events())[-1] == "cancelled"
+
+
 class FaultySocket:
     """A socket whose send raises what nobody expects; the rest is the real one."""
 
@@ -1268,7 +1300,7 @@ def test_writer_that_cannot_go_on_says_so_and_refuses_streams(make, caplog):
         raise OSError("injected: the selector is broken")
     with caplog.at_level("ERROR", logger="sse_demo"):
         srv.server.hub._selector.select = broken_select
-        srv.server.hub.event(srv.server.registry.get(sid), None)   # wake it
+        srv.server.hub._inbox.post(("wake", None))        # wake it
         wait_for(lambda: request(srv, "GET", "/healthz")[0] == 503, what="healthz to say")
     health = json.loads(request(srv, "GET", "/healthz")[2])
     assert health["ok"] is False and "stream writer has stopped" in health["error"]
