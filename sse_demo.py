@@ -72,8 +72,9 @@ Threads, and what each owns
   writes it itself to each stream of its run that can take it now (caught
   up, its socket with room; a run with at most 8 streams), as nginx and
   Go's net/http write from the thread that has the bytes, and hands the
-  writer only what would block, the rest of a run's streams, a stream
-  written less than a millisecond ago and the end of a body. When events
+  writer only what would block, the rest of a run's streams, an event
+  that comes less than a millisecond after its run's last and the end of
+  a body. When events
   still come to it faster than one a millisecond, it lets them gather that
   long between turns, so that one wake-up writes several (one send for
   many events, where the publisher would pay one each). The publisher
@@ -176,8 +177,8 @@ WRITER_GATHER_S = 0.001            # when events come faster than one per this, 
                                    # lets them gather this long between turns (_StreamHub._turn)
 DIRECT_STREAMS = 8                 # a run with at most this many streams is written by the
                                    # thread that publishes (_StreamHub.published); past it,
-                                   # or a stream written less than WRITER_GATHER_S ago, by the
-                                   # writer's one pass
+                                   # or an event less than WRITER_GATHER_S after the run's
+                                   # last, by the writer's one pass
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
                                    # this often, its progress events coalesced (_StreamHub._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
@@ -722,7 +723,9 @@ class _RunListener:
         """A run's program started (--cmd; see _process_identity)."""
 
     def ended(self, session):
-        """A run's terminal event is out (after its lock)."""
+        """A run's terminal event is out (after its lock), heard here
+        before `published` hears of it: counts and the queue have moved on
+        before any stream can show the end."""
 
     def forgotten(self, session):
         """A run has expired: whatever is kept for it goes."""
@@ -813,11 +816,11 @@ class _Session(_RunSink):
                 # since: then wait for the next mark, outside the lock.
                 if self.id_mark is None or self.id_mark.covers(self.last_id + 1):
                     event = self._append(name, data)
+        if event.terminal:             # counts and the queue move on before a stream
+            for tell in self._listeners.ended:     # can show the end
+                tell(self)
         for tell in self._listeners.published:
             tell(self, event)
-        if event.terminal:
-            for tell in self._listeners.ended:
-                tell(self)
         return event
 
     def _append(self, name, data):
@@ -1739,6 +1742,7 @@ class _StreamHub(_RunListener):
         self._last_events_turn = 0.0         # when a turn last wrote events (see _turn)
         self._gathering = False              # the next select is a pause while events gather
         self._by_session = {}                # session -> {subscriber: None}
+        self._last_published = {}            # session -> when its last event came (published)
         self._idless_chunks = {}             # runs feed event id -> its chunk without id (_idless)
         self._timers = _Timers()
         self._stopping = False
@@ -1804,16 +1808,32 @@ class _StreamHub(_RunListener):
         (after the run's lock: no socket is written under it), to each of its
         streams that can take it whole now, so an event costs no hand-off to
         the writer, no wake-up and no wait. The writer is told of the rest:
-        a stream that lags, was written less than WRITER_GATHER_S ago, or
-        has this event already on its way, every event of a run with more
-        than DIRECT_STREAMS streams (one pass of its own, one encoding), and
-        a terminal event (it ends the bodies). Coalesced:
+        a stream that lags or has this event already on its way, every
+        event of a run with more than DIRECT_STREAMS streams (one pass of
+        its own, one encoding), an event that comes less than
+        WRITER_GATHER_S after the run's last (a job publishing flat out
+        would otherwise pay a send per event per stream, where the writer
+        joins what gathered into one send), and a terminal event (it ends
+        the bodies). Coalesced:
         the inbox holds a session at most once, so a fast job can never grow
         it past the session count."""
         subs = self._by_session.get(session)       # the writer's map: a look-up
         if subs is None or len(subs) > DIRECT_STREAMS or event.terminal or \
+                self._publishing_fast(session) or \
                 not all([self._write_now(sub, event) for sub in list(subs)]):
             self._inbox.post(("events", session), once=session)
+
+    def _publishing_fast(self, session):
+        """Whether the run's event before this one came less than
+        WRITER_GATHER_S ago (by the times they reached here: a slow writer
+        cannot make a run look fast)."""
+        now = time.monotonic()
+        last = self._last_published.get(session, 0.0)
+        self._last_published[session] = now
+        return now - last < WRITER_GATHER_S
+
+    def ended(self, session):
+        self._last_published.pop(session, None)
 
     @staticmethod
     def _write_now(sub, event):
@@ -1823,13 +1843,9 @@ class _StreamHub(_RunListener):
         tried: if the writer holds it, the writer writes. So does it what the
         socket does not take (left `pending`), and an event that comes here
         before the one ahead of it (its cursor says so): the order on the
-        wire is always the ids'. A stream written less than WRITER_GATHER_S
-        ago is the writer's too: a job that publishes faster than that would
-        otherwise pay a send per event per stream, where the writer joins
-        what gathered into one send."""
+        wire is always the ids'."""
         if sub.cursor != event.id - 1 or sub.feed is not None or sub.paced_until is not None \
-                or sub.tls or time.monotonic() - sub.last_write < WRITER_GATHER_S \
-                or not sub.lock.acquire(False):
+                or sub.tls or not sub.lock.acquire(False):
             return sub.cursor >= event.id and sub.feed is None
         try:
             if sub.cursor != event.id - 1 or sub.pending or sub.closed or sub.idle:
