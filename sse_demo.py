@@ -1189,8 +1189,9 @@ class _RunQueue(_RunListener):
     --concurrency N at most N run; the others wait in order, and each hears
     of its place: a `queued` event (its position) when it joins and whenever
     the position changes, in the run's own id sequence. Events are published
-    under the queue's lock, so a run's positions arrive in the order they
-    were true. Lock order: the queue's, then a session's."""
+    after the queue's lock (`_announce`), and a place is published only when
+    it is nearer the front than the last one told, so a run's positions
+    never go back. Lock order: the queue's, then a session's."""
 
     def __init__(self, concurrency, max_queue, start_run):
         self.concurrency = concurrency or 0     # 0: no limit
@@ -1712,8 +1713,9 @@ class _StreamHub(_RunListener):
     """The one thread that writes every stream that cannot take an event at
     once: the loop.
 
-    Other threads only call `attach`, `park`, `published`, `reserve`/`release`
-    and `stop`: they post work to the `_Inbox`, which wakes the writer.
+    Other threads only call `attach`, `park`, `published`, `ended`,
+    `reserve`/`release`, `stop` and the questions `followed`, `failure` and
+    `can_watch`: they post work to the `_Inbox`, which wakes the writer.
     Everything else here belongs to the writer thread, with one exception:
     the thread that publishes an event writes it itself to a stream that can
     take it now (`published`), as nginx and Go's net/http write from the thread

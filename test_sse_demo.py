@@ -8628,6 +8628,22 @@ def test_a_batch_that_passes_the_check_publishes_whole(server, event, field):
     assert log_lines(server, opened["session_id"]) == []
 
 
+@pytest.mark.parametrize("event", [
+    {"event": "progress", "done": 1.0, "total": 1e-300},
+    {"event": "progress", "bars": [{"label": "level", "done": 1.0, "total": 1e-300}] * 8}])
+def test_a_batch_with_a_tiny_total_is_taken_whole(server, event):
+    """REVIEW B3's own batch (`total: 1e-300`): its percent overflowed to
+    inf when published (500, a traceback, the batch half counted). Now it
+    is taken whole, at a percent within 0 to 100."""
+    opened = open_reported(server)
+    batch = [{"event": "log", "message": "before"}, event, {"event": "log", "message": "after"}]
+    status, answer = post_events(server, opened, batch, seq=0)
+    assert (status, answer["received"]) == (200, 3), answer
+    assert log_lines(server, opened["session_id"]) == ["before", "after"]
+    latest = get_json(server, "/status/" + opened["session_id"])
+    assert 0 <= latest["percent"] <= 100, latest
+
+
 @pytest.mark.parametrize("signum, status, said", [
     (signal.SIGINT, 130, "the run ends cancelled"),
     (signal.SIGTERM, 143, "SIGTERM: stopping the program")])
