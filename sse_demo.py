@@ -3812,6 +3812,57 @@ def _parse_progress_line(line):
     return done, total if _is_finite_number(total) else None, fields
 
 
+# ffmpeg's `-progress URL` (`-progress pipe:1`): a block of `key=value`
+# lines, each write one block, ended by `progress=continue` (`end` at the
+# last), every half second. One block is one progress event, never log lines;
+# a key ffmpeg does not write is the program's own line (a log line).
+KEY_VALUE_LINE = re.compile(
+    r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
+    r"|drop_frames|speed|progress)=\s*(\S*)\s*\Z")
+BLOCK_ENDS = ("continue", "end")
+
+
+def _key_value_blocks(lines):
+    """`lines` in order, as runs of ordinary lines (a list) and the blocks
+    that a `progress=continue` or `progress=end` line ends ({key: value}).
+    Key=value lines that no such line ends stay ordinary lines."""
+    ordinary, block = [], []
+    for line in lines:
+        match = KEY_VALUE_LINE.match(line)
+        if match is None:
+            ordinary += block + [line]
+            block = []
+        elif match.group(1) == "progress" and match.group(2) in BLOCK_ENDS and block:
+            if ordinary:
+                yield ordinary
+            yield dict(KEY_VALUE_LINE.match(kept).groups() for kept in block)
+            ordinary, block = [], []
+        else:
+            block.append(line)
+    if ordinary or block:
+        yield ordinary + block
+
+
+def _key_value_progress(values):
+    """(done, fields) of one block: the frame it is at, and its numbers
+    named as ffmpeg's stats line names them; the output's bitrate is the
+    rate, in bits/s, as on that line."""
+    fields = {}
+    for key, name, read in (("frame", "frame", int), ("fps", "fps", float),
+                            ("speed", "speed", lambda v: float(v.rstrip("x"))),
+                            ("total_size", "total_size", int),
+                            ("out_time_us", "out_time_s", lambda v: round(int(v) / 1e6, 3))):
+        try:
+            fields[name] = read(values[key])
+        except (KeyError, ValueError):
+            pass              # absent, or N/A until ffmpeg knows it
+    bitrate = re.match(r"([0-9.]+)kbits/s\Z", values.get("bitrate", ""))
+    if bitrate:
+        fields["rate"], fields["rate_unit"] = float(bitrate.group(1)) * 1000, "bits/s"
+    return fields.get("frame"), {k: v for k, v in fields.items() if _is_finite_number(v)
+                                 or k == "rate_unit"}
+
+
 # A line's level from what it says, not from the stream it came on: most
 # programs write progress and chatter to stderr. A level word among a line's
 # first four words, as log formats put it ("ERROR", "error:", "[warn]",
@@ -3913,7 +3964,15 @@ class _CommandOutput:
         self._take(screen, lines + screen.close() if final else lines, stream)
 
     def _take(self, screen, lines, stream):
-        self._publish_lines(lines, stream)
+        latest = None                      # one event a read, like bars
+        for piece in _key_value_blocks(lines):
+            if isinstance(piece, dict):
+                latest = piece
+            else:
+                self._publish_lines(piece, stream)
+        if latest is not None:
+            done, fields = _key_value_progress(latest)
+            self._progress._report(done, fields=fields)
         if screen.changed:
             screen.changed = False
             self._publish_bars(screen)

@@ -2884,7 +2884,7 @@ def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
 # (coreutils 9.1) status=progress, rsync 3.5.0 --info=progress2, git 2.39.5
 # clone --progress of a local repository, aria2c 1.36.0, apt-get 2.6 (dpkg's
 # database reading), cargo 1.95.0 with CARGO_TERM_PROGRESS_WHEN=always,
-# ffmpeg 5.1.9, npm 11.19.1 (a package that does not exist); and on Python
+# ffmpeg 5.1.9 (its stats line; and -progress pipe:1, an encode at -re), npm 11.19.1 (a package that does not exist); and on Python
 # 3.11 with pip 23.2.1 download from a loopback index, progressbar2 4.6.0,
 # alive-progress 3.3.0, click 8.5.1 and enlighten 1.14.1 (through a pty: off
 # a terminal they draw nothing), pytest 9.2.0 -v, rich 15.0.0 with
@@ -3069,6 +3069,62 @@ RECORDED_OUTPUTS = {
         ('stderr', 'frame=   38 fps= 25 q=0.0 size=       0kB time=00:00:00.00 bitrate=N/A speed=   0x    \r'),
         ('stderr', 'frame=  100 fps= 25 q=-1.0 Lsize=      21kB time=00:00:03.88 bitrate=  45.4kbits/s speed=0.953x    \nvideo:20kB audio:0kB subtitle:0kB other streams:0kB global headers:0kB muxing overhead: 10.112135%\n'),
     ],
+    'ffmpeg_progress': [
+        ('stderr', "Input #0, mov,mp4,m4a,3gp,3g2,mj2, from '/tmp/in.mp4':\n"),
+        ('stderr', '  Metadata:\n'),
+        ('stderr', '    major_brand     : '),
+        ('stderr', 'isom'),
+        ('stderr', '\n'),
+        ('stderr', '    minor_version   : '),
+        ('stderr', '512'),
+        ('stderr', '\n'),
+        ('stderr', '    compatible_brands: '),
+        ('stderr', 'isomiso2mp41'),
+        ('stderr', '\n'),
+        ('stderr', '    encoder         : '),
+        ('stderr', 'Lavf59.27.100'),
+        ('stderr', '\n'),
+        ('stderr', '  Duration: '),
+        ('stderr', '00:00:20.00'),
+        ('stderr', ', start: '),
+        ('stderr', '0.000000'),
+        ('stderr', ', bitrate: '),
+        ('stderr', '320 kb/s'),
+        ('stderr', '\n'),
+        ('stderr', '  Stream #0:0'),
+        ('stderr', '[0x1]'),
+        ('stderr', '(und)'),
+        ('stderr', ': Video: mpeg4 (Simple Profile) (mp4v / 0x7634706D), yuv420p, 320x240 [SAR 1:1 DAR 4:3], 319 kb/s'),
+        ('stderr', ', '),
+        ('stderr', '30 fps, '),
+        ('stderr', '30 tbr, '),
+        ('stderr', '15360 tbn'),
+        ('stderr', ' (default)'),
+        ('stderr', '\n'),
+        ('stderr', '    Metadata:\n'),
+        ('stderr', '      handler_name    : '),
+        ('stderr', 'VideoHandler'),
+        ('stderr', '\n'),
+        ('stderr', '      vendor_id       : '),
+        ('stderr', '[0][0][0][0]'),
+        ('stderr', '\n'),
+        ('stderr', '      encoder         : '),
+        ('stderr', 'Lavc59.37.100 mpeg4'),
+        ('stderr', '\n'),
+        ('stderr', 'Stream mapping:\n'),
+        ('stderr', '  Stream #0:0 -> #0:0'),
+        ('stderr', ' (mpeg4 (native) -> mpeg4 (native))'),
+        ('stderr', '\n'),
+        ('stderr', 'Press [q] to stop, [?] for help\n'),
+        ('stderr', "Output #0, mp4, to '/tmp/ff_out.mp4':\n  Metadata:\n    major_brand     : isom\n    minor_version   : 512\n    compatible_brands: isomiso2mp41\n    encoder         : Lavf59.27.100\n  Stream #0:0(und): Video: mpeg4 (mp4v / 0x7634706D), yuv420p(progressive), 320x240 [SAR 1:1 DAR 4:3], q=2-31, 200 kb/s, 30 fps, 15360 tbn (default)\n    Metadata:\n      handler_name    : VideoHandler\n      vendor_id       : [0][0][0][0]\n      encoder         : Lavc59.37.100 mpeg4\n    Side data:\n      cpb: bitrate max/min/avg: 0/0/200000 buffer size: 0 vbv_delay: N/A\n"),
+        ('stdout', 'frame=1\nfps=0.00\nstream_0_0_q=4.7\nbitrate=5415.4kbits/s\ntotal_size=44\nout_time_us=65\nout_time_ms=65\nout_time=00:00:00.000065\ndup_frames=0\ndrop_frames=0\nspeed=0.0609x\nprogress=continue\n'),
+        ('stdout', 'frame=14\nfps=0.00\nstream_0_0_q=2.0\nbitrate=   0.8kbits/s\ntotal_size=44\nout_time_us=433398\nout_time_ms=433398\nout_time=00:00:00.433398\ndup_frames=0\ndrop_frames=0\nspeed=0.865x\nprogress=continue\n'),
+        ('stdout', 'frame=29\nfps=28.79\nstream_0_0_q=2.0\nbitrate=   0.4kbits/s\ntotal_size=44\nout_time_us=933398\nout_time_ms=933398\nout_time=00:00:00.933398\ndup_frames=0\ndrop_frames=0\nspeed=0.927x\nprogress=continue\n'),
+        ('stdout', 'frame=44\nfps=29.00\nstream_0_0_q=2.0\nbitrate=   0.2kbits/s\ntotal_size=44\nout_time_us=1433398\nout_time_ms=1433398\nout_time=00:00:01.433398\ndup_frames=0\ndrop_frames=0\nspeed=0.945x\nprogress=continue\n'),
+        ('stdout', 'frame=59\nfps=29.17\nstream_0_0_q=2.0\nbitrate=   0.2kbits/s\ntotal_size=44\nout_time_us=1933398\nout_time_ms=1933398\nout_time=00:00:01.933398\ndup_frames=0\ndrop_frames=0\nspeed=0.956x\nprogress=continue\n'),
+        ('stderr', 'frame=   60 fps= 29 q=2.0 Lsize=      83kB time=00:00:01.96 bitrate= 345.5kbits/s speed=0.951x    \nvideo:82kB audio:0kB subtitle:0kB other streams:0kB global headers:0kB muxing overhead: 1.376322%\n'),
+        ('stdout', 'frame=60\nfps=29.01\nstream_0_0_q=2.0\nbitrate= 345.5kbits/s\ntotal_size=84927\nout_time_us=1966732\nout_time_ms=1966732\nout_time=00:00:01.966732\ndup_frames=0\ndrop_frames=0\nspeed=0.951x\nprogress=end\n'),
+    ],
     'pytest_v': [
         ('stdout', '============================= test session starts ==============================\n'),
         ('stdout', 'platform linux -- Python 3.11.7, pytest-9.2.0, pluggy-1.7.0 -- /tmp/rec/venv/bin/python\n'),
@@ -3157,6 +3213,45 @@ def test_cmd_reads_the_progress_of_programs_nobody_wrote_for_it(make, programs, 
         assert percents == sorted(percents)
     assert 0 < len(logs) <= most_logs                   # redraws are no log lines
     assert {l["level"] for l in logs} <= {"info", "warning", "error"}
+
+
+def test_cmd_ffmpeg_progress_blocks_are_progress_not_log_lines(make, programs, tmp_path):
+    """ffmpeg -progress pipe:1 writes a block of key=value lines every half
+    second, ended by progress=continue: each line was a log line (12 a
+    block), and no progress was read."""
+    progress, logs = replay(make, programs, tmp_path, "ffmpeg_progress")
+    blocks = [p for p in progress if "out_time_s" in p]
+    assert [p["iteration"] for p in blocks] == [1, 14, 29, 44, 59, 60]
+    assert blocks[-1]["speed"] == 0.951 and blocks[-1]["total_size"] == 84927
+    assert blocks[-1]["rate"] == 345500.0 and blocks[-1]["rate_unit"] == "bits/s"
+    assert all(p["total"] is None and "percent" not in p for p in blocks)   # ffmpeg says no total
+    said = "\n".join(l["message"] for l in logs)
+    assert "progress=" not in said and "out_time" not in said
+    assert "Stream mapping:" in said                     # its other lines are kept
+
+
+def test_cmd_key_value_lines_no_progress_line_ends_stay_log_lines(make, programs, tmp_path):
+    """A program's own key=value lines (a config it prints) are log lines,
+    in their order, around a block that progress=continue ends; so are
+    ffmpeg's keys that no such line ends."""
+    chunks = [("stdout", "mode=fast\nlevel=3\nframe=5\nprogress=continue\n"),
+              ("stdout", "frame=9\nspeed=2x\nprogress=later\n")]
+    progress, logs = replay(make, programs, tmp_path, "ffmpeg_progress", chunks)
+    assert [p["iteration"] for p in progress if p["iteration"]] == [5]
+    assert [l["message"] for l in logs] == ["mode=fast", "level=3", "frame=9", "speed=2x",
+                                            "progress=later"]
+
+
+def test_cmd_real_ffmpeg_progress_reads_as_progress(make):
+    need("ffmpeg", shutil.which("ffmpeg"))
+    srv = command_server(make, "ffmpeg -hide_banner -nostats -progress pipe:1 -re -f lavfi "
+                               "-i testsrc=duration=1.2:size=160x120:rate=30 -f null -")
+    events = watch(srv, start_run(srv)).events()
+    assert events[-1]["event"] == "complete"
+    frames = [e["json"]["iteration"] for e in events
+              if e["event"] == "progress" and "out_time_s" in e["json"]]
+    assert len(frames) >= 2 and frames == sorted(frames) and frames[-1] == 36
+    assert not any("progress=" in e["json"]["message"] for e in events if e["event"] == "log")
 
 
 def test_cmd_keras_percent_never_goes_back_when_a_heading_shares_a_read_with_a_bar(
