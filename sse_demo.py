@@ -3764,6 +3764,11 @@ class _OutputScreen:
             return None
         self.cleared.discard(position)
         self.drawn[position] = text
+        for moved in [p for p, drawn in self.bars.items() if p != position and bar["desc"]
+                      and (drawn["desc"], drawn["total"]) == (bar["desc"], bar["total"])]:
+            del self.bars[moved]  # the same bar, drawn a row away (tqdm's close after a
+            self.drawn.pop(moved, None)   # cursor move: Hugging Face's downloads)
+            self.changed = True
         if self.bars.get(position) != bar:
             self.bars[position] = bar
             self.changed = True
