@@ -2933,7 +2933,9 @@ def test_cmd_tqdm_redraws_without_newline_are_read_as_they_come():
 # 3.11 with pip 23.2.1 download from a loopback index, progressbar2 4.6.0,
 # alive-progress 3.3.0, click 8.5.1 and enlighten 1.14.1 (through a pty: off
 # a terminal they draw nothing), pytest 9.2.0 -v, rich 15.0.0 with
-# TTY_COMPATIBLE=1 (two tasks), Keras 3.15.1 model.fit(verbose=1) on torch
+# TTY_COMPATIBLE=1 (two tasks; and rich.progress.track), huggingface_hub
+# 2.4.0's download (http_get, with TQDM_POSITION=-1: without it, off a
+# terminal, it draws nothing), Keras 3.15.1 model.fit(verbose=1) on torch
 # 2.13.0 (KERAS_BACKEND=torch); downloads from a loopback HTTP server at
 # 20 MB/s.
 RECORDED_OUTPUTS = {
@@ -3258,14 +3260,21 @@ RECORDED_OUTPUTS = {
 }
 
 
-def replay(make, programs, tmp_path, name, chunks=None):
-    """A server whose --cmd writes a recording as it came (or in `chunks`);
-    its run's events."""
+def replayed(make, programs, tmp_path, name, chunks=None):
+    """(server, run id, events) of a --cmd run that writes a recording as it
+    came (or in `chunks`)."""
     path = tmp_path / (name + ".json")
     path.write_text(json.dumps(chunks or RECORDED_OUTPUTS[name]), encoding="utf-8")
     srv = command_server(make, programs("replay.py", shlex.quote(str(path))))
-    events = watch(srv, start_run(srv)).events()
+    sid = start_run(srv)
+    events = watch(srv, sid).events()
     assert events[-1]["event"] == "complete"
+    return srv, sid, events
+
+
+def replay(make, programs, tmp_path, name, chunks=None):
+    """The progress and the log events of a replayed recording."""
+    _, _, events = replayed(make, programs, tmp_path, name, chunks)
     return [e["json"] for e in events if e["event"] == "progress"], \
         [e["json"] for e in events if e["event"] == "log"]
 
@@ -3382,10 +3391,13 @@ SGR = re.compile("\x1b\\[[0-9;]*m")
 ])
 def test_cmd_a_redrawn_line_is_one_log_line_in_its_last_state(make, programs, tmp_path, name,
                                                                kept, lines):
-    _, logs = replay(make, programs, tmp_path, name)
+    srv, sid, events = replayed(make, programs, tmp_path, name)
+    logs = [e["json"] for e in events if e["event"] == "log"]
     messages = [SGR.sub("", l["message"]) for l in logs]      # colours kept: the page shows them
     assert all(messages.count(line) == 1 for line in kept)
     assert len(messages) == lines         # a redraw, or a line of a run of them, is no log line
+    # /log (and so "Download log") holds the same lines, no redraw either
+    assert log_lines(srv, sid) == ["[%s] %s" % (l["stream"], l["message"]) for l in logs]
 
 
 def test_cmd_levels_come_from_what_a_line_says_not_from_stderr(make, programs, tmp_path):
