@@ -152,9 +152,8 @@ def test_start_without_body_takes_the_defaults_and_ids_differ(server):
     assert answers[0]["control_key"] != answers[1]["control_key"]
     for answer in answers:
         sid = answer["session_id"]
-        status, _, body = request(server, "GET", "/status/" + sid)
-        assert status == 200
-        snapshot = json.loads(body)
+        snapshot = wait_for(lambda: "total" in get_json(server, "/status/" + sid) and
+                            get_json(server, "/status/" + sid), what="the run's first event")
         assert snapshot["state"] == "running" and snapshot["total"] == 600
         assert cancel(server, sid, key=answer["control_key"])[0] == 202
 
@@ -937,9 +936,11 @@ def test_connections_past_the_per_address_bound_get_503_without_a_thread(make):
     threads and 119 MB)."""
     srv = make(max_per_address=2, request_timeout_s=30.0, keepalive_s=0.2)
     sid = start_run(srv, **QUIET)
-    streams = [watch(srv, sid) for _ in range(3)]
+    streams = []
+    for _ in range(3):        # one at a time: a stream counts until the writer holds it
+        streams.append(watch(srv, sid))
+        wait_for(lambda: not srv.server._per_address, what="the stream's thread let go")
     wait_for(lambda: srv.server.hub.streams == 3, what="three streams, held by the writer")
-    wait_for(lambda: not srv.server._per_address, what="the streams' threads let go")
     before, fds = set(threading.enumerate()), fd_count()
     half = [half_sent_request(srv) for _ in range(2)]
     try:
