@@ -1837,6 +1837,9 @@ class _StreamHub(_RunListener):
     def ended(self, session):
         self._last_published.pop(session, None)
 
+    def forgotten(self, session):
+        self._last_published.pop(session, None)   # a straggling publisher's, after the end
+
     @staticmethod
     def _write_now(sub, event):
         """Send `event` to `sub` from the publishing thread, if it is the
@@ -3581,6 +3584,7 @@ class _OutputScreen:
         self.back = 0             # characters the cursor stands left of the text's end
         self.bars = {}
         self.drawn = {}           # position -> the text of its bar
+        self.draws = {}           # position -> how many times a bar was drawn there
         self.cleared = set()      # positions blanked out, still counted until an outer bar moves
         self.carry = ""           # the start of a move that the next read finishes
         self.changed = False
@@ -3590,6 +3594,7 @@ class _OutputScreen:
         self.held = None          # the last ended progress line of that stage, not kept yet
         self.shape = None         # the latest ended progress line without its numbers
         self.levels = []          # the levels last published, for inner bars that went away
+        self.key_values = []      # ffmpeg -progress lines whose block a later read ends
 
     def feed(self, text):
         """Lay out more output; the log lines it finished. A move cut in two
@@ -3764,11 +3769,17 @@ class _OutputScreen:
             return None
         self.cleared.discard(position)
         self.drawn[position] = text
-        for moved in [p for p, drawn in self.bars.items() if p != position and bar["desc"]
-                      and (drawn["desc"], drawn["total"]) == (bar["desc"], bar["total"])]:
-            del self.bars[moved]  # the same bar, drawn a row away (tqdm's close after a
-            self.drawn.pop(moved, None)   # cursor move: Hugging Face's downloads)
+        if position not in self.bars and bar["total"] and bar["done"] == bar["total"] and \
+                any(_same_finished_bar(bar, other) for other in self.bars.values()):
+            return bar            # a finished bar drawn again a row away (tqdm's close after
+                                  # a cursor move: Hugging Face's downloads), not a new one
+        for first in [p for p, other in self.bars.items() if p != position
+                      and self.draws.get(p) == 1 and other["done"] == 0 < bar["done"]
+                      and (other["desc"], other["total"]) == (bar["desc"], bar["total"])]:
+            del self.bars[first]  # this bar's first draw, a row away before its cursor
+            self.cleared.discard(first)   # settled (Hugging Face's): not a bar of its own
             self.changed = True
+        self.draws[position] = self.draws.get(position, 0) + 1
         if self.bars.get(position) != bar:
             self.bars[position] = bar
             self.changed = True
@@ -3776,6 +3787,11 @@ class _OutputScreen:
                 del self.bars[inner]
                 self.cleared.discard(inner)
         return bar
+
+
+def _same_finished_bar(bar, other):
+    return (other["desc"], other["done"], other["total"]) == \
+        (bar["desc"], bar["done"], bar["total"])
 
 
 DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
@@ -3819,53 +3835,70 @@ def _parse_progress_line(line):
 
 # ffmpeg's `-progress URL` (`-progress pipe:1`): a block of `key=value`
 # lines, each write one block, ended by `progress=continue` (`end` at the
-# last), every half second. One block is one progress event, never log lines;
-# a key ffmpeg does not write is the program's own line (a log line).
+# last), every half second. One block is one progress event, never log lines.
+# Only ffmpeg's keys with values of ffmpeg's shapes (a number, `N/A`, `0.95x`,
+# `345.5kbits/s`, a time), in a block with an `out_time`, form one: any other
+# line is the program's own (a log line).
 KEY_VALUE_LINE = re.compile(
     r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
-    r"|drop_frames|speed|progress)=\s*(\S*)\s*\Z")
-BLOCK_ENDS = ("continue", "end")
+    r"|drop_frames|speed|progress)=(.*)\Z")
+KEY_VALUE_LINE_LIMIT = 120         # longer lines are no ffmpeg key=value line
+FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
+                          r"|continue|end")
+
+
+def _key_value(line):
+    """(key, value) of one of ffmpeg's -progress lines, or None."""
+    match = KEY_VALUE_LINE.match(line) if len(line) <= KEY_VALUE_LINE_LIMIT else None
+    if match is None:
+        return None
+    value = match.group(2).strip()
+    return (match.group(1), value) if FFMPEG_VALUE.fullmatch(value) else None
 
 
 def _key_value_blocks(lines):
-    """`lines` in order, as runs of ordinary lines (a list) and the blocks
-    that a `progress=continue` or `progress=end` line ends ({key: value}).
-    Key=value lines that no such line ends stay ordinary lines."""
-    ordinary, block = [], []
+    """(the ordinary lines, in order; the values of the last block that a
+    `progress=continue` or `progress=end` line ends, or None; the key=value
+    lines after it that no such line has ended yet: a block cut in two by
+    the pipe, whose end the next read brings)."""
+    ordinary, block, latest = [], [], None
     for line in lines:
-        match = KEY_VALUE_LINE.match(line)
-        if match is None:
-            ordinary += block + [line]
+        pair = _key_value(line)
+        if pair is None:
+            ordinary += [kept for kept, _ in block] + [line]
             block = []
-        elif match.group(1) == "progress" and match.group(2) in BLOCK_ENDS and block:
-            if ordinary:
-                yield ordinary
-            yield dict(KEY_VALUE_LINE.match(kept).groups() for kept in block)
-            ordinary, block = [], []
+        elif pair[0] == "progress":
+            values = dict(kept for _, kept in block)
+            if any(key.startswith("out_time") for key in values):
+                latest = values
+            else:                 # not ffmpeg's: the program's own lines
+                ordinary += [kept for kept, _ in block] + [line]
+            block = []
         else:
-            block.append(line)
-    if ordinary or block:
-        yield ordinary + block
+            block.append((line, pair))
+    return ordinary, latest, [kept for kept, _ in block]
 
 
 def _key_value_progress(values):
     """(done, fields) of one block: the frame it is at, and its numbers
     named as ffmpeg's stats line names them; the output's bitrate is the
-    rate, in bits/s, as on that line."""
+    rate, in bits/s, as on that line. A value that is no number (N/A until
+    ffmpeg knows it) is left out."""
     fields = {}
     for key, name, read in (("frame", "frame", int), ("fps", "fps", float),
                             ("speed", "speed", lambda v: float(v.rstrip("x"))),
                             ("total_size", "total_size", int),
-                            ("out_time_us", "out_time_s", lambda v: round(int(v) / 1e6, 3))):
+                            ("out_time_us", "out_time_s", lambda v: round(int(v) / 1e6, 3)),
+                            ("bitrate", "rate", lambda v: float(v[:-len("kbits/s")]) * 1000
+                             if v.endswith("kbits/s") else float("nan"))):
         try:
             fields[name] = read(values[key])
-        except (KeyError, ValueError):
-            pass              # absent, or N/A until ffmpeg knows it
-    bitrate = re.match(r"([0-9.]+)kbits/s\Z", values.get("bitrate", ""))
-    if bitrate:
-        fields["rate"], fields["rate_unit"] = float(bitrate.group(1)) * 1000, "bits/s"
-    return fields.get("frame"), {k: v for k, v in fields.items() if _is_finite_number(v)
-                                 or k == "rate_unit"}
+        except (KeyError, ValueError, OverflowError):
+            pass
+    fields = {name: value for name, value in fields.items() if _is_finite_number(value)}
+    if "rate" in fields:
+        fields["rate_unit"] = "bits/s"
+    return fields.get("frame"), fields
 
 
 # A line's level from what it says, not from the stream it came on: most
@@ -3966,17 +3999,15 @@ class _CommandOutput:
             except (OSError, ValueError):
                 self._echo.pop(stream, None)     # a closed terminal: events still go
         lines = screen.feed(decoder.decode(data, final=final))
-        self._take(screen, lines + screen.close() if final else lines, stream)
+        self._take(screen, lines + screen.close() if final else lines, stream, final)
 
-    def _take(self, screen, lines, stream):
-        latest = None                      # one event a read, like bars
-        for piece in _key_value_blocks(lines):
-            if isinstance(piece, dict):
-                latest = piece
-            else:
-                self._publish_lines(piece, stream)
-        if latest is not None:
-            done, fields = _key_value_progress(latest)
+    def _take(self, screen, lines, stream, final=False):
+        lines, block, screen.key_values = _key_value_blocks(screen.key_values + lines)
+        if final:
+            lines, screen.key_values = lines + screen.key_values, []
+        self._publish_lines(lines, stream)
+        if block is not None:              # one event a read, like bars
+            done, fields = _key_value_progress(block)
             self._progress._report(done, fields=fields)
         if screen.changed:
             screen.changed = False
