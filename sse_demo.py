@@ -3555,6 +3555,11 @@ def _finished(bar):
 NO_STAGE = object()    # the stage of no run of progress lines
 
 
+def _same_finished_bar(bar, other):
+    return (other["desc"], other["done"], other["total"]) == \
+        (bar["desc"], bar["done"], bar["total"])
+
+
 class _OutputScreen:
     """A program's output laid out as a terminal would, as far as progress
     bars need: text finished by a newline at the home row is a log line;
@@ -3787,11 +3792,6 @@ class _OutputScreen:
                 del self.bars[inner]
                 self.cleared.discard(inner)
         return bar
-
-
-def _same_finished_bar(bar, other):
-    return (other["desc"], other["done"], other["total"]) == \
-        (bar["desc"], bar["done"], bar["total"])
 
 
 DESCRIBED_COUNT = re.compile(r"(?P<label>.*?)\s*\b(?P<k>\d+)\s*/\s*(?P<n>\d+)\b")
