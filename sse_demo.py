@@ -3843,8 +3843,8 @@ KEY_VALUE_LINE = re.compile(
     r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
     r"|drop_frames|speed|progress)=(.*)\Z")
 KEY_VALUE_LINE_LIMIT = 120         # longer lines are no ffmpeg key=value line
-FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
-                          r"|continue|end")
+FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|-?[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
+                          r"|continue|end")     # a time before the first frame: negative
 
 
 def _key_value(line):
@@ -3895,7 +3895,8 @@ def _key_value_progress(values):
             fields[name] = read(values[key])
         except (KeyError, ValueError, OverflowError):
             pass
-    fields = {name: value for name, value in fields.items() if _is_finite_number(value)}
+    fields = {name: value for name, value in fields.items() if _is_finite_number(value)
+              and value >= 0}       # ffmpeg's times before the first frame, for one
     if "rate" in fields:
         fields["rate_unit"] = "bits/s"
     return fields.get("frame"), fields

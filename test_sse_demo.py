@@ -3392,12 +3392,16 @@ def test_cmd_key_value_lines_not_ffmpegs_stay_log_lines(make, programs, tmp_path
 def test_cmd_ffmpeg_values_of_any_shape_never_stop_the_reader(make, programs, tmp_path):
     """A bitrate that is no number, a time too large for a float: the
     reader raised (the rest of the output discarded); such a value is left
-    out, as N/A is."""
-    chunks = [("stdout", "frame=3\nbitrate=1.2.3kbits/s\nout_time_us=%s\nprogress=continue\n"
+    out, as N/A is. ffmpeg's own block before its first frame (a negative
+    time) is a block still, not log lines."""
+    chunks = [("stdout", "frame=0\nbitrate=N/A\nout_time_us=-9223372036854775807\n"
+                         "out_time=-2562047:47:16.854775\nspeed=N/A\nprogress=continue\n"),
+              ("stdout", "frame=3\nbitrate=1.2.3kbits/s\nout_time_us=%s\nprogress=continue\n"
                % ("9" * 100)), ("stdout", "out_time_us=%s\nafter\n" % ("9" * 400))]
     progress, logs = replay(make, programs, tmp_path, "ffmpeg_progress", chunks)
     assert [(p["iteration"], "rate" in p, "rate_unit" in p) for p in progress
             if p["iteration"]] == [(3, False, False)]
+    assert not any(p.get("out_time_s", 0) < 0 for p in progress)    # before the first frame
     assert [l["message"][:15] for l in logs] == ["out_time_us=999", "after"]
 
 
@@ -7715,7 +7719,7 @@ def test_a_stalled_journal_disk_does_not_make_queued_runs_start_in_turn(tmp_path
             assert cancel(srv, sid)[0] == 202
         wait_for(lambda: queued_in_journal(journal, "running") == 2,
                  what="both queued runs to leave the queue while the disk is stalled")
-        assert held.is_set()
+        assert held.wait(TIMEOUT), "the journal thread did not come to its stalled disk"
         for sid in waiting:     # neither is running, nor its job, before that is on disk
             status = get_json(srv, "/status/" + sid)
             assert status["state"] == "queued" and status.get("iteration") is None
