@@ -3555,11 +3555,6 @@ def _finished(bar):
 NO_STAGE = object()    # the stage of no run of progress lines
 
 
-def _same_finished_bar(bar, other):
-    return (other["desc"], other["done"], other["total"]) == \
-        (bar["desc"], bar["done"], bar["total"])
-
-
 class _OutputScreen:
     """A program's output laid out as a terminal would, as far as progress
     bars need: text finished by a newline at the home row is a log line;
@@ -3589,7 +3584,6 @@ class _OutputScreen:
         self.back = 0             # characters the cursor stands left of the text's end
         self.bars = {}
         self.drawn = {}           # position -> the text of its bar
-        self.draws = {}           # position -> how many times a bar was drawn there
         self.cleared = set()      # positions blanked out, still counted until an outer bar moves
         self.carry = ""           # the start of a move that the next read finishes
         self.changed = False
@@ -3774,17 +3768,6 @@ class _OutputScreen:
             return None
         self.cleared.discard(position)
         self.drawn[position] = text
-        if position not in self.bars and bar["total"] and bar["done"] == bar["total"] and \
-                any(_same_finished_bar(bar, other) for other in self.bars.values()):
-            return bar            # a finished bar drawn again a row away (tqdm's close after
-                                  # a cursor move: Hugging Face's downloads), not a new one
-        for first in [p for p, other in self.bars.items() if p != position
-                      and self.draws.get(p) == 1 and other["done"] == 0 < bar["done"]
-                      and (other["desc"], other["total"]) == (bar["desc"], bar["total"])]:
-            del self.bars[first]  # this bar's first draw, a row away before its cursor
-            self.cleared.discard(first)   # settled (Hugging Face's): not a bar of its own
-            self.changed = True
-        self.draws[position] = self.draws.get(position, 0) + 1
         if self.bars.get(position) != bar:
             self.bars[position] = bar
             self.changed = True
