@@ -3555,6 +3555,11 @@ def _finished(bar):
 NO_STAGE = object()    # the stage of no run of progress lines
 
 
+def _same_state(bar, other):
+    return (other["desc"], other["done"], other["total"]) == \
+        (bar["desc"], bar["done"], bar["total"])
+
+
 class _OutputScreen:
     """A program's output laid out as a terminal would, as far as progress
     bars need: text finished by a newline at the home row is a log line;
@@ -3573,7 +3578,8 @@ class _OutputScreen:
     and the rows above it ended. So that first draw waits for the next one,
     except below a finished bar, or when the program never moved the cursor
     up (then a newline ends its line at once); a draw at the home row that
-    ends a read is taken at once."""
+    ends a read is taken at once. A move up past the home row says the rows
+    counted so far were lower: they move down by as much."""
 
     def __init__(self):
         self.row = 0
@@ -3606,7 +3612,7 @@ class _OutputScreen:
         parts = text.split("\n")
         begun, parts[0] = self.text, self.text + parts[0]
         if self.row == 0 and not any("nests" in bar for bar in self.bars.values()) \
-                and len(self.bars) <= 1 and not self.dropped and not self.redrawn \
+                and set(self.bars) <= {0} and not self.dropped and not self.redrawn \
                 and self.held is None and "\r" not in text and "\x1b" not in text \
                 and "\x08" not in text and max(map(len, parts)) <= OUTPUT_LINE_LIMIT:
             # Plain output at the home row: whole lines in bulk, and no
@@ -3656,7 +3662,7 @@ class _OutputScreen:
                 self.moved_up = True
                 self._finish(lines, up=True)
                 self.redrawn = False
-                self.row = max(0, self.row - int(move.group(1) or 1))
+                self._up(int(move.group(1) or 1))
             elif step == "\r":
                 self._finish(lines)
                 self.redrawn = True
@@ -3665,6 +3671,18 @@ class _OutputScreen:
             elif self._finish(lines, newline=True) != "line":
                 self.row += 1
         self._add(text[at:])
+
+    def _up(self, rows):
+        """The cursor moves up. Above the home row, the rows drawn so far
+        were that much lower than counted: the newline before them was a
+        move down, not a line's end (tqdm's bar at position 1, drawn after
+        a "\n" of its own: Hugging Face's downloads)."""
+        above = rows - self.row
+        self.row = max(0, self.row - rows)
+        if above > 0:
+            self.bars = {p + above: bar for p, bar in self.bars.items()}
+            self.drawn = {p + above: text for p, text in self.drawn.items()}
+            self.cleared = {p + above for p in self.cleared}
 
     def _add(self, piece):
         if self.back and piece:                   # after backspaces: written over
@@ -3766,6 +3784,10 @@ class _OutputScreen:
         bar = _parse_bar(text, redrawn)
         if bar is None:
             return None
+        if position not in self.bars and _finished(bar) and any(
+                _same_state(bar, other) for other in self.bars.values()):
+            return bar            # a finished bar drawn again a row away (tqdm's close of
+                                  # a bar below its cursor's row): not a new bar
         self.cleared.discard(position)
         self.drawn[position] = text
         if self.bars.get(position) != bar:

@@ -3335,14 +3335,10 @@ RECORDED_READING = {
 }
 
 
-# Read wrong today, and known: the screen takes the first newline at the home
-# row as an empty line, not a move down, so a bar drawn below it and then
-# above it counts as two rows.
+# Read wrong today, and known.
 KNOWN_MISREADS = {
     "rich_tasks_tty": "rich's two tasks redrawn with cursor moves leave a stale row: the "
                       "last event says 7 % where both tasks are at 100 %",
-    "hf_download": "its bar's first draw and the next ones land a row apart, read as two "
-                   "nested bars (3.6e15 done)",
 }
 
 
