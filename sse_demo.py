@@ -3579,7 +3579,9 @@ class _OutputScreen:
     except below a finished bar, or when the program never moved the cursor
     up (then a newline ends its line at once); a draw at the home row that
     ends a read is taken at once. A move up past the home row says the rows
-    counted so far were lower: they move down by as much."""
+    counted so far were lower: they move down by as much. A finished bar's
+    newline at the home row ends its line, unless bars still show below it
+    (one block of rows, as rich draws its tasks)."""
 
     def __init__(self):
         self.row = 0
@@ -3725,7 +3727,8 @@ class _OutputScreen:
         bar = self.bars.get(0) if text == taken and self.row == 0 else None if dropped else \
             self._draw(self.row, text, redrawn or not newline or self._like_last_bar(text))
         if newline and self.row == 0:
-            if bar is None or _finished(bar) or not (self.moved_up or "nests" in bar):
+            if bar is None or _finished(bar) and not self._bars_below() or \
+                    not (self.moved_up or "nests" in bar):
                 self.drawn.pop(0, None)
             if bar is not None and 0 not in self.drawn:
                 self._end(lines, text, bar)                     # this line ended
@@ -3741,6 +3744,11 @@ class _OutputScreen:
             self.drawn[0] = text                  # drawn, not ended: kept if it ends
             return "drawn"
         return "line"
+
+    def _bars_below(self):
+        """Whether a bar still shows below the home row: a finished bar's
+        newline there moves to it (rich's tasks, one block), not a line's end."""
+        return any(position > 0 and position not in self.cleared for position in self.bars)
 
     def _rows_ended(self, lines, below):
         """The rows above `below` scrolled up, ended: keep their last draws."""

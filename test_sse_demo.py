@@ -3335,16 +3335,7 @@ RECORDED_READING = {
 }
 
 
-# Read wrong today, and known.
-KNOWN_MISREADS = {
-    "rich_tasks_tty": "rich's two tasks redrawn with cursor moves leave a stale row: the "
-                      "last event says 7 % where both tasks are at 100 %",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISREADS[name]))
-    if name in KNOWN_MISREADS else name for name in sorted(RECORDED_READING)])
+@pytest.mark.parametrize("name", sorted(RECORDED_READING))
 def test_cmd_reads_the_progress_of_programs_nobody_wrote_for_it(make, programs, tmp_path, name):
     iteration, total, stage, unit, fields, eta, most_logs = RECORDED_READING[name]
     progress, logs = replay(make, programs, tmp_path, name)
