@@ -3555,6 +3555,75 @@ def _finished(bar):
 NO_STAGE = object()    # the stage of no run of progress lines
 
 
+# ffmpeg's `-progress URL` (`-progress pipe:1`): a block of `key=value`
+# lines, each write one block, ended by `progress=continue` (`end` at the
+# last), every half second. One block is one progress event, never log lines.
+# Only ffmpeg's keys with values of ffmpeg's shapes (a number, `N/A`, `0.95x`,
+# `345.5kbits/s`, a time), in a block with an `out_time`, form one: any other
+# line is the program's own (a log line).
+KEY_VALUE_LINE = re.compile(
+    r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
+    r"|drop_frames|speed|progress)=(.*)\Z")
+KEY_VALUE_LINE_LIMIT = 120         # longer lines are no ffmpeg key=value line
+FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|-?[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
+                          r"|continue|end")     # a time before the first frame: negative
+
+
+def _key_value(line):
+    """(key, value) of one of ffmpeg's -progress lines, or None."""
+    match = KEY_VALUE_LINE.match(line) if len(line) <= KEY_VALUE_LINE_LIMIT else None
+    if match is None:
+        return None
+    value = match.group(2).strip()
+    return (match.group(1), value) if FFMPEG_VALUE.fullmatch(value) else None
+
+
+def _key_value_blocks(lines):
+    """(the ordinary lines, in order; the values of the last block that a
+    `progress=continue` or `progress=end` line ends, or None; the key=value
+    lines after it that no such line has ended yet: a block cut in two by
+    the pipe, whose end the next read brings)."""
+    ordinary, block, latest = [], [], None
+    for line in lines:
+        pair = _key_value(line)
+        if pair is None:
+            ordinary += [kept for kept, _ in block] + [line]
+            block = []
+        elif pair[0] == "progress":
+            values = dict(kept for _, kept in block)
+            if any(key.startswith("out_time") for key in values):
+                latest = values
+            else:                 # not ffmpeg's: the program's own lines
+                ordinary += [kept for kept, _ in block] + [line]
+            block = []
+        else:
+            block.append((line, pair))
+    return ordinary, latest, [kept for kept, _ in block]
+
+
+def _key_value_progress(values):
+    """(done, fields) of one block: the frame it is at, and its numbers
+    named as ffmpeg's stats line names them; the output's bitrate is the
+    rate, in bits/s, as on that line. A value that is no number (N/A until
+    ffmpeg knows it) is left out."""
+    fields = {}
+    for key, name, read in (("frame", "frame", int), ("fps", "fps", float),
+                            ("speed", "speed", lambda v: float(v.rstrip("x"))),
+                            ("total_size", "total_size", int),
+                            ("out_time_us", "out_time_s", lambda v: round(int(v) / 1e6, 3)),
+                            ("bitrate", "rate", lambda v: float(v[:-len("kbits/s")]) * 1000
+                             if v.endswith("kbits/s") else float("nan"))):
+        try:
+            fields[name] = read(values[key])
+        except (KeyError, ValueError, OverflowError):
+            pass
+    fields = {name: value for name, value in fields.items() if _is_finite_number(value)
+              and value >= 0}       # ffmpeg's times before the first frame, for one
+    if "rate" in fields:
+        fields["rate_unit"] = "bits/s"
+    return fields.get("frame"), fields
+
+
 def _same_state(bar, other):
     return (other["desc"], other["done"], other["total"]) == \
         (bar["desc"], bar["done"], bar["total"])
@@ -3789,6 +3858,8 @@ class _OutputScreen:
             self.held = None
 
     def _draw(self, position, text, redrawn=False):
+        if _key_value(text) is not None:
+            return None           # ffmpeg's key=value line (speed=1.02x): part of a block
         bar = _parse_bar(text, redrawn)
         if bar is None:
             return None
@@ -3844,75 +3915,6 @@ def _parse_progress_line(line):
     fields = {k: v for k, v in data.items()
               if k not in ("done", "total") and (k == "stage" or k not in RESERVED_FIELDS)}
     return done, total if _is_finite_number(total) else None, fields
-
-
-# ffmpeg's `-progress URL` (`-progress pipe:1`): a block of `key=value`
-# lines, each write one block, ended by `progress=continue` (`end` at the
-# last), every half second. One block is one progress event, never log lines.
-# Only ffmpeg's keys with values of ffmpeg's shapes (a number, `N/A`, `0.95x`,
-# `345.5kbits/s`, a time), in a block with an `out_time`, form one: any other
-# line is the program's own (a log line).
-KEY_VALUE_LINE = re.compile(
-    r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
-    r"|drop_frames|speed|progress)=(.*)\Z")
-KEY_VALUE_LINE_LIMIT = 120         # longer lines are no ffmpeg key=value line
-FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|-?[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
-                          r"|continue|end")     # a time before the first frame: negative
-
-
-def _key_value(line):
-    """(key, value) of one of ffmpeg's -progress lines, or None."""
-    match = KEY_VALUE_LINE.match(line) if len(line) <= KEY_VALUE_LINE_LIMIT else None
-    if match is None:
-        return None
-    value = match.group(2).strip()
-    return (match.group(1), value) if FFMPEG_VALUE.fullmatch(value) else None
-
-
-def _key_value_blocks(lines):
-    """(the ordinary lines, in order; the values of the last block that a
-    `progress=continue` or `progress=end` line ends, or None; the key=value
-    lines after it that no such line has ended yet: a block cut in two by
-    the pipe, whose end the next read brings)."""
-    ordinary, block, latest = [], [], None
-    for line in lines:
-        pair = _key_value(line)
-        if pair is None:
-            ordinary += [kept for kept, _ in block] + [line]
-            block = []
-        elif pair[0] == "progress":
-            values = dict(kept for _, kept in block)
-            if any(key.startswith("out_time") for key in values):
-                latest = values
-            else:                 # not ffmpeg's: the program's own lines
-                ordinary += [kept for kept, _ in block] + [line]
-            block = []
-        else:
-            block.append((line, pair))
-    return ordinary, latest, [kept for kept, _ in block]
-
-
-def _key_value_progress(values):
-    """(done, fields) of one block: the frame it is at, and its numbers
-    named as ffmpeg's stats line names them; the output's bitrate is the
-    rate, in bits/s, as on that line. A value that is no number (N/A until
-    ffmpeg knows it) is left out."""
-    fields = {}
-    for key, name, read in (("frame", "frame", int), ("fps", "fps", float),
-                            ("speed", "speed", lambda v: float(v.rstrip("x"))),
-                            ("total_size", "total_size", int),
-                            ("out_time_us", "out_time_s", lambda v: round(int(v) / 1e6, 3)),
-                            ("bitrate", "rate", lambda v: float(v[:-len("kbits/s")]) * 1000
-                             if v.endswith("kbits/s") else float("nan"))):
-        try:
-            fields[name] = read(values[key])
-        except (KeyError, ValueError, OverflowError):
-            pass
-    fields = {name: value for name, value in fields.items() if _is_finite_number(value)
-              and value >= 0}       # ffmpeg's times before the first frame, for one
-    if "rate" in fields:
-        fields["rate_unit"] = "bits/s"
-    return fields.get("frame"), fields
 
 
 # A line's level from what it says, not from the stream it came on: most

@@ -3422,7 +3422,9 @@ def test_cmd_real_ffmpeg_progress_reads_as_progress(make):
     frames = [e["json"]["iteration"] for e in events
               if e["event"] == "progress" and "out_time_s" in e["json"]]
     assert len(frames) >= 2 and frames == sorted(frames) and frames[-1] == 36
-    assert not any("progress=" in e["json"]["message"] for e in events if e["event"] == "log")
+    stray = [e["json"]["message"] for e in events if e["event"] == "log"
+             and "progress=" in e["json"]["message"]]
+    assert not stray, stray
 
 
 def test_cmd_two_bars_with_one_label_and_total_stay_two(make, programs):
