@@ -3565,7 +3565,8 @@ KEY_VALUE_LINE = re.compile(
     r"\s*(frame|fps|stream_\d+_\d+_\w+|bitrate|total_size|out_time(?:_us|_ms)?|dup_frames"
     r"|drop_frames|speed|progress)=(.*)\Z")
 KEY_VALUE_LINE_LIMIT = 120         # longer lines are no ffmpeg key=value line
-FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:x|kbits/s)?|N/A|-?[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
+FFMPEG_VALUE = re.compile(r"-?[0-9.]+(?:e[+-]?[0-9]+)?(?:x|kbits/s)?|N/A"   # %g: 1.23e+03x
+                          r"|-?[0-9]+:[0-9]{2}:[0-9]{2}\.[0-9]+"
                           r"|continue|end")     # a time before the first frame: negative
 
 

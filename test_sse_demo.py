@@ -3389,15 +3389,18 @@ def test_cmd_ffmpeg_values_of_any_shape_never_stop_the_reader(make, programs, tm
     """A bitrate that is no number, a time too large for a float: the
     reader raised (the rest of the output discarded); such a value is left
     out, as N/A is. ffmpeg's own block before its first frame (a negative
-    time) is a block still, not log lines."""
+    time), or with a speed it prints in %g (1.23e+03x, at the start of a
+    run), is a block still, not log lines (seen under CI load)."""
     chunks = [("stdout", "frame=0\nbitrate=N/A\nout_time_us=-9223372036854775807\n"
                          "out_time=-2562047:47:16.854775\nspeed=N/A\nprogress=continue\n"),
+              ("stdout", "frame=1\nout_time_us=33333\nspeed=1.23e+03x\nprogress=continue\n"),
               ("stdout", "frame=3\nbitrate=1.2.3kbits/s\nout_time_us=%s\nprogress=continue\n"
                % ("9" * 100)), ("stdout", "out_time_us=%s\nafter\n" % ("9" * 400))]
     progress, logs = replay(make, programs, tmp_path, "ffmpeg_progress", chunks)
     assert [(p["iteration"], "rate" in p, "rate_unit" in p) for p in progress
-            if p["iteration"]] == [(3, False, False)]
+            if p["iteration"]] == [(1, False, False), (3, False, False)]
     assert not any(p.get("out_time_s", 0) < 0 for p in progress)    # before the first frame
+    assert [p["speed"] for p in progress if "speed" in p] == [1230.0]    # ffmpeg's %g
     assert [l["message"][:15] for l in logs] == ["out_time_us=999", "after"]
 
 
@@ -9414,4 +9417,5 @@ def test_report_tail_reads_a_file_rotated_just_before_its_job_exits(make, client
         stop_process(job)
     assert status == 4, err
     assert log_lines(srv, sid) == ["line 0", "line 1"]
+
 
