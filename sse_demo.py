@@ -74,14 +74,15 @@ Threads, and what each owns
   Go's net/http write from the thread that has the bytes, and hands the
   writer only what would block, the rest of a run's streams, an event
   that comes less than a millisecond after its run's last and the end of
-  a body. When events
-  still come to it faster than one a millisecond, it lets them gather that
-  long between turns, so that one wake-up writes several (one send for
-  many events, where the publisher would pay one each). The publisher
-  reads the writer's map of streams without a lock of its own: CPython
-  makes that look-up and its copy atomic (the interpreter lock, or in a
-  free-threaded build the dict's own), and at worst it is a turn old. A page's stream also carries the runs list and is paced (its
-  progress coalesced to one write every 20 ms): see _Connection.
+  a body. When events still come to it faster than one a millisecond, it
+  lets them gather that long between turns, so that one wake-up writes
+  several (one send for many events, where the publisher would pay one
+  each). The publisher reads the writer's map of streams without a lock
+  of its own: CPython makes that look-up and its copy atomic (the
+  interpreter lock, or in a free-threaded build the dict's own), and at
+  worst it is a turn old. A page's stream also carries the runs list and
+  is paced (its progress coalesced to one write every 20 ms): see
+  _Connection.
 - one worker per running run (``job-...``): runs the job and publishes its
   events into the run's ``_Session`` (history, ids, state, and its whole
   record: series and events, for /series, /log, /export); with ``--cmd``,
@@ -4019,7 +4020,12 @@ class _CommandOutput:
         self._take(screen, lines + screen.close() if final else lines, stream, final)
 
     def _take(self, screen, lines, stream, final=False):
-        lines, block, screen.key_values = _key_value_blocks(screen.key_values + lines)
+        block = None
+        if screen.key_values or lines and (_key_value(lines[-1]) or
+                                           "progress=" in "\n".join(lines)):
+            # ffmpeg's -progress blocks; any other read (a flood of plain
+            # lines) costs one look at its last line and one search
+            lines, block, screen.key_values = _key_value_blocks(screen.key_values + lines)
         if final:
             lines, screen.key_values = lines + screen.key_values, []
         self._publish_lines(lines, stream)
