@@ -165,6 +165,8 @@ log = logging.getLogger("sse_demo")
 STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
                                    # keepalive intervals is closed
 WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
+KEEPALIVE_LINGER_S = 0.02          # after a response, how long its thread waits for the
+                                   # connection's next request before the hub keeps it
 WORKER_STOP_GRACE_S = 0.5          # on shutdown, how long cancelled runs get to end
 SIGNAL_CHECK_S = 0.1               # the main thread's longest wait: Ctrl-C is taken between two
 HUB_STOP_TIMEOUT_S = 1.0           # on shutdown, how long the writer gets to end every stream
@@ -408,9 +410,14 @@ class _Series:
         self.buckets = {}          # index -> (first iteration, min, max, last per name...)
         self.last_id = 0
 
-    def add(self, event_id, iteration, fields):
+    def add(self, event_id, data):
+        """An event's numeric fields at its iteration (_numeric_fields)."""
         self.last_id = event_id
-        if not fields or isinstance(iteration, bool) or not isinstance(iteration, (int, float)):
+        iteration = data.get("iteration")
+        if isinstance(iteration, bool) or not isinstance(iteration, (int, float)):
+            return
+        fields = _numeric_fields(data)
+        if not fields:
             return
         index = int(max(0, iteration) // self.width)
         while index >= SERIES_BUCKETS:
@@ -633,7 +640,11 @@ def _latest_after(latest, data):
     of it comes, so a progress() without fields blanks no card, /status or
     terminal event. `rate_unit` goes with `rate`. Changes and returns
     `latest`, in a time that does not grow with its fields (a program may
-    name a new field in every line)."""
+    name a new field in every line). The usual event has every field the
+    latest has: one look-up each, no loop over the standard names."""
+    if latest.keys() <= data.keys():
+        latest.update(data)
+        return latest
     for name in NOT_CHARTED:
         if name in latest and name not in data and not (
                 name == "rate_unit" and "rate" in latest and "rate" not in data):
@@ -876,7 +887,7 @@ class _Session(_RunSink):
             pass      # its place in the queue: not a progress field, not a point
         elif event.name != "log":
             self._latest = _latest_after(self._latest, data)
-            self.series.add(event.id, data.get("iteration"), _numeric_fields(data))
+            self.series.add(event.id, data)
         else:
             self.series.last_id = event.id
         if record and self.record is not None:
@@ -1817,23 +1828,26 @@ class _StreamHub(_RunListener):
         WRITER_GATHER_S after the run's last (a job publishing flat out
         would otherwise pay a send per event per stream, where the writer
         joins what gathered into one send), and a terminal event (it ends
-        the bodies). Coalesced:
-        the inbox holds a session at most once, so a fast job can never grow
-        it past the session count."""
+        the bodies). Coalesced: the inbox holds a session at most once, so
+        a fast job can never grow it past the session count. A run no stream
+        follows costs nothing: a stream that the writer adds after this
+        look-up finds the event in the history (it is there before the
+        look-up, and the writer reads the history after it adds the stream)."""
         subs = self._by_session.get(session)       # the writer's map: a look-up
-        if subs is None or len(subs) > DIRECT_STREAMS or event.terminal or \
-                self._publishing_fast(session) or \
-                not all([self._write_now(sub, event) for sub in list(subs)]):
-            self._inbox.post(("events", session), once=session)
-
-    def _publishing_fast(self, session):
-        """Whether the run's event before this one came less than
-        WRITER_GATHER_S ago (by the times they reached here: a slow writer
-        cannot make a run look fast)."""
+        if subs is None:
+            return
+        # The time between the run's own events, as they reach here: a slow
+        # writer cannot make a run look fast.
         now = time.monotonic()
-        last = self._last_published.get(session, 0.0)
+        since = now - self._last_published.get(session, 0.0)
         self._last_published[session] = now
-        return now - last < WRITER_GATHER_S
+        if len(subs) <= DIRECT_STREAMS and not event.terminal and since >= WRITER_GATHER_S:
+            written = True
+            for sub in tuple(subs):
+                written = self._write_now(sub, event, now) and written
+            if written:
+                return
+        self._inbox.post(("events", session), once=session)
 
     def ended(self, session):
         self._last_published.pop(session, None)
@@ -1842,7 +1856,7 @@ class _StreamHub(_RunListener):
         self._last_published.pop(session, None)   # a straggling publisher's, after the end
 
     @staticmethod
-    def _write_now(sub, event):
+    def _write_now(sub, event, now):
         """Send `event` to `sub` from the publishing thread, if it is the
         stream's next and nothing waits ahead of it; True when all of it
         went (or the stream needs nothing of it). The stream's lock is only
@@ -1864,7 +1878,6 @@ class _StreamHub(_RunListener):
             except Exception:             # OSError, or worse: never the publisher's
                 return False              # problem; the writer meets it too, and closes it
             sub.cursor = event.id
-            now = time.monotonic()
             if sent:
                 sub.last_write = now
             if sent == len(data):
@@ -4893,7 +4906,7 @@ def _read_journal(path, session_id):
             last_id, only_queued = event[0], only_queued and event[1] == "queued"
             if event[1] not in ("log", "queued"):
                 latest = _latest_after(latest, event[2])
-                series.add(event[0], event[2].get("iteration"), _numeric_fields(event[2]))
+                series.add(event[0], event[2])
             ended = event[1] in TERMINAL_STATES
     if counted is not None and not ended and last_id > counted[2]:
         # A reported run's events past its last count are a batch the crash
@@ -6005,7 +6018,8 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, sock):
         self.sock = sock
         self.deadline = 0.0     # monotonic; the handler sets it for each request
-        self.waiting = True     # False: take only what has arrived (see _Handler.handle)
+        self.linger = None      # seconds: wait only this long, for what may come (see
+                                # _HTTPExchange.next_request_arrived); None: the deadline
         self.ended = False      # the client has closed its side: end of file while waiting
 
     def readable(self):
@@ -6013,11 +6027,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer):
         sock = self.sock
-        if not self.waiting:
-            sock.settimeout(0.0)
+        if self.linger is not None:
+            sock.settimeout(self.linger)
             try:
                 return sock.recv_into(buffer)
-            except WOULD_BLOCK:
+            except WOULD_BLOCK + (socket.timeout,):
                 return None     # nothing yet; BufferedReader.peek then gives b""
             finally:
                 sock.settimeout(WRITE_TIMEOUT_S)
@@ -6113,16 +6127,20 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
                 sock.settimeout(WRITE_TIMEOUT_S)
 
     def next_request_arrived(self):
-        """Are bytes of the next request already here (read ahead into the
-        buffer, or waiting on the socket)? Never blocks."""
+        """Have bytes of the next request come (read ahead into the buffer,
+        or on the socket) within KEEPALIVE_LINGER_S? A client that sends
+        its requests one after the other (an API client, a page loading)
+        is answered in this thread. Handed to the hub and back, each
+        request cost a new thread: 500 POST /start in a row took 0.33 s of
+        CPU that way, 0.24 s answered here."""
         raw = self.rfile.raw
-        raw.waiting = False
+        raw.linger = KEEPALIVE_LINGER_S
         try:
             return bool(self.rfile.peek(1))
         except OSError:
             return False    # the hub notices a broken connection too
         finally:
-            raw.waiting = True
+            raw.linger = None
 
     def park(self):
         """Give the quiet connection to the hub, which hands it back to the
