@@ -62,7 +62,8 @@ Threads, and what each owns
 - ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
   answer the JSON endpoints, write a stream's response head, then hand the
   socket to the writer. None waits on an open stream or an idle connection.
-- ``stream-writer`` (``_StreamHub``): owns every stream's socket and every
+- ``stream-writer`` (``_StreamWriter``; ``_StreamHub`` is what other threads
+  call, ``_StreamSockets`` the sockets): owns every stream's socket and every
   idle keep-alive connection (parked). It waits on all of them at once
   (``selectors``), writes each event (encoded once) to every subscriber
   without blocking, sends keepalives, closes stuck readers, and resumes a
@@ -177,14 +178,14 @@ HISTORY_LIMIT = 1000               # events a session holds for late joiners and
 LISTEN_BACKLOG = 2048              # the kernel caps it at net.core.somaxconn
 CATCH_UP_BATCH = 64                # events joined into one send for a lagging stream
 WRITER_GATHER_S = 0.001            # when events come faster than one per this, the writer
-                                   # lets them gather this long between turns (_StreamHub._turn)
+                                   # lets them gather this long between turns (_StreamWriter._turn)
 DIRECT_STREAMS = 8                 # a run with at most this many streams is written by the
                                    # thread that publishes (_StreamHub.published); past it,
                                    # or an event less than WRITER_GATHER_S after the run's
                                    # last, by the writer's one pass
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
-                                   # this often, its progress events coalesced (_StreamHub._due)
-TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamHub._send)
+                                   # this often, its progress events coalesced (_StreamWriter._due)
+TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamSockets.send)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
@@ -1550,7 +1551,7 @@ class _Connection:
     the runs feed's session and `feed_cursor` how far it has got there; and
     it may be paced (`?pace=1`): past `paced_from` (the run's last event when
     it opened; the history goes as on any stream), `paced_until` is when it
-    may next be written (see _StreamHub._due).
+    may next be written (see _StreamWriter._due).
     """
 
     __slots__ = ("sock", "address", "session", "cursor", "chunked", "keep_alive",
@@ -1579,7 +1580,7 @@ class _Connection:
         self.feed_cursor = 0
         self.paced_from = 0
         self.paced_until = None      # None: not paced
-        self.lock = threading.Lock()   # held by whichever thread writes it (_StreamHub)
+        self.lock = threading.Lock()   # held by whichever thread writes it (see _StreamHub)
 
     def frames(self, held):
         """Held events' bytes for this stream: their chunks, or for HTTP/1.0
@@ -1721,51 +1722,477 @@ def _selector_capacity(selector):
     return SELECT_LIMIT if isinstance(selector, selectors.SelectSelector) else None
 
 
-class _StreamHub(_RunListener):
-    """The one thread that writes every stream that cannot take an event at
-    once: the loop.
+class _StreamSockets:
+    """The connections the writer holds: which run each stream follows
+    (`by_session`, which the publishing threads read too), the selector
+    that watches their sockets, their timers, and how bytes go out, how a
+    stream ends, how an idle connection waits for its next request
+    (parked) and how a connection closes. The writer thread's alone."""
 
-    Other threads only call `attach`, `park`, `published`, `ended`,
-    `reserve`/`release`, `stop` and the questions `followed`, `failure` and
-    `can_watch`: they post work to the `_Inbox`, which wakes the writer.
-    Everything else here belongs to the writer thread, with one exception:
-    the thread that publishes an event writes it itself to a stream that can
-    take it now (`published`), as nginx and Go's net/http write from the thread
-    that has the bytes; whichever thread writes a stream holds its `lock`,
-    and the publisher only ever tries it, so it never waits. The writer
-    writes everything else: a stream that lags, a full socket, the
-    keepalives (its `_Timers`), the end of a body.
-    """
-
-    def __init__(self, keepalive_s, idle_timeout_s, max_streams, resume_connection):
-        self.keepalive_s = keepalive_s
-        self.stuck_s = STUCK_KEEPALIVES * keepalive_s
+    def __init__(self, hub, idle_timeout_s, resume_connection):
+        self._hub = hub                      # counts the streams
         self.idle_timeout_s = idle_timeout_s
         self._resume_connection = resume_connection   # a parked connection's next request
-        self._count_lock = threading.Lock()  # guards streams
-        self.streams = 0
-        self._inbox = _Inbox()
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._inbox.wake_r, selectors.EVENT_READ, None)
-        self.capacity = _selector_capacity(self._selector)   # sockets it can watch, or None
-        self.max_streams = max_streams if self.capacity is None else \
-            min(max_streams, self.capacity - SELECT_HEADROOM)
+        self.selector = selectors.DefaultSelector()
+        self.capacity = _selector_capacity(self.selector)   # sockets it can watch, or None
+        self.timers = _Timers()
+        self.by_session = {}                 # session -> {subscriber: None}
+
+    def send(self, sub):
+        """Non-blocking sends until the socket is full; True when all of
+        `pending` went out.
+
+        Under TLS a send writes whole records or nothing, and one that would
+        block must be repeated with the same bytes: `pending` only ever grows
+        at its end, so sending at most TLS_SEND_MAX bytes from its start
+        repeats them. It also keeps each send to one record, so a socket
+        with some room takes what fits instead of nothing."""
+        while True:
+            piece = sub.pending[:TLS_SEND_MAX] if sub.tls else sub.pending
+            try:
+                sent = sub.sock.send(piece)
+            except WOULD_BLOCK as exc:
+                sent = 0
+                sub.tls_wants_read = ssl is not None and isinstance(exc, ssl.SSLWantReadError)
+            except OSError as exc:
+                self.close(sub, exc)
+                return False
+            now = time.monotonic()
+            if sent:
+                sub.last_write = now
+                sub.blocked_since = None
+            if sent == len(sub.pending):
+                sub.pending = b""
+                if sub.writing:
+                    self.update_selector(sub, sub.reading, writing=False)
+                return True
+            sub.pending = memoryview(sub.pending)[sent:]
+            if sent < len(piece):
+                break
+        if sub.blocked_since is None:
+            sub.blocked_since = now
+        if sub.tls_wants_read:
+            self.update_selector(sub, reading=True, writing=False)
+        else:
+            self.update_selector(sub, sub.reading, writing=True)
+        return False
+
+    def on_readable(self, sub):
+        """End of file means the client has gone. Bytes mean its next request:
+        a stream leaves them in the kernel until it ends; an idle connection
+        goes back to the HTTP server to answer it. True when a TLS send
+        waited for the peer's bytes: the writer tries it again. (The peek
+        looks at the TCP bytes under TLS too: TLS has no peek, and reading
+        would take the request. A TLS client that says goodbye with
+        close_notify before it closes is noticed at the next write that
+        fails, a keepalive at the latest.)"""
+        if sub.tls_wants_read:
+            sub.tls_wants_read = False
+            return True
+        try:
+            data = socket.socket.recv(sub.sock, 1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(sub, exc)
+            return
+        if not data:
+            self.close(sub, "client closed the connection")
+        elif sub.idle:
+            self.resume(sub)
+        else:
+            self.update_selector(sub, reading=False, writing=sub.writing)
+
+    def end_stream(self, sub):
+        """The terminal event is out: keep the connection for the client's next
+        request (HTTP/1.1 keep-alive) or close it."""
+        self.forget(sub)
+        if not sub.keep_alive:
+            self.close(sub)
+            return
+        sub.idle = True
+        if sub.reading:
+            self.keep_parked(sub)
+        else:
+            self.resume(sub)   # a request is already waiting
+
+    def keep_parked(self, sub):
+        """An idle connection: watched for its next request, closed when it
+        has been quiet for the idle timeout. Under select(), only while that
+        leaves room for every stream the cap still allows."""
+        if self.capacity is not None and not sub.reading and len(self.selector.get_map()) + \
+                self._hub.max_streams - self._hub.streams >= self.capacity:
+            self.close(sub, "no room to watch an idle connection")
+            return
+        self.update_selector(sub, reading=True, writing=sub.writing)
+        self.timers.arm(sub, sub.last_write + self.idle_timeout_s)
+
+    def resume(self, sub):
+        """A parked connection's next request has come: back to the HTTP
+        server, which answers it in a new thread."""
+        self.update_selector(sub, reading=False, writing=False)
+        sub.closed = True
+        try:
+            sub.sock.setblocking(True)
+            self._resume_connection(sub.sock, sub.address)
+        except Exception:
+            log.exception("could not resume a parked connection in the HTTP server")
+            sub.sock.close()
+
+    def forget(self, sub):
+        """Stop counting a stream (once) and drop it from its session."""
+        if sub in self.by_session.get(sub.session, ()):
+            for session in (sub.session, sub.feed):
+                subs = self.by_session.get(session, {})
+                subs.pop(sub, None)
+                if not subs:
+                    self.by_session.pop(session, None)
+            self._hub.release()
+
+    def close(self, sub, reason=None, end_body=False):
+        """Close a connection; with `end_body`, first send (without blocking)
+        what is pending and the last chunk."""
+        if sub.closed:
+            return
+        if reason is not None:
+            log.debug("stream to %s closed: %s", sub.address[0], reason)
+        self.forget(sub)
+        self.update_selector(sub, reading=False, writing=False)
+        if end_body:
+            sub.end_body()
+            return
+        sub.closed = True
+        try:
+            sub.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sub.sock.close()
+
+    def update_selector(self, sub, reading, writing):
+        """Watch the socket for end of file and/or room to write."""
+        old = (selectors.EVENT_READ if sub.reading else 0) | \
+              (selectors.EVENT_WRITE if sub.writing else 0)
+        new = (selectors.EVENT_READ if reading else 0) | \
+              (selectors.EVENT_WRITE if writing else 0)
+        sub.reading, sub.writing = reading, writing
+        if old == new:
+            return
+        if not old:
+            self.selector.register(sub.sock, new, sub)
+        elif not new:
+            self.selector.unregister(sub.sock)
+        else:
+            self.selector.modify(sub.sock, new, sub)
+
+
+class _StreamWriter:
+    """The writer thread: its loop (a select() over every stream's socket
+    and the inbox's wake-up), the events each stream gets next, and its
+    timers (keepalives, stuck readers, idle connections). The sockets
+    themselves, and the map of who follows which run, are its
+    `_StreamSockets`."""
+
+    def __init__(self, hub, inbox, keepalive_s, idle_timeout_s, resume_connection):
+        self._hub = hub                      # counts the streams
+        self._inbox = inbox
+        self.keepalive_s = keepalive_s
+        self.stuck_s = STUCK_KEEPALIVES * keepalive_s
+        self.sockets = _StreamSockets(hub, idle_timeout_s, resume_connection)
+        self.sockets.selector.register(inbox.wake_r, selectors.EVENT_READ, None)
         self.broken = None                   # why the writer stopped taking streams, if it did
+        self.stopping = False
         self._serving = None                 # the connection being served, closed if that fails
         self._work = collections.deque()     # inbox items taken, not yet done
         self._last_events_turn = 0.0         # when a turn last wrote events (see _turn)
         self._gathering = False              # the next select is a pause while events gather
-        self._by_session = {}                # session -> {subscriber: None}
-        self._last_published = {}            # session -> when its last event came (published)
         self._idless_chunks = {}             # runs feed event id -> its chunk without id (_idless)
-        self._timers = _Timers()
-        self._stopping = False
+
+    def run(self):
+        failures = 0
+        while not self.stopping:
+            try:
+                self._turn()
+                failures = 0
+            except Exception:
+                failures += 1
+                self._survive(failures)
+        self._close_everything()
+
+    def _turn(self):
+        """One wait and what it found: inbox work, ready sockets, due timers.
+
+        Each turn that finds events costs a wake-up, and each wake-up three
+        hand-offs of the interpreter's lock (the publisher's wake-up byte,
+        the select, its recv) between threads that all want it. When events
+        come faster than one every WRITER_GATHER_S (hundreds of runs at
+        once), the writer lets them gather that long before its next turn:
+        a turn then writes several. The rate is the runs a turn wrote over
+        the time since the last turn that wrote, so a pause that gathered
+        several is followed by another while the rate lasts. The pause is
+        the next select's timeout, and the inbox holds its wake-ups
+        meanwhile, so a publisher during the pause sends no byte and the
+        writer reads none (sockets that turn ready still end the pause). An
+        event that comes alone is written at once."""
+        timeout = 0 if self._work else self.sockets.timers.delay()
+        if self._gathering:
+            timeout = WRITER_GATHER_S if timeout is None else min(timeout, WRITER_GATHER_S)
+        for key, mask in self.sockets.selector.select(timeout):
+            if key.data is None:
+                self._drain_inbox(woken=True)
+            else:
+                self._serving = key.data
+                self._on_ready(key.data, mask)
+        if self._gathering:
+            self._gathering = False
+            self._drain_inbox(woken=False)
+        wrote = self._do_work()
+        self._run_timers()
+        self._serving = None
+        if wrote:
+            now = time.monotonic()
+            if now - self._last_events_turn < wrote * WRITER_GATHER_S:
+                self._gathering = True       # the next select is the pause; posts
+                self._inbox.hold_wakeups()   # meanwhile wake nobody
+            self._last_events_turn = now
+
+    def _survive(self, failures):
+        """The writer met an exception nobody expected (a bug, a selector
+        error, a socket in an odd state). Every other stream must go on: log
+        it once with its traceback, close the connection it was serving, and
+        carry on. After WRITER_MAX_FAILURES in a row it cannot be trusted:
+        it stops taking streams, ends the open ones (browsers reconnect and
+        get 503 instead of hanging) and /healthz says so."""
+        sub, self._serving = self._serving, None
+        log.error("the stream writer failed%s; it goes on without that connection",
+                  " serving %s" % sub.address[0] if sub else "", exc_info=True)
+        if sub is not None:
+            try:
+                with sub.lock:
+                    self.sockets.close(sub, "the writer failed serving it")
+            except Exception:
+                log.debug("closing it failed too", exc_info=True)
+        if failures >= WRITER_MAX_FAILURES:
+            self.broken = "%d unexpected errors in a row" % failures
+            log.error("the stream writer gives up: %s; new streams get 503", self.broken)
+            self._work.extend(self._inbox.close())
+            self.stopping = True
+
+    def _drain_inbox(self, woken):
+        self._work.extend(self._inbox.take(woken))
+        if self._inbox.closed:
+            self.stopping = True     # take nothing more; what is queued still runs
+
+    def _do_work(self):
+        """Inbox items, one at a time: if one fails, the rest stay for the
+        next turn. Returns how many runs' new events it wrote."""
+        wrote = 0
+        while self._work:
+            kind, value = self._work.popleft()
+            self._serving = value if isinstance(value, _Connection) else None
+            if kind == "events":
+                wrote += 1
+                self._write_new_events(value)
+            elif kind == "attach":
+                self._add(value)
+            elif kind == "park":
+                self.sockets.keep_parked(value)
+        return wrote
+
+    def _add(self, sub):
+        with sub.lock:
+            for session in (sub.session, sub.feed):
+                if session is not None:
+                    self.sockets.by_session.setdefault(session, {})[sub] = None
+            self.sockets.update_selector(sub, reading=True, writing=False)
+            self.sockets.timers.arm(sub, sub.last_write + self.keepalive_s)
+            self._flush(sub)
+
+    def _write_new_events(self, session):
+        """Write a session's new events to its subscribers. Subscribers at the
+        same place share one encoded batch; a subscriber still sending an
+        earlier batch catches up when its socket has room (or now, when a
+        publishing thread left it bytes it could not send)."""
+        batches = {}
+        for sub in list(self.sockets.by_session.get(session, ())):
+            with sub.lock:
+                if not sub.closed and not (sub.pending and sub.writing):
+                    self._flush(sub, batches)
+
+    def _flush(self, sub, batches=None):
+        """Send what the socket accepts: pending bytes, then held events past
+        the cursors (when a paced stream is due). Ends the stream once the
+        terminal event is out."""
+        self._serving = sub
+        while not sub.closed:
+            if not sub.pending:
+                # _has_news, inline: this is every subscriber's path for every event
+                if sub.cursor >= sub.session.last_id and (
+                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id) or \
+                        sub.paced_until is not None and not self._due(sub):
+                    break   # caught up (a later event comes with a notify), or paced
+                batch = self._batch_for(sub, {} if batches is None else batches)
+                if not batch[0]:
+                    break
+                sub.pending, sub.cursor, sub.feed_cursor = batch
+                if sub.paced_until is not None:
+                    sub.paced_until = time.monotonic() + PACED_WRITE_S
+            if not self.sockets.send(sub):
+                return
+        if not sub.closed and not sub.idle and sub.has_terminal():
+            self.sockets.end_stream(sub)
+
+    @staticmethod
+    def _has_news(sub):
+        return sub.cursor < sub.session.last_id or (
+            sub.feed is not None and sub.feed_cursor < sub.feed.last_id)
+
+    def _due(self, sub):
+        """May a paced stream be written now? PACED_WRITE_S after its last
+        write; sooner once its run has ended (Cancel shows at once), or when
+        half the history has come since (it skips no more than an unpaced
+        stream). When not, its timer is set for then."""
+        if sub.cursor < sub.paced_from or time.monotonic() >= sub.paced_until or \
+                sub.session.terminal_id is not None or \
+                sub.session.last_id - sub.cursor >= HISTORY_LIMIT // 2:
+            return True
+        if sub.due is None or sub.due > sub.paced_until:
+            self.sockets.timers.arm(sub, sub.paced_until)
+        return False
+
+    def _batch_for(self, sub, batches):
+        """(bytes, cursor, feed cursor): the next events for `sub`, shared by
+        the subscribers at the same place in `batches`. A paced stream past
+        its history takes all the history holds past its cursor, of which
+        only the newest progress event (_coalesced); a stream that carries
+        the runs list takes its events first (the run's terminal chunk ends
+        the body)."""
+        paced = sub.paced_until is not None and sub.cursor >= sub.paced_from
+        key = (sub.cursor, sub.chunked, sub.feed, sub.feed_cursor, paced)
+        batch = batches.get(key)
+        if batch is None:
+            held = sub.session.held_after(sub.cursor, HISTORY_LIMIT if paced else CATCH_UP_BATCH)
+            cursor = held[-1][0] if held else sub.cursor
+            feed_cursor = sub.feed_cursor
+            if sub.feed is not None:
+                news = sub.feed.held_after(sub.feed_cursor, CATCH_UP_BATCH)
+                feed_cursor = news[-1][0] if news else feed_cursor
+                held = [self._idless(event) for event in news] + (
+                    _coalesced(held) if paced else held)
+            elif paced:
+                held = _coalesced(held)
+            batch = batches[key] = (sub.frames(held), cursor, feed_cursor)
+        return batch
+
+    def _idless(self, held):
+        """A runs list event as a run's stream carries it (_without_id).
+        Made once per event: the writer keeps the last few."""
+        chunk = self._idless_chunks.get(held[0])
+        if chunk is None:
+            chunk = _encode_chunk(_without_id(_Event.from_held(held).sse))
+            self._idless_chunks[held[0]] = chunk
+            if len(self._idless_chunks) > CATCH_UP_BATCH:
+                del self._idless_chunks[next(iter(self._idless_chunks))]
+        return (held[0], held[1], chunk)
+
+    def _on_ready(self, sub, mask):
+        with sub.lock:
+            if mask & selectors.EVENT_READ and self.sockets.on_readable(sub):
+                self._flush(sub)          # a TLS send waited for the peer's bytes
+            if mask & selectors.EVENT_WRITE and not sub.closed:
+                self._flush(sub)
+
+    # -- timers: keepalives, stuck readers, idle connections -----------------
+
+    def _run_timers(self):
+        now = time.monotonic()
+        for sub in self.sockets.timers.fired(now):
+            self._serving = sub
+            with sub.lock:
+                due = self._on_timer(sub, now)
+            if due is not None:
+                self.sockets.timers.arm(sub, due)
+
+    def _on_timer(self, sub, now):
+        """A subscriber's timer fired: returns when to look at it again."""
+        if sub.idle:
+            if now - sub.last_write >= self.sockets.idle_timeout_s:
+                self.sockets.close(sub, "idle")
+                return None
+            return sub.last_write + self.sockets.idle_timeout_s
+        if not sub.pending and self._has_news(sub):
+            self._flush(sub)                 # a paced stream's pause is over
+            if sub.closed or sub.idle:
+                return None
+        if sub.pending:
+            if now - sub.blocked_since >= self.stuck_s:
+                self.sockets.close(sub, "its socket accepted nothing for %.1f s" % self.stuck_s)
+                return None
+            return sub.blocked_since + self.stuck_s
+        if now - sub.last_write >= self.keepalive_s:
+            sub.pending = sub.keepalive_frame()
+            self._flush(sub)
+            if sub.closed:
+                return None
+            if sub.pending:
+                return sub.blocked_since + self.stuck_s
+        due = sub.last_write + self.keepalive_s
+        return min(due, sub.paced_until) if self._has_news(sub) and sub.paced_until else due
+
+    def _close_everything(self):
+        """Shutdown: each stream gets what it can take of the end of its body
+        without blocking, then every connection closes."""
+        for subs in list(self.sockets.by_session.values()):
+            for sub in list(subs):
+                with sub.lock:
+                    if not sub.closed:
+                        self._flush(sub)
+                    self.sockets.close(sub, end_body=True)
+        for sub in self.sockets.timers.subscribers():
+            self.sockets.close(sub)   # idle keep-alive connections
+        self._work.extend(self._inbox.close())
+        for kind, value in self._work:   # left over when the writer gave up
+            if kind == "attach":
+                self._hub.release()
+                self.sockets.close(value, end_body=True)
+            elif kind == "park":
+                self.sockets.close(value)
+        self.sockets.selector.close()
+        self._inbox.release()
+
+
+class _StreamHub(_RunListener):
+    """Every open stream, as the server's other threads see it: they open
+    one (`reserve`, then `attach`), park an idle keep-alive connection,
+    publish events (`published`) and stop it all; they ask `followed`,
+    `failure` and `can_watch`. What they hand over goes through the
+    `_Inbox` to the `_StreamWriter`, the one thread that writes every
+    stream that cannot take an event at once, with one exception: the
+    thread that publishes an event writes it itself to a stream that can
+    take it now (`published`), as nginx and Go's net/http write from the
+    thread that has the bytes; whichever thread writes a stream holds its
+    `lock`, and the publisher only ever tries it, so it never waits. The
+    writer writes everything else: a stream that lags, a full socket, the
+    keepalives, the end of a body.
+    """
+
+    def __init__(self, keepalive_s, idle_timeout_s, max_streams, resume_connection):
+        self.keepalive_s = keepalive_s
+        self._count_lock = threading.Lock()  # guards streams
+        self.streams = 0
+        self._inbox = _Inbox()
+        self._writer = _StreamWriter(self, self._inbox, keepalive_s, idle_timeout_s,
+                                     resume_connection)
+        self._by_session = self._writer.sockets.by_session   # the writer's map (published)
+        self.capacity = self._writer.sockets.capacity   # sockets select() can watch, or None
+        self.max_streams = max_streams if self.capacity is None else \
+            min(max_streams, self.capacity - SELECT_HEADROOM)
+        self._last_published = {}            # session -> when its last event came (published)
         self._thread = None
 
     # -- called from other threads -------------------------------------------
 
     def start(self, supervisor):
-        self._thread = supervisor.spawn("stream writer", self._run)
+        self._thread = supervisor.spawn("stream writer", self._writer.run)
 
     def reserve(self, sock):
         """Count a stream about to open on `sock`. Raises TooBusy past the cap,
@@ -1786,10 +2213,11 @@ class _StreamHub(_RunListener):
 
     def failure(self):
         """Why the writer is not writing, or None while it is."""
-        if self.broken is None and self._thread is not None and \
-                not self._thread.is_alive() and not self._stopping:
-            self.broken = "the writer thread ended"
-        return self.broken
+        writer = self._writer
+        if writer.broken is None and self._thread is not None and \
+                not self._thread.is_alive() and not writer.stopping:
+            writer.broken = "the writer thread ended"
+        return writer.broken
 
     def release(self):
         with self._count_lock:
@@ -1893,406 +2321,6 @@ class _StreamHub(_RunListener):
         self._inbox.post(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout)
-
-    # -- the writer thread ------------------------------------------------------
-
-    def _run(self):
-        failures = 0
-        while not self._stopping:
-            try:
-                self._turn()
-                failures = 0
-            except Exception:
-                failures += 1
-                self._survive(failures)
-        self._close_everything()
-
-    def _turn(self):
-        """One wait and what it found: inbox work, ready sockets, due timers.
-
-        Each turn that finds events costs a wake-up, and each wake-up three
-        hand-offs of the interpreter's lock (the publisher's wake-up byte,
-        the select, its recv) between threads that all want it. When events
-        come faster than one every WRITER_GATHER_S (hundreds of runs at
-        once), the writer lets them gather that long before its next turn:
-        a turn then writes several. The rate is the runs a turn wrote over
-        the time since the last turn that wrote, so a pause that gathered
-        several is followed by another while the rate lasts. The pause is
-        the next select's timeout, and the inbox holds its wake-ups
-        meanwhile, so a publisher during the pause sends no byte and the
-        writer reads none (sockets that turn ready still end the pause). An
-        event that comes alone is written at once."""
-        timeout = 0 if self._work else self._timers.delay()
-        if self._gathering:
-            timeout = WRITER_GATHER_S if timeout is None else min(timeout, WRITER_GATHER_S)
-        for key, mask in self._selector.select(timeout):
-            if key.data is None:
-                self._drain_inbox(woken=True)
-            else:
-                self._serving = key.data
-                self._on_ready(key.data, mask)
-        if self._gathering:
-            self._gathering = False
-            self._drain_inbox(woken=False)
-        wrote = self._do_work()
-        self._run_timers()
-        self._serving = None
-        if wrote:
-            now = time.monotonic()
-            if now - self._last_events_turn < wrote * WRITER_GATHER_S:
-                self._gathering = True       # the next select is the pause; posts
-                self._inbox.hold_wakeups()   # meanwhile wake nobody
-            self._last_events_turn = now
-
-    def _survive(self, failures):
-        """The writer met an exception nobody expected (a bug, a selector
-        error, a socket in an odd state). Every other stream must go on: log
-        it once with its traceback, close the connection it was serving, and
-        carry on. After WRITER_MAX_FAILURES in a row it cannot be trusted:
-        it stops taking streams, ends the open ones (browsers reconnect and
-        get 503 instead of hanging) and /healthz says so."""
-        sub, self._serving = self._serving, None
-        log.error("the stream writer failed%s; it goes on without that connection",
-                  " serving %s" % sub.address[0] if sub else "", exc_info=True)
-        if sub is not None:
-            try:
-                with sub.lock:
-                    self._close(sub, "the writer failed serving it")
-            except Exception:
-                log.debug("closing it failed too", exc_info=True)
-        if failures >= WRITER_MAX_FAILURES:
-            self.broken = "%d unexpected errors in a row" % failures
-            log.error("the stream writer gives up: %s; new streams get 503", self.broken)
-            self._work.extend(self._inbox.close())
-            self._stopping = True
-
-    def _drain_inbox(self, woken):
-        self._work.extend(self._inbox.take(woken))
-        if self._inbox.closed:
-            self._stopping = True     # take nothing more; what is queued still runs
-
-    def _do_work(self):
-        """Inbox items, one at a time: if one fails, the rest stay for the
-        next turn. Returns how many runs' new events it wrote."""
-        wrote = 0
-        while self._work:
-            kind, value = self._work.popleft()
-            self._serving = value if isinstance(value, _Connection) else None
-            if kind == "events":
-                wrote += 1
-                self._write_new_events(value)
-            elif kind == "attach":
-                self._add(value)
-            elif kind == "park":
-                self._keep_parked(value)
-        return wrote
-
-    def _add(self, sub):
-        with sub.lock:
-            for session in (sub.session, sub.feed):
-                if session is not None:
-                    self._by_session.setdefault(session, {})[sub] = None
-            self._update_selector(sub, reading=True, writing=False)
-            self._timers.arm(sub, sub.last_write + self.keepalive_s)
-            self._flush(sub)
-
-    def _write_new_events(self, session):
-        """Write a session's new events to its subscribers. Subscribers at the
-        same place share one encoded batch; a subscriber still sending an
-        earlier batch catches up when its socket has room (or now, when a
-        publishing thread left it bytes it could not send)."""
-        batches = {}
-        for sub in list(self._by_session.get(session, ())):
-            with sub.lock:
-                if not sub.closed and not (sub.pending and sub.writing):
-                    self._flush(sub, batches)
-
-    def _flush(self, sub, batches=None):
-        """Send what the socket accepts: pending bytes, then held events past
-        the cursors (when a paced stream is due). Ends the stream once the
-        terminal event is out."""
-        self._serving = sub
-        while not sub.closed:
-            if not sub.pending:
-                # _has_news, inline: this is every subscriber's path for every event
-                if sub.cursor >= sub.session.last_id and (
-                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id) or \
-                        sub.paced_until is not None and not self._due(sub):
-                    break   # caught up (a later event comes with a notify), or paced
-                batch = self._batch_for(sub, {} if batches is None else batches)
-                if not batch[0]:
-                    break
-                sub.pending, sub.cursor, sub.feed_cursor = batch
-                if sub.paced_until is not None:
-                    sub.paced_until = time.monotonic() + PACED_WRITE_S
-            if not self._send(sub):
-                return
-        if not sub.closed and not sub.idle and sub.has_terminal():
-            self._end_stream(sub)
-
-    @staticmethod
-    def _has_news(sub):
-        return sub.cursor < sub.session.last_id or (
-            sub.feed is not None and sub.feed_cursor < sub.feed.last_id)
-
-    def _due(self, sub):
-        """May a paced stream be written now? PACED_WRITE_S after its last
-        write; sooner once its run has ended (Cancel shows at once), or when
-        half the history has come since (it skips no more than an unpaced
-        stream). When not, its timer is set for then."""
-        if sub.cursor < sub.paced_from or time.monotonic() >= sub.paced_until or \
-                sub.session.terminal_id is not None or \
-                sub.session.last_id - sub.cursor >= HISTORY_LIMIT // 2:
-            return True
-        if sub.due is None or sub.due > sub.paced_until:
-            self._timers.arm(sub, sub.paced_until)
-        return False
-
-    def _batch_for(self, sub, batches):
-        """(bytes, cursor, feed cursor): the next events for `sub`, shared by
-        the subscribers at the same place in `batches`. A paced stream past
-        its history takes all the history holds past its cursor, of which
-        only the newest progress event (_coalesced); a stream that carries
-        the runs list takes its events first (the run's terminal chunk ends
-        the body)."""
-        paced = sub.paced_until is not None and sub.cursor >= sub.paced_from
-        key = (sub.cursor, sub.chunked, sub.feed, sub.feed_cursor, paced)
-        batch = batches.get(key)
-        if batch is None:
-            held = sub.session.held_after(sub.cursor, HISTORY_LIMIT if paced else CATCH_UP_BATCH)
-            cursor = held[-1][0] if held else sub.cursor
-            feed_cursor = sub.feed_cursor
-            if sub.feed is not None:
-                news = sub.feed.held_after(sub.feed_cursor, CATCH_UP_BATCH)
-                feed_cursor = news[-1][0] if news else feed_cursor
-                held = [self._idless(event) for event in news] + (
-                    _coalesced(held) if paced else held)
-            elif paced:
-                held = _coalesced(held)
-            batch = batches[key] = (sub.frames(held), cursor, feed_cursor)
-        return batch
-
-    def _idless(self, held):
-        """A runs list event as a run's stream carries it (_without_id).
-        Made once per event: the writer keeps the last few."""
-        chunk = self._idless_chunks.get(held[0])
-        if chunk is None:
-            chunk = _encode_chunk(_without_id(_Event.from_held(held).sse))
-            self._idless_chunks[held[0]] = chunk
-            if len(self._idless_chunks) > CATCH_UP_BATCH:
-                del self._idless_chunks[next(iter(self._idless_chunks))]
-        return (held[0], held[1], chunk)
-
-    def _send(self, sub):
-        """Non-blocking sends until the socket is full; True when all of
-        `pending` went out.
-
-        Under TLS a send writes whole records or nothing, and one that would
-        block must be repeated with the same bytes: `pending` only ever grows
-        at its end, so sending at most TLS_SEND_MAX bytes from its start
-        repeats them. It also keeps each send to one record, so a socket
-        with some room takes what fits instead of nothing."""
-        while True:
-            piece = sub.pending[:TLS_SEND_MAX] if sub.tls else sub.pending
-            try:
-                sent = sub.sock.send(piece)
-            except WOULD_BLOCK as exc:
-                sent = 0
-                sub.tls_wants_read = ssl is not None and isinstance(exc, ssl.SSLWantReadError)
-            except OSError as exc:
-                self._close(sub, exc)
-                return False
-            now = time.monotonic()
-            if sent:
-                sub.last_write = now
-                sub.blocked_since = None
-            if sent == len(sub.pending):
-                sub.pending = b""
-                if sub.writing:
-                    self._update_selector(sub, sub.reading, writing=False)
-                return True
-            sub.pending = memoryview(sub.pending)[sent:]
-            if sent < len(piece):
-                break
-        if sub.blocked_since is None:
-            sub.blocked_since = now
-        if sub.tls_wants_read:
-            self._update_selector(sub, reading=True, writing=False)
-        else:
-            self._update_selector(sub, sub.reading, writing=True)
-        return False
-
-    def _on_ready(self, sub, mask):
-        with sub.lock:
-            if mask & selectors.EVENT_READ:
-                self._on_readable(sub)
-            if mask & selectors.EVENT_WRITE and not sub.closed:
-                self._flush(sub)
-
-    def _on_readable(self, sub):
-        """End of file means the client has gone. Bytes mean its next request:
-        a stream leaves them in the kernel until it ends; an idle connection
-        goes back to the HTTP server to answer it. A TLS send that waited for
-        the peer's bytes is tried again. (The peek looks at the TCP bytes
-        under TLS too: TLS has no peek, and reading would take the request.
-        A TLS client that says goodbye with close_notify before it closes is
-        noticed at the next write that fails, a keepalive at the latest.)"""
-        if sub.tls_wants_read:
-            sub.tls_wants_read = False
-            self._flush(sub)
-            return
-        try:
-            data = socket.socket.recv(sub.sock, 1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(sub, exc)
-            return
-        if not data:
-            self._close(sub, "client closed the connection")
-        elif sub.idle:
-            self._resume(sub)
-        else:
-            self._update_selector(sub, reading=False, writing=sub.writing)
-
-    def _end_stream(self, sub):
-        """The terminal event is out: keep the connection for the client's next
-        request (HTTP/1.1 keep-alive) or close it."""
-        self._forget(sub)
-        if not sub.keep_alive:
-            self._close(sub)
-            return
-        sub.idle = True
-        if sub.reading:
-            self._keep_parked(sub)
-        else:
-            self._resume(sub)   # a request is already waiting
-
-    def _keep_parked(self, sub):
-        """An idle connection: watched for its next request, closed when it
-        has been quiet for the idle timeout. Under select(), only while that
-        leaves room for every stream the cap still allows."""
-        if self.capacity is not None and not sub.reading and len(self._selector.get_map()) + \
-                self.max_streams - self.streams >= self.capacity:
-            self._close(sub, "no room to watch an idle connection")
-            return
-        self._update_selector(sub, reading=True, writing=sub.writing)
-        self._timers.arm(sub, sub.last_write + self.idle_timeout_s)
-
-    def _resume(self, sub):
-        """A parked connection's next request has come: back to the HTTP
-        server, which answers it in a new thread."""
-        self._update_selector(sub, reading=False, writing=False)
-        sub.closed = True
-        try:
-            sub.sock.setblocking(True)
-            self._resume_connection(sub.sock, sub.address)
-        except Exception:
-            log.exception("could not resume a parked connection in the HTTP server")
-            sub.sock.close()
-
-    def _forget(self, sub):
-        """Stop counting a stream (once) and drop it from its session."""
-        if sub in self._by_session.get(sub.session, ()):
-            for session in (sub.session, sub.feed):
-                subs = self._by_session.get(session, {})
-                subs.pop(sub, None)
-                if not subs:
-                    self._by_session.pop(session, None)
-            self.release()
-
-    def _close(self, sub, reason=None, end_body=False):
-        """Close a connection; with `end_body`, first send (without blocking)
-        what is pending and the last chunk."""
-        if sub.closed:
-            return
-        if reason is not None:
-            log.debug("stream to %s closed: %s", sub.address[0], reason)
-        self._forget(sub)
-        self._update_selector(sub, reading=False, writing=False)
-        if end_body:
-            sub.end_body()
-            return
-        sub.closed = True
-        try:
-            sub.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sub.sock.close()
-
-    def _update_selector(self, sub, reading, writing):
-        """Watch the socket for end of file and/or room to write."""
-        old = (selectors.EVENT_READ if sub.reading else 0) | \
-              (selectors.EVENT_WRITE if sub.writing else 0)
-        new = (selectors.EVENT_READ if reading else 0) | \
-              (selectors.EVENT_WRITE if writing else 0)
-        sub.reading, sub.writing = reading, writing
-        if old == new:
-            return
-        if not old:
-            self._selector.register(sub.sock, new, sub)
-        elif not new:
-            self._selector.unregister(sub.sock)
-        else:
-            self._selector.modify(sub.sock, new, sub)
-
-    # -- timers: keepalives, stuck readers, idle connections -----------------
-
-    def _run_timers(self):
-        now = time.monotonic()
-        for sub in self._timers.fired(now):
-            self._serving = sub
-            with sub.lock:
-                due = self._on_timer(sub, now)
-            if due is not None:
-                self._timers.arm(sub, due)
-
-    def _on_timer(self, sub, now):
-        """A subscriber's timer fired: returns when to look at it again."""
-        if sub.idle:
-            if now - sub.last_write >= self.idle_timeout_s:
-                self._close(sub, "idle")
-                return None
-            return sub.last_write + self.idle_timeout_s
-        if not sub.pending and self._has_news(sub):
-            self._flush(sub)                 # a paced stream's pause is over
-            if sub.closed or sub.idle:
-                return None
-        if sub.pending:
-            if now - sub.blocked_since >= self.stuck_s:
-                self._close(sub, "its socket accepted nothing for %.1f s" % self.stuck_s)
-                return None
-            return sub.blocked_since + self.stuck_s
-        if now - sub.last_write >= self.keepalive_s:
-            sub.pending = sub.keepalive_frame()
-            self._flush(sub)
-            if sub.closed:
-                return None
-            if sub.pending:
-                return sub.blocked_since + self.stuck_s
-        due = sub.last_write + self.keepalive_s
-        return min(due, sub.paced_until) if self._has_news(sub) and sub.paced_until else due
-
-    def _close_everything(self):
-        """Shutdown: each stream gets what it can take of the end of its body
-        without blocking, then every connection closes."""
-        for subs in list(self._by_session.values()):
-            for sub in list(subs):
-                with sub.lock:
-                    if not sub.closed:
-                        self._flush(sub)
-                    self._close(sub, end_body=True)
-        for sub in self._timers.subscribers():
-            self._close(sub)   # idle keep-alive connections
-        self._work.extend(self._inbox.close())
-        for kind, value in self._work:   # left over when the writer gave up
-            if kind == "attach":
-                self.release()
-                self._close(value, end_body=True)
-            elif kind == "park":
-                self._close(value)
-        self._selector.close()
-        self._inbox.release()
 
 
 ###############################################################################
@@ -7191,6 +7219,25 @@ def _json_object(raw):
     return answer if isinstance(answer, dict) else {}
 
 
+def _refusal(status, answer, posted, run):
+    """What an answer other than 200 to a post of `posted` events means:
+    the exception the reporter's thread acts on (see _Outbox._run)."""
+    error = answer.get("error", "")
+    if status == 409 and "state" in answer:
+        return _ReportRefused("the run has ended on the server (%s)" % answer["state"])
+    if status == 409 and type(answer.get("received")) is int:
+        return _Resend(answer["received"])
+    if status == 404:
+        return _ReportRefused("the server no longer knows run %s (restarted without "
+                              "--state-dir, or the run expired)" % run)
+    named = re.match(r"events\[(\d+)\]", str(answer.get("param", "")))
+    if status == 400 and named and int(named.group(1)) < posted:
+        return _BatchRefused("the server refused an event: %s" % error, int(named.group(1)))
+    if _transient(status):
+        return _Unreachable("the server answered %d (%s)" % (status, error))
+    return _ReportRefused("the server refused the events (%d): %s" % (status, error))
+
+
 class _Outbox(_RunSink):
     """Stands in for a run's session on the reporting side: `Progress` and
     `_CommandOutput` publish into it as into a run (publish, cancel,
@@ -7474,24 +7521,9 @@ class _Outbox(_RunSink):
         answer = _json_object(raw)
         if response.status == 200:
             return answer, posted
-        if response.status == 409 and "state" in answer:
-            if answer.get("cancel"):
-                self.cancel.set()
-            raise _ReportRefused("the run has ended on the server (%s)" % answer["state"])
-        if response.status == 409 and type(answer.get("received")) is int:
-            raise _Resend(answer["received"])
-        if response.status == 404:
-            raise _ReportRefused("the server no longer knows run %s (restarted without "
-                                 "--state-dir, or the run expired)" % self.id)
-        named = re.match(r"events\[(\d+)\]", str(answer.get("param", "")))
-        if response.status == 400 and named and int(named.group(1)) < posted:
-            raise _BatchRefused("the server refused an event: %s" % answer.get("error", ""),
-                                int(named.group(1)))
-        if _transient(response.status):
-            raise _Unreachable("the server answered %d (%s)" % (response.status,
-                                                                answer.get("error", "")))
-        raise _ReportRefused("the server refused the events (%d): %s"
-                             % (response.status, answer.get("error", "")))
+        if response.status == 409 and "state" in answer and answer.get("cancel"):
+            self.cancel.set()
+        raise _refusal(response.status, answer, posted, self.id)
 
 
 class Reporter:

@@ -1313,7 +1313,7 @@ def test_writer_that_cannot_go_on_says_so_and_refuses_streams(make, caplog):
     def broken_select(timeout=None):
         raise OSError("injected: the selector is broken")
     with caplog.at_level("ERROR", logger="sse_demo"):
-        srv.server.hub._selector.select = broken_select
+        srv.server.hub._writer.sockets.selector.select = broken_select
         srv.server.hub._inbox.post(("wake", None))        # wake it
         wait_for(lambda: request(srv, "GET", "/healthz")[0] == 503, what="healthz to say")
     health = json.loads(request(srv, "GET", "/healthz")[2])
