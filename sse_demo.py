@@ -61,7 +61,9 @@ Threads, and what each owns
 - main: starts everything, waits for Ctrl-C or SIGTERM, stops everything.
 - ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
   answer the JSON endpoints, write a stream's response head, then hand the
-  socket to the writer. None waits on an open stream or an idle connection.
+  socket to the writer. None waits on an open stream, nor on an idle
+  keep-alive connection longer than 20 ms (a client's next request in a
+  row comes sooner, and is answered without a new thread).
 - ``stream-writer`` (``_StreamWriter``; ``_StreamHub`` is what other threads
   call, ``_StreamSockets`` the sockets): owns every stream's socket and every
   idle keep-alive connection (parked). It waits on all of them at once
@@ -8557,8 +8559,6 @@ def _tune_garbage_collector():
     application that embeds make_server() keeps its own settings."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
 
 
 def _raise_open_file_limit():
