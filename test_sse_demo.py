@@ -8786,8 +8786,12 @@ def test_browser_a_reported_run_shows_its_own_fields_and_who_can_cancel_it(
     assert browser.element("new-run") == "Start a run of Build optimisation (simulated)"
     note = browser.element("watching")
     assert "Ctrl-C" in note and "curl" in note and "only the page that started" not in note
+    assert "control key" in note                  # a plain POST /runs client has no report
     assert browser.element("watching", "hidden") is False
     screenshot_sizes(browser, tmp_path, "reported-open-server")
+    assert post_events(srv, opened, [{"event": "complete"}])[0] == 200
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.element("watching", "hidden") is True    # nobody can cancel an ended run
     assert browser.problems() == []
 
 
