@@ -257,11 +257,6 @@ def _frame_event(event_id, name, data_json):
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data_json)
 
 
-def _encode_event(event_id, name, data):
-    """The bytes of one SSE event (WHATWG HTML, "Server-sent events")."""
-    return _frame_event(event_id, name, json_line(data).encode())
-
-
 def _encode_chunk(payload):
     """One HTTP/1.1 chunk (RFC 9112, section 7.1): size in hex, CRLF, data, CRLF."""
     return b"%x\r\n%s\r\n" % (len(payload), payload)

@@ -53,7 +53,7 @@ NO_LISTENERS = sse_demo._Listeners([])     # a run nobody hears of: for a run te
     (2, "error", {"message": "caf\u00e9"}, b'id: 2\nevent: error\ndata: {"message":"caf\\u00e9"}\n\n'),
 ])
 def test_encode_event_exact_bytes(event_id, name, data, expected):
-    assert sse_demo._encode_event(event_id, name, data) == expected
+    assert sse_demo._Event(event_id, name, data).sse == expected
 
 
 def test_chunks_decode_with_pythons_own_http_client():
@@ -86,7 +86,7 @@ def test_the_fixed_frames_are_the_contracts():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_encode_event_refuses_non_finite_numbers(value):
     with pytest.raises(ValueError):
-        sse_demo._encode_event(1, "progress", {"x": value})
+        sse_demo._Event(1, "progress", {"x": value})
 
 
 def test_terminal_event_chunk_ends_the_body():
