@@ -61,9 +61,7 @@ Threads, and what each owns
 - main: starts everything, waits for Ctrl-C or SIGTERM, stops everything.
 - ``ThreadingHTTPServer``'s short-lived request threads: parse a request,
   answer the JSON endpoints, write a stream's response head, then hand the
-  socket to the writer. None waits on an open stream, nor on an idle
-  keep-alive connection longer than 20 ms (a client's next request in a
-  row comes sooner, and is answered without a new thread).
+  socket to the writer. None waits on an open stream or an idle connection.
 - ``stream-writer`` (``_StreamWriter``; ``_StreamHub`` is what other threads
   call, ``_StreamSockets`` the sockets): owns every stream's socket and every
   idle keep-alive connection (parked). It waits on all of them at once
@@ -168,8 +166,6 @@ log = logging.getLogger("sse_demo")
 STUCK_KEEPALIVES = 4               # a stream whose socket accepts nothing this many
                                    # keepalive intervals is closed
 WRITE_TIMEOUT_S = 10.0             # a blocking response write (handler threads) gives up
-KEEPALIVE_LINGER_S = 0.02          # after a response, how long its thread waits for the
-                                   # connection's next request before the hub keeps it
 WORKER_STOP_GRACE_S = 0.5          # on shutdown, how long cancelled runs get to end
 SIGNAL_CHECK_S = 0.1               # the main thread's longest wait: Ctrl-C is taken between two
 HUB_STOP_TIMEOUT_S = 1.0           # on shutdown, how long the writer gets to end every stream
@@ -2261,12 +2257,15 @@ class _StreamHub(_RunListener):
         subs = self._by_session.get(session)       # the writer's map: a look-up
         if subs is None:
             return
+        if event.terminal:          # after ended(), which dropped the run's time below
+            self._inbox.post(("events", session), once=session)
+            return
         # The time between the run's own events, as they reach here: a slow
         # writer cannot make a run look fast.
         now = time.monotonic()
         since = now - self._last_published.get(session, 0.0)
         self._last_published[session] = now
-        if len(subs) <= DIRECT_STREAMS and not event.terminal and since >= WRITER_GATHER_S:
+        if len(subs) <= DIRECT_STREAMS and since >= WRITER_GATHER_S:
             written = True
             for sub in tuple(subs):
                 written = self._write_now(sub, event, now) and written
@@ -6043,8 +6042,7 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, sock):
         self.sock = sock
         self.deadline = 0.0     # monotonic; the handler sets it for each request
-        self.linger = None      # seconds: wait only this long, for what may come (see
-                                # _HTTPExchange.next_request_arrived); None: the deadline
+        self.waiting = True     # False: take only what has arrived (see _Handler.handle)
         self.ended = False      # the client has closed its side: end of file while waiting
 
     def readable(self):
@@ -6052,11 +6050,11 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer):
         sock = self.sock
-        if self.linger is not None:
-            sock.settimeout(self.linger)
+        if not self.waiting:
+            sock.settimeout(0.0)
             try:
                 return sock.recv_into(buffer)
-            except WOULD_BLOCK + (socket.timeout,):
+            except WOULD_BLOCK:
                 return None     # nothing yet; BufferedReader.peek then gives b""
             finally:
                 sock.settimeout(WRITE_TIMEOUT_S)
@@ -6152,20 +6150,19 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
                 sock.settimeout(WRITE_TIMEOUT_S)
 
     def next_request_arrived(self):
-        """Have bytes of the next request come (read ahead into the buffer,
-        or on the socket) within KEEPALIVE_LINGER_S? A client that sends
-        its requests one after the other (an API client, a page loading)
-        is answered in this thread. Handed to the hub and back, each
-        request cost a new thread: 500 POST /start in a row took 0.33 s of
-        CPU that way, 0.24 s answered here."""
+        """Are bytes of the next request already here (read ahead into the
+        buffer, or waiting on the socket)? Never blocks. (Waiting a little
+        for them would save the next request a new thread, but a thread
+        that waits holds its place in --max-per-address, and answers on
+        after a shutdown has begun: measured, and left out.)"""
         raw = self.rfile.raw
-        raw.linger = KEEPALIVE_LINGER_S
+        raw.waiting = False
         try:
             return bool(self.rfile.peek(1))
         except OSError:
             return False    # the hub notices a broken connection too
         finally:
-            raw.linger = None
+            raw.waiting = True
 
     def park(self):
         """Give the quiet connection to the hub, which hands it back to the
