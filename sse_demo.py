@@ -4244,8 +4244,8 @@ class _CommandJob(JobSpec):
         def run(session, values):
             _run_command(session, argv, values, kill_after_s, self._groups)
         name = _program_name(argv)
-        super().__init__(name, title or name, "Runs `%s` for each run; its output is the log, "
-                         "its progress lines the progress." % template,
+        super().__init__(name, title or name, "Runs \u201c%s\u201d for each run: its output "
+                         "is the log, its progress lines the progress." % template,
                          {name: _Param(name, default) for name, default in defaults.items()},
                          [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
                          check=lambda values: _fill_command(argv, values))

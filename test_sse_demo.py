@@ -2642,6 +2642,8 @@ def test_cmd_placeholders_are_the_job_parameters(make, programs):
     assert [(p["name"], p["type"], p["default"]) for p in job["params"]] == [
         ("epochs", "integer", 10), ("lr", "number", 0.001), ("fast", "boolean", False),
         ("name", "string", "run one")]
+    # The page shows the description as plain text: no Markdown backticks in it.
+    assert job["description"].startswith("Runs \u201c") and "`" not in job["description"]
     events = watch(srv, start_run(srv, epochs=3, fast=True)).events()
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
     assert json.loads(logs[0]) == ["--epochs", "3", "--lr=0.001", "true", "--name=run one"]
