@@ -8797,6 +8797,23 @@ def test_browser_a_reported_run_shows_its_own_fields_and_who_can_cancel_it(
     assert browser.problems() == []
 
 
+def test_browser_a_run_whose_exit_status_nobody_knows_says_so(browser, make):
+    """`report --tail --pid` ends its run `error` with the reason "exit
+    status unknown": the page and its runs list say that, not a bare
+    "failed" that reads as the job's own failure."""
+    srv = make()
+    opened = open_reported(srv, "job.out")
+    browser.open(page_url(srv) + "#session=" + opened["session_id"])
+    browser.wait_for(STATE + " === 'live'")
+    assert post_events(srv, opened, [{"event": "error", "reason": "exit status unknown",
+                                      "message": "process 4242 has exited"}])[0] == 200
+    browser.wait_for(STATE + " === 'failed'")
+    assert browser.element("status") == "Failed · exit status unknown"
+    browser.wait_for("document.querySelector('#runs button[aria-current]').textContent"
+                     ".includes(' · failed · exit status unknown')")
+    assert browser.problems() == []
+
+
 def test_reporter_splits_large_batches_and_drops_only_an_event_the_server_refuses(
         make, monkeypatch, caplog):
     monkeypatch.setattr(sse_demo, "REPORT_POST_BYTES", 2000)     # a proxy's small body limit
