@@ -4245,7 +4245,7 @@ class _CommandJob(JobSpec):
             _run_command(session, argv, values, kill_after_s, self._groups)
         name = _program_name(argv)
         super().__init__(name, title or name, "Runs \u201c%s\u201d for each run: its output "
-                         "is the log, its progress lines the progress." % template,
+                         "is the log, its progress lines the progress." % template.strip(),
                          {name: _Param(name, default) for name, default in defaults.items()},
                          [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
                          check=lambda values: _fill_command(argv, values))

@@ -6670,7 +6670,7 @@ def test_browser_run_to_completion_logs_every_event(browser, server):
     browser.wait_for(STATE + " === 'complete'")
     assert browser.element("bar", "value") == 100
     assert browser.element("iteration") == "5 / 5"
-    assert browser.element("progress-text") == "100.00 %"
+    assert browser.element("progress-text") == browser.element("percent") == "100.00 %"
     events = event_lines(browser)
     assert [number for number, _, _ in events] == [6, 5, 4, 3, 2, 1]     # newest first
     assert events[0][1] == "complete" and events[-1][1] == "progress"
