@@ -403,6 +403,8 @@ class _Series:
         self._slots = {}           # name -> its place in `names`
         self.buckets = {}          # index -> (first iteration, min, max, last per name...)
         self.last_id = 0
+        self._shape = ()           # the names of the last event's fields, in its order,
+        self._charted = []         # and of those the ones a chart may draw
 
     def add(self, event_id, data):
         """An event's numeric fields at its iteration (_numeric_fields)."""
@@ -410,22 +412,41 @@ class _Series:
         iteration = data.get("iteration")
         if isinstance(iteration, bool) or not isinstance(iteration, (int, float)):
             return
-        fields = _numeric_fields(data)
+        index = int(max(0, iteration) // self.width)
+        if index < SERIES_BUCKETS and index not in self.buckets:
+            row = self._row_like_last(iteration, data)
+            if row is not None:
+                self.buckets[index] = row
+                return
+        self._add_fields(iteration, index, _numeric_fields(data))
+
+    def _row_like_last(self, iteration, data):
+        """The usual event's new bucket, made in half the time: an event with
+        the same fields as the one before, in the same order, and every field
+        a chart draws a plain int or float, and all of them charted already.
+        None when the event is not that one."""
+        shape = tuple(data)
+        if shape != self._shape:
+            self._shape = shape
+            self._charted = [name for name in shape if name not in NOT_CHARTED]
+        if not self._charted or self._charted != self.names:
+            return None
+        row = [iteration]
+        for name in self._charted:
+            value = data[name]
+            if type(value) is not float and type(value) is not int:
+                return None
+            row += (value, value, value)
+        return tuple(row)
+
+    def _add_fields(self, iteration, index, fields):
         if not fields:
             return
-        index = int(max(0, iteration) // self.width)
         while index >= SERIES_BUCKETS:
             self.buckets = _merge_buckets(self.buckets, 2)
             self.width *= 2
             index //= 2
         bucket = self.buckets.get(index)
-        if bucket is None and list(fields) == self.names:
-            # A new bucket of the fields it has had so far: the common case
-            row = [iteration]
-            for value in fields.values():
-                row += (value, value, value)
-            self.buckets[index] = tuple(row)
-            return
         slots = [(3 * self._slot(name), value) for name, value in fields.items()
                  if name in self._slots or len(self.names) < SERIES_FIELDS]
         bucket = bucket or (iteration,)

@@ -1693,6 +1693,19 @@ def counting(progress, steps=3, label="x", ratio=0.5, loud=False):
     return {"steps": steps, "label": label}
 
 
+def shifting(progress):
+    """Fields that change between events: the series' short path for the
+    usual event and its long one for the rest must agree."""
+    progress(0, 10, loss=4.0, acc=0.1)
+    progress(1, 10, loss=3.0, acc="n/a")            # a field turns to text
+    progress(2, 10, acc=0.3, loss=2.0)              # the same fields in another order
+    progress(3, 10, loss=1.5, acc=0.4, lr=0.01)     # a new field
+    progress(4, 10, loss=1.0)                       # one goes missing
+    progress(5, 10, loss=True, acc=0.5)             # a bool is not a number to chart
+    progress(6, 10, loss=0.5, acc=0.6)
+    progress(6, 10, loss=0.7, acc=0.2)              # the same iteration: the same bucket
+
+
 def ignores_cancel(progress, steps=100000, pause=0.01):
     for i in range(steps):
         progress(i, steps)
@@ -4652,6 +4665,24 @@ def test_series_covers_the_whole_run_in_equal_buckets_with_its_spike(make, jobs)
     assert series["last_id"] == int(events[-1]["id"])
     default = get_json(srv, "/series/" + sid)
     assert len(default["iterations"]) <= 1000 and default["width"] <= width
+
+
+def test_series_follows_fields_that_change_between_events(make, jobs):
+    """An event with the fields of the one before, all plain numbers, takes
+    the series' short path; text, a new order, a new or missing field and a
+    bool take the long one, and the buckets say the same either way."""
+    srv = make(job=jobs.shifting)
+    sid, _ = finished_run(srv)
+    series = get_json(srv, "/series/%s?points=100" % sid)
+    # the last bucket is the complete event's (iteration 10), with the latest fields
+    assert series["iterations"] == [0, 1, 2, 3, 4, 5, 6, 10] and series["width"] == 1
+    fields = series["fields"]
+    assert set(fields) == {"loss", "acc", "lr"}
+    assert fields["loss"]["last"] == [4.0, 3.0, 2.0, 1.5, 1.0, None, 0.7, 0.7]
+    assert (fields["loss"]["min"][6], fields["loss"]["max"][6]) == (0.5, 0.7)
+    assert fields["acc"]["last"] == [0.1, None, 0.3, 0.4, None, 0.5, 0.2, 0.2]
+    assert (fields["acc"]["min"][6], fields["acc"]["max"][6]) == (0.2, 0.6)
+    assert fields["lr"]["last"] == [None, None, None, 0.01, None, None, None, 0.01]
 
 
 @pytest.mark.parametrize("points", ["9", "5001", "x", "-1", ""])
