@@ -13,8 +13,14 @@ all of them together stay well under one core; at 500 runs the points above
 the floor are about 500/150 times the ones shown.
 
     python3 bench/side_by_side.py                         # sse_demo and the floor, 3 rounds
-    python3 bench/side_by_side.py --rounds 5 --runs 100
+    python3 bench/side_by_side.py --rounds 5
     python3 bench/side_by_side.py --also 'before=python3 /tmp/old/sse_demo.py --port {port}'
+
+It prints a row per round: each server's CPU over the window, in percent of
+one core, then sse_demo's minus the floor's, then each server's CPU divided
+by the floor's. Keep the default size or larger: with a few runs each
+server takes a percent or two of a core, and the ratios are mostly the
+noise of reading /proc in ticks of 10 ms (the script says so).
 
 Standard library only, Linux (/proc, taskset), loopback only. Every server
 it starts is stopped (SIGTERM, then SIGKILL) on every way out.
@@ -30,15 +36,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load  # noqa: E402  (the bench's own server, client and stream loop)
 
 TICK_S = 0.1          # each run publishes 10 events a second, as in load.py's sessions
+NOISY_PERCENT = 5.0   # below this much of a core, /proc's 10 ms ticks are a large part of it
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Each round prints every server's CPU "
+        "in percent of one core over the window, sse_demo's minus the floor's, and every "
+        "server's CPU divided by the floor's. Below about 5 % of a core per server (fewer "
+        "than 100 runs, or a short window) the ratios are mostly noise.")
     p.add_argument("--runs", type=int, default=150, help="runs on each server (default 150)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, servers started anew (default 3)")
     p.add_argument("--window", type=float, default=10.0, help="seconds measured (default 10)")
     p.add_argument("--warm", type=float, default=3.0,
-                   help="seconds read before the window opens (default 3)")
+                   help="seconds of warm-up: streams read, CPU not counted (default 3)")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=COMMAND",
                    help="one more server, {port} filled in; repeatable")
     args = p.parse_args(argv)
@@ -49,6 +60,8 @@ def parse_args(argv):
         label, _, command = item.partition("=")
         if not label or "{port}" not in command:
             p.error("--also takes LABEL=COMMAND, the command with {port}: %r" % item)
+        if label in dict(args.columns):
+            p.error("--also: the label %r is taken; give each server its own" % label)
         args.columns.append((label, command))
     return args
 
@@ -87,19 +100,26 @@ def main(argv=None):
     load.raise_open_file_limit()
     cpu, _ = load.pick_cpus()
     labels = [label for label, _ in args.columns]
-    print("%d runs at %d events/s on each server, a stream each; server CPU %% over %g s, "
-          "every server on CPU %s at once\n" % (args.runs, 1 / TICK_S, args.window, cpu))
-    print("| round | " + " | ".join(labels) + " | sse_demo - floor | sse_demo / floor |")
-    print("|---" * (len(labels) + 3) + "|")
+    others = [label for label in labels if label != "floor"]
+    print("%d runs at %d events/s on each server, a stream each; every server on CPU %s at "
+          "once; CPU in %% of one core over %g s\n" % (args.runs, 1 / TICK_S, cpu, args.window))
+    print("| round | " + " | ".join(labels) + " | sse_demo - floor | " +
+          " | ".join("%s / floor" % label for label in others) + " |")
+    print("|---" * (len(labels) + len(others) + 2) + "|")
     for number in range(1, args.rounds + 1):
         try:
             cpus = one_round(args, cpu)
         except load.BenchError as exc:
             print("| %d | FAIL: %s |" % (number, exc.args[0]))
             return 1
-        print("| %d | %s | %+.1f | %.2f |" % (
-            number, " | ".join("%.1f" % cpus[label] for label in labels),
-            cpus["sse_demo"] - cpus["floor"], cpus["sse_demo"] / cpus["floor"]), flush=True)
+        shown = {label: round(value, 1) for label, value in cpus.items()}
+        print("| %d | %s | %+.1f | %s |" % (
+            number, " | ".join("%.1f" % shown[label] for label in labels),
+            shown["sse_demo"] - shown["floor"],
+            " | ".join("%.2f" % (cpus[label] / cpus["floor"]) for label in others)), flush=True)
+        if cpus["floor"] < NOISY_PERCENT:
+            print("\nThe floor took %.1f %% of a core: too little to compare, the ratios are "
+                  "mostly noise. Use --runs 150 or more and a window of 10 s." % cpus["floor"])
     return 0
 
 
