@@ -253,8 +253,11 @@ def _hundredths(value):
     a quarter of the time (with digits, round() goes through a decimal
     string): every event's percent and elapsed_s. The two can differ in the
     last digit only where `value * 100` is a tie that binary rounding
-    moved: every percent of every count up to 2,000 comes out the same."""
-    return round(value * 100) / 100
+    moved: every percent of every count up to 2,000 comes out the same.
+    A value whose hundredths a float cannot hold goes to round() as it is
+    (infinity, say, which the event's JSON then refuses, naming the field)."""
+    hundredths = value * 100
+    return round(hundredths) / 100 if math.isfinite(hundredths) else round(value, 2)
 
 
 def _frame_event(event_id, name, data_json):
@@ -4844,15 +4847,32 @@ def _mend_journal(directory, name, problem, good_bytes, interrupted):
             os.fsync(f.fileno())
 
 
+def _only_finite(value):
+    """Does `value`, as json.loads read it, hold only finite numbers?
+    json.loads takes NaN, Infinity and 1e999 (infinity), which strict JSON,
+    and so json_line, refuses: a journal line with one is damaged, or the
+    run's events, chart or /status could not be sent."""
+    stack = [value]
+    while stack:             # a loop, not recursion: JSON may nest a thousand deep
+        item = stack.pop()
+        if type(item) is float and not math.isfinite(item):
+            return False
+        if type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return True
+
+
 def _read_series_line(line):
     """The series written after a terminal event, or None (a journal of an
-    older version, or one cut short there: the events rebuilt it)."""
+    older version, or one cut short or damaged there: the events rebuilt it)."""
     try:
         state = _json_value(line.decode("utf-8"))["series"]
         _Series.from_state(state)
-        return state
     except (ValueError, KeyError, TypeError):
         return None
+    return state if _only_finite(state) else None
 
 
 def _read_history_line(line, events):
@@ -4862,7 +4882,7 @@ def _read_history_line(line, events):
     try:
         held = [(e["id"], e["event"], e["data"]) for e in _json_value(line.decode())["history"]]
         if not all(type(i) is int and name == "progress" and isinstance(data, dict)
-                   for i, name, data in held):
+                   and _only_finite(data) for i, name, data in held):
             return events
     except (ValueError, KeyError, TypeError):
         return events
@@ -4884,7 +4904,7 @@ def _read_journal_header(line):
         raise ValueError("format version %r, this server reads %d"
                          % (header.get("version"), JOURNAL_VERSION))
     if not (isinstance(header.get("title"), str) and isinstance(header.get("params"), dict)
-            and type(header.get("started_ts")) in (int, float)):
+            and type(header.get("started_ts")) in (int, float) and _only_finite(header)):
         raise ValueError("its first line is not a journal header (title, params, started_ts)")
     return header
 
@@ -4912,6 +4932,8 @@ def _journal_entry(line, last_id):
     if type(event[0]) is not int or event[0] <= last_id or \
             not isinstance(event[2], dict) or event[1] not in EVENT_NAMES:
         raise ValueError("not an event")
+    if not _only_finite(event[2]):
+        raise ValueError("a number that is not finite")
     return "event", None, event
 
 

@@ -129,7 +129,11 @@ class Server:
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=self.log, env=env,
                                      start_new_session=True)
         self.client = Client(self.port, variant)
-        self.launch_s = self.wait_ready()
+        try:
+            self.launch_s = self.wait_ready()
+        except BaseException:       # no one else holds it yet to stop it
+            self.stop()
+            raise
 
     def wait_ready(self, timeout=20.0):
         deadline = time.monotonic() + timeout

@@ -62,6 +62,10 @@ def parse_args(argv):
             p.error("--also takes LABEL=COMMAND, the command with {port}: %r" % item)
         if label in dict(args.columns):
             p.error("--also: the label %r is taken; give each server its own" % label)
+        try:
+            shlex.split(command)
+        except ValueError as exc:
+            p.error("--also %s: %s" % (label, exc))
         args.columns.append((label, command))
     return args
 
@@ -116,7 +120,8 @@ def main(argv=None):
         print("| %d | %s | %+.1f | %s |" % (
             number, " | ".join("%.1f" % shown[label] for label in labels),
             shown["sse_demo"] - shown["floor"],
-            " | ".join("%.2f" % (cpus[label] / cpus["floor"]) for label in others)), flush=True)
+            " | ".join("%.2f" % (cpus[label] / cpus["floor"]) if cpus["floor"] else "-"
+                       for label in others)), flush=True)
         if cpus["floor"] < NOISY_PERCENT:
             print("\nThe floor took %.1f %% of a core: too little to compare, the ratios are "
                   "mostly noise. Use --runs 150 or more and a window of 10 s." % cpus["floor"])
