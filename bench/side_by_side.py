@@ -129,4 +129,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:       # the servers are stopped on the way out (one_round)
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
