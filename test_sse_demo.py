@@ -8873,8 +8873,10 @@ def test_browser_a_reported_run_shows_its_own_fields_and_who_can_cancel_it(
     browser.wait_for("document.getElementById('title').textContent === "
                      "'train on node 7 (reported)' && latest && latest.loss")
     browser.wait_for("!document.getElementById('field-improvement_pct')")
-    cards = browser.evaluate("[...document.querySelectorAll('#fields dt')].map(t => t.textContent)")
-    assert cards == ["Loss"]
+    # the cards are drawn at the page's next frame, after `latest` has the event
+    cards = "[...document.querySelectorAll('#fields dt')].map(t => t.textContent)"
+    browser.wait_for(cards + ".length > 0")
+    assert browser.evaluate(cards) == ["Loss"]
     shown = browser.evaluate("['params-section', 'start', 'new-run', 'cancel'].map(id => "
                              "document.getElementById(id).getClientRects().length > 0)")
     assert shown == [False, False, True, False]
