@@ -2051,11 +2051,14 @@ class _StreamWriter:
         self._serving = sub
         while not sub.closed:
             if not sub.pending:
-                # _has_news, inline: this is every subscriber's path for every event
+                # _has_news, inline: this is every subscriber's path for every event.
+                # Once the run's terminal event is out the body has ended: a
+                # runs list change after it would be read as the next response.
                 if sub.cursor >= sub.session.last_id and (
-                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id) or \
+                        sub.feed is None or sub.feed_cursor >= sub.feed.last_id
+                        or sub.has_terminal()) or \
                         sub.paced_until is not None and not self._due(sub):
-                    break   # caught up (a later event comes with a notify), or paced
+                    break   # caught up (a later event comes with a notify), ended, or paced
                 batch = self._batch_for(sub, {} if batches is None else batches)
                 if not batch[0]:
                     break
@@ -2070,7 +2073,8 @@ class _StreamWriter:
     @staticmethod
     def _has_news(sub):
         return sub.cursor < sub.session.last_id or (
-            sub.feed is not None and sub.feed_cursor < sub.feed.last_id)
+            sub.feed is not None and sub.feed_cursor < sub.feed.last_id
+            and not sub.has_terminal())
 
     def _due(self, sub):
         """May a paced stream be written now? PACED_WRITE_S after its last

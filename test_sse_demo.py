@@ -530,6 +530,30 @@ def test_a_stream_with_runs_1_resumes_after_a_dropped_connection_byte_for_byte(m
              what="the streams to be let go")
 
 
+def test_a_runs_list_change_as_the_run_ends_is_not_written_after_its_body(make, monkeypatch):
+    """A runs list change that comes just as a runs=1 stream's terminal event
+    goes out stays off the wire: the body has ended with that chunk, and
+    bytes after it would be read as the answer to the connection's next
+    request (CI saw one encoded that no page received)."""
+    srv = make()
+    feed, real_send, changed = srv.server.feed.session, sse_demo._StreamSockets.send, []
+
+    def send_then_change_the_list(sockets, sub):
+        sent = real_send(sockets, sub)
+        if sub.feed is not None and sub.has_terminal() and not changed:
+            changed.append(feed.publish("runs", {"runs": [], "gone": []}))
+        return sent
+    monkeypatch.setattr(sse_demo._StreamSockets, "send", send_then_change_the_list)
+    sid = start_run(srv, iterations=2, tick=0.2, update_every=1)
+    page = Stream(srv, "/progress/%s?runs=1" % sid)
+    page.blocks()
+    assert page.ended and run_blocks(page)[0][-1].startswith(b"id: 3\nevent: complete\n")
+    wait_for(lambda: changed, what="the list to change as the end went out")
+    page.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    page.read_head()                             # the same connection's next answer
+    assert page.status == 200 and page.headers["content-type"] == "application/json"
+
+
 ###############################################################################
 # Cancel, job errors, slow subscribers
 ###############################################################################
