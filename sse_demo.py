@@ -1012,16 +1012,18 @@ class _Session(_RunSink):
         return data
 
     def summary(self):
-        """What /runs lists of this run (never its control key)."""
+        """What /runs lists of this run (never its control key). Its
+        `last_event_id` says how new it is: a list that hears of a run from
+        both GET /runs and the runs feed keeps the newer entry."""
         with self._lock:      # _latest changes in place
             latest = {k: self._latest[k] for k in ("iteration", "total", "percent") + END_FIELDS
                       if k in self._latest}
-            state, position = self.state, self.position
+            state, position, last_id = self.state, self.position, self.last_id
         summary = {"session_id": self.id, "title": self.title, "state": state,
                    "started_ts": self.started_ts, "ended_ts": self.ended_ts,
                    "iteration": latest.get("iteration"), "total": latest.get("total"),
                    "percent": latest.get("percent"), "params": self.params, "position": position,
-                   "reported": self.report_key is not None,
+                   "last_event_id": last_id, "reported": self.report_key is not None,
                    "stream": "/progress/" + self.id, "status": "/status/" + self.id}
         if state == "error":           # how it failed, for a list that says "interrupted"
             summary.update((k, latest[k]) for k in END_FIELDS if k in latest)

@@ -2146,7 +2146,7 @@ def test_unknown_parameter_names_it_and_lists_the_job_parameters(make, jobs):
 def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     srv = make()
     done = start_run(srv, iterations=4, **FAST)
-    watch(srv, done).events()
+    done_last = int(watch(srv, done).events()[-1]["id"])
     going = start_run(srv, iterations=1000, tick=0.05, update_every=1)
     wait_for(lambda: get_json(srv, "/status/" + going).get("iteration", 0) >= 1,
              what="the second run to make progress")
@@ -2160,10 +2160,12 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     assert runs[1]["params"] == {"iterations": 4, "tick": 0, "update_every": 1}
     assert runs[1]["state"] == "complete" and runs[1]["percent"] == 100.0
     assert runs[1]["ended_ts"] >= runs[1]["started_ts"] > time.time() - 60
+    assert runs[1]["last_event_id"] == done_last       # its terminal event's
+    assert runs[0]["last_event_id"] >= 2               # its start, then progress
     for run in runs:
         assert set(run) == {"session_id", "title", "state", "started_ts", "ended_ts",
                             "iteration", "total", "percent", "params", "position",
-                            "reported", "stream", "status"}
+                            "last_event_id", "reported", "stream", "status"}
         assert run["position"] is None and run["reported"] is False
         assert run["title"] == "Build optimisation (simulated)"
         assert run["stream"] == "/progress/" + run["session_id"]
@@ -7047,6 +7049,48 @@ def test_browser_run_started_by_curl_appears_in_the_runs_panel(browser, server):
         assert browser.evaluate(STATE) == "idle"          # listed, not watched until chosen
     finally:
         cancel(server, sid)
+
+
+def test_browser_runs_panel_keeps_a_run_that_started_while_its_list_was_on_the_way(
+        browser, make, monkeypatch):
+    """GET /runs answers with the list as it was; a run that starts before
+    the answer reaches the page comes on the stream first. The older answer
+    must not take it off the panel (CI: the item vanished under a loaded
+    machine): the page lays what the stream brought meanwhile over it."""
+    srv, hold, asked, answered = make(), threading.Event(), threading.Event(), threading.Event()
+    real_runs = sse_demo._Handler.route_runs
+
+    def answer_late(handler, query):          # the list is read now, sent on `hold`
+        send_now = handler.send_json
+
+        def send_later(*args, **kwargs):
+            asked.set()
+            hold.wait(TIMEOUT)
+            send_now(*args, **kwargs)
+            answered.set()
+        handler.send_json = send_later
+        real_runs(handler, query)
+    monkeypatch.setattr(sse_demo._Handler, "route_runs", answer_late)
+    browser.open(page_url(srv))
+    assert asked.wait(TIMEOUT)                # the page's list, read before the run
+    browser.evaluate("""window.runsRead = 0; (() => { const json = Response.prototype.json;
+        Response.prototype.json = function () {
+          const runs = this.url.endsWith("/runs");
+          return json.call(this).then((body) => { if (runs) window.runsRead += 1; return body; });
+        }; })()""")
+    sid = start_run(srv, iterations=1000, tick=0.05, update_every=1)
+    try:
+        item = "document.querySelector('#runs button[data-session=\"%s\"]')" % sid
+        browser.wait_for("!!" + item)             # from the stream
+        hold.set()
+        assert answered.wait(TIMEOUT)
+        browser.wait_for("window.runsRead >= 1")   # the page has read the older list
+        assert browser.evaluate("!!" + item)
+        assert browser.evaluate("document.getElementById('runs-empty').hidden") is True
+        assert browser.problems() == []
+    finally:
+        hold.set()
+        cancel(srv, sid)
 
 
 def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
