@@ -2727,19 +2727,23 @@ def _whole_run(levels):
     [label, done, total], outermost first: each level's position plus the
     fraction of the level inside it (epoch k of N, its inner bar at f:
     (k - 1 + f) / N), so the percent never goes back when an inner bar
-    restarts. With every total known, iteration counts innermost steps."""
+    restarts. With the inner levels' totals known, iteration counts
+    innermost steps (albums done times photos an album, plus this album's
+    photos), and the total is their product, or null while the outermost
+    total is unknown."""
     fraction = 0.0
     for _, done, total in reversed(levels):
         fraction = min(1.0, (done + fraction) / total) if total else 0.0
     outer_done, outer_total = levels[0][1], levels[0][2]
-    totals = [t for _, _, t in levels]
     data = {}
-    if all(totals):
+    if all(total for _, _, total in levels[1:]):
         iteration, size = 0, 1
-        for _, done, total in reversed(levels):
+        for _, done, total in reversed(levels[1:]):
             iteration += min(done, total) * size
             size *= total
-        data["iteration"], data["total"] = iteration, size
+        iteration += (min(outer_done, outer_total) if outer_total else outer_done) * size
+        data["iteration"] = iteration
+        data["total"] = outer_total * size if outer_total else None
     else:
         data["iteration"], data["total"] = outer_done, outer_total
     if outer_total:
@@ -2788,6 +2792,8 @@ class Progress:
     def __init__(self, session):
         self._session = session
         self._levels = []          # [label, done, total] per nested level, outermost first
+        self._restarted = None     # (the outer total, the inner levels at 0) that the
+                                   # last new position ended
         self._stage = None
 
     def __call__(self, done, total=None, stage=None, **fields):
@@ -2797,9 +2803,18 @@ class Progress:
             _check_number("total", total)
         if stage is not None:
             self._stage = str(stage)
-        self._levels = [[self._stage, done, total]]    # a new position: inner bars restart
+        if len(self._levels) > 1:      # a new position ends the bars inside it
+            self._restarted = (self._levels[0][2],
+                               [[label, 0, t] for label, _, t in self._levels[1:]])
+        self._levels = [[self._stage, done, total]]
         _check_fields(fields)
-        self._report(done, total, self._stage, fields=fields)
+        if self._restarted and self._restarted[0] in (None, total):
+            # The ended bars count as restarted, so the run keeps its unit (the
+            # innermost step); not in a phase of its own (another total).
+            self._report(None, stage=self._stage, bars=self._levels + self._restarted[1],
+                         fields=fields)
+        else:
+            self._report(done, total, self._stage, fields=fields)
 
     def bar(self, label, total=None):
         """A bar nested inside the current position (batches inside an

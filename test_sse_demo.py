@@ -1851,6 +1851,18 @@ def epochs(progress, epochs=3, batches=4, pause=0.0, cancel=None):
     progress(epochs, epochs)
 
 
+def albums(progress, albums=2, photos=2, uploads=0):
+    """Photos of albums; the albums' progress after each album; then a
+    phase of its own, without bars."""
+    for album in range(albums):
+        bar = progress.bar("photo", total=photos)
+        for photo in range(photos):
+            bar(photo + 1, bytes=100 * (album * photos + photo + 1))
+        progress(album + 1, albums, stage="Album %d/%d" % (album + 1, albums))
+    for upload in range(uploads):
+        progress(upload + 1, uploads, stage="Uploading")
+
+
 def bad_bar(progress):
     progress.bar("batch", total=2)(1, stage="not a field")
 
@@ -3882,8 +3894,36 @@ def test_python_job_stage_and_nested_bars(make, jobs):
                                 {"label": "batch", "done": 1, "total": 4}]
     assert (inner[0]["iteration"], inner[0]["total"], inner[0]["percent"]) == (1, 12, 8.33)
     assert inner[0]["stage"] == "Epoch 1/3" and inner[0]["loss"] == 1.0
-    assert [p["stage"] for p in progress if "bars" not in p][:2] == ["Epoch 1/3", "Epoch 2/3"]
-    assert events[-1]["json"]["percent"] == 100.0
+    # The next epoch ends the batch bar: it counts as restarted, so the run
+    # keeps counting batches (not epochs) to the end, and its chart its x
+    assert progress[0] == {**progress[0], "iteration": 0, "total": 3}   # no batch known yet
+    assert [(p["iteration"], p["total"]) for p in progress[1:]] == \
+        [(i, 12) for i in range(1, 5)] + [(4, 12)] + [(i, 12) for i in range(5, 9)] + \
+        [(8, 12)] + [(i, 12) for i in range(9, 13)] + [(12, 12)]
+    second = progress[5]
+    assert second["stage"] == "Epoch 2/3" and second["bars"] == [
+        {"label": "Epoch 2/3", "done": 1, "total": 3}, {"label": "batch", "done": 0, "total": 4}]
+    assert progress[-1]["percent"] == events[-1]["json"]["percent"] == 100.0
+
+
+def test_python_job_bars_before_an_outer_total_count_innermost_steps(make, jobs):
+    """A job that says how many albums only after the first one (a bar
+    first, then progress(album, albums)): the photos count from the start,
+    without a total or a percent until the albums' total comes."""
+    srv = make(job=jobs.albums)
+    sid = start_run(srv)
+    events = started(watch(srv, sid).events())
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    assert [(p["iteration"], p["total"], p.get("percent")) for p in progress] == \
+        [(1, None, None), (2, None, None), (2, 4, 50.0), (3, 4, 75.0), (4, 4, 100.0), (4, 4, 100.0)]
+    series = get_json(srv, "/series/" + sid)       # one photo a point, in order
+    assert series["iterations"] == [1, 2, 3, 4] and series["fields"]["bytes"]["last"] == \
+        [100, 200, 300, 400]
+    # A phase with a total of its own counts its own steps: no album's photo
+    events = started(watch(srv, start_run(srv, uploads=3)).events())
+    uploads = [e["json"] for e in events if e["json"].get("stage") == "Uploading"]
+    assert [(p["iteration"], p["total"], "bars" in p) for p in uploads] == \
+        [(1, 3, False), (2, 3, False), (3, 3, False), (3, 3, False)]
 
 
 def test_python_job_nested_bar_raises_cancelled_and_refuses_reserved_fields(make, jobs):
