@@ -7254,6 +7254,9 @@ def test_browser_failed_program_says_exit_status_briefly_and_its_stderr_below(
         "exited with status 3; the last lines of its stderr:")
     assert browser.evaluate("document.querySelector('#message pre').textContent") == \
         "first problem\nsecond problem"                     # line breaks kept
+    # the log's line for the end names the last one, not a dangling "stderr:"
+    assert "exited with status 3; the last lines of its stderr: second problem · " in \
+        browser.log_lines()[0]                               # (newest first)
     dot = browser.evaluate("(() => { const s = getComputedStyle(document.getElementById('status'),"
                            " '::before'); return [parseFloat(s.width), parseFloat(s.height)]; })()")
     assert dot[0] == dot[1] and dot[0] >= 10                # the dot keeps its size
