@@ -6638,6 +6638,14 @@ def test_browser_queued_run_shows_its_position_and_can_be_cancelled_from_the_lis
     headings = browser.evaluate(
         "[...document.querySelectorAll('#runs h3:not([hidden])')].map(h => h.textContent)")
     assert headings == ["Running (1)", "Queued (1)", "Ended (1)"]
+    # what tells runs of one job apart: the parameters not at their default;
+    # and a queued run has not started yet
+    texts = browser.evaluate("[...document.querySelectorAll('#runs button[data-session]')]"
+                             ".map(b => b.textContent)")
+    assert [t for t in texts if " · position 1 · iterations 5, tick 0.01, update every 1 · queued "
+            in t] != [], texts
+    assert [t for t in texts if " · iterations 1,000, tick 0.05, update every 1 · started " in t], \
+        texts
     screenshot_sizes(browser, tmp_path, "queued")
     browser.evaluate("document.querySelector('#runs button[data-cancel]').click()")
     browser.wait_for(STATE + " === 'cancelled'")
