@@ -530,6 +530,56 @@ def test_a_stream_with_runs_1_resumes_after_a_dropped_connection_byte_for_byte(m
              what="the streams to be let go")
 
 
+def test_runs_1_streams_of_two_runs_at_the_same_place_each_get_their_own_runs_events(
+        make, monkeypatch):
+    """A runs list change is written to every runs=1 stream, whatever run
+    each follows: two streams at the same event id share its encoding only
+    if they follow the same run. (They shared it whatever their runs: a page
+    got the other run's event under its own run's ids, and a short run's
+    stream could end without its terminal event; the adversary's find.)"""
+    go = threading.Event()
+
+    def waits(progress, name="a", cancel=None):
+        for i in range(3):
+            progress(i, 10, who=name)
+        go.wait(TIMEOUT)
+        progress(3, 10, who=name)
+        cancel.wait(TIMEOUT)
+    srv = make(job=waits)
+    sids = {name: start_run(srv, name=name) for name in ("a", "b")}
+    pages = {name: Stream(srv, "/progress/%s?runs=1" % sid) for name, sid in sids.items()}
+    deadline = time.monotonic() + TIMEOUT
+    for page in pages.values():                 # each at its run's event 4 (iteration 2)
+        for _ in range(20):
+            block = page.next_block(deadline)
+            if "id" in block and json.loads(block["data"]).get("iteration") == 2:
+                break
+    # The writer waits before it takes its next work, so that a runs list
+    # change (first) and both runs' next events reach it in one take
+    inbox, taking, release = srv.server.hub._inbox, threading.Event(), threading.Event()
+    real_take = inbox.take
+
+    def take_later(woken):
+        taking.set()
+        release.wait(TIMEOUT)
+        return real_take(woken)
+    monkeypatch.setattr(inbox, "take", take_later)
+    srv.server.feed.session.publish("runs", {"runs": [], "gone": []})
+    assert taking.wait(TIMEOUT)
+    go.set()
+    for sid in sids.values():
+        wait_for(lambda: get_json(srv, "/status/" + sid).get("iteration") == 3, what="event 5")
+    release.set()
+    for name, sid in sids.items():
+        assert cancel(srv, sid)[0] == 202
+        pages[name].blocks()
+        events = [json.loads(b) for b in re.findall(rb"^id: \d+\nevent: progress\ndata: (.*)$",
+                                                     pages[name].raw_body, re.M)]
+        assert {e.get("who") for e in events[1:]} == {name}      # its own run's, no other's
+        assert [e["iteration"] for e in events[1:]] == [0, 1, 2, 3]
+        assert run_blocks(pages[name])[0][-1].startswith(b"id: 6\nevent: cancelled\n")
+
+
 def test_a_runs_list_change_as_the_run_ends_is_not_written_after_its_body(make, monkeypatch):
     """A runs list change that comes just as a runs=1 stream's terminal event
     goes out stays off the wire: the body has ended with that chunk, and
