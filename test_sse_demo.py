@@ -7191,6 +7191,70 @@ def test_browser_runs_panel_keeps_a_run_that_started_while_its_list_was_on_the_w
         cancel(srv, sid)
 
 
+def test_browser_runs_panel_drops_a_forgotten_run_that_a_resumed_stream_replays(
+        browser, make):
+    """The page's runs stream drops before a run's change reaches it; the
+    run ends and is forgotten while nothing follows the list (no `gone` is
+    kept for nobody); the stream resumes and replays the change. GET /runs,
+    read on the resume, no longer lists the run, and it stays off the panel:
+    the change was made before that answer (they brought it back as
+    "running", for good; the adversary's find)."""
+    srv = make(session_ttl_s=0.5)
+    browser.open(page_url(srv))
+    first = start_run(srv, iterations=1, tick=0)      # the page's stream gets an event id
+    browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % first)
+    browser.evaluate("""window.replayed = []; window.runsRead = 0;
+        runsSource.addEventListener("runs", (event) => window.replayed.push(event.data));
+        (() => { const json = Response.prototype.json;
+          Response.prototype.json = function () {
+            const runs = this.url.endsWith("/runs");
+            return json.call(this).then((body) => { if (runs) window.runsRead += 1; return body; });
+          }; })()""")
+    hub, feed = srv.server.hub, srv.server.feed.session
+    (page,) = [sub for sub in hub._by_session[feed] if sub.session is feed]
+    with page.lock:                # neither the writer nor a publisher writes to it now
+        told = feed.last_id
+        ghost = start_run(srv, iterations=2, tick=0.05, update_every=1)
+        wait_for(lambda: feed.last_id > told, what="the list's change with the new run")
+        page.sock.shutdown(socket.SHUT_RDWR)           # the connection drops, the change unsent
+    wait_for(lambda: not hub.followed(feed), what="the list to be followed by nobody")
+    wait_for(lambda: all(run["session_id"] != ghost for run in get_json(srv, "/runs")["runs"]),
+             what="the run to end and be forgotten")
+    browser.wait_for("window.replayed.some((data) => data.includes(%s)) && window.runsRead >= 1"
+                     % json.dumps(ghost))        # the resumed stream replayed it; the list read
+    assert browser.evaluate("lastRuns.map((run) => run.session_id)") == \
+        [run["session_id"] for run in get_json(srv, "/runs")["runs"]]
+    assert browser.evaluate("!document.querySelector('#runs button[data-session=\"%s\"]')"
+                            % ghost)
+    assert [problem for problem in browser.problems()     # but the dropped connection
+            if "ERR_INCOMPLETE_CHUNKED_ENCODING" not in problem] == []
+
+
+def test_browser_runs_panel_takes_back_a_run_past_its_hundred_as_newer_ones_go(
+        browser, make):
+    """The panel, like GET /runs, holds the 100 newest runs. When newer runs
+    are forgotten, an older one the server still holds comes back into it
+    (it stayed off: the panel said "no runs"; the adversary's find)."""
+    srv = make(max_sessions=200)
+    old = start_run(srv, iterations=2, tick=60)        # quiet: no change brings it back
+    try:
+        newer = [start_run(srv, iterations=1, tick=0) for _ in range(100)]
+        for sid in newer:
+            wait_for(lambda: get_json(srv, "/status/" + sid)["state"] == "complete",
+                     what="the newer runs to end")
+        browser.open(page_url(srv))
+        browser.wait_for("lastRuns.length === 100")
+        assert old not in browser.evaluate("lastRuns.map((run) => run.session_id)")
+        srv.server.registry.session_ttl_s = 0       # the ended runs are forgotten now
+        assert [run["session_id"] for run in get_json(srv, "/runs")["runs"]] == [old]
+        browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % old)
+        browser.wait_for("lastRuns.length === 1")
+        assert browser.element("runs-empty", "hidden") is True
+        assert browser.problems() == []
+    finally:
+        cancel(srv, old)
+
+
 def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
     srv = command_server(make, programs("tqdm_like.py", "{steps=10}"))
     browser.open(page_url(srv))
