@@ -6666,11 +6666,13 @@ class _Handler(_HTTPExchange):
         self.send_json(200, self.server.job.describe())
 
     def route_runs(self, query):
-        made = time.time()         # a runs list change made before this is older than it
+        # Read first: a change of GET /runs/events up to this id is older than the list
+        change_id = self.server.feed.session.last_id
         runs = self.server.registry.newest(RUNS_LIMIT)
         operator = self.is_operator()
         self.send_json(200, {"runs": [self.server.describe_run(session, operator)
-                                      for session in runs], "operator": operator, "ts": made})
+                                      for session in runs], "operator": operator,
+                             "last_change_id": change_id})
 
     def route_runs_events(self, query):
         """The runs list's changes as they happen (see RunsFeed), for the page's

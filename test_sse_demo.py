@@ -2251,7 +2251,7 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
     feed = Stream(srv, "/runs/events")
     assert feed.status == 200 and feed.headers["content-type"] == "text/event-stream"
     sid = start_run(srv, iterations=20, tick=0.05, update_every=1)
-    seen, gone, deadline = {}, [], time.monotonic() + TIMEOUT
+    seen, gone, ids, deadline = {}, [], [], time.monotonic() + TIMEOUT
 
     def read_until(done):
         for _ in range(200):
@@ -2259,6 +2259,7 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
             if block is None or "event" not in block:
                 continue
             assert block["event"] == "runs" and int(block["id"]) > history   # never history
+            ids.append(int(block["id"]))
             data = json.loads(block["data"])
             for run in data["runs"]:
                 seen.setdefault(run["session_id"], []).append((run["state"], run["percent"]))
@@ -2266,6 +2267,9 @@ def test_runs_events_push_each_change_of_the_runs_list(make):
             if done():
                 return
     read_until(lambda: seen.get(sid, [("", 0)])[-1][0] == "complete")
+    # GET /runs says how far the changes had got: the complete one at least
+    answer = get_json(srv, "/runs")["last_change_id"]
+    assert ids[-1] <= answer <= srv.server.feed.session.last_id
     # Ended runs expire at the next look-up past their time to live
     wait_for(lambda: get_json(srv, "/healthz")["sessions"] == 0, what="the runs to expire")
     read_until(lambda: sid in gone)
