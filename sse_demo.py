@@ -2699,7 +2699,8 @@ class Bar:
     """A nested bar, from `progress.bar(label, total)`: calling it,
     `bar(done, **fields)`, moves it and publishes the run's progress with
     every level in `bars`; `bar.bar(...)` nests one more level. A new
-    position of an outer level restarts the levels inside it."""
+    position of an outer level ends the levels inside it (see
+    Progress._end_inside)."""
 
     def __init__(self, progress, depth, label, total):
         if total is not None:
@@ -2715,7 +2716,7 @@ class Bar:
         if len(progress._levels) <= self._depth:      # an outer level moved on since
             raise RuntimeError("this bar has ended: its outer level moved on")
         progress._levels[self._depth][1] = done
-        del progress._levels[self._depth + 1:]
+        progress._end_inside(self._depth)
         progress._publish(fields)
 
     def bar(self, label, total=None):
@@ -2728,26 +2729,27 @@ def _whole_run(levels):
     [label, done, total], outermost first: each level's position plus the
     fraction of the level inside it (epoch k of N, its inner bar at f:
     (k - 1 + f) / N), so the percent never goes back when an inner bar
-    restarts. With the inner levels' totals known, iteration counts
-    innermost steps (albums done times photos an album, plus this album's
-    photos), and the total is their product, or null while the outermost
-    total is unknown."""
+    restarts; like a plain progress(), a percent within 0 to 100, and none
+    without a positive total. With the inner levels' totals known (and
+    positive), iteration counts innermost steps (albums done times photos
+    an album, plus this album's photos), and the total is their product,
+    or null while the outermost total is unknown; past a float's range
+    (10**200 batches of 10**200 steps), the outermost level's own count."""
     fraction = 0.0
     for _, done, total in reversed(levels):
-        fraction = min(1.0, (done + fraction) / total) if total else 0.0
+        fraction = min(1.0, max(0.0, (done + fraction) / total)) if total and total > 0 else 0.0
     outer_done, outer_total = levels[0][1], levels[0][2]
-    data = {}
-    if all(total for _, _, total in levels[1:]):
+    data = {"iteration": outer_done, "total": outer_total}
+    if all(total and total > 0 for _, _, total in levels[1:]):
         iteration, size = 0, 1
         for _, done, total in reversed(levels[1:]):
             iteration += min(done, total) * size
             size *= total
         iteration += (min(outer_done, outer_total) if outer_total else outer_done) * size
-        data["iteration"] = iteration
-        data["total"] = outer_total * size if outer_total else None
-    else:
-        data["iteration"], data["total"] = outer_done, outer_total
-    if outer_total:
+        whole = outer_total * size if outer_total else None
+        if _is_finite_number(iteration) and (whole is None or _is_finite_number(whole)):
+            data["iteration"], data["total"] = iteration, whole
+    if outer_total and outer_total > 0:
         data["percent"] = _hundredths(100.0 * fraction)
     return data
 
@@ -2793,8 +2795,7 @@ class Progress:
     def __init__(self, session):
         self._session = session
         self._levels = []          # [label, done, total] per nested level, outermost first
-        self._restarted = None     # (the outer total, the inner levels at 0) that the
-                                   # last new position ended
+        self._ended = {}           # depth -> (its total, the levels inside it at 0): _end_inside
         self._stage = None
 
     def __call__(self, done, total=None, stage=None, **fields):
@@ -2804,16 +2805,13 @@ class Progress:
             _check_number("total", total)
         if stage is not None:
             self._stage = str(stage)
-        if len(self._levels) > 1:      # a new position ends the bars inside it
-            self._restarted = (self._levels[0][2],
-                               [[label, 0, t] for label, _, t in self._levels[1:]])
+        if len(self._levels) > 1 or self._ended:     # nested bars, now or before
+            self._end_inside(0)                      # (before level 0 is replaced)
         self._levels = [[self._stage, done, total]]
         _check_fields(fields)
-        if self._restarted and self._restarted[0] in (None, total):
-            # The ended bars count as restarted, so the run keeps its unit (the
-            # innermost step); not in a phase of its own (another total).
-            self._report(None, stage=self._stage, bars=self._levels + self._restarted[1],
-                         fields=fields)
+        levels = self._shown() if self._ended else self._levels
+        if len(levels) > 1:
+            self._report(None, stage=self._stage, bars=levels, fields=fields)
         else:
             self._report(done, total, self._stage, fields=fields)
 
@@ -2821,6 +2819,28 @@ class Progress:
         """A bar nested inside the current position (batches inside an
         epoch): the run's percent then counts its fraction too."""
         return Bar(self, 1, label, total)
+
+    def _end_inside(self, depth):
+        """A new position at `depth` ends the levels inside it (the batches of
+        an epoch, at the next epoch). They count as restarted, at 0 with
+        their totals, while the level at `depth` keeps the total it had (or
+        had none), so that the run keeps its unit, the innermost step: epoch
+        2 of 10 starts at batch 50 of 500, not at 1 of 10. A position with
+        another total is a phase of its own, counted in its own steps."""
+        shown = self._shown()
+        if len(shown) > depth + 1:
+            self._ended[depth] = (shown[depth][2],
+                                  [[label, 0, total] for label, _, total in shown[depth + 1:]])
+        del self._levels[depth + 1:]
+
+    def _shown(self):
+        """The levels an event reports: the live ones, then the ended ones
+        inside the innermost while it keeps their total (_end_inside)."""
+        levels = self._levels
+        ended = self._ended.get(len(levels) - 1)
+        if ended is not None and ended[0] in (None, levels[-1][2]):
+            return levels + ended[1]
+        return levels
 
     def _report(self, done, total=None, stage=None, bars=None, fields=None):
         """Publish a progress event, even after Cancel: a command's output
@@ -2830,7 +2850,7 @@ class Progress:
     def _publish(self, fields):
         """A nested bar moved: publish every level (two or more)."""
         _check_fields(fields)
-        self._report(None, stage=self._stage, bars=self._levels, fields=fields)
+        self._report(None, stage=self._stage, bars=self._shown(), fields=fields)
 
     def _check_cancel(self):
         if self._session.cancel.is_set():

@@ -1781,13 +1781,31 @@ def shifting(progress):
 
 
 def overflowing_bar(progress):
-    """A nested bar whose run percent overflows a float: refused, by name."""
+    """Nested bars whose fractions overflow a float or go below zero, and
+    totals whose product does: the run's percent stays within 0 and 100."""
     progress(0, 1)
     bar = progress.bar("inner", total=1e-308)
-    try:
-        bar(-1e308)
-    except TypeError as exc:
-        progress.log("refused: %s" % exc)
+    for done in (-1e308, 1e308, -5):
+        bar(done)
+    progress(0, 10)
+    progress.bar("x", total=4)(2)
+    progress(-5, 10)                       # with the ended bar: within 0 and 100 too
+    progress(5, -10)                       # another total: its own, without a percent
+    progress(1, 10)
+    progress.bar("y", total=10 ** 200).bar("z", total=10 ** 200)(1)   # 10**400 steps
+
+
+def deep_bars(progress, epochs=2, batches=2, steps=3):
+    """Bars three deep, each moving in turn: epochs of batches of steps."""
+    for epoch in range(epochs):
+        progress(epoch, epochs, stage="Epoch %d" % (epoch + 1))
+        batch = progress.bar("batch", total=batches)
+        for b in range(batches):
+            step = batch.bar("step", total=steps)
+            for s in range(steps):
+                step(s + 1)
+            batch(b + 1)
+    progress(epochs, epochs)
 
 
 def ignores_cancel(progress, steps=100000, pause=0.01):
@@ -3960,6 +3978,24 @@ def test_python_job_stage_and_nested_bars(make, jobs):
     assert progress[-1]["percent"] == events[-1]["json"]["percent"] == 100.0
 
 
+def test_python_job_bars_three_deep_count_steps_whichever_level_moves(make, jobs):
+    """A batch that moves on ends its steps' bar, as an epoch ends its
+    batches': they count as restarted, so the run counts steps throughout
+    (it went 3/12, then 1/4 at each batch's end; the adversary's find)."""
+    srv = make(job=jobs.deep_bars)
+    events = started(watch(srv, start_run(srv)).events())
+    progress = [e["json"] for e in events if e["event"] in ("progress", "complete")]
+    assert (progress[0]["iteration"], progress[0]["total"]) == (0, 2)   # nothing inside yet
+    counts = [(p["iteration"], p["total"]) for p in progress[1:]]
+    assert {total for _, total in counts} == {12}
+    assert [i for i, _ in counts] == sorted(i for i, _ in counts) and counts[-1] == (12, 12)
+    after_a_batch = progress[4]                    # batch 1 of epoch 1 done: its steps at 0
+    assert after_a_batch["bars"] == [{"label": "Epoch 1", "done": 0, "total": 2},
+                                     {"label": "batch", "done": 1, "total": 2},
+                                     {"label": "step", "done": 0, "total": 3}]
+    assert after_a_batch["percent"] == 25.0
+
+
 def test_python_job_bars_before_an_outer_total_count_innermost_steps(make, jobs):
     """A job that says how many albums only after the first one (a bar
     first, then progress(album, albums)): the photos count from the start,
@@ -4824,12 +4860,19 @@ def test_series_follows_fields_that_change_between_events(make, jobs):
     assert fields["lr"]["last"] == [None, None, None, 0.01, None, None, None, 0.01]
 
 
-def test_a_percent_past_a_floats_range_is_refused_naming_it(make, jobs):
+def test_a_nested_bars_percent_stays_within_0_and_100_whatever_its_values(make, jobs):
+    """As with a plain progress(): 150 of 100 is 100 %, -5 of 10 is 0 %, a
+    total at or below 0 gives none. (A fraction past a float's range made
+    the job fail on `percent`; a negative one gave -50 %; 10**200 batches
+    of 10**200 steps a total no float holds.)"""
     srv = make(job=jobs.overflowing_bar)
     sid, events = finished_run(srv)
-    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
-    assert len(logs) == 1 and "refused" in logs[0] and "'percent'" in logs[0], logs
-    assert events[-1]["event"] == "complete"
+    assert events[-1]["event"] == "complete", events[-1]
+    moved = [e["json"] for e in events if e["event"] == "progress"][2:]
+    assert [p.get("percent") for p in moved] == \
+        [0.0, 100.0, 0.0, 0.0, 5.0, 0.0, None, 10.0, 10.0]
+    assert [(p["iteration"], p["total"]) for p in moved[4:]] == \
+        [(2, 40), (-20, 40), (5, -10), (4, 40), (1, 10)]   # the last: outer units, not 10**401
 
 
 def test_a_journals_series_line_with_infinity_is_rebuilt_from_its_events(tmp_path):
