@@ -802,6 +802,7 @@ class _Session(_RunSink):
         self.cancel = _CancelFlag()
         self.started = time.monotonic()   # when it began running: events' elapsed_s count
         self.started_ts = time.time()     # from here; this is when it was accepted
+        self.began_ts = None              # when it left the queue and began running
         self.ended_at = None          # monotonic time of the terminal event
         self.ended_ts = None
         self._listeners = listeners   # a _Listeners: who hears of its events and its end
@@ -901,6 +902,7 @@ class _Session(_RunSink):
             self.state = "running"
             self.position = None
             self.started = time.monotonic()
+            self.began_ts = time.time()
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
@@ -1020,7 +1022,8 @@ class _Session(_RunSink):
                       if k in self._latest}
             state, position, last_id = self.state, self.position, self.last_id
         summary = {"session_id": self.id, "title": self.title, "state": state,
-                   "started_ts": self.started_ts, "ended_ts": self.ended_ts,
+                   "started_ts": self.started_ts, "began_ts": self.began_ts,
+                   "ended_ts": self.ended_ts,
                    "iteration": latest.get("iteration"), "total": latest.get("total"),
                    "percent": latest.get("percent"), "params": self.params, "position": position,
                    "last_event_id": last_id, "reported": self.report_key is not None,

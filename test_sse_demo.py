@@ -2243,7 +2243,8 @@ def test_runs_lists_newest_first_with_progress_and_no_keys(make):
     assert runs[1]["last_event_id"] == done_last       # its terminal event's
     assert runs[0]["last_event_id"] >= 2               # its start, then progress
     for run in runs:
-        assert set(run) == {"session_id", "title", "state", "started_ts", "ended_ts",
+        assert run["started_ts"] <= run["began_ts"] <= time.time()   # neither waited
+        assert set(run) == {"session_id", "title", "state", "started_ts", "began_ts", "ended_ts",
                             "iteration", "total", "percent", "params", "position",
                             "last_event_id", "reported", "stream", "status"}
         assert run["position"] is None and run["reported"] is False
@@ -5166,6 +5167,8 @@ def test_queued_run_hears_its_position_then_runs(make):
     status = get_json(srv, "/status/" + waiting[2])
     assert status["state"] == "queued" and status["position"] == 3
     assert status["params"] == {"iterations": 2, "tick": 0, "update_every": 1}
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert listed[waiting[2]]["began_ts"] is None                # not begun while it waits
     events = watch(srv, waiting[2]).events()
     assert ids(events) == list(range(1, len(events) + 1))    # one id sequence
     queued = [e["json"]["position"] for e in events if e["event"] == "queued"]
@@ -5173,6 +5176,9 @@ def test_queued_run_hears_its_position_then_runs(make):
     assert names(events)[len(queued):] == ["progress", "progress", "complete"]
     assert all("ts" in e["json"] for e in events)
     assert get_json(srv, "/status/" + first)["state"] == "complete"
+    listed = {run["session_id"]: run for run in get_json(srv, "/runs")["runs"]}
+    assert listed[waiting[2]]["began_ts"] >= listed[first]["ended_ts"] > \
+        listed[waiting[2]]["started_ts"]                         # it began once the first ended
 
 
 def test_cancel_while_queued_ends_it_at_once_and_moves_the_rest_up(make):
@@ -7300,6 +7306,28 @@ def test_browser_runs_panel_takes_back_a_run_past_its_hundred_as_newer_ones_go(
         assert browser.problems() == []
     finally:
         cancel(srv, old)
+
+
+def test_browser_runs_panel_names_each_runs_own_parameters_as_plain_text(browser, make, jobs):
+    """Each entry names the parameters not at their default; a text comes
+    quoted (a comma in it reads as one value), its control and direction
+    characters escaped, cut at 24 whole characters (an emoji is never
+    split), and never as markup."""
+    srv = make(job=jobs.counting)
+    labels = ["a, ratio 9", "\x1b[31m<b>red</b>\u202e", "\U0001F600" * 30]
+    sids = [start_run(srv, label=label, loud=True) for label in labels]
+    plain = start_run(srv)
+    browser.open(page_url(srv))
+    for sid in sids + [plain]:
+        browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid)
+    text = "document.querySelector('#runs button[data-session=\"%s\"]').textContent"
+    shown = [browser.evaluate(text % sid).split(" · ")[3] for sid in sids]
+    assert shown == ['label "a, ratio 9", loud yes',
+                     'label "\\u001b[31m<b>red</b>\\u…, loud yes',
+                     'label "' + "\U0001F600" * 22 + "…, loud yes"]
+    assert " · started " in browser.evaluate(text % plain)             # nothing to name
+    assert browser.evaluate("document.querySelectorAll('#runs b').length") == 0
+    assert browser.problems() == []
 
 
 def test_browser_runs_a_cmd_job_from_its_tqdm_output(browser, make, programs):
