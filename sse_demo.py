@@ -802,7 +802,7 @@ class _Session(_RunSink):
         self.cancel = _CancelFlag()
         self.started = time.monotonic()   # when it began running: events' elapsed_s count
         self.started_ts = time.time()     # from here; this is when it was accepted
-        self.began_ts = None              # when it left the queue and began running
+        self.began_ts = None              # when it began running: then, or once out of the queue
         self.ended_at = None          # monotonic time of the terminal event
         self.ended_ts = None
         self._listeners = listeners   # a _Listeners: who hears of its events and its end
@@ -902,7 +902,6 @@ class _Session(_RunSink):
             self.state = "running"
             self.position = None
             self.started = time.monotonic()
-            self.began_ts = time.time()
 
     def _keep(self, event, data, record=True):
         """Add a new event to the history, the series and the record."""
@@ -4699,7 +4698,7 @@ class _Journal(_RunListener):
                     continue
                 elif kind == "running":
                     marks.append((None, (0, event)))
-                    self._append(session.id, (json_line({"running": time.time()})
+                    self._append(session.id, (json_line({"running": session.began_ts})
                                               + "\n").encode())
                 elif kind == "process":
                     self._append(session.id, (json_line({"process": event})
@@ -5112,13 +5111,25 @@ def _load_journal(directory, session_ttl_s):
     return runs
 
 
+def _began_ts(header):
+    """When a journal's run began running: when it left the queue (its
+    `running` note), or, if it never waited, when it was accepted; None for
+    a run reported from elsewhere, or one still queued."""
+    if isinstance(header.get("report_key"), str):
+        return None
+    if header.get("queued") is not True:
+        return header["started_ts"]
+    began = header.get("running")
+    return began if _is_finite_number(began) else None
+
+
 def _session_read_back(header, events, path, listeners):
     """A run rebuilt from its journal: its history and series from `events`
     (the last of them terminal), its record left on disk at `path`, and its
     view key kept, so watch links outlive a restart (and a reported run's
     report key: its reporter's late post hears that the run has ended)."""
     session = _Session(header["session_id"], header["title"], header["params"], listeners)
-    session.started_ts = header["started_ts"]
+    session.started_ts, session.began_ts = header["started_ts"], _began_ts(header)
     for name in ("view_key", "report_key"):
         if isinstance(header.get(name), str):
             setattr(session, name, header[name])
@@ -8436,7 +8447,7 @@ class SSEServer(_SocketServer):
         session = self.registry.create(header["title"], header["params"], state,
                                        header["session_id"], within_limit=False,
                                        report_key=report_key)
-        session.started_ts = header["started_ts"]
+        session.started_ts, session.began_ts = header["started_ts"], _began_ts(header)
         for name in ("view_key", "control_key"):
             if isinstance(header.get(name), str):
                 setattr(session, name, header[name])
@@ -8532,6 +8543,7 @@ class SSEServer(_SocketServer):
         interrupted, not queued."""
         if session.cancel.is_set():     # cancelled while it was handed its slot
             return _end_run(session, "cancelled", {})
+        session.began_ts = time.time() if session.state == "queued" else session.started_ts
         on_disk = None
         if session.state == "queued" and self.journal:
             on_disk = self.journal.note_running(session)
