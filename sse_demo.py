@@ -2095,11 +2095,11 @@ class _StreamWriter:
 
     def _batch_for(self, sub, batches):
         """(bytes, cursor, feed cursor): the next events for `sub`, shared by
-        the subscribers at the same place (run, id, feed id) in `batches`. A paced stream past
-        its history takes all the history holds past its cursor, of which
-        only the newest progress event (_coalesced); a stream that carries
-        the runs list takes its events first (the run's terminal chunk ends
-        the body)."""
+        the subscribers at the same place (run, id, feed id) in `batches`. A
+        paced stream past its history takes all the history holds past its
+        cursor, of which only the newest progress event (_coalesced); a
+        stream that carries the runs list takes its events first (the run's
+        terminal chunk ends the body)."""
         paced = sub.paced_until is not None and sub.cursor >= sub.paced_from
         # The run too: the runs feed's turn writes pages that follow any run
         key = (sub.session, sub.cursor, sub.chunked, sub.feed, sub.feed_cursor, paced)
