@@ -2736,20 +2736,22 @@ def _whole_run(levels):
     positive), iteration counts innermost steps (albums done times photos
     an album, plus this album's photos), and the total is their product,
     or null while the outermost total is unknown; past a float's range
-    (10**200 batches of 10**200 steps), the outermost level's own count."""
+    (10**200 batches of 10**200 steps, or 1e-300 of 1e-300), or with an
+    outermost total at or below 0, the outermost level's own count."""
     fraction = 0.0
     for _, done, total in reversed(levels):
         fraction = min(1.0, max(0.0, (done + fraction) / total)) if total and total > 0 else 0.0
     outer_done, outer_total = levels[0][1], levels[0][2]
     data = {"iteration": outer_done, "total": outer_total}
-    if all(total and total > 0 for _, _, total in levels[1:]):
+    if (outer_total is None or outer_total > 0) and \
+            all(total and total > 0 for _, _, total in levels[1:]):
         iteration, size = 0, 1
         for _, done, total in reversed(levels[1:]):
             iteration += min(done, total) * size
             size *= total
-        iteration += (min(outer_done, outer_total) if outer_total else outer_done) * size
-        whole = outer_total * size if outer_total else None
-        if _is_finite_number(iteration) and (whole is None or _is_finite_number(whole)):
+        iteration += (outer_done if outer_total is None else min(outer_done, outer_total)) * size
+        whole = None if outer_total is None else outer_total * size
+        if _is_finite_number(iteration) and (whole is None or _is_finite_number(whole) and whole > 0):
             data["iteration"], data["total"] = iteration, whole
     if outer_total and outer_total > 0:
         data["percent"] = _hundredths(100.0 * fraction)
@@ -2825,10 +2827,11 @@ class Progress:
     def _end_inside(self, depth):
         """A new position at `depth` ends the levels inside it (the batches of
         an epoch, at the next epoch). They count as restarted, at 0 with
-        their totals, while the level at `depth` keeps the total it had (or
-        had none), so that the run keeps its unit, the innermost step: epoch
-        2 of 10 starts at batch 50 of 500, not at 1 of 10. A position with
-        another total is a phase of its own, counted in its own steps."""
+        their totals, while the level at `depth` keeps the total it had, so
+        that the run keeps its unit, the innermost step: epoch 2 of 10
+        starts at batch 50 of 500, not at 1 of 10. A position with another
+        total (or after a level without one) is a phase of its own, counted
+        in its own steps."""
         shown = self._shown()
         if len(shown) > depth + 1:
             self._ended[depth] = (shown[depth][2],
@@ -2840,7 +2843,7 @@ class Progress:
         inside the innermost while it keeps their total (_end_inside)."""
         levels = self._levels
         ended = self._ended.get(len(levels) - 1)
-        if ended is not None and ended[0] in (None, levels[-1][2]):
+        if ended is not None and ended[0] is not None and ended[0] == levels[-1][2]:
             return levels + ended[1]
         return levels
 

@@ -1793,6 +1793,10 @@ def overflowing_bar(progress):
     progress(5, -10)                       # another total: its own, without a percent
     progress(1, 10)
     progress.bar("y", total=10 ** 200).bar("z", total=10 ** 200)(1)   # 10**400 steps
+    progress(0, -10)
+    progress.bar("n", total=4)(2)          # under a negative total: its own count, as plain
+    progress(0, 1e-300)
+    progress.bar("u", total=1e-300)(5e-301)      # 1e-600 steps: a float's 0, not a total
 
 
 def deep_bars(progress, epochs=2, batches=2, steps=3):
@@ -4000,13 +4004,16 @@ def test_python_job_bars_three_deep_count_steps_whichever_level_moves(make, jobs
 def test_python_job_bars_before_an_outer_total_count_innermost_steps(make, jobs):
     """A job that says how many albums only after the first one (a bar
     first, then progress(album, albums)): the photos count from the start,
-    without a total or a percent until the albums' total comes."""
+    without a total or a percent until the albums' total comes. The event
+    that brings it counts albums: the bar ended under a level without a
+    total, which the server cannot tell from a phase of its own (a
+    download before the epochs), so it does not carry it on."""
     srv = make(job=jobs.albums)
     sid = start_run(srv)
     events = started(watch(srv, sid).events())
     progress = [e["json"] for e in events if e["event"] == "progress"]
     assert [(p["iteration"], p["total"], p.get("percent")) for p in progress] == \
-        [(1, None, None), (2, None, None), (2, 4, 50.0), (3, 4, 75.0), (4, 4, 100.0), (4, 4, 100.0)]
+        [(1, None, None), (2, None, None), (1, 2, 50.0), (3, 4, 75.0), (4, 4, 100.0), (4, 4, 100.0)]
     series = get_json(srv, "/series/" + sid)       # one photo a point, in order
     assert series["iterations"] == [1, 2, 3, 4] and series["fields"]["bytes"]["last"] == \
         [100, 200, 300, 400]
@@ -4870,10 +4877,12 @@ def test_a_nested_bars_percent_stays_within_0_and_100_whatever_its_values(make, 
     sid, events = finished_run(srv)
     assert events[-1]["event"] == "complete", events[-1]
     moved = [e["json"] for e in events if e["event"] == "progress"][2:]
-    assert [p.get("percent") for p in moved] == \
+    assert [p.get("percent") for p in moved[:9]] == \
         [0.0, 100.0, 0.0, 0.0, 5.0, 0.0, None, 10.0, 10.0]
     assert [(p["iteration"], p["total"]) for p in moved[4:]] == \
-        [(2, 40), (-20, 40), (5, -10), (4, 40), (1, 10)]   # the last: outer units, not 10**401
+        [(2, 40), (-20, 40), (5, -10), (4, 40), (1, 10),    # outer units, not 10**401
+         (0, -10), (0, -10), (0, 1e-300), (0, 1e-300)]
+    assert "percent" not in moved[10] and 0 <= moved[12]["percent"] <= 100
 
 
 def test_a_journals_series_line_with_infinity_is_rebuilt_from_its_events(tmp_path):
