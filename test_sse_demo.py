@@ -6762,6 +6762,9 @@ def test_browser_queued_run_shows_its_position_and_can_be_cancelled_from_the_lis
     browser.evaluate("document.querySelector('#runs button[data-cancel]').click()")
     browser.wait_for(STATE + " === 'cancelled'")
     assert get_json(srv, "/status/" + mine)["state"] == "cancelled"
+    item = "document.querySelector('#runs button[data-session=\"%s\"]').textContent" % mine
+    browser.wait_for(item + ".includes(' · cancelled · ')")
+    assert " · queued " in browser.evaluate(item)        # it never started
     assert get_json(srv, "/status/" + running)["state"] == "running"   # the other goes on
     assert cancel(srv, running)[0] == 202
     assert browser.problems() == []
@@ -7319,22 +7322,26 @@ def test_browser_runs_panel_takes_back_a_run_past_its_hundred_as_newer_ones_go(
 
 def test_browser_runs_panel_names_each_runs_own_parameters_as_plain_text(browser, make, jobs):
     """Each entry names the parameters not at their default; a text comes
-    quoted (a comma in it reads as one value), its control and direction
-    characters escaped, cut at 24 whole characters (an emoji is never
-    split), and never as markup."""
+    quoted (a comma in it reads as one value), cut after 22 characters as
+    a reader counts them (an emoji is never split, nor a family of them),
+    its invisible characters escaped, and never as markup."""
     srv = make(job=jobs.counting)
-    labels = ["a, ratio 9", "\x1b[31m<b>red</b>\u202e", "\U0001F600" * 30]
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
+    labels = ["a, ratio 9", "\x1b[31m<b>red</b>\u202e", "\U0001F600" * 30, family * 30,
+              "\u2028x\x85\u200e"]
     sids = [start_run(srv, label=label, loud=True) for label in labels]
-    plain = start_run(srv)
+    plain = start_run(srv, ratio=1e-300)
     browser.open(page_url(srv))
     for sid in sids + [plain]:
         browser.wait_for("!!document.querySelector('#runs button[data-session=\"%s\"]')" % sid)
     text = "document.querySelector('#runs button[data-session=\"%s\"]').textContent"
     shown = [browser.evaluate(text % sid).split(" · ")[3] for sid in sids]
     assert shown == ['label "a, ratio 9", loud yes',
-                     'label "\\u001b[31m<b>red</b>\\u…, loud yes',
-                     'label "' + "\U0001F600" * 22 + "…, loud yes"]
-    assert " · started " in browser.evaluate(text % plain)             # nothing to name
+                     'label "\\u001b[31m<b>red</b>\\u202e", loud yes',
+                     'label "' + "\U0001F600" * 22 + '…", loud yes',
+                     'label "' + family * 22 + '…", loud yes',
+                     'label "\\u2028x\\u0085\\u200e", loud yes']
+    assert browser.evaluate(text % plain).split(" · ")[3] == "ratio 1e-300"    # not 0.000…
     assert browser.evaluate("document.querySelectorAll('#runs b').length") == 0
     assert browser.problems() == []
 
