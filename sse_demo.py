@@ -2830,7 +2830,7 @@ class Progress:
         their totals, while the level at `depth` keeps the total it had, so
         that the run keeps its unit, the innermost step: epoch 2 of 10
         starts at batch 50 of 500, not at 1 of 10. A position with another
-        total (or after a level without one) is a phase of its own, counted
+        total (a known one after none, too) is a phase of its own, counted
         in its own steps."""
         shown = self._shown()
         if len(shown) > depth + 1:
@@ -2843,7 +2843,7 @@ class Progress:
         inside the innermost while it keeps their total (_end_inside)."""
         levels = self._levels
         ended = self._ended.get(len(levels) - 1)
-        if ended is not None and ended[0] is not None and ended[0] == levels[-1][2]:
+        if ended is not None and ended[0] == levels[-1][2]:     # (None, None: the same)
             return levels + ended[1]
         return levels
 

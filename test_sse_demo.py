@@ -1935,6 +1935,16 @@ def albums(progress, albums=2, photos=2, uploads=0):
         progress(upload + 1, uploads, stage="Uploading")
 
 
+def untold_epochs(progress, epochs=3, batches=2):
+    """Epochs that never say how many, of batches that do."""
+    for epoch in range(epochs):
+        progress(epoch)
+        bar = progress.bar("batch", total=batches)
+        for b in range(batches):
+            bar(b + 1)
+    progress(epochs)
+
+
 def bad_bar(progress):
     progress.bar("batch", total=2)(1, stage="not a field")
 
@@ -4017,6 +4027,11 @@ def test_python_job_bars_before_an_outer_total_count_innermost_steps(make, jobs)
     series = get_json(srv, "/series/" + sid)       # one photo a point, in order
     assert series["iterations"] == [1, 2, 3, 4] and series["fields"]["bytes"]["last"] == \
         [100, 200, 300, 400]
+    # Epochs that never say how many: their batches counted throughout
+    srv2 = make(job=jobs.untold_epochs)
+    events = started(watch(srv2, start_run(srv2)).events())
+    assert [(e["json"]["iteration"], e["json"]["total"]) for e in events
+            if e["event"] == "progress"] == [(i, None) for i in (0, 1, 2, 2, 3, 4, 4, 5, 6, 6)]
     # A phase with a total of its own counts its own steps: no album's photo
     events = started(watch(srv, start_run(srv, uploads=3)).events())
     uploads = [e["json"] for e in events if e["json"].get("stage") == "Uploading"]
@@ -7328,7 +7343,8 @@ def test_browser_runs_panel_names_each_runs_own_parameters_as_plain_text(browser
     srv = make(job=jobs.counting)
     family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
     labels = ["a, ratio 9", "\x1b[31m<b>red</b>\u202e", "\U0001F600" * 30, family * 30,
-              "\u2028x\x85\u200e"]
+              "\u2028x\x85\u200e", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+              "\U0001D1731"]
     sids = [start_run(srv, label=label, loud=True) for label in labels]
     plain = start_run(srv, ratio=1e-300)
     browser.open(page_url(srv))
@@ -7340,7 +7356,9 @@ def test_browser_runs_panel_names_each_runs_own_parameters_as_plain_text(browser
                      'label "\\u001b[31m<b>red</b>\\u202e", loud yes',
                      'label "' + "\U0001F600" * 22 + '…", loud yes',
                      'label "' + family * 22 + '…", loud yes',
-                     'label "\\u2028x\\u0085\\u200e", loud yes']
+                     'label "\\u2028x\\u0085\\u200e", loud yes',
+                     'label "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", loud yes',
+                     'label "\\u{1d173}1", loud yes']          # (a joiner stays: Persian)
     assert browser.evaluate(text % plain).split(" · ")[3] == "ratio 1e-300"    # not 0.000…
     assert browser.evaluate("document.querySelectorAll('#runs b').length") == 0
     assert browser.problems() == []
