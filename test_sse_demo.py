@@ -4364,9 +4364,10 @@ def test_a_journal_that_cannot_write_is_unhealthy_and_said_once(tmp_path):
 
 def journal_lines(state_dir, sid, series=False):
     """The journal's header and events (not its id marks, nor a --cmd run's
-    process line); with `series`, the series line after a terminal event too."""
+    process line); with `series`, the series line after a terminal event too.
+    Whole lines only: the server may be writing the last one as it is read."""
     with open(os.path.join(str(state_dir), sid + ".jsonl"), encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f]
+        lines = [json.loads(line) for line in f if line.endswith("\n")]
     return [line for line in lines if not ({"ids"} == set(line) or {"process"} == set(line)
                                            or {"history"} == set(line))
             and (series or "series" not in line)]
