@@ -233,9 +233,29 @@ NOT_CHARTED = RESERVED_FIELDS.union(END_FIELDS, PACE_FIELDS)   # the rest are th
 ###############################################################################
 
 # Strict JSON on one line: no NaN or Infinity, and no raw newline, so a single
-# `data:` line always suffices. One encoder for all: json.dumps() with options
-# builds a new encoder per call.
-json_line = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+# `data:` line always suffices.
+_JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _JSON_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+    False, False, False)   # markers, default, encoder, indent, separators, sort, skip, NaN
+
+
+def json_line(value):
+    """`value` as strict JSON on one line, as _JSON_ENCODER.encode makes it.
+
+    Every event is encoded here, so it is made once: JSONEncoder.encode
+    builds a new C encoder on every call, and a third of an event's
+    encoding went there. This one keeps no markers to find a circular
+    reference (shared by every thread, it must keep no state between
+    calls): such a value recurses until RecursionError, which comes out
+    as the ValueError the markers gave, as does a value nested too deeply
+    (it was a RecursionError that no caller expected)."""
+    if _C_ENCODE is None:             # a Python built without the _json module
+        return _JSON_ENCODER.encode(value)
+    try:
+        return "".join(_C_ENCODE(value, 0))
+    except RecursionError:
+        raise ValueError("circular reference, or nested too deeply")
 
 
 def _json_value(text):

@@ -1850,6 +1850,19 @@ def not_finite(progress):
     progress(1, 2, score=float("nan"))
 
 
+def circular(progress):
+    loop = []
+    loop.append(loop)
+    progress(1, 2, loop=loop)
+
+
+def nested_too_deeply(progress):
+    deep = []
+    for _ in range(100000):
+        deep = [deep]
+    progress(1, 2, deep=deep)
+
+
 def bad_result(progress):
     progress(1, 1)
     return object()
@@ -2075,6 +2088,8 @@ def test_the_cancel_flag_wakes_every_waiter_and_times_out_like_an_event(make, jo
 @pytest.mark.parametrize("job_name, message", [
     ("unserialisable", "'when' is not JSON-serialisable"),
     ("not_finite", "'score' is not JSON-serialisable"),
+    ("circular", "'loop' is not JSON-serialisable: circular reference"),
+    ("nested_too_deeply", "'deep' is not JSON-serialisable"),
     ("bad_result", "result is not JSON-serialisable"),
     ("raises", "KeyError: 'missing part'"),
 ])
