@@ -184,6 +184,8 @@ DIRECT_STREAMS = 8                 # a run with at most this many streams is wri
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
                                    # this often, its progress events coalesced (_StreamWriter._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamSockets.send)
+TIMER_GRID_S = 0.1                 # the writer's timers fire on a grid this fine, or of a
+                                   # tenth of the keepalive if finer (_Timers): at most that late
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
@@ -1739,13 +1741,25 @@ class _Timers:
     """One timer per subscriber (its keepalive, its stuck-reader check or
     its idle timeout), in a heap. Re-arming a timer leaves the old entry in
     the heap; it is skipped when it comes up, as its due time is no longer
-    the subscriber's."""
+    the subscriber's.
 
-    def __init__(self):
+    A timer due further off than `grid_s` is put off to the next multiple
+    of it, so that timers due close together fire in one wake-up of the
+    writer: a stream's keepalive timer comes up once a keepalive interval
+    even while events flow (it then finds the stream busy and re-arms), and
+    hundreds of streams woke the writer hundreds of times a second, each
+    for one timer. A keepalive is then up to `grid_s` late; a paced
+    stream's next write, due sooner than that, is not."""
+
+    def __init__(self, grid_s):
         self._heap = []                 # (due, seq, subscriber)
         self._seq = itertools.count()
+        self._grid_s = grid_s
 
     def arm(self, sub, due):
+        grid = self._grid_s
+        if due - time.monotonic() > grid:
+            due = math.ceil(due / grid) * grid
         sub.due = due
         heapq.heappush(self._heap, (due, next(self._seq), sub))
 
@@ -1779,13 +1793,13 @@ class _StreamSockets:
     stream ends, how an idle connection waits for its next request
     (parked) and how a connection closes. The writer thread's alone."""
 
-    def __init__(self, hub, idle_timeout_s, resume_connection):
+    def __init__(self, hub, keepalive_s, idle_timeout_s, resume_connection):
         self._hub = hub                      # counts the streams
         self.idle_timeout_s = idle_timeout_s
         self._resume_connection = resume_connection   # a parked connection's next request
         self.selector = selectors.DefaultSelector()
         self.capacity = _selector_capacity(self.selector)   # sockets it can watch, or None
-        self.timers = _Timers()
+        self.timers = _Timers(min(TIMER_GRID_S, keepalive_s / 10))
         self.by_session = {}                 # session -> {subscriber: None}
 
     def send(self, sub):
@@ -1947,7 +1961,7 @@ class _StreamWriter:
         self._inbox = inbox
         self.keepalive_s = keepalive_s
         self.stuck_s = STUCK_KEEPALIVES * keepalive_s
-        self.sockets = _StreamSockets(hub, idle_timeout_s, resume_connection)
+        self.sockets = _StreamSockets(hub, keepalive_s, idle_timeout_s, resume_connection)
         self.sockets.selector.register(inbox.wake_r, selectors.EVENT_READ, None)
         self.broken = None                   # why the writer stopped taking streams, if it did
         self.stopping = False

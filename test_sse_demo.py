@@ -331,6 +331,22 @@ def test_keepalive_comments_while_quiet(server):
     assert b"\r\nd\r\n: keepalive\n\n\r\n" in stream.wire       # its own chunk on the wire
 
 
+def test_keepalives_keep_their_interval_on_the_writers_timer_grid(make):
+    """The writer's timers fire on a grid (a tenth of the keepalive, at most
+    0.1 s), so that hundreds of streams' keepalive timers cost it a few
+    wake-ups a second, not one each: a quiet stream still gets a keepalive
+    once it has been quiet for the interval, never before, and not a grid
+    step or two later."""
+    srv = make(keepalive_s=0.3)
+    sid = start_run(srv, iterations=2, tick=2.0, update_every=1)
+    blocks = watch(srv, sid).blocks()
+    gaps = [later["received"] - earlier["received"] for earlier, later in zip(blocks, blocks[1:])
+            if later.get("comment") == "keepalive" and "event" not in later]
+    assert len(gaps) >= 8, blocks
+    assert min(gaps) >= 0.3 - 0.02, gaps            # quiet for the interval (clock reads)
+    assert sorted(gaps)[len(gaps) // 2] < 0.3 + 0.1, gaps   # the grid: 0.03 s here
+
+
 def test_http10_stream_is_unchunked_and_closed(server):
     sid = start_run(server, iterations=2, **FAST)
     stream = watch(server, sid, version="HTTP/1.0")
