@@ -242,7 +242,7 @@ _C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
     False, False, False)   # markers, default, encoder, indent, separators, sort, skip, NaN
 
 
-def json_line(value):
+def _json_line(value):
     """`value` as strict JSON on one line, as _JSON_ENCODER.encode makes it.
 
     Every event is encoded here, so it is made once: JSONEncoder.encode
@@ -308,7 +308,7 @@ def _name_bad_field(data, error):
     """Say which field of `data` is not strict JSON."""
     for name, value in data.items():
         try:
-            json_line(value)
+            _json_line(value)
         except (TypeError, ValueError) as exc:
             return "field %r is not JSON-serialisable: %s" % (name, exc)
     return str(error)
@@ -323,7 +323,7 @@ class _Event:
     def __init__(self, event_id, name, data):
         self.id = event_id
         self.name = name
-        self._json = json_line(data).encode()
+        self._json = _json_line(data).encode()
         self._sse = _frame_event(event_id, name, self._json)
         self.chunk = _encode_chunk(self._sse)
         self.terminal = name in TERMINAL_STATES
@@ -636,7 +636,7 @@ class _Record:
         gone = self.items[start:stop]
         self.dropped_logs += sum(1 for _, kept in gone if type(kept) is tuple and kept[1] == "log")
         first = _export_line_of(gone[0][1])
-        marker = _export_line(None, "log", json_line({
+        marker = _export_line(None, "log", _json_line({
             "message": "%d log lines dropped here: the run's record is over --max-record-mb "
                        "(the server's memory limit for it)" % self.dropped_logs,
             "level": "warning",
@@ -2542,7 +2542,7 @@ class _GripPublisher(_RunListener):
         return entries, False
 
     def _send(self, items):
-        body = json_line({"items": items}).encode()
+        body = _json_line({"items": items}).encode()
         try:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(*self._address, timeout=GRIP_TIMEOUT_S)
@@ -4500,7 +4500,7 @@ def _open_journal(directory, name, mode, suffix=JOURNAL_SUFFIX):
 def _series_line(session):
     """After a run's terminal event: its whole series, which the thinned
     progress events of a long run could not give back."""
-    return (json_line({"series": session.series_state()}) + "\n").encode()
+    return (_json_line({"series": session.series_state()}) + "\n").encode()
 
 
 def _history_line(session):
@@ -4516,7 +4516,7 @@ def _journal_header(session):
     """The run's first line. Its keys are kept, so that a run read back still
     answers its watch links and, while it waits in the queue, its starter's
     Cancel (the folder is the operator's own: DIR is made 0700)."""
-    return (json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
+    return (_json_line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,
                        "session_id": session.id, "title": session.title,
                        "params": session.params, "started_ts": session.started_ts,
                        "view_key": session.view_key, "control_key": session.control_key,
@@ -4528,7 +4528,7 @@ def _skipped_line(count):
     """Where the journal left out a run's log lines (its disk was behind):
     a marker /log and /export show, as a record's own marker of lines
     dropped."""
-    return _export_line(None, "log", json_line({
+    return _export_line(None, "log", _json_line({
         "message": "%d log lines were not journaled here: the disk fell behind" % count,
         "level": "warning", "ts": time.time()}).encode())
 
@@ -4735,10 +4735,10 @@ class _Journal(_RunListener):
                     continue
                 elif kind == "running":
                     marks.append((None, (0, event)))
-                    self._append(session.id, (json_line({"running": session.began_ts})
+                    self._append(session.id, (_json_line({"running": session.began_ts})
                                               + "\n").encode())
                 elif kind == "process":
-                    self._append(session.id, (json_line({"process": event})
+                    self._append(session.id, (_json_line({"process": event})
                                               + "\n").encode())
                 elif kind == "received":
                     self._append(session.id, b'{"received":%d}\n' % event)
@@ -4931,7 +4931,7 @@ def _mend_journal(directory, name, problem, good_bytes, interrupted):
 def _only_finite(value):
     """Does `value`, as json.loads read it, hold only finite numbers?
     json.loads takes NaN, Infinity and 1e999 (infinity), which strict JSON,
-    and so json_line, refuses: a journal line with one is damaged, or the
+    and so _json_line, refuses: a journal line with one is damaged, or the
     run's events, chart or /status could not be sent."""
     stack = [value]
     while stack:             # a loop, not recursion: JSON may nest a thousand deep
@@ -5204,7 +5204,7 @@ def _notify_text(body):
     """One line for a chat: "Build optimisation: complete (result 3.2) · 12 s"."""
     if body["state"] == "complete":
         outcome = "complete" if body.get("result") is None else \
-            "complete (result %s)" % json_line(body["result"])[:200]
+            "complete (result %s)" % _json_line(body["result"])[:200]
     else:
         outcome = "%s: %s" % (body["state"], str(body.get("message", "")).split("\n")[0][:200])
     took = ""
@@ -5255,7 +5255,7 @@ class _Notifier(_RunListener):
 
     def ended(self, session):
         """Called by a run's terminal event (any thread): never blocks."""
-        body = json_line(self.body_for(session)).encode()
+        body = _json_line(self.body_for(session)).encode()
         with self._lock:
             if len(self._due) >= NOTIFY_QUEUE_LIMIT:
                 self.dropped += 1
@@ -5790,7 +5790,7 @@ def _parse_report(body):
             raise _BadReport("events[%d]" % (i + 1), "comes after the run's end")
     for i, (name, fields) in enumerate(calls):
         try:
-            size = len(json_line(fields))
+            size = len(_json_line(fields))
         except (TypeError, ValueError) as exc:
             raise _BadReport("events[%d]" % i, "not strict JSON: %s" % exc)
         if size > REPORT_EVENT_BYTES and (name == "progress" or "result" in fields):
@@ -5815,7 +5815,7 @@ def _parse_open_report(body):
             isinstance(v, (dict, list)) for v in params.values()):
         raise _BadReport("params", "must be an object of plain values (shown with the run)")
     try:
-        json_line(params)
+        _json_line(params)
     except ValueError as exc:
         raise _BadReport("params", "not strict JSON: %s" % exc)
     return title, params
@@ -6476,7 +6476,7 @@ class _HTTPExchange(http.server.BaseHTTPRequestHandler):
     def send_json(self, status, data, headers=None):
         extra = {"Cache-Control": "no-store"}
         extra.update(headers or {})
-        self.send_body(status, json_line(data).encode() + b"\n", "application/json", extra)
+        self.send_body(status, _json_line(data).encode() + b"\n", "application/json", extra)
 
     def send_body(self, status, body, content_type, headers=None):
         self.responded = True
@@ -7106,7 +7106,7 @@ def _show_event(screen, name, data):
             result = data.get("result")
             screen.end(_progress_text(dict(data, percent=data.get("percent", 100.0)), screen.labels,
                                       screen.unicode)
-                       + "\ncomplete" + ("" if result is None else ": " + json_line(result)))
+                       + "\ncomplete" + ("" if result is None else ": " + _json_line(result)))
         else:
             word = {"error": "failed", "cancelled": "cancelled", "interrupted": "interrupted",
                     "exit status unknown": "ended"}[data.get("reason") or name]
@@ -7301,10 +7301,10 @@ def _wire_event(name, data):
         item = {k: v for k, v in data.items() if k in kept}
     if isinstance(item.get("message"), str):
         item["message"] = _log_data(item["message"], "info")["message"]
-    encoded = json_line(dict({"event": name}, **item))
+    encoded = _json_line(dict({"event": name}, **item))
     if len(encoded) > REPORT_EVENT_BYTES and "result" in item:
         item["result"] = "(a result of %d bytes, too large to report)" % len(encoded)
-        encoded = json_line(dict({"event": name}, **item))
+        encoded = _json_line(dict({"event": name}, **item))
     if len(encoded) > REPORT_EVENT_BYTES and name == "progress":
         raise ValueError("an event of %d bytes, over %d" % (len(encoded), REPORT_EVENT_BYTES))
     return encoded
@@ -7458,7 +7458,7 @@ class _Outbox(_RunSink):
         self._thread.start()
 
     def _open(self, timeout=NOTIFY_TIMEOUT_S):
-        body = json_line({"title": self.title, "params": self.params}).encode()
+        body = _json_line({"title": self.title, "params": self.params}).encode()
         status, answer = self.address.request("POST", "/runs", body, "application/json", timeout)
         reason = answer.get("error") if isinstance(answer, dict) else "status %d" % status
         if _transient(status):
@@ -7631,7 +7631,7 @@ class _Outbox(_RunSink):
             message = ("sse_demo report: %d events were lost: the server lost them, and the "
                        "reporter no longer held them" % (lacking - kept))
             log.warning(message)
-            self._items.appendleft(json_line({"event": "log", "message": message,
+            self._items.appendleft(_json_line({"event": "log", "message": message,
                                               "level": "warning"}))
         self._sent = received
 
@@ -8316,7 +8316,7 @@ class _SocketServer(http.server.ThreadingHTTPServer):
         log.info("%s has %d connections being answered (--max-per-address): one more "
                  "refused", address, self.options.max_per_address)
         if not _is_tls(sock):
-            body = json_line({"error": "too many connections from your address (limit %d); "
+            body = _json_line({"error": "too many connections from your address (limit %d); "
                               "try again later" % self.options.max_per_address}).encode() + b"\n"
             sock.setblocking(False)
             try:
