@@ -184,8 +184,8 @@ DIRECT_STREAMS = 8                 # a run with at most this many streams is wri
 PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is written at most
                                    # this often, its progress events coalesced (_StreamWriter._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamSockets.send)
-TIMER_GRID_S = 0.1                 # the writer's timers fire on a grid this fine, or of a
-                                   # tenth of the keepalive if finer (_Timers): at most that late
+TIMER_GRID_S = 0.02                # the writer's timers fire on a grid this fine, or of a
+                                   # fiftieth of the keepalive if finer (_Timers)
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
@@ -1748,8 +1748,10 @@ class _Timers:
     writer: a stream's keepalive timer comes up once a keepalive interval
     even while events flow (it then finds the stream busy and re-arms), and
     hundreds of streams woke the writer hundreds of times a second, each
-    for one timer. A keepalive is then up to `grid_s` late; a paced
-    stream's next write, due sooner than that, is not."""
+    for one timer. A quiet stream's keepalives then come every interval
+    and a grid step: the step is small (20 ms at most), as a coarser one
+    would stretch every interval by it. A paced stream's next write, due
+    sooner than a step, is not put off."""
 
     def __init__(self, grid_s):
         self._heap = []                 # (due, seq, subscriber)
@@ -1799,7 +1801,7 @@ class _StreamSockets:
         self._resume_connection = resume_connection   # a parked connection's next request
         self.selector = selectors.DefaultSelector()
         self.capacity = _selector_capacity(self.selector)   # sockets it can watch, or None
-        self.timers = _Timers(min(TIMER_GRID_S, keepalive_s / 10))
+        self.timers = _Timers(min(TIMER_GRID_S, keepalive_s / 50))
         self.by_session = {}                 # session -> {subscriber: None}
 
     def send(self, sub):
