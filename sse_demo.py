@@ -185,7 +185,8 @@ PACED_WRITE_S = 0.02               # a paced stream (?pace=1, the page's) is wri
                                    # this often, its progress events coalesced (_StreamWriter._due)
 TLS_SEND_MAX = 16 * 1024           # bytes per TLS send: one record (see _StreamSockets.send)
 TIMER_GRID_S = 0.02                # the writer's timers fire on a grid this fine, or of a
-                                   # fiftieth of the keepalive if finer (_Timers)
+                                   # fiftieth of the keepalive if finer, not under 1 ms (_Timers)
+TIMER_LONGEST_WAIT_S = 3600.0      # the writer looks at its timers at least this often
 WRITER_MAX_FAILURES = 10          # unexpected errors in a row before the writer gives up
 # select() watches a fixed set (FD_SETSIZE as CPython builds it): on Windows
 # 512 sockets, elsewhere descriptors numbered below 1024. epoll, kqueue and
@@ -237,27 +238,43 @@ NOT_CHARTED = RESERVED_FIELDS.union(END_FIELDS, PACE_FIELDS)   # the rest are th
 # Strict JSON on one line: no NaN or Infinity, and no raw newline, so a single
 # `data:` line always suffices.
 _JSON_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
-    None, _JSON_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
-    False, False, False)   # markers, default, encoder, indent, separators, sort, skip, NaN
+
+
+class _ThreadEncoder(threading.local):
+    """Each thread's own C encoder for _json_line, with its own markers (the
+    ids of the containers being encoded, which find a circular reference
+    at once): a thread never sees another's, and a failed encode, which
+    leaves its markers behind, clears them."""
+
+    def __init__(self):
+        self.markers = {}
+        self.encode = json.encoder.c_make_encoder(
+            self.markers, _JSON_ENCODER.default, json.encoder.encode_basestring_ascii, None,
+            ":", ",", False, False, False)   # indent, separators, sort, skip keys, NaN
+
+
+_THREAD_ENCODER = _ThreadEncoder() if json.encoder.c_make_encoder else None
 
 
 def _json_line(value):
     """`value` as strict JSON on one line, as _JSON_ENCODER.encode makes it.
 
-    Every event is encoded here, so it is made once: JSONEncoder.encode
-    builds a new C encoder on every call, and a third of an event's
-    encoding went there. This one keeps no markers to find a circular
-    reference (shared by every thread, it must keep no state between
-    calls): such a value recurses until RecursionError, which comes out
-    as the ValueError the markers gave, as does a value nested too deeply
-    (it was a RecursionError that no caller expected)."""
-    if _C_ENCODE is None:             # a Python built without the _json module
+    Every event is encoded here, so the encoder is made once (per thread):
+    JSONEncoder.encode builds a new C encoder on every call, and a third of
+    an event's encoding went there. A value nested too deeply raises the
+    ValueError that bad JSON does (it was a RecursionError no caller
+    expected)."""
+    if _THREAD_ENCODER is None:        # a Python built without the _json module
         return _JSON_ENCODER.encode(value)
+    encoder = _THREAD_ENCODER
     try:
-        return "".join(_C_ENCODE(value, 0))
+        return "".join(encoder.encode(value, 0))
     except RecursionError:
-        raise ValueError("circular reference, or nested too deeply")
+        encoder.markers.clear()
+        raise ValueError("nested too deeply") from None
+    except BaseException:
+        encoder.markers.clear()
+        raise
 
 
 def _json_value(text):
@@ -1750,33 +1767,39 @@ class _Timers:
     hundreds of streams woke the writer hundreds of times a second, each
     for one timer. A quiet stream's keepalives then come every interval
     and a grid step: the step is small (20 ms at most), as a coarser one
-    would stretch every interval by it. A paced stream's next write, due
-    sooner than a step, is not put off."""
+    would stretch every interval by it. A timer due within PACED_WRITE_S
+    (a paced stream's next write) is never put off."""
 
     def __init__(self, grid_s):
         self._heap = []                 # (due, seq, subscriber)
         self._seq = itertools.count()
         self._grid_s = grid_s
+        self._exact_within = max(grid_s, PACED_WRITE_S)
 
     def arm(self, sub, due):
-        grid = self._grid_s
-        if due - time.monotonic() > grid:
-            due = math.ceil(due / grid) * grid
+        if due - time.monotonic() > self._exact_within:
+            due = math.ceil(due / self._grid_s) * self._grid_s
         sub.due = due
         heapq.heappush(self._heap, (due, next(self._seq), sub))
 
     def delay(self):
-        """Seconds to the next timer, or None when there is none."""
+        """Seconds to the next timer (at most TIMER_LONGEST_WAIT_S: select()
+        refuses a timeout of weeks), or None when there is none."""
         if not self._heap:
             return None
-        return max(0.0, self._heap[0][0] - time.monotonic())
+        return min(TIMER_LONGEST_WAIT_S, max(0.0, self._heap[0][0] - time.monotonic()))
 
     def fired(self, now):
-        """The subscribers whose timer is due, each popped as it comes."""
+        """The subscribers whose timer is due. They are all taken off the
+        heap before any is handled, so a timer re-armed for a time that has
+        come already waits for the next pass instead of firing again in
+        this one, for ever."""
+        subs = []
         while self._heap and self._heap[0][0] <= now:
             due, _, sub = heapq.heappop(self._heap)
             if not sub.closed and due == sub.due:
-                yield sub
+                subs.append(sub)
+        return subs
 
     def subscribers(self):
         return [sub for _, _, sub in self._heap]
@@ -1801,7 +1824,7 @@ class _StreamSockets:
         self._resume_connection = resume_connection   # a parked connection's next request
         self.selector = selectors.DefaultSelector()
         self.capacity = _selector_capacity(self.selector)   # sockets it can watch, or None
-        self.timers = _Timers(min(TIMER_GRID_S, keepalive_s / 50))
+        self.timers = _Timers(max(0.001, min(TIMER_GRID_S, keepalive_s / 50)))
         self.by_session = {}                 # session -> {subscriber: None}
 
     def send(self, sub):
@@ -2186,7 +2209,7 @@ class _StreamWriter:
     def _on_timer(self, sub, now):
         """A subscriber's timer fired: returns when to look at it again."""
         if sub.idle:
-            if now - sub.last_write >= self.sockets.idle_timeout_s:
+            if now >= sub.last_write + self.sockets.idle_timeout_s:
                 self.sockets.close(sub, "idle")
                 return None
             return sub.last_write + self.sockets.idle_timeout_s
@@ -2195,11 +2218,11 @@ class _StreamWriter:
             if sub.closed or sub.idle:
                 return None
         if sub.pending:
-            if now - sub.blocked_since >= self.stuck_s:
+            if now >= sub.blocked_since + self.stuck_s:
                 self.sockets.close(sub, "its socket accepted nothing for %.1f s" % self.stuck_s)
                 return None
             return sub.blocked_since + self.stuck_s
-        if now - sub.last_write >= self.keepalive_s:
+        if now >= sub.last_write + self.keepalive_s:   # the due time's own sum: see fired()
             sub.pending = sub.keepalive_frame()
             self._flush(sub)
             if sub.closed:
@@ -4060,7 +4083,7 @@ def _parse_progress_line(line):
     if not text.startswith("{"):
         return None     # most lines: nothing to parse
     try:
-        data = json.loads(text)
+        data = _json_value(text)       # a line nested too deeply is no progress either
     except ValueError:
         return None
     done = data.get("done") if isinstance(data, dict) else None

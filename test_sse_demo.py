@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -346,6 +347,25 @@ def test_keepalives_keep_their_interval_on_the_writers_timer_grid(make):
     assert len(gaps) >= 3, blocks
     assert min(gaps) >= 1.0 - 0.02, gaps            # quiet for the interval (clock reads)
     assert sorted(gaps)[len(gaps) // 2] < 1.0 + 0.05, gaps   # a 20 ms step, and the writer
+
+
+def test_a_timer_re_armed_for_a_time_already_come_waits_for_the_next_pass():
+    """A timer whose check and due time disagree in the last bit of a float
+    (now - last_write < K, yet last_write + K <= now) was re-armed for a
+    time already come and fired again in the same pass, for ever: the
+    writer spun. A pass now takes the due timers off first (an adversary's
+    find; the writer's checks also use the due time's own sum now)."""
+    timers = sse_demo._Timers(0.02)
+    sub = types.SimpleNamespace(closed=False, due=None)
+    now = time.monotonic()
+    timers.arm(sub, now - 1.0)
+    fired = 0
+    for _, due_sub in zip(range(10), timers.fired(now)):
+        fired += 1
+        timers.arm(due_sub, now - 0.5)     # already come
+    assert fired == 1
+    assert timers.fired(now) == [sub]     # the next pass
+    assert timers.fired(now) == []
 
 
 def test_http10_stream_is_unchunked_and_closed(server):
@@ -2105,7 +2125,7 @@ def test_the_cancel_flag_wakes_every_waiter_and_times_out_like_an_event(make, jo
 @pytest.mark.parametrize("job_name, message", [
     ("unserialisable", "'when' is not JSON-serialisable"),
     ("not_finite", "'score' is not JSON-serialisable"),
-    ("circular", "'loop' is not JSON-serialisable: circular reference"),
+    ("circular", "'loop' is not JSON-serialisable: Circular reference detected"),
     ("nested_too_deeply", "'deep' is not JSON-serialisable"),
     ("bad_result", "result is not JSON-serialisable"),
     ("raises", "KeyError: 'missing part'"),
@@ -2601,6 +2621,11 @@ for i in range(1, 4):
     print(json.dumps({"done": i, "total": 3, "loss": 1.0 / i, "phase": "fit"}))
 print(json.dumps({"done": "not a number"}))
 print(json.dumps({"done": 3, "total": 3, "percent": 99, "ts": 1}))
+""",
+    "deep_json_line.py": """
+print('{"done": 1, "total": 4, "deep": ' + "[" * 5000 + "1" + "]" * 5000 + "}", flush=True)
+print('{"done": 2, "total": 4}')
+print("after the deep line")
 """,
     "chatty.py": """
 import sys
@@ -3838,6 +3863,19 @@ def test_cmd_json_lines_are_progress_with_their_fields(make, programs):
     assert progress[3]["percent"] == 100.0 and progress[3]["ts"] != 1   # reserved names ignored
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
     assert logs == ['{"done": "not a number"}']
+
+
+def test_cmd_a_json_line_nested_too_deeply_is_a_log_line_and_the_output_goes_on(
+        make, programs):
+    """json.loads raises RecursionError on a line nested thousands deep: it
+    ended the reader of the program's output, so nothing after it showed."""
+    srv = command_server(make, programs("deep_json_line.py"))
+    events = started(watch(srv, start_run(srv)).events())
+    assert events[-1]["event"] == "complete", events[-1]
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert any(message.startswith('{"done": 1, "total": 4, "deep": [[[') for message in logs)
+    assert any("after the deep line" in message for message in logs), logs
+    assert any(e["event"] == "progress" and e["json"]["iteration"] == 2 for e in events)
 
 
 def test_cmd_output_lines_are_log_events_with_their_stream(make, programs):
