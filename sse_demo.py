@@ -2199,10 +2199,16 @@ class _StreamWriter:
 
     def _run_timers(self):
         now = time.monotonic()
-        for sub in self.sockets.timers.fired(now):
+        due_now = self.sockets.timers.fired(now)
+        for i, sub in enumerate(due_now):
             self._serving = sub
-            with sub.lock:
-                due = self._on_timer(sub, now)
+            try:
+                with sub.lock:
+                    due = self._on_timer(sub, now)
+            except Exception:         # _survive closes this one; the others stay timed
+                for other in due_now[i + 1:]:
+                    self.sockets.timers.arm(other, now)
+                raise
             if due is not None:
                 self.sockets.timers.arm(sub, due)
 

@@ -368,6 +368,35 @@ def test_a_timer_re_armed_for_a_time_already_come_waits_for_the_next_pass():
     assert timers.fired(now) == []
 
 
+def test_a_timer_that_fails_for_one_stream_leaves_the_others_of_its_pass_timed():
+    """A pass takes its due timers off the heap first; when handling one
+    raises (the writer's _survive then closes that connection), the others
+    of the pass went with it, and never got a keepalive or a stuck-reader
+    close again (an adversary's find). Streams can't be made due in one
+    pass from outside, so this drives the writer's own pass."""
+    writer = object.__new__(sse_demo._StreamWriter)
+    writer.sockets = types.SimpleNamespace(timers=sse_demo._Timers(0.02))
+    writer._serving = None
+    subs = [types.SimpleNamespace(n=n, closed=False, due=None, lock=threading.Lock())
+            for n in range(3)]
+    for sub in subs:
+        writer.sockets.timers.arm(sub, time.monotonic() - 1.0)
+
+    def on_timer(sub, now):
+        if sub.n == 0:
+            raise RuntimeError("unexpected, in one connection")
+        return now + 5.0
+    writer._on_timer = on_timer
+    with pytest.raises(RuntimeError):
+        writer._run_timers()
+    assert writer._serving is subs[0]                       # the one _survive closes
+    assert sorted(sub.n for sub in writer.sockets.timers.subscribers()) == [1, 2]
+    fired_next = []
+    writer._on_timer = lambda sub, now: fired_next.append(sub.n)
+    writer._run_timers()
+    assert sorted(fired_next) == [1, 2]                     # they fire on the next pass
+
+
 def test_http10_stream_is_unchunked_and_closed(server):
     sid = start_run(server, iterations=2, **FAST)
     stream = watch(server, sid, version="HTTP/1.0")
