@@ -8160,15 +8160,16 @@ def _read_page():
         return None
 
 
-OPTION_RULES = dict(flag=None, metavar=None, least=None, above=None, needs=None, many=False,
-                    choices=None, secret=None)
+OPTION_RULES = dict(flag=None, metavar=None, least=None, above=None, most=None, needs=None,
+                    many=False, choices=None, secret=None)
 
 
 def _option(default, help, flag=None, metavar=None, **rules):
     """A field of Options, with what the command line needs of it: its flag
     (default `--name`), metavar and help, and `rules`: the least value it
-    takes (`least`, or more than `above`); the option it `needs` (given
-    without it, it is refused); `many`: repeatable; `secret`: the
+    takes (`least`, or more than `above`) and the most (`most`: past it, a
+    time no longer fits the timeouts it goes to); the option it `needs`
+    (given without it, it is refused); `many`: repeatable; `secret`: the
     environment variable that may hold it, and a `FLAG-file` option beside
     it (`ps` shows arguments, not files or the environment)."""
     return dataclasses.field(default=default, metadata=dict(
@@ -8187,7 +8188,7 @@ class Options:
     port: int = _option(5000, "port to listen on; 0 picks a free one (default %(default)s)")
     keepalive_s: float = _option(1.0, "send a keepalive comment when a stream has been quiet "
                                  "this long (default %(default)s)", "--keepalive", "SECONDS",
-                                 above=0)
+                                 above=0, most=3600)
     max_sessions: int = _option(1000, "runs going on at once, reported ones included; more "
                                 "get 429 (default %(default)s)", metavar="N", least=1)
     max_streams: int = _option(10000, "open event streams (and /log?follow=1 followers) at "
@@ -8200,7 +8201,8 @@ class Options:
                                    "%(default)s)", "--session-ttl", "SECONDS", above=0)
     request_timeout_s: float = _option(10.0, "a request must arrive whole within this; also "
                                        "how long an idle connection is kept (default "
-                                       "%(default)s)", "--request-timeout", "SECONDS", above=0)
+                                       "%(default)s)", "--request-timeout", "SECONDS", above=0,
+                                       most=86400)
     allowed_hosts: tuple = _option((), "also answer requests for this host name (behind a "
                                    "proxy or on a network); repeatable", "--allow-host", "NAME",
                                    many=True)
@@ -8259,6 +8261,8 @@ class Options:
             if rule.get("above") is not None and not (value > rule["above"] and
                                                       _is_finite_number(value)):
                 raise ValueError("%s must be a number above %d" % (named, rule["above"]))
+            if rule.get("most") is not None and value > rule["most"]:
+                raise ValueError("%s must be at most %d" % (named, rule["most"]))
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
             raise ValueError("--base-path must be a plain path such as /jobs")
         for address in self.trusted_proxies:

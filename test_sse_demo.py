@@ -9888,6 +9888,17 @@ def test_an_infinite_time_is_refused_at_start(option):
         assert status == 2 and "must be a number above 0" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("option, value, most", [
+    ("--keepalive", "3000000", "3600"), ("--request-timeout", "1e12", "86400")])
+def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value, most):
+    """--keepalive 3000000 made select() refuse its timeout, and the writer
+    gave up; --request-timeout 1e12 made every connection's settimeout()
+    fail, so every request went unanswered (an adversary's finds)."""
+    status, _, err = Cli(option, value).finish()
+    assert status == 2 and "%s must be at most %s" % (option, most) in err, err
+    assert "Traceback" not in err
+
+
 def test_a_runs_series_and_its_events_are_bounded(server):
     """One event of 320,000 fields made every new bucket hold them all: GBs
     (adversary). A run charts at most SERIES_FIELDS fields; a reported event
