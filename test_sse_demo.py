@@ -8534,10 +8534,46 @@ def test_browser_a_page_that_watched_and_one_opened_later_order_and_colour_field
     late.wait_for(drawn)
     watched = browser.evaluate(FIELD_ORDER)
     assert late.evaluate(FIELD_ORDER) == watched
-    assert watched[2] == ["Rate", "Bitrate", "Fps", "Frame", "Lsize", "Q", "Size"]   # declared first
+    # No "Rate" card: --cmd declares the field, but ffmpeg's line has none,
+    # and a card that says "–" for the whole run told nothing.
+    assert watched[2] == ["Bitrate", "Fps", "Frame", "Lsize", "Q", "Size"]
     assert [line.split()[0] for line in watched[1]] == [
         "line-bitrate", "line-fps", "line-frame", "line-Lsize", "line-q", "line-size"]
     assert browser.problems() == [] and late.problems() == []
+
+
+RATE_LATER = r'''
+import json, os, sys, time
+gate = sys.argv[1]
+for done in range(4):
+    print(json.dumps({"done": done, "total": 4, "loss": 1.0 / (done + 1), "acc": 0.5}), flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(gate) and time.monotonic() < deadline:    # the test has looked
+    time.sleep(0.02)
+print(json.dumps({"done": 4, "total": 4, "loss": 0.2, "acc": 0.9, "rate": 2.5}), flush=True)
+'''
+
+
+def test_browser_a_field_card_comes_with_the_fields_first_value_in_its_declared_place(
+        browser, make, tmp_path):
+    """--cmd declares `rate` (a program's rate may come), but a JSON-lines
+    program that has sent none shows no "Rate –" card; once its rate comes,
+    the card takes the declared place, before the program's own fields."""
+    program, gate = tmp_path / "rate_later.py", tmp_path / "gate"
+    program.write_text(RATE_LATER, encoding="utf-8")
+    srv = command_server(make, " ".join(shlex.quote(str(part)) for part in
+                                        (sys.executable, program, gate)))
+    browser.open(page_url(srv))
+    browser.click("start")
+    cards = "[...document.querySelectorAll('#fields dt')].map(t => t.textContent).join(' ')"
+    browser.wait_for("document.getElementById('iteration').textContent === '3 / 4' && "
+                     "!dirty.has('cards')")
+    assert browser.evaluate(cards) == "Acc Loss"
+    gate.write_text("")
+    browser.wait_for(STATE + " === 'complete' && !dirty.has('cards')")
+    assert browser.evaluate(cards) == "Rate Acc Loss"
+    assert browser.element("field-rate") == "2.5 it/s"
+    assert browser.problems() == []
 
 
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
