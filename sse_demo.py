@@ -4392,7 +4392,8 @@ class _CommandJob(JobSpec):
         super().__init__(name, title or name, "Runs \u201c%s\u201d for each run: its output "
                          "is the log, its progress lines the progress." % template.strip(),
                          {name: _Param(name, default) for name, default in defaults.items()},
-                         [{"name": "rate", "label": "Rate", "unit": "it/s"}], run,
+                         [], run,     # none declared: a program may never send a rate,
+                         # and a declared field has a card from the start ("Rate –" all run)
                          check=lambda values: _fill_command(argv, values))
         self.kill_after_s = kill_after_s
         self.stop_grace_s = kill_after_s + WORKER_STOP_GRACE_S

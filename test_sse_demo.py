@@ -8534,8 +8534,8 @@ def test_browser_a_page_that_watched_and_one_opened_later_order_and_colour_field
     late.wait_for(drawn)
     watched = browser.evaluate(FIELD_ORDER)
     assert late.evaluate(FIELD_ORDER) == watched
-    # No "Rate" card: --cmd declares the field, but ffmpeg's line has none,
-    # and a card that says "–" for the whole run told nothing.
+    # No "Rate" card: ffmpeg's line has no rate, and --cmd declares none
+    # (a declared field's card said "–" for the whole run).
     assert watched[2] == ["Bitrate", "Fps", "Frame", "Lsize", "Q", "Size"]
     assert [line.split()[0] for line in watched[1]] == [
         "line-bitrate", "line-fps", "line-frame", "line-Lsize", "line-q", "line-size"]
@@ -8554,11 +8554,11 @@ print(json.dumps({"done": 4, "total": 4, "loss": 0.2, "acc": 0.9, "rate": 2.5}),
 '''
 
 
-def test_browser_a_field_card_comes_with_the_fields_first_value_in_its_declared_place(
-        browser, make, tmp_path):
-    """--cmd declares `rate` (a program's rate may come), but a JSON-lines
-    program that has sent none shows no "Rate –" card; once its rate comes,
-    the card takes the declared place, before the program's own fields."""
+def test_browser_a_programs_rate_card_comes_with_its_first_rate(browser, make, tmp_path):
+    """--cmd declares no field: a JSON-lines program that has sent no rate
+    shows no "Rate –" card (a declared field has a card from the start);
+    once its rate comes, the card takes its place by name, in the unit the
+    program gives (none here)."""
     program, gate = tmp_path / "rate_later.py", tmp_path / "gate"
     program.write_text(RATE_LATER, encoding="utf-8")
     srv = command_server(make, " ".join(shlex.quote(str(part)) for part in
@@ -8571,8 +8571,9 @@ def test_browser_a_field_card_comes_with_the_fields_first_value_in_its_declared_
     assert browser.evaluate(cards) == "Acc Loss"
     gate.write_text("")
     browser.wait_for(STATE + " === 'complete' && !dirty.has('cards')")
-    assert browser.evaluate(cards) == "Rate Acc Loss"
-    assert browser.element("field-rate") == "2.5 it/s"
+    assert browser.evaluate(cards) == "Acc Loss Rate"
+    assert browser.element("field-rate") == "2.5"
+    assert browser.evaluate("job.fields") == []
     assert browser.problems() == []
 
 
