@@ -34,6 +34,8 @@ class TakesAll:
 
 
 def load(path, name):
+    if not os.path.isfile(path) or not path.endswith(".py"):
+        raise SystemExit("%s: not a Python file" % path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -51,12 +53,23 @@ def count(publish_one):
             counts[getattr(code, "co_qualname", None) or            # 3.11 on
                    "%s (line %d)" % (code.co_name, code.co_firstlineno)] += 1
         return tracer
+    # CPython 3.12.0 and 3.12.1 give opcode events only once a frame has
+    # asked for them under an earlier settrace (python/cpython#114480): a
+    # first session that asks, on a call of nothing.
+    def primer(frame, event, arg):
+        frame.f_trace_opcodes = True
+        return primer
+    sys.settrace(primer)
+    (lambda: None)()
+    sys.settrace(None)
     sys.settrace(tracer)
     try:
         for number in range(COUNTED):
             publish_one(WARM + number)
     finally:
         sys.settrace(None)
+    if not counts:
+        raise SystemExit("no bytecode was counted: this Python gave sys.settrace no opcode events")
     return {name: total / COUNTED for name, total in counts.items()}
 
 
@@ -100,7 +113,11 @@ def main():
                         help="the sse_demo.py to count (default: this checkout's)")
     parser.add_argument("--floor", action="store_true", help="count the floor's publish too")
     args = parser.parse_args()
-    report(args.server, sse_demo_publisher(args.server))
+    try:
+        publish_one = sse_demo_publisher(args.server)
+    except (AttributeError, TypeError) as exc:      # an sse_demo.py of before Options (e206d4c)
+        raise SystemExit("%s: not an sse_demo.py this counter knows (%s)" % (args.server, exc))
+    report(args.server, publish_one)
     if args.floor:
         report("floor", floor_publisher())
 
