@@ -3271,10 +3271,22 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
                           r"julia|bash|sh|zsh|dash|uv|poetry|pipenv|conda)(\.exe)?")
 
 
+# Words that open or close a shell's compound command where a command
+# would start: a line with one is a loop, a test or a group, which no one of
+# its commands names.
+SHELL_COMPOUND = frozenset(("for", "while", "until", "if", "case", "select", "do", "done",
+                            "then", "else", "elif", "fi", "esac", "function", "{", "}"))
+
+
 def _last_command(line):
     """The words of the command that a shell's command line runs last
     (`stty cols 120; python3 train.py`: python3 train.py; of a pipeline, its
-    first), without its variables and `exec`; [] when there is none."""
+    first), without its variables and `exec`; [] when there is none, and
+    for a loop, a test or a group (`for f in *; do gzip $f; done` is not
+    named `done`, nor `gzip`: the shell's own name says more)."""
+    starts = [part.split()[0] for part in re.split(r"[;&|\n]", line) if part.strip()]
+    if any(word in SHELL_COMPOUND or word.startswith(("(", "{", "}")) for word in starts):
+        return []
     last = [part for part in re.split(r";|&&|\|\||\n", line) if part.strip()][-1:]
     try:
         words = shlex.split(last[0].split("|")[0]) if last else []

@@ -4161,6 +4161,14 @@ def test_cmd_job_is_named_after_its_program_or_its_title(make, programs):
         == "t.py"
     assert sse_demo.command_job("bash -euo pipefail -c 'cd src && make all'").title == "make"
     assert sse_demo.command_job("python3 -c 'print(1)'").title == "python3"
+    # a loop, a test or a group is the shell's: not "done", "fi" or "}}"
+    assert sse_demo.command_job("sh -c 'for i in 1 2 3; do echo step $i; sleep 1; done'").title \
+        == "sh"
+    assert sse_demo.command_job("bash -c 'while true; do make; done'").title == "bash"
+    assert sse_demo.command_job("sh -c 'if test -f x; then make; fi'").title == "sh"
+    assert sse_demo.command_job("sh -c '(cd src; make)'").title == "sh"
+    assert sse_demo.command_job("sh -c '{{ make; }} 2>&1'").title == "sh"
+    assert sse_demo.command_job("sh -c 'make done'").title == "make"     # a word, not a keyword
     assert sse_demo.command_job("bash build.sh", title="Nightly build").title == "Nightly build"
     cli = Cli("--cmd", programs("argv.py", "{x=1}"), "--title", "Argument echo")
     try:
