@@ -6862,6 +6862,7 @@ def test_browser_viewer_link_shows_the_run_only(browser, make, tmp_path):
     link = re.search(r"http://\S+", note).group(0)
     sid = browser.evaluate("sessionId")
     assert link.endswith("#session=" + sid) and "token" not in link
+    keep_screenshot(browser, tmp_path, "watch-link", 375, 700)   # the link breaks, not the page
     viewer = browser.new_page()                 # another person: no cookie
     viewer.open(link)
     viewer.wait_for(STATE + " === 'live' && seenId > 1")
