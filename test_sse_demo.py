@@ -8586,6 +8586,34 @@ def test_browser_a_programs_rate_card_comes_with_its_first_rate(browser, make, t
     assert browser.problems() == []
 
 
+def test_browser_a_run_without_a_total_shows_a_working_bar_not_0_percent(browser, make, tmp_path):
+    """A program that prints no progress: while it runs, the bar is
+    indeterminate and says no percent (it showed "0 %" beside a Percent
+    card of "–"); complete fills it; cancelled leaves it empty and still."""
+    gate = tmp_path / "gate"
+    srv = command_server(make, "sh -c 'echo working; for i in $(seq 1200); do "
+                               "test -e %s && break; sleep 0.05; done'" % shlex.quote(str(gate)))
+    browser.open(page_url(srv))
+    bar = ("[document.getElementById('bar').hasAttribute('value'), "
+           "document.getElementById('bar').value, document.getElementById('progress-text').textContent]")
+    for ending in ("complete", "cancelled"):
+        browser.click("start")
+        browser.wait_for(STATE + " === 'live' && latest && !dirty.has('cards')")
+        assert browser.evaluate(bar) == [False, 0, ""]
+        assert browser.element("percent") == "–"
+        if ending == "complete":
+            screenshot_sizes(browser, tmp_path, "no-total")
+            gate.write_text("")
+        else:
+            browser.click("cancel")
+        browser.wait_for(STATE + " === %s && !dirty.has('cards')" % json.dumps(ending))
+        assert browser.evaluate(bar) == ([True, 100, "100.00 %"] if ending == "complete"
+                                         else [True, 0, ""])
+        if gate.exists():
+            gate.unlink()
+    assert browser.problems() == []
+
+
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
     """The legend of the run watched before must not stay: its colours and
     dashes would name the wrong lines."""
