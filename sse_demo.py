@@ -3422,9 +3422,10 @@ def _process_identity(pid):
     return identity
 
 
-def _wait_or_cancel(process, cancel, kill_after_s):
+def _wait_or_cancel(process, cancel, kill_after_s, forcing=lambda: None):
     """Wait for the program to exit; on cancel, SIGTERM its group, then
-    SIGKILL after `kill_after_s`. True if it was cancelled."""
+    SIGKILL after `kill_after_s`, calling `forcing()` first. True if it was
+    cancelled."""
     while True:
         try:
             process.wait(COMMAND_POLL_S)
@@ -3437,9 +3438,19 @@ def _wait_or_cancel(process, cancel, kill_after_s):
     try:
         process.wait(kill_after_s)
     except subprocess.TimeoutExpired:
+        forcing()
         _kill_group(process.pid, HARD_KILL)
         process.wait()
     return True
+
+
+def _say_forced(session, command, kill_after_s):
+    """A warning in the run's log: the program is killed, not stopped, so
+    whatever it meant to do on SIGTERM (save a checkpoint) did not happen."""
+    session.publish("log", _log_data(
+        "%s did not stop within %g s of SIGTERM (--kill-after): killed with %s"
+        % (_program_name(command), kill_after_s, getattr(HARD_KILL, "name", "SIGKILL")),
+        "warning"))
 
 
 def _exit_fields(program, status, stderr_tail):
@@ -4367,7 +4378,8 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
                                     % _describe_exception(exc)})
         return None
     try:
-        cancelled = _wait_or_cancel(process, session.cancel, kill_after_s)
+        cancelled = _wait_or_cancel(process, session.cancel, kill_after_s,
+                                    lambda: _say_forced(session, command, kill_after_s))
     finally:
         _kill_group(process.pid, HARD_KILL)   # what it left
         groups.discard(process.pid)

@@ -4063,9 +4063,10 @@ def test_cmd_output_after_cancel_stays_progress(make, programs):
     assert cancel(srv, sid)[0] == 202
     events = stream.events()
     assert events[-1]["event"] == "cancelled"
-    after = [e for e in events[:-1] if e["json"]["ts"] > cancelled_at + 0.1]
+    after = [e for e in events[:-2] if e["json"]["ts"] > cancelled_at + 0.1]
     assert len(after) > 10                                   # it went on writing for 1 s
     assert {e["event"] for e in after} == {"progress"}        # read as before: progress
+    assert "killed with" in events[-2]["json"]["message"]     # then the server's own line
     assert events[-1]["json"]["iteration"] == after[-1]["json"]["iteration"]
 
 
@@ -4336,10 +4337,15 @@ def test_cmd_cancel_kills_a_program_that_ignores_sigterm(make, programs):
     pid = int(first_log_line(stream))
     started = time.monotonic()
     assert cancel(srv, sid)[0] == 202
-    assert stream.events()[-1]["event"] == "cancelled"
+    events = stream.events()
+    assert events[-1]["event"] == "cancelled"
     # It ignores SIGTERM and would sleep 60 s: the SIGKILL 0.5 s later ends
     # it. The bound leaves a loaded 2-core machine 5 s for the rest.
     assert time.monotonic() - started < 0.5 + 5.0
+    # and the log says so: what it meant to do on SIGTERM did not happen
+    assert events[-2]["event"] == "log" and events[-2]["json"]["level"] == "warning"
+    assert events[-2]["json"]["message"] == \
+        "stubborn.py did not stop within 0.5 s of SIGTERM (--kill-after): killed with SIGKILL"
     wait_for(lambda: process_gone(pid), timeout=TIMEOUT, what="the program to be gone")
 
 
@@ -4351,7 +4357,9 @@ def test_cmd_grandchildren_are_gone_after_cancel_or_exit(make, programs, how):
     grandchild = int(first_log_line(stream).split()[1])
     if how == "cancel":
         assert cancel(srv, sid)[0] == 202
-    assert stream.events()[-1]["event"] == ("cancelled" if how == "cancel" else "complete")
+    events = stream.events()
+    assert events[-1]["event"] == ("cancelled" if how == "cancel" else "complete")
+    assert not any("SIGTERM" in e["json"].get("message", "") for e in events)   # it stopped
     wait_for(lambda: process_gone(grandchild), timeout=3, what="the grandchild to be gone")
 
 
@@ -7651,6 +7659,25 @@ def test_browser_cancel_shows_cancelling_and_the_coming_kill(browser, make, prog
     screenshot_sizes(browser, tmp_path, "cancelling")
     browser.wait_for(STATE + " === 'cancelled'", timeout=10)
     assert browser.element("status") == "Cancelled"
+    assert browser.log_lines()[1].endswith(       # just before the end: how it ended
+        "warning stubborn.py did not stop within 3 s of SIGTERM (--kill-after): killed with SIGKILL")
+    assert browser.problems() == []
+
+
+def test_browser_a_run_that_is_stopping_tells_no_time_left(browser, make, programs):
+    """A program that goes on writing progress while it stops: Remaining
+    says "–", not the time its old pace would take."""
+    srv = command_server(make, programs("json_ignores_term.py"), kill_after_s=3.0)
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'live' && /[0-9]/.test("
+                     "document.getElementById('remaining').textContent)")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelling'")
+    seen = browser.evaluate("document.getElementById('iteration').textContent")
+    browser.wait_for("document.getElementById('iteration').textContent !== %s" % json.dumps(seen))
+    assert browser.element("remaining") == "–"                 # though progress still comes
+    browser.wait_for(STATE + " === 'cancelled'", timeout=10)
     assert browser.problems() == []
 
 
