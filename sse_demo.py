@@ -116,6 +116,7 @@ import base64
 import codecs
 import collections
 import dataclasses
+import errno
 import gc
 import hashlib
 import heapq
@@ -8791,7 +8792,9 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
     try:
         server = make_server(host, port, job=job, **options)
     except OSError as exc:
-        log.error("error: cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
+        log.error("error: cannot listen on %s:%s: %s%s", host, port, exc.strerror or exc,
+                  " (another program has that port: choose another with --port)"
+                  if exc.errno == errno.EADDRINUSE else "")
         return 1
     try:
         server.start()      # the journal's runs are back before the URL is printed

@@ -1660,6 +1660,7 @@ def test_cli_port_in_use_is_one_line_and_status_1():
     assert status == 1
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "in use" in err
+    assert "choose another with --port" in err
 
 
 def parser_flags():
@@ -8639,6 +8640,50 @@ def test_browser_a_run_without_a_total_shows_a_working_bar_not_0_percent(browser
         if gate.exists():
             gate.unlink()
     assert browser.problems() == []
+
+
+def test_browser_a_long_field_name_breaks_inside_its_card_and_legend(browser, make, tmp_path):
+    """A field named with 300 characters and no space (a program's own
+    key): its card and its legend button wrap it; the page never scrolls
+    sideways (it was 2,511 px wide at 375, the adversary's find)."""
+    srv = make()
+    opened = open_reported(srv, "long names")
+    name = "x" * 300
+    post_events(srv, opened, [{"event": "progress", "done": 1, "total": 4, name: 0.5},
+                              {"event": "progress", "done": 2, "total": 4, name: 0.75}])
+    browser.open(page_url(srv) + "#session=" + opened["session_id"])
+    browser.wait_for("!!document.getElementById(%s) && chart.loaded && !dirty.has('chart')"
+                     % json.dumps("field-" + name))
+    screenshot_sizes(browser, tmp_path, "long-name")       # asserts no sideways scroll
+    widths = browser.evaluate("[document.getElementById(%s).closest('div').scrollWidth, "
+                              "document.querySelector('#legend button').scrollWidth, "
+                              "document.getElementById('legend').clientWidth]"
+                              % json.dumps("field-" + name))
+    assert widths[0] <= 375 and widths[1] <= widths[2]
+    assert post_events(srv, opened, [{"event": "complete"}])[0] == 200
+    assert browser.problems() == []
+
+
+def test_browser_a_page_that_watched_and_one_opened_later_chart_the_same_64_fields(
+        browser, make):
+    """The server's series charts a run's first 64 numeric fields; the page
+    that watched a run of 70 charted all 70, the one opened later 64."""
+    srv = make()
+    opened = open_reported(srv, "seventy fields")
+    url = page_url(srv) + "#session=" + opened["session_id"]
+    browser.open(url)
+    browser.wait_for(STATE + " === 'live' && chart.loaded")
+    fields = {"f%02d" % k: float(k) for k in range(70)}
+    post_events(srv, opened, [dict(fields, event="progress", done=step, total=4) for step in (1, 2)])
+    legend = "[...document.querySelectorAll('#legend button')].map(b => b.dataset.field)"
+    browser.wait_for("latest && latest.iteration === 2 && !dirty.has('chart')")
+    late = browser.new_page()
+    late.open(url)
+    late.wait_for("latest && latest.iteration === 2 && chart.loaded && !dirty.has('chart')")
+    assert browser.evaluate(legend) == late.evaluate(legend) == sorted(fields)[:64]
+    assert len(late.evaluate("[...document.querySelectorAll('#fields dt')]")) == 70   # cards: all
+    assert post_events(srv, opened, [{"event": "complete"}])[0] == 200
+    assert browser.problems() == [] and late.problems() == []
 
 
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
