@@ -3423,26 +3423,62 @@ def _process_identity(pid):
     return identity
 
 
-def _wait_or_cancel(process, cancel, kill_after_s, forcing=lambda: None):
-    """Wait for the program to exit; on cancel, SIGTERM its group, then
-    SIGKILL after `kill_after_s`, calling `forcing()` first. True if it was
-    cancelled."""
+def _group_alive(process):
+    """Whether anything of the command is still running: its process
+    group (POSIX: a shell's children outlive the shell), or on Windows the
+    program itself. A zombie is not running: on Linux the group's members
+    are read from /proc, because an exited child of a dead parent waits
+    for whoever adopted it to reap it, which in a container may be never,
+    and signalling the group still reaches it."""
+    if not hasattr(os, "killpg"):
+        return process.poll() is None
+    process.poll()          # reaps the leader once it has exited
+    if os.path.isdir("/proc/self"):
+        return any(_runs_in_group(pid, process.pid) for pid in os.listdir("/proc") if pid.isdigit())
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True         # (EPERM: it is there)
+    return True
+
+
+def _runs_in_group(pid, group):
+    """Linux: is process `pid` in process group `group`, and not a zombie?"""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False        # gone meanwhile
+    return fields[0] != b"Z" and int(fields[2]) == group
+
+
+def _wait_or_cancel(process, cancel, kill_after_s):
+    """Wait for the program to exit. On cancel, SIGTERM its group, give the
+    whole group `kill_after_s` to exit (a shell dies at once and leaves the
+    program it started: that one gets the time too), then SIGKILL what is
+    left. (cancelled, forced): forced when something was still running at
+    the deadline."""
     while True:
         try:
             process.wait(COMMAND_POLL_S)
-            return cancel.is_set()      # it may have been killed since the flag was set
+            return cancel.is_set(), False   # it may have been killed since the flag was set
         except subprocess.TimeoutExpired:
             pass
         if cancel.is_set():
             break
     _kill_group(process.pid, signal.SIGTERM)
-    try:
-        process.wait(kill_after_s)
-    except subprocess.TimeoutExpired:
-        forcing()
-        _kill_group(process.pid, HARD_KILL)
-        process.wait()
-    return True
+    deadline = time.monotonic() + kill_after_s
+    while _group_alive(process):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _kill_group(process.pid, HARD_KILL)
+            process.wait()
+            return True, True
+        time.sleep(min(COMMAND_POLL_S, left))
+    process.wait()
+    return True, False
 
 
 def _say_forced(session, command, kill_after_s):
@@ -4379,13 +4415,14 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
                                     % _describe_exception(exc)})
         return None
     try:
-        cancelled = _wait_or_cancel(process, session.cancel, kill_after_s,
-                                    lambda: _say_forced(session, command, kill_after_s))
+        cancelled, forced = _wait_or_cancel(process, session.cancel, kill_after_s)
     finally:
         _kill_group(process.pid, HARD_KILL)   # what it left
         groups.discard(process.pid)
         for reader in readers:
             reader.join(kill_after_s + 1.0)
+    if forced:              # after the last of its output, just before the end
+        _say_forced(session, command, kill_after_s)
     if cancelled:
         _end_run(session, "cancelled", {})
     elif process.returncode == 0:

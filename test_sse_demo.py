@@ -4350,6 +4350,37 @@ def test_cmd_cancel_kills_a_program_that_ignores_sigterm(make, programs):
     wait_for(lambda: process_gone(pid), timeout=TIMEOUT, what="the program to be gone")
 
 
+CHECKPOINTS_ON_TERM = r'''
+import signal, sys, time
+def save(signum, frame):
+    time.sleep(0.5)                       # a checkpoint takes a while
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("training", flush=True)
+for _ in range(1200):
+    time.sleep(0.05)
+'''
+
+
+def test_cmd_cancel_gives_a_program_under_a_shell_its_kill_after(make, tmp_path):
+    """`sh -c 'python3 train.py; echo after'`: the shell dies at SIGTERM and
+    leaves the program, which gets --kill-after too (it was SIGKILLed as
+    soon as the shell was gone, its checkpoint lost, and no word of it)."""
+    program, saved = tmp_path / "train.py", tmp_path / "checkpoint"
+    program.write_text(CHECKPOINTS_ON_TERM, encoding="utf-8")
+    srv = command_server(make, "sh -c '%s %s %s; echo after'" % (
+        sys.executable, program, saved), kill_after_s=5.0)
+    sid = start_run(srv)
+    stream = watch(srv, sid)
+    assert first_log_line(stream) == "training"
+    assert cancel(srv, sid)[0] == 202
+    events = stream.events()
+    assert events[-1]["event"] == "cancelled"
+    assert saved.read_text() == "saved"
+    assert not any("SIGTERM" in e["json"].get("message", "") for e in events)   # not forced
+
+
 @pytest.mark.parametrize("how", ["cancel", "exit"])
 def test_cmd_grandchildren_are_gone_after_cancel_or_exit(make, programs, how):
     srv = command_server(make, programs("parent.py", "{mode=wait}"), kill_after_s=1.0)
