@@ -3166,6 +3166,7 @@ OUTPUT_READ_BYTES = 65536          # one read of a program's output
 OUTPUT_FLOOD_PAUSE_S = 0.01        # past the allowance, a pause after each read
 STDERR_TAIL_LINES = 10             # stderr lines an `error` event quotes
 DEFAULT_KILL_AFTER_S = 5.0         # Cancel: SIGTERM to the process group, SIGKILL after this
+KILL_AFTER_MOST_S = 3600            # --kill-after's bound: an hour to save a checkpoint
 COMMAND_POLL_S = 0.05              # how often a command's worker checks exit and cancel
 
 
@@ -8083,7 +8084,8 @@ def _report_parser():
     p.add_argument("--pid", type=int, help="--tail: the job's process; its exit ends the "
                    "run, and Cancel on the page stops it")
     p.add_argument("--title", help="the run's title (default: the program's or file's name)")
-    p.add_argument("--kill-after", type=float, default=DEFAULT_KILL_AFTER_S, metavar="S",
+    p.add_argument("--kill-after", type=_kill_after_seconds, default=DEFAULT_KILL_AFTER_S,
+                   metavar="S",
                    help="Cancel: SIGTERM, then SIGKILL after S seconds (default %(default)s)")
     p.add_argument("--flush-timeout", type=float, default=REPORT_FLUSH_S, metavar="S",
                    help="at the end, how long to keep trying to deliver events to a server "
@@ -8904,6 +8906,19 @@ def _access_token(args, options):
     return None, False
 
 
+def _kill_after_seconds(text):
+    """--kill-after's value: seconds from 0 (SIGKILL at once) to an hour
+    (nan and infinity never came: Cancel waited for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not 0 <= value <= KILL_AFTER_MOST_S:
+        raise argparse.ArgumentTypeError("must be from 0 to %d seconds, not %s"
+                                         % (KILL_AFTER_MOST_S, text))
+    return value
+
+
 def _build_parser():
     """The command line: Options' fields, then what belongs to the command
     line alone (the job, the token, logging)."""
@@ -8944,7 +8959,7 @@ def _build_parser():
     p.add_argument("--title", metavar="TEXT",
                    help="the job's name on the page and in /job (default: the job's own "
                         "declaration, or the --cmd program's name)")
-    p.add_argument("--kill-after", type=float, metavar="SECONDS",
+    p.add_argument("--kill-after", type=_kill_after_seconds, metavar="SECONDS",
                    help="with --cmd, Cancel sends SIGTERM to the program's process group, "
                         "and SIGKILL this long after (default %g)" % DEFAULT_KILL_AFTER_S)
     p.add_argument("--token-file", metavar="FILE",
@@ -8994,7 +9009,8 @@ def _job_of(args):
     if args.job:
         job = _load_job(args.job)
     elif args.cmd is not None:
-        return command_job(args.cmd, args.kill_after or DEFAULT_KILL_AFTER_S, args.title)
+        return command_job(args.cmd, DEFAULT_KILL_AFTER_S if args.kill_after is None
+                           else args.kill_after, args.title)
     else:
         job = function_job(simulate_optimisation)
     job.title = args.title or job.title

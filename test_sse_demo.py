@@ -3973,6 +3973,25 @@ def test_an_option_without_the_one_it_needs_is_refused(options, needs):
     assert status == 2 and err.strip().endswith("error: " + needs), err
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "3601", "soon"])
+def test_kill_after_is_a_number_of_seconds_from_0_to_an_hour(value):
+    """-1 was taken (the warning said "within -1 s"), nan and inf made
+    GET /job a 500 and left Cancel waiting for ever (the adversary's finds)."""
+    for argv in (["--cmd", "true", "--kill-after", value],
+                 ["report", "http://127.0.0.1:9", "--kill-after", value, "--", "true"]):
+        status, _, err = Cli(*argv).finish()
+        assert status == 2 and "argument --kill-after:" in err and value in err, err
+
+
+def test_kill_after_0_kills_at_once(make, programs):
+    """--kill-after 0 was read as "not given": 5 s."""
+    cli = Cli("--cmd", programs("stubborn.py"), "--kill-after", "0")
+    try:
+        assert get_json(cli, "/job")["kill_after_s"] == 0
+    finally:
+        assert cli.stop()[0] == 0
+
+
 def first_log_line(stream):
     for _ in range(50):
         block = stream.next_block(time.monotonic() + TIMEOUT)
@@ -8715,6 +8734,25 @@ def test_browser_a_page_that_watched_and_one_opened_later_chart_the_same_64_fiel
     assert len(late.evaluate("[...document.querySelectorAll('#fields dt')]")) == 70   # cards: all
     assert post_events(srv, opened, [{"event": "complete"}])[0] == 200
     assert browser.problems() == [] and late.problems() == []
+
+
+def test_browser_a_total_that_goes_away_takes_its_percent_along(browser, make):
+    """10 of 40, then 12 with no total: the bar goes indeterminate and the
+    Percent card says "–" (it kept "25.00 %" beside the working bar)."""
+    srv = make()
+    opened = open_reported(srv, "total gone")
+    browser.open(page_url(srv) + "#session=" + opened["session_id"])
+    browser.wait_for(STATE + " === 'live'")
+    shown = ("[document.getElementById('bar').hasAttribute('value'), "
+             "document.getElementById('percent').textContent]")
+    post_events(srv, opened, [{"event": "progress", "done": 10, "total": 40}])
+    browser.wait_for("latest && latest.iteration === 10 && !dirty.has('cards')")
+    assert browser.evaluate(shown) == [True, "25.00 %"]
+    post_events(srv, opened, [{"event": "progress", "done": 12}])
+    browser.wait_for("latest && latest.iteration === 12 && !dirty.has('cards')")
+    assert browser.evaluate(shown) == [False, "–"]
+    assert post_events(srv, opened, [{"event": "complete"}])[0] == 200
+    assert browser.problems() == []
 
 
 def test_browser_legend_matches_the_chart_after_switching_runs(browser, make):
