@@ -3275,27 +3275,56 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
 
 # Words that open or close a shell's compound command where a command
 # would start: a line with one is a loop, a test or a group, which no one of
-# its commands names.
+# its commands names. And what separates commands: lists, then pipelines.
 SHELL_COMPOUND = frozenset(("for", "while", "until", "if", "case", "select", "do", "done",
-                            "then", "else", "elif", "fi", "esac", "function", "{", "}"))
+                            "then", "else", "elif", "fi", "esac", "function", "{", "}", "(", ")"))
+SHELL_LIST_SEPARATORS = frozenset((";", ";;", "&&", "||", "&"))
+SHELL_PIPES = frozenset(("|", "|&"))
+SHELL_WRAPPERS = frozenset(("exec", "env", "time", "command", "nohup"))   # the command follows
+
+
+def _shell_commands(line):
+    """The line's commands as a shell splits them: a list of pipelines, each
+    a list of commands (lists of words, quotes removed, `#` comments gone).
+    None when it cannot be split (an open quote)."""
+    lexer = shlex.shlex(line.replace("\n", ";"), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    pipelines = [[[]]]
+    try:
+        for word in lexer:
+            if word in SHELL_LIST_SEPARATORS:
+                pipelines.append([[]])
+            elif word in SHELL_PIPES:
+                pipelines[-1].append([])
+            else:
+                pipelines[-1][-1].append(word)
+    except ValueError:
+        return None
+    return pipelines
 
 
 def _last_command(line):
     """The words of the command that a shell's command line runs last
     (`stty cols 120; python3 train.py`: python3 train.py; of a pipeline, its
-    first), without its variables and `exec`; [] when there is none, and
-    for a loop, a test or a group (`for f in *; do gzip $f; done` is not
-    named `done`, nor `gzip`: the shell's own name says more)."""
-    starts = [part.split()[0] for part in re.split(r"[;&|\n]", line) if part.strip()]
-    if any(word in SHELL_COMPOUND or word.startswith(("(", "{", "}")) for word in starts):
+    first), without its variables and `exec` or `env`; [] when there is
+    none, and for a loop, a test, a group or a here-document (`for f in *;
+    do gzip $f; done` is not named `done`, nor `gzip`: the shell's own name
+    says more), or a command that is a variable (`"$@"`)."""
+    pipelines = _shell_commands(line)
+    if pipelines is None:
         return []
-    last = [part for part in re.split(r";|&&|\|\||\n", line) if part.strip()][-1:]
-    try:
-        words = shlex.split(last[0].split("|")[0]) if last else []
-    except ValueError:
+    commands = [command for pipeline in pipelines for command in pipeline if command]
+    if any(command[0] in SHELL_COMPOUND or command[0].startswith(("{", "}")) or "<<" in command
+           for command in commands):           # ({{ is a template's brace)
         return []
-    words = list(itertools.dropwhile(lambda word: re.match(r"\w+=", word), words))
-    return words[1:] if words[:1] in (["exec"], ["env"]) else words
+    last = [pipeline for pipeline in pipelines if pipeline[0]][-1:]
+    words = list(last[0][0]) if last else []
+    while words and (re.match(r"\w+=", words[0]) or words[0] in SHELL_WRAPPERS
+                     or words[0].startswith("-")):       # (env -i: a command never starts so)
+        words.pop(0)
+    if not words or words[0].startswith(("$", ">", "<", "&")):
+        return []
+    return words
 
 
 def _program_name(argv):
@@ -3303,11 +3332,12 @@ def _program_name(argv):
     is train.py, `python -m pkg.train` is pkg.train, `make all` is make,
     `sh -c 'cd src && make'` and `script -qefc "python3 train.py"` what
     their command line runs last."""
-    program = os.path.basename(argv[0])
+    program = os.path.basename(argv[0].rstrip("/")) or argv[0]
     script = _dash_c_script(argv)
     if script is not None:                # Python's -c is code: named after Python
         words = [] if program.startswith(("python", "pypy")) else _last_command(script)
-        return _program_name(words) if words else program
+        named = _program_name(words) if words else ""
+        return named if named.strip() else program      # (a word of control characters)
     if INTERPRETERS.fullmatch(program):
         args = iter(argv[1:])
         for arg in args:
@@ -3315,7 +3345,7 @@ def _program_name(argv):
                 return next(args, program)
             if not arg.startswith("-") and not PLACEHOLDER.search(arg) and \
                     arg not in ("run", "exec"):
-                return os.path.basename(arg)
+                return os.path.basename(arg.rstrip("/")) or arg
     return program
 
 

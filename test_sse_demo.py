@@ -4190,6 +4190,11 @@ def test_cmd_job_is_named_after_its_program_or_its_title(make, programs):
     assert sse_demo.command_job("sh -c '(cd src; make)'").title == "sh"
     assert sse_demo.command_job("sh -c '{{ make; }} 2>&1'").title == "sh"
     assert sse_demo.command_job("sh -c 'make done'").title == "make"     # a word, not a keyword
+    assert sse_demo.command_job("""sh -c 'echo "a; done "; make'""").title == "make"   # quoted
+    assert sse_demo.command_job("sh -c 'cat <<EOF\nhi\nEOF'").title == "sh"    # not "EOF"
+    # not "$@", "FOO=1", "-i" or "#": a variable is the shell's, env and a comment go
+    assert sse_demo.command_job("""sh -c 'cd src && exec "$@"' sh make""").title == "sh"
+    assert sse_demo.command_job("sh -c 'env -i FOO=1 make # build'").title == "make"
     assert sse_demo.command_job("bash build.sh", title="Nightly build").title == "Nightly build"
     cli = Cli("--cmd", programs("argv.py", "{x=1}"), "--title", "Argument echo")
     try:
