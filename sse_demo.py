@@ -8358,6 +8358,8 @@ class Options:
                 raise ValueError("%s must be a number above %d" % (named, rule["above"]))
             if rule.get("most") is not None and value > rule["most"]:
                 raise ValueError("%s must be at most %d" % (named, rule["most"]))
+        if not 0 <= self.port <= 65535:        # (bind()'s OverflowError was a traceback)
+            raise ValueError("--port must be from 0 (a free one) to 65535")
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
             raise ValueError("--base-path must be a plain path such as /jobs")
         for address in self.trusted_proxies:

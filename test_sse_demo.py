@@ -1651,6 +1651,14 @@ def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path)
     assert status == 128 + signal.SIGINT and took < 5.0
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_cli_port_out_of_range_is_a_sentence(port):
+    """bind()'s OverflowError was a traceback."""
+    status, _, err = Cli("--port", port).finish()
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().endswith("error: --port must be from 0 (a free one) to 65535"), err
+
+
 def test_cli_port_in_use_is_one_line_and_status_1():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
