@@ -3454,6 +3454,16 @@ def _process_identity(pid):
     return identity
 
 
+def _runs_in_group(pid, group):
+    """Linux: is process `pid` in process group `group`, and not a zombie?"""
+    try:
+        with open("/proc/%s/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False        # gone meanwhile
+    return fields[0] != b"Z" and int(fields[2]) == group
+
+
 def _group_alive(process):
     """Whether anything of the command is still running: its process
     group (POSIX: a shell's children outlive the shell), or on Windows the
@@ -3473,16 +3483,6 @@ def _group_alive(process):
     except OSError:
         return True         # (EPERM: it is there)
     return True
-
-
-def _runs_in_group(pid, group):
-    """Linux: is process `pid` in process group `group`, and not a zombie?"""
-    try:
-        with open("/proc/%s/stat" % pid, "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return False        # gone meanwhile
-    return fields[0] != b"Z" and int(fields[2]) == group
 
 
 def _wait_or_cancel(process, cancel, kill_after_s):
@@ -3510,6 +3510,19 @@ def _wait_or_cancel(process, cancel, kill_after_s):
         time.sleep(min(COMMAND_POLL_S, left))
     process.wait()
     return True, False
+
+
+def _kill_after_seconds(text):
+    """--kill-after's value: seconds from 0 (SIGKILL at once) to an hour
+    (nan and infinity never came: Cancel waited for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
+    if not 0 <= value <= KILL_AFTER_MOST_S:
+        raise argparse.ArgumentTypeError("must be from 0 to %d seconds, not %s"
+                                         % (KILL_AFTER_MOST_S, text))
+    return value
 
 
 def _say_forced(session, command, kill_after_s):
@@ -8936,19 +8949,6 @@ def _access_token(args, options):
     if reachable and not args.no_auth:
         return secrets.token_urlsafe(OPERATOR_TOKEN_BYTES), True
     return None, False
-
-
-def _kill_after_seconds(text):
-    """--kill-after's value: seconds from 0 (SIGKILL at once) to an hour
-    (nan and infinity never came: Cancel waited for ever)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text)
-    if not 0 <= value <= KILL_AFTER_MOST_S:
-        raise argparse.ArgumentTypeError("must be from 0 to %d seconds, not %s"
-                                         % (KILL_AFTER_MOST_S, text))
-    return value
 
 
 def _build_parser():
