@@ -3288,7 +3288,9 @@ def _shell_commands(line):
     a list of commands (lists of words, quotes removed, `#` comments gone).
     None when it cannot be split (an open quote)."""
     lexer = shlex.shlex(line.replace("\n", ";"), posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
+    # Words end at spaces only (g++ is one), and operators still split off:
+    # CPython 3.7's shlex cannot do both, and ends words at other characters.
+    lexer.whitespace_split = sys.version_info >= (3, 8)
     pipelines = [[[]]]
     try:
         for word in lexer:
