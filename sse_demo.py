@@ -4573,7 +4573,9 @@ JOURNAL_RUN_BYTES = 16 * 2 ** 20        # neither (nor past this many of their o
                                         # a terminal event always is
 JOURNAL_PROGRESS_S = 1.0          # a run's progress is written at most this often (the newest),
 JOURNAL_PROGRESS_LINES = 2000     # and half as often after each this many progress lines
-JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
+JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often,
+JOURNAL_STOPPING_FLUSH_S = 0.05   # and this often once the server stops (a second Ctrl-C
+JOURNAL_EXIT_WAIT_S = 2.0         # waits at most this for what is queued to be written)
                                   # (a terminal event at once): each flush is a system call
                                   # per run, and each costs the other threads a GIL hand-off
 ID_BLOCK = 1000                   # ids a run may publish past the mark the journal holds
@@ -4723,6 +4725,7 @@ class _Journal(_RunListener):
         self.error = None                   # the disk's last complaint, while it lasts
         self._turn_failed = False           # something failed in this turn of writes
         self._stopping = False
+        self._hurried = False               # the server stops: write every turn soon
         self._thread = None
         self._supervisor = None
 
@@ -4848,9 +4851,27 @@ class _Journal(_RunListener):
         if self._thread is not None:
             self._thread.join(5.0)
 
+    def hurry(self):
+        """The server has begun to stop: its runs' last lines (a program
+        saying it saves its checkpoint) go to the disk within
+        JOURNAL_STOPPING_FLUSH_S, not a second, so that a second Ctrl-C
+        (`stop_at_once`) finds them written or about to be."""
+        self._hurried = True
+        self._wake.set()
+
+    def stop_at_once(self):
+        """From a second Ctrl-C's handler, before the process exits: write
+        what is queued and stop, waiting at most JOURNAL_EXIT_WAIT_S. It
+        takes no lock the interrupted main thread could hold (not even the
+        wake-up's): the thread sees the flag at its next turn, which is
+        near once hurried, and a join waits for nothing else."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(JOURNAL_EXIT_WAIT_S)
+
     def _run(self):
         while True:
-            self._wake.wait(JOURNAL_FLUSH_S)
+            self._wake.wait(JOURNAL_STOPPING_FLUSH_S if self._hurried else JOURNAL_FLUSH_S)
             self._wake.clear()
             stopping = self._stopping
             self._write_queued()
@@ -8774,6 +8795,8 @@ class SSEServer(_SocketServer):
         # and the kernel would queue connections that nobody will answer.
         self.socket.close()
         self.stopping = True
+        if self.journal:
+            self.journal.hurry()     # what the runs say as they stop reaches the disk soon
         self.queue.stop()        # a run that ends now frees no slot: nothing more starts
         self.hub.stop(timeout=HUB_STOP_TIMEOUT_S)
         self.reported.stop()
@@ -8800,6 +8823,15 @@ class SSEServer(_SocketServer):
             self.notifier.stop()
         self.feed.stop()
         super().server_close()
+
+    def stop_at_once(self):
+        """A second Ctrl-C, from its signal handler, just before the process
+        exits: the commands still running are killed, and what the runs
+        published before it (a program's last lines) is written to the
+        journal, not dropped with the process."""
+        self.job.kill_now()
+        if self.journal:
+            self.journal.stop_at_once()
 
 
 def make_server(host="127.0.0.1", port=5000, job=None, **options):
@@ -8892,7 +8924,7 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
         log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
                     server.url)
     _tune_garbage_collector()
-    requested, restore = _install_stop_signals(server.job.kill_now)   # before the URL: a supervisor
+    requested, restore = _install_stop_signals(server.stop_at_once)   # before the URL: a supervisor
     print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
     if server.access is not None:
         print("Sign in: %s?token=%s" % (server.url, server.access.token) if show_token

@@ -1632,6 +1632,40 @@ def test_cli_second_ctrl_c_exits_at_once(tmp_path):
     assert not (tmp_path / "checkpoint").exists()          # killed, as asked
 
 
+SAYS_IT_SAVES = """
+import signal, sys, time
+def save(signum, frame):
+    print("saving the checkpoint", flush=True)   # what the journal must keep
+    time.sleep(0.3)                              # (the server reads it meanwhile)
+    open(sys.argv[1], "w").write("said")
+    time.sleep(60)
+signal.signal(signal.SIGTERM, save)
+print("training", flush=True)
+time.sleep(60)
+"""
+
+
+def test_cli_second_ctrl_c_keeps_the_programs_last_lines_in_the_journal(tmp_path):
+    """A program's last words while the server stops (its checkpoint
+    message) are in the run's journal after a second Ctrl-C: the journal
+    wrote once a second, and the second Ctrl-C exited before it did (an
+    adversary's find, round 9)."""
+    (tmp_path / "train.py").write_text(SAYS_IT_SAVES)
+    state = tmp_path / "state"
+    cli = Cli("--cmd", "%s %s %s" % (sys.executable, tmp_path / "train.py", tmp_path / "said"),
+              "--kill-after", "30", "--state-dir", str(state))
+    sid = start_run(cli)
+    wait_for(lambda: b"training" in request(cli, "GET", "/log/" + sid)[2],
+             what="the program to run")
+    cli.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: (tmp_path / "said").exists(), what="the program to say it saves")
+    status, took, _ = cli.stop(signal.SIGINT, timeout=10)
+    assert status == 128 + signal.SIGINT and took < 5.0
+    journal = (state / (sid + ".jsonl")).read_text()
+    assert "saving the checkpoint" in journal
+    assert journal.index("training") < journal.index("saving the checkpoint")
+
+
 def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path):
     """While the server waits out a --cmd program's --kill-after, a new
     connection is refused at once, not left in the listening backlog to
