@@ -3527,13 +3527,20 @@ def _kill_after_seconds(text):
     return value
 
 
-def _say_forced(session, command, kill_after_s):
+def _say_forced(session, command, kill_after_s, terminal=None):
     """A warning in the run's log: the program is killed, not stopped, so
-    whatever it meant to do on SIGTERM (save a checkpoint) did not happen."""
-    session.publish("log", _log_data(
-        "%s did not stop within %g s of SIGTERM (--kill-after): killed with %s"
-        % (_program_name(command), kill_after_s, getattr(HARD_KILL, "name", "SIGKILL")),
-        "warning"))
+    whatever it meant to do on SIGTERM (save a checkpoint) did not happen.
+    `report` says it in its own terminal too (`terminal`: where the
+    program's stderr is echoed), beside the program's last lines."""
+    message = "%s did not stop within %g s of SIGTERM (--kill-after): killed with %s" % (
+        _program_name(command), kill_after_s, getattr(HARD_KILL, "name", "SIGKILL"))
+    session.publish("log", _log_data(message, "warning"))
+    if terminal is not None:
+        try:
+            terminal.write(("%s\n" % message).encode("utf-8", "replace"))
+            terminal.flush()
+        except (OSError, ValueError):     # a closed terminal: the event went all the same
+            pass
 
 
 def _exit_fields(program, status, stderr_tail):
@@ -4468,7 +4475,7 @@ def _run_program(session, command, kill_after_s, groups, echo=None):
         for reader in readers:
             reader.join(kill_after_s + 1.0)
     if forced:              # after the last of its output, just before the end
-        _say_forced(session, command, kill_after_s)
+        _say_forced(session, command, kill_after_s, (echo or {}).get("stderr"))
     if cancelled:
         _end_run(session, "cancelled", {})
     elif process.returncode == 0:

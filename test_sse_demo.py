@@ -9838,6 +9838,25 @@ def test_a_second_ctrl_c_on_report_kills_a_stubborn_program_at_once(make, client
     assert get_json(srv, "/status/" + sid)["state"] == "cancelled", get_json(srv, "/status/" + sid)
 
 
+def test_report_says_in_its_terminal_that_it_killed_a_stubborn_program(make, clients,
+                                                                       reported_programs):
+    """A program still running --kill-after past SIGTERM is killed; the
+    warning went to the server's page only, and report's own terminal, where
+    the program's output is, said nothing of it."""
+    srv = make()
+    reporter = clients("report", page_url(srv), "--kill-after", "0.5", "--",
+                       *reported_programs("stubborn.py"))
+    pid = int(reporter.proc.stdout.readline())
+    sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
+                   only_run(srv)["session_id"], what="progress from the program")
+    reporter.proc.send_signal(signal.SIGINT)
+    status, _, err = reporter.finish()
+    said = "stubborn.py did not stop within 0.5 s of SIGTERM (--kill-after): killed with SIGKILL"
+    assert status == 130 and said in err, err
+    assert "Traceback" not in err and process_gone(pid)
+    assert said in log_lines(srv, sid)[-1]
+
+
 def test_report_tail_says_the_exit_status_is_unknown_never_complete(make, clients,
                                                                      reported_programs,
                                                                      tmp_path):
