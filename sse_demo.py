@@ -8325,8 +8325,8 @@ class Options:
                         "machine only)")
     port: int = _option(5000, "port to listen on; 0 picks a free one (default %(default)s)")
     keepalive_s: float = _option(1.0, "send a keepalive comment when a stream has been quiet "
-                                 "this long (default %(default)s)", "--keepalive", "SECONDS",
-                                 above=0, most=3600)
+                                 "this long, from 0.1 s to an hour (default %(default)s)",
+                                 "--keepalive", "SECONDS", least=0.1, above=0, most=3600)
     max_sessions: int = _option(1000, "runs going on at once, reported ones included; more "
                                 "get 429 (default %(default)s)", metavar="N", least=1)
     max_streams: int = _option(10000, "open event streams (and /log?follow=1 followers) at "
@@ -8394,8 +8394,8 @@ class Options:
             value, rule = getattr(self, field.name), field.metadata
             named = "--" + (rule.get("flag") or field.name).lstrip("-").replace("_", "-")
             if rule.get("least") is not None and value < rule["least"]:
-                raise ValueError("%s must be %s" % (named, "at least 1" if rule["least"]
-                                                   else "0 (no limit) or more"))
+                raise ValueError("%s must be %s" % (named, "0 (no limit) or more" if rule["least"]
+                                                   == 0 else "at least %g" % rule["least"]))
             if rule.get("above") is not None and not (value > rule["above"] and
                                                       _is_finite_number(value)):
                 raise ValueError("%s must be a number above %d" % (named, rule["above"]))

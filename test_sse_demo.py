@@ -10170,6 +10170,14 @@ def test_an_infinite_time_is_refused_at_start(option):
         assert status == 2 and "must be a number above 0" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["1e-320", "0.001", "0.09"])
+def test_a_keepalive_too_short_is_refused_at_start(value):
+    """--keepalive 1e-320 was taken, and the writer sent a stream a
+    keepalive every turn, flat out (an adversary's find)."""
+    status, _, err = Cli("--keepalive", value).finish()
+    assert status == 2 and err.strip().endswith("error: --keepalive must be at least 0.1"), err
+
+
 @pytest.mark.parametrize("option, value, most", [
     ("--keepalive", "3000000", "3600"), ("--request-timeout", "1e12", "86400")])
 def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value, most):
