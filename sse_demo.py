@@ -3277,7 +3277,7 @@ INTERPRETERS = re.compile(r"(python[0-9.]*|pypy[0-9.]*|node|deno|bun|ruby|perl|p
 # would start: a line with one is a loop, a test or a group, which no one of
 # its commands names. And what separates commands: lists, then pipelines.
 SHELL_COMPOUND = frozenset(("for", "while", "until", "if", "case", "select", "do", "done",
-                            "then", "else", "elif", "fi", "esac", "function", "{", "}", "(", ")"))
+                            "then", "else", "elif", "fi", "esac", "function", "(", ")"))
 SHELL_LIST_SEPARATORS = frozenset((";", ";;", "&&", "||", "&"))
 SHELL_PIPES = frozenset(("|", "|&"))
 SHELL_WRAPPERS = frozenset(("exec", "env", "time", "command", "nohup"))   # the command follows
