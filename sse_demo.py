@@ -1541,6 +1541,11 @@ class _RunsFeed(_RunListener):
 # Background threads: one supervision for all
 ###############################################################################
 
+def _counted(number, noun):
+    """"1 run", "2 runs": a count in a log line."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
+
+
 def _describe_exception(exc):
     text = str(exc).strip()
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
@@ -3537,7 +3542,7 @@ def _say_forced(session, command, kill_after_s, terminal=None):
     session.publish("log", _log_data(message, "warning"))
     if terminal is not None:
         try:
-            terminal.write(("%s\n" % message).encode("utf-8", "replace"))
+            terminal.write(("\n%s\n" % message).encode("utf-8", "replace"))   # not after a bar
             terminal.flush()
         except (OSError, ValueError):     # a closed terminal: the event went all the same
             pass
@@ -4733,6 +4738,7 @@ class _Journal(_RunListener):
         self._turn_failed = False           # something failed in this turn of writes
         self._stopping = False
         self._hurried = False               # the server stops: write every turn soon
+        self._exiting = False               # a second Ctrl-C: take no more events
         self._thread = None
         self._supervisor = None
 
@@ -4756,7 +4762,7 @@ class _Journal(_RunListener):
         /start makes it after its lock (a stalled disk holds up that request
         alone) and answers once the run is on disk, so even a crash in its
         first second leaves a trace of it."""
-        self._items.append(("begin", session, None))
+        self._queue("begin", session, None)
         self.guard_ids(session)
         return self.reserve_ids(session, ID_BLOCK, wait=False)
 
@@ -4774,6 +4780,8 @@ class _Journal(_RunListener):
         JOURNAL_QUEUE_BYTES, or past JOURNAL_RUN_BYTES of their own run (a
         flood costs its own run lines, not another's), counted in /healthz
         and said in the run's file where they would have been."""
+        if self._exiting:
+            return
         held, name = event.held(), session.id
         with self._count_lock:
             if not event.terminal and (self.waiting_bytes >= (
@@ -4787,22 +4795,28 @@ class _Journal(_RunListener):
                 return
             self.waiting_bytes += len(held[2])
             self._run_bytes[name] += len(held[2])
-        self._items.append(("event", session, held))
+        self._queue("event", session, held)
         if event.terminal:
             self._wake.set()
 
+    def _queue(self, kind, session, value):
+        """Everything for the disk goes through here, so that after a
+        second Ctrl-C (take_no_more) nothing more does."""
+        if not self._exiting:
+            self._items.append((kind, session, value))
+
     def forgotten(self, session):
-        self._items.append(("forget", session, None))
+        self._queue("forget", session, None)
 
     def process(self, session, identity):
         """A run's program started: written with the next flush."""
-        self._items.append(("process", session, identity))
+        self._queue("process", session, identity)
 
     def note_received(self, session, count):
         """A reported run has taken `count` events in all (after them in the
         file): a restart tells its reporter's next batch from one sent
         again."""
-        self._items.append(("received", session, count))
+        self._queue("received", session, count)
 
     def reserve_ids(self, session, upto, wait):
         """Write `{"ids": upto}` to the run's file; once it is written to the
@@ -4812,7 +4826,7 @@ class _Journal(_RunListener):
         without, returns the call that waits. A journal that cannot write
         does not stop the run: it goes on."""
         written = threading.Event()
-        self._items.append(("ids", session, (upto, written)))
+        self._queue("ids", session, (upto, written))
         self._wake.set()
 
         def settle():
@@ -4828,7 +4842,7 @@ class _Journal(_RunListener):
         run's own thread makes it before the job runs, so a restart knows
         the run left the queue, and no other start waits for this disk."""
         written = threading.Event()
-        self._items.append(("running", session, written))
+        self._queue("running", session, written)
         self._wake.set()
         return lambda: self._wait_written(written, "that run %s started" % session.id)
 
@@ -4837,7 +4851,7 @@ class _Journal(_RunListener):
         system (a reported run's end: its reporter stops once answered, and
         could not send it again after a crash)."""
         written = threading.Event()
-        self._items.append(("sync", session, written))
+        self._queue("sync", session, written)
         self._wake.set()
         self._wait_written(written, "run %s's end" % session.id)
 
@@ -4866,6 +4880,14 @@ class _Journal(_RunListener):
         self._hurried = True
         self._wake.set()
 
+    def take_no_more(self):
+        """From a second Ctrl-C's handler, before it kills the programs:
+        what follows is the kill's doing, not the runs', and is not
+        journaled: a killed program's run failing with SIGKILL, a queued
+        run started in the slot it left. A restart reads the runs back
+        as a first Ctrl-C leaves them: interrupted, or still queued."""
+        self._exiting = True
+
     def stop_at_once(self):
         """From a second Ctrl-C's handler, before the process exits: write
         what is queued and stop, waiting at most JOURNAL_EXIT_WAIT_S. It
@@ -4873,7 +4895,7 @@ class _Journal(_RunListener):
         wake-up's): the thread sees the flag at its next turn, which is
         near once hurried, and a join waits for nothing else."""
         self._stopping = True
-        if self._thread is not None:
+        if self._items and self._thread is not None:    # nothing queued: exit at once
             self._thread.join(JOURNAL_EXIT_WAIT_S)
 
     def _run(self):
@@ -5405,6 +5427,7 @@ class _Notifier(_RunListener):
         self._seq = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
+        self._exiting = False                # a second Ctrl-C: no more runs' ends
         self._thread = None
         self._failing = False                # logged once per outage
         self.delivered = self.failed = self.dropped = 0
@@ -5421,8 +5444,14 @@ class _Notifier(_RunListener):
     def start(self, supervisor):
         self._thread = supervisor.spawn("notifier", self._run)
 
+    def take_no_more(self):
+        """A second Ctrl-C: the runs it kills did not fail, and are not said to."""
+        self._exiting = True
+
     def ended(self, session):
         """Called by a run's terminal event (any thread): never blocks."""
+        if self._exiting:
+            return
         body = _json_line(self.body_for(session)).encode()
         with self._lock:
             if len(self._due) >= NOTIFY_QUEUE_LIMIT:
@@ -7674,8 +7703,8 @@ class _Outbox(_RunSink):
         if self._thread is not None:
             self._thread.join(NOTIFY_TIMEOUT_S)    # at most one post still on its way
         if left:
-            log.warning(self.who + ": %d events could not be delivered to %s",
-                        left, self.address.base)
+            log.warning(self.who + ": %s could not be delivered to %s",
+                        _counted(left, "event"), self.address.base)
         return not left
 
     def _drop_oldest(self):
@@ -8127,7 +8156,7 @@ def _report_program(outbox, command, kill_after_s):
             _until(done)
         except KeyboardInterrupt:
             sys.stderr.write("\n%s: stopping the program; the run ends cancelled "
-                             "(Ctrl-C again: at once)\n" % _Interrupt.name())
+                             "(%s again: at once)\n" % (_Interrupt.name(), _Interrupt.name()))
             outbox.cancel.set()
             _until(done, kill_after_s + 2.0)
             return _Interrupt.status()
@@ -8646,8 +8675,9 @@ class SSEServer(_SocketServer):
                                                _journal_path(state_dir, header["session_id"]),
                                                self.registry.listeners))
         if restored or waiting or reported:
-            log.info("%d runs read back from the journal in %s: %d still queued, %d reported "
-                     "from elsewhere and going on", len(restored) + len(waiting) + len(reported),
+            log.info("%s read back from the journal in %s: %d still queued, %d reported "
+                     "from elsewhere and going on",
+                     _counted(len(restored) + len(waiting) + len(reported), "run"),
                      state_dir, len(waiting), len(reported))
         return restored, sorted(waiting, key=lambda run: run[0]["started_ts"]), reported
 
@@ -8815,8 +8845,8 @@ class SSEServer(_SocketServer):
             session.stop_reason = INTERRUPTED
             session.cancel.set()
         if running:      # a --cmd program gets its --kill-after, to save a checkpoint
-            log.info("stopping %d runs: up to %.1f s for them to end (Ctrl-C again: at once)",
-                     len(running), self.job.stop_grace_s)
+            log.info("stopping %s: up to %.1f s for them to end (Ctrl-C again: at once)",
+                     _counted(len(running), "run"), self.job.stop_grace_s)
         deadline = time.monotonic() + self.job.stop_grace_s
         for session in running:
             if session.worker is not None:
@@ -8835,7 +8865,11 @@ class SSEServer(_SocketServer):
         """A second Ctrl-C, from its signal handler, just before the process
         exits: the commands still running are killed, and what the runs
         published before it (a program's last lines) is written to the
-        journal, not dropped with the process."""
+        journal, not dropped with the process; their runs are read back
+        interrupted."""
+        for part in (self.journal, self.notifier):
+            if part:
+                part.take_no_more()
         self.job.kill_now()
         if self.journal:
             self.journal.stop_at_once()
@@ -8850,6 +8884,16 @@ def make_server(host="127.0.0.1", port=5000, job=None, **options):
     return SSEServer(Options(host=host, port=port, **options), job)
 
 
+def _say_at_once(signum):
+    """The second signal's line, from its handler: os.write takes no lock
+    (logging's would deadlock against an interrupted log call)."""
+    try:
+        os.write(sys.stderr.fileno(), b"\n%s again: stopping at once, killing the programs "
+                 b"still running\n" % (b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"))
+    except (OSError, ValueError, AttributeError):      # no terminal left: exit all the same
+        pass
+
+
 def _install_stop_signals(on_exit_now=lambda: None):
     """SIGINT and SIGTERM append to the returned list; a second one calls
     `on_exit_now` (it kills running commands) and exits at once. The handler
@@ -8862,6 +8906,7 @@ def _install_stop_signals(on_exit_now=lambda: None):
 
     def on_signal(signum, frame):
         if requested:
+            _say_at_once(signum)
             on_exit_now()
             os._exit(128 + signum)
         requested.append(signum)
@@ -8939,7 +8984,8 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
               flush=True)
         if server.options.allowed_hosts:
             print("  (through your proxy: its own address, with the same ?token=)", flush=True)
-    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True,
+                               kwargs={"poll_interval": SIGNAL_CHECK_S})   # shutdown() waits for it
     serving.start()
     try:
         while not requested and serving.is_alive():

@@ -1666,6 +1666,50 @@ def test_cli_second_ctrl_c_keeps_the_programs_last_lines_in_the_journal(tmp_path
     assert journal.index("training") < journal.index("saving the checkpoint")
 
 
+def refuses_connections(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("second", ["once-the-first-is-taken", "20-ms-later"])
+def test_cli_two_quick_ctrl_c_leave_the_run_interrupted_not_failed(tmp_path, second):
+    """Two Ctrl-C's close together, the second before the server has told
+    the program to stop: the program is killed, the terminal says so, and
+    after a restart the run is interrupted, as after one Ctrl-C. It was
+    "Failed · SIGKILL" (the kill's own end reached the journal) and the
+    terminal said nothing (a newcomer's find); and the run queued behind it
+    was started in the slot the kill freed, then read back interrupted,
+    never having run (an adversary's)."""
+    state = tmp_path / "state"
+    (tmp_path / "train.py").write_text(CHECKPOINTING)
+    command = "%s %s %s 20" % (sys.executable, tmp_path / "train.py", tmp_path / "checkpoint")
+    cli = Cli("--cmd", command, "--kill-after", "30", "--state-dir", str(state),
+              "--concurrency", "1")
+    sid = start_run(cli)
+    queued = start_run(cli)
+    wait_for(lambda: b"training" in request(cli, "GET", "/log/" + sid)[2],
+             what="the program to run")
+    cli.proc.send_signal(signal.SIGINT)
+    if second == "20-ms-later":       # a quick second press: the server has not yet told
+        time.sleep(0.02)              # the runs to stop (two at the same instant are one)
+    else:
+        wait_for(lambda: refuses_connections(cli.port), what="the first Ctrl-C to be taken")
+    status, took, stderr = cli.stop(signal.SIGINT, timeout=10)
+    assert status == 128 + signal.SIGINT and took < 5.0
+    assert "Ctrl-C again: stopping at once, killing the programs still running" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "checkpoint").exists()
+    again = Cli("--cmd", command, "--state-dir", str(state), "--kill-after", "0")
+    try:
+        ended = get_json(again, "/status/" + sid)
+        assert ended["state"] == "error" and "interrupted" in ended["message"], ended
+        assert get_json(again, "/status/" + queued)["state"] in ("queued", "running")
+    finally:
+        again.stop()
+
+
 def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path):
     """While the server waits out a --cmd program's --kill-after, a new
     connection is refused at once, not left in the listening backlog to
