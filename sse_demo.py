@@ -8343,6 +8343,29 @@ def _option(default, help, flag=None, metavar=None, **rules):
         OPTION_RULES, help=help, flag=flag, metavar=metavar, **rules))
 
 
+def _within_rule(value, rule):
+    """Whether an option's value keeps its rule (_option): a finite number
+    (NaN, infinity, a string or None never is) within its bounds."""
+    least, above, most = rule.get("least"), rule.get("above"), rule.get("most")
+    if least is None and above is None and most is None:
+        return True
+    return _is_finite_number(value) and (least is None or value >= least) and \
+        (above is None or value > above) and (most is None or value <= most)
+
+
+def _rule_words(rule):
+    """What an option's rule takes, in words: "at least 1", "from 0.1 to
+    3600", "a number above 0"."""
+    least, above, most = rule.get("least"), rule.get("above"), rule.get("most")
+    if least == 0 and most is None:
+        return "0 (no limit) or more"
+    if least is not None:
+        return "at least %g" % least if most is None else "from %g to %g" % (least, most)
+    if most is None:
+        return "a number above %g" % above
+    return "a number above %g and at most %g" % (above, most)
+
+
 @dataclasses.dataclass
 class Options:
     """Every setting of the server, with its default and its help. The
@@ -8355,7 +8378,7 @@ class Options:
     port: int = _option(5000, "port to listen on; 0 picks a free one (default %(default)s)")
     keepalive_s: float = _option(1.0, "send a keepalive comment when a stream has been quiet "
                                  "this long, from 0.1 s to an hour (default %(default)s)",
-                                 "--keepalive", "SECONDS", least=0.1, above=0, most=3600)
+                                 "--keepalive", "SECONDS", least=0.1, most=3600)
     max_sessions: int = _option(1000, "runs going on at once, reported ones included; more "
                                 "get 429 (default %(default)s)", metavar="N", least=1)
     max_streams: int = _option(10000, "open event streams (and /log?follow=1 followers) at "
@@ -8368,8 +8391,8 @@ class Options:
                                    "%(default)s)", "--session-ttl", "SECONDS", above=0)
     request_timeout_s: float = _option(10.0, "a request must arrive whole within this; also "
                                        "how long an idle connection is kept (default "
-                                       "%(default)s)", "--request-timeout", "SECONDS", above=0,
-                                       most=86400)
+                                       "%(default)s)", "--request-timeout", "SECONDS",
+                                       least=0.1, most=86400)
     allowed_hosts: tuple = _option((), "also answer requests for this host name (behind a "
                                    "proxy or on a network); repeatable", "--allow-host", "NAME",
                                    many=True)
@@ -8392,7 +8415,7 @@ class Options:
     max_record_mb: float = _option(16.0, "memory for each run's whole record (GET /log, "
                                    "/export); past it, progress events are thinned, then log "
                                    "lines from the middle of the run dropped (default "
-                                   "%(default)s)", metavar="MB", above=0)
+                                   "%(default)s)", metavar="MB", least=0.01)
     report_timeout_s: float = _option(300.0, "a run reported from elsewhere (POST /runs, "
                                       "`sse_demo.py report`) that posts nothing for S seconds "
                                       "ends `error` (default %(default)s)", "--report-timeout",
@@ -8422,14 +8445,8 @@ class Options:
         for field in dataclasses.fields(self):
             value, rule = getattr(self, field.name), field.metadata
             named = "--" + (rule.get("flag") or field.name).lstrip("-").replace("_", "-")
-            if rule.get("least") is not None and value < rule["least"]:
-                raise ValueError("%s must be %s" % (named, "0 (no limit) or more" if rule["least"]
-                                                   == 0 else "at least %g" % rule["least"]))
-            if rule.get("above") is not None and not (value > rule["above"] and
-                                                      _is_finite_number(value)):
-                raise ValueError("%s must be a number above %d" % (named, rule["above"]))
-            if rule.get("most") is not None and value > rule["most"]:
-                raise ValueError("%s must be at most %d" % (named, rule["most"]))
+            if not _within_rule(value, rule):
+                raise ValueError("%s must be %s" % (named, _rule_words(rule)))
         if not 0 <= self.port <= 65535:        # (bind()'s OverflowError was a traceback)
             raise ValueError("--port must be from 0 (a free one) to 65535")
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):

@@ -10208,31 +10208,56 @@ def test_a_trusted_proxy_on_a_dual_stack_server_has_no_per_address_limit(make):
             sock.close()
 
 
-@pytest.mark.parametrize("option", ["--report-timeout", "--request-timeout", "--keepalive"])
-def test_an_infinite_time_is_refused_at_start(option):
-    """`inf` and 1e400 started a server whose every request then failed."""
+RANGES = {"--report-timeout": "a number above 0", "--keepalive": "from 0.1 to 3600",
+          "--request-timeout": "from 0.1 to 86400", "--max-record-mb": "at least 0.01"}
+
+
+@pytest.mark.parametrize("option", sorted(RANGES))
+def test_an_infinite_time_is_refused_at_start_with_its_range(option):
+    """`inf` and 1e400 started a server whose every request then failed;
+    the sentence gives the option's whole range (inf was "must be a
+    number above 0", which it is)."""
     for value in ("inf", "1e400", "nan"):
         status, _, err = Cli(option, value).finish()
-        assert status == 2 and "must be a number above 0" in err and "Traceback" not in err
+        assert status == 2 and "Traceback" not in err
+        assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
-@pytest.mark.parametrize("value", ["1e-320", "0.001", "0.09"])
-def test_a_keepalive_too_short_is_refused_at_start(value):
-    """--keepalive 1e-320 was taken, and the writer sent a stream a
-    keepalive every turn, flat out (an adversary's find)."""
-    status, _, err = Cli("--keepalive", value).finish()
-    assert status == 2 and err.strip().endswith("error: --keepalive must be at least 0.1"), err
+@pytest.mark.parametrize("option, value", [
+    ("--keepalive", "1e-320"), ("--keepalive", "0.001"), ("--keepalive", "0.09"),
+    ("--request-timeout", "1e-320"), ("--max-record-mb", "1e-7")])
+def test_a_time_or_size_too_small_to_work_is_refused_at_start(option, value):
+    """Each was taken, then failed: --keepalive 1e-320 had the writer send
+    a stream a keepalive every turn, flat out; --request-timeout 1e-320
+    timed out every request; --max-record-mb 1e-7 left a run no record, and
+    /log and /export a 200 with nothing and a traceback in the server's log
+    (adversaries' finds)."""
+    status, _, err = Cli(option, value).finish()
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
-@pytest.mark.parametrize("option, value, most", [
-    ("--keepalive", "3000000", "3600"), ("--request-timeout", "1e12", "86400")])
-def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value, most):
+@pytest.mark.parametrize("option, value", [("--keepalive", "3000000"),
+                                           ("--request-timeout", "1e12")])
+def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value):
     """--keepalive 3000000 made select() refuse its timeout, and the writer
     gave up; --request-timeout 1e12 made every connection's settimeout()
     fail, so every request went unanswered (an adversary's finds)."""
     status, _, err = Cli(option, value).finish()
-    assert status == 2 and "%s must be at most %s" % (option, most) in err, err
-    assert "Traceback" not in err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
+
+
+@pytest.mark.parametrize("option, value, flag", [
+    ("max_sessions", float("nan"), "--max-sessions"), ("max_streams", float("inf"), "--max-streams"),
+    ("concurrency", float("nan"), "--concurrency"), ("max_queue", "5", "--max-queue"),
+    ("keepalive_s", None, "--keepalive")])
+def test_make_server_refuses_what_is_no_number_naming_the_option(option, value, flag):
+    """From Python, NaN and infinity were taken as no limit, and a string
+    or None was a TypeError naming nothing."""
+    with pytest.raises(ValueError) as refused:
+        sse_demo.make_server(port=0, **{option: value})
+    assert str(refused.value).startswith(flag + " must be "), refused.value
 
 
 def test_a_runs_series_and_its_events_are_bounded(server):
