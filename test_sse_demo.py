@@ -2886,6 +2886,13 @@ with tqdm(total=300 * 1024 * 1024, desc="upload", unit="B", unit_scale=True, min
         time.sleep(0.05)
         bar.update(50 * 1024 * 1024)
 """,
+    # pytest -v: each line names its test where a stage goes, the percent goes on
+    "pytest_like.py": """
+import time
+for i in range(1, 41):
+    time.sleep(0.15)
+    print("test_tiny.py::test_ok[%d] PASSED%s[%3d%%]" % (i, " " * 30, 2.5 * i), flush=True)
+""",
     # Nested bars, a postfix set every batch: tqdm redraws the same count
     # for it, and the count itself moves on at most every 0.1 s
     "tqdm_postfix.py": """
@@ -7898,6 +7905,20 @@ def test_browser_time_left_starts_again_with_a_new_bar_in_other_units(browser, m
     seen = browser.evaluate("[...remainingSeen]")
     assert not [text for text in seen if " h " in text or " min" in text], seen
     assert "–" in seen                      # the new bar's time left unknown at first
+    assert browser.problems() == []
+
+
+def test_browser_time_left_goes_on_across_pytests_test_names(browser, make, programs):
+    """pytest -v names each test where a run's stage goes: the estimate
+    started again at each, and "Remaining" stayed "–" all run (a
+    newcomer's find)."""
+    srv = command_server(make, programs("pytest_like.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for("latest && latest.percent >= 20 && latest.stage.includes('PASSED')")
+    browser.wait_for("/^\\d+ s$/.test(document.getElementById('remaining').textContent)")
+    assert browser.evaluate(STATE) == "live"
+    browser.wait_for(STATE + " === 'complete'")
     assert browser.problems() == []
 
 
