@@ -2886,6 +2886,13 @@ with tqdm(total=300 * 1024 * 1024, desc="upload", unit="B", unit_scale=True, min
         time.sleep(0.05)
         bar.update(50 * 1024 * 1024)
 """,
+    # A download's meter: bytes of bytes, at bytes a second
+    "dd_like.py": """
+import time
+for k in range(1, 22):
+    print("Downloading %.1fGB/2.1GB %d%% 50.0MB/s" % (k / 10, 100 * k / 21), flush=True)
+    time.sleep(0.02)
+""",
     # pytest -v: each line names its test where a stage goes, the percent goes on
     "pytest_like.py": """
 import time
@@ -6907,7 +6914,7 @@ def test_browser_a_programs_rate_unit_and_large_numbers_read_whole(
         browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
                      deviceScaleFactor=1, mobile=width < 500)
         browser.wait_for("chartWidth < %d && !dirty.has('chart')" % width)
-        assert browser.element("iteration") == "1,401,946,112 / 1,401,946,112"
+        assert browser.element("iteration") == "1.4\u00a0GB / 1.4\u00a0GB"   # bytes, each whole
         assert browser.evaluate(NUMBERS_WHOLE), width
         assert browser.evaluate(LABELS_INSIDE), width
         keep_screenshot(browser, tmp_path, "bytes", width, height)
@@ -7345,6 +7352,42 @@ def test_browser_server_restart_shows_reconnecting_then_gone(browser):
         assert browser.element("start", "disabled") is False
     finally:
         second.stop()
+
+
+def test_browser_a_run_that_ended_long_ago_says_how_long_ago(browser, tmp_path):
+    """A run read back from the journal that ended five minutes ago: "Last
+    update" said "2 s ago", counted from when the page read the event, and
+    its empty chart "No numeric fields yet" (a newcomer's finds)."""
+    sid = "L" * 22
+    lines = journal_of(sid, GOOD)
+    lines[0]["started_ts"] -= 300       # (within --session-ttl's 600 s)
+    for line in lines[1:]:
+        line["data"]["ts"] -= 300
+    write_journal(tmp_path, sid, lines)
+    srv = journal_server(tmp_path)
+    try:
+        browser.open(page_url(srv) + "#session=" + sid)
+        browser.wait_for(STATE + " === 'complete'")
+        browser.wait_for("/^(4|5) min \\d+ s ago$/.test("
+                         "document.getElementById('last-update').textContent)")
+        chart = browser.evaluate("document.getElementById('chart').textContent")
+        assert "No numeric fields" in chart and "yet" not in chart, chart
+        assert browser.problems() == []
+    finally:
+        srv.stop()
+
+
+def test_browser_counts_bytes_in_bytes(browser, make, programs):
+    """dd's and curl's counts are bytes: the card read "655,585,443,840"
+    (broken across lines in a narrow card) and the chart's axis
+    "2,097,152,000,000" (a newcomer's find)."""
+    srv = command_server(make, programs("dd_like.py"))
+    browser.open(page_url(srv))
+    browser.click("start")
+    browser.wait_for(STATE + " === 'complete'")
+    assert browser.element("iteration") == "2.1\u00a0GB / 2.1\u00a0GB"
+    assert "2.1\u00a0GB" in browser.evaluate("document.getElementById('chart').textContent")
+    assert browser.problems() == []
 
 
 def test_browser_shows_a_run_cut_short_by_a_restart_as_interrupted(browser, tmp_path):
