@@ -7022,6 +7022,18 @@ BAR_WIDTH = 20
 TERMINAL_CONTROL = re.compile(r"(\x1b\[[0-9;:]*m)|[\x00-\x1f\x7f-\x9f]")
 
 
+def _say(text):
+    """Text for report's terminal, on stderr: a terminal that has gone
+    (stderr closed, a pipe whose reader has exited) costs the text, never
+    the program's stop or the run's end (it cost both: an AttributeError
+    or a BrokenPipeError, and the program was killed with no SIGTERM)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
 def _terminal_text(text, keep="\n\t"):
     """`text` safe to write to a terminal: SGR colours and `keep` pass, any
     other control character is shown as \\xNN."""
@@ -8122,22 +8134,22 @@ def _report_tail(outbox, f, path, process, kill_after_s):
         stop.set()
         _until(done, 5.0)
         _end_run(outbox, "cancelled", {})
-        sys.stderr.write("\nstopped following %s; the run ends cancelled%s\n"
-                         % (path, ", the job goes on" if process else ""))
+        _say("\nstopped following %s; the run ends cancelled%s\n"
+             % (path, ", the job goes on" if process else ""))
         return _Interrupt.status()
     if answer.get("result") == "exited":
         # Not our child: its exit status cannot be read, and is not guessed.
         _end_run(outbox, "error", {"message": "process %d ended; its exit status is unknown "
                                    "(report did not start it)" % process["pid"],
                                    "reason": "exit status unknown"})
-        sys.stderr.write("process %d ended; its exit status is unknown\n" % process["pid"])
+        _say("process %d ended; its exit status is unknown\n" % process["pid"])
         return REPORT_EXIT["unknown"]
     if process is not None:
-        sys.stderr.write("cancelled on the page: stopping process %d\n" % process["pid"])
+        _say("cancelled on the page: stopping process %d\n" % process["pid"])
         _stop_process(process, kill_after_s)
     else:
-        sys.stderr.write("cancelled on the page: no longer following %s (the job was not "
-                         "started here, and no --pid names it, so it goes on)\n" % path)
+        _say("cancelled on the page: no longer following %s (the job was not "
+             "started here, and no --pid names it, so it goes on)\n" % path)
     return REPORT_EXIT["cancelled"]
 
 
@@ -8155,8 +8167,8 @@ def _report_program(outbox, command, kill_after_s):
         try:
             _until(done)
         except KeyboardInterrupt:
-            sys.stderr.write("\n%s: stopping the program; the run ends cancelled "
-                             "(%s again: at once)\n" % (_Interrupt.name(), _Interrupt.name()))
+            _say("\n%s: stopping the program; the run ends cancelled "
+                 "(%s again: at once)\n" % (_Interrupt.name(), _Interrupt.name()))
             outbox.cancel.set()
             _until(done, kill_after_s + 2.0)
             return _Interrupt.status()
@@ -8164,8 +8176,8 @@ def _report_program(outbox, command, kill_after_s):
         groups.close()
     status = answer.get("result")
     if outbox.state == "cancelled":
-        sys.stderr.write("cancelled on the server (its page, or the cancel curl): the program "
-                         "was stopped\n")
+        _say("cancelled on the server (its page, or the cancel curl): the program "
+             "was stopped\n")
         return REPORT_EXIT["cancelled"]
     if status is None:
         return 127                         # it did not start: the error event says why
@@ -8208,8 +8220,8 @@ def _report_and_deliver(outbox, command, args, tailed, process):
         outbox.close()
         return status
     except KeyboardInterrupt:
-        sys.stderr.write("\n%s%s: stopping at once; what is not delivered yet is given up\n"
-                         % (_Interrupt.name(), " again" if status is None else ""))
+        _say("\n%s%s: stopping at once; what is not delivered yet is given up\n"
+             % (_Interrupt.name(), " again" if status is None else ""))
         _end_run(outbox, "cancelled", {})
         try:
             outbox.close(timeout=1.0)
@@ -8242,7 +8254,7 @@ def _report_main(argv):
         p.error("--flush-timeout must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if command and shutil.which(command[0]) is None:
-        sys.stderr.write("error: program not found: %s\n" % command[0])
+        _say("error: program not found: %s\n" % command[0])
         return 127
     signal.signal(signal.SIGTERM, _Interrupt.handler)       # as Ctrl-C: `timeout`, Slurm, kill
     tailed = process = None
@@ -8265,10 +8277,10 @@ def _report_main(argv):
     except (_WatchError, OSError, ValueError) as exc:
         if tailed is not None:
             tailed.close()
-        sys.stderr.write("error: %s\n" % exc)
+        _say("error: %s\n" % exc)
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("\nstopped before the run opened\n")
+        _say("\nstopped before the run opened\n")
         return _Interrupt.status()
     return _report_and_deliver(outbox, command, args, tailed, process)
 

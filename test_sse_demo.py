@@ -9948,6 +9948,48 @@ def test_a_second_ctrl_c_on_report_kills_a_stubborn_program_at_once(make, client
     assert get_json(srv, "/status/" + sid)["state"] == "cancelled", get_json(srv, "/status/" + sid)
 
 
+REPORTED_SAVER = """
+import json, signal, sys, time
+def save(signum, frame):
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+for i in range(100000):
+    print(json.dumps({"done": i, "total": 100000}), flush=True)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("terminal", ["closed", "a-pipe-whose-reader-went"])
+def test_report_without_a_terminal_still_stops_the_program_its_way(make, tmp_path, terminal):
+    """report run with stderr closed (`2>&-`) or piped into `head -c 10`:
+    its Ctrl-C line raised AttributeError or BrokenPipeError, report
+    exited 1, the program was killed with no SIGTERM (no checkpoint), and
+    the run stayed `running` until --report-timeout (an adversary's find)."""
+    srv = make()
+    (tmp_path / "saver.py").write_text(REPORTED_SAVER)
+    report = "exec %s %s report %s -- %s %s %s 2>%s" % (
+        sys.executable, SSE_DEMO_PATH, page_url(srv), sys.executable, tmp_path / "saver.py",
+        tmp_path / "saved", "&-" if terminal == "closed" else "&1 | head -c 10 >/dev/null")
+    if terminal != "closed":      # the shell waits for the pipe: report is its child
+        report = report.replace("exec ", "", 1)
+    reporter = subprocess.Popen(["sh", "-c", report], stdout=subprocess.DEVNULL,
+                                preexec_fn=default_sigint, start_new_session=True)
+    try:
+        sid = wait_for(lambda: (only_run(srv)["iteration"] or 0) >= 2 and
+                       only_run(srv)["session_id"], what="progress from the program")
+        os.killpg(reporter.pid, signal.SIGINT)
+        wait_for(lambda: status_of(srv, sid) == "cancelled", what="the run's end")
+        assert (tmp_path / "saved").read_text() == "saved"       # SIGTERM, its checkpoint
+        reporter.wait(TIMEOUT)
+    finally:
+        try:
+            os.killpg(reporter.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        reporter.wait(TIMEOUT)
+
+
 def test_report_says_in_its_terminal_that_it_killed_a_stubborn_program(make, clients,
                                                                        reported_programs):
     """A program still running --kill-after past SIGTERM is killed; the
