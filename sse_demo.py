@@ -8270,9 +8270,9 @@ def _report_main(argv):
             if tailed is None:
                 log.warning("sse_demo report: %s is not there yet; waiting for it", args.tail)
         address = _RunAddress(args.url, token=_given_token(args), cafile=args.cacert)
-        outbox = _Outbox(address, args.title or (_program_name(command) if command
-                                                 else os.path.basename(args.tail)),
-                         flush_timeout_s=args.flush_timeout)
+        named = _program_name(command) if command else os.path.basename(args.tail)
+        outbox = _Outbox(address, args.title or named[:REPORT_TITLE_LIMIT],   # a long file name
+                         flush_timeout_s=args.flush_timeout)                 # is still a title
         outbox.open()
     except (_WatchError, OSError, ValueError) as exc:
         if tailed is not None:

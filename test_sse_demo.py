@@ -9990,6 +9990,20 @@ def test_report_without_a_terminal_still_stops_the_program_its_way(make, tmp_pat
         reporter.wait(TIMEOUT)
 
 
+def test_report_of_a_program_with_a_long_name_runs_it_under_the_name_cut(make, clients,
+                                                                         tmp_path):
+    """A program named with 250 characters: the server refused the title
+    (200 at most), report exited 2 and the program never ran (an
+    adversary's find)."""
+    srv = make()
+    program = tmp_path / ("L" * 247 + ".py")
+    program.write_text("print('ran')\n")
+    status, out, err = clients("report", page_url(srv), "--", sys.executable,
+                               str(program)).finish()
+    assert status == 0 and out == "ran\n", err
+    assert only_run(srv)["title"] == ("L" * 247 + ".py")[:200]
+
+
 def test_report_says_in_its_terminal_that_it_killed_a_stubborn_program(make, clients,
                                                                        reported_programs):
     """A program still running --kill-after past SIGTERM is killed; the
