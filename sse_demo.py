@@ -4223,8 +4223,8 @@ def _parse_progress_line(line):
 # programs write progress and chatter to stderr. A level word among a line's
 # first four words, as log formats put it ("ERROR", "error:", "[warn]",
 # "npm warn", "E:" of apt, gcc's "file.c:3: warning:"), a traceback or an
-# exception's line, indented or not (pytest's warnings summary); INFO or DEBUG
-# first says info.
+# exception's line, indented or not (pytest's warnings summary), pytest's
+# "E   " lines that explain a failure; INFO or DEBUG first says info.
 LINE_LEVEL = re.compile(
     r"^\s*(?:\S+\s+){0,3}?(?:"
     r"(?P<info>\[?(?:INFO|DEBUG|NOTICE|TRACE)\b)"
@@ -4233,7 +4233,7 @@ LINE_LEVEL = re.compile(
     r"|Traceback \(most recent call last\)|\w*(?:Error|Exception):|Failed to\b)"
     r"|(?P<warning>\[?(?:WARNING|WARN)\b|[\[<]?(?i:warning|warn)[\]>]?[:!]|\[(?i:warn)\]|W:"
     r"|\w*Warning:))"
-    r"|^[a-z]+ (?:(?P<error2>error|ERR!)|(?P<warning2>warn|WARN))\b", re.M)
+    r"|^[a-z]+ (?:(?P<error2>error|ERR!)|(?P<warning2>warn|WARN))\b|^(?P<error3>E {3})", re.M)
 LEVEL_WORDS = ("err", "fatal", "critical", "panic", "warn", "traceback", "exception", "fail")
 
 
@@ -4241,7 +4241,8 @@ def _level_hint(text):
     """Whether `text` may hold a level word at all (str's own search: the
     cheap look at every line of every run)."""
     lowered = text.lower()
-    return any(word in lowered for word in LEVEL_WORDS) or "E:" in text or "W:" in text
+    return any(word in lowered for word in LEVEL_WORDS) or "E:" in text or "W:" in text \
+        or text.startswith("E   ") or "\nE   " in text
 
 
 def _line_level(text):
@@ -4252,7 +4253,7 @@ def _line_level(text):
     if "\x1b" in text:
         text = OTHER_ESCAPES.sub("", text)
     found = {match.lastgroup for match in LINE_LEVEL.finditer(text)}
-    if found & {"error", "error2"}:
+    if found & {"error", "error2", "error3"}:
         return "error"
     return "warning" if found & {"warning", "warning2"} else "info"
 

@@ -3832,7 +3832,7 @@ def test_cmd_levels_come_from_what_a_line_says_not_from_stderr(make, programs, t
     _, logs = replay(make, programs, tmp_path, "pytest_v")
     assert [l["level"] for l in logs if "test_fast[7]" in l["message"]] == ["info", "error"]
     assert [l["message"] for l in logs if l["level"] == "error"] == [
-        "FAILED test_a.py::test_fast[7] - assert 7 != 7"]
+        "E       assert 7 != 7", "FAILED test_a.py::test_fast[7] - assert 7 != 7"]
 
 
 @pytest.mark.parametrize("line, level", [
@@ -3844,6 +3844,7 @@ def test_cmd_levels_come_from_what_a_line_says_not_from_stderr(make, programs, t
     ("Errors: 0", "info"), ("debconf: delaying package configuration", "info"),
     ("Receiving objects:  45% (265/589)", "info"), ("curl: (7) Failed to connect", "error"),
     ("  /tmp/t/test_a.py:12: DeprecationWarning: old", "warning"),   # pytest's summary, indented
+    ("E       assert 7 != 7", "error"), ("E  two spaces", "info"),   # pytest's failure's lines
 ])
 def test_cmd_line_level_table(line, level):
     assert sse_demo._line_level(line) == level
@@ -6871,7 +6872,7 @@ LEVEL_LINES = [
     "2024-01-01 12:00:00,123 WARNING root: low disk", "INFO: retrying after ERROR",
     "test_error_handling PASSED", "Errors: 0", "curl: (7) Failed to connect", "npm ERR! code E404",
     "a b c d ERROR too far", "\x1b[31mERROR\x1b[0m: red", "UserWarning: x", "[ERROR-x] no",
-    "  /t/test_a.py:12: DeprecationWarning: old",
+    "  /t/test_a.py:12: DeprecationWarning: old", "E       assert 7 != 7", "E  two", "Every",
 ]
 
 
