@@ -5706,6 +5706,7 @@ QUERY = re.compile(r"(?<=\?)\S*")         # a logged request target's query (up 
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
+HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[?[0-9A-Fa-f:.]+\]?")
 
 
 def _check_token(token):
@@ -8464,6 +8465,10 @@ class Options:
             raise ValueError("--port must be from 0 (a free one) to 65535")
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
             raise ValueError("--base-path must be a plain path such as /jobs")
+        for name in self.allowed_hosts:      # ('' or a URL never matched a request: silent)
+            if not HOST_NAME.fullmatch(name):
+                raise ValueError("--allow-host %r is not a host name or an IP address (give "
+                                 "it without a scheme, port or path)" % name)
         for address in self.trusted_proxies:
             if _normal_ip(address) is None:
                 raise ValueError("--trusted-proxy %s is not an IP address" % address)

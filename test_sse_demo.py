@@ -10358,6 +10358,16 @@ def test_a_time_or_size_too_small_to_work_is_refused_at_start(option, value):
     assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
+@pytest.mark.parametrize("name", ["", "bad host/x", "buildbox:5000", "http://buildbox"])
+def test_an_allowed_host_that_is_no_host_name_is_refused_at_start(name):
+    """--allow-host '' (or with a port, a scheme) was taken without a word,
+    and matched no request (a newcomer's find)."""
+    status, _, err = Cli("--allow-host", name, "--no-auth").finish()
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().endswith("error: --allow-host %r is not a host name or an IP address "
+                                "(give it without a scheme, port or path)" % name), err
+
+
 @pytest.mark.parametrize("option, value", [("--keepalive", "3000000"),
                                            ("--request-timeout", "1e12")])
 def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value):
