@@ -4586,11 +4586,11 @@ JOURNAL_RUN_BYTES = 16 * 2 ** 20        # neither (nor past this many of their o
                                         # a terminal event always is
 JOURNAL_PROGRESS_S = 1.0          # a run's progress is written at most this often (the newest),
 JOURNAL_PROGRESS_LINES = 2000     # and half as often after each this many progress lines
-JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often,
-JOURNAL_STOPPING_FLUSH_S = 0.05   # and this often once the server stops (a second Ctrl-C
-JOURNAL_EXIT_WAIT_S = 2.0         # waits at most this for what is queued to be written)
+JOURNAL_FLUSH_S = 1.0             # the journal thread writes what has come every this often
                                   # (a terminal event at once): each flush is a system call
-                                  # per run, and each costs the other threads a GIL hand-off
+                                  # per run, and each costs the other threads a GIL hand-off;
+JOURNAL_STOPPING_FLUSH_S = 0.05   # this often once the server stops, and a second Ctrl-C
+JOURNAL_EXIT_WAIT_S = 2.0         # waits at most this for what is queued to be written
 ID_BLOCK = 1000                   # ids a run may publish past the mark the journal holds
 ID_MARK_WAIT_S = 5.0              # how long a run waits for the journal to write a mark
 INTERRUPTED = ("the server stopped during the run (interrupted); "
@@ -8375,6 +8375,8 @@ def _rule_words(rule):
         return "0 (no limit) or more"
     if least is not None:
         return "at least %g" % least if most is None else "from %g to %g" % (least, most)
+    if above is None:
+        return "at most %g" % most
     if most is None:
         return "a number above %g" % above
     return "a number above %g and at most %g" % (above, most)
