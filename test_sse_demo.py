@@ -6807,6 +6807,7 @@ def test_browser_log_follows_a_flood_and_holds_a_thousand_lines_not_events(
     assert lines[0][2] == "complete" and lines[1][3].endswith("the last line")
     held = sum(len(line[3].split("\n")) for line in lines[1:])
     assert 900 <= held <= 1000, held
+    browser.wait_for("!dirty.has('log')")              # the end's lines drawn (a frame later)
     assert browser.evaluate(SCROLLED_AWAY) < 30        # the newest line in view
     assert browser.problems() == []
 
