@@ -136,6 +136,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shlex
 import shutil
@@ -4242,7 +4243,7 @@ def _level_hint(text):
     cheap look at every line of every run)."""
     lowered = text.lower()
     return any(word in lowered for word in LEVEL_WORDS) or "E:" in text or "W:" in text \
-        or text.startswith("E   ") or "\nE   " in text
+        or "E   " in text
 
 
 def _line_level(text):
@@ -5688,6 +5689,22 @@ def _is_ip_literal(name):
     return False
 
 
+HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")   # as _host_name makes it
+
+
+def _allowed_host_name(name):
+    """An --allow-host name as a request's Host header gives it (_host_name):
+    lowercased, without the brackets of an IPv6 address or a final dot."""
+    name = name.strip().lower()
+    return (name[1:-1] if name.startswith("[") and name.endswith("]") else name).rstrip(".")
+
+
+def _is_allowed_host_name(name):
+    """A name a request can carry: a host name, or an IP address."""
+    name = _allowed_host_name(name)
+    return bool(HOST_NAME.fullmatch(name)) and ".." not in name or _is_ip_literal(name)
+
+
 ###############################################################################
 # Access: the operator's token and view keys, when others can reach the server
 ###############################################################################
@@ -5706,7 +5723,6 @@ QUERY = re.compile(r"(?<=\?)\S*")         # a logged request target's query (up 
 VIEWABLE_PATH = re.compile(r"/(?:progress|status|series|log|export)/(%s)" % SESSION_ID_PATTERN)
 VIEWER_PAGES = ("/", "/job")    # a viewer's page loads these, with its key, before the run
 FORWARDED_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)*")   # a path a proxy serves us under
-HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[?[0-9A-Fa-f:.]+\]?")
 
 
 def _check_token(token):
@@ -8097,11 +8113,15 @@ def _in_a_thread(name, work):
 
 
 def _until(done, timeout=None):
-    """Wait for `done` in short waits (Ctrl-C is taken between them)."""
+    """Wait for `done` in short sleeps: Ctrl-C or SIGTERM (KeyboardInterrupt,
+    see _Interrupt) is raised in a sleep, never inside an Event's wait,
+    where a second signal close behind the first broke its lock (a
+    RuntimeError, and the program killed with no SIGTERM)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not done.wait(SIGNAL_CHECK_S):
+    while not done.is_set():
         if deadline is not None and time.monotonic() >= deadline:
             return False
+        time.sleep(SIGNAL_CHECK_S)
     return True
 
 
@@ -8272,9 +8292,9 @@ def _report_main(argv):
             if tailed is None:
                 log.warning("sse_demo report: %s is not there yet; waiting for it", args.tail)
         address = _RunAddress(args.url, token=_given_token(args), cafile=args.cacert)
-        named = _program_name(command) if command else os.path.basename(args.tail)
-        outbox = _Outbox(address, args.title or named[:REPORT_TITLE_LIMIT],   # a long file name
-                         flush_timeout_s=args.flush_timeout)                 # is still a title
+        named = (_program_name(command) if command else os.path.basename(args.tail)).strip()
+        outbox = _Outbox(address, args.title or named[:REPORT_TITLE_LIMIT].strip() or "a program",
+                         flush_timeout_s=args.flush_timeout)   # a long file name is still a title
         outbox.open()
     except (_WatchError, OSError, ValueError) as exc:
         if tailed is not None:
@@ -8431,11 +8451,11 @@ class Options:
     max_record_mb: float = _option(16.0, "memory for each run's whole record (GET /log, "
                                    "/export); past it, progress events are thinned, then log "
                                    "lines from the middle of the run dropped (default "
-                                   "%(default)s)", metavar="MB", least=0.01)
+                                   "%(default)s)", metavar="MB", least=0.01, most=1000000)
     report_timeout_s: float = _option(300.0, "a run reported from elsewhere (POST /runs, "
                                       "`sse_demo.py report`) that posts nothing for S seconds "
                                       "ends `error` (default %(default)s)", "--report-timeout",
-                                      "S", above=0)
+                                      "S", least=1)
     grip: str = _option(None, "publish events to Pushpin's publish endpoint (e.g. "
                         "http://127.0.0.1:5561) and let it hold streams that come through it",
                         metavar="URL")
@@ -8468,9 +8488,10 @@ class Options:
         if not FORWARDED_PREFIX.fullmatch(self.base_path.rstrip("/")):
             raise ValueError("--base-path must be a plain path such as /jobs")
         for name in self.allowed_hosts:      # ('' or a URL never matched a request: silent)
-            if not HOST_NAME.fullmatch(name):
+            if not _is_allowed_host_name(name):
                 raise ValueError("--allow-host %r is not a host name or an IP address (give "
-                                 "it without a scheme, port or path)" % name)
+                                 "it without a scheme, port or path; a name in other letters "
+                                 "than a-z as its xn-- form)" % name)
         for address in self.trusted_proxies:
             if _normal_ip(address) is None:
                 raise ValueError("--trusted-proxy %s is not an IP address" % address)
@@ -8646,7 +8667,7 @@ class SSEServer(_SocketServer):
                                   o.concurrency + o.max_queue if o.concurrency else None)
         self.page = self.page_csp = None      # index.html, read by start()
         self.allowed_hosts = {"localhost", host.lower().strip("[]"), self.server_address[0]}
-        self.allowed_hosts.update(h.lower() for h in o.allowed_hosts)
+        self.allowed_hosts.update(_allowed_host_name(h) for h in o.allowed_hosts)
         self.wildcard = self.server_address[0] in ("0.0.0.0", "::")
         if self.wildcard:
             self.allowed_hosts.add(socket.gethostname().lower())   # the name it prints
@@ -8760,11 +8781,19 @@ class SSEServer(_SocketServer):
         session.series = _Series.from_state(header["series"])
         self.reported.add(session, header.get("received", 0))
 
+    def _refuse_once_stopping(self):
+        """No run starts once the server stops: the listening socket closes
+        then, but a request read just before (or a second Ctrl-C that came
+        before the first was acted on) would start one that nobody records."""
+        if self.stopping:
+            raise _TooBusy(503, "the server is stopping")
+
     def open_reported_run(self, title, params):
         """A run that another machine reports: no thread, no slot in the
         queue; it counts toward --max-sessions. With a journal it is on
         disk before POST /runs answers."""
         with self._start_lock:
+            self._refuse_once_stopping()
             session = self.registry.create(title or "a reported run", params,
                                            report_key=secrets.token_urlsafe(TOKEN_BYTES))
             on_disk = self.journal.begin(session) if self.journal else None
@@ -8779,6 +8808,7 @@ class SSEServer(_SocketServer):
         the run is on disk before /start answers, so it outlives a crash:
         admitted under the lock, it waits for the disk after it."""
         with self._start_lock:
+            self._refuse_once_stopping()
             self.queue.check_room()
             state = "queued" if self.queue.would_wait() else "running"
             session = self.registry.create(self.job.title, params, state)
@@ -8904,6 +8934,7 @@ class SSEServer(_SocketServer):
         published before it (a program's last lines) is written to the
         journal, not dropped with the process; their runs are read back
         interrupted."""
+        self.stopping = True          # no run starts from here (_refuse_once_stopping)
         for part in (self.journal, self.notifier):
             if part:
                 part.take_no_more()
@@ -8923,10 +8954,14 @@ def make_server(host="127.0.0.1", port=5000, job=None, **options):
 
 def _say_at_once(signum):
     """The second signal's line, from its handler: os.write takes no lock
-    (logging's would deadlock against an interrupted log call)."""
+    (logging's would deadlock against an interrupted log call), and is
+    skipped when it would wait (a terminal paused with Ctrl-S, a pipe
+    nobody reads): exiting at once comes first."""
     try:
-        os.write(sys.stderr.fileno(), b"\n%s again: stopping at once, killing the programs "
-                 b"still running\n" % (b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"))
+        fd = sys.stderr.fileno()
+        if select.select([], [fd], [], 0)[1]:
+            os.write(fd, b"\n%s again: stopping at once, killing the programs still "
+                     b"running\n" % (b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"))
     except (OSError, ValueError, AttributeError):      # no terminal left: exit all the same
         pass
 
@@ -8942,11 +8977,13 @@ def _install_stop_signals(on_exit_now=lambda: None):
         return requested, lambda: None
 
     def on_signal(signum, frame):
-        if requested:
+        if len(requested) > 1:             # a third while the second's exit waits: now
+            os._exit(128 + requested[1])
+        requested.append(signum)
+        if len(requested) > 1:
             _say_at_once(signum)
             on_exit_now()
             os._exit(128 + signum)
-        requested.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     return requested, lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -9026,7 +9063,7 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
     serving.start()
     try:
         while not requested and serving.is_alive():
-            serving.join(0.2)   # a signal interrupts it; the handler only sets a flag
+            serving.join(SIGNAL_CHECK_S)   # the handler only sets a flag
     finally:
         server.shutdown()
         server.server_close()

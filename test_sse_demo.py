@@ -1710,6 +1710,18 @@ def test_cli_two_quick_ctrl_c_leave_the_run_interrupted_not_failed(tmp_path, sec
         again.stop()
 
 
+def test_no_run_starts_once_the_server_stops(server):
+    """A request read just before the listening socket closed, or one in the
+    moment between two quick Ctrl-C's, started a run that nobody recorded
+    (its program killed by the guard, the run unknown after a restart: an
+    adversary's find). Once the server stops, /start and POST /runs say
+    so."""
+    server.server.stopping = True         # what server_close() and a second Ctrl-C set
+    for path in ("/start", "/runs"):
+        status, _, body = request(server, "POST", path, json_body={})
+        assert (status, json.loads(body)["error"]) == (503, "the server is stopping")
+
+
 def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path):
     """While the server waits out a --cmd program's --kill-after, a new
     connection is refused at once, not left in the listening backlog to
@@ -6912,6 +6924,7 @@ def test_browser_a_programs_rate_unit_and_large_numbers_read_whole(
     assert "rate 30.7 MB/s · size 1,830,000,000" in browser.log_lines(progress=True)[1]
     assert "it/s" not in browser.evaluate("document.body.innerText")
     assert browser.evaluate("formatValue(83600, 'bits/s')") == "83.6 kbits/s"
+    assert browser.evaluate("formatValue(2.5e18, 'B')") == "2.5 EB"   # past T, not "2,500,000 TB"
     for width, height in ((1280, 900), (390, 844)):
         browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
                      deviceScaleFactor=1, mobile=width < 500)
@@ -9992,6 +10005,24 @@ def test_report_without_a_terminal_still_stops_the_program_its_way(make, tmp_pat
         reporter.wait(TIMEOUT)
 
 
+def test_report_takes_ctrl_c_and_sigterm_together(make, clients, reported_programs):
+    """SIGINT and SIGTERM at once: the second raised inside the first's
+    Event.wait, whose lock broke (RuntimeError: release unlocked lock), and
+    report exited 1 with a traceback, its run left running (an adversary's
+    find). Two signals are two: the program is stopped at once."""
+    srv = make()
+    reporter = clients("report", page_url(srv), "--kill-after", "60", "--",
+                       *reported_programs("stubborn.py"))
+    pid = int(reporter.proc.stdout.readline())
+    sid = wait_for(lambda: only_run(srv)["session_id"], what="the run")
+    reporter.proc.send_signal(signal.SIGINT)
+    reporter.proc.send_signal(signal.SIGTERM)
+    status, _, err = reporter.finish()
+    assert status in (130, 143) and "Traceback" not in err, err
+    assert process_gone(pid)
+    wait_for(lambda: status_of(srv, sid) == "cancelled", what="the run's end")
+
+
 def test_report_of_a_program_with_a_long_name_runs_it_under_the_name_cut(make, clients,
                                                                          tmp_path):
     """A program named with 250 characters: the server refused the title
@@ -10330,8 +10361,8 @@ def test_a_trusted_proxy_on_a_dual_stack_server_has_no_per_address_limit(make):
             sock.close()
 
 
-RANGES = {"--report-timeout": "a number above 0", "--keepalive": "from 0.1 to 3600",
-          "--request-timeout": "from 0.1 to 86400", "--max-record-mb": "at least 0.01"}
+RANGES = {"--report-timeout": "at least 1", "--keepalive": "from 0.1 to 3600",
+          "--request-timeout": "from 0.1 to 86400", "--max-record-mb": "from 0.01 to 1e+06"}
 
 
 @pytest.mark.parametrize("option", sorted(RANGES))
@@ -10347,26 +10378,41 @@ def test_an_infinite_time_is_refused_at_start_with_its_range(option):
 
 @pytest.mark.parametrize("option, value", [
     ("--keepalive", "1e-320"), ("--keepalive", "0.001"), ("--keepalive", "0.09"),
-    ("--request-timeout", "1e-320"), ("--max-record-mb", "1e-7")])
+    ("--request-timeout", "1e-320"), ("--max-record-mb", "1e-7"), ("--max-record-mb", "1e308"),
+    ("--report-timeout", "1e-320")])
 def test_a_time_or_size_too_small_to_work_is_refused_at_start(option, value):
     """Each was taken, then failed: --keepalive 1e-320 had the writer send
     a stream a keepalive every turn, flat out; --request-timeout 1e-320
     timed out every request; --max-record-mb 1e-7 left a run no record, and
-    /log and /export a 200 with nothing and a traceback in the server's log
-    (adversaries' finds)."""
+    /log and /export a 200 with nothing and a traceback in the server's log;
+    1e308 was a traceback at start; --report-timeout 1e-320 ended every
+    reported run at once (adversaries' finds)."""
     status, _, err = Cli(option, value).finish()
     assert status == 2 and "Traceback" not in err
     assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
-@pytest.mark.parametrize("name", ["", "bad host/x", "buildbox:5000", "http://buildbox"])
+@pytest.mark.parametrize("name", ["", "bad host/x", "buildbox:5000", "http://buildbox",
+                                  "10.0.0.5:5000", "...", "b\u00fccher.example"])
 def test_an_allowed_host_that_is_no_host_name_is_refused_at_start(name):
     """--allow-host '' (or with a port, a scheme) was taken without a word,
-    and matched no request (a newcomer's find)."""
+    and matched no request (a newcomer's and an adversary's finds)."""
     status, _, err = Cli("--allow-host", name, "--no-auth").finish()
     assert status == 2 and "Traceback" not in err
     assert err.strip().endswith("error: --allow-host %r is not a host name or an IP address "
-                                "(give it without a scheme, port or path)" % name), err
+                                "(give it without a scheme, port or path; a name in other "
+                                "letters than a-z as its xn-- form)" % name), err
+
+
+@pytest.mark.parametrize("allowed, host", [("MyHost.Example.", "myhost.example"),
+                                           ("[fe80::1]", "[fe80::1]:5000"),
+                                           ("fe80::1", "[fe80::1]")])
+def test_an_allowed_host_is_read_as_a_request_names_it(make, allowed, host):
+    """A final dot was refused, and a bracketed IPv6 address taken but never
+    matched: every request for it got 403 (an adversary's find)."""
+    srv = make(allowed_hosts=[allowed])
+    assert request(srv, "GET", "/healthz", headers={"Host": host})[0] == 200
+    assert request(srv, "GET", "/healthz", headers={"Host": "other.example"})[0] == 403
 
 
 @pytest.mark.parametrize("option, value", [("--keepalive", "3000000"),
