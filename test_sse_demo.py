@@ -3857,6 +3857,7 @@ def test_cmd_levels_come_from_what_a_line_says_not_from_stderr(make, programs, t
     ("Receiving objects:  45% (265/589)", "info"), ("curl: (7) Failed to connect", "error"),
     ("  /tmp/t/test_a.py:12: DeprecationWarning: old", "warning"),   # pytest's summary, indented
     ("E       assert 7 != 7", "error"), ("E  two spaces", "info"),   # pytest's failure's lines
+    ("\x1b[1m\x1b[31mE       assert 7 != 7\x1b[0m", "error"),         # in colour too
 ])
 def test_cmd_line_level_table(line, level):
     assert sse_demo._line_level(line) == level
@@ -6886,6 +6887,7 @@ LEVEL_LINES = [
     "test_error_handling PASSED", "Errors: 0", "curl: (7) Failed to connect", "npm ERR! code E404",
     "a b c d ERROR too far", "\x1b[31mERROR\x1b[0m: red", "UserWarning: x", "[ERROR-x] no",
     "  /t/test_a.py:12: DeprecationWarning: old", "E       assert 7 != 7", "E  two", "Every",
+    "\x1b[31mE         Differing items:\x1b[0m",
 ]
 
 
