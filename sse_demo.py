@@ -8189,12 +8189,14 @@ def _report_program(outbox, command, kill_after_s):
         try:
             _until(done)
         except KeyboardInterrupt:
+            outbox.cancel.set()
             _say("\n%s: stopping the program; the run ends cancelled "
                  "(%s again: at once)\n" % (_Interrupt.name(), _Interrupt.name()))
-            outbox.cancel.set()
             _until(done, kill_after_s + 2.0)
             return _Interrupt.status()
     finally:
+        if not done.is_set():      # a second signal: the run is cancelled, its program
+            outbox.cancel.set()    # killed now (not a program that failed: SIGKILL)
         groups.close()
     status = answer.get("result")
     if outbox.state == "cancelled":
