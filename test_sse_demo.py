@@ -7385,7 +7385,7 @@ def test_browser_a_run_that_ended_long_ago_says_how_long_ago(browser, tmp_path):
     srv = journal_server(tmp_path)
     try:
         browser.open(page_url(srv) + "#session=" + sid)
-        browser.wait_for(STATE + " === 'complete'")
+        browser.wait_for(STATE + " === 'complete' && chart.loaded && !dirty.has('chart')")
         browser.wait_for("/^(4|5) min \\d+ s ago$/.test("
                          "document.getElementById('last-update').textContent)")
         chart = browser.evaluate("document.getElementById('chart').textContent")
