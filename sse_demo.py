@@ -8391,17 +8391,14 @@ def _within_rule(value, rule):
 
 def _rule_words(rule):
     """What an option's rule takes, in words: "at least 1", "from 0.1 to
-    3600", "a number above 0"."""
+    3600", "a number above 0" (the rules the options have: a least, with
+    or without a most, or an above alone)."""
     least, above, most = rule.get("least"), rule.get("above"), rule.get("most")
     if least == 0 and most is None:
         return "0 (no limit) or more"
-    if least is not None:
-        return "at least %g" % least if most is None else "from %g to %g" % (least, most)
-    if above is None:
-        return "at most %g" % most
-    if most is None:
-        return "a number above %g" % above
-    return "a number above %g and at most %g" % (above, most)
+    if least is None:
+        return "a number above %s" % above
+    return "at least %s" % least if most is None else "from %s to %s" % (least, most)
 
 
 @dataclasses.dataclass

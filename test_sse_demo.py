@@ -10366,7 +10366,7 @@ def test_a_trusted_proxy_on_a_dual_stack_server_has_no_per_address_limit(make):
 
 
 RANGES = {"--report-timeout": "at least 1", "--keepalive": "from 0.1 to 3600",
-          "--request-timeout": "from 0.1 to 86400", "--max-record-mb": "from 0.01 to 1e+06"}
+          "--request-timeout": "from 0.1 to 86400", "--max-record-mb": "from 0.01 to 1000000"}
 
 
 @pytest.mark.parametrize("option", sorted(RANGES))
