@@ -6283,6 +6283,20 @@ def test_the_lock_out_counts_the_forwarded_client_only_behind_a_trusted_proxy(ma
     assert other == (401 if trusted else 429)
 
 
+def test_a_forwarded_value_that_is_no_address_counts_against_the_proxy_and_is_not_kept(make):
+    """Behind a --trusted-proxy, an X-Forwarded-For that is not an address
+    (here 5,000 characters, new each time) counts against the proxy's own
+    address, and the server's memory of addresses it has read keeps none
+    of it; an address with spaces around it is that address."""
+    srv = make(token=TOKEN, trusted_proxies=["127.0.0.1"])
+    sse_demo._normal_address.cache_clear()
+    for n in range(sse_demo.FAILURES_ALLOWED):
+        assert request_from(srv, "/job", "%d%s" % (n, "x" * 5000)) == 401
+    assert request_from(srv, "/job", None) == 429           # the proxy's own address
+    assert request_from(srv, "/job", " 192.0.2.8 ") == 401
+    assert sse_demo._normal_address.cache_info().currsize <= 3   # 127.0.0.1, '', 192.0.2.8
+
+
 def test_the_sign_in_cookie_is_not_the_token_and_stays_on_this_servers_path(make):
     """A browser sends a host's cookies to every port of it, and to every path
     under the cookie's Path: the cookie is not the token but a value only this
