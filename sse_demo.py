@@ -5829,15 +5829,6 @@ def _cookie_value(header, name):
 ADDRESS_CHARS = 100      # more than any IP address's text, a scope (fe80::1%eth0) too
 
 
-def _normal_ip(text):
-    """An IP address in one spelling, an IPv4-mapped IPv6 address as its IPv4
-    (a dual-stack socket sees 127.0.0.1 as ::ffff:127.0.0.1); None when
-    `text` is not one (no address is longer than ADDRESS_CHARS: a header's
-    64 KB of text is not looked at, nor remembered)."""
-    text = text.strip()
-    return _normal_address(text) if len(text) <= ADDRESS_CHARS else None
-
-
 @functools.lru_cache(maxsize=1024)
 def _normal_address(text):
     """_normal_ip's answer, remembered: every connection asks it of its
@@ -5849,6 +5840,15 @@ def _normal_address(text):
     except ValueError:
         return None
     return str(getattr(address, "ipv4_mapped", None) or address)
+
+
+def _normal_ip(text):
+    """An IP address in one spelling, an IPv4-mapped IPv6 address as its IPv4
+    (a dual-stack socket sees 127.0.0.1 as ::ffff:127.0.0.1); None when
+    `text` is not one (no address is longer than ADDRESS_CHARS: a header's
+    64 KB of text is not looked at, nor remembered)."""
+    text = text.strip()
+    return _normal_address(text) if len(text) <= ADDRESS_CHARS else None
 
 
 def _public_host(address):
@@ -9039,32 +9039,13 @@ def _is_loopback(address):
     return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
-def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
-    """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
-    With a token, it prints a sign-in URL, with the token in it only when
-    `show_token` (the command line made it: one given in a file or the
-    environment stays out of the terminal and its scroll-back). Returns the
-    exit status."""
-    _raise_open_file_limit()
-    try:
-        server = make_server(host, port, job=job, **options)
-    except OSError as exc:
-        log.error("error: cannot listen on %s:%s: %s%s", host, port, exc.strerror or exc,
-                  " (another program has that port: choose another with --port)"
-                  if exc.errno == errno.EADDRINUSE else "")
-        return 1
-    try:
-        server.start()      # the journal's runs are back before the URL is printed
-    except OSError as exc:
-        log.error("error: cannot start: %s", exc.strerror or exc)
-        server.server_close()
-        return 2
+def _serve_until_stopped(server, requested, show_token):
+    """Say where it serves, then serve until `requested` has a signal."""
     if server.access is None and not _is_loopback(server.server_address[0]):
         log.warning("warning: --no-auth: anyone who can reach %s can start and watch runs",
                     server.url)
     _tune_garbage_collector()
-    requested, restore = _install_stop_signals(server.stop_at_once)   # before the URL: a supervisor
-    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)   # may signal at once
+    print("Serving on %s (Ctrl-C to stop)" % server.url, flush=True)
     if server.access is not None:
         print("Sign in: %s?token=%s" % (server.url, server.access.token) if show_token
               else "Sign in: %s with the token you gave (it is not printed)" % server.url,
@@ -9080,6 +9061,42 @@ def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def serve(job=None, host="127.0.0.1", port=5000, show_token=False, **options):
+    """Run the server until Ctrl-C or SIGTERM, like `python sse_demo.py`.
+    With a token, it prints a sign-in URL, with the token in it only when
+    `show_token` (the command line made it: one given in a file or the
+    environment stays out of the terminal and its scroll-back). Returns the
+    exit status.
+
+    The signals are its own from the start: a Ctrl-C while it starts (a
+    --state-dir of thousands of runs takes seconds to read back) lets the
+    start finish, so that no journal is left half mended, and then stops
+    it before it serves; a second exits at once, as it does later."""
+    _raise_open_file_limit()
+    server = None
+    requested, restore = _install_stop_signals(
+        lambda: server is not None and server.stop_at_once())
+    try:
+        try:
+            server = make_server(host, port, job=job, **options)
+        except OSError as exc:
+            log.error("error: cannot listen on %s:%s: %s%s", host, port, exc.strerror or exc,
+                      " (another program has that port: choose another with --port)"
+                      if exc.errno == errno.EADDRINUSE else "")
+            return 1
+        try:
+            server.start()      # the journal's runs are back before the URL is printed
+        except OSError as exc:
+            log.error("error: cannot start: %s", exc.strerror or exc)
+            server.server_close()
+            return 2
+        if requested:           # stopped while it started: it never serves
+            server.server_close()
+        else:
+            _serve_until_stopped(server, requested, show_token)
+    finally:
         restore()
     log.info("stopped")
     return 0
@@ -9261,4 +9278,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:    # before serve() took the signals (a --job's import): no
+        sys.exit(128 + signal.SIGINT)       # server yet, nothing to stop, no traceback

@@ -35,7 +35,7 @@ from conftest import (FAST, HERE, PATH_TOKEN, PUSHPIN_TOKEN, STATE, TIMEOUT, Cli
                      cancel, control_key, free_port, get_json, ids, names, page_url, parse_head,
                      need, png_is_not_blank, raw_exchange, readme_block, request, start_in_page,
                      start_run, started, status_of, stop_process, thread_count, fd_count, wait_for,
-                     watch)
+                     wait_for_port, watch)
 
 try:
     import resource
@@ -1582,6 +1582,66 @@ def test_cli_stops_on_ctrl_c():
     assert request(cli, "GET", "/healthz")[0] == 200
     status, took, stderr = cli.stop(signal.SIGINT)
     assert status == 0 and took < 2.0 and "Traceback" not in stderr
+
+
+def journals_of_ended_runs(tmp_path, count):
+    """A --state-dir of `count` ended runs' journals, copies of one a real
+    server wrote under new ids: read back at start, they take a while."""
+    state = tmp_path / "state"
+    cli = Cli("--state-dir", str(state))
+    try:
+        sid = start_run(cli, iterations=3, tick=0.01, update_every=1)
+        wait_for(lambda: status_of(cli, sid) == "complete", what="the run to end")
+    finally:
+        assert cli.stop(signal.SIGINT)[0] == 0
+    journal = (state / (sid + sse_demo.JOURNAL_SUFFIX)).read_text()
+    for n in range(count - 1):
+        other = "copy%018d" % n
+        (state / (other + sse_demo.JOURNAL_SUFFIX)).write_text(journal.replace(sid, other))
+    return state
+
+
+def test_cli_ctrl_c_while_the_journal_is_read_back_stops_it_once_read(tmp_path):
+    """Ctrl-C while a large --state-dir is read back (the server has bound
+    its port, and has not yet served): no traceback, no journal left half
+    read; the start finishes, the server stops without serving (exit 0),
+    and every run is read back again next time. (It was a KeyboardInterrupt
+    traceback from inside the JSON parser, and exit status -2.)"""
+    state = journals_of_ended_runs(tmp_path, 3000)
+    port = free_port()
+    command = [sys.executable, sse_demo.__file__, "--port", str(port), "--state-dir", str(state)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        wait_for_port(port, proc)              # bound: start() reads the journal back now
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "3000 runs read back" in err and err.rstrip().endswith("stopped")
+    assert "Serving on" not in out
+    status, _, err = Cli("--state-dir", str(state)).stop(signal.SIGINT, timeout=30)
+    assert status == 0 and "3000 runs read back" in err      # every one, whole
+
+
+def test_cli_ctrl_c_while_a_job_module_imports_exits_without_a_traceback(tmp_path):
+    """Ctrl-C before the server exists (here while --job's module imports,
+    which may take a while): exit status 130, and no traceback."""
+    (tmp_path / "slow_to_import.py").write_text(
+        "import sys, time\nprint('importing', file=sys.stderr, flush=True)\ntime.sleep(30)\n"
+        "def job(progress):\n    progress(1, 1)\n")
+    proc = subprocess.Popen([sys.executable, sse_demo.__file__, "--port", "0",
+                             "--job", "slow_to_import:job"], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert proc.stderr.readline().strip() == "importing"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in err and out == "", err
 
 
 CHECKPOINTING = """
