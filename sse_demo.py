@@ -7443,6 +7443,16 @@ def _given_secret(path, variable, option, what):
     return secret
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a mistake in two lines: the reason, and where every
+    option is listed. (Its own error() prints the whole usage first, 14
+    lines for the server's options, which push the reason out of sight.)"""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s\n(%s --help lists every option)\n"
+                  % (self.prog, message, self.prog))
+
+
 def _add_token_options(p):
     """--token-file and --token (SSE_DEMO_TOKEN too), and --cacert: how a
     client reaches a server behind a token, over TLS."""
@@ -7461,7 +7471,7 @@ def _given_token(args):
 def _client_main(argv):
     """`watch URL` and `start URL`: exit status 0, 1, 3 as the run ended, 2
     for bad usage or a server that cannot be reached, 130 after Ctrl-C."""
-    p = argparse.ArgumentParser(prog="sse_demo.py " + argv[0])
+    p = _Parser(prog="sse_demo.py " + argv[0])
     p.add_argument("url", help="the server (http://host:5000/), a watch link or a "
                                "/progress/<id> URL")
     if argv[0] == "watch":
@@ -8223,7 +8233,7 @@ def _report_program(outbox, command, kill_after_s):
 
 
 def _report_parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sse_demo.py report", usage="%(prog)s URL [options] -- PROGRAM [ARGS...]\n"
         "       %(prog)s URL --tail FILE [--pid PID] [options]",
         description="Report a program's progress (its tqdm bars, JSON lines and output, read "
@@ -9145,7 +9155,7 @@ def _access_token(args, options):
 def _build_parser():
     """The command line: Options' fields, then what belongs to the command
     line alone (the job, the token, logging)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sse_demo.py",
         description="Stream the progress of long-running jobs to a browser with "
                     "Server-Sent Events.",

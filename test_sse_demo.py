@@ -1802,12 +1802,38 @@ def test_cli_stop_refuses_new_connections_while_it_waits_for_a_program(tmp_path)
     assert status == 128 + signal.SIGINT and took < 5.0
 
 
+def said_error(err, prog="sse_demo.py"):
+    """The error line of a command-line mistake, which is the last but one:
+    the last only says where every option is listed (argparse's 14 lines of
+    usage before the reason pushed it out of sight)."""
+    lines = err.strip().splitlines()
+    assert lines[-1] == "(%s --help lists every option)" % prog, err
+    return lines[-2]
+
+
+@pytest.mark.parametrize("args, prog, reason", [
+    (["--bogus"], "sse_demo.py", "unrecognized arguments: --bogus"),
+    (["--keepalive", "0"], "sse_demo.py", "--keepalive must be from 0.1 to 3600"),
+    (["report"], "sse_demo.py report", "the following arguments are required: url"),
+    (["watch", "http://127.0.0.1:9/", "--bogus"], "sse_demo.py watch",
+     "unrecognized arguments: --bogus")])
+def test_a_command_line_mistake_is_said_in_two_lines(args, prog, reason):
+    """The reason, then where every option is listed; not argparse's usage
+    first (14 lines for the server, which pushed the reason out of sight:
+    noticed in earlier rounds)."""
+    proc = subprocess.run([sys.executable, sse_demo.__file__] + args, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["%s: error: %s" % (prog, reason),
+                                        "(%s --help lists every option)" % prog]
+
+
 @pytest.mark.parametrize("port", ["99999", "-1"])
 def test_cli_port_out_of_range_is_a_sentence(port):
     """bind()'s OverflowError was a traceback."""
     status, _, err = Cli("--port", port).finish()
     assert status == 2 and "Traceback" not in err
-    assert err.strip().endswith("error: --port must be from 0 (a free one) to 65535"), err
+    assert said_error(err).endswith("error: --port must be from 0 (a free one) to 65535"), err
 
 
 def test_cli_port_in_use_is_one_line_and_status_1():
@@ -4145,7 +4171,7 @@ def test_cmd_program_not_found_is_refused_at_start_and_ends_a_run_that_meets_it(
 def test_an_option_without_the_one_it_needs_is_refused(options, needs):
     """--notify-key alone was refused; these three were taken silently."""
     status, _, err = Cli(*options).finish()
-    assert status == 2 and err.strip().endswith("error: " + needs), err
+    assert status == 2 and said_error(err).endswith("error: " + needs), err
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "3601", "soon"])
@@ -10451,7 +10477,7 @@ def test_an_infinite_time_is_refused_at_start_with_its_range(option):
     for value in ("inf", "1e400", "nan"):
         status, _, err = Cli(option, value).finish()
         assert status == 2 and "Traceback" not in err
-        assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
+        assert said_error(err).endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
 @pytest.mark.parametrize("option, value", [
@@ -10467,7 +10493,7 @@ def test_a_time_or_size_too_small_to_work_is_refused_at_start(option, value):
     reported run at once (adversaries' finds)."""
     status, _, err = Cli(option, value).finish()
     assert status == 2 and "Traceback" not in err
-    assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
+    assert said_error(err).endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
 @pytest.mark.parametrize("name", ["", "bad host/x", "buildbox:5000", "http://buildbox",
@@ -10477,7 +10503,7 @@ def test_an_allowed_host_that_is_no_host_name_is_refused_at_start(name):
     and matched no request (a newcomer's and an adversary's finds)."""
     status, _, err = Cli("--allow-host", name, "--no-auth").finish()
     assert status == 2 and "Traceback" not in err
-    assert err.strip().endswith("error: --allow-host %r is not a host name or an IP address "
+    assert said_error(err).endswith("error: --allow-host %r is not a host name or an IP address "
                                 "(give it without a scheme, port or path; a name in other "
                                 "letters than a-z as its xn-- form)" % name), err
 
@@ -10501,7 +10527,7 @@ def test_a_time_too_long_for_its_timeouts_is_refused_at_start(option, value):
     fail, so every request went unanswered (an adversary's finds)."""
     status, _, err = Cli(option, value).finish()
     assert status == 2 and "Traceback" not in err
-    assert err.strip().endswith("error: %s must be %s" % (option, RANGES[option])), err
+    assert said_error(err).endswith("error: %s must be %s" % (option, RANGES[option])), err
 
 
 @pytest.mark.parametrize("option, value, flag", [
