@@ -2248,6 +2248,14 @@ def sparse(progress, steps=4, filler=0, hold=0.0, cancel=None):
 
 sparse.sse_job = {"title": "Sparse fields", "params": {},
                   "fields": {"loss": {"label": "Loss"}, "acc": {"label": "Accuracy"}}}
+
+
+def odd_names(progress, hold=0.0, cancel=None):
+    """Fields named as a JavaScript object's own members are fields too."""
+    progress(1, 2, **{"__proto__": 7, "constructor": 3, "toString": 4, "hasOwnProperty": 5})
+    if hold and cancel.wait(hold):
+        return None
+    progress(2, 2)
 '''
 
 
@@ -6802,6 +6810,30 @@ def test_browser_cards_keep_each_fields_latest_value_live_late_and_after_the_end
     assert ended.element("iteration") == "4 / 4"
     screenshot_sizes(ended, tmp_path, "cards-after-the-end")
     assert browser.problems() == [] and late.problems() == [] and ended.problems() == []
+
+
+ODD_CARDS = ("['__proto__', 'constructor', 'toString', 'hasOwnProperty'].map(name => "
+             "(document.getElementById('field-' + name) || {}).textContent).join(' | ')")
+
+
+def test_browser_fields_named_like_an_objects_own_members_are_cards_like_any_other(
+        browser, make, jobs):
+    """A field named __proto__ had no card (the page's copy of the data was
+    a plain object, whose prototype it set instead); constructor, toString
+    and hasOwnProperty are fields too: on the page that watches, and on one
+    opened once the run has ended."""
+    srv = make(job=jobs.odd_names)
+    browser.open(page_url(srv))
+    start_in_page(browser, hold=30)
+    browser.wait_for(ODD_CARDS + " === '7 | 3 | 4 | 5'")
+    browser.click("cancel")
+    browser.wait_for(STATE + " === 'cancelled'")
+    assert browser.evaluate(ODD_CARDS) == "7 | 3 | 4 | 5"
+    late = browser.new_page()
+    late.open(page_url(srv) + "#session=" + browser.evaluate("sessionId"))
+    late.wait_for(STATE + " === 'cancelled'")
+    late.wait_for(ODD_CARDS + " === '7 | 3 | 4 | 5'")
+    assert browser.problems() == [] and late.problems() == []
 
 
 def test_browser_a_flat_line_reads_its_value_not_a_range_and_says_where_progress_is(
