@@ -3777,7 +3777,8 @@ def _meter_tokens(text):
             bracketed = bracketed or text[token.end():].lstrip().startswith("]")
         elif kind in ("count", "of") and count is None:
             count = _meter_count(token)
-            bracketed = bracketed or text[:token.start()].strip() == "["
+            bracketed = bracketed or (text[:token.start()].rstrip().endswith("[")
+                                      and text[token.end():].lstrip().startswith("]"))
         elif kind == "bar":
             bar = True
         elif kind in ("rate", "pace") and rate is None:
@@ -3804,11 +3805,12 @@ def _parse_meter(text, redrawn=False):
 
     A percent (only one) counts with a bar, a rate, an ETA or brackets
     (pytest's "[ 45%]"); an amount of a total without a percent with a
-    bar, a rate, an ETA or brackets at the line's start ("[12/40]
-    Building"), or as a line's heading with fields of its own ("Epoch
-    3/10: loss=0.31 acc=62%": a `record`, each one kept in the log). So a
-    count or a percent in prose ("Tests passed: 45/50 (90%)", "Coverage:
-    85%") and a JSON object stay log lines."""
+    bar, a rate, an ETA or brackets ("[12/40] Building", "Step [3/20]"),
+    or as a line's heading with fields of its own ("Epoch 3/10: loss=0.31
+    acc=62%": a `record`, each one kept in the log). Either counts alone
+    too: a line that is nothing but "3/50" or "45%" (the plainest progress
+    a script prints). So a count or a percent in prose ("Tests passed:
+    45/50 (90%)", "Coverage: 85%") and a JSON object stay log lines."""
     if "\x1b" in text:
         text = OTHER_ESCAPES.sub("", text)
     if text.lstrip().startswith("{") and text.rstrip().endswith("}"):
@@ -3820,7 +3822,8 @@ def _parse_meter(text, redrawn=False):
         _meter_tokens(text)
     if percents > 1 or (percent or 0) > 100:
         return None
-    evidence = bar or rate is not None or eta is not None or bracketed
+    alone = first is not None and METER.fullmatch(text.strip()) is not None
+    evidence = bar or rate is not None or eta is not None or bracketed or alone
     record = count and fields and percent is None and not evidence and HEADING.match(text)
     if percent is not None and (evidence or redrawn):
         done, total = count or (percent, 100)

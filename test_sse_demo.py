@@ -3985,6 +3985,12 @@ def test_cmd_counts_and_percents_in_prose_are_not_progress(line):
      (104857600, "B/s"), 15),                                       # pv, nobody named it
     ("Ticks 95%|████████▌| 95/100 [01:38<00:05, 0.97 ticks/s]", 95, 100, "Ticks",
      (0.97, "ticks/s"), 5),                                 # enlighten: the time left after <
+    # The plainest a script prints: a count or a percent alone on its line,
+    # or one in brackets anywhere (a newcomer's finds: each was a log line)
+    ("3/50", 3, 50, None, None, None), (" 3 / 50 ", 3, 50, None, None, None),
+    ("45%", 45, 100, None, None, None), ("Step [3/20]", 3, 20, "Step", None, None),
+    ("Progress: 55% [11/20]", 11, 20, "Progress", None, None),
+    ("downloading [3/20] foo.tar", 3, 20, "downloading", None, None),
 ])
 def test_cmd_progress_lines_of_any_program(line, done, total, desc, rate, eta):
     bar = sse_demo._parse_meter(line, redrawn=line.startswith("remote:"))   # git's, after a \r
@@ -4102,6 +4108,22 @@ def test_cmd_json_lines_are_progress_with_their_fields(make, programs):
     assert progress[3]["percent"] == 100.0 and progress[3]["ts"] != 1   # reserved names ignored
     logs = [e["json"]["message"] for e in events if e["event"] == "log"]
     assert logs == ['{"done": "not a number"}']
+
+
+def test_cmd_a_script_printing_n_of_total_moves_the_bar_to_its_end(make, tmp_path):
+    """`print(f"{i + 1}/{n}")`, the first progress a newcomer writes: each
+    line moves the bar, the log keeps at most the bar's first and last
+    state, and the run ends at 100 % (it ended "Complete" at iteration 0
+    with no percent, and every line in the log)."""
+    (tmp_path / "count.py").write_text("for i in range(20):\n    print('%d/20' % (i + 1))\n"
+                                       "print('done')\n")
+    srv = command_server(make, "%s %s" % (shlex.quote(sys.executable), tmp_path / "count.py"))
+    events = started(watch(srv, start_run(srv)).events())
+    progress = [e["json"] for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["iteration"] == 20 and progress[-1]["total"] == 20
+    logs = [e["json"]["message"] for e in events if e["event"] == "log"]
+    assert logs[-1] == "done" and len(logs) <= 3, logs     # the bar's first and last at most
+    assert events[-1]["event"] == "complete" and events[-1]["json"]["percent"] == 100.0
 
 
 def test_cmd_a_json_line_nested_too_deeply_is_a_log_line_and_the_output_goes_on(
