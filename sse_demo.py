@@ -1289,6 +1289,7 @@ class _RunQueue(_RunListener):
         self._waiting = collections.deque()
         self._running = set()
         self._durations = collections.deque(maxlen=ESTIMATE_FROM_RUNS)
+        self._held = True        # until the server serves: see release()
         self._stopped = False
 
     def would_wait(self):
@@ -1313,7 +1314,7 @@ class _RunQueue(_RunListener):
         taken under the lock, the run started after it: /start, /status and
         the runs feed must not wait behind a start."""
         with self._lock:
-            if self._is_full() or self._stopped:
+            if self._is_full() or self._held or self._stopped:
                 self._waiting.append(session)
                 session.position = len(self._waiting)
                 return True
@@ -1355,18 +1356,36 @@ class _RunQueue(_RunListener):
         self._announce(places)
         return True
 
+    def release(self):
+        """The server serves: the runs that waited in the queue when it last
+        stopped (read back into it while it started) start, as many as have
+        a slot. Not before: a Ctrl-C while a large --state-dir is read back
+        stops the server before it serves, and those runs stay queued
+        (their programs had started, only to be stopped at once)."""
+        with self._lock:
+            self._held = False
+        self._start_waiting()
+
     def ended(self, session):
-        """A run has ended: its slot goes to the next in line, started after
-        the lock (see submit). A run that cannot start ends `error` (its end
-        comes back here, and the slot goes on down the line)."""
+        """A run has ended: its slot goes to the next in line."""
         with self._starting:
-            starting = []
             with self._lock:
                 if session in self._running:
                     self._running.discard(session)
                     if session.state == "complete":
                         self._durations.append(session.ended_at - session.started)
-                while self._waiting and not self._stopped and not self._is_running_full():
+            self._start_waiting()
+
+    def _start_waiting(self):
+        """The first in line start, as many as have a slot, one at a time in
+        order, each after the lock (see submit). A run that cannot start
+        ends `error` (its end comes back here, and the slot goes on down
+        the line)."""
+        with self._starting:
+            starting = []
+            with self._lock:
+                while self._waiting and not (self._held or self._stopped) and \
+                        not self._is_running_full():
                     next_run = self._waiting.popleft()
                     next_run.position = None
                     self._running.add(next_run)
@@ -5287,14 +5306,17 @@ def _interrupted_event(header, events, now):
     return max(events[-1][0] if events else 0, header.get("ids", 0)) + 1, "error", data
 
 
+JOURNALS_WORTH_SAYING = 500       # journals that take long enough to read back to say so
+
+
 def _load_journal(directory, session_ttl_s):
     """Every run the journal holds within its TTL, as (header, events) with
     (id, name, data) events. A run that was waiting in the queue (it never
     left it) still waits: its header says `"waiting": true`; a run reported
     from elsewhere goes on: `"reported": true`. Any other run
     without its terminal event was interrupted: it gets an `error` event,
-    written to its file so a second restart adds no other. Files past their TTL are deleted, with their
-    `.damaged` tails. Damage never stops the server: a file is read up to
+    written to its file so a second restart adds no other. Files past their
+    TTL are deleted, with their `.damaged` tails. Damage never stops the server: a file is read up to
     its first bad line, with one warning; the bad tail is moved to
     `<file>.damaged`; a file that cannot be read at all is left where it is."""
     runs, now = [], time.time()
@@ -5304,6 +5326,10 @@ def _load_journal(directory, session_ttl_s):
         log.warning("the journal in %s cannot be read (%s); no run is read back",
                     directory, exc.strerror or exc)
         return runs
+    count = sum(entry.name.endswith(JOURNAL_SUFFIX) for entry in entries)
+    if count >= JOURNALS_WORTH_SAYING:      # seconds of a blank terminal otherwise
+        log.info("reading back %d runs from the journal in %s (Ctrl-C: the server stops once "
+                 "they are read)", count, directory)
     for entry in entries:
         name = entry.name[:-len(JOURNAL_SUFFIX)]
         if not entry.name.endswith(JOURNAL_SUFFIX) or entry.is_symlink() or \
@@ -8742,8 +8768,10 @@ class SSEServer(_SocketServer):
         self.hub.start(self.supervisor)
 
     def serve_forever(self, poll_interval=0.5):
-        """Serve until shutdown(); start()s the server first if need be."""
+        """Serve until shutdown(); start()s the server first if need be, and
+        starts the runs its journal held queued (see _RunQueue.release)."""
         self.start()
+        self.queue.release()
         super().serve_forever(poll_interval)
 
     def restore_runs(self, state_dir, session_ttl_s):

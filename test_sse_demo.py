@@ -1619,10 +1619,50 @@ def test_cli_ctrl_c_while_the_journal_is_read_back_stops_it_once_read(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "reading back 3000 runs" in err.splitlines()[0]     # said before, not only after
     assert "3000 runs read back" in err and err.rstrip().endswith("stopped")
     assert "Serving on" not in out
     status, _, err = Cli("--state-dir", str(state)).stop(signal.SIGINT, timeout=30)
     assert status == 0 and "3000 runs read back" in err      # every one, whole
+
+
+def test_cli_ctrl_c_while_the_journal_is_read_back_leaves_queued_runs_queued(tmp_path):
+    """Runs that waited in the queue when the server crashed are read back
+    into it at start; a Ctrl-C while the rest of the journal is read back
+    stops the server before it serves, and they still wait, in order (the
+    first of them had started, its program launched, then ended
+    interrupted: a newcomer's find). They start once it serves."""
+    state = journals_of_ended_runs(tmp_path, 2000)
+    first = journal_server(state, "--concurrency", "1")
+    try:
+        running = start_run(first, iterations=1000, tick=0.05, update_every=1)
+        waiting = [start_run(first, iterations=4, tick=0.1, update_every=1) for _ in range(2)]
+        wait_for(lambda: all(status_of(first, sid) == "queued" for sid in waiting),
+                 what="both to wait")
+    finally:
+        first.stop(signal.SIGKILL)                            # a crash: nothing is tidied
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, sse_demo.__file__, "--port", str(port),
+                             "--state-dir", str(state), "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        wait_for_port(port, proc)              # bound: start() reads the journal back now
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0 and "Serving on" not in out, err
+    assert "2 still queued" in err and "stopping" not in err, err     # no run was stopped
+    third = journal_server(state, "--concurrency", "1")
+    try:
+        assert "reading back 2003 runs" in third.proc.stderr.readline()
+        assert "2 still queued" in third.proc.stderr.readline()
+        assert status_of(third, running) == "error"                   # interrupted by the crash
+        states = [get_json(third, "/status/" + sid) for sid in waiting]
+        assert [(s["state"], s["position"]) for s in states] == [("running", None), ("queued", 1)]
+    finally:
+        assert third.stop()[0] == 0
 
 
 def test_cli_ctrl_c_while_a_job_module_imports_exits_without_a_traceback(tmp_path):
