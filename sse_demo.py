@@ -5863,9 +5863,10 @@ def _normal_address(text):
     """_normal_ip's answer, remembered: every connection asks it of its
     peer's address two or three times, and ipaddress takes 5 to 7 us each
     time (perf put the three at a tenth of the server's work in opening a
-    stream)."""
+    stream). An IPv6 scope (`::1%lo`) is left out: a socket names its peer
+    without it, and Python 3.7 and 3.8 do not read one."""
     try:
-        address = ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text.partition("%")[0] if ":" in text else text)
     except ValueError:
         return None
     return str(getattr(address, "ipv4_mapped", None) or address)

@@ -6526,6 +6526,34 @@ def test_a_trusted_proxy_is_an_ip_address_in_either_spelling():
         srv.stop()
 
 
+@pytest.mark.parametrize("proxy", ["::1%lo", "::1%1"])
+def test_a_trusted_proxy_with_an_ipv6_scope_is_that_address(proxy):
+    """--trusted-proxy ::1%lo was taken, and never matched (a socket names
+    its peer ::1): every client behind the proxy shared one lock-out (an
+    adversary's find); Python 3.7 and 3.8 refused it at start."""
+    try:
+        srv = Running(token=TOKEN, trusted_proxies=[proxy], host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+
+    def from_client(forwarded):
+        conn = http.client.HTTPConnection("::1", srv.port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/job", headers={"Authorization": "Bearer wrong",
+                                                 "X-Forwarded-For": forwarded})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+    try:
+        statuses = [from_client("192.0.2.7") for _ in range(sse_demo.FAILURES_ALLOWED + 1)]
+        assert statuses[-1] == 429
+        assert from_client("192.0.2.8") == 401             # another client behind the proxy
+    finally:
+        srv.stop()
+
+
 def test_the_lock_out_forgets_ended_lock_outs(make, monkeypatch):
     """Lock-outs that have ended are pruned as quiet failures are, not kept
     until their address asks again (REVIEW B2, round 3 N12)."""
