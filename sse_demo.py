@@ -2756,18 +2756,19 @@ def simulate_optimisation(progress, iterations=600, tick=0.1, update_every=100, 
     tick` seconds after it started.
     """
     cancel = cancel or threading.Event()
-    base_dps = random.uniform(9000.0, 11000.0)
-    ceiling = random.uniform(18.0, 32.0)
+    rng = random.Random()     # its own: an application's seeded `random` stays its own
+    base_dps = rng.uniform(9000.0, 11000.0)
+    ceiling = rng.uniform(18.0, 32.0)
     improvement = 0.0
     started = time.monotonic()
     for i in range(iterations):
         if i % update_every == 0:
-            dps = base_dps * (1 + improvement / 100) * random.uniform(0.995, 1.005)
+            dps = base_dps * (1 + improvement / 100) * rng.uniform(0.995, 1.005)
             progress(i, iterations, improvement_pct=round(improvement, 2), dps=round(dps, 1))
         if cancel.wait(max(0.0, started + (i + 1) * tick - time.monotonic())):
             return None
         found = ceiling * (1 - math.exp(-4.0 * (i + 1) / iterations))
-        improvement = max(improvement, found * random.uniform(0.97, 1.0))
+        improvement = max(improvement, found * rng.uniform(0.97, 1.0))
     return None
 
 

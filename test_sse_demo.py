@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import select
 import selectors
@@ -2307,6 +2308,19 @@ def jobs(tmp_path, monkeypatch):
     sys.modules.pop("jobs_under_test", None)
     import jobs_under_test
     return jobs_under_test
+
+
+def test_the_built_in_run_leaves_the_applications_random_alone():
+    """An application that embeds the server and seeds `random` keeps its
+    own sequence while built-in runs go (an adversary's find, when the run
+    drew from the module's `random` to save 15 us of seeding a run)."""
+    random.seed(42)
+    expected = random.random()
+    random.seed(42)
+    points = []
+    sse_demo.simulate_optimisation(lambda *args, **fields: points.append(fields), iterations=5,
+                                   tick=0, update_every=1)
+    assert len(points) == 5 and random.random() == expected
 
 
 def test_job_params_come_from_the_signature(make, jobs):
