@@ -3133,6 +3133,10 @@ def _signature_params(func):
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not parameters or parameters[0].kind not in positional + (inspect.Parameter.VAR_POSITIONAL,):
         raise TypeError("a job's first parameter must receive `progress`")
+    if type(parameters[0].default) in PARAM_TYPES:    # `def job(n=3)`: every run failed
+        raise TypeError("a job's first parameter receives `progress`; %r=%r looks like a "
+                        "parameter of its own: add `progress` before it"
+                        % (parameters[0].name, parameters[0].default))
     params, pass_cancel = {}, False
     for p in parameters[1:]:
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):

@@ -2291,6 +2291,17 @@ sparse.sse_job = {"title": "Sparse fields", "params": {},
                   "fields": {"loss": {"label": "Loss"}, "acc": {"label": "Accuracy"}}}
 
 
+def forgot_progress(steps=3):
+    """Every run of it failed ("the job's result is not JSON-serialisable:
+    Progress"): `steps` received the progress callback (a newcomer's find)."""
+    return steps
+
+
+def takes_progress_or_none(progress=None, steps=3):
+    """Callable without the server too: a job still."""
+    return steps
+
+
 def odd_names(progress, hold=0.0, cancel=None):
     """Fields named as a JavaScript object's own members are fields too."""
     progress(1, 2, **{"__proto__": 7, "constructor": 3, "toString": 4, "hasOwnProperty": 5})
@@ -2321,6 +2332,17 @@ def test_the_built_in_run_leaves_the_applications_random_alone():
     sse_demo.simulate_optimisation(lambda *args, **fields: points.append(fields), iterations=5,
                                    tick=0, update_every=1)
     assert len(points) == 5 and random.random() == expected
+
+
+def test_a_job_whose_progress_has_a_default_of_none_is_a_job(make, jobs):
+    """`def train(progress=None, steps=3)`, callable without the server too,
+    is a job; `def job(steps=3)`, which forgot `progress`, is refused at
+    start (see test_cli_job_errors_exit_2_with_one_line)."""
+    srv = make(job=jobs.takes_progress_or_none)
+    events = watch(srv, start_run(srv, steps=5)).events()
+    assert events[-1]["event"] == "complete" and events[-1]["json"]["result"] == 5
+    with pytest.raises(TypeError, match="looks like a parameter"):
+        sse_demo.function_job(jobs.forgot_progress)
 
 
 def test_job_params_come_from_the_signature(make, jobs):
@@ -2439,6 +2461,7 @@ def test_cli_runs_a_job_module_end_to_end(tmp_path):
     ("mybuild:missing", ["no attribute", "missing"]),
     ("mybuild:not_callable", ["not callable"]),
     ("mybuild:needs_argument", ["target", "default"]),
+    ("mybuild:forgot_progress", ["first parameter receives `progress`", "'steps'=3"]),
     ("mybuild", ["module:callable"]),
 ])
 def test_cli_job_errors_exit_2_with_one_line(tmp_path, spec, words):
