@@ -8418,7 +8418,8 @@ def _read_page():
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        log.warning("cannot read the page: %s", exc)
+        log.warning("warning: cannot read the page, so / answers 500 (copy index.html next "
+                    "to sse_demo.py; the API works without it): %s", exc.strerror or exc)
         return None
 
 

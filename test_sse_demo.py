@@ -1578,6 +1578,28 @@ def test_cli_prints_its_url_and_stops_on_sigterm_with_streams_open():
     assert '"GET /progress/%s HTTP/1.1" 200' % sid in stderr   # the access log
 
 
+def test_cli_without_its_page_says_what_to_copy_and_the_api_still_works(tmp_path):
+    """sse_demo.py copied alone (the README says both files): one warning
+    at start that says to copy index.html beside it, / answers 500 with the
+    same reason, and the API serves as ever (it said only "cannot read the
+    page: [Errno 2] ...": a newcomer's find)."""
+    shutil.copy(sse_demo.__file__, str(tmp_path / "sse_demo.py"))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "sse_demo.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        warning = proc.stderr.readline()
+        assert warning.startswith("warning: cannot read the page") and \
+            "copy index.html next to sse_demo.py" in warning, warning
+        srv = types.SimpleNamespace(port=int(re.search(r":(\d+)/", proc.stdout.readline()).group(1)))
+        status, _, body = request(srv, "GET", "/")
+        assert status == 500 and "index.html is missing" in json.loads(body)["error"]
+        assert request(srv, "GET", "/healthz")[0] == 200
+        assert start_run(srv, iterations=1, tick=0)
+    finally:
+        stop_process(proc)
+
+
 def test_cli_stops_on_ctrl_c():
     cli = Cli()
     assert request(cli, "GET", "/healthz")[0] == 200
