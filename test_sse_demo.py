@@ -1624,6 +1624,23 @@ def journals_of_ended_runs(tmp_path, count):
     return state
 
 
+def ctrl_c_while_starting(state, *args):
+    """Start the server on `state`, and Ctrl-C it once it has bound its port
+    (start() reads the journal back then): (exit status, stdout, stderr)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, sse_demo.__file__, "--port", str(port),
+                             "--state-dir", str(state)] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        wait_for_port(port, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    return proc.returncode, out, err
+
+
 def test_cli_ctrl_c_while_the_journal_is_read_back_stops_it_once_read(tmp_path):
     """Ctrl-C while a large --state-dir is read back (the server has bound
     its port, and has not yet served): no traceback, no journal left half
@@ -1631,17 +1648,8 @@ def test_cli_ctrl_c_while_the_journal_is_read_back_stops_it_once_read(tmp_path):
     and every run is read back again next time. (It was a KeyboardInterrupt
     traceback from inside the JSON parser, and exit status -2.)"""
     state = journals_of_ended_runs(tmp_path, 3000)
-    port = free_port()
-    command = [sys.executable, sse_demo.__file__, "--port", str(port), "--state-dir", str(state)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    try:
-        wait_for_port(port, proc)              # bound: start() reads the journal back now
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    status, out, err = ctrl_c_while_starting(state)
+    assert status == 0 and "Traceback" not in err, err
     assert "reading back 3000 runs" in err.splitlines()[0]     # said before, not only after
     assert "3000 runs read back" in err and err.rstrip().endswith("stopped")
     assert "Serving on" not in out
@@ -1664,18 +1672,8 @@ def test_cli_ctrl_c_while_the_journal_is_read_back_leaves_queued_runs_queued(tmp
                  what="both to wait")
     finally:
         first.stop(signal.SIGKILL)                            # a crash: nothing is tidied
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, sse_demo.__file__, "--port", str(port),
-                             "--state-dir", str(state), "--concurrency", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    try:
-        wait_for_port(port, proc)              # bound: start() reads the journal back now
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == 0 and "Serving on" not in out, err
+    status, out, err = ctrl_c_while_starting(state, "--concurrency", "1")
+    assert status == 0 and "Serving on" not in out, err
     assert "2 still queued" in err and "stopping" not in err, err     # no run was stopped
     third = journal_server(state, "--concurrency", "1")
     try:
