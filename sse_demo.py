@@ -5321,9 +5321,10 @@ def _load_journal(directory, session_ttl_s):
     from elsewhere goes on: `"reported": true`. Any other run
     without its terminal event was interrupted: it gets an `error` event,
     written to its file so a second restart adds no other. Files past their
-    TTL are deleted, with their `.damaged` tails. Damage never stops the server: a file is read up to
-    its first bad line, with one warning; the bad tail is moved to
-    `<file>.damaged`; a file that cannot be read at all is left where it is."""
+    TTL are deleted, with their `.damaged` tails. Damage never stops the
+    server: a file is read up to its first bad line, with one warning; the
+    bad tail is moved to `<file>.damaged`; a file that cannot be read at
+    all is left where it is."""
     runs, now = [], time.time()
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
