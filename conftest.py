@@ -363,7 +363,7 @@ SSE_DEMO = os.path.join(HERE, "sse_demo.py")
 class Cli:
     """`python sse_demo.py --port 0 ...` in a subprocess, killed if it hangs."""
 
-    def __init__(self, *args, cwd=None, preexec_fn=None, code=None, extra_env=None):
+    def __init__(self, *args, cwd=None, preexec_fn=None, code=None, extra_env=None, limit=30):
         # --port 0 first: a later --port in `args` wins (argparse keeps the last)
         command = ([sys.executable, SSE_DEMO, "--port", "0"] if code is None
                    else [sys.executable, "-c", code])
@@ -372,7 +372,7 @@ class Cli:
         self.proc = subprocess.Popen(
             command + list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             universal_newlines=True, preexec_fn=preexec_fn, env=env)
-        self.killer = threading.Timer(30, self.proc.kill)
+        self.killer = threading.Timer(limit, self.proc.kill)     # seconds it may live
         self.killer.start()
         self.first_line = self.proc.stdout.readline()
         match = re.search(r"https?://[^/\s]+:(\d+)/", self.first_line)
