@@ -3846,8 +3846,8 @@ def _parse_meter(text, redrawn=False):
         _meter_tokens(text)
     if percents > 1 or (percent or 0) > 100:
         return None
-    alone = first is not None and METER.fullmatch(text.strip()) is not None
-    evidence = bar or rate is not None or eta is not None or bracketed or alone
+    evidence = bar or rate is not None or eta is not None or bracketed or (
+        first is not None and METER.fullmatch(text.strip()) is not None)   # the token alone
     record = count and fields and percent is None and not evidence and HEADING.match(text)
     if percent is not None and (evidence or redrawn):
         done, total = count or (percent, 100)
