@@ -1680,6 +1680,8 @@ def test_cli_ctrl_c_while_the_journal_is_read_back_leaves_queued_runs_queued(tmp
         assert "reading back 2003 runs" in third.proc.stderr.readline()
         assert "2 still queued" in third.proc.stderr.readline()
         assert status_of(third, running) == "error"                   # interrupted by the crash
+        wait_for(lambda: status_of(third, waiting[0]) == "running",    # once its journal says
+                 what="the first queued run to start")                 # so, from its thread
         states = [get_json(third, "/status/" + sid) for sid in waiting]
         assert [(s["state"], s["position"]) for s in states] == [("running", None), ("queued", 1)]
     finally:
@@ -5800,8 +5802,9 @@ def test_queue_order_survives_a_crash_with_state_dir(tmp_path):
     second = journal_server(tmp_path, "--concurrency", "1")
     try:
         assert get_json(second, "/status/" + running)["state"] == "error"   # interrupted
+        # next in line: running once its journal says so, from its own thread
+        wait_for(lambda: status_of(second, waiting[0]) == "running", what="the next to run")
         states = [get_json(second, "/status/" + sid) for sid in waiting]
-        assert states[0]["state"] == "running"                              # next in line
         assert [(s["state"], s["position"]) for s in states[1:]] == [("queued", 1), ("queued", 2)]
         events = watch(second, waiting[2], {"Last-Event-ID": str(seen_ids[-1])}).events()
         assert events[-1]["event"] == "complete" and min(ids(events)) > seen_ids[-1]
@@ -7430,7 +7433,8 @@ def test_browser_ten_tabs_each_watching_a_run_all_load_and_go_live(browser, make
         tab.wait_for("document.visibilityState === 'visible' && %s === 'live' && seenId > %d"
                      % (STATE, seen), timeout=5)
         live_s.append(time.monotonic() - started)
-    assert srv.server.hub.streams <= 2     # hidden tabs hold no stream
+    # hidden tabs hold no stream (the writer notices a stream closed a turn later)
+    wait_for(lambda: srv.server.hub.streams <= 2, what="the hidden tabs' streams to close")
     hidden = tabs[0]                       # tabs[-1] is in front now
     assert hidden.evaluate("document.visibilityState") == "hidden"
     assert cancel(srv, sids[0])[0] == 202
